@@ -1,0 +1,116 @@
+# corral: build, test, bench, sanitizers, install.
+#
+#   make            bin/corral, lib/libcorral.a, lib/corral.so
+#   make test       C tests and the busted suite (ends with "N passed, N failed")
+#   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make test-tsan  the same under ThreadSanitizer
+#   make bench      benchmarks beside their Python peers
+#   make demo       run examples/fanout.lua
+#   make lint       luacheck, clang-tidy, clang-format check
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BUILD   ?= .
+SAN     ?=
+CC      ?= cc
+
+PKGS   := luajit libuv msgpack
+# Install what is missing before anything else (fast when all is there).
+ifneq ($(filter-out clean,$(MAKECMDGOALS) all),)
+DEPS := $(shell scripts/install-deps >&2 && echo ok)
+endif
+
+OPT      ?= -O2 -g
+CFLAGS   += $(OPT) -std=c11 -Wall -Wextra -Werror -fPIC -D_GNU_SOURCE \
+            -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
+LDLIBS   += $(shell pkg-config --libs $(PKGS)) -lpthread -lm -ldl
+ifneq ($(SAN),)
+CFLAGS   += -fsanitize=$(SAN) -fno-omit-frame-pointer -fno-sanitize-recover=all
+LDFLAGS  += -fsanitize=$(SAN)
+endif
+
+SRCS := src/future.c src/context.c src/codec.c src/lua_core.c src/runtime.c
+OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
+LUA  := $(sort $(wildcard lua/corral/*.lua))
+CTESTS := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(wildcard tests/c/*.c))
+
+BIN  := $(BUILD)/bin/corral
+LIBA := $(BUILD)/lib/libcorral.a
+LIBSO := $(BUILD)/lib/corral.so
+
+.PHONY: all test test-asan test-tsan bench demo lint format install clean stress
+
+all: $(BIN) $(LIBA) $(LIBSO)
+
+$(BUILD)/obj/lua_modules.h: $(LUA) scripts/embed-lua
+	@mkdir -p $(dir $@)
+	scripts/embed-lua $@ $(LUA)
+
+$(BUILD)/obj/%.o: src/%.c src/internal.h src/queue.h include/corral.h $(BUILD)/obj/lua_modules.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(LIBA): $(OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# The Lua module: luajit's symbols come from the host process.
+$(LIBSO): $(OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(LDFLAGS) -o $@ $^ $(filter-out -lluajit-5.1,$(LDLIBS))
+
+$(BUILD)/obj/main.o: src/main.c include/corral.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# -rdynamic: C modules that scripts require find the Lua API in the binary.
+$(BIN): $(BUILD)/obj/main.o $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/c/%.c $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(LDLIBS)
+
+# ---- tests ---------------------------------------------------------------
+
+BUSTED := luajit /usr/bin/busted
+test: all $(CTESTS)
+	CORRAL_BUILD=$(BUILD) $(TEST_ENV) scripts/run-tests $(BUILD)
+
+test-asan:
+	$(MAKE) test BUILD=build/asan SAN=address,undefined OPT="-O1 -g" \
+	  TEST_ENV="LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1"
+
+test-tsan:
+	$(MAKE) test BUILD=build/tsan SAN=thread OPT="-O1 -g" \
+	  TEST_ENV="LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1"
+
+# ---- the rest --------------------------------------------------------------
+
+demo: all
+	$(BIN) examples/fanout.lua
+
+bench: all
+	CORRAL_BENCH_DEPS=1 scripts/install-deps
+	scripts/run-bench $(BUILD)
+
+lint:
+	luacheck lua tests bench examples
+	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c
+	clang-tidy --quiet src/*.c -- $(CFLAGS)
+
+format:
+	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \
+	  $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/lua/5.1
+	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/corral
+	install -m 644 $(LIBA) $(DESTDIR)$(PREFIX)/lib/libcorral.a
+	install -m 644 include/corral.h $(DESTDIR)$(PREFIX)/include/corral.h
+	install -m 755 $(LIBSO) $(DESTDIR)$(PREFIX)/lib/lua/5.1/corral.so
+	sed -e 's|@PREFIX@|$(PREFIX)|' corral.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/corral.pc
+
+clean:
+	rm -rf bin lib obj tests/bin build

@@ -1,0 +1,107 @@
+/* corral.h: the public C API of corral, a concurrency runtime on libuv and LuaJIT.
+ *
+ * Error convention: functions that can fail return 0 on success and a
+ * negative CORRAL_E* code on failure; corral_strerror() names the code.
+ * Functions returning pointers return NULL on failure.
+ *
+ * Threads: a runtime and its lua_State belong to the thread that opened it.
+ * Futures are the exception: corral_future_* may be called from any thread.
+ */
+#ifndef CORRAL_H
+#define CORRAL_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CORRAL_VERSION "0.1.0"
+
+typedef struct lua_State lua_State;
+typedef struct corral_runtime corral_runtime;
+typedef struct corral_future corral_future;
+
+/* Error codes (negative on return). */
+enum {
+  CORRAL_OK = 0,
+  CORRAL_EINVAL = -1,   /* a bad argument */
+  CORRAL_ESTATE = -2,   /* the future is already settled */
+  CORRAL_ETIMEDOUT = -3,
+  CORRAL_ENOMEM = -4,
+  CORRAL_ELUA = -5      /* Lua code raised an error; it was printed */
+};
+
+/* The states of a future. DONE, FAILED and CANCELLED are final. */
+typedef enum {
+  CORRAL_PENDING = 0,
+  CORRAL_RUNNING = 1,
+  CORRAL_DONE = 2,
+  CORRAL_FAILED = 3,
+  CORRAL_CANCELLED = 4
+} corral_state;
+
+const char *corral_version(void);
+const char *corral_strerror(int err);
+
+/* ---- Runtime ---------------------------------------------------------- */
+
+/* Open a runtime with a new lua_State (standard libraries opened) and its
+ * own libuv loop. */
+corral_runtime *corral_open(void);
+/* The runtime's lua_State, to register host functions or push values. */
+lua_State *corral_lua(corral_runtime *rt);
+/* The runtime that a lua_State belongs to (NULL when corral is not loaded). */
+corral_runtime *corral_from_lua(lua_State *L);
+/* Run a file (with `arg` set from argv) or a string as a task. They return
+ * at once; corral_step/corral_run drive them. Errors that stop the chunk
+ * from loading return CORRAL_ELUA. */
+int corral_dofile(corral_runtime *rt, const char *path);
+int corral_dostring(corral_runtime *rt, const char *code);
+/* One turn of the loop that never blocks: runs ready tasks, due timers and
+ * completions. Returns 1 while anything is pending, 0 when idle, or a
+ * negative code. A host calls it once a frame. */
+int corral_step(corral_runtime *rt);
+/* Drive the loop until nothing is pending. */
+int corral_run(corral_runtime *rt);
+/* The loop's backend file descriptor, for hosts with their own event loop:
+ * it becomes readable when corral_step has work. */
+int corral_backend_fd(corral_runtime *rt);
+/* Close the runtime: report unretrieved errors, free everything. */
+void corral_close(corral_runtime *rt);
+
+/* ---- Futures (thread-safe) -------------------------------------------- */
+
+/* A new pending future with one reference, owned by the caller. */
+corral_future *corral_future_new(corral_runtime *rt);
+void corral_future_retain(corral_future *f);
+void corral_future_release(corral_future *f);
+corral_state corral_future_state(corral_future *f);
+/* Settle with results: `mp` is a MessagePack array of the result values
+ * (copied). Returns CORRAL_ESTATE when already settled. */
+int corral_future_set_result(corral_future *f, const void *mp, size_t len);
+/* Settle as failed with an error of the given kind and message. */
+int corral_future_set_error(corral_future *f, const char *kind, const char *message);
+/* Cancel a pending future; CORRAL_ESTATE when it was already running or done. */
+int corral_future_cancel(corral_future *f);
+/* Block the calling (non-loop) thread until the future settles or the timeout
+ * (seconds; negative for none) passes: 0 or CORRAL_ETIMEDOUT. */
+int corral_future_wait(corral_future *f, double timeout);
+/* The encoded payload of a settled future: the MessagePack result array, or
+ * the error for a failed one. Valid while the caller holds a reference. */
+int corral_future_payload(corral_future *f, const void **mp, size_t *len);
+
+/* Push a future onto a Lua stack of the runtime as a corral future object
+ * (the object takes its own reference). */
+void corral_push_future(lua_State *L, corral_future *f);
+/* The future at a stack index, or NULL when the value is not a future. The
+ * reference is borrowed. */
+corral_future *corral_to_future(lua_State *L, int idx);
+
+/* The Lua module entry point: `require "corral"` from any LuaJIT host. */
+int luaopen_corral(lua_State *L);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CORRAL_H */

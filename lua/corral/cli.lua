@@ -1,0 +1,112 @@
+--- The `corral` command: run a script or a string as the main task.
+-- @module corral.cli
+local core = require "corral.core"
+local corral = require "corral"
+local sched = require "corral.sched"
+local task = require "corral.task"
+local future = require "corral.future"
+
+local M = {}
+
+local USAGE = [==[
+usage: corral [options] [script [args...]]
+  -e code   run the string `code`
+  -v        print versions (corral, LuaJIT, libuv) and exit
+  -h        show this help
+With no script, runs standard input.]==]
+
+local function errf(...)
+  io.stderr:write(...)
+  io.stderr:flush()
+end
+
+--- Run the main task until it ends, then until nothing is pending.
+-- Returns the process's exit status.
+function M.run_main(main)
+  local interrupted = false
+  sched.on_sigint = function()
+    if main:done() then core.exit(130) end
+    interrupted = true
+    main:cancel()
+  end
+  while not main:done() and sched.turn(true) do end
+  if not main:done() then
+    errf("corral: the main chunk is blocked on futures that nothing can settle\n")
+    return 1
+  end
+  local s = main._s
+  if s == future.FAILED then
+    future.retrieve(main)
+    local e = main._e
+    local tb = main._tb or (type(e) == "table" and rawget(e, "traceback"))
+    errf("corral: ", sched.safe_tostring(e), "\n", tb or "", "\n")
+    return 1
+  elseif s == future.CANCELLED then
+    future.retrieve(main)
+    errf(interrupted and "corral: interrupted\n" or "corral: the main task was cancelled\n")
+    return interrupted and 130 or 1
+  end
+  while sched.turn(true) do end
+  if task.live > 0 then
+    errf(("corral: %d task(s) never finished: blocked on futures that nothing can settle\n"):format(task.live))
+  end
+  return 0
+end
+
+--- Entry point: `argv` as the C main gives it (argv[0] is the program).
+function M.main(argv)
+  local i, code, script = 1, nil, nil
+  while argv[i] do
+    local a = argv[i]
+    if a == "-v" or a == "--version" then
+      local v = corral.versions
+      print(("corral %s  (LuaJIT %s, libuv %s, msgpack-c %s)"):format(v.corral,
+        v.luajit:gsub("^LuaJIT ", ""), v.libuv, v.msgpack))
+      return 0
+    elseif a == "-h" or a == "--help" then
+      print(USAGE)
+      return 0
+    elseif a == "-e" then
+      code = argv[i + 1]
+      if not code then errf(USAGE, "\n"); return 1 end
+      i = i + 2
+    elseif a == "--" then
+      i = i + 1
+      break
+    elseif a:sub(1, 1) == "-" and a ~= "-" then
+      errf("corral: unknown option ", a, "\n", USAGE, "\n")
+      return 1
+    else
+      break
+    end
+  end
+  if not code then
+    script = argv[i]
+    i = i + 1
+  end
+  -- `arg` as luajit sets it: arg[0] the script, arg[1..] its arguments,
+  -- negative indices the interpreter and its options.
+  local arg, script_at = {}, i - 1
+  for j = 0, #argv do arg[j - script_at] = argv[j] end
+  if code then arg[0] = "-e" end
+  rawset(_G, "arg", arg)
+
+  local chunk, err
+  if code then
+    chunk, err = loadstring(code, "=(command line)")
+  elseif script and script ~= "-" then
+    chunk, err = loadfile(script)
+  else
+    chunk, err = loadstring(io.read("*a"), "=stdin")
+  end
+  if not chunk then
+    errf("corral: ", err, "\n")
+    return 1
+  end
+  core.catch_sigint()
+  local main = task.spawn(chunk, unpack(arg, 1, #arg))
+  main._kind = "main"
+  return M.run_main(main)
+end
+
+return M

@@ -1,0 +1,256 @@
+--- Futures: the result of work that may not have finished yet.
+--
+-- Each future is a Lua object over a C future (`_c`) whose state machine is
+-- thread-safe. The Lua side keeps the values, the error and the waiters of
+-- its own context; a future settled by another thread reaches this context
+-- through the loop (`_sync`).
+-- @classmod corral.Future
+local core = require "corral.core"
+local errors = require "corral.errors"
+local sched = require "corral.sched"
+
+local fnew, fsettle = core.fnew, core.fsettle
+local wake, block, push, waiter = sched.wake, sched.block, sched.push, sched.waiter
+local WOKE, TIMEOUT, CANCEL, FOREVER = sched.WOKE, sched.TIMEOUT, sched.CANCEL, sched.FOREVER
+local now = core.now
+local type, select, unpack, setmetatable, getmetatable = type, select, unpack, setmetatable, getmetatable
+
+local PENDING, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4
+local STATE_NAMES = { [0] = "pending", "running", "done", "failed", "cancelled" }
+
+local Future = {}
+Future.__index = Future
+
+local M = { Future = Future, PENDING = PENDING, RUNNING = RUNNING, DONE = DONE,
+  FAILED = FAILED, CANCELLED = CANCELLED }
+
+--- Whether `v` is a corral future (or task).
+local function is_future(v)
+  local mt = getmetatable(v)
+  return mt ~= nil and mt.__future == true
+end
+M.is_future = is_future
+Future.__future = true
+
+--- A new pending future, over `c` (a C future) or a new one.
+function M.new(c, mt)
+  return setmetatable({ _c = c or fnew(), _s = PENDING }, mt or Future)
+end
+
+-- ======================================================================== --
+-- Waiters                                                                  --
+-- ======================================================================== --
+
+-- A future's waiters: the first in `_w1`, more in the array `_w`. A removed
+-- waiter leaves `false` in its slot. Each is a function (internal, called at
+-- once with the future), a callback record {_cb = fn} (called on the next
+-- turn), or a waiter (task or outside) to wake.
+
+--- Add a waiter; returns its slot for `remove_waiter`.
+local function add_waiter(f, x)
+  if f._w1 == nil then
+    f._w1 = x
+    return 0
+  end
+  local w = f._w
+  if not w then
+    w = {}
+    f._w = w
+  end
+  local i = #w + 1
+  w[i] = x
+  return i
+end
+M.add_waiter = add_waiter
+
+local function remove_waiter(f, slot, x)
+  if slot == 0 then
+    if f._w1 == x then f._w1 = false end
+  else
+    local w = f._w
+    if w and w[slot] == x then w[slot] = false end
+  end
+end
+M.remove_waiter = remove_waiter
+
+local function fire(f, x)
+  if type(x) == "function" then
+    x(f)
+  elseif x._cb then
+    push(x._cb, f)
+  else
+    wake(x, WOKE, f)
+  end
+end
+
+local function unretrieved_text(f, e, tb)
+  return "corral: unretrieved error in " .. tostring(f) .. ": " .. sched.safe_tostring(e) ..
+    "\n" .. (tb or (type(e) == "table" and rawget(e, "traceback")) or "") .. "\n"
+end
+
+--- Settle `f` (state, values table {n=...} or nil, error, traceback).
+-- `external` says the C future is settled already. Returns false when it was
+-- already settled (perhaps by another thread).
+local function settle(f, s, v, e, tb, external)
+  if f._s >= DONE or (not external and not fsettle(f._c, s)) then return false end
+  f._s, f._v, f._e = s, v, e
+  if s == FAILED then
+    f._tb = tb
+    f._rep = core.reporter(unretrieved_text(f, e, tb))
+  end
+  local x = f._w1
+  if x then
+    f._w1 = nil
+    fire(f, x)
+  end
+  local w = f._w
+  if w then
+    f._w = nil
+    for i = 1, #w do
+      x = w[i]
+      if x then fire(f, x) end
+    end
+  end
+  return true
+end
+M.settle = settle
+
+--- Mark the error as seen: it will not be reported as unretrieved.
+local function retrieve(f)
+  local r = f._rep
+  if r then
+    f._rep = nil
+    core.disarm(r)
+  end
+end
+M.retrieve = retrieve
+
+-- A future settled by C or another thread: take its state and values.
+function Future:_sync()
+  local s = core.fstate(self._c)
+  if self._s >= DONE or s < DONE then return end
+  local v, e
+  if s == DONE then
+    v = core.fvalues(self._c)
+  elseif s == FAILED then
+    e = errors.adopt(core.fvalues(self._c)[1])
+  else
+    e = errors.cancelled()
+  end
+  settle(self, s, v, e, type(e) == "table" and rawget(e, "traceback") or nil, true)
+end
+
+-- ======================================================================== --
+-- Waiting                                                                  --
+-- ======================================================================== --
+
+local function check_timeout(fname, timeout)
+  if timeout ~= nil then
+    errors.check(type(timeout) == "number" and timeout >= 0, fname, "timeout",
+      "a number of seconds >= 0", timeout)
+  end
+end
+M.check_timeout = check_timeout
+
+--- Raise the error that a block token stands for (TIMEOUT, CANCEL, FOREVER).
+function M.raise_token(tok, what)
+  if tok == TIMEOUT then
+    error(errors.new("TimeoutError", what .. " timed out", nil, 3), 3)
+  elseif tok == CANCEL then
+    error(errors.cancelled(), 3)
+  elseif tok == FOREVER then
+    error(errors.new("UsageError", what .. " would wait forever: nothing pending can settle it", nil, 3), 3)
+  end
+end
+local raise_token = M.raise_token
+
+-- Wait until f settles (or the timeout passes, or the waiter is cancelled).
+local function await(f, timeout, fname)
+  check_timeout(fname, timeout)
+  local w = waiter()
+  local slot = add_waiter(f, w)
+  local tok = block(w, timeout and now() + timeout)
+  if tok ~= WOKE then
+    remove_waiter(f, slot, w)
+    raise_token(tok, fname)
+  end
+end
+
+--- The future's results: all the values its task returned. Waits for them;
+-- raises the future's error when it failed, `CancelledError` when it was
+-- cancelled, and `TimeoutError` when `timeout` seconds pass first (the
+-- future itself is untouched).
+-- @number[opt] timeout seconds
+function Future:result(timeout)
+  if self._s < DONE then await(self, timeout, "future:result") end
+  local s = self._s
+  if s == DONE then
+    local v = self._v
+    if v then return unpack(v, 1, v.n) end
+    return
+  end
+  retrieve(self)
+  if s == FAILED then error(self._e, 0) end
+  error(self._e or errors.cancelled(), 0)
+end
+
+--- The future's error, or nil when it succeeded; a cancelled future gives its
+-- `CancelledError`. Waits like `result`.
+-- @number[opt] timeout seconds
+function Future:exception(timeout)
+  if self._s < DONE then await(self, timeout, "future:exception") end
+  retrieve(self)
+  if self._s == DONE then return nil end
+  return self._e or errors.cancelled()
+end
+
+--- Whether the future has settled (done, failed or cancelled).
+function Future:done() return self._s >= DONE end
+--- Whether its work is running now.
+function Future:running() return self._s == RUNNING end
+--- Whether it was cancelled.
+function Future:cancelled() return self._s == CANCELLED end
+
+--- Cancel a pending future. Returns true when it took effect.
+function Future:cancel()
+  if self._s >= DONE then return false end
+  if core.fstate(self._c) == RUNNING then return false end
+  return settle(self, CANCELLED, nil, errors.cancelled())
+end
+
+--- Settle with results. Settling twice raises `UsageError`.
+function Future:set_result(...)
+  local n = select("#", ...)
+  if not settle(self, DONE, n > 0 and { n = n, ... } or nil) then
+    errors.usage("future:set_result", "the future is already settled (%s)", STATE_NAMES[self._s])
+  end
+end
+
+--- Settle as failed with `err`. Settling twice raises `UsageError`.
+function Future:set_exception(err)
+  errors.check(err ~= nil, "future:set_exception", "err", "an error value", err)
+  if not settle(self, FAILED, nil, err, type(err) == "table" and rawget(err, "traceback") or nil) then
+    errors.usage("future:set_exception", "the future is already settled (%s)", STATE_NAMES[self._s])
+  end
+end
+
+--- Call `fn(f)` once the future settles, on this context's loop (on the next
+-- turn when it has settled already). An error in `fn` is reported on stderr.
+function Future:add_done_callback(fn)
+  errors.check(type(fn) == "function" or (getmetatable(fn) or {}).__call ~= nil,
+    "future:add_done_callback", "fn", "a function", fn)
+  if self._s >= DONE then
+    push(fn, self)
+  else
+    add_waiter(self, { _cb = fn })
+  end
+end
+
+function Future:__tostring()
+  local s = STATE_NAMES[self._s]
+  if self._s == FAILED then s = s .. ": " .. sched.safe_tostring(self._e) end
+  return ("corral.%s(%s)"):format(self._kind or "future", s)
+end
+
+M.STATE_NAMES = STATE_NAMES
+return M

@@ -1,0 +1,97 @@
+--- corral: a concurrency runtime for LuaJIT on libuv.
+--
+--     local corral = require "corral"
+--     local t = corral.spawn(function(x) corral.sleep(0.1); return x * 2 end, 21)
+--     print(t:result())  --> 42
+--
+-- Every operation that waits suspends the calling task and lets the loop run
+-- others; called outside any task, it drives the loop until it can return.
+-- @module corral
+local core = require "corral.core"
+local errors = require "corral.errors"
+local sched = require "corral.sched"
+local future = require "corral.future"
+local task = require "corral.task"
+local wait = require "corral.wait"
+
+local corral = {}
+
+--- Versions of corral and what it is built on: a table with `corral`,
+-- `luajit`, `libuv` and `msgpack`.
+corral.versions = core.versions()
+corral.version = corral.versions.corral
+
+--- Run `fn(...)` as a task; returns its future at once.
+-- @function spawn
+corral.spawn = task.spawn
+
+--- A new future for code to settle with `set_result` or `set_exception`.
+function corral.future()
+  return future.new()
+end
+
+--- Monotonic time in seconds.
+-- @function now
+corral.now = core.now
+
+--- Wait `seconds` (other tasks run meanwhile).
+-- @number seconds
+function corral.sleep(seconds)
+  errors.check(type(seconds) == "number" and seconds >= 0, "corral.sleep", "seconds",
+    "a number of seconds >= 0", seconds)
+  local w = sched.waiter()
+  local tok = sched.block(w, core.now() + seconds)
+  if tok ~= sched.TIMEOUT then future.raise_token(tok, "corral.sleep") end
+end
+
+--- Wait for futures; see `corral.wait`.
+-- @function wait
+corral.wait = wait.wait
+--- Gather results; see `corral.wait`.
+-- @function gather
+corral.gather = wait.gather
+--- Iterate results in completion order.
+-- @function as_completed
+corral.as_completed = wait.as_completed
+--- Names for `wait`'s `return_when`.
+corral.ReturnWhen = wait.ReturnWhen
+
+--- Whether `v` is a corral future.
+-- @function is_future
+corral.is_future = future.is_future
+
+--- Whether `e` is a corral error (of the given kind).
+-- @function is_error
+corral.is_error = errors.is_error
+--- Make a corral error object: `corral.error(kind, message[, cause])`.
+function corral.error(kind, message, cause)
+  errors.check(type(kind) == "string", "corral.error", "kind", "a string", kind)
+  return errors.new(kind, message, cause, 2)
+end
+
+--- Drive the loop until nothing is pending (no task ready, no timer, no
+-- future that another thread may settle). Not for use inside a task.
+function corral.run()
+  if sched.current() ~= nil and sched.current()._co == coroutine.running() then
+    errors.usage("corral.run", "called from inside a task; wait on futures instead")
+  end
+  sched.drive(true)
+end
+
+--- End the process at once with `code`, after reporting unretrieved errors.
+function corral.exit(code)
+  errors.check(code == nil or type(code) == "number" or type(code) == "boolean",
+    "corral.exit", "code", "a number or boolean", code)
+  if code == true then code = 0 elseif code == false then code = 1 end
+  core.exit(code or 0)
+end
+
+-- Hooks for the C side (corral_push_future, corral_step).
+function corral._wrap(c)
+  local f = future.new(c)
+  if not sched.watch(f) then f:_sync() end
+  return f
+end
+corral._drive = sched.drive
+
+return corral

@@ -1,0 +1,339 @@
+--- The scheduler of a context: ready queue, timers, blocking and waking,
+-- and the turn of the loop that drives them.
+--
+-- A *waiter* is what blocks: the running task (a coroutine that suspends) or,
+-- outside of any task, a plain table whose caller drives the loop until it is
+-- woken. `block` and `wake` are the only ways to suspend and resume; every
+-- waiting operation of corral is built on them.
+-- @module corral.sched
+local core = require "corral.core"
+
+local M = {}
+
+local now, poll, drain = core.now, core.poll, core.drain
+local co_running, co_yield, co_resume = coroutine.running, coroutine.yield, coroutine.resume
+local ceil, max = math.ceil, math.max
+local type, xpcall, tostring = type, xpcall, tostring
+local traceback = debug.traceback
+
+-- Wake tokens: why a blocked waiter resumed.
+local WOKE, TIMEOUT, CANCEL, FOREVER = 1, 2, 3, 4
+M.WOKE, M.TIMEOUT, M.CANCEL, M.FOREVER = WOKE, TIMEOUT, CANCEL, FOREVER
+-- What a task's coroutine yields to the scheduler.
+local BLOCKED, FINISHED = {}, {}
+M.BLOCKED, M.FINISHED = BLOCKED, FINISHED
+
+-- ======================================================================== --
+-- Ready queue                                                              --
+-- ======================================================================== --
+
+-- Items are tasks to resume (with a token and a value) or functions to call
+-- (with one argument). Three parallel arrays, consumed one turn at a time.
+local rq_item, rq_tok, rq_val = {}, {}, {}
+local rq_head, rq_tail = 1, 0
+
+local function push(item, tok, val)
+  local i = rq_tail + 1
+  rq_tail = i
+  rq_item[i], rq_tok[i], rq_val[i] = item, tok, val
+end
+M.push = push
+
+-- ======================================================================== --
+-- Error reports                                                            --
+-- ======================================================================== --
+
+local function safe_tostring(e)
+  local ok, s = pcall(tostring, e)
+  return ok and s or ("(error object whose __tostring failed: " .. tostring(s) .. ")")
+end
+M.safe_tostring = safe_tostring
+
+--- Write a report of an error nobody else will see to stderr.
+function M.report(what, e, tb)
+  io.stderr:write("corral: ", what, ": ", safe_tostring(e), "\n", tb or "", tb and "\n" or "")
+  io.stderr:flush()
+end
+
+local last_tb
+-- The traceback of a task's error, without corral's own frames below it.
+local function on_error(e)
+  local tb = traceback("", 2):gsub("^\n", "")
+  last_tb = tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", "")
+  return e
+end
+M.on_error = on_error
+function M.last_traceback() return last_tb end
+
+-- ======================================================================== --
+-- Timers: a binary heap of {when, seq, w}, cancelled lazily                 --
+-- ======================================================================== --
+
+local heap, heap_n, timer_seq, timers_live = {}, 0, 0, 0
+
+local function before(a, b)
+  return a.when < b.when or (a.when == b.when and a.seq < b.seq)
+end
+
+local function timer_add(when, w)
+  timer_seq = timer_seq + 1
+  local t = { when = when, seq = timer_seq, w = w }
+  heap_n = heap_n + 1
+  local i = heap_n
+  while i > 1 do
+    local p = (i - i % 2) / 2
+    if not before(t, heap[p]) then break end
+    heap[i] = heap[p]
+    i = p
+  end
+  heap[i] = t
+  timers_live = timers_live + 1
+  return t
+end
+
+local function timer_cancel(t)
+  if t.w then
+    t.w = nil
+    timers_live = timers_live - 1
+  end
+end
+M.timer_cancel = timer_cancel
+
+local function heap_pop()
+  local top = heap[1]
+  local last = heap[heap_n]
+  heap[heap_n] = nil
+  heap_n = heap_n - 1
+  if heap_n > 0 then
+    local i = 1
+    while true do
+      local c = i * 2
+      if c > heap_n then break end
+      if c < heap_n and before(heap[c + 1], heap[c]) then c = c + 1 end
+      if not before(heap[c], last) then break end
+      heap[i] = heap[c]
+      i = c
+    end
+    heap[i] = last
+  end
+  return top
+end
+
+-- The earliest live deadline, dropping cancelled timers from the top.
+local function next_deadline()
+  while heap_n > 0 and heap[1].w == nil do heap_pop() end
+  return heap_n > 0 and heap[1].when or nil
+end
+
+-- ======================================================================== --
+-- Blocking and waking                                                      --
+-- ======================================================================== --
+
+local current = nil -- the task whose coroutine runs now
+
+--- The task running now, or nil.
+function M.current() return current end
+
+--- What will block for the caller: the current task when called from its
+-- own coroutine, else a new outside waiter that drives the loop.
+local function waiter()
+  local t = current
+  if t ~= nil and t._co == co_running() then return t end
+  return { _outside = true }
+end
+M.waiter = waiter
+
+--- Wake a blocked waiter with a token and a value; a waiter that is not
+-- blocked (already woken) ignores it.
+local function wake(w, tok, val)
+  if not w._blocked then return end
+  w._blocked = false
+  if w._outside then
+    w._tok, w._val = tok, val
+  else
+    push(w, tok, val)
+  end
+end
+M.wake = wake
+
+local turn -- defined below
+
+--- Block until woken or until `deadline` (a `now()` time, optional).
+-- Returns the token (WOKE, TIMEOUT, CANCEL, or FOREVER for an outside waiter
+-- that nothing can ever wake) and the value given to `wake`.
+function M.block(w, deadline)
+  w._blocked = true
+  if w._outside then
+    while w._blocked do
+      if deadline and now() >= deadline then
+        w._blocked = false
+        return TIMEOUT
+      end
+      if not turn(true, deadline) and w._blocked and not deadline then
+        w._blocked = false
+        return FOREVER
+      end
+    end
+    return w._tok, w._val
+  end
+  if w._cancel_req then
+    w._cancel_req = false
+    w._blocked = false
+    return CANCEL
+  end
+  local tm = deadline and timer_add(deadline, w)
+  local tok, val = co_yield(BLOCKED)
+  if tm then timer_cancel(tm) end
+  if tok == WOKE and w._cancel_req then
+    -- cancelled after being woken, before it ran: deliver at this point
+    w._cancel_req = false
+    return CANCEL
+  end
+  return tok, val
+end
+
+-- ======================================================================== --
+-- External completions (futures settled by other threads or by C)          --
+-- ======================================================================== --
+
+local watched, ext_pending = {}, 0
+local dbuf = {}
+
+--- Ask to be told when the C future under `f` settles: `f:_sync()` is then
+-- called on this loop. Returns false when it has settled already.
+function M.watch(f)
+  local key = core.fwatch(f._c)
+  if not key then return false end
+  watched[key] = f
+  ext_pending = ext_pending + 1
+  return true
+end
+
+M.on_sigint = nil -- set by the runner
+
+-- ======================================================================== --
+-- Running                                                                  --
+-- ======================================================================== --
+
+local pool, pool_n = {}, 0
+local POOL_MAX = 256
+local task_main -- set by corral.task
+
+function M.set_task_main(fn) task_main = fn end
+
+local function run_task(t, tok, val)
+  local co = t._co
+  local prev = current
+  current = t
+  local ok, r
+  if co == nil then
+    -- first start: a task cancelled before it started never runs
+    if t._s ~= 0 then current = prev; return end
+    if pool_n > 0 then
+      co = pool[pool_n]
+      pool[pool_n] = nil
+      pool_n = pool_n - 1
+    else
+      co = coroutine.create(task_main)
+    end
+    t._co = co
+    ok, r = co_resume(co, t)
+  else
+    ok, r = co_resume(co, tok, val)
+  end
+  current = prev
+  if r == BLOCKED then return end
+  if r == FINISHED then
+    if pool_n < POOL_MAX then
+      pool_n = pool_n + 1
+      pool[pool_n] = co
+    end
+  elseif not ok then
+    M.report("internal error in the scheduler", r, traceback(co))
+  else
+    -- the task yielded by itself (coroutine.yield): let others run first
+    push(t, WOKE, nil)
+  end
+end
+
+local function run_item(item, tok, val)
+  if type(item) == "table" then
+    run_task(item, tok, val)
+  else
+    local ok, e = xpcall(item, on_error, tok)
+    if not ok then M.report("error in a callback", e, last_tb) end
+  end
+end
+
+--- Whether anything is pending: ready items, live timers, or futures that
+-- another thread may still settle.
+local function pending()
+  return rq_head <= rq_tail or timers_live > 0 or ext_pending > 0
+end
+M.pending = pending
+
+--- One turn of the loop: poll for events (blocking, when `block` and there is
+-- nothing ready, until the next timer or `until_deadline`), deliver
+-- completions, fire due timers, then run what was ready at that point.
+-- Returns whether anything is still pending.
+function turn(block, until_deadline)
+  if rq_head > rq_tail then
+    local timeout = 0
+    if block then
+      local d = next_deadline()
+      if until_deadline and (d == nil or until_deadline < d) then d = until_deadline end
+      if d then
+        timeout = max(0, ceil((d - now()) * 1000))
+      elseif ext_pending > 0 then
+        timeout = -1
+      end
+    end
+    poll(timeout)
+  elseif ext_pending > 0 then
+    poll(0)
+  end
+  local n, sig = drain(dbuf)
+  for i = 1, n do
+    local key = dbuf[i]
+    dbuf[i] = nil
+    local f = watched[key]
+    if f then
+      watched[key] = nil
+      ext_pending = ext_pending - 1
+      f:_sync()
+    end
+  end
+  if sig and M.on_sigint then M.on_sigint() end
+  if heap_n > 0 then
+    local t = now()
+    while heap_n > 0 and heap[1].when <= t do
+      local e = heap_pop()
+      local w = e.w
+      if w then
+        timer_cancel(e)
+        wake(w, TIMEOUT)
+      end
+    end
+  end
+  local last = rq_tail
+  while rq_head <= last do
+    local i = rq_head
+    local item, tok, val = rq_item[i], rq_tok[i], rq_val[i]
+    rq_item[i], rq_tok[i], rq_val[i] = nil, nil, nil
+    rq_head = i + 1
+    run_item(item, tok, val)
+  end
+  if rq_head > rq_tail then rq_head, rq_tail = 1, 0 end
+  return pending()
+end
+M.turn = turn
+
+--- Drive the loop until nothing is pending (block) or for one turn that
+-- does not block. Returns whether anything is still pending.
+function M.drive(block)
+  if not block then return turn(false) end
+  while turn(true) do end
+  return false
+end
+
+return M

@@ -1,0 +1,240 @@
+/* future.c: the thread-safe future: state machine, payload, watches, foreign waits.
+ *
+ * Lock order: future->lock, then context->qlock (taken in ctx_post), then
+ * the foreign-wait lock. A future's state is written only under its lock and
+ * may be read anywhere with an acquire load.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+/* Foreign threads that block in corral_future_wait share one condition;
+ * settles broadcast it only when someone waits. */
+static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wait_cond;
+static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
+static atomic_int wait_count;
+
+static void wait_init(void) {
+  pthread_condattr_t a;
+  pthread_condattr_init(&a);
+  pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+  pthread_cond_init(&wait_cond, &a);
+  pthread_condattr_destroy(&a);
+}
+
+/* ======================================================================== */
+/* Life                                                                      */
+/* ======================================================================== */
+
+corral_future *corral_future_new(corral_runtime *rt) {
+  (void)rt; /* futures are independent of their runtime's life */
+  corral_future *f = calloc(1, sizeof *f);
+  if (f == NULL) return NULL;
+  atomic_init(&f->refs, 1);
+  atomic_init(&f->state, CORRAL_PENDING);
+  if (uv_mutex_init(&f->lock) != 0) {
+    free(f);
+    return NULL;
+  }
+  return f;
+}
+
+void corral_future_retain(corral_future *f) {
+  atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
+}
+
+void corral_future_release(corral_future *f) {
+  if (f == NULL || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
+  uv_mutex_destroy(&f->lock);
+  free(f->payload);
+  free(f);
+}
+
+corral_state corral_future_state(corral_future *f) {
+  return (corral_state)atomic_load_explicit(&f->state, memory_order_acquire);
+}
+
+/* ======================================================================== */
+/* State changes                                                             */
+/* ======================================================================== */
+
+int future_start(corral_future *f) {
+  int rc = CORRAL_ESTATE;
+  uv_mutex_lock(&f->lock);
+  if (atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_PENDING) {
+    atomic_store_explicit(&f->state, CORRAL_RUNNING, memory_order_release);
+    rc = 0;
+  }
+  uv_mutex_unlock(&f->lock);
+  return rc;
+}
+
+/* Settle f unless it is already final (or, with need_pending, started). */
+static int settle(corral_future *f, int state, char *payload, size_t len, int need_pending) {
+  uv_mutex_lock(&f->lock);
+  int s = atomic_load_explicit(&f->state, memory_order_relaxed);
+  if (s >= CORRAL_DONE || (need_pending && s != CORRAL_PENDING)) {
+    uv_mutex_unlock(&f->lock);
+    free(payload);
+    return CORRAL_ESTATE;
+  }
+  f->payload = payload;
+  f->len = len;
+  corral_watch *w = f->watches;
+  f->watches = NULL;
+  atomic_store_explicit(&f->state, state, memory_order_seq_cst);
+  /* Post under the future's lock so that future_unwatch, which also takes
+   * it, sees every watch either still linked or already posted. */
+  while (w != NULL) {
+    corral_watch *next = w->next;
+    ctx_post(w);
+    w = next;
+  }
+  uv_mutex_unlock(&f->lock);
+  if (atomic_load_explicit(&wait_count, memory_order_seq_cst) > 0) {
+    pthread_mutex_lock(&wait_lock);
+    pthread_cond_broadcast(&wait_cond);
+    pthread_mutex_unlock(&wait_lock);
+  }
+  return 0;
+}
+
+int future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
+  return settle(f, (int)state, payload, len, 0);
+}
+
+int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
+  if (f == NULL || (mp == NULL && len > 0)) return CORRAL_EINVAL;
+  char *copy = NULL;
+  if (len > 0) {
+    copy = malloc(len);
+    if (copy == NULL) return CORRAL_ENOMEM;
+    memcpy(copy, mp, len);
+  }
+  return future_settle(f, CORRAL_DONE, copy, len);
+}
+
+/* An error travels as a MessagePack map {kind=..., message=...}. */
+static size_t put_str(char *p, const char *s, size_t n) {
+  size_t h;
+  if (n < 32) {
+    p[0] = (char)(0xa0 | n);
+    h = 1;
+  } else {
+    p[0] = (char)0xdb;
+    p[1] = (char)(n >> 24);
+    p[2] = (char)(n >> 16);
+    p[3] = (char)(n >> 8);
+    p[4] = (char)n;
+    h = 5;
+  }
+  memcpy(p + h, s, n);
+  return h + n;
+}
+
+int corral_future_set_error(corral_future *f, const char *kind, const char *message) {
+  if (f == NULL || kind == NULL || message == NULL) return CORRAL_EINVAL;
+  size_t kn = strlen(kind), mn = strlen(message);
+  char *buf = malloc(1 + 5 + 4 + 5 + kn + 5 + 7 + 5 + mn);
+  if (buf == NULL) return CORRAL_ENOMEM;
+  size_t n = 0;
+  buf[n++] = (char)0x82; /* fixmap of 2 */
+  n += put_str(buf + n, "kind", 4);
+  n += put_str(buf + n, kind, kn);
+  n += put_str(buf + n, "message", 7);
+  n += put_str(buf + n, message, mn);
+  return future_settle(f, CORRAL_FAILED, buf, n);
+}
+
+int corral_future_cancel(corral_future *f) {
+  if (f == NULL) return CORRAL_EINVAL;
+  return settle(f, CORRAL_CANCELLED, NULL, 0, 1);
+}
+
+int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
+  if (f == NULL || mp == NULL || len == NULL) return CORRAL_EINVAL;
+  if (corral_future_state(f) < CORRAL_DONE) return CORRAL_ESTATE;
+  *mp = f->payload;
+  *len = f->len;
+  return 0;
+}
+
+/* ======================================================================== */
+/* Watches and waits                                                         */
+/* ======================================================================== */
+
+int future_watch(corral_future *f, corral_context *ctx) {
+  corral_watch *w = malloc(sizeof *w);
+  if (w == NULL) return CORRAL_ENOMEM;
+  uv_mutex_lock(&f->lock);
+  if (atomic_load_explicit(&f->state, memory_order_relaxed) >= CORRAL_DONE) {
+    uv_mutex_unlock(&f->lock);
+    free(w);
+    return 1;
+  }
+  corral_future_retain(f);
+  w->ctx = ctx;
+  w->f = f;
+  w->next = f->watches;
+  f->watches = w;
+  uv_mutex_lock(&ctx->qlock);
+  queue_insert_tail(&ctx->watching, &w->node);
+  uv_mutex_unlock(&ctx->qlock);
+  uv_mutex_unlock(&f->lock);
+  return 0;
+}
+
+int future_unwatch(corral_future *f, corral_watch *w) {
+  int found = 0;
+  uv_mutex_lock(&f->lock);
+  for (corral_watch **p = &f->watches; *p != NULL; p = &(*p)->next) {
+    if (*p == w) {
+      *p = w->next;
+      found = 1;
+      break;
+    }
+  }
+  if (found) {
+    uv_mutex_lock(&w->ctx->qlock);
+    queue_remove(&w->node);
+    uv_mutex_unlock(&w->ctx->qlock);
+  }
+  uv_mutex_unlock(&f->lock);
+  if (found) {
+    free(w);
+    corral_future_release(f);
+  }
+  return found;
+}
+
+int corral_future_wait(corral_future *f, double timeout) {
+  if (f == NULL) return CORRAL_EINVAL;
+  if (corral_future_state(f) >= CORRAL_DONE) return 0;
+  pthread_once(&wait_once, wait_init);
+  struct timespec until;
+  if (timeout >= 0) {
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    long long ns = until.tv_nsec + (long long)(timeout * 1e9);
+    until.tv_sec += (time_t)(ns / 1000000000LL);
+    until.tv_nsec = (long)(ns % 1000000000LL);
+  }
+  int rc = 0;
+  atomic_fetch_add_explicit(&wait_count, 1, memory_order_seq_cst);
+  pthread_mutex_lock(&wait_lock);
+  while (corral_future_state(f) < CORRAL_DONE) {
+    if (timeout < 0) {
+      pthread_cond_wait(&wait_cond, &wait_lock);
+    } else if (pthread_cond_timedwait(&wait_cond, &wait_lock, &until) == ETIMEDOUT) {
+      if (corral_future_state(f) < CORRAL_DONE) rc = CORRAL_ETIMEDOUT;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&wait_lock);
+  atomic_fetch_sub_explicit(&wait_count, 1, memory_order_seq_cst);
+  return rc;
+}
