@@ -19,6 +19,7 @@
 #define RUNTIME_KEY "corral.runtime"
 #define WRAP_KEY "corral.wrap"
 #define DRIVE_KEY "corral.drive"
+#define CREF_KEY "corral.cref"
 
 static corral_runtime *rt_of(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
@@ -354,6 +355,8 @@ int luaopen_corral(lua_State *L) {
   lua_setfield(L, LUA_REGISTRYINDEX, WRAP_KEY);
   lua_getfield(L, -1, "_drive");
   lua_setfield(L, LUA_REGISTRYINDEX, DRIVE_KEY);
+  lua_getfield(L, -1, "_cref");
+  lua_setfield(L, LUA_REGISTRYINDEX, CREF_KEY);
   return 1;
 }
 
@@ -370,7 +373,15 @@ void corral_push_future(lua_State *L, corral_future *f) {
 
 corral_future *corral_to_future(lua_State *L, int idx) {
   if (lua_type(L, idx) != LUA_TTABLE) return NULL;
+  idx = idx < 0 && idx > LUA_REGISTRYINDEX ? lua_gettop(L) + idx + 1 : idx;
   lua_getfield(L, idx, "_c");
+  if (lua_toboolean(L, -1) == 0 && lua_isboolean(L, -1)) {
+    /* a future local to the loop so far: make its C half now */
+    lua_pop(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+  }
   corral_future **p = luaL_testudata(L, -1, CFUTURE_MT);
   lua_pop(L, 1);
   return p ? *p : NULL;

@@ -1,9 +1,15 @@
 --- Futures: the result of work that may not have finished yet.
 --
--- Each future is a Lua object over a C future (`_c`) whose state machine is
--- thread-safe. The Lua side keeps the values, the error and the waiters of
--- its own context; a future settled by another thread reaches this context
--- through the loop (`_sync`).
+-- A future is a Lua object with a C half (`_c`, a `corral_future`) whose
+-- state machine is thread-safe. The C half is made when the future first
+-- becomes visible to another thread or to C (`M.cref`); until then only the
+-- loop's own thread can touch it, so a future that never leaves its context
+-- costs no C allocation. The Lua side keeps the values, the error and the
+-- waiters of its own context; a future settled by another thread reaches
+-- this context through the loop (`_sync`).
+--
+-- Fields: `_s` state, `_n` number of results, `_v` the result (n == 1) or a
+-- table {n=...} of them, `_e` error, `_w1`/`_w` waiters, `_c` C half or false.
 -- @classmod corral.Future
 local core = require "corral.core"
 local errors = require "corral.errors"
@@ -32,9 +38,20 @@ end
 M.is_future = is_future
 Future.__future = true
 
---- A new pending future, over `c` (a C future) or a new one.
-function M.new(c, mt)
-  return setmetatable({ _c = c or fnew(), _s = PENDING }, mt or Future)
+--- A new pending future, over `c` (a C future) when given.
+function M.new(c)
+  return setmetatable({ _c = c or false, _s = PENDING, _n = 0, _v = false, _e = false,
+    _w1 = false, _w = false }, Future)
+end
+
+--- The C half of `f`, made (and brought to f's state) on first use.
+function M.cref(f)
+  local c = f._c
+  if c then return c end
+  c = fnew()
+  f._c = c
+  if f._s == RUNNING then core.fstart(c) elseif f._s >= DONE then fsettle(c, f._s) end
+  return c
 end
 
 -- ======================================================================== --
@@ -46,9 +63,10 @@ end
 -- once with the future), a callback record {_cb = fn} (called on the next
 -- turn), or a waiter (task or outside) to wake.
 
---- Add a waiter; returns its slot for `remove_waiter`.
+--- Add a waiter; returns its slot for `remove_waiter`. Waiters fire in the
+-- order they were added.
 local function add_waiter(f, x)
-  if f._w1 == nil then
+  if not f._w1 and not f._w then
     f._w1 = x
     return 0
   end
@@ -88,24 +106,26 @@ local function unretrieved_text(f, e, tb)
     "\n" .. (tb or (type(e) == "table" and rawget(e, "traceback")) or "") .. "\n"
 end
 
---- Settle `f` (state, values table {n=...} or nil, error, traceback).
--- `external` says the C future is settled already. Returns false when it was
--- already settled (perhaps by another thread).
-local function settle(f, s, v, e, tb, external)
-  if f._s >= DONE or (not external and not fsettle(f._c, s)) then return false end
-  f._s, f._v, f._e = s, v, e
+--- Settle `f`: state, number of results, result(s) (see the fields above),
+-- error, traceback. `external` says the C half is settled already. Returns
+-- false when it was already settled (perhaps by another thread).
+local function settle(f, s, n, v, e, tb, external)
+  if f._s >= DONE then return false end
+  local c = f._c
+  if c and not external and not fsettle(c, s) then return false end
+  f._s, f._n, f._v, f._e = s, n, v, e
   if s == FAILED then
     f._tb = tb
     f._rep = core.reporter(unretrieved_text(f, e, tb))
   end
   local x = f._w1
   if x then
-    f._w1 = nil
+    f._w1 = false
     fire(f, x)
   end
   local w = f._w
   if w then
-    f._w = nil
+    f._w = false
     for i = 1, #w do
       x = w[i]
       if x then fire(f, x) end
@@ -129,15 +149,18 @@ M.retrieve = retrieve
 function Future:_sync()
   local s = core.fstate(self._c)
   if self._s >= DONE or s < DONE then return end
-  local v, e
+  local v, e = false, false
+  local n = 0
   if s == DONE then
     v = core.fvalues(self._c)
+    n = v.n
+    if n == 1 then v = v[1] end
   elseif s == FAILED then
     e = errors.adopt(core.fvalues(self._c)[1])
   else
     e = errors.cancelled()
   end
-  settle(self, s, v, e, type(e) == "table" and rawget(e, "traceback") or nil, true)
+  settle(self, s, n, v, e, type(e) == "table" and rawget(e, "traceback") or nil, true)
 end
 
 -- ======================================================================== --
@@ -185,9 +208,11 @@ function Future:result(timeout)
   if self._s < DONE then await(self, timeout, "future:result") end
   local s = self._s
   if s == DONE then
+    local n = self._n
+    if n == 1 then return self._v end
+    if n == 0 then return end
     local v = self._v
-    if v then return unpack(v, 1, v.n) end
-    return
+    return unpack(v, 1, v.n)
   end
   retrieve(self)
   if s == FAILED then error(self._e, 0) end
@@ -214,14 +239,20 @@ function Future:cancelled() return self._s == CANCELLED end
 --- Cancel a pending future. Returns true when it took effect.
 function Future:cancel()
   if self._s >= DONE then return false end
-  if core.fstate(self._c) == RUNNING then return false end
-  return settle(self, CANCELLED, nil, errors.cancelled())
+  if self._c and core.fstate(self._c) == RUNNING then return false end
+  return settle(self, CANCELLED, 0, false, errors.cancelled())
 end
 
 --- Settle with results. Settling twice raises `UsageError`.
 function Future:set_result(...)
   local n = select("#", ...)
-  if not settle(self, DONE, n > 0 and { n = n, ... } or nil) then
+  local ok
+  if n == 1 then
+    ok = settle(self, DONE, 1, (...))
+  else
+    ok = settle(self, DONE, n, n > 1 and { n = n, ... } or false)
+  end
+  if not ok then
     errors.usage("future:set_result", "the future is already settled (%s)", STATE_NAMES[self._s])
   end
 end
@@ -229,7 +260,7 @@ end
 --- Settle as failed with `err`. Settling twice raises `UsageError`.
 function Future:set_exception(err)
   errors.check(err ~= nil, "future:set_exception", "err", "an error value", err)
-  if not settle(self, FAILED, nil, err, type(err) == "table" and rawget(err, "traceback") or nil) then
+  if not settle(self, FAILED, 0, false, err, type(err) == "table" and rawget(err, "traceback") or nil) then
     errors.usage("future:set_exception", "the future is already settled (%s)", STATE_NAMES[self._s])
   end
 end
@@ -250,6 +281,14 @@ function Future:__tostring()
   local s = STATE_NAMES[self._s]
   if self._s == FAILED then s = s .. ": " .. sched.safe_tostring(self._e) end
   return ("corral.%s(%s)"):format(self._kind or "future", s)
+end
+
+--- The first result of a settled future (nil when it has none).
+function M.first(f)
+  local n = f._n
+  if n == 1 then return f._v end
+  if n == 0 then return nil end
+  return f._v[1]
 end
 
 M.STATE_NAMES = STATE_NAMES

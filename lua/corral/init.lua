@@ -93,5 +93,6 @@ function corral._wrap(c)
   return f
 end
 corral._drive = sched.drive
+corral._cref = future.cref
 
 return corral

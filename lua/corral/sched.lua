@@ -199,7 +199,7 @@ end
 local watched, ext_pending = {}, 0
 local dbuf = {}
 
---- Ask to be told when the C future under `f` settles: `f:_sync()` is then
+--- Ask to be told when the C half of `f` settles: `f:_sync()` is then
 -- called on this loop. Returns false when it has settled already.
 function M.watch(f)
   local key = core.fwatch(f._c)
@@ -226,9 +226,12 @@ local function run_task(t, tok, val)
   local prev = current
   current = t
   local ok, r
-  if co == nil then
+  if not co then
     -- first start: a task cancelled before it started never runs
-    if t._s ~= 0 then current = prev; return end
+    if t._s ~= 0 then
+      current = prev
+      return
+    end
     if pool_n > 0 then
       co = pool[pool_n]
       pool[pool_n] = nil

@@ -7,10 +7,10 @@ local sched = require "corral.sched"
 local future = require "corral.future"
 
 local Future, settle = future.Future, future.settle
-local PENDING, DONE, FAILED, CANCELLED = future.PENDING, future.DONE, future.FAILED, future.CANCELLED
+local PENDING, RUNNING, DONE, CANCELLED = future.PENDING, future.RUNNING, future.DONE, future.CANCELLED
 local push, wake, on_error = sched.push, sched.wake, sched.on_error
 local WOKE, CANCEL, FINISHED = sched.WOKE, sched.CANCEL, sched.FINISHED
-local fnew, fstart = core.fnew, core.fstart
+local fstart = core.fstart
 local co_yield, xpcall, select, unpack, setmetatable = coroutine.yield, xpcall, select, unpack, setmetatable
 local is_error = errors.is_error
 
@@ -19,37 +19,49 @@ for k, v in pairs(Future) do Task[k] = v end
 Task.__index = Task
 Task._kind = "task"
 
-local M = { Task = Task, live = 0 }
+local M = { Task = Task }
+local live = 0 -- tasks spawned and not finished
+
+--- How many tasks have been spawned and have not finished.
+function M.live() return live end
 
 local function finish(t, ok, ...)
-  M.live = M.live - 1
-  t._fn, t._args = nil, nil
+  live = live - 1
+  t._fn, t._a = false, false
   if ok then
     local n = select("#", ...)
-    settle(t, DONE, n > 0 and { n = n, ... } or nil)
+    if n == 1 then
+      settle(t, DONE, 1, (...))
+    else
+      settle(t, DONE, n, n > 1 and { n = n, ... } or false)
+    end
   else
     local e = ...
     if is_error(e, "CancelledError") then
-      settle(t, CANCELLED, nil, e)
+      settle(t, CANCELLED, 0, false, e)
     else
-      settle(t, FAILED, nil, e, sched.last_traceback())
+      settle(t, future.FAILED, 0, false, e, sched.last_traceback())
     end
   end
 end
 
 -- The body of every task coroutine; coroutines are reused from a pool, so
--- one runs many tasks in turn.
+-- one runs many tasks in turn. Arguments: `_na` of them, in `_a` (the value
+-- itself when there is one, else a table {n=...}).
 local function task_main(t)
   while true do
-    fstart(t._c)
-    t._s = future.RUNNING
-    local args = t._args
-    if args then
-      finish(t, xpcall(t._fn, on_error, unpack(args, 1, args.n)))
-    else
+    t._s = RUNNING
+    if t._c then fstart(t._c) end
+    local na = t._na
+    if na == 0 then
       finish(t, xpcall(t._fn, on_error))
+    elseif na == 1 then
+      finish(t, xpcall(t._fn, on_error, t._a))
+    else
+      local a = t._a
+      finish(t, xpcall(t._fn, on_error, unpack(a, 1, a.n)))
     end
-    t._co = nil
+    t._co = false
     t = co_yield(FINISHED)
   end
 end
@@ -66,10 +78,12 @@ function M.spawn(fn, ...)
   if not is_callable(fn) then
     errors.check(false, "corral.spawn", "fn", "a function", fn)
   end
-  local t = setmetatable({ _c = fnew(), _s = PENDING, _fn = fn }, Task)
   local n = select("#", ...)
-  if n > 0 then t._args = { n = n, ... } end
-  M.live = M.live + 1
+  local a = false
+  if n == 1 then a = ... elseif n > 1 then a = { n = n, ... } end
+  local t = setmetatable({ _c = false, _s = PENDING, _n = 0, _v = false, _e = false,
+    _w1 = false, _w = false, _fn = fn, _na = n, _a = a, _co = false, _blocked = false }, Task)
+  live = live + 1
   push(t, WOKE, nil)
   return t
 end
@@ -81,8 +95,8 @@ function Task:cancel()
   local s = self._s
   if s >= DONE then return false end
   if s == PENDING then
-    M.live = M.live - 1
-    return settle(self, CANCELLED, nil, errors.cancelled())
+    live = live - 1
+    return settle(self, CANCELLED, 0, false, errors.cancelled())
   end
   if self._blocked then
     wake(self, CANCEL)
@@ -99,8 +113,5 @@ end
 function Task:set_exception()
   errors.usage("task:set_exception", "a task's error is set by its function")
 end
-
--- Keep the linter quiet about deliberately unused imports.
-local _ = { FAILED, fnew }
 
 return M

@@ -157,11 +157,7 @@ end
 -- The value a settled input stands for in gather's results.
 local function value_of(f, return_exceptions)
   if not is_future(f) then return f, false end
-  local s = f._s
-  if s == DONE then
-    local v = f._v
-    return v and v[1], false
-  end
+  if f._s == DONE then return future.first(f), false end
   if return_exceptions then
     retrieve(f)
     return f._e or errors.cancelled(), true
