@@ -1,0 +1,211 @@
+/* test_future.c: the C API and the thread-safety of futures: threads settle
+ * futures while the loop waits on them; foreign threads wait on futures the
+ * loop settles; stepping from a host; closing with futures still out. */
+#include <msgpack.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "corral.h"
+
+static int failures, count;
+
+#define CHECK(cond, what)                                                                          \
+  do {                                                                                             \
+    count++;                                                                                       \
+    if (cond) {                                                                                    \
+      printf("ok %d - %s\n", count, what);                                                         \
+    } else {                                                                                       \
+      printf("not ok %d - %s (%s:%d)\n", count, what, __FILE__, __LINE__);                        \
+      failures++;                                                                                  \
+    }                                                                                              \
+  } while (0)
+
+static int run_lua(lua_State *L, const char *code) {
+  if (luaL_dostring(L, code) != 0) {
+    lua_getglobal(L, "tostring");
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
+    printf("# lua error: %s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- many threads settle futures while the loop gathers them ------------ */
+
+#define NFUT 4000
+#define NTHREADS 4
+
+typedef struct {
+  corral_future **fs;
+  int from, step;
+} settler;
+
+static void *settle_some(void *arg) {
+  settler *s = arg;
+  int last = s->from + ((NFUT - 1 - s->from) / s->step) * s->step;
+  /* each thread settles its share from the end: the completions interleave */
+  for (int j = last; j >= s->from; j -= s->step) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_int(&pk, j);
+    msgpack_pack_str_with_body(&pk, "x", 1);
+    corral_future_set_result(s->fs[j], sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+  }
+  return NULL;
+}
+
+static void test_threads_settle(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  corral_future *fs[NFUT];
+  lua_createtable(L, NFUT, 0);
+  for (int i = 0; i < NFUT; i++) {
+    fs[i] = corral_future_new(rt);
+    corral_push_future(L, fs[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setglobal(L, "fs");
+  pthread_t th[NTHREADS];
+  settler ss[NTHREADS];
+  for (int t = 0; t < NTHREADS; t++) {
+    ss[t] = (settler){fs, t, NTHREADS};
+    pthread_create(&th[t], NULL, settle_some, &ss[t]);
+  }
+  /* The loop sleeps in epoll until the threads' settles wake it. */
+  int rc = run_lua(L, "local corral = require 'corral'\n"
+                      "local r = corral.gather(fs, {timeout = 60})\n"
+                      "for i = 1, #fs do assert(r[i] ~= nil) end\n"
+                      "local a, b = fs[7]:result(); assert(b == 'x')\n"
+                      "ok_count = #r");
+  for (int t = 0; t < NTHREADS; t++) pthread_join(th[t], NULL);
+  CHECK(rc == 0, "gather over futures settled by 4 threads");
+  lua_getglobal(L, "ok_count");
+  CHECK(lua_tointeger(L, -1) == NFUT, "every result arrived");
+  lua_pop(L, 1);
+  int all_done = 1;
+  for (int i = 0; i < NFUT; i++) {
+    if (corral_future_state(fs[i]) != CORRAL_DONE) all_done = 0;
+    corral_future_release(fs[i]);
+  }
+  CHECK(all_done, "every future is DONE in C");
+  corral_close(rt);
+}
+
+/* ---- a foreign thread waits on a future that Lua settles ----------------- */
+
+typedef struct {
+  corral_future *f;
+  int rc;
+  corral_state state;
+} waiter_arg;
+
+static void *wait_foreign(void *arg) {
+  waiter_arg *w = arg;
+  w->rc = corral_future_wait(w->f, 30);
+  w->state = corral_future_state(w->f);
+  return NULL;
+}
+
+static void test_foreign_wait(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  run_lua(L, "f = require('corral').future()");
+  lua_getglobal(L, "f");
+  corral_future *f = corral_to_future(L, -1);
+  lua_pop(L, 1);
+  CHECK(f != NULL, "corral_to_future gives the C half of a Lua future");
+  corral_future_retain(f);
+  waiter_arg w = {f, -99, CORRAL_PENDING};
+  pthread_t th;
+  pthread_create(&th, NULL, wait_foreign, &w);
+  run_lua(L, "f:set_result(42)");
+  pthread_join(th, NULL);
+  CHECK(w.rc == 0 && w.state == CORRAL_DONE, "a foreign thread's wait returns when Lua settles");
+  CHECK(corral_future_set_result(f, NULL, 0) == CORRAL_ESTATE, "settling twice is CORRAL_ESTATE");
+  corral_future *g = corral_future_new(rt);
+  CHECK(corral_future_wait(g, 0.01) == CORRAL_ETIMEDOUT, "a wait times out");
+  CHECK(corral_future_cancel(g) == 0 && corral_future_state(g) == CORRAL_CANCELLED, "cancel");
+  CHECK(corral_future_cancel(g) == CORRAL_ESTATE, "cancel twice is CORRAL_ESTATE");
+  corral_future_release(g);
+  corral_future_release(f);
+  corral_close(rt);
+}
+
+/* ---- errors from C ------------------------------------------------------- */
+
+static void test_error_from_c(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  corral_future *f = corral_future_new(rt);
+  corral_push_future(L, f);
+  lua_setglobal(L, "f");
+  corral_future_set_error(f, "WorkerError", "disk on fire");
+  int rc = run_lua(L, "local corral = require 'corral'\n"
+                      "local ok, e = pcall(f.result, f)\n"
+                      "assert(not ok and corral.is_error(e, 'WorkerError'), tostring(e))\n"
+                      "assert(e.message == 'disk on fire')");
+  CHECK(rc == 0, "an error set from C is raised in Lua as an error object");
+  corral_future_release(f);
+  corral_close(rt);
+}
+
+/* ---- a host steps the runtime ------------------------------------------- */
+
+static void test_step(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  CHECK(corral_dostring(rt, "local c = require 'corral'; c.sleep(0.02); stepped = c.now()") == 0,
+        "corral_dostring starts a task");
+  int steps = 0;
+  while (corral_step(rt) == 1) steps++;
+  lua_getglobal(L, "stepped");
+  CHECK(lua_isnumber(L, -1), "corral_step drove the task to its end");
+  CHECK(steps >= 1, "the task took more than one step");
+  lua_pop(L, 1);
+  CHECK(corral_backend_fd(rt) >= 0, "corral_backend_fd");
+  CHECK(corral_dostring(rt, "this is not lua") == CORRAL_ELUA, "a syntax error is CORRAL_ELUA");
+  corral_close(rt);
+}
+
+/* ---- closing with futures still held by other threads ------------------- */
+
+static void *settle_late(void *arg) {
+  corral_future *f = arg;
+  corral_future_set_result(f, NULL, 0);
+  corral_future_release(f);
+  return NULL;
+}
+
+static void test_close_with_watches(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  corral_future *f = corral_future_new(rt);
+  corral_push_future(L, f); /* the loop watches it */
+  lua_pop(L, 1);
+  corral_close(rt);
+  pthread_t th;
+  pthread_create(&th, NULL, settle_late, f);
+  pthread_join(th, NULL);
+  CHECK(1, "a future settled after its runtime closed touches nothing freed");
+}
+
+int main(void) {
+  test_threads_settle();
+  test_foreign_wait();
+  test_error_from_c();
+  test_step();
+  test_close_with_watches();
+  printf("1..%d\n", count);
+  return failures != 0;
+}
