@@ -26,7 +26,11 @@ typedef struct {
 static int enc_value(encoder *e, int idx, int depth, const char *path);
 
 static int enc_fail(encoder *e, const char *path, const char *why) {
-  snprintf(e->err, e->errlen, "%s: %s", path, why);
+  size_t n = strlen(path);
+  if (n > 120) /* keep the innermost part of a long path */
+    snprintf(e->err, e->errlen, "...%s: %s", path + n - 100, why);
+  else
+    snprintf(e->err, e->errlen, "%s: %s", path, why);
   return -1;
 }
 

@@ -62,6 +62,7 @@ local function task_main(t)
       finish(t, xpcall(t._fn, on_error, unpack(a, 1, a.n)))
     end
     t._co = false
+    t = nil -- a pooled coroutine must not keep its last task alive
     t = co_yield(FINISHED)
   end
 end
