@@ -80,11 +80,11 @@ test: all $(CTESTS)
 
 test-asan:
 	$(MAKE) test BUILD=build/asan SAN=address,undefined OPT="-O1 -g" \
-	  TEST_ENV="LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1"
+	  TEST_ENV="CORRAL_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1"
 
 test-tsan:
 	$(MAKE) test BUILD=build/tsan SAN=thread OPT="-O1 -g" \
-	  TEST_ENV="LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1"
+	  TEST_ENV="CORRAL_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1"
 
 # ---- the rest --------------------------------------------------------------
 

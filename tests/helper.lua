@@ -4,6 +4,16 @@ local M = {}
 M.build = os.getenv("CORRAL_BUILD") or "."
 M.bin = M.build .. "/bin/corral"
 
+-- Under the sanitizers the suite runs with the runtime in LD_PRELOAD; the
+-- shell of os.execute must not get it (dash crashes under ThreadSanitizer),
+-- so it is kept here and given back only to the luajit children that need it.
+M.preload = os.getenv("LD_PRELOAD")
+if M.preload then
+  local ffi = require "ffi"
+  ffi.cdef "int unsetenv(const char *name);"
+  ffi.C.unsetenv("LD_PRELOAD")
+end
+
 local function tmpname()
   return os.tmpname()
 end
@@ -32,6 +42,12 @@ local function quote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
 end
 M.quote = quote
+
+--- The command prefix that runs stock luajit with the module under test.
+function M.luajit()
+  return (M.preload and "LD_PRELOAD=" .. quote(M.preload) .. " " or "") ..
+    "LUA_CPATH=" .. quote(M.build .. "/lib/?.so") .. " luajit"
+end
 
 --- Write `code` to a temporary script and run it with the corral binary.
 function M.corral(code, args, prefix)

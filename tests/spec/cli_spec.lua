@@ -147,8 +147,7 @@ describe("the Lua module", function()
       corral.run()
       print(later)
     ]]
-    local out, err, status = h.sh("LUA_CPATH=" .. h.quote(h.build .. "/lib/?.so") ..
-      " luajit -e " .. h.quote(code))
+    local out, err, status = h.sh(h.luajit() .. " -e " .. h.quote(code))
     assert.are.equal(0, status, err)
     assert.are.equal("from luajit\ntrue\n", out)
   end)
