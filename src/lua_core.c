@@ -372,16 +372,16 @@ void corral_push_future(lua_State *L, corral_future *f) {
 }
 
 corral_future *corral_to_future(lua_State *L, int idx) {
-  if (lua_type(L, idx) != LUA_TTABLE) return NULL;
-  idx = idx < 0 && idx > LUA_REGISTRYINDEX ? lua_gettop(L) + idx + 1 : idx;
-  lua_getfield(L, idx, "_c");
-  if (lua_toboolean(L, -1) == 0 && lua_isboolean(L, -1)) {
-    /* a future local to the loop so far: make its C half now */
-    lua_pop(L, 1);
-    lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
-    lua_pushvalue(L, idx);
-    lua_call(L, 1, 1);
-  }
+  if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
+  if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return NULL;
+  lua_getfield(L, -1, "__future");
+  int is_future = lua_toboolean(L, -1);
+  lua_pop(L, 2);
+  if (!is_future) return NULL;
+  /* cref gives the C half, making it when the future was local so far */
+  lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
+  lua_pushvalue(L, idx);
+  lua_call(L, 1, 1);
   corral_future **p = luaL_testudata(L, -1, CFUTURE_MT);
   lua_pop(L, 1);
   return p ? *p : NULL;

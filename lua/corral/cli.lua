@@ -5,6 +5,7 @@ local corral = require "corral"
 local sched = require "corral.sched"
 local task = require "corral.task"
 local future = require "corral.future"
+local S = require("corral.fields").S
 
 local M = {}
 
@@ -34,7 +35,7 @@ function M.run_main(main)
     errf("corral: the main chunk is blocked on futures that nothing can settle\n")
     return 1
   end
-  local s = main._s
+  local s = main[S]
   if s == future.FAILED then
     future.retrieve(main)
     local e = main._e

@@ -8,12 +8,13 @@
 -- waiters of its own context; a future settled by another thread reaches
 -- this context through the loop (`_sync`).
 --
--- Fields: `_s` state, `_n` number of results, `_v` the result (n == 1) or a
--- table {n=...} of them, `_e` error, `_w1`/`_w` waiters, `_c` C half or false.
+-- Fields: the hot ones in array slots named by `corral.fields` (state,
+-- results, first waiter); `_e` error, `_w` more waiters, `_c` the C half.
 -- @classmod corral.Future
 local core = require "corral.core"
 local errors = require "corral.errors"
 local sched = require "corral.sched"
+local F = require "corral.fields"
 
 local fnew, fsettle = core.fnew, core.fsettle
 local wake, block, push, waiter = sched.wake, sched.block, sched.push, sched.waiter
@@ -22,6 +23,7 @@ local now = core.now
 local type, select, unpack, setmetatable, getmetatable = type, select, unpack, setmetatable, getmetatable
 
 local PENDING, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4
+local S, N, V, W1 = F.S, F.N, F.V, F.W1
 local STATE_NAMES = { [0] = "pending", "running", "done", "failed", "cancelled" }
 
 local Future = {}
@@ -40,8 +42,9 @@ Future.__future = true
 
 --- A new pending future, over `c` (a C future) when given.
 function M.new(c)
-  return setmetatable({ _c = c or false, _s = PENDING, _n = 0, _v = false, _e = false,
-    _w1 = false, _w = false }, Future)
+  local f = setmetatable({ PENDING, 0, false, false }, Future)
+  if c then f._c = c end
+  return f
 end
 
 --- The C half of `f`, made (and brought to f's state) on first use.
@@ -50,7 +53,7 @@ function M.cref(f)
   if c then return c end
   c = fnew()
   f._c = c
-  if f._s == RUNNING then core.fstart(c) elseif f._s >= DONE then fsettle(c, f._s) end
+  if f[S] == RUNNING then core.fstart(c) elseif f[S] >= DONE then fsettle(c, f[S]) end
   return c
 end
 
@@ -58,7 +61,7 @@ end
 -- Waiters                                                                  --
 -- ======================================================================== --
 
--- A future's waiters: the first in `_w1`, more in the array `_w`. A removed
+-- A future's waiters: the first in slot W1, more in the array `_w`. A removed
 -- waiter leaves `false` in its slot. Each is a function (internal, called at
 -- once with the future), a callback record {_cb = fn} (called on the next
 -- turn), or a waiter (task or outside) to wake.
@@ -66,8 +69,8 @@ end
 --- Add a waiter; returns its slot for `remove_waiter`. Waiters fire in the
 -- order they were added.
 local function add_waiter(f, x)
-  if not f._w1 and not f._w then
-    f._w1 = x
+  if not f[W1] and not f._w then
+    f[W1] = x
     return 0
   end
   local w = f._w
@@ -83,7 +86,7 @@ M.add_waiter = add_waiter
 
 local function remove_waiter(f, slot, x)
   if slot == 0 then
-    if f._w1 == x then f._w1 = false end
+    if f[W1] == x then f[W1] = false end
   else
     local w = f._w
     if w and w[slot] == x then w[slot] = false end
@@ -110,17 +113,17 @@ end
 -- error, traceback. `external` says the C half is settled already. Returns
 -- false when it was already settled (perhaps by another thread).
 local function settle(f, s, n, v, e, tb, external)
-  if f._s >= DONE then return false end
+  if f[S] >= DONE then return false end
   local c = f._c
   if c and not external and not fsettle(c, s) then return false end
-  f._s, f._n, f._v, f._e = s, n, v, e
+  f[S], f[N], f[V], f._e = s, n, v, e
   if s == FAILED then
     f._tb = tb
     f._rep = core.reporter(unretrieved_text(f, e, tb))
   end
-  local x = f._w1
+  local x = f[W1]
   if x then
-    f._w1 = false
+    f[W1] = false
     fire(f, x)
   end
   local w = f._w
@@ -148,7 +151,7 @@ M.retrieve = retrieve
 -- A future settled by C or another thread: take its state and values.
 function Future:_sync()
   local s = core.fstate(self._c)
-  if self._s >= DONE or s < DONE then return end
+  if self[S] >= DONE or s < DONE then return end
   local v, e = false, false
   local n = 0
   if s == DONE then
@@ -205,13 +208,13 @@ end
 -- future itself is untouched).
 -- @number[opt] timeout seconds
 function Future:result(timeout)
-  if self._s < DONE then await(self, timeout, "future:result") end
-  local s = self._s
+  if self[S] < DONE then await(self, timeout, "future:result") end
+  local s = self[S]
   if s == DONE then
-    local n = self._n
-    if n == 1 then return self._v end
+    local n = self[N]
+    if n == 1 then return self[V] end
     if n == 0 then return end
-    local v = self._v
+    local v = self[V]
     return unpack(v, 1, v.n)
   end
   retrieve(self)
@@ -223,22 +226,22 @@ end
 -- `CancelledError`. Waits like `result`.
 -- @number[opt] timeout seconds
 function Future:exception(timeout)
-  if self._s < DONE then await(self, timeout, "future:exception") end
+  if self[S] < DONE then await(self, timeout, "future:exception") end
   retrieve(self)
-  if self._s == DONE then return nil end
+  if self[S] == DONE then return nil end
   return self._e or errors.cancelled()
 end
 
 --- Whether the future has settled (done, failed or cancelled).
-function Future:done() return self._s >= DONE end
+function Future:done() return self[S] >= DONE end
 --- Whether its work is running now.
-function Future:running() return self._s == RUNNING end
+function Future:running() return self[S] == RUNNING end
 --- Whether it was cancelled.
-function Future:cancelled() return self._s == CANCELLED end
+function Future:cancelled() return self[S] == CANCELLED end
 
 --- Cancel a pending future. Returns true when it took effect.
 function Future:cancel()
-  if self._s >= DONE then return false end
+  if self[S] >= DONE then return false end
   if self._c and core.fstate(self._c) == RUNNING then return false end
   return settle(self, CANCELLED, 0, false, errors.cancelled())
 end
@@ -253,7 +256,7 @@ function Future:set_result(...)
     ok = settle(self, DONE, n, n > 1 and { n = n, ... } or false)
   end
   if not ok then
-    errors.usage("future:set_result", "the future is already settled (%s)", STATE_NAMES[self._s])
+    errors.usage("future:set_result", "the future is already settled (%s)", STATE_NAMES[self[S]])
   end
 end
 
@@ -261,7 +264,7 @@ end
 function Future:set_exception(err)
   errors.check(err ~= nil, "future:set_exception", "err", "an error value", err)
   if not settle(self, FAILED, 0, false, err, type(err) == "table" and rawget(err, "traceback") or nil) then
-    errors.usage("future:set_exception", "the future is already settled (%s)", STATE_NAMES[self._s])
+    errors.usage("future:set_exception", "the future is already settled (%s)", STATE_NAMES[self[S]])
   end
 end
 
@@ -270,7 +273,7 @@ end
 function Future:add_done_callback(fn)
   errors.check(type(fn) == "function" or (getmetatable(fn) or {}).__call ~= nil,
     "future:add_done_callback", "fn", "a function", fn)
-  if self._s >= DONE then
+  if self[S] >= DONE then
     push(fn, self)
   else
     add_waiter(self, { _cb = fn })
@@ -278,17 +281,17 @@ function Future:add_done_callback(fn)
 end
 
 function Future:__tostring()
-  local s = STATE_NAMES[self._s]
-  if self._s == FAILED then s = s .. ": " .. sched.safe_tostring(self._e) end
+  local s = STATE_NAMES[self[S]]
+  if self[S] == FAILED then s = s .. ": " .. sched.safe_tostring(self._e) end
   return ("corral.%s(%s)"):format(self._kind or "future", s)
 end
 
 --- The first result of a settled future (nil when it has none).
 function M.first(f)
-  local n = f._n
-  if n == 1 then return f._v end
+  local n = f[N]
+  if n == 1 then return f[V] end
   if n == 0 then return nil end
-  return f._v[1]
+  return f[V][1]
 end
 
 M.STATE_NAMES = STATE_NAMES

@@ -13,6 +13,7 @@ local sched = require "corral.sched"
 local future = require "corral.future"
 local task = require "corral.task"
 local wait = require "corral.wait"
+local CO = require("corral.fields").CO
 
 local corral = {}
 
@@ -72,7 +73,7 @@ end
 --- Drive the loop until nothing is pending (no task ready, no timer, no
 -- future that another thread may settle). Not for use inside a task.
 function corral.run()
-  if sched.current() ~= nil and sched.current()._co == coroutine.running() then
+  if sched.current() ~= nil and sched.current()[CO] == coroutine.running() then
     errors.usage("corral.run", "called from inside a task; wait on futures instead")
   end
   sched.drive(true)

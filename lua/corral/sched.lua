@@ -7,6 +7,7 @@
 -- waiting operation of corral is built on them.
 -- @module corral.sched
 local core = require "corral.core"
+local F = require "corral.fields"
 
 local M = {}
 
@@ -15,6 +16,7 @@ local co_running, co_yield, co_resume = coroutine.running, coroutine.yield, coro
 local ceil, max = math.ceil, math.max
 local type, xpcall, tostring = type, xpcall, tostring
 local traceback = debug.traceback
+local S, CO = F.S, F.CO
 
 -- Wake tokens: why a blocked waiter resumed.
 local WOKE, TIMEOUT, CANCEL, FOREVER = 1, 2, 3, 4
@@ -138,7 +140,7 @@ function M.current() return current end
 -- own coroutine, else a new outside waiter that drives the loop.
 local function waiter()
   local t = current
-  if t ~= nil and t._co == co_running() then return t end
+  if t ~= nil and t[CO] == co_running() then return t end
   return { _outside = true }
 end
 M.waiter = waiter
@@ -217,18 +219,43 @@ M.on_sigint = nil -- set by the runner
 
 local pool, pool_n = {}, 0
 local POOL_MAX = 256
-local task_main -- set by corral.task
+local turn_last = 0 -- the last ready item of the current turn
+local run_one -- runs a started task's function to its end (set by corral.task)
 
-function M.set_task_main(fn) task_main = fn end
+function M.set_run_one(fn) run_one = fn end
+
+-- The body of every task coroutine. After its task finishes, a coroutine
+-- goes straight on to the next ready item when that is a task not yet
+-- started in this turn: a burst of tasks that never wait costs no coroutine
+-- switch each. A task that waits keeps the coroutine it is running on.
+local function co_body(t)
+  while true do
+    run_one(t)
+    t[CO] = false
+    t = nil -- a pooled coroutine must not keep its last task alive
+    local i = rq_head
+    if i <= turn_last then
+      local item = rq_item[i]
+      if type(item) == "table" and item[S] == 0 and not item[CO] and not item._outside then
+        rq_item[i], rq_tok[i], rq_val[i] = nil, nil, nil
+        rq_head = i + 1
+        t = item
+        t[CO] = co_running()
+        current = t
+      end
+    end
+    if t == nil then t = co_yield(FINISHED) end
+  end
+end
 
 local function run_task(t, tok, val)
-  local co = t._co
+  local co = t[CO]
   local prev = current
   current = t
   local ok, r
   if not co then
     -- first start: a task cancelled before it started never runs
-    if t._s ~= 0 then
+    if t[S] ~= 0 then
       current = prev
       return
     end
@@ -237,13 +264,14 @@ local function run_task(t, tok, val)
       pool[pool_n] = nil
       pool_n = pool_n - 1
     else
-      co = coroutine.create(task_main)
+      co = coroutine.create(co_body)
     end
-    t._co = co
+    t[CO] = co
     ok, r = co_resume(co, t)
   else
     ok, r = co_resume(co, tok, val)
   end
+  local last = current -- the task that yielded, when it was a later one
   current = prev
   if r == BLOCKED then return end
   if r == FINISHED then
@@ -255,7 +283,7 @@ local function run_task(t, tok, val)
     M.report("internal error in the scheduler", r, traceback(co))
   else
     -- the task yielded by itself (coroutine.yield): let others run first
-    push(t, WOKE, nil)
+    push(last, WOKE, nil)
   end
 end
 
@@ -319,6 +347,7 @@ function turn(block, until_deadline)
     end
   end
   local last = rq_tail
+  turn_last = last
   while rq_head <= last do
     local i = rq_head
     local item, tok, val = rq_item[i], rq_tok[i], rq_val[i]

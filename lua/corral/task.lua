@@ -5,14 +5,16 @@ local core = require "corral.core"
 local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
+local F = require "corral.fields"
 
 local Future, settle = future.Future, future.settle
 local PENDING, RUNNING, DONE, CANCELLED = future.PENDING, future.RUNNING, future.DONE, future.CANCELLED
 local push, wake, on_error = sched.push, sched.wake, sched.on_error
-local WOKE, CANCEL, FINISHED = sched.WOKE, sched.CANCEL, sched.FINISHED
+local WOKE, CANCEL = sched.WOKE, sched.CANCEL
 local fstart = core.fstart
-local co_yield, xpcall, select, unpack, setmetatable = coroutine.yield, xpcall, select, unpack, setmetatable
+local xpcall, select, unpack, setmetatable = xpcall, select, unpack, setmetatable
 local is_error = errors.is_error
+local S, FN, NA, A = F.S, F.FN, F.NA, F.A
 
 local Task = {}
 for k, v in pairs(Future) do Task[k] = v end
@@ -27,7 +29,7 @@ function M.live() return live end
 
 local function finish(t, ok, ...)
   live = live - 1
-  t._fn, t._a = false, false
+  t[FN], t[A] = false, false
   if ok then
     local n = select("#", ...)
     if n == 1 then
@@ -45,28 +47,23 @@ local function finish(t, ok, ...)
   end
 end
 
--- The body of every task coroutine; coroutines are reused from a pool, so
--- one runs many tasks in turn. Arguments: `_na` of them, in `_a` (the value
--- itself when there is one, else a table {n=...}).
-local function task_main(t)
-  while true do
-    t._s = RUNNING
-    if t._c then fstart(t._c) end
-    local na = t._na
-    if na == 0 then
-      finish(t, xpcall(t._fn, on_error))
-    elseif na == 1 then
-      finish(t, xpcall(t._fn, on_error, t._a))
-    else
-      local a = t._a
-      finish(t, xpcall(t._fn, on_error, unpack(a, 1, a.n)))
-    end
-    t._co = false
-    t = nil -- a pooled coroutine must not keep its last task alive
-    t = co_yield(FINISHED)
+-- Run a task's function to its end on the current coroutine. Arguments:
+-- `_na` of them, in `_a` (the value itself when there is one, else a table
+-- {n=...}).
+local function run_one(t)
+  t[S] = RUNNING
+  if t._c then fstart(t._c) end
+  local na = t[NA]
+  if na == 0 then
+    finish(t, xpcall(t[FN], on_error))
+  elseif na == 1 then
+    finish(t, xpcall(t[FN], on_error, t[A]))
+  else
+    local a = t[A]
+    finish(t, xpcall(t[FN], on_error, unpack(a, 1, a.n)))
   end
 end
-sched.set_task_main(task_main)
+sched.set_run_one(run_one)
 
 local function is_callable(fn)
   return type(fn) == "function" or (type(getmetatable(fn)) == "table" and getmetatable(fn).__call ~= nil)
@@ -82,8 +79,9 @@ function M.spawn(fn, ...)
   local n = select("#", ...)
   local a = false
   if n == 1 then a = ... elseif n > 1 then a = { n = n, ... } end
-  local t = setmetatable({ _c = false, _s = PENDING, _n = 0, _v = false, _e = false,
-    _w1 = false, _w = false, _fn = fn, _na = n, _a = a, _co = false, _blocked = false }, Task)
+  -- state, results, first waiter, function, arguments, coroutine (see
+  -- corral.fields); the rest (_c, _e, _w, _blocked) only where needed
+  local t = setmetatable({ PENDING, 0, false, false, fn, n, a, false }, Task)
   live = live + 1
   push(t, WOKE, nil)
   return t
@@ -93,7 +91,7 @@ end
 -- `CancelledError` at its next suspension point, so its cleanup runs.
 -- Returns true when the cancellation took effect.
 function Task:cancel()
-  local s = self._s
+  local s = self[S]
   if s >= DONE then return false end
   if s == PENDING then
     live = live - 1

@@ -8,6 +8,7 @@ local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
 local progress = require "corral.progress"
+local S = require("corral.fields").S
 
 local is_future, add_waiter, remove_waiter = future.is_future, future.add_waiter, future.remove_waiter
 local retrieve, raise_token, check_timeout = future.retrieve, future.raise_token, future.check_timeout
@@ -73,7 +74,7 @@ local function pending_names(fs, keys)
   local names = {}
   for i = 1, #keys do
     local f = fs[keys[i]]
-    if is_future(f) and f._s < DONE then
+    if is_future(f) and f[S] < DONE then
       names[#names + 1] = tostring(keys[i])
       if #names == 10 then
         names[#names + 1] = "..."
@@ -84,19 +85,30 @@ local function pending_names(fs, keys)
   return table.concat(names, ", ")
 end
 
--- Register `cb` on every pending future of fs; returns an unregister function.
+-- Register `cb` on every pending future of fs. Returns a registration for
+-- `unregister`. (Not a closure: LuaJIT traces keep the closures they call
+-- alive, and this one would hold every input future.)
 local function register(fs, keys, cb)
-  local rf, rs, n = {}, {}, 0
+  local reg = { cb = cb, n = 0 }
+  local n = 0
   for i = 1, #keys do
     local f = fs[keys[i]]
-    if is_future(f) and f._s < DONE then
+    if is_future(f) and f[S] < DONE then
       n = n + 1
-      rf[n], rs[n] = f, add_waiter(f, cb)
+      reg[2 * n - 1], reg[2 * n] = f, add_waiter(f, cb)
     end
   end
-  return function()
-    for i = 1, n do remove_waiter(rf[i], rs[i], cb) end
+  reg.n = n
+  return reg
+end
+
+local function unregister(reg)
+  local cb = reg.cb
+  for i = 1, reg.n do
+    remove_waiter(reg[2 * i - 1], reg[2 * i], cb)
+    reg[2 * i - 1] = nil
   end
+  reg.n, reg.cb = 0, nil
 end
 
 -- ======================================================================== --
@@ -119,32 +131,32 @@ function M.wait(...)
   for i = 1, #keys do
     local f = fs[keys[i]]
     errors.check(is_future(f), fname, "fs[" .. tostring(keys[i]) .. "]", "a future", f)
-    if f._s < DONE then
+    if f[S] < DONE then
       left = left + 1
     else
       any_done = true
-      if f._s == FAILED then any_failed = true end
+      if f[S] == FAILED then any_failed = true end
     end
   end
   local satisfied = left == 0 or (when == "FIRST_COMPLETED" and any_done)
     or (when == "FIRST_EXCEPTION" and any_failed)
   if not satisfied then
     local w = waiter()
-    local unregister = register(fs, keys, function(f)
+    local reg = register(fs, keys, function(f)
       left = left - 1
-      if left == 0 or when == "FIRST_COMPLETED" or (when == "FIRST_EXCEPTION" and f._s == FAILED) then
+      if left == 0 or when == "FIRST_COMPLETED" or (when == "FIRST_EXCEPTION" and f[S] == FAILED) then
         wake(w, WOKE)
       end
     end)
     local tok = block(w, deadline)
-    unregister()
+    unregister(reg)
     if tok ~= WOKE and tok ~= sched.TIMEOUT then raise_token(tok, fname) end
   end
   local done, not_done = {}, {}
   for i = 1, #keys do
     local k = keys[i]
     local f = fs[k]
-    local into = f._s >= DONE and done or not_done
+    local into = f[S] >= DONE and done or not_done
     if named then into[k] = f else into[#into + 1] = f end
   end
   return done, not_done
@@ -157,7 +169,7 @@ end
 -- The value a settled input stands for in gather's results.
 local function value_of(f, return_exceptions)
   if not is_future(f) then return f, false end
-  if f._s == DONE then return future.first(f), false end
+  if f[S] == DONE then return future.first(f), false end
   if return_exceptions then
     retrieve(f)
     return f._e or errors.cancelled(), true
@@ -167,55 +179,66 @@ end
 
 local function raise_failure(f)
   retrieve(f)
-  if f._s == CANCELLED then error(f._e or errors.cancelled(), 0) end
+  if f[S] == CANCELLED then error(f._e or errors.cancelled(), 0) end
   error(f._e, 0)
 end
 
 local function gather_iter(fname, fs, keys, opts)
   local deadline = deadline_of(fname, opts)
   local rex = opts.return_exceptions
-  local ready, head, tail, left = {}, 1, 0, #keys
-  local prog = progress.new(opts.progress, #keys)
-  local w
-  local index = {}
+  -- The iterator's state lives in a table, emptied when it is used up, so
+  -- that closures kept by JIT traces hold nothing large.
+  local st = { fs = fs, keys = keys, ready = {}, head = 1, tail = 0, left = #keys,
+    index = {}, w = false, prog = progress.new(opts.progress, #keys) }
   for i = 1, #keys do
     local f = fs[keys[i]]
-    if not is_future(f) or f._s >= DONE then
-      tail = tail + 1
-      ready[tail] = keys[i]
+    if not is_future(f) or f[S] >= DONE then
+      st.tail = st.tail + 1
+      st.ready[st.tail] = keys[i]
     else
-      index[f] = index[f] or keys[i]
+      st.index[f] = st.index[f] or keys[i]
     end
   end
-  local unregister = register(fs, keys, function(f)
-    tail = tail + 1
-    ready[tail] = index[f]
-    if w then wake(w, WOKE) end
+  st.reg = register(fs, keys, function(f)
+    local t = st.tail + 1
+    st.tail = t
+    st.ready[t] = st.index[f]
+    if st.w then wake(st.w, WOKE) end
   end)
+  local function close()
+    unregister(st.reg)
+    st.fs, st.keys, st.ready, st.index = {}, {}, {}, {}
+  end
   return function()
-    if left == 0 then return nil end
-    while head > tail do
-      w = waiter()
-      local tok = block(w, deadline)
-      w = nil
+    if st.left == 0 then return nil end
+    while st.head > st.tail do
+      st.w = waiter()
+      local tok = block(st.w, deadline)
+      st.w = false
       if tok == sched.TIMEOUT then
-        unregister()
-        error(errors.new("TimeoutError", fname .. " timed out; still pending: " .. pending_names(fs, keys), nil, 2), 2)
+        local names = pending_names(st.fs, st.keys)
+        close()
+        st.left = 0
+        error(errors.new("TimeoutError", fname .. " timed out; still pending: " .. names, nil, 2), 2)
       elseif tok ~= WOKE then
-        unregister()
+        close()
+        st.left = 0
         raise_token(tok, fname)
       end
     end
-    local k = ready[head]
-    ready[head] = nil
-    head = head + 1
-    left = left - 1
-    local v, failed = value_of(fs[k], rex)
+    local k = st.ready[st.head]
+    local f = st.fs[k]
+    st.ready[st.head] = nil
+    st.head = st.head + 1
+    st.left = st.left - 1
+    local v, failed = value_of(f, rex)
+    local prog = st.prog
     if prog then
       prog:tick(failed)
-      if left == 0 then prog:finish() end
+      if st.left == 0 then prog:finish() end
     end
-    if failed and not rex then raise_failure(fs[k]) end
+    if st.left == 0 then close() end
+    if failed and not rex then raise_failure(f) end
     return k, v
   end
 end
@@ -241,7 +264,7 @@ function M.gather(...)
   for i = 1, #keys do
     local f = fs[keys[i]]
     if is_future(f) then
-      local s = f._s
+      local s = f[S]
       if s < DONE then
         left = left + 1
       elseif s ~= DONE and not first_failed then
@@ -255,9 +278,9 @@ function M.gather(...)
   if prog then prog:draw(false) end
   if left > 0 and (rex or not first_failed) then
     local w = waiter()
-    local unregister = register(fs, keys, function(f)
+    local reg = register(fs, keys, function(f)
       left = left - 1
-      local failed = f._s ~= DONE
+      local failed = f[S] ~= DONE
       if prog then prog:tick(failed) end
       if failed and not rex and not first_failed then
         first_failed = f
@@ -267,7 +290,7 @@ function M.gather(...)
       end
     end)
     local tok = block(w, deadline)
-    unregister()
+    unregister(reg)
     if tok == sched.TIMEOUT then
       error(errors.new("TimeoutError", fname .. " timed out; still pending: " .. pending_names(fs, keys), nil, 2), 2)
     elseif tok ~= WOKE then

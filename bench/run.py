@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""Run each corral benchmark beside its peer, several times, and print the
+medians with the ratio to the peer. Usage: bench/run.py BUILD [RUNS]"""
+import os, shutil, statistics, subprocess, sys
+
+build = sys.argv[1] if len(sys.argv) > 1 else "."
+runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+corral = os.path.join(build, "bin", "corral")
+here = os.path.dirname(os.path.abspath(__file__))
+
+def measure(cmd):
+    vals = []
+    for _ in range(runs):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        vals.append(float(out.split()[-1]))
+    return statistics.median(vals)
+
+def row(name, ours, peer, peer_name, unit, higher_is_better):
+    ratio = (ours / peer if higher_is_better else peer / ours) if ours and peer else float("nan")
+    print(f"{name:<34} {ours:>14,.2f} {unit:<10} {peer_name:<26} {peer:>14,.2f}   x{ratio:,.1f}")
+
+B = lambda f: os.path.join(here, f)
+print(f"median of {runs} runs; x = how many times better corral is than the peer")
+print(f"{'benchmark':<34} {'corral':>14} {'unit':<10} {'peer':<26} {'peer value':>14}   ratio")
+ours = measure([corral, B("tasks.lua"), "1000000"])
+peer = measure([sys.executable, B("tasks_asyncio.py"), "200000"])
+row("spawn+finish 1M trivial tasks", ours, peer, "asyncio create_task", "tasks/s", True)
+if shutil.which("tarantool"):
+    t = measure(["tarantool", B("tarantool_fibers.lua"), "1000000"])
+    row("  same, against Tarantool fibers", ours, t, "tarantool fiber.create", "tasks/s", True)
+else:
+    print("  (tarantool not installed: no fiber comparison)")
+ours = measure([corral, B("gather.lua"), "100000"])
+peer = measure([sys.executable, B("gather_asyncio.py"), "100000"])
+row("gather overhead, 100k futures", ours, peer, "asyncio.gather", "ns/future", False)
+ours = measure([corral, B("idle.lua"), "10000"])
+peer = measure([sys.executable, B("idle_futures.py"), "10000"])
+row("CPU while waiting 1 s, 10k futures", ours, peer, "concurrent.futures.wait", "ms", False)
