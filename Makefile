@@ -32,7 +32,7 @@ endif
 SRCS := src/future.c src/context.c src/codec.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
-CTESTS := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(wildcard tests/c/*.c))
+CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
 
 BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
@@ -68,7 +68,7 @@ $(BIN): $(BUILD)/obj/main.o $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/c/%.c $(LIBA)
+$(BUILD)/obj/tests/%: tests/c/%.c $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(LDLIBS)
 
@@ -98,7 +98,7 @@ bench: all
 lint:
 	luacheck lua tests bench examples
 	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c
-	clang-tidy --quiet src/*.c -- $(CFLAGS)
+	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
 
 format:
 	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c

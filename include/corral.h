@@ -25,11 +25,11 @@ typedef struct corral_future corral_future;
 /* Error codes (negative on return). */
 enum {
   CORRAL_OK = 0,
-  CORRAL_EINVAL = -1,   /* a bad argument */
-  CORRAL_ESTATE = -2,   /* the future is already settled */
+  CORRAL_EINVAL = -1, /* a bad argument */
+  CORRAL_ESTATE = -2, /* the future is already settled */
   CORRAL_ETIMEDOUT = -3,
   CORRAL_ENOMEM = -4,
-  CORRAL_ELUA = -5      /* Lua code raised an error; it was printed */
+  CORRAL_ELUA = -5 /* Lua code raised an error; it was printed */
 };
 
 /* The states of a future. DONE, FAILED and CANCELLED are final. */

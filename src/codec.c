@@ -146,8 +146,10 @@ static void dec_object(lua_State *L, const msgpack_object *o) {
     for (uint32_t i = 0; i < o->via.map.size; i++) {
       dec_object(L, &o->via.map.ptr[i].key);
       dec_object(L, &o->via.map.ptr[i].val);
-      if (lua_isnil(L, -2)) lua_pop(L, 2);
-      else lua_rawset(L, -3);
+      if (lua_isnil(L, -2))
+        lua_pop(L, 2);
+      else
+        lua_rawset(L, -3);
     }
     break;
   default: lua_pushnil(L); break;
@@ -167,7 +169,8 @@ int codec_decode(lua_State *L, const char *data, size_t len) {
   if (u.data.type == MSGPACK_OBJECT_ARRAY) {
     n = (int)u.data.via.array.size;
     luaL_checkstack(L, n + 4, "corral codec: too many values");
-    for (int i = 0; i < n; i++) dec_object(L, &u.data.via.array.ptr[i]);
+    for (int i = 0; i < n; i++)
+      dec_object(L, &u.data.via.array.ptr[i]);
   } else {
     n = 1;
     dec_object(L, &u.data);

@@ -146,7 +146,8 @@ void ctx_close(corral_context *c) {
     corral_future_release(f);
   }
   ctx_drain(c, NULL, NULL);
-  while (!queue_empty(&c->reporters)) queue_remove(queue_head(&c->reporters));
+  while (!queue_empty(&c->reporters))
+    queue_remove(queue_head(&c->reporters));
   uv_walk(&c->loop, on_close_walk, NULL);
   uv_run(&c->loop, UV_RUN_DEFAULT);
   uv_loop_close(&c->loop);

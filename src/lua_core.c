@@ -14,12 +14,12 @@
 #include "internal.h"
 #include "lua_modules.h" /* generated: the Lua half, as bytecode */
 
-#define CFUTURE_MT "corral.cfuture"
+#define CFUTURE_MT  "corral.cfuture"
 #define REPORTER_MT "corral.reporter"
 #define RUNTIME_KEY "corral.runtime"
-#define WRAP_KEY "corral.wrap"
-#define DRIVE_KEY "corral.drive"
-#define CREF_KEY "corral.cref"
+#define WRAP_KEY    "corral.wrap"
+#define DRIVE_KEY   "corral.drive"
+#define CREF_KEY    "corral.cref"
 
 static corral_runtime *rt_of(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
@@ -39,7 +39,7 @@ static corral_future **cf_check(lua_State *L, int idx) {
 }
 
 static void cf_push(lua_State *L, corral_future *f) {
-  corral_future **p = lua_newuserdata(L, sizeof *p);
+  corral_future **p = lua_newuserdata(L, sizeof(corral_future *));
   *p = f;
   luaL_getmetatable(L, CFUTURE_MT);
   lua_setmetatable(L, -2);
@@ -92,7 +92,8 @@ static int l_fvalues(lua_State *L) {
   if (n < 0) return lua_error(L);
   lua_createtable(L, n, 1);
   lua_insert(L, base + 1);
-  for (int i = n; i >= 1; i--) lua_rawseti(L, base + 1, i);
+  for (int i = n; i >= 1; i--)
+    lua_rawseti(L, base + 1, i);
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "n");
   return 1;
@@ -104,8 +105,10 @@ static int l_fwatch(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
   int rc = future_watch(f, &rt_of(L)->home);
   if (rc < 0) return luaL_error(L, "corral: out of memory");
-  if (rc == 1) lua_pushboolean(L, 0);
-  else lua_pushlightuserdata(L, f);
+  if (rc == 1)
+    lua_pushboolean(L, 0);
+  else
+    lua_pushlightuserdata(L, f);
   return 1;
 }
 
@@ -260,7 +263,8 @@ static int l_fsettle_encoded(lua_State *L) {
 
 static int l_fset_error(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
-  lua_pushboolean(L, corral_future_set_error(f, luaL_checkstring(L, 2), luaL_checkstring(L, 3)) == 0);
+  lua_pushboolean(L,
+                  corral_future_set_error(f, luaL_checkstring(L, 2), luaL_checkstring(L, 3)) == 0);
   return 1;
 }
 
@@ -268,18 +272,27 @@ static int l_fset_error(lua_State *L) {
 /* Module                                                                    */
 /* ======================================================================== */
 
-static const luaL_Reg core_funcs[] = {
-    {"fnew", l_fnew},       {"fstart", l_fstart},
-    {"fsettle", l_fsettle}, {"fstate", l_fstate},
-    {"fvalues", l_fvalues}, {"fwatch", l_fwatch},
-    {"fkey", l_fkey},       {"fsettle_encoded", l_fsettle_encoded},
-    {"fset_error", l_fset_error},
-    {"drain", l_drain},     {"poll", l_poll},
-    {"now", l_now},         {"catch_sigint", l_catch_sigint},
-    {"isatty", l_isatty},   {"exit", l_exit},
-    {"versions", l_versions}, {"reporter", l_reporter},
-    {"disarm", l_disarm},   {"encode", l_encode},
-    {"decode", l_decode},   {NULL, NULL}};
+static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
+                                      {"fstart", l_fstart},
+                                      {"fsettle", l_fsettle},
+                                      {"fstate", l_fstate},
+                                      {"fvalues", l_fvalues},
+                                      {"fwatch", l_fwatch},
+                                      {"fkey", l_fkey},
+                                      {"fsettle_encoded", l_fsettle_encoded},
+                                      {"fset_error", l_fset_error},
+                                      {"drain", l_drain},
+                                      {"poll", l_poll},
+                                      {"now", l_now},
+                                      {"catch_sigint", l_catch_sigint},
+                                      {"isatty", l_isatty},
+                                      {"exit", l_exit},
+                                      {"versions", l_versions},
+                                      {"reporter", l_reporter},
+                                      {"disarm", l_disarm},
+                                      {"encode", l_encode},
+                                      {"decode", l_decode},
+                                      {NULL, NULL}};
 
 static int runtime_gc(lua_State *L) {
   corral_runtime **p = lua_touserdata(L, 1);
@@ -308,7 +321,7 @@ int luaopen_corral(lua_State *L) {
   corral_runtime *rt = rt_of(L);
   if (rt == NULL) {
     /* A sentinel userdata owns the runtime and closes it with the state. */
-    corral_runtime **p = lua_newuserdata(L, sizeof *p);
+    corral_runtime **p = lua_newuserdata(L, sizeof(corral_runtime *));
     *p = NULL;
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, runtime_gc);

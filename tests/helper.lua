@@ -60,4 +60,20 @@ function M.corral(code, args, prefix)
   return o, e, c, path
 end
 
+--- Run fn with io.stderr captured; returns what was written to it.
+function M.capture_stderr(fn, ...)
+  local real, got = io.stderr, {}
+  rawset(io, "stderr", {
+    write = function(self, ...)
+      for _, x in ipairs({ ... }) do got[#got + 1] = tostring(x) end
+      return self
+    end,
+    flush = function() end,
+  })
+  local ok, e = pcall(fn, ...)
+  rawset(io, "stderr", real)
+  if not ok then error(e, 0) end
+  return table.concat(got)
+end
+
 return M

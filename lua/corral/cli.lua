@@ -49,7 +49,8 @@ function M.run_main(main)
   end
   while sched.turn(true) do end
   if task.live() > 0 then
-    errf(("corral: %d task(s) never finished: blocked on futures that nothing can settle\n"):format(task.live()))
+    errf(("corral: %d task(s) never finished: blocked on futures that nothing can settle\n")
+      :format(task.live()))
   end
   return 0
 end

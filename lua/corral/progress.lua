@@ -73,10 +73,15 @@ function Progress:draw(final)
   self.out:flush()
 end
 
---- Count one finished item (failed or not) and redraw when it is time.
-function Progress:tick(failed)
+--- Count one finished item (failed or not) without drawing.
+function Progress:count(failed)
   self.done = self.done + 1
   if failed then self.failed = self.failed + 1 end
+end
+
+--- Count one finished item and redraw when it is time.
+function Progress:tick(failed)
+  self:count(failed)
   self:draw(false)
 end
 

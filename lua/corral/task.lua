@@ -105,11 +105,11 @@ function Task:cancel()
   return true
 end
 
-function Task:set_result()
+function Task.set_result()
   errors.usage("task:set_result", "a task's result is set by its function")
 end
 
-function Task:set_exception()
+function Task.set_exception()
   errors.usage("task:set_exception", "a task's error is set by its function")
 end
 

@@ -70,7 +70,8 @@ local function deadline_of(fname, opts)
   return opts.timeout and now() + opts.timeout
 end
 
-local function pending_names(fs, keys)
+-- The TimeoutError of gather: it names (the first ten of) the keys pending.
+local function timeout_error(fname, fs, keys)
   local names = {}
   for i = 1, #keys do
     local f = fs[keys[i]]
@@ -82,7 +83,8 @@ local function pending_names(fs, keys)
       end
     end
   end
-  return table.concat(names, ", ")
+  local msg = fname .. " timed out; still pending: " .. table.concat(names, ", ")
+  return errors.new("TimeoutError", msg, nil, 3)
 end
 
 -- Register `cb` on every pending future of fs. Returns a registration for
@@ -216,10 +218,10 @@ local function gather_iter(fname, fs, keys, opts)
       local tok = block(st.w, deadline)
       st.w = false
       if tok == sched.TIMEOUT then
-        local names = pending_names(st.fs, st.keys)
+        local e = timeout_error(fname, st.fs, st.keys)
         close()
         st.left = 0
-        error(errors.new("TimeoutError", fname .. " timed out; still pending: " .. names, nil, 2), 2)
+        error(e, 2)
       elseif tok ~= WOKE then
         close()
         st.left = 0
@@ -270,9 +272,9 @@ function M.gather(...)
       elseif s ~= DONE and not first_failed then
         first_failed = f
       end
-      if prog and s >= DONE then prog.done = prog.done + 1; if s ~= DONE then prog.failed = prog.failed + 1 end end
+      if prog and s >= DONE then prog:count(s ~= DONE) end
     elseif prog then
-      prog.done = prog.done + 1
+      prog:count(false)
     end
   end
   if prog then prog:draw(false) end
@@ -292,7 +294,7 @@ function M.gather(...)
     local tok = block(w, deadline)
     unregister(reg)
     if tok == sched.TIMEOUT then
-      error(errors.new("TimeoutError", fname .. " timed out; still pending: " .. pending_names(fs, keys), nil, 2), 2)
+      error(timeout_error(fname, fs, keys), 2)
     elseif tok ~= WOKE then
       raise_token(tok, fname)
     end

@@ -20,7 +20,7 @@ static int failures, count;
     if (cond) {                                                                                    \
       printf("ok %d - %s\n", count, what);                                                         \
     } else {                                                                                       \
-      printf("not ok %d - %s (%s:%d)\n", count, what, __FILE__, __LINE__);                        \
+      printf("not ok %d - %s (%s:%d)\n", count, what, __FILE__, __LINE__);                         \
       failures++;                                                                                  \
     }                                                                                              \
   } while (0)
@@ -39,7 +39,7 @@ static int run_lua(lua_State *L, const char *code) {
 
 /* ---- many threads settle futures while the loop gathers them ------------ */
 
-#define NFUT 4000
+#define NFUT     4000
 #define NTHREADS 4
 
 typedef struct {
@@ -88,7 +88,8 @@ static void test_threads_settle(void) {
                       "for i = 1, #fs do assert(r[i] ~= nil) end\n"
                       "local a, b = fs[7]:result(); assert(b == 'x')\n"
                       "ok_count = #r");
-  for (int t = 0; t < NTHREADS; t++) pthread_join(th[t], NULL);
+  for (int t = 0; t < NTHREADS; t++)
+    pthread_join(th[t], NULL);
   CHECK(rc == 0, "gather over futures settled by 4 threads");
   lua_getglobal(L, "ok_count");
   CHECK(lua_tointeger(L, -1) == NFUT, "every result arrived");
@@ -168,7 +169,8 @@ static void test_step(void) {
   CHECK(corral_dostring(rt, "local c = require 'corral'; c.sleep(0.02); stepped = c.now()") == 0,
         "corral_dostring starts a task");
   int steps = 0;
-  while (corral_step(rt) == 1) steps++;
+  while (corral_step(rt) == 1)
+    steps++;
   lua_getglobal(L, "stepped");
   CHECK(lua_isnumber(L, -1), "corral_step drove the task to its end");
   CHECK(steps >= 1, "the task took more than one step");

@@ -155,7 +155,7 @@ end)
 
 describe("the C API", function()
   it("passes its C tests (futures settled from threads, foreign waits, stepping)", function()
-    local out, err, code = h.sh(h.quote(h.build .. "/tests/test_future"))
+    local out, err, code = h.sh(h.quote(h.build .. "/obj/tests/test_future"))
     assert.are.equal(0, code, out .. err)
     assert.matches("1%.%.%d+", out)
     assert.not_matches("not ok", out)

@@ -1,4 +1,5 @@
 local corral = require "corral"
+local h = require "helper"
 
 describe("a future", function()
   it("settles once with all its values", function()
@@ -46,6 +47,7 @@ describe("a future", function()
     assert.is_true(corral.now() - t0 >= 0.04)
     assert.is_false(f:done())
     ok, e = pcall(f.result, f, 0)
+    assert.is_false(ok)
     assert.is_true(corral.is_error(e, "TimeoutError"))
     f:set_result("late")
     assert.are.equal("late", f:result(0))
@@ -58,6 +60,7 @@ describe("a future", function()
     assert.is_true(corral.is_error(e, "UsageError"))
     assert.matches("timeout", e.message)
     ok, e = pcall(f.result, f, "soon")
+    assert.is_false(ok)
     assert.is_true(corral.is_error(e, "UsageError"))
   end)
 
@@ -125,15 +128,12 @@ describe("a future", function()
       local f, second = corral.future(), false
       f:add_done_callback(function() error("callback broke") end)
       f:add_done_callback(function() second = true end)
-      local real = io.stderr
-      local got = {}
-      io.stderr = { write = function(_, ...) for _, s in ipairs({ ... }) do got[#got + 1] = s end end,
-        flush = function() end }
-      f:set_result(1)
-      corral.run()
-      io.stderr = real
+      local err = h.capture_stderr(function()
+        f:set_result(1)
+        corral.run()
+      end)
       assert.is_true(second)
-      assert.matches("callback broke", table.concat(got))
+      assert.matches("callback broke", err)
     end)
 
     it("refuse what is not callable", function()

@@ -1,4 +1,5 @@
 local corral = require "corral"
+local h = require "helper"
 
 local function after(d, v, fail)
   return corral.spawn(function()
@@ -41,6 +42,7 @@ describe("wait", function()
     assert.are.same({}, done)
     assert.are.same({ slow }, not_done)
     done, not_done = corral.wait({ slow }, { timeout = 0 })
+    assert.are.same({}, done)
     assert.are.same({ slow }, not_done)
     slow:cancel()
   end)
@@ -143,6 +145,7 @@ describe("gather", function()
     fs.slow:cancel()
     fs.slower:cancel()
     ok, e = pcall(corral.gather, { corral.future() }, { timeout = 0 })
+    assert.is_false(ok)
     assert.is_true(corral.is_error(e, "TimeoutError"))
   end)
 
@@ -199,14 +202,8 @@ describe("gather", function()
   end)
 
   it("prints plain progress lines when stderr is not a terminal", function()
-    local real, got = io.stderr, {}
-    io.stderr = { write = function(_, ...) for _, s in ipairs({ ... }) do got[#got + 1] = s end end,
-      flush = function() end }
-    local ok = pcall(corral.gather, { after(0, 1), after(0, nil, "x") },
+    local text = h.capture_stderr(corral.gather, { after(0, 1), after(0, nil, "x") },
       { progress = { desc = "fetching" }, return_exceptions = true })
-    io.stderr = real
-    assert.is_true(ok)
-    local text = table.concat(got)
     assert.matches("fetching", text)
     assert.matches("2/2", text)
     assert.matches("1 failed", text)
