@@ -7,6 +7,8 @@
 #   make bench      benchmarks beside their Python peers
 #   make demo       run examples/fanout.lua
 #   make lint       luacheck, clang-tidy, clang-format check
+#   make docs       the API reference (LDoc) in build/docs
+#   make install    PREFIX=/usr/local DESTDIR= : binary, library, header, module, corral.pc
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -38,7 +40,7 @@ BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
 LIBSO := $(BUILD)/lib/corral.so
 
-.PHONY: all test test-asan test-tsan bench demo lint format install clean stress
+.PHONY: all test test-asan test-tsan bench demo lint format install clean docs
 
 all: $(BIN) $(LIBA) $(LIBSO)
 
@@ -99,6 +101,9 @@ lint:
 	luacheck lua tests bench examples
 	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c
 	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
+
+docs:
+	ldoc -q .
 
 format:
 	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c

@@ -10,6 +10,7 @@ Progress.__index = Progress
 
 local function fmt_time(s)
   if s ~= s or s == math.huge then return "?" end
+  if s < 10 then return ("%.1fs"):format(s) end
   s = math.floor(s + 0.5)
   if s < 60 then return s .. "s" end
   if s < 3600 then return ("%dm%02ds"):format(s / 60, s % 60) end

@@ -230,3 +230,38 @@ describe("gather", function()
     assert.is_true(cpu < 5, "gather took " .. cpu .. " s of CPU")
   end)
 end)
+
+describe("waiting", function()
+  it("uses no CPU: a 0.3 s wait on 10,000 pending futures", function()
+    local fs = {}
+    for i = 1, 10000 do fs[i] = corral.future() end
+    local t0, w0 = os.clock(), corral.now()
+    local _, not_done = corral.wait(fs, { timeout = 0.3 })
+    local cpu, wall = os.clock() - t0, corral.now() - w0
+    assert.are.equal(10000, #not_done)
+    assert.is_true(wall >= 0.25)
+    assert.is_true(cpu < 0.1, ("%.3f s of CPU in a %.3f s wait"):format(cpu, wall))
+  end)
+
+  it("draws a bar with rate and time left on a terminal", function()
+    local progress = require "corral.progress"
+    local out = {}
+    local sink = { flush = function() end }
+    function sink:write(...)
+      for _, s in ipairs({ ... }) do out[#out + 1] = s end
+      return self
+    end
+    local p = progress.new({ desc = "work" }, 4, sink)
+    p.tty, p.every = true, 0
+    p:tick(false)
+    p:tick(true)
+    local text = table.concat(out)
+    assert.matches("\r", text, 1, true)
+    assert.matches("work  %[############%.+%]  2/4  %(1 failed%)", text)
+    assert.matches("left", text)
+    p:tick(false)
+    p:tick(false)
+    p:finish()
+    assert.matches("4/4.*in ", table.concat(out))
+  end)
+end)
