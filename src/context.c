@@ -12,7 +12,10 @@
 #include "internal.h"
 
 static void on_async(uv_async_t *h) { (void)h; /* the drain runs after uv_run */ }
-static void on_timer(uv_timer_t *h) { (void)h; }
+/* The poll timeout. uv_run(UV_RUN_ONCE) runs due timers before it polls;
+ * when this one fires there, uv_stop keeps the poll from blocking with no
+ * timer left to end it. */
+static void on_timer(uv_timer_t *h) { uv_stop(h->loop); }
 
 int ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   memset(c, 0, sizeof *c);
@@ -74,7 +77,10 @@ void ctx_poll(corral_context *c, int timeout_ms) {
     uv_run(&c->loop, UV_RUN_NOWAIT);
     return;
   }
-  if (timeout_ms > 0) uv_timer_start(&c->timer, on_timer, (uint64_t)timeout_ms, 0);
+  if (timeout_ms > 0) {
+    uv_update_time(&c->loop); /* the cached time may be long stale */
+    uv_timer_start(&c->timer, on_timer, (uint64_t)timeout_ms, 0);
+  }
   uv_run(&c->loop, UV_RUN_ONCE);
   if (timeout_ms > 0) uv_timer_stop(&c->timer);
 }

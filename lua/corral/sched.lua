@@ -13,7 +13,7 @@ local M = {}
 
 local now, poll, drain = core.now, core.poll, core.drain
 local co_running, co_yield, co_resume = coroutine.running, coroutine.yield, coroutine.resume
-local ceil, max = math.ceil, math.max
+local ceil, max, min = math.ceil, math.max, math.min
 local type, xpcall, tostring = type, xpcall, tostring
 local traceback = debug.traceback
 local S, CO = F.S, F.CO
@@ -314,7 +314,8 @@ function turn(block, until_deadline)
       local d = next_deadline()
       if until_deadline and (d == nil or until_deadline < d) then d = until_deadline end
       if d then
-        timeout = max(0, ceil((d - now()) * 1000))
+        -- whole ms, at most ~12 days a poll (a sleep(math.huge) polls again)
+        timeout = min(max(0, ceil((d - now()) * 1000)), 1e9)
       elseif ext_pending > 0 then
         timeout = -1
       end
