@@ -99,6 +99,9 @@ function M.main(argv)
   elseif script and script ~= "-" then
     chunk, err = loadfile(script)
   else
+    if core.isatty(0) then
+      errf("corral: no script given; reading one from standard input (end it with Ctrl-D)\n")
+    end
     chunk, err = loadstring(io.read("*a"), "=stdin")
   end
   if not chunk then
