@@ -1,8 +1,21 @@
-/* codec.c: Lua values to and from MessagePack (msgpack-c), the wire format
- * of values that cross contexts and of results settled from C. */
+/* codec.c: Lua values to and from MessagePack (msgpack-c): the wire format of
+ * every value that crosses contexts, and of results settled from C.
+ *
+ * Plain values map to MessagePack types. What needs more is marked with an
+ * extension type:
+ *   REF n         a table seen before in this value (shared sub-tables, cycles)
+ *   DEP i         a future to unwrap: the first result of the call's i-th input
+ *   FUTURE p      a future by reference (a retained corral_future pointer)
+ *   MODULE name   a loaded module, `require`d on the other side
+ *   CFUNC path    a C function of a module ("string.format", "_G.print")
+ *   [FUNC, bytecode, upvalues...]   a Lua function (an array led by the mark)
+ *   [WORKER, opts, INST p...]       a worker handle (retained instance pointers)
+ * Metatables do not travel. Tables nest at most CODEC_MAX_DEPTH deep.
+ */
 #include <math.h>
 #include <msgpack.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <lauxlib.h>
@@ -10,55 +23,162 @@
 
 #include "internal.h"
 
+enum { EXT_REF = 1, EXT_DEP, EXT_FUTURE, EXT_MODULE, EXT_CFUNC, EXT_FUNC, EXT_WORKER, EXT_INST };
+
 #define CODEC_MAX_DEPTH 100
+#define SEEN_KEY "corral.codec.seen"
+#define CFUNCS_KEY "corral.codec.cfuncs"
+#define FCACHE_KEY "corral.codec.fcache"
 
 typedef struct {
   lua_State *L;
+  msgpack_sbuffer sb;
   msgpack_packer pk;
-  char *err;
-  size_t errlen;
+  codec_opts *o;
+  int seen;   /* stack index of the table -> id map */
+  int nseen;
+  int cfuncs; /* stack index of the C function -> path map (nil: not built) */
+  char path[256];
 } encoder;
 
 /* ======================================================================== */
 /* Encode                                                                    */
 /* ======================================================================== */
 
-static int enc_value(encoder *e, int idx, int depth, const char *path);
+static int enc_value(encoder *e, int idx, int depth);
 
-static int enc_fail(encoder *e, const char *path, const char *why) {
-  size_t n = strlen(path);
+static int enc_fail(encoder *e, const char *why) {
+  size_t n = strlen(e->path);
   if (n > 120) /* keep the innermost part of a long path */
-    snprintf(e->err, e->errlen, "...%s: %s", path + n - 100, why);
+    snprintf(e->o->err, sizeof e->o->err, "...%s: %s", e->path + n - 100, why);
   else
-    snprintf(e->err, e->errlen, "%s: %s", path, why);
+    snprintf(e->o->err, sizeof e->o->err, "%s: %s", e->path, why);
   return -1;
 }
 
+/* Extend the path for a child; returns the old length to restore. */
+static size_t path_push(encoder *e, lua_State *L, int key) {
+  size_t n = strlen(e->path);
+  size_t room = sizeof e->path - n;
+  if (lua_type(L, key) == LUA_TSTRING)
+    snprintf(e->path + n, room, ".%s", lua_tostring(L, key));
+  else if (lua_type(L, key) == LUA_TNUMBER)
+    snprintf(e->path + n, room, "[%.14g]", lua_tonumber(L, key));
+  else
+    snprintf(e->path + n, room, "[%s]", luaL_typename(L, key));
+  return n;
+}
+
+static void pack_ext(encoder *e, int type, const void *data, size_t len) {
+  msgpack_pack_ext(&e->pk, len, (int8_t)type);
+  msgpack_pack_ext_body(&e->pk, data, len);
+}
+
 static int enc_number(encoder *e, lua_Number x) {
-  if (x == floor(x) && fabs(x) < 9007199254740992.0 && !(x == 0 && signbit(x)))
+  if (x == floor(x) && fabs(x) <= 9007199254740992.0 && !(x == 0 && signbit(x)))
     return msgpack_pack_int64(&e->pk, (int64_t)x);
   return msgpack_pack_double(&e->pk, x);
 }
 
-static int enc_table(encoder *e, int idx, int depth, const char *path) {
+/* The table at idx was seen before: emit a REF. Otherwise give it an id. */
+static int enc_seen(encoder *e, int idx) {
   lua_State *L = e->L;
-  if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, path, "table nested too deeply (or a cycle)");
-  if (!lua_checkstack(L, 4)) return enc_fail(e, path, "Lua stack exhausted");
+  lua_pushvalue(L, idx);
+  lua_rawget(L, e->seen);
+  if (!lua_isnil(L, -1)) {
+    uint32_t id = (uint32_t)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    pack_ext(e, EXT_REF, &id, sizeof id);
+    return 1;
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, e->nseen++);
+  lua_rawset(L, e->seen);
+  return 0;
+}
+
+static int enc_future(encoder *e, int idx) {
+  corral_future *f = corral_to_future(e->L, idx);
+  if (f == NULL) return enc_fail(e, "future without a C half");
+  codec_opts *o = e->o;
+  if (o->unwrap) {
+    /* an input of a call: its failure is reported through that call */
+    lua_pushboolean(e->L, 1);
+    lua_setfield(e->L, idx, "_dep");
+    if (o->ndeps == o->capdeps) {
+      int cap = o->capdeps ? o->capdeps * 2 : 4;
+      corral_future **d = realloc(o->deps, sizeof *d * (size_t)cap);
+      if (d == NULL) return enc_fail(e, "out of memory");
+      o->deps = d;
+      o->capdeps = cap;
+    }
+    corral_future_retain(f);
+    uint32_t i = (uint32_t)o->ndeps;
+    o->deps[o->ndeps++] = f;
+    pack_ext(e, EXT_DEP, &i, sizeof i);
+  } else {
+    corral_future_retain(f); /* owned by the payload: see codec_discard */
+    o->has_refs = 1;
+    pack_ext(e, EXT_FUTURE, &f, sizeof f);
+  }
+  return 0;
+}
+
+/* A worker handle's `_export` gives its options and an array of its
+ * instances (lightuserdata); they travel by reference. */
+static int enc_worker(encoder *e, int idx, int depth) {
+  lua_State *L = e->L;
+  int top = lua_gettop(L);
+  lua_getfield(L, idx, "_export");
+  lua_pushvalue(L, idx);
+  lua_call(L, 1, 2);
+  int n = (int)lua_objlen(L, top + 2);
+  msgpack_pack_array(&e->pk, (size_t)(2 + n));
+  pack_ext(e, EXT_WORKER, NULL, 0);
+  if (enc_value(e, top + 1, depth + 1) != 0) return -1;
+  for (int i = 1; i <= n; i++) {
+    lua_rawgeti(L, top + 2, i);
+    void *p = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    worker_retain(p);
+    e->o->has_refs = 1;
+    pack_ext(e, EXT_INST, &p, sizeof p);
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
+static int enc_table(encoder *e, int idx, int depth) {
+  lua_State *L = e->L;
+  if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, "table nested too deeply (limit 100)");
+  if (!lua_checkstack(L, 8)) return enc_fail(e, "Lua stack exhausted");
+  if (lua_getmetatable(L, idx)) {
+    lua_getfield(L, -1, "__future");
+    int is_future = lua_toboolean(L, -1);
+    lua_getfield(L, -2, "__worker");
+    int is_worker = lua_toboolean(L, -1);
+    lua_pop(L, 3);
+    if (is_future) return enc_future(e, idx);
+    if (is_worker) return enc_worker(e, idx, depth);
+  }
+  if (enc_seen(e, idx)) return 0;
   size_t n = lua_objlen(L, idx), count = 0;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     count++;
     lua_pop(L, 1);
   }
-  char sub[256];
   if (count == n) {
     msgpack_pack_array(&e->pk, n);
     for (size_t i = 1; i <= n; i++) {
       lua_rawgeti(L, idx, (int)i);
-      snprintf(sub, sizeof sub, "%s[%zu]", path, i);
-      int rc = enc_value(e, lua_gettop(L), depth + 1, sub);
+      size_t old = strlen(e->path);
+      snprintf(e->path + old, sizeof e->path - old, "[%zu]", i);
+      int rc = enc_value(e, lua_gettop(L), depth + 1);
       lua_pop(L, 1);
       if (rc != 0) return rc;
+      e->path[old] = '\0';
     }
     return 0;
   }
@@ -66,20 +186,132 @@ static int enc_table(encoder *e, int idx, int depth, const char *path) {
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     int top = lua_gettop(L);
-    if (lua_type(L, top - 1) == LUA_TSTRING)
-      snprintf(sub, sizeof sub, "%s.%s", path, lua_tostring(L, top - 1));
-    else
-      snprintf(sub, sizeof sub, "%s[?]", path);
-    if (enc_value(e, top - 1, depth + 1, sub) != 0 || enc_value(e, top, depth + 1, sub) != 0) {
+    size_t old = path_push(e, L, top - 1);
+    if (enc_value(e, top - 1, depth + 1) != 0 || enc_value(e, top, depth + 1) != 0) {
       lua_pop(L, 2);
       return -1;
     }
+    e->path[old] = '\0';
     lua_pop(L, 1);
   }
   return 0;
 }
 
-static int enc_value(encoder *e, int idx, int depth, const char *path) {
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+  (void)L;
+  return msgpack_sbuffer_write(ud, p, sz);
+}
+
+/* The path of a C function that some loaded module holds ("string.format"),
+ * found through a map built from package.loaded (rebuilt once on a miss). */
+static int cfunc_path(encoder *e, int idx) {
+  lua_State *L = e->L;
+  for (int pass = 0; pass < 2; pass++) {
+    if (lua_isnil(L, e->cfuncs) || pass == 1) {
+      {
+        lua_newtable(L);
+        lua_getglobal(L, "package");
+        lua_getfield(L, -1, "loaded");
+        lua_remove(L, -2);
+        int loaded = lua_gettop(L);
+        lua_pushnil(L);
+        while (lua_next(L, loaded)) {
+          if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
+            int mod = lua_gettop(L);
+            lua_pushnil(L);
+            while (lua_next(L, mod)) {
+              if (lua_iscfunction(L, -1) && lua_type(L, -2) == LUA_TSTRING) {
+                lua_pushvalue(L, -1);
+                lua_rawget(L, loaded - 1);
+                int known = !lua_isnil(L, -1);
+                lua_pop(L, 1);
+                if (!known) {
+                  lua_pushvalue(L, -1);
+                  lua_pushfstring(L, "%s.%s", lua_tostring(L, mod - 1), lua_tostring(L, -3));
+                  lua_rawset(L, loaded - 1);
+                }
+              }
+              lua_pop(L, 1);
+            }
+          }
+          lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+      }
+      lua_replace(L, e->cfuncs);
+    }
+    lua_pushvalue(L, idx);
+    lua_rawget(L, e->cfuncs);
+    if (lua_isstring(L, -1)) {
+      size_t len;
+      const char *s = lua_tolstring(L, -1, &len);
+      pack_ext(e, EXT_CFUNC, s, len);
+      lua_pop(L, 1);
+      return 0;
+    }
+    lua_pop(L, 1);
+  }
+  return enc_fail(e, "a C function that no loaded module holds cannot travel");
+}
+
+/* A loaded module travels as its name: package.loaded[name] == value. */
+static int module_name(encoder *e, int idx) {
+  lua_State *L = e->L;
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaded");
+  lua_remove(L, -2);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    if (lua_rawequal(L, -1, idx) && lua_type(L, -2) == LUA_TSTRING) {
+      size_t len;
+      const char *s = lua_tolstring(L, -2, &len);
+      pack_ext(e, EXT_MODULE, s, len);
+      lua_pop(L, 3);
+      return 1;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return 0;
+}
+
+static int enc_function(encoder *e, int idx, int depth) {
+  lua_State *L = e->L;
+  if (lua_iscfunction(L, idx)) return cfunc_path(e, idx);
+  if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, "functions nested too deeply");
+  int nup = 0;
+  while (lua_getupvalue(L, idx, nup + 1) != NULL) {
+    lua_pop(L, 1);
+    nup++;
+  }
+  msgpack_pack_array(&e->pk, (size_t)(2 + nup));
+  pack_ext(e, EXT_FUNC, NULL, 0);
+  msgpack_sbuffer code;
+  msgpack_sbuffer_init(&code);
+  lua_pushvalue(L, idx);
+  lua_dump(L, dump_writer, &code);
+  lua_pop(L, 1);
+  msgpack_pack_bin(&e->pk, code.size);
+  msgpack_pack_bin_body(&e->pk, code.data, code.size);
+  msgpack_sbuffer_destroy(&code);
+  for (int i = 1; i <= nup; i++) {
+    const char *name = lua_getupvalue(L, idx, i);
+    int top = lua_gettop(L);
+    size_t old = strlen(e->path);
+    snprintf(e->path + old, sizeof e->path - old, "<upvalue %s>", name && *name ? name : "?");
+    int rc = 0;
+    if (lua_type(L, top) == LUA_TTABLE && module_name(e, top)) rc = 0;
+    else rc = enc_value(e, top, depth + 1);
+    lua_pop(L, 1);
+    if (rc != 0) return rc;
+    e->path[old] = '\0';
+  }
+  return 0;
+}
+
+static int enc_value(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   switch (lua_type(L, idx)) {
   case LUA_TNIL: return msgpack_pack_nil(&e->pk);
@@ -92,39 +324,220 @@ static int enc_value(encoder *e, int idx, int depth, const char *path) {
     msgpack_pack_str(&e->pk, len);
     return msgpack_pack_str_body(&e->pk, s, len);
   }
-  case LUA_TTABLE: return enc_table(e, idx, depth, path);
+  case LUA_TTABLE: return enc_table(e, idx, depth);
+  case LUA_TFUNCTION: return enc_function(e, idx, depth);
+  case LUA_TTHREAD: return enc_fail(e, "thread (a coroutine) cannot travel");
+  case LUA_TLIGHTUSERDATA: return enc_fail(e, "lightuserdata cannot travel");
+  case LUA_TUSERDATA: return enc_fail(e, "userdata that is not corral's cannot travel");
   default: {
     char why[64];
     snprintf(why, sizeof why, "%s cannot travel", luaL_typename(L, idx));
-    return enc_fail(e, path, why);
+    return enc_fail(e, why);
   }
   }
 }
 
-char *codec_encode(lua_State *L, int from, int n, size_t *len, char *err, size_t errlen) {
-  msgpack_sbuffer sb;
-  msgpack_sbuffer_init(&sb);
-  encoder e = {L, {0}, err, errlen};
-  msgpack_packer_init(&e.pk, &sb, msgpack_sbuffer_write);
+char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
+  encoder e;
+  memset(&e, 0, sizeof e);
+  e.L = L;
+  e.o = o;
+  int top = lua_gettop(L);
+  /* two slots below everything the encoder pushes: the map of tables seen
+   * (for shared sub-tables and cycles) and the map of C functions */
+  luaL_checkstack(L, 16, "corral codec");
+  lua_getfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+  }
+  e.seen = top + 1;
+  lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+  e.cfuncs = top + 2;
+  msgpack_sbuffer_init(&e.sb);
+  if (o->size_hint > 0) { /* one allocation for a large string */
+    e.sb.data = malloc(o->size_hint);
+    if (e.sb.data != NULL) e.sb.alloc = o->size_hint;
+  }
+  msgpack_packer_init(&e.pk, &e.sb, msgpack_sbuffer_write);
   msgpack_pack_array(&e.pk, (size_t)n);
-  char path[32];
-  for (int i = 0; i < n; i++) {
-    snprintf(path, sizeof path, "args[%d]", i + 1);
-    if (enc_value(&e, from + i, 0, path) != 0) {
-      msgpack_sbuffer_destroy(&sb);
-      return NULL;
+  int rc = 0;
+  for (int i = 0; i < n && rc == 0; i++) {
+    snprintf(e.path, sizeof e.path, "%s[%d]", o->what ? o->what : "args", i + 1);
+    rc = enc_value(&e, from + i, 0);
+  }
+  if (e.nseen > 0) { /* empty the map of seen tables for next time */
+    lua_pushnil(L);
+    while (lua_next(L, e.seen)) {
+      lua_pop(L, 1);
+      lua_pushvalue(L, -1);
+      lua_pushnil(L);
+      lua_rawset(L, e.seen);
     }
   }
-  *len = sb.size;
-  return msgpack_sbuffer_release(&sb);
+  lua_settop(L, top);
+  if (rc != 0) {
+    msgpack_sbuffer_destroy(&e.sb);
+    return NULL;
+  }
+  *len = e.sb.size;
+  return msgpack_sbuffer_release(&e.sb);
 }
 
 /* ======================================================================== */
 /* Decode                                                                    */
 /* ======================================================================== */
 
-static void dec_object(lua_State *L, const msgpack_object *o) {
-  luaL_checkstack(L, 4, "corral codec");
+typedef struct {
+  lua_State *L;
+  int refs; /* stack index: id -> table */
+  int nrefs;
+  codec_deps *deps;
+} decoder;
+
+static void dec_object(decoder *d, const msgpack_object *o);
+
+static void dec_first_of(decoder *d, const char *data, size_t len) {
+  /* the first value of an encoded result array (nil when it has none) */
+  msgpack_unpacked u;
+  msgpack_unpacked_init(&u);
+  size_t off = 0;
+  if (data != NULL && msgpack_unpack_next(&u, data, len, &off) == MSGPACK_UNPACK_SUCCESS &&
+      u.data.type == MSGPACK_OBJECT_ARRAY && u.data.via.array.size > 0) {
+    decoder sub = {d->L, 0, 0, NULL};
+    lua_newtable(d->L);
+    sub.refs = lua_gettop(d->L);
+    dec_object(&sub, &u.data.via.array.ptr[0]);
+    lua_remove(d->L, sub.refs);
+  } else {
+    lua_pushnil(d->L);
+  }
+  msgpack_unpacked_destroy(&u);
+}
+
+static void dec_ext(decoder *d, const msgpack_object *o) {
+  lua_State *L = d->L;
+  const char *p = o->via.ext.ptr;
+  uint32_t n = o->via.ext.size;
+  switch (o->via.ext.type) {
+  case EXT_REF: {
+    uint32_t id;
+    memcpy(&id, p, sizeof id);
+    lua_rawgeti(L, d->refs, (int)id + 1);
+    break;
+  }
+  case EXT_DEP: {
+    uint32_t i;
+    memcpy(&i, p, sizeof i);
+    if (d->deps != NULL && (int)i < d->deps->n) {
+      const void *mp;
+      size_t len;
+      corral_future_payload(d->deps->f[i], &mp, &len);
+      dec_first_of(d, mp, len);
+    } else {
+      lua_pushnil(L);
+    }
+    break;
+  }
+  case EXT_FUTURE: {
+    corral_future *f;
+    memcpy(&f, p, sizeof f);
+    corral_push_future(L, f); /* takes a reference of its own */
+    break;
+  }
+  case EXT_MODULE:
+    lua_getglobal(L, "require");
+    lua_pushlstring(L, p, n);
+    lua_call(L, 1, 1);
+    break;
+  case EXT_CFUNC: {
+    const char *dot = memchr(p, '.', n);
+    if (dot == NULL) {
+      lua_pushnil(L);
+      break;
+    }
+    lua_getglobal(L, "require");
+    lua_pushlstring(L, p, (size_t)(dot - p));
+    lua_call(L, 1, 1);
+    lua_pushlstring(L, dot + 1, n - (size_t)(dot - p) - 1);
+    lua_gettable(L, -2);
+    lua_remove(L, -2);
+    break;
+  }
+  default: lua_pushnil(L); break;
+  }
+}
+
+/* [FUNC, bytecode, upvalues...]: load it (once per context for the same
+ * bytecode and scalar upvalues) and set its upvalues. */
+static void dec_function(decoder *d, const msgpack_object *o) {
+  lua_State *L = d->L;
+  const msgpack_object *a = o->via.array.ptr;
+  uint32_t n = o->via.array.size;
+  const char *code = a[1].via.bin.ptr;
+  size_t clen = a[1].via.bin.size;
+  int cacheable = 1;
+  for (uint32_t i = 2; i < n; i++)
+    if (a[i].type == MSGPACK_OBJECT_ARRAY || a[i].type == MSGPACK_OBJECT_MAP) cacheable = 0;
+  msgpack_sbuffer key;
+  msgpack_sbuffer_init(&key);
+  if (cacheable) {
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &key, msgpack_sbuffer_write);
+    msgpack_sbuffer_write(&key, code, clen);
+    for (uint32_t i = 2; i < n; i++) msgpack_pack_object(&pk, a[i]);
+    lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    lua_pushlstring(L, key.data, key.size);
+    lua_rawget(L, -2);
+    if (!lua_isnil(L, -1)) {
+      lua_remove(L, -2);
+      msgpack_sbuffer_destroy(&key);
+      return;
+    }
+    lua_pop(L, 2);
+  }
+  if (luaL_loadbuffer(L, code, clen, "=(function from another context)") != 0) {
+    msgpack_sbuffer_destroy(&key);
+    lua_error(L);
+  }
+  int fn = lua_gettop(L);
+  for (uint32_t i = 2; i < n; i++) {
+    dec_object(d, &a[i]);
+    if (lua_setupvalue(L, fn, (int)i - 1) == NULL) lua_pop(L, 1);
+  }
+  if (cacheable) {
+    lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    lua_pushlstring(L, key.data, key.size);
+    lua_pushvalue(L, fn);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
+  msgpack_sbuffer_destroy(&key);
+}
+
+static void dec_worker(decoder *d, const msgpack_object *o) {
+  lua_State *L = d->L;
+  lua_getfield(L, LUA_REGISTRYINDEX, "corral.import_worker");
+  dec_object(d, &o->via.array.ptr[1]);
+  for (uint32_t i = 2; i < o->via.array.size; i++) {
+    void *p;
+    memcpy(&p, o->via.array.ptr[i].via.ext.ptr, sizeof p);
+    lua_pushlightuserdata(L, p);
+  }
+  /* the importer takes references of its own */
+  lua_call(L, (int)o->via.array.size - 1, 1);
+}
+
+static int is_mark(const msgpack_object *o, int type) {
+  return o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size >= 2 &&
+         o->via.array.ptr[0].type == MSGPACK_OBJECT_EXT && o->via.array.ptr[0].via.ext.type == type;
+}
+
+static void dec_object(decoder *d, const msgpack_object *o) {
+  lua_State *L = d->L;
+  luaL_checkstack(L, 8, "corral codec");
   switch (o->type) {
   case MSGPACK_OBJECT_NIL: lua_pushnil(L); break;
   case MSGPACK_OBJECT_BOOLEAN: lua_pushboolean(L, o->via.boolean); break;
@@ -134,29 +547,40 @@ static void dec_object(lua_State *L, const msgpack_object *o) {
   case MSGPACK_OBJECT_FLOAT64: lua_pushnumber(L, o->via.f64); break;
   case MSGPACK_OBJECT_STR: lua_pushlstring(L, o->via.str.ptr, o->via.str.size); break;
   case MSGPACK_OBJECT_BIN: lua_pushlstring(L, o->via.bin.ptr, o->via.bin.size); break;
+  case MSGPACK_OBJECT_EXT: dec_ext(d, o); break;
   case MSGPACK_OBJECT_ARRAY:
+    if (is_mark(o, EXT_FUNC)) {
+      dec_function(d, o);
+      break;
+    }
+    if (is_mark(o, EXT_WORKER)) {
+      dec_worker(d, o);
+      break;
+    }
     lua_createtable(L, (int)o->via.array.size, 0);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, d->refs, ++d->nrefs);
     for (uint32_t i = 0; i < o->via.array.size; i++) {
-      dec_object(L, &o->via.array.ptr[i]);
+      dec_object(d, &o->via.array.ptr[i]);
       lua_rawseti(L, -2, (int)i + 1);
     }
     break;
   case MSGPACK_OBJECT_MAP:
     lua_createtable(L, 0, (int)o->via.map.size);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, d->refs, ++d->nrefs);
     for (uint32_t i = 0; i < o->via.map.size; i++) {
-      dec_object(L, &o->via.map.ptr[i].key);
-      dec_object(L, &o->via.map.ptr[i].val);
-      if (lua_isnil(L, -2))
-        lua_pop(L, 2);
-      else
-        lua_rawset(L, -3);
+      dec_object(d, &o->via.map.ptr[i].key);
+      dec_object(d, &o->via.map.ptr[i].val);
+      if (lua_isnil(L, -2)) lua_pop(L, 2);
+      else lua_rawset(L, -3);
     }
     break;
   default: lua_pushnil(L); break;
   }
 }
 
-int codec_decode(lua_State *L, const char *data, size_t len) {
+int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps) {
   msgpack_unpacked u;
   msgpack_unpacked_init(&u);
   size_t off = 0;
@@ -165,16 +589,60 @@ int codec_decode(lua_State *L, const char *data, size_t len) {
     lua_pushliteral(L, "malformed MessagePack payload");
     return -1;
   }
-  int n;
-  if (u.data.type == MSGPACK_OBJECT_ARRAY) {
-    n = (int)u.data.via.array.size;
-    luaL_checkstack(L, n + 4, "corral codec: too many values");
-    for (int i = 0; i < n; i++)
-      dec_object(L, &u.data.via.array.ptr[i]);
-  } else {
-    n = 1;
-    dec_object(L, &u.data);
+  int n = u.data.type == MSGPACK_OBJECT_ARRAY ? (int)u.data.via.array.size : 1;
+  luaL_checkstack(L, n + 8, "corral codec: too many values");
+  lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+  if (lua_isnil(L, -1)) {
+    lua_newtable(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
   }
+  lua_pop(L, 1);
+  decoder d = {L, 0, 0, deps};
+  lua_newtable(L);
+  d.refs = lua_gettop(L);
+  if (u.data.type == MSGPACK_OBJECT_ARRAY) {
+    for (int i = 0; i < n; i++) dec_object(&d, &u.data.via.array.ptr[i]);
+  } else {
+    dec_object(&d, &u.data);
+  }
+  lua_remove(L, d.refs);
   msgpack_unpacked_destroy(&u);
   return n;
+}
+
+/* Release the references held by an encoded payload that will never be
+ * decoded (futures and worker instances passed by reference). */
+static void release_refs(const msgpack_object *o) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_EXT:
+    if (o->via.ext.type == EXT_FUTURE) {
+      corral_future *f;
+      memcpy(&f, o->via.ext.ptr, sizeof f);
+      corral_future_release(f);
+    } else if (o->via.ext.type == EXT_INST) {
+      void *p;
+      memcpy(&p, o->via.ext.ptr, sizeof p);
+      worker_release(p);
+    }
+    break;
+  case MSGPACK_OBJECT_ARRAY:
+    for (uint32_t i = 0; i < o->via.array.size; i++) release_refs(&o->via.array.ptr[i]);
+    break;
+  case MSGPACK_OBJECT_MAP:
+    for (uint32_t i = 0; i < o->via.map.size; i++) {
+      release_refs(&o->via.map.ptr[i].key);
+      release_refs(&o->via.map.ptr[i].val);
+    }
+    break;
+  default: break;
+  }
+}
+
+void codec_discard(const char *data, size_t len) {
+  if (data == NULL || len == 0) return;
+  msgpack_unpacked u;
+  msgpack_unpacked_init(&u);
+  size_t off = 0;
+  if (msgpack_unpack_next(&u, data, len, &off) == MSGPACK_UNPACK_SUCCESS) release_refs(&u.data);
+  msgpack_unpacked_destroy(&u);
 }

@@ -131,7 +131,7 @@ static void on_close_walk(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
-void ctx_close(corral_context *c) {
+void ctx_close(corral_context *c, int destroy_lock) {
   if (sigint_async == &c->async) {
     signal(SIGINT, SIG_DFL);
     sigint_async = NULL;
@@ -154,8 +154,11 @@ void ctx_close(corral_context *c) {
   ctx_drain(c, NULL, NULL);
   while (!queue_empty(&c->reporters))
     queue_remove(queue_head(&c->reporters));
+  uv_mutex_lock(&c->qlock);
+  c->closed = 1;
+  uv_mutex_unlock(&c->qlock);
   uv_walk(&c->loop, on_close_walk, NULL);
   uv_run(&c->loop, UV_RUN_DEFAULT);
   uv_loop_close(&c->loop);
-  uv_mutex_destroy(&c->qlock);
+  if (destroy_lock) uv_mutex_destroy(&c->qlock);
 }

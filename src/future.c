@@ -51,6 +51,7 @@ void corral_future_retain(corral_future *f) {
 void corral_future_release(corral_future *f) {
   if (f == NULL || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
   uv_mutex_destroy(&f->lock);
+  if (f->payload_refs) codec_discard(f->payload, f->len);
   free(f->payload);
   free(f);
 }
@@ -75,16 +76,19 @@ int future_start(corral_future *f) {
 }
 
 /* Settle f unless it is already final (or, with need_pending, started). */
-static int settle(corral_future *f, int state, char *payload, size_t len, int need_pending) {
+static int settle(corral_future *f, int state, char *payload, size_t len, int refs,
+                  int need_pending) {
   uv_mutex_lock(&f->lock);
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
   if (s >= CORRAL_DONE || (need_pending && s != CORRAL_PENDING)) {
     uv_mutex_unlock(&f->lock);
+    if (refs) codec_discard(payload, len);
     free(payload);
     return CORRAL_ESTATE;
   }
   f->payload = payload;
   f->len = len;
+  f->payload_refs = refs;
   corral_watch *w = f->watches;
   f->watches = NULL;
   atomic_store_explicit(&f->state, state, memory_order_seq_cst);
@@ -105,7 +109,11 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int ne
 }
 
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
-  return settle(f, (int)state, payload, len, 0);
+  return settle(f, (int)state, payload, len, 0, 0);
+}
+
+int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs) {
+  return settle(f, (int)state, payload, len, refs, 0);
 }
 
 int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
@@ -153,7 +161,7 @@ int corral_future_set_error(corral_future *f, const char *kind, const char *mess
 
 int corral_future_cancel(corral_future *f) {
   if (f == NULL) return CORRAL_EINVAL;
-  return settle(f, CORRAL_CANCELLED, NULL, 0, 1);
+  return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1);
 }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {

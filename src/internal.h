@@ -27,10 +27,13 @@ struct corral_future {
   corral_watch *watches;
   char *payload; /* encoded results or error (malloc'd), set once when settled */
   size_t len;
+  int payload_refs; /* the payload holds references (see codec_discard) */
 };
 
 /* Settle f, taking ownership of payload (freed on failure). */
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len);
+/* The same, for a payload from codec_encode that holds references. */
+int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs);
 /* pending -> running; 0 when it took effect. */
 int future_start(corral_future *f);
 /* Register ctx's interest: 0 when registered, 1 when f is already settled. */
@@ -42,10 +45,12 @@ int future_unwatch(corral_future *f, corral_watch *w);
 /* ---- context.c --------------------------------------------------------- */
 
 typedef struct corral_reporter corral_reporter;
+typedef struct corral_worker corral_worker;
 
 struct corral_context {
   corral_runtime *rt;
   lua_State *L;
+  corral_worker *worker; /* NULL for the home context */
   uv_loop_t loop;
   uv_async_t async;
   uv_timer_t timer;
@@ -53,10 +58,14 @@ struct corral_context {
   queue watching;  /* watches registered, future pending (under qlock) */
   queue completed; /* watches whose future settled, to drain (under qlock) */
   queue reporters; /* unretrieved errors, loop thread only */
+  int closed;      /* the loop is closed: no more wake-ups (under qlock) */
+  /* statistics, read from any thread */
+  atomic_long encodes, decodes, tasks;
 };
 
 int ctx_init(corral_context *c, corral_runtime *rt, lua_State *L);
-void ctx_close(corral_context *c);
+/* Close the loop (from the thread that ran it); the lock too when asked. */
+void ctx_close(corral_context *c, int destroy_lock);
 /* Called by future_settle with the watch already unlinked from its future. */
 void ctx_post(corral_watch *w);
 /* Run the loop once; timeout in ms, 0 never blocks, -1 waits for an event. */
@@ -82,6 +91,8 @@ struct corral_reporter {
 struct corral_runtime {
   corral_context home;
   int owns_L;
+  uv_mutex_t wlock; /* guards workers */
+  queue workers;    /* every worker instance started, until joined */
 };
 
 corral_runtime *rt_create(lua_State *L, int owns_L);
@@ -89,18 +100,94 @@ void rt_destroy(corral_runtime *rt);
 
 /* ---- codec.c ----------------------------------------------------------- */
 
+typedef struct {
+  const char *what; /* names the values in errors: "args" (default), "result" */
+  int unwrap;       /* futures become dependencies (DEP) rather than references */
+  corral_future **deps; /* with unwrap: the futures found, retained (malloc'd) */
+  int ndeps, capdeps;
+  int has_refs;     /* out: the payload holds references (futures, workers) */
+  size_t size_hint; /* bytes to allocate up front */
+  char err[256];    /* out: why encoding failed, with the value's path */
+} codec_opts;
+
+typedef struct {
+  corral_future **f;
+  int n;
+} codec_deps;
+
 /* Encode the n values at L[from..] as a MessagePack array into a malloc'd
- * buffer. On failure returns NULL and pushes nothing, leaving a message in
- * err (size errlen). */
-char *codec_encode(lua_State *L, int from, int n, size_t *len, char *err, size_t errlen);
+ * buffer. On failure returns NULL (o->err says why). */
+char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o);
 /* Decode a MessagePack array and push its elements; returns how many, or -1
- * with an error message pushed. */
-int codec_decode(lua_State *L, const char *data, size_t len);
+ * with an error message pushed. `deps` resolves unwrapped futures. */
+int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps);
+/* Release the references an encoded payload holds. */
+void codec_discard(const char *data, size_t len);
+
+/* ---- worker.c ---------------------------------------------------------- */
+
+/* A call on its way to a worker instance. */
+typedef struct corral_call {
+  queue node;
+  corral_future *result; /* retained */
+  char *payload;         /* encoded arguments */
+  size_t len;
+  int payload_refs;
+  int ndeps;
+  corral_future **deps; /* inputs to unwrap, retained */
+  char method[];
+} corral_call;
+
+enum { WORKER_RUNNING = 0, WORKER_DRAIN = 1, WORKER_CANCEL = 2 };
+
+struct corral_worker {
+  atomic_int refs;
+  corral_runtime *rt;
+  corral_context ctx; /* its loop runs on `thread` */
+  uv_thread_t thread;
+  int joined;   /* under rt->wlock */
+  char *boot;   /* encoded {class, init args}: read once by the thread */
+  size_t bootlen;
+  /* under ctx.qlock */
+  queue inbox;
+  int queued, cap;
+  corral_future **space; /* callers waiting for room, settled on pop */
+  int nspace, capspace;
+  int stopping;
+  atomic_int active;       /* calls queued or running */
+  corral_future *stopped;  /* settled as the thread ends */
+  queue rt_node;           /* in rt->workers, under rt->wlock */
+  char name[64];
+};
+
+corral_call *call_new(const char *method, corral_future *result, char *payload, size_t len,
+                      int refs, corral_future **deps, int ndeps);
+void call_free(corral_call *c);
+corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int cap);
+void worker_retain(corral_worker *w);
+void worker_release(corral_worker *w);
+/* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping. */
+int worker_push(corral_worker *w, corral_call *c);
+/* Wait for room: 0 f registered (settled on the next pop), 1 retry now. */
+int worker_wait_space(corral_worker *w, corral_future *f);
+/* Take up to max calls from the inbox (the worker's own thread). */
+int worker_take(corral_worker *w, corral_call **out, int max, int *stopping);
+void worker_stop(corral_worker *w, int how);
+/* Stop every worker (cancelling queued calls) and join their threads. */
+void worker_close_all(corral_runtime *rt);
+void worker_join(corral_worker *w);
 
 /* ---- lua_core.c -------------------------------------------------------- */
 
-int lcore_open(lua_State *L, corral_runtime *rt);
+/* The context a lua_State runs in. */
+corral_context *ctx_of(lua_State *L);
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */
 int lcore_drive(lua_State *L, int block);
+/* The body of a worker thread: its own lua_State on its own loop. */
+void lcore_worker_main(corral_worker *w);
+
+/* Private error codes, beside those of corral.h. */
+#define CORRAL_EAGAIN (-10)
+#define CORRAL_ECLOSED (-11)
 
 #endif

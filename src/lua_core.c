@@ -20,6 +20,9 @@
 #define WRAP_KEY    "corral.wrap"
 #define DRIVE_KEY   "corral.drive"
 #define CREF_KEY    "corral.cref"
+#define CONTEXT_KEY "corral.context"
+#define WORKER_MT   "corral.worker"
+#define CALL_MT     "corral.call"
 
 static corral_runtime *rt_of(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
@@ -29,6 +32,13 @@ static corral_runtime *rt_of(lua_State *L) {
 }
 
 corral_runtime *corral_from_lua(lua_State *L) { return rt_of(L); }
+
+corral_context *ctx_of(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
+  corral_context *c = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return c;
+}
 
 /* ======================================================================== */
 /* C futures                                                                 */
@@ -88,8 +98,9 @@ static int l_fvalues(lua_State *L) {
     return 1;
   }
   int base = lua_gettop(L);
-  int n = codec_decode(L, mp, len);
+  int n = codec_decode(L, mp, len, NULL);
   if (n < 0) return lua_error(L);
+  atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
   lua_createtable(L, n, 1);
   lua_insert(L, base + 1);
   for (int i = n; i >= 1; i--)
@@ -103,7 +114,7 @@ static int l_fvalues(lua_State *L) {
  * when it has settled already. */
 static int l_fwatch(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
-  int rc = future_watch(f, &rt_of(L)->home);
+  int rc = future_watch(f, ctx_of(L));
   if (rc < 0) return luaL_error(L, "corral: out of memory");
   if (rc == 1)
     lua_pushboolean(L, 0);
@@ -137,14 +148,14 @@ static void drain_one(void *ud, corral_future *f) {
 static int l_drain(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   drain_ud d = {L, 0};
-  ctx_drain(&rt_of(L)->home, drain_one, &d);
+  ctx_drain(ctx_of(L), drain_one, &d);
   lua_pushinteger(L, d.n);
   lua_pushboolean(L, ctx_take_sigint());
   return 2;
 }
 
 static int l_poll(lua_State *L) {
-  ctx_poll(&rt_of(L)->home, (int)luaL_checkinteger(L, 1));
+  ctx_poll(ctx_of(L), (int)luaL_checkinteger(L, 1));
   return 0;
 }
 
@@ -154,7 +165,7 @@ static int l_now(lua_State *L) {
 }
 
 static int l_catch_sigint(lua_State *L) {
-  ctx_catch_sigint(&rt_of(L)->home);
+  ctx_catch_sigint(ctx_of(L));
   return 0;
 }
 
@@ -166,7 +177,7 @@ static int l_isatty(lua_State *L) {
 /* exit(code): report unretrieved errors, flush, end the process at once. */
 static int l_exit(lua_State *L) {
   int code = (int)luaL_optinteger(L, 1, 0);
-  ctx_report_all(&rt_of(L)->home);
+  ctx_report_all(ctx_of(L));
   fflush(NULL);
   exit(code);
   return 0;
@@ -199,7 +210,7 @@ static int l_reporter(lua_State *L) {
   r->armed = 1;
   r->len = len;
   memcpy(r->text, s, len);
-  queue_insert_tail(&rt_of(L)->home.reporters, &r->node);
+  queue_insert_tail(&ctx_of(L)->reporters, &r->node);
   luaL_getmetatable(L, REPORTER_MT);
   lua_setmetatable(L, -2);
   return 1;
@@ -224,19 +235,22 @@ static int reporter_gc(lua_State *L) {
 }
 
 /* ======================================================================== */
-/* Codec, for tests and tools                                                */
+/* Codec                                                                     */
 /* ======================================================================== */
 
+static int codec_error(lua_State *L, const char *err) {
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
+}
+
 static int l_encode(lua_State *L) {
-  char err[256];
+  codec_opts o = {0};
   size_t len;
-  char *buf = codec_encode(L, 1, lua_gettop(L), &len, err, sizeof err);
-  if (buf == NULL) {
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    return 2;
-  }
+  char *buf = codec_encode(L, 1, lua_gettop(L), &len, &o);
+  if (buf == NULL) return codec_error(L, o.err);
   lua_pushlstring(L, buf, len);
+  if (o.has_refs) codec_discard(buf, len); /* a string holds no references */
   free(buf);
   return 1;
 }
@@ -245,19 +259,25 @@ static int l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   lua_settop(L, 1);
-  int n = codec_decode(L, s, len);
+  int n = codec_decode(L, s, len, NULL);
   if (n < 0) return lua_error(L);
   return n;
 }
 
-/* Settle a C future with encoded values, as C code would (tests). */
-static int l_fsettle_encoded(lua_State *L) {
+/* fsettle_encode(c, state, ...): encode the values (or, for a failure, the
+ * error) and settle the C future with them. Returns true, false when it
+ * was settled already, or nil and the reason they cannot travel. */
+static int l_fsettle_encode(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
-  char err[256];
+  int state = (int)luaL_checkinteger(L, 2);
+  codec_opts o = {0};
+  o.what = state == CORRAL_DONE ? "result" : "error";
+  if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
   size_t len;
-  char *buf = codec_encode(L, 2, lua_gettop(L) - 1, &len, err, sizeof err);
-  if (buf == NULL) return luaL_error(L, "%s", err);
-  lua_pushboolean(L, future_settle(f, CORRAL_DONE, buf, len) == 0);
+  char *buf = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  if (buf == NULL) return codec_error(L, o.err);
+  atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
+  lua_pushboolean(L, future_settle_refs(f, (corral_state)state, buf, len, o.has_refs) == 0);
   return 1;
 }
 
@@ -268,31 +288,343 @@ static int l_fset_error(lua_State *L) {
   return 1;
 }
 
+static int l_fcancel(lua_State *L) {
+  lua_pushboolean(L, future_settle(*cf_check(L, 1), CORRAL_CANCELLED, NULL, 0) == 0);
+  return 1;
+}
+
+/* ======================================================================== */
+/* Workers                                                                   */
+/* ======================================================================== */
+
+static corral_worker *w_check(lua_State *L, int idx) {
+  return *(corral_worker **)luaL_checkudata(L, idx, WORKER_MT);
+}
+
+static void w_push(lua_State *L, corral_worker *w) {
+  corral_worker **p = lua_newuserdata(L, sizeof(corral_worker *));
+  *p = w;
+  luaL_getmetatable(L, WORKER_MT);
+  lua_setmetatable(L, -2);
+}
+
+static int w_gc(lua_State *L) {
+  corral_worker **p = lua_touserdata(L, 1);
+  worker_release(*p); /* atomic; the last reference is the joined thread's */
+  *p = NULL;
+  return 0;
+}
+
+/* worker_start(name, cap, ...): a thread worker whose Lua main receives
+ * the other arguments (class, options, init arguments). */
+static int l_worker_start(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  int cap = (int)luaL_checkinteger(L, 2);
+  codec_opts o = {0};
+  o.what = "init";
+  size_t len;
+  char *boot = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  if (boot == NULL) return codec_error(L, o.err);
+  corral_worker *w = worker_start(rt_of(L), name, boot, len, cap);
+  if (w == NULL) {
+    if (o.has_refs) codec_discard(boot, len);
+    free(boot);
+    return luaL_error(L, "corral: cannot start a worker thread");
+  }
+  w_push(L, w);
+  return 1;
+}
+
+/* A worker handle from a lightuserdata (decoding a handle sent by another
+ * context): a new reference. */
+static int l_worker_ref(lua_State *L) {
+  corral_worker *w = lua_touserdata(L, 1);
+  worker_retain(w);
+  w_push(L, w);
+  return 1;
+}
+
+static int l_worker_ptr(lua_State *L) {
+  lua_pushlightuserdata(L, w_check(L, 1));
+  return 1;
+}
+
+static corral_call *call_check(lua_State *L, int idx) {
+  return *(corral_call **)luaL_checkudata(L, idx, CALL_MT);
+}
+
+static void call_push(lua_State *L, corral_call *c) {
+  corral_call **p = lua_newuserdata(L, sizeof(corral_call *));
+  *p = c;
+  luaL_getmetatable(L, CALL_MT);
+  lua_setmetatable(L, -2);
+}
+
+static int call_gc(lua_State *L) {
+  corral_call **p = lua_touserdata(L, 1);
+  if (*p != NULL) call_free(*p); /* frees memory and drops references: no lock */
+  *p = NULL;
+  return 0;
+}
+
+static int push_status(lua_State *L, int rc) {
+  if (rc == 0) lua_pushboolean(L, 1);
+  else lua_pushstring(L, rc == CORRAL_EAGAIN ? "full" : "closed");
+  return 1;
+}
+
+/* wcall(w, method, ...): encode the arguments (futures become inputs to
+ * unwrap) and queue the call. Returns the result's C future; or nil,
+ * "full", the result and the call (to push again when there is room); or
+ * nil, "closed"; or nil, "codec", why. */
+static int l_wcall(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  const char *method = luaL_checkstring(L, 2);
+  codec_opts o = {0};
+  o.unwrap = 1;
+  if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
+  size_t len;
+  char *payload = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  if (payload == NULL) {
+    for (int i = 0; i < o.ndeps; i++) corral_future_release(o.deps[i]);
+    free(o.deps);
+    lua_pushnil(L);
+    lua_pushliteral(L, "codec");
+    lua_pushstring(L, o.err);
+    return 3;
+  }
+  atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
+  corral_future *result = corral_future_new(rt_of(L));
+  corral_call *c = call_new(method, result, payload, len, o.has_refs, o.deps, o.ndeps);
+  if (result == NULL || c == NULL) return luaL_error(L, "corral: out of memory");
+  corral_future_retain(result);
+  int rc = worker_push(w, c);
+  if (rc == 0) {
+    cf_push(L, result);
+    return 1;
+  }
+  lua_pushnil(L);
+  if (rc == CORRAL_ECLOSED) {
+    call_free(c);
+    corral_future_release(result);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
+  lua_pushliteral(L, "full");
+  cf_push(L, result);
+  call_push(L, c);
+  return 4;
+}
+
+/* wpush(w, call): push a call again: true, "full" or "closed". */
+static int l_wpush(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  corral_call **p = (corral_call **)luaL_checkudata(L, 2, CALL_MT);
+  int rc = worker_push(w, *p);
+  if (rc == 0) *p = NULL; /* the inbox owns it now */
+  return push_status(L, rc);
+}
+
+/* wspace(w): a C future settled when the inbox has room (or the worker
+ * stops); nil when there is room already. */
+static int l_wspace(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  corral_future *f = corral_future_new(rt_of(L));
+  if (f == NULL) return luaL_error(L, "corral: out of memory");
+  if (worker_wait_space(w, f) != 0) {
+    corral_future_release(f);
+    lua_pushnil(L);
+    return 1;
+  }
+  cf_push(L, f);
+  return 1;
+}
+
+static int l_wactive(lua_State *L) {
+  lua_pushinteger(L, atomic_load(&w_check(L, 1)->active));
+  return 1;
+}
+
+static int l_wstop(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  worker_stop(w, lua_toboolean(L, 2) ? WORKER_DRAIN : WORKER_CANCEL);
+  corral_future_retain(w->stopped);
+  cf_push(L, w->stopped);
+  return 1;
+}
+
+static int l_wjoin(lua_State *L) {
+  worker_join(w_check(L, 1));
+  return 0;
+}
+
+static int l_wname(lua_State *L) {
+  lua_pushstring(L, w_check(L, 1)->name);
+  return 1;
+}
+
+/* ---- the worker's side ---------------------------------------------------- */
+
+/* inbox_take(t, max): fill t[1..n] with calls; returns n and the stop mode. */
+static int l_inbox_take(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  int max = (int)luaL_checkinteger(L, 2);
+  corral_worker *w = ctx_of(L)->worker;
+  if (w == NULL) return luaL_error(L, "corral: not a worker context");
+  corral_call *calls[64];
+  if (max > 64) max = 64;
+  int stopping;
+  int n = worker_take(w, calls, max, &stopping);
+  for (int i = 0; i < n; i++) {
+    call_push(L, calls[i]);
+    lua_rawseti(L, 1, i + 1);
+  }
+  lua_pushinteger(L, n);
+  lua_pushinteger(L, stopping);
+  return 2;
+}
+
+/* call_info(call): method name, result future, and its inputs (C futures). */
+static int l_call_info(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  lua_pushstring(L, c->method);
+  corral_future_retain(c->result);
+  cf_push(L, c->result);
+  lua_createtable(L, c->ndeps, 0);
+  for (int i = 0; i < c->ndeps; i++) {
+    corral_future_retain(c->deps[i]);
+    cf_push(L, c->deps[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 3;
+}
+
+/* call_args(call): the decoded arguments, inputs in their places. */
+static int l_call_args(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  lua_settop(L, 1);
+  codec_deps deps = {c->deps, c->ndeps};
+  int n = codec_decode(L, c->payload, c->len, &deps);
+  if (n < 0) return lua_error(L);
+  atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
+  return n;
+}
+
+/* call_done(call): the call has finished (its result is settled). */
+static int l_call_done(lua_State *L) {
+  corral_call **p = (corral_call **)luaL_checkudata(L, 1, CALL_MT);
+  corral_worker *w = ctx_of(L)->worker;
+  if (w != NULL) atomic_fetch_sub(&w->active, 1);
+  if (*p != NULL) call_free(*p);
+  *p = NULL;
+  return 0;
+}
+
+static int l_set_tasks(lua_State *L) {
+  atomic_store(&ctx_of(L)->tasks, (long)luaL_checkinteger(L, 1));
+  return 0;
+}
+
+static void stats_row(lua_State *L, corral_context *c, const char *name, int queued, int active) {
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "name");
+  lua_pushnumber(L, (lua_Number)atomic_load(&c->tasks));
+  lua_setfield(L, -2, "tasks");
+  lua_pushnumber(L, (lua_Number)atomic_load(&c->encodes));
+  lua_setfield(L, -2, "encodes");
+  lua_pushnumber(L, (lua_Number)atomic_load(&c->decodes));
+  lua_setfield(L, -2, "decodes");
+  lua_pushinteger(L, queued);
+  lua_setfield(L, -2, "queued");
+  lua_pushinteger(L, active);
+  lua_setfield(L, -2, "active");
+}
+
+/* stats(): one row per context, the home context first. */
+static int l_stats(lua_State *L) {
+  corral_runtime *rt = rt_of(L);
+  lua_newtable(L);
+  stats_row(L, &rt->home, "home", 0, 0);
+  lua_rawseti(L, -2, 1);
+  int i = 2;
+  uv_mutex_lock(&rt->wlock);
+  for (queue *q = queue_head(&rt->workers); q != &rt->workers; q = q->next) {
+    corral_worker *w = queue_data(q, corral_worker, rt_node);
+    uv_mutex_lock(&w->ctx.qlock);
+    int queued = w->queued;
+    uv_mutex_unlock(&w->ctx.qlock);
+    stats_row(L, &w->ctx, w->name, queued, atomic_load(&w->active));
+    lua_rawseti(L, -2, i++);
+  }
+  uv_mutex_unlock(&rt->wlock);
+  return 1;
+}
+
+static int l_ncpu(lua_State *L) {
+  unsigned int n = 0;
+  uv_cpu_info_t *info;
+  int count;
+  if (uv_cpu_info(&info, &count) == 0) {
+    n = (unsigned)count;
+    uv_free_cpu_info(info, count);
+  }
+  lua_pushinteger(L, n > 0 ? (lua_Integer)n : 1);
+  return 1;
+}
+
+static int l_is_worker(lua_State *L) {
+  corral_context *c = ctx_of(L);
+  if (c->worker == NULL) return 0;
+  lua_pushstring(L, c->worker->name);
+  return 1;
+}
+
 /* ======================================================================== */
 /* Module                                                                    */
 /* ======================================================================== */
 
-static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
-                                      {"fstart", l_fstart},
-                                      {"fsettle", l_fsettle},
-                                      {"fstate", l_fstate},
-                                      {"fvalues", l_fvalues},
-                                      {"fwatch", l_fwatch},
-                                      {"fkey", l_fkey},
-                                      {"fsettle_encoded", l_fsettle_encoded},
-                                      {"fset_error", l_fset_error},
-                                      {"drain", l_drain},
-                                      {"poll", l_poll},
-                                      {"now", l_now},
-                                      {"catch_sigint", l_catch_sigint},
-                                      {"isatty", l_isatty},
-                                      {"exit", l_exit},
-                                      {"versions", l_versions},
-                                      {"reporter", l_reporter},
-                                      {"disarm", l_disarm},
-                                      {"encode", l_encode},
-                                      {"decode", l_decode},
-                                      {NULL, NULL}};
+static const luaL_Reg core_funcs[] = {
+    {"fnew", l_fnew},
+    {"fstart", l_fstart},
+    {"fsettle", l_fsettle},
+    {"fstate", l_fstate},
+    {"fvalues", l_fvalues},
+    {"fwatch", l_fwatch},
+    {"fkey", l_fkey},
+    {"fsettle_encode", l_fsettle_encode},
+    {"fset_error", l_fset_error},
+    {"fcancel", l_fcancel},
+    {"drain", l_drain},
+    {"poll", l_poll},
+    {"now", l_now},
+    {"catch_sigint", l_catch_sigint},
+    {"isatty", l_isatty},
+    {"exit", l_exit},
+    {"versions", l_versions},
+    {"reporter", l_reporter},
+    {"disarm", l_disarm},
+    {"encode", l_encode},
+    {"decode", l_decode},
+    {"worker_start", l_worker_start},
+    {"worker_ref", l_worker_ref},
+    {"worker_ptr", l_worker_ptr},
+    {"wcall", l_wcall},
+    {"wpush", l_wpush},
+    {"wspace", l_wspace},
+    {"wactive", l_wactive},
+    {"wstop", l_wstop},
+    {"wjoin", l_wjoin},
+    {"wname", l_wname},
+    {"inbox_take", l_inbox_take},
+    {"call_info", l_call_info},
+    {"call_args", l_call_args},
+    {"call_done", l_call_done},
+    {"set_tasks", l_set_tasks},
+    {"stats", l_stats},
+    {"ncpu", l_ncpu},
+    {"is_worker", l_is_worker},
+    {NULL, NULL}};
 
 static int runtime_gc(lua_State *L) {
   corral_runtime **p = lua_touserdata(L, 1);
@@ -335,6 +667,8 @@ int luaopen_corral(lua_State *L) {
     lua_pop(L, 1);
     lua_pushlightuserdata(L, rt);
     lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
+    lua_pushlightuserdata(L, &rt->home);
+    lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
   }
 
   luaL_newmetatable(L, CFUTURE_MT);
@@ -343,6 +677,14 @@ int luaopen_corral(lua_State *L) {
   lua_pop(L, 1);
   luaL_newmetatable(L, REPORTER_MT);
   lua_pushcfunction(L, reporter_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, WORKER_MT);
+  lua_pushcfunction(L, w_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, CALL_MT);
+  lua_pushcfunction(L, call_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
 
@@ -370,6 +712,8 @@ int luaopen_corral(lua_State *L) {
   lua_setfield(L, LUA_REGISTRYINDEX, DRIVE_KEY);
   lua_getfield(L, -1, "_cref");
   lua_setfield(L, LUA_REGISTRYINDEX, CREF_KEY);
+  lua_getfield(L, -1, "_import_worker");
+  lua_setfield(L, LUA_REGISTRYINDEX, "corral.import_worker");
   return 1;
 }
 
@@ -411,4 +755,39 @@ int lcore_drive(lua_State *L, int block) {
   int pending = lua_toboolean(L, -1);
   lua_pop(L, 1);
   return pending;
+}
+
+void lcore_worker_main(corral_worker *w) {
+  lua_State *L = luaL_newstate();
+  if (L == NULL) return;
+  w->ctx.L = L;
+  luaL_openlibs(L);
+  lua_pushlightuserdata(L, w->rt);
+  lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
+  lua_pushlightuserdata(L, &w->ctx);
+  lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_corral);
+  lua_setfield(L, -2, "corral");
+  lua_pop(L, 2);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "corral");
+  int rc = lua_pcall(L, 1, 0, 0);
+  if (rc == 0) {
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "corral.worker_main");
+    rc = lua_pcall(L, 1, 1, 0);
+  }
+  if (rc == 0) {
+    lua_getfield(L, -1, "run");
+    int base = lua_gettop(L);
+    lua_pushstring(L, w->name);
+    int n = codec_decode(L, w->boot, w->bootlen, NULL);
+    rc = n < 0 ? 1 : lua_pcall(L, n + 1, 0, 0);
+    (void)base;
+  }
+  if (rc != 0) fprintf(stderr, "corral: worker %s: %s\n", w->name, lua_tostring(L, -1));
+  lua_close(L);
+  w->ctx.L = NULL;
 }

@@ -30,7 +30,13 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
   corral_runtime *rt = calloc(1, sizeof *rt);
   if (rt == NULL) return NULL;
   rt->owns_L = owns_L;
+  queue_init(&rt->workers);
+  if (uv_mutex_init(&rt->wlock) != 0) {
+    free(rt);
+    return NULL;
+  }
   if (ctx_init(&rt->home, rt, L) != 0) {
+    uv_mutex_destroy(&rt->wlock);
     free(rt);
     return NULL;
   }
@@ -38,7 +44,9 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
 }
 
 void rt_destroy(corral_runtime *rt) {
-  ctx_close(&rt->home);
+  worker_close_all(rt); /* no thread outlives the runtime */
+  ctx_close(&rt->home, 1);
+  uv_mutex_destroy(&rt->wlock);
   free(rt);
 }
 

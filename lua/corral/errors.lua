@@ -49,7 +49,8 @@ end
 --- Give a decoded error table (from C or another context) its behaviour.
 function M.adopt(t)
   if type(t) == "table" and type(t.kind) == "string" and getmetatable(t) == nil then
-    return setmetatable(t, Error)
+    setmetatable(t, Error)
+    M.adopt(t.cause)
   end
   return t
 end

@@ -53,7 +53,12 @@ function M.cref(f)
   if c then return c end
   c = fnew()
   f._c = c
-  if f[S] == RUNNING then core.fstart(c) elseif f[S] >= DONE then fsettle(c, f[S]) end
+  local s = f[S]
+  if s == RUNNING then
+    core.fstart(c)
+  elseif s >= DONE then
+    M.settle_c(c, s, f[N], f[V], f._e)
+  end
   return c
 end
 
@@ -109,17 +114,42 @@ local function unretrieved_text(f, e, tb)
     "\n" .. (tb or (type(e) == "table" and rawget(e, "traceback")) or "") .. "\n"
 end
 
+--- Settle a C half with a Lua future's outcome, encoding the values (or the
+-- error) so that other contexts can read them. A value that cannot travel
+-- fails the C half with a CodecError. Returns false when it was settled.
+function M.settle_c(c, s, n, v, e)
+  local ok, why
+  if s == DONE then
+    if n == 1 then
+      ok, why = core.fsettle_encode(c, DONE, v)
+    elseif n == 0 then
+      ok, why = core.fsettle_encode(c, DONE)
+    else
+      ok, why = core.fsettle_encode(c, DONE, unpack(v, 1, v.n))
+    end
+  elseif s == FAILED then
+    ok, why = core.fsettle_encode(c, FAILED, e)
+    if ok == nil then ok, why = core.fsettle_encode(c, FAILED, sched.safe_tostring(e)) end
+  else
+    return fsettle(c, s)
+  end
+  if ok == nil then return core.fset_error(c, "CodecError", why) end
+  return ok
+end
+local settle_c = M.settle_c
+
 --- Settle `f`: state, number of results, result(s) (see the fields above),
 -- error, traceback. `external` says the C half is settled already. Returns
 -- false when it was already settled (perhaps by another thread).
 local function settle(f, s, n, v, e, tb, external)
   if f[S] >= DONE then return false end
   local c = f._c
-  if c and not external and not fsettle(c, s) then return false end
+  if c and not external and not settle_c(c, s, n, v, e) then return false end
   f[S], f[N], f[V], f._e = s, n, v, e
   if s == FAILED then
     f._tb = tb
-    f._rep = core.reporter(unretrieved_text(f, e, tb))
+    -- an input of another call hands its error on to that call's future
+    if not f._dep then f._rep = core.reporter(unretrieved_text(f, e, tb)) end
   end
   local x = f[W1]
   if x then
@@ -155,9 +185,7 @@ function Future:_sync()
   local v, e = false, false
   local n = 0
   if s == DONE then
-    v = core.fvalues(self._c)
-    n = v.n
-    if n == 1 then v = v[1] end
+    n = -1 -- still encoded: decoded where someone asks (see values)
   elseif s == FAILED then
     e = errors.adopt(core.fvalues(self._c)[1])
   else
@@ -165,6 +193,16 @@ function Future:_sync()
   end
   settle(self, s, n, v, e, type(e) == "table" and rawget(e, "traceback") or nil, true)
 end
+
+-- Decode the results of a future settled elsewhere, on first use.
+local function values(f)
+  local v = core.fvalues(f._c)
+  local n = v.n
+  f[N] = n
+  if n == 1 then f[V] = v[1] elseif n == 0 then f[V] = false else f[V] = v end
+  return n
+end
+M.values = values
 
 -- ======================================================================== --
 -- Waiting                                                                  --
@@ -212,6 +250,7 @@ function Future:result(timeout)
   local s = self[S]
   if s == DONE then
     local n = self[N]
+    if n < 0 then n = values(self) end
     if n == 1 then return self[V] end
     if n == 0 then return end
     local v = self[V]
@@ -289,6 +328,7 @@ end
 --- The first result of a settled future (nil when it has none).
 function M.first(f)
   local n = f[N]
+  if n < 0 then n = values(f) end
   if n == 1 then return f[V] end
   if n == 0 then return nil end
   return f[V][1]

@@ -87,7 +87,30 @@ function corral.exit(code)
   core.exit(code or 0)
 end
 
--- Hooks for the C side (corral_push_future, corral_step).
+local worker = require "corral.worker"
+
+--- Declare a worker class; see `corral.worker`.
+-- @function worker
+corral.worker = worker.worker
+--- Set or read process-wide worker defaults; see `corral.worker.config`.
+-- @function config
+corral.config = worker.config
+--- Run a function on the default pool of thread workers.
+-- @function submit
+corral.submit = worker.submit
+--- Apply a function to items on a pool, with backpressure.
+-- @function map
+corral.map = worker.map
+
+--- Statistics per context: an array of rows `{name, tasks, queued, active,
+-- encodes, decodes}`, the home context (or, in a worker, the caller's
+-- runtime's home) first.
+function corral.stats()
+  core.set_tasks(task.live())
+  return core.stats()
+end
+
+-- Hooks for the C side (corral_push_future, corral_step, the codec).
 function corral._wrap(c)
   local f = future.new(c)
   if not sched.watch(f) then f:_sync() end
@@ -95,5 +118,6 @@ function corral._wrap(c)
 end
 corral._drive = sched.drive
 corral._cref = future.cref
+corral._import_worker = worker.import
 
 return corral

@@ -212,6 +212,8 @@ function M.watch(f)
 end
 
 M.on_sigint = nil -- set by the runner
+M.on_wake = nil   -- set in a worker context: takes calls from the inbox
+M.keepalive = false -- a worker's loop waits for calls even with nothing pending
 
 -- ======================================================================== --
 -- Running                                                                  --
@@ -316,7 +318,7 @@ function turn(block, until_deadline)
       if d then
         -- whole ms, at most ~12 days a poll (a sleep(math.huge) polls again)
         timeout = min(max(0, ceil((d - now()) * 1000)), 1e9)
-      elseif ext_pending > 0 then
+      elseif ext_pending > 0 or M.keepalive then
         timeout = -1
       end
     end
@@ -336,6 +338,7 @@ function turn(block, until_deadline)
     end
   end
   if sig and M.on_sigint then M.on_sigint() end
+  if M.on_wake then M.on_wake() end
   if heap_n > 0 then
     local t = now()
     while heap_n > 0 and heap[1].when <= t do

@@ -37,7 +37,7 @@ describe("the MessagePack codec", function()
   it("refuses what cannot travel, naming where it was", function()
     local s, err = core.encode(1, { conn = coroutine.create(print) })
     assert.is_nil(s)
-    assert.matches("args%[2%]%.conn: thread cannot travel", err)
+    assert.matches("args%[2%]%.conn: thread %(a coroutine%) cannot travel", err)
     local deep = {}
     local cur = deep
     for _ = 1, 200 do cur.next = {}; cur = cur.next end

@@ -1,0 +1,497 @@
+--- Workers: classes of methods that run in their own context.
+--
+--     local Counter = corral.worker {
+--       init = function(self, start) self.n = start or 0 end,
+--       add  = function(self, k) self.n = self.n + k; return self.n end,
+--     }
+--     local w = Counter:init(10)     -- a thread worker
+--     print(w:add(5):result())       --> 15
+--
+-- An instance is an actor: its calls start in the order they were made, and
+-- its state (`self`) lives in its own context. A pool is N instances behind
+-- one handle.
+-- @module corral.worker
+local core = require "corral.core"
+local errors = require "corral.errors"
+local sched = require "corral.sched"
+local future = require "corral.future"
+local task = require "corral.task"
+local unwrap = require "corral.unwrap"
+local F = require "corral.fields"
+
+local S = F.S
+local DONE, FAILED = future.DONE, future.FAILED
+local select, type, pairs, setmetatable = select, type, pairs, setmetatable
+
+local M = {}
+
+-- ======================================================================== --
+-- Options and defaults                                                     --
+-- ======================================================================== --
+
+local MODES = { thread = true, async = true, sync = true }
+local BALANCE = { round_robin = true, least_active = true, random = true }
+
+local settings = {
+  mode = "thread", workers = 1, balance = "round_robin", max_queued = 256,
+  max_concurrency = 1, blocking = false,
+  pool_size = tonumber(os.getenv("CORRAL_WORKERS") or "") or core.ncpu(),
+}
+
+local function check_options(fname, o)
+  errors.check(type(o) == "table", fname, "options", "a table", o)
+  for k, v in pairs(o) do
+    if k == "mode" then
+      errors.check(MODES[v], fname, "mode", '"thread", "async" or "sync"', v)
+    elseif k == "balance" then
+      errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
+    elseif k == "workers" or k == "max_queued" or k == "max_concurrency" or k == "pool_size" then
+      errors.check(type(v) == "number" and v >= 1 and v == math.floor(v), fname, k,
+        "a whole number >= 1", v)
+    elseif k == "blocking" then
+      errors.check(type(v) == "boolean", fname, k, "a boolean", v)
+    elseif k == "name" then
+      errors.check(type(v) == "string", fname, k, "a string", v)
+    else
+      errors.usage(fname, "unknown option '%s'", tostring(k))
+    end
+  end
+end
+
+--- Set process-wide defaults for worker options (`mode`, `workers`,
+-- `balance`, `max_queued`, `max_concurrency`, `blocking`) and the size of
+-- the default pool (`pool_size`, also from `CORRAL_WORKERS`). Returns the
+-- settings in force.
+function M.config(t)
+  if t ~= nil then
+    check_options("corral.config", t)
+    errors.check(t.name == nil, "corral.config", "name", "not set here (name each class)", t.name)
+    for k, v in pairs(t) do settings[k] = v end
+  end
+  local copy = {}
+  for k, v in pairs(settings) do copy[k] = v end
+  return copy
+end
+
+-- ======================================================================== --
+-- Handles                                                                  --
+-- ======================================================================== --
+
+local Handle = { __worker = true }
+local stubs = {} -- method name -> function(handle, ...)
+
+local function closed_future(h, method)
+  local f = future.new()
+  f:set_exception(errors.new("ClosedError", ("worker %s is stopped (calling %s)"):format(h._name, method),
+    nil, false))
+  future.retrieve(f) -- the caller sees it through the future; no report at exit
+  f._rep = core.reporter(("corral: unretrieved ClosedError: worker %s is stopped\n"):format(h._name))
+  return f
+end
+
+local function wrap(c)
+  local f = future.new(c)
+  f._kind = "call"
+  if not sched.watch(f) then f:_sync() end
+  return f
+end
+
+local function pick(h)
+  local insts = h._insts
+  local n = #insts
+  if n == 1 then return insts[1] end
+  local b = h._balance
+  if b == "round_robin" then
+    local i = h._rr % n + 1
+    h._rr = i
+    return insts[i]
+  elseif b == "random" then
+    return insts[math.random(n)]
+  end
+  local best, load = insts[1], math.huge
+  for i = 1, n do
+    local inst = insts[i]
+    local a = inst.ud and core.wactive(inst.ud) or inst.active
+    if a < load then best, load = inst, a end
+  end
+  return best
+end
+
+-- ---- thread instances ------------------------------------------------------
+
+local function thread_call(h, inst, method, ...)
+  local c, why, rc, call = core.wcall(inst.ud, method, ...)
+  if c then return wrap(c) end
+  if why == "codec" then error(errors.new("CodecError", rc, nil, 4), 4) end
+  if why == "closed" then return closed_future(h, method) end
+  -- the inbox is full: wait for room (this task only), then queue it
+  local f = wrap(rc)
+  while true do
+    local space = core.wspace(inst.ud)
+    if space then wrap(space):result() end
+    local st = core.wpush(inst.ud, call)
+    if st == true then return f end
+    if st == "closed" then
+      core.fset_error(rc, "ClosedError", ("worker %s is stopped (calling %s)"):format(h._name, method))
+      return f
+    end
+  end
+end
+
+-- ---- async and sync instances (in the caller's context) ----------------------
+
+local function run_local(h, inst, method, f, args)
+  local resolved, err = unwrap.resolve(args, args.n)
+  if not resolved then
+    if errors.is_error(err, "CancelledError") then f:cancel() else f:set_exception(err) end
+    return
+  end
+  local fn = h._class[method]
+  if type(fn) ~= "function" then
+    f:set_exception(errors.new("WorkerError", ("%s:%s: no method '%s'"):format(h._name, method, method),
+      nil, false))
+    return
+  end
+  local function finish(ok, ...)
+    if ok then
+      f:set_result(...)
+    else
+      local e = ...
+      if errors.is_error(e, "CancelledError") then
+        f:cancel()
+      else
+        local we = errors.new("WorkerError", ("%s:%s: %s"):format(h._name, method, sched.safe_tostring(e)),
+          e, false)
+        we.worker, we.method, we.traceback = h._name, method, sched.last_traceback()
+        f:set_exception(we)
+      end
+    end
+  end
+  finish(xpcall(fn, sched.on_error, inst.self, unpack(resolved, 1, resolved.n)))
+end
+
+local pump_async
+
+local function async_run(h, inst, item)
+  if inst.init and inst.init:exception() ~= nil then
+    local ie = inst.init:exception()
+    item.f:set_exception(errors.new("WorkerError", ("%s:init: %s"):format(h._name, sched.safe_tostring(ie)),
+      ie, false))
+  else
+    run_local(h, inst, item.method, item.f, item.args)
+  end
+  inst.active = inst.active - 1
+  inst.running = inst.running - 1
+  pump_async(h, inst)
+end
+
+pump_async = function(h, inst)
+  while inst.running < h._max_concurrency and inst.head <= inst.tail do
+    local item = inst.queue[inst.head]
+    inst.queue[inst.head] = nil
+    inst.head = inst.head + 1
+    inst.running = inst.running + 1
+    task.spawn(async_run, h, inst, item)
+  end
+  if inst.space and inst.tail - inst.head + 1 < h._max_queued then
+    local sp = inst.space
+    inst.space = nil
+    sp:set_result()
+  end
+end
+
+local function async_call(h, inst, method, ...)
+  if inst.stopped then return closed_future(h, method) end
+  while inst.tail - inst.head + 1 >= h._max_queued do
+    inst.space = inst.space or future.new()
+    inst.space:result()
+    if inst.stopped then return closed_future(h, method) end
+  end
+  local f = future.new()
+  f._kind = "call"
+  inst.tail = inst.tail + 1
+  inst.queue[inst.tail] = { method = method, f = f, args = { n = select("#", ...), ... } }
+  inst.active = inst.active + 1
+  pump_async(h, inst)
+  return f
+end
+
+local function sync_call(h, inst, method, ...)
+  if inst.stopped then return closed_future(h, method) end
+  local f = future.new()
+  f._kind = "call"
+  if inst.init_err ~= nil then
+    f:set_exception(errors.new("WorkerError", ("%s:init: %s"):format(h._name,
+      sched.safe_tostring(inst.init_err)), inst.init_err, false))
+    return f
+  end
+  run_local(h, inst, method, f, { n = select("#", ...), ... })
+  return f
+end
+
+-- ---- calls -------------------------------------------------------------------
+
+local function call(h, method, ...)
+  local inst = pick(h)
+  local f
+  if h._stopped then
+    f = closed_future(h, method)
+  elseif h._mode == "thread" then
+    f = thread_call(h, inst, method, ...)
+  elseif h._mode == "async" then
+    f = async_call(h, inst, method, ...)
+  else
+    f = sync_call(h, inst, method, ...)
+  end
+  if h._blocking then return f:result() end
+  return f
+end
+
+Handle.__index = function(h, k)
+  local m = Handle[k]
+  if m ~= nil then return m end
+  if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
+  local stub = stubs[k]
+  if not stub then
+    stub = function(self, ...)
+      errors.check(getmetatable(self) == Handle, "worker:" .. k, "self",
+        "a worker (call it with ':')", self)
+      return call(self, k, ...)
+    end
+    stubs[k] = stub
+  end
+  return stub
+end
+
+function Handle:__tostring()
+  return ("corral.worker(%s, %s, %d instance%s%s)"):format(self._name, self._mode, #self._insts,
+    #self._insts == 1 and "" or "s", self._stopped and ", stopped" or "")
+end
+
+--- Stop the worker. By default (`drain=true`) it finishes what is queued,
+-- then stops; `drain=false` cancels the queued calls. Calls made after stop
+-- fail with `ClosedError`. Waits up to `timeout` seconds (forever by
+-- default) for the instances to end; returns true when they have.
+-- @tab[opt] opts `timeout`, `drain`
+function Handle:stop(opts)
+  opts = opts or {}
+  errors.check(type(opts) == "table", "worker:stop", "opts", "a table", opts)
+  future.check_timeout("worker:stop", opts.timeout)
+  local drain = opts.drain ~= false
+  self._stopped = true
+  if self._mode ~= "thread" then
+    for _, inst in ipairs(self._insts) do
+      inst.stopped = true
+      if not drain and inst.queue then
+        for i = inst.head, inst.tail do
+          local item = inst.queue[i]
+          inst.queue[i] = nil
+          item.f:cancel()
+          inst.active = inst.active - 1
+        end
+        inst.head = inst.tail + 1
+      end
+      if inst.space then inst.space:set_result() inst.space = nil end
+    end
+    if drain then
+      for _, inst in ipairs(self._insts) do
+        while inst.active and inst.active > 0 do sched.block(sched.waiter(), core.now() + 0.001) end
+      end
+    end
+    return true
+  end
+  local stopped = {}
+  for i, inst in ipairs(self._insts) do stopped[i] = wrap(core.wstop(inst.ud, drain)) end
+  local wait = require("corral.wait").wait
+  local _, not_done = wait(stopped, { timeout = opts.timeout })
+  if #not_done > 0 and drain then
+    for _, inst in ipairs(self._insts) do core.wstop(inst.ud, false) end
+    _, not_done = wait(stopped, { timeout = opts.timeout })
+  end
+  if #not_done > 0 then return false end
+  for _, inst in ipairs(self._insts) do core.wjoin(inst.ud) end
+  return true
+end
+
+-- What the codec sends for a thread worker handle: its options and its
+-- instances (nothing for async and sync workers, which cannot travel).
+function Handle:_export()
+  if self._mode ~= "thread" then return nil end
+  local ptrs = {}
+  for i, inst in ipairs(self._insts) do ptrs[i] = core.worker_ptr(inst.ud) end
+  return { name = self._name, balance = self._balance, blocking = self._blocking }, ptrs
+end
+
+--- Rebuild a thread worker handle sent from another context.
+function M.import(opts, ...)
+  local insts = {}
+  for i = 1, select("#", ...) do insts[i] = { ud = core.worker_ref((select(i, ...))) } end
+  return setmetatable({ _name = opts.name, _mode = "thread", _balance = opts.balance or "round_robin",
+    _blocking = opts.blocking or false, _insts = insts, _rr = 0 }, Handle)
+end
+
+--- Whether v is a worker handle.
+function M.is_worker(v) return getmetatable(v) == Handle end
+
+-- ======================================================================== --
+-- Classes                                                                  --
+-- ======================================================================== --
+
+local Class = {}
+Class.__index = Class
+
+local class_count = 0
+
+--- Declare a worker class: every function in `def` is a method that runs in
+-- the worker's context with `self` holding the instance's state; `init`,
+-- when present, runs first with the arguments of `Class:init(...)`.
+-- @tab def the methods
+-- @return the class
+function M.worker(def)
+  errors.check(type(def) == "table", "corral.worker", "def", "a table of methods", def)
+  local methods = {}
+  for k, v in pairs(def) do
+    errors.check(type(k) == "string", "corral.worker", "def", "a table with string keys", k)
+    errors.check(type(v) == "function", "corral.worker", "def." .. k, "a function", v)
+    methods[k] = v
+  end
+  class_count = class_count + 1
+  return setmetatable({ _methods = methods, _options = { name = "worker" .. class_count } }, Class)
+end
+
+--- A class with other options: `mode`, `workers`, `balance`, `max_queued`,
+-- `max_concurrency`, `blocking`, `name`.
+function Class:options(o)
+  check_options("Class:options", o)
+  local opts = {}
+  for k, v in pairs(self._options) do opts[k] = v end
+  for k, v in pairs(o) do opts[k] = v end
+  return setmetatable({ _methods = self._methods, _options = opts }, Class)
+end
+
+local function opt(o, k)
+  if o[k] ~= nil then return o[k] end
+  return settings[k]
+end
+
+--- Start an instance (or a pool of `workers` instances) with `init(...)`.
+-- @return a worker handle whose methods return futures
+function Class:init(...)
+  local o = self._options
+  local mode, n = opt(o, "mode"), opt(o, "workers")
+  local h = setmetatable({ _name = o.name, _mode = mode, _balance = opt(o, "balance"),
+    _blocking = opt(o, "blocking"), _max_queued = opt(o, "max_queued"),
+    _max_concurrency = opt(o, "max_concurrency"), _class = self._methods, _insts = {}, _rr = 0 }, Handle)
+  for i = 1, n do
+    local inst
+    local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name
+    if mode == "thread" then
+      local ud, why = core.worker_start(name, h._max_queued, self._methods,
+        { max_concurrency = h._max_concurrency }, ...)
+      if not ud then error(errors.new("CodecError", why, nil, 2), 2) end
+      inst = { ud = ud }
+    elseif mode == "async" then
+      inst = { self = {}, queue = {}, head = 1, tail = 0, running = 0, active = 0 }
+      if self._methods.init then inst.init = task.spawn(self._methods.init, inst.self, ...) end
+    else
+      inst = { self = {}, active = 0 }
+      if self._methods.init then
+        local ok, e = xpcall(self._methods.init, sched.on_error, inst.self, ...)
+        if not ok then inst.init_err = e end
+      end
+    end
+    h._insts[i] = inst
+  end
+  return h
+end
+
+-- ======================================================================== --
+-- submit and map                                                           --
+-- ======================================================================== --
+
+local Runner = M.worker { call = function(_, fn, ...) return fn(...) end }
+local default_pool
+
+local function pool_for(opts)
+  if opts and (opts.workers or opts.mode) then
+    return Runner:options { name = "map", workers = opts.workers or settings.pool_size,
+      mode = opts.mode or "thread" }:init(), true
+  end
+  if not default_pool then
+    default_pool = Runner:options { name = "pool", workers = settings.pool_size }:init()
+  end
+  return default_pool, false
+end
+
+--- Run `fn(...)` on the default pool of thread workers (one per CPU, started
+-- on first use); returns its future. `fn` travels as bytecode with its
+-- upvalues.
+function M.submit(fn, ...)
+  errors.check(type(fn) == "function", "corral.submit", "fn", "a function", fn)
+  return (pool_for(nil)):call(fn, ...)
+end
+
+--- Apply `fn` to every item on a pool, with at most a bounded number of
+-- calls in flight. Returns the results in input order, or with `iter=true`
+-- an iterator of `index, result` (in input order, or in completion order
+-- with `ordered=false`).
+-- @tab[opt] opts `workers`, `mode`, `ordered` (true), `iter`, `progress`
+function M.map(fn, items, opts)
+  opts = opts or {}
+  errors.check(type(fn) == "function", "corral.map", "fn", "a function", fn)
+  errors.check(type(items) == "table", "corral.map", "items", "an array", items)
+  errors.check(type(opts) == "table", "corral.map", "opts", "a table", opts)
+  local pool, own = pool_for(opts)
+  local n = #items
+  local bound = math.max(4, 2 * #pool._insts * (pool._max_concurrency or 1))
+  local ordered = opts.ordered ~= false
+  local prog = require("corral.progress").new(opts.progress, n)
+  local fs, next_submit, next_out, inflight = {}, 1, 1, 0
+  local pending = {} -- in flight, for completion order
+  local wait = require("corral.wait").wait
+
+  local function top_up()
+    while next_submit <= n and inflight < bound do
+      local f = pool:call(fn, items[next_submit])
+      fs[next_submit] = f
+      pending[f] = next_submit
+      inflight = inflight + 1
+      next_submit = next_submit + 1
+    end
+  end
+
+  local function take(i)
+    local f = fs[i]
+    fs[i] = nil
+    pending[f] = nil
+    inflight = inflight - 1
+    if prog then prog:tick(f[S] ~= DONE) end
+    if next_out > n and prog then prog:finish() end
+    if own and next_submit > n and inflight == 0 then pool:stop() end
+    return i, f:result()
+  end
+
+  local function step()
+    if next_out > n then return nil end
+    top_up()
+    if ordered then
+      local f = fs[next_out]
+      if f[S] < DONE then wait({ f }) end
+      next_out = next_out + 1
+      return take(next_out - 1)
+    end
+    local list = {}
+    for f in pairs(pending) do list[#list + 1] = f end
+    local done = wait(list, { return_when = "FIRST_COMPLETED" })
+    next_out = next_out + 1
+    return take(pending[done[1]])
+  end
+
+  if opts.iter then return step end
+  local out = {}
+  for i, v in step do out[i] = v end
+  return out
+end
+
+
+return M
