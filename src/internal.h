@@ -107,7 +107,7 @@ typedef struct {
   int ndeps, capdeps;
   int has_refs;     /* out: the payload holds references (futures, workers) */
   size_t size_hint; /* bytes to allocate up front */
-  char err[256];    /* out: why encoding failed, with the value's path */
+  char err[512];    /* out: why encoding failed, with the value's path */
 } codec_opts;
 
 typedef struct {
