@@ -455,3 +455,25 @@ describe("submit, map and config", function()
     assert.is_false(pcall(Counter.options, Counter, { workers = 0 }))
   end)
 end)
+
+describe("a pool under load", function()
+  it("takes 10,000 calls from 100 tasks and answers each one", function()
+    local p = Counter:options { workers = 2, max_queued = 64 }:init(0)
+    local tasks = {}
+    for t = 1, 100 do
+      tasks[t] = corral.spawn(function()
+        local fs = {}
+        for i = 1, 100 do fs[i] = p:add(1) end
+        local r = corral.gather(fs)
+        for i = 1, 100 do assert(type(r[i]) == "number") end
+        return #r
+      end)
+    end
+    local counts = corral.gather(tasks)
+    local total = 0
+    for _, n in ipairs(counts) do total = total + n end
+    assert.are.equal(10000, total)
+    assert.are.equal(10000, p:get():result() + p:get():result())
+    p:stop()
+  end)
+end)
