@@ -30,16 +30,66 @@ enum { EXT_REF = 1, EXT_DEP, EXT_FUTURE, EXT_MODULE, EXT_CFUNC, EXT_FUNC, EXT_WO
 #define CFUNCS_KEY "corral.codec.cfuncs"
 #define FCACHE_KEY "corral.codec.fcache"
 
+/* Where the encoder is, for the path in an error; made into text only when
+ * encoding fails. */
+typedef struct {
+  enum { AT_ARG, AT_INDEX, AT_KEY, AT_UPVALUE } kind;
+  size_t i;         /* AT_ARG, AT_INDEX */
+  int key;          /* AT_KEY: stack index of the key */
+  const char *name; /* AT_ARG: what; AT_UPVALUE: its name */
+} frame;
+
+/* The output: a small buffer on the C stack, moved to the heap when it
+ * outgrows it; the payload is allocated once at its final size. */
+typedef struct {
+  char *data;
+  size_t size, alloc;
+  char local[256];
+} wbuf;
+
 typedef struct {
   lua_State *L;
-  msgpack_sbuffer sb;
+  wbuf out;
   msgpack_packer pk;
   codec_opts *o;
   int seen;   /* stack index of the table -> id map */
   int nseen;
   int cfuncs; /* stack index of the C function -> path map (nil: not built) */
-  char path[256];
+  int nframes;
+  frame frames[CODEC_MAX_DEPTH * 2 + 8];
 } encoder;
+
+static int wbuf_write(void *ud, const char *buf, size_t len) {
+  wbuf *b = ud;
+  if (b->size + len > b->alloc) {
+    size_t alloc = b->alloc * 2;
+    while (alloc < b->size + len) alloc *= 2;
+    char *d = b->data == b->local ? malloc(alloc) : realloc(b->data, alloc);
+    if (d == NULL) return -1;
+    if (b->data == b->local) memcpy(d, b->local, b->size);
+    b->data = d;
+    b->alloc = alloc;
+  }
+  memcpy(b->data + b->size, buf, len);
+  b->size += len;
+  return 0;
+}
+
+static void wbuf_free(wbuf *b) {
+  if (b->data != b->local) free(b->data);
+}
+
+static char *wbuf_release(wbuf *b) {
+  if (b->data != b->local) return b->data;
+  char *d = malloc(b->size ? b->size : 1);
+  if (d != NULL) memcpy(d, b->local, b->size);
+  return d;
+}
+
+static void at(encoder *e, frame f) {
+  if (e->nframes < (int)(sizeof e->frames / sizeof e->frames[0])) e->frames[e->nframes] = f;
+  e->nframes++;
+}
 
 /* ======================================================================== */
 /* Encode                                                                    */
@@ -48,25 +98,38 @@ typedef struct {
 static int enc_value(encoder *e, int idx, int depth);
 
 static int enc_fail(encoder *e, const char *why) {
-  size_t n = strlen(e->path);
+  char path[256];
+  size_t n = 0;
+  int nf = e->nframes < (int)(sizeof e->frames / sizeof e->frames[0])
+               ? e->nframes
+               : (int)(sizeof e->frames / sizeof e->frames[0]);
+  for (int i = 0; i < nf && n < sizeof path - 1; i++) {
+    frame *f = &e->frames[i];
+    lua_State *L = e->L;
+    size_t room = sizeof path - n;
+    int w = 0;
+    switch (f->kind) {
+    case AT_ARG: w = snprintf(path + n, room, "%s[%zu]", f->name, f->i); break;
+    case AT_INDEX: w = snprintf(path + n, room, "[%zu]", f->i); break;
+    case AT_UPVALUE: w = snprintf(path + n, room, "<upvalue %s>", f->name); break;
+    case AT_KEY:
+      if (lua_type(L, f->key) == LUA_TSTRING)
+        w = snprintf(path + n, room, ".%s", lua_tostring(L, f->key));
+      else if (lua_type(L, f->key) == LUA_TNUMBER)
+        w = snprintf(path + n, room, "[%.14g]", lua_tonumber(L, f->key));
+      else
+        w = snprintf(path + n, room, "[%s]", luaL_typename(L, f->key));
+      break;
+    }
+    n += w > 0 ? (size_t)w : 0;
+  }
+  if (n >= sizeof path) n = sizeof path - 1;
+  path[n] = '\0';
   if (n > 120) /* keep the innermost part of a long path */
-    snprintf(e->o->err, sizeof e->o->err, "...%s: %s", e->path + n - 100, why);
+    snprintf(e->o->err, sizeof e->o->err, "...%s: %s", path + n - 100, why);
   else
-    snprintf(e->o->err, sizeof e->o->err, "%s: %s", e->path, why);
+    snprintf(e->o->err, sizeof e->o->err, "%s: %s", path, why);
   return -1;
-}
-
-/* Extend the path for a child; returns the old length to restore. */
-static size_t path_push(encoder *e, lua_State *L, int key) {
-  size_t n = strlen(e->path);
-  size_t room = sizeof e->path - n;
-  if (lua_type(L, key) == LUA_TSTRING)
-    snprintf(e->path + n, room, ".%s", lua_tostring(L, key));
-  else if (lua_type(L, key) == LUA_TNUMBER)
-    snprintf(e->path + n, room, "[%.14g]", lua_tonumber(L, key));
-  else
-    snprintf(e->path + n, room, "[%s]", luaL_typename(L, key));
-  return n;
 }
 
 static void pack_ext(encoder *e, int type, const void *data, size_t len) {
@@ -173,12 +236,11 @@ static int enc_table(encoder *e, int idx, int depth) {
     msgpack_pack_array(&e->pk, n);
     for (size_t i = 1; i <= n; i++) {
       lua_rawgeti(L, idx, (int)i);
-      size_t old = strlen(e->path);
-      snprintf(e->path + old, sizeof e->path - old, "[%zu]", i);
+      at(e, (frame){.kind = AT_INDEX, .i = i});
       int rc = enc_value(e, lua_gettop(L), depth + 1);
       lua_pop(L, 1);
       if (rc != 0) return rc;
-      e->path[old] = '\0';
+      e->nframes--;
     }
     return 0;
   }
@@ -186,12 +248,9 @@ static int enc_table(encoder *e, int idx, int depth) {
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     int top = lua_gettop(L);
-    size_t old = path_push(e, L, top - 1);
-    if (enc_value(e, top - 1, depth + 1) != 0 || enc_value(e, top, depth + 1) != 0) {
-      lua_pop(L, 2);
-      return -1;
-    }
-    e->path[old] = '\0';
+    at(e, (frame){.kind = AT_KEY, .key = top - 1});
+    if (enc_value(e, top - 1, depth + 1) != 0 || enc_value(e, top, depth + 1) != 0) return -1;
+    e->nframes--;
     lua_pop(L, 1);
   }
   return 0;
@@ -299,14 +358,13 @@ static int enc_function(encoder *e, int idx, int depth) {
   for (int i = 1; i <= nup; i++) {
     const char *name = lua_getupvalue(L, idx, i);
     int top = lua_gettop(L);
-    size_t old = strlen(e->path);
-    snprintf(e->path + old, sizeof e->path - old, "<upvalue %s>", name && *name ? name : "?");
+    at(e, (frame){.kind = AT_UPVALUE, .name = name && *name ? name : "?"});
     int rc = 0;
     if (lua_type(L, top) == LUA_TTABLE && module_name(e, top)) rc = 0;
     else rc = enc_value(e, top, depth + 1);
-    lua_pop(L, 1);
     if (rc != 0) return rc;
-    e->path[old] = '\0';
+    lua_pop(L, 1);
+    e->nframes--;
   }
   return 0;
 }
@@ -356,16 +414,21 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
   e.seen = top + 1;
   lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
   e.cfuncs = top + 2;
-  msgpack_sbuffer_init(&e.sb);
-  if (o->size_hint > 0) { /* one allocation for a large string */
-    e.sb.data = malloc(o->size_hint);
-    if (e.sb.data != NULL) e.sb.alloc = o->size_hint;
+  e.out.data = e.out.local;
+  e.out.alloc = sizeof e.out.local;
+  if (o->size_hint > sizeof e.out.local) { /* one allocation for a large string */
+    char *d = malloc(o->size_hint);
+    if (d != NULL) {
+      e.out.data = d;
+      e.out.alloc = o->size_hint;
+    }
   }
-  msgpack_packer_init(&e.pk, &e.sb, msgpack_sbuffer_write);
+  msgpack_packer_init(&e.pk, &e.out, wbuf_write);
   msgpack_pack_array(&e.pk, (size_t)n);
   int rc = 0;
   for (int i = 0; i < n && rc == 0; i++) {
-    snprintf(e.path, sizeof e.path, "%s[%d]", o->what ? o->what : "args", i + 1);
+    e.nframes = 0;
+    at(&e, (frame){.kind = AT_ARG, .i = (size_t)i + 1, .name = o->what ? o->what : "args"});
     rc = enc_value(&e, from + i, 0);
   }
   if (e.nseen > 0) { /* empty the map of seen tables for next time */
@@ -379,11 +442,11 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
   }
   lua_settop(L, top);
   if (rc != 0) {
-    msgpack_sbuffer_destroy(&e.sb);
+    wbuf_free(&e.out);
     return NULL;
   }
-  *len = e.sb.size;
-  return msgpack_sbuffer_release(&e.sb);
+  *len = e.out.size;
+  return wbuf_release(&e.out);
 }
 
 /* ======================================================================== */
