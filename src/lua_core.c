@@ -374,9 +374,10 @@ static int push_status(lua_State *L, int rc) {
 }
 
 /* wcall(w, method, ...): encode the arguments (futures become inputs to
- * unwrap) and queue the call. Returns the result's C future; or nil,
- * "full", the result and the call (to push again when there is room); or
- * nil, "closed"; or nil, "codec", why. */
+ * unwrap) and queue the call. Returns the result's C future and its watch
+ * key (the caller's loop is told when it settles); or nil, "full", the
+ * result, the call (to push again when there is room) and the key; or nil,
+ * "closed", nil, nil, key; or nil, "codec", why. */
 static int l_wcall(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   const char *method = luaL_checkstring(L, 2);
@@ -398,22 +399,29 @@ static int l_wcall(lua_State *L) {
   corral_call *c = call_new(method, result, payload, len, o.has_refs, o.deps, o.ndeps);
   if (result == NULL || c == NULL) return luaL_error(L, "corral: out of memory");
   corral_future_retain(result);
+  /* the caller's loop hears of the result through a watch made here */
+  if (future_watch(result, ctx_of(L)) < 0) return luaL_error(L, "corral: out of memory");
   int rc = worker_push(w, c);
   if (rc == 0) {
     cf_push(L, result);
-    return 1;
+    lua_pushlightuserdata(L, result);
+    return 2;
   }
   lua_pushnil(L);
   if (rc == CORRAL_ECLOSED) {
     call_free(c);
-    corral_future_release(result);
     lua_pushliteral(L, "closed");
-    return 2;
+    cf_push(L, result); /* its watch still waits: it fails below */
+    corral_future_set_error(result, "ClosedError", "the worker is stopped");
+    lua_pushnil(L);
+    lua_pushlightuserdata(L, result);
+    return 5;
   }
   lua_pushliteral(L, "full");
   cf_push(L, result);
   call_push(L, c);
-  return 4;
+  lua_pushlightuserdata(L, result);
+  return 5;
 }
 
 /* wpush(w, call): push a call again: true, "full" or "closed". */
@@ -465,10 +473,12 @@ static int l_wname(lua_State *L) {
 
 /* ---- the worker's side ---------------------------------------------------- */
 
-/* inbox_take(t, max): fill t[1..n] with calls; returns n and the stop mode. */
+/* inbox_take(t, max, at): put up to max calls in t[at+1..]; returns how
+ * many and the stop mode. */
 static int l_inbox_take(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   int max = (int)luaL_checkinteger(L, 2);
+  int at = (int)luaL_optinteger(L, 3, 0);
   corral_worker *w = ctx_of(L)->worker;
   if (w == NULL) return luaL_error(L, "corral: not a worker context");
   corral_call *calls[64];
@@ -477,26 +487,31 @@ static int l_inbox_take(lua_State *L) {
   int n = worker_take(w, calls, max, &stopping);
   for (int i = 0; i < n; i++) {
     call_push(L, calls[i]);
-    lua_rawseti(L, 1, i + 1);
+    lua_rawseti(L, 1, at + i + 1);
   }
   lua_pushinteger(L, n);
   lua_pushinteger(L, stopping);
   return 2;
 }
 
-/* call_info(call): method name, result future, and its inputs (C futures). */
+/* call_info(call): the method's name and how many inputs it has. */
 static int l_call_info(lua_State *L) {
   corral_call *c = call_check(L, 1);
   lua_pushstring(L, c->method);
-  corral_future_retain(c->result);
-  cf_push(L, c->result);
+  lua_pushinteger(L, c->ndeps);
+  return 2;
+}
+
+/* call_deps(call): its inputs, as C futures. */
+static int l_call_deps(lua_State *L) {
+  corral_call *c = call_check(L, 1);
   lua_createtable(L, c->ndeps, 0);
   for (int i = 0; i < c->ndeps; i++) {
     corral_future_retain(c->deps[i]);
     cf_push(L, c->deps[i]);
     lua_rawseti(L, -2, i + 1);
   }
-  return 3;
+  return 1;
 }
 
 /* call_args(call): the decoded arguments, inputs in their places. */
@@ -510,14 +525,39 @@ static int l_call_args(lua_State *L) {
   return n;
 }
 
-/* call_done(call): the call has finished (its result is settled). */
-static int l_call_done(lua_State *L) {
-  corral_call **p = (corral_call **)luaL_checkudata(L, 1, CALL_MT);
+/* The call has finished: count it and free it. */
+static void call_done(lua_State *L, corral_call **p) {
   corral_worker *w = ctx_of(L)->worker;
   if (w != NULL) atomic_fetch_sub(&w->active, 1);
-  if (*p != NULL) call_free(*p);
+  call_free(*p);
   *p = NULL;
-  return 0;
+}
+
+/* call_finish(call, state, ...): settle the call's future with the values
+ * (state DONE) or the error (FAILED), encoded; or cancel it (CANCELLED).
+ * Returns true, or nil and why the values cannot travel (the call is then
+ * still open, to fail with that). */
+static int l_call_finish(lua_State *L) {
+  corral_call **p = (corral_call **)luaL_checkudata(L, 1, CALL_MT);
+  int state = (int)luaL_checkinteger(L, 2);
+  if (*p == NULL) return luaL_error(L, "corral: call already finished");
+  corral_future *f = (*p)->result;
+  if (state == CORRAL_CANCELLED) {
+    future_settle(f, CORRAL_CANCELLED, NULL, 0);
+  } else {
+    codec_opts o = {0};
+    o.what = state == CORRAL_DONE ? "result" : "error";
+    if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096)
+      o.size_hint = lua_objlen(L, 3) + 64;
+    size_t len;
+    char *buf = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+    if (buf == NULL) return codec_error(L, o.err);
+    atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
+    future_settle_refs(f, (corral_state)state, buf, len, o.has_refs);
+  }
+  call_done(L, p);
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static int l_set_tasks(lua_State *L) {
@@ -619,7 +659,8 @@ static const luaL_Reg core_funcs[] = {
     {"inbox_take", l_inbox_take},
     {"call_info", l_call_info},
     {"call_args", l_call_args},
-    {"call_done", l_call_done},
+    {"call_deps", l_call_deps},
+    {"call_finish", l_call_finish},
     {"set_tasks", l_set_tasks},
     {"stats", l_stats},
     {"ncpu", l_ncpu},

@@ -211,6 +211,13 @@ function M.watch(f)
   return true
 end
 
+--- Record that this loop watches the C half of `f` under `key` (the watch
+-- was made in C): `f:_sync()` is called when it settles.
+function M.watched(f, key)
+  watched[key] = f
+  ext_pending = ext_pending + 1
+end
+
 M.on_sigint = nil -- set by the runner
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
 M.keepalive = false -- a worker's loop waits for calls even with nothing pending

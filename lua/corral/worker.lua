@@ -89,10 +89,22 @@ local function closed_future(h, method)
   return f
 end
 
+-- The futures of calls: tostring says "call".
+local CallFuture = {}
+for k, v in pairs(future.Future) do CallFuture[k] = v end
+CallFuture.__index = CallFuture
+CallFuture._kind = "call"
+
 local function wrap(c)
   local f = future.new(c)
-  f._kind = "call"
   if not sched.watch(f) then f:_sync() end
+  return f
+end
+
+-- A call's future, already watched by this loop under `key`.
+local function call_future(c, key)
+  local f = setmetatable(future.new(c), CallFuture)
+  sched.watched(f, key)
   return f
 end
 
@@ -120,12 +132,12 @@ end
 -- ---- thread instances ------------------------------------------------------
 
 local function thread_call(h, inst, method, ...)
-  local c, why, rc, call = core.wcall(inst.ud, method, ...)
-  if c then return wrap(c) end
+  local c, why, rc, call, key = core.wcall(inst.ud, method, ...)
+  if c then return call_future(c, why) end
   if why == "codec" then error(errors.new("CodecError", rc, nil, 4), 4) end
-  if why == "closed" then return closed_future(h, method) end
+  local f = call_future(rc, key)
+  if why == "closed" then return f end
   -- the inbox is full: wait for room (this task only), then queue it
-  local f = wrap(rc)
   while true do
     local space = core.wspace(inst.ud)
     if space then wrap(space):result() end
@@ -207,8 +219,7 @@ local function async_call(h, inst, method, ...)
     inst.space:result()
     if inst.stopped then return closed_future(h, method) end
   end
-  local f = future.new()
-  f._kind = "call"
+  local f = setmetatable(future.new(), CallFuture)
   inst.tail = inst.tail + 1
   inst.queue[inst.tail] = { method = method, f = f, args = { n = select("#", ...), ... } }
   inst.active = inst.active + 1
@@ -218,8 +229,7 @@ end
 
 local function sync_call(h, inst, method, ...)
   if inst.stopped then return closed_future(h, method) end
-  local f = future.new()
-  f._kind = "call"
+  local f = setmetatable(future.new(), CallFuture)
   if inst.init_err ~= nil then
     f:set_exception(errors.new("WorkerError", ("%s:init: %s"):format(h._name,
       sched.safe_tostring(inst.init_err)), inst.init_err, false))
@@ -260,6 +270,7 @@ Handle.__index = function(h, k)
     end
     stubs[k] = stub
   end
+  rawset(h, k, stub) -- found directly next time
   return stub
 end
 

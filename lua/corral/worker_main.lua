@@ -1,17 +1,18 @@
 --- The main of a thread worker: runs in the worker's own lua_State on its
--- own OS thread. Takes calls from the inbox, runs each as a task (at most
--- `max_concurrency` at once, started in the order they were made), settles
--- their futures with encoded results, and stops when asked.
+-- own OS thread. Takes calls from the inbox in batches and runs them in
+-- order, at most `max_concurrency` at once, each on one of that many runner
+-- tasks; settles their futures with encoded results; stops when asked.
 -- @module corral.worker_main
 local core = require "corral.core"
 local corral = require "corral"
 local errors = require "corral.errors"
 local sched = require "corral.sched"
 local task = require "corral.task"
-local future = require "corral.future"
 
-local DONE, FAILED = future.DONE, future.FAILED
+local DONE, FAILED, CANCELLED = 2, 3, 4
 local DRAIN, CANCEL = 1, 2
+local call_info, call_args, call_finish = core.call_info, core.call_args, core.call_finish
+local xpcall, type = xpcall, type
 
 local M = {}
 
@@ -24,19 +25,11 @@ local function worker_error(name, method, e, tb)
   return err
 end
 
-local function fail(rc, err)
-  local ok = core.fsettle_encode(rc, FAILED, err)
-  if ok == nil then
+local function fail(call, err)
+  if call_finish(call, FAILED, err) == nil then
     -- the cause cannot travel: send its text instead
     err.cause = sched.safe_tostring(err.cause)
-    core.fsettle_encode(rc, FAILED, err)
-  end
-end
-
-local function succeed(rc, ...)
-  local ok, why = core.fsettle_encode(rc, DONE, ...)
-  if ok == nil then
-    fail(rc, errors.new("CodecError", why, nil, false))
+    call_finish(call, FAILED, err)
   end
 end
 
@@ -45,124 +38,136 @@ end
 function M.run(name, class, opts, ...)
   local self = {}
   local limit = opts.max_concurrency or 1
-  local running, stopping = 0, 0
-  local calls = {}
-  local live = {} -- tasks running calls, to cancel when stopping without drain
+  local stopping = 0
+  local buf, head, tail = {}, 1, 0 -- calls taken from the inbox, in order
+  local runners = 0                 -- runner tasks alive
+  local live = {}                   -- runner tasks, to cancel on stop
 
   -- init runs first, as a task of its own; calls wait for it
-  local init_err
   local init = corral.spawn(function(...)
     if class.init then class.init(self, ...) end
   end, ...)
+  local init_err -- false once init succeeded
 
-  local pump
-
-  local function run_call(call)
-    local method, rc, deps = core.call_info(call)
-    local me = sched.current()
-    live[me] = true
-    local ok, e = pcall(function()
-      if stopping == CANCEL then
-        core.fcancel(rc)
-        return
-      end
-      if init:exception() ~= nil then
-        init_err = init_err or init:exception()
-        fail(rc, worker_error(name, "init", init_err, init._tb))
-        return
-      end
+  -- Wait for init and the call's inputs; returns an error to fail the call
+  -- with, CANCEL, or nil to run it.
+  local function prepare(call, method, ndeps)
+    if init_err == nil then
+      local ok, e = pcall(init.exception, init)
+      if not ok then return CANCEL end
+      init_err = e or false
+    end
+    if init_err then return worker_error(name, "init", init_err, init._tb) end
+    if ndeps > 0 then
+      local deps = core.call_deps(call)
       for i = 1, #deps do
         local d = corral._wrap(deps[i])
-        local de = d:exception()
-        if d:cancelled() then
-          core.fcancel(rc)
-          return
-        elseif de ~= nil then
+        local ok, de = pcall(d.exception, d)
+        if not ok or d:cancelled() then return CANCEL end
+        if de ~= nil then
           local what = type(de) == "table" and rawget(de, "kind") and (de.kind .. ": " .. tostring(de.message))
             or sched.safe_tostring(de)
-          fail(rc, errors.new("DependencyError", ("%s:%s: input %d failed: %s"):format(name, method, i, what),
-            de, false))
-          return
+          return errors.new("DependencyError", ("%s:%s: input %d failed: %s"):format(name, method, i, what),
+            de, false)
         end
       end
-      local fn = class[method]
-      if type(fn) ~= "function" then
-        fail(rc, worker_error(name, method, "no method '" .. tostring(method) .. "'"))
-        return
-      end
-      local function finish(ok2, ...)
-        if ok2 then
-          succeed(rc, ...)
-        else
-          local err = ...
-          if errors.is_error(err, "CancelledError") then
-            core.fcancel(rc)
-          else
-            fail(rc, worker_error(name, method, err, sched.last_traceback()))
-          end
-        end
-      end
-      finish(xpcall(fn, sched.on_error, self, core.call_args(call)))
-    end)
-    if not ok then
-      -- cancelled while waiting for init or an input, or a codec failure
-      if errors.is_error(e, "CancelledError") then core.fcancel(rc)
-      else fail(rc, worker_error(name, method, e)) end
     end
-    core.call_done(call)
-    live[me] = nil
-    running = running - 1
-    pump()
   end
 
-  -- Take calls while there is room; always learn whether to stop.
-  pump = function()
-    repeat
-      local room = limit - running
-      local n, st = core.inbox_take(calls, room > 0 and room or 0)
-      stopping = st
-      for i = 1, n do
-        running = running + 1
-        corral.spawn(run_call, calls[i])
-        calls[i] = nil
+  local function finish(call, method, ok, ...)
+    if ok then
+      local done, why = call_finish(call, DONE, ...)
+      if done == nil then fail(call, errors.new("CodecError", why, nil, false)) end
+    else
+      local err = ...
+      if errors.is_error(err, "CancelledError") then
+        call_finish(call, CANCELLED)
+      else
+        fail(call, worker_error(name, method, err, sched.last_traceback()))
       end
-    until n == 0 or running >= limit
+    end
+  end
+
+  local function refill()
+    local n, st = core.inbox_take(buf, 64, tail)
+    stopping = st
+    tail = tail + n
+    return n
+  end
+
+  -- A runner: runs queued calls one after another until there are none.
+  local function runner()
+    local me = sched.current()
+    live[me] = true
+    while true do
+      if head > tail then
+        head, tail = 1, 0
+        if refill() == 0 then break end
+      end
+      local call = buf[head]
+      buf[head] = nil
+      head = head + 1
+      local method, ndeps = call_info(call)
+      local err
+      if stopping == CANCEL then
+        err = CANCEL
+      elseif init_err ~= false or ndeps > 0 then
+        err = prepare(call, method, ndeps)
+      end
+      if err == CANCEL then
+        call_finish(call, CANCELLED)
+      elseif err then
+        fail(call, err)
+      else
+        local fn = class[method]
+        if type(fn) ~= "function" then
+          fail(call, worker_error(name, method, "no method '" .. tostring(method) .. "'"))
+        else
+          finish(call, method, xpcall(fn, sched.on_error, self, call_args(call)))
+        end
+      end
+    end
+    live[me] = nil
+    runners = runners - 1
+  end
+
+  -- On each turn: learn whether to stop, and start runners for new calls.
+  sched.on_wake = function()
+    if runners < limit then
+      if head > tail then
+        head, tail = 1, 0
+        refill()
+      else
+        local _, st = core.inbox_take(buf, 0, tail)
+        stopping = st
+      end
+      while runners < limit and head <= tail do
+        runners = runners + 1
+        corral.spawn(runner)
+      end
+    else
+      local _, st = core.inbox_take(buf, 0, tail)
+      stopping = st
+    end
     core.set_tasks(task.live())
   end
-
-  sched.on_wake = pump
   sched.keepalive = true
   while true do
     sched.turn(true)
     if stopping == CANCEL then
-      -- cancel what is queued and what runs, then wait for them to end
-      sched.on_wake = nil
-      local n
-      repeat
-        n = core.inbox_take(calls, 64)
-        for i = 1, n do
-          local _, rc = core.call_info(calls[i])
-          core.fcancel(rc)
-          core.call_done(calls[i])
-          calls[i] = nil
-        end
-      until n == 0
-      for t in pairs(live) do t:cancel() end -- the others cancel their calls as they start
+      -- cancel what runs; queued calls are cancelled by the runners (and
+      -- what is left in the inbox by the thread as it ends)
+      for t in pairs(live) do t:cancel() end
       sched.keepalive = false
-      while running > 0 and sched.turn(true) do end
+      while runners > 0 and sched.turn(true) do end
       break
-    elseif stopping == DRAIN and running == 0 then
-      local n = core.inbox_take(calls, 1)
-      if n == 0 then break end
-      -- one more came in before the stop: run it
-      running = running + 1
-      corral.spawn(run_call, calls[1])
-      calls[1] = nil
+    elseif stopping == DRAIN and runners == 0 and head > tail then
+      head, tail = 1, 0
+      if refill() == 0 then break end
     end
   end
   sched.on_wake = nil
   sched.keepalive = false
-  -- what the methods left behind (timers, tasks) ends with the worker
 end
 
 return M
