@@ -42,20 +42,31 @@ fail_loop:
 /* Completions                                                               */
 /* ======================================================================== */
 
+/* How long a loop spins, watching for work, before it parks in the kernel:
+ * waking a parked thread costs tens of microseconds; a short spin answers a
+ * quick reply at once. */
+#define SPIN_NS 30000
+
+void ctx_signal(corral_context *c, int pending) {
+  atomic_store(&c->signal, 1);
+  /* Sent under qlock so that ctx_close cannot free the handle meanwhile. */
+  if (!pending && !c->closed && !atomic_load(&c->spinning)) uv_async_send(&c->async);
+}
+
 void ctx_post(corral_watch *w) {
   corral_context *c = w->ctx;
   uv_mutex_lock(&c->qlock);
-  int was_empty = queue_empty(&c->completed);
+  /* one wake-up per batch: a non-empty queue already has one on the way */
+  int pending = !queue_empty(&c->completed);
   queue_remove(&w->node);
   queue_insert_tail(&c->completed, &w->node);
-  /* One wake-up per batch: a non-empty queue already has one on the way.
-   * Sent under qlock so that ctx_close cannot free the handle meanwhile. */
-  if (was_empty) uv_async_send(&c->async);
+  ctx_signal(c, pending);
   uv_mutex_unlock(&c->qlock);
 }
 
 int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud) {
   queue done;
+  atomic_store(&c->signal, 0);
   uv_mutex_lock(&c->qlock);
   queue_move(&c->completed, &done);
   uv_mutex_unlock(&c->qlock);
@@ -72,9 +83,36 @@ int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *u
   return n;
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+/* Spin up to SPIN_NS (less when the timeout is shorter) for posted work.
+ * Returns 1 when work came. */
+static int spin(corral_context *c, int timeout_ms) {
+  uint64_t ns = SPIN_NS;
+  if (timeout_ms > 0 && (uint64_t)timeout_ms * 1000000 < ns) ns = (uint64_t)timeout_ms * 1000000;
+  atomic_store(&c->spinning, 1);
+  uint64_t end = uv_hrtime() + ns;
+  int n = 0;
+  while (!atomic_load_explicit(&c->signal, memory_order_relaxed)) {
+    cpu_relax();
+    if (++n % 64 == 0 && uv_hrtime() >= end) break;
+  }
+  atomic_store(&c->spinning, 0);
+  /* a poster that saw us spinning did not wake us: look once more */
+  return atomic_load(&c->signal) != 0;
+}
+
 void ctx_poll(corral_context *c, int timeout_ms) {
   if (timeout_ms == 0) {
     uv_run(&c->loop, UV_RUN_NOWAIT);
+    return;
+  }
+  if (spin(c, timeout_ms)) {
+    uv_run(&c->loop, UV_RUN_NOWAIT); /* other events, without waiting */
     return;
   }
   if (timeout_ms > 0) {

@@ -59,6 +59,8 @@ struct corral_context {
   queue completed; /* watches whose future settled, to drain (under qlock) */
   queue reporters; /* unretrieved errors, loop thread only */
   int closed;      /* the loop is closed: no more wake-ups (under qlock) */
+  atomic_int signal;   /* work was posted since the last drain */
+  atomic_int spinning; /* the loop spins before parking: no need to wake it */
   /* statistics, read from any thread */
   atomic_long encodes, decodes, tasks;
 };
@@ -68,6 +70,9 @@ int ctx_init(corral_context *c, corral_runtime *rt, lua_State *L);
 void ctx_close(corral_context *c, int destroy_lock);
 /* Called by future_settle with the watch already unlinked from its future. */
 void ctx_post(corral_watch *w);
+/* Tell c that work was posted to it (call under c->qlock): wakes its loop
+ * unless it is spinning, or `pending` says a wake-up is on its way. */
+void ctx_signal(corral_context *c, int pending);
 /* Run the loop once; timeout in ms, 0 never blocks, -1 waits for an event. */
 void ctx_poll(corral_context *c, int timeout_ms);
 /* Take every completed watch; calls fn for each, then frees the watch. */

@@ -124,12 +124,12 @@ int worker_push(corral_worker *w, corral_call *c) {
     uv_mutex_unlock(&w->ctx.qlock);
     return CORRAL_EAGAIN;
   }
-  int was_empty = queue_empty(&w->inbox);
+  int pending = !queue_empty(&w->inbox);
   queue_insert_tail(&w->inbox, &c->node);
   w->queued++;
   atomic_fetch_add(&w->active, 1);
   /* one wake-up per batch: a non-empty inbox has one on the way */
-  if (was_empty) uv_async_send(&w->ctx.async);
+  ctx_signal(&w->ctx, pending);
   uv_mutex_unlock(&w->ctx.qlock);
   return 0;
 }
@@ -192,7 +192,7 @@ void worker_stop(corral_worker *w, int how) {
   uv_mutex_lock(&w->ctx.qlock);
   if (w->stopping < how) {
     w->stopping = how;
-    if (!w->ctx.closed) uv_async_send(&w->ctx.async);
+    ctx_signal(&w->ctx, 0);
   }
   /* callers waiting for room will find the worker closed */
   int nspace = w->nspace;
