@@ -146,6 +146,16 @@ static int enc_number(encoder *e, lua_Number x) {
 /* The table at idx was seen before: emit a REF. Otherwise give it an id. */
 static int enc_seen(encoder *e, int idx) {
   lua_State *L = e->L;
+  if (lua_isnil(L, e->seen)) { /* the first table of this encode */
+    lua_getfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+    }
+    lua_replace(L, e->seen);
+  }
   lua_pushvalue(L, idx);
   lua_rawget(L, e->seen);
   if (!lua_isnil(L, -1)) {
@@ -266,6 +276,10 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 static int cfunc_path(encoder *e, int idx) {
   lua_State *L = e->L;
   for (int pass = 0; pass < 2; pass++) {
+    if (lua_isnil(L, e->cfuncs) && pass == 0) lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+    else lua_pushnil(L);
+    if (!lua_isnil(L, -1)) lua_replace(L, e->cfuncs);
+    else lua_pop(L, 1);
     if (lua_isnil(L, e->cfuncs) || pass == 1) {
       {
         lua_newtable(L);
@@ -404,15 +418,9 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
   /* two slots below everything the encoder pushes: the map of tables seen
    * (for shared sub-tables and cycles) and the map of C functions */
   luaL_checkstack(L, 16, "corral codec");
-  lua_getfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
-  }
+  lua_pushnil(L); /* filled when the first table comes */
   e.seen = top + 1;
-  lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+  lua_pushnil(L); /* filled when the first C function comes */
   e.cfuncs = top + 2;
   e.out.data = e.out.local;
   e.out.alloc = sizeof e.out.local;

@@ -40,9 +40,10 @@ end
 M.is_future = is_future
 Future.__future = true
 
---- A new pending future, over `c` (a C future) when given.
-function M.new(c)
-  local f = setmetatable({ PENDING, 0, false, false }, Future)
+--- A new pending future, over `c` (a C future) when given, with metatable
+-- `mt` (default: Future).
+function M.new(c, mt)
+  local f = setmetatable({ PENDING, 0, false, false }, mt or Future)
   if c then f._c = c end
   return f
 end

@@ -103,7 +103,7 @@ end
 
 -- A call's future, already watched by this loop under `key`.
 local function call_future(c, key)
-  local f = setmetatable(future.new(c), CallFuture)
+  local f = future.new(c, CallFuture)
   sched.watched(f, key)
   return f
 end
@@ -219,7 +219,7 @@ local function async_call(h, inst, method, ...)
     inst.space:result()
     if inst.stopped then return closed_future(h, method) end
   end
-  local f = setmetatable(future.new(), CallFuture)
+  local f = future.new(nil, CallFuture)
   inst.tail = inst.tail + 1
   inst.queue[inst.tail] = { method = method, f = f, args = { n = select("#", ...), ... } }
   inst.active = inst.active + 1
@@ -229,7 +229,7 @@ end
 
 local function sync_call(h, inst, method, ...)
   if inst.stopped then return closed_future(h, method) end
-  local f = setmetatable(future.new(), CallFuture)
+  local f = future.new(nil, CallFuture)
   if inst.init_err ~= nil then
     f:set_exception(errors.new("WorkerError", ("%s:init: %s"):format(h._name,
       sched.safe_tostring(inst.init_err)), inst.init_err, false))
