@@ -263,9 +263,11 @@ Handle.__index = function(h, k)
   if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
   local stub = stubs[k]
   if not stub then
+    local fname = "worker:" .. k
     stub = function(self, ...)
-      errors.check(getmetatable(self) == Handle, "worker:" .. k, "self",
-        "a worker (call it with ':')", self)
+      if getmetatable(self) ~= Handle then
+        errors.check(false, fname, "self", "a worker (call it with ':')", self)
+      end
       return call(self, k, ...)
     end
     stubs[k] = stub
