@@ -36,3 +36,17 @@ row("gather overhead, 100k futures", ours, peer, "asyncio.gather", "ns/future", 
 ours = measure([corral, B("idle.lua"), "10000"])
 peer = measure([sys.executable, B("idle_futures.py"), "10000"])
 row("CPU while waiting 1 s, 10k futures", ours, peer, "concurrent.futures.wait", "ms", False)
+ours = measure([corral, B("calls.lua"), "throughput", "200000"])
+peer = measure([sys.executable, B("calls_threadpool.py"), "throughput", "50000"])
+row("tiny calls to a pool of 2 threads", ours, peer, "ThreadPoolExecutor(2)", "calls/s", True)
+if subprocess.run(["luajit", "-e", "require 'luv'"], capture_output=True).returncode == 0:
+    luv = measure(["luajit", B("luv_queue_work.lua"), "200000"])
+    row("  same, against luv", ours, luv, "luv uv.queue_work", "calls/s", True)
+else:
+    print("  (lua-luv not installed: no queue_work comparison)")
+ours = measure([corral, B("calls.lua"), "latency", "5000"])
+peer = measure([sys.executable, B("calls_threadpool.py"), "latency", "5000"])
+row("one call's round trip (median)", ours, peer, "ThreadPoolExecutor(2)", "us", False)
+ours = measure([corral, B("bigstring.lua")])
+peer = measure([sys.executable, B("bigstring_threadpool.py")])
+row("16 MiB string to a worker and back", ours, peer, "ThreadPool (no copy)", "MB/s", True)
