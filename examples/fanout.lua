@@ -41,3 +41,19 @@ end
 local done, pending = corral.wait(racers, { return_when = "FIRST_COMPLETED" })
 for _, f in ipairs(pending) do f:cancel() end
 print("fastest: " .. done[1]:result())
+
+-- CPU work goes to a pool of thread workers; a result flows from one worker
+-- to the next without the script waiting for it.
+local Hasher = corral.worker {
+  digest = function(_, s)
+    local h = 0
+    for i = 1, #s do h = (h * 31 + s:byte(i)) % 4294967296 end
+    return h
+  end,
+  label = function(_, h) return ("%08x"):format(h) end,
+}
+local pool = Hasher:options { workers = 2, name = "hasher" }:init()
+local labels = {}
+for i = 1, 8 do labels[i] = pool:label(pool:digest(("payload %d"):format(i):rep(1000))) end
+print("labels: " .. table.concat(corral.gather(labels), " "))
+pool:stop()

@@ -26,9 +26,9 @@
 enum { EXT_REF = 1, EXT_DEP, EXT_FUTURE, EXT_MODULE, EXT_CFUNC, EXT_FUNC, EXT_WORKER, EXT_INST };
 
 #define CODEC_MAX_DEPTH 100
-#define SEEN_KEY "corral.codec.seen"
-#define CFUNCS_KEY "corral.codec.cfuncs"
-#define FCACHE_KEY "corral.codec.fcache"
+#define SEEN_KEY        "corral.codec.seen"
+#define CFUNCS_KEY      "corral.codec.cfuncs"
+#define FCACHE_KEY      "corral.codec.fcache"
 
 /* Where the encoder is, for the path in an error; made into text only when
  * encoding fails. */
@@ -52,7 +52,7 @@ typedef struct {
   wbuf out;
   msgpack_packer pk;
   codec_opts *o;
-  int seen;   /* stack index of the table -> id map */
+  int seen; /* stack index of the table -> id map */
   int nseen;
   int cfuncs; /* stack index of the C function -> path map (nil: not built) */
   int nframes;
@@ -63,7 +63,8 @@ static int wbuf_write(void *ud, const char *buf, size_t len) {
   wbuf *b = ud;
   if (b->size + len > b->alloc) {
     size_t alloc = b->alloc * 2;
-    while (alloc < b->size + len) alloc *= 2;
+    while (alloc < b->size + len)
+      alloc *= 2;
     char *d = b->data == b->local ? malloc(alloc) : realloc(b->data, alloc);
     if (d == NULL) return -1;
     if (b->data == b->local) memcpy(d, b->local, b->size);
@@ -181,7 +182,7 @@ static int enc_future(encoder *e, int idx) {
     lua_setfield(e->L, idx, "_dep");
     if (o->ndeps == o->capdeps) {
       int cap = o->capdeps ? o->capdeps * 2 : 4;
-      corral_future **d = realloc(o->deps, sizeof *d * (size_t)cap);
+      corral_future **d = realloc(o->deps, sizeof(corral_future *) * (size_t)cap);
       if (d == NULL) return enc_fail(e, "out of memory");
       o->deps = d;
       o->capdeps = cap;
@@ -193,7 +194,7 @@ static int enc_future(encoder *e, int idx) {
   } else {
     corral_future_retain(f); /* owned by the payload: see codec_discard */
     o->has_refs = 1;
-    pack_ext(e, EXT_FUTURE, &f, sizeof f);
+    pack_ext(e, EXT_FUTURE, &f, sizeof(corral_future *));
   }
   return 0;
 }
@@ -207,7 +208,7 @@ static int enc_worker(encoder *e, int idx, int depth) {
   lua_pushvalue(L, idx);
   lua_call(L, 1, 2);
   int n = (int)lua_objlen(L, top + 2);
-  msgpack_pack_array(&e->pk, (size_t)(2 + n));
+  msgpack_pack_array(&e->pk, (size_t)2 + (size_t)n);
   pack_ext(e, EXT_WORKER, NULL, 0);
   if (enc_value(e, top + 1, depth + 1) != 0) return -1;
   for (int i = 1; i <= n; i++) {
@@ -268,7 +269,7 @@ static int enc_table(encoder *e, int idx, int depth) {
 
 static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   (void)L;
-  return msgpack_sbuffer_write(ud, p, sz);
+  return wbuf_write(ud, p, sz);
 }
 
 /* The path of a C function that some loaded module holds ("string.format"),
@@ -276,10 +277,14 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 static int cfunc_path(encoder *e, int idx) {
   lua_State *L = e->L;
   for (int pass = 0; pass < 2; pass++) {
-    if (lua_isnil(L, e->cfuncs) && pass == 0) lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
-    else lua_pushnil(L);
-    if (!lua_isnil(L, -1)) lua_replace(L, e->cfuncs);
-    else lua_pop(L, 1);
+    if (lua_isnil(L, e->cfuncs) && pass == 0)
+      lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+    else
+      lua_pushnil(L);
+    if (!lua_isnil(L, -1))
+      lua_replace(L, e->cfuncs);
+    else
+      lua_pop(L, 1);
     if (lua_isnil(L, e->cfuncs) || pass == 1) {
       {
         lua_newtable(L);
@@ -359,23 +364,27 @@ static int enc_function(encoder *e, int idx, int depth) {
     lua_pop(L, 1);
     nup++;
   }
-  msgpack_pack_array(&e->pk, (size_t)(2 + nup));
+  msgpack_pack_array(&e->pk, (size_t)2 + (size_t)nup);
   pack_ext(e, EXT_FUNC, NULL, 0);
-  msgpack_sbuffer code;
-  msgpack_sbuffer_init(&code);
+  wbuf code;
+  code.data = code.local;
+  code.size = 0;
+  code.alloc = sizeof code.local;
   lua_pushvalue(L, idx);
   lua_dump(L, dump_writer, &code);
   lua_pop(L, 1);
   msgpack_pack_bin(&e->pk, code.size);
   msgpack_pack_bin_body(&e->pk, code.data, code.size);
-  msgpack_sbuffer_destroy(&code);
+  wbuf_free(&code);
   for (int i = 1; i <= nup; i++) {
     const char *name = lua_getupvalue(L, idx, i);
     int top = lua_gettop(L);
     at(e, (frame){.kind = AT_UPVALUE, .name = name && *name ? name : "?"});
     int rc = 0;
-    if (lua_type(L, top) == LUA_TTABLE && module_name(e, top)) rc = 0;
-    else rc = enc_value(e, top, depth + 1);
+    if (lua_type(L, top) == LUA_TTABLE && module_name(e, top))
+      rc = 0;
+    else
+      rc = enc_value(e, top, depth + 1);
     if (rc != 0) return rc;
     lua_pop(L, 1);
     e->nframes--;
@@ -470,22 +479,43 @@ typedef struct {
 
 static void dec_object(decoder *d, const msgpack_object *o);
 
+static int unpacked_gc(lua_State *L) {
+  msgpack_unpacked_destroy(lua_touserdata(L, 1));
+  return 0;
+}
+
+/* The unpacked objects live in a userdata on the stack, so that a Lua error
+ * while decoding (a module that cannot be required, say) leaks nothing:
+ * its __gc frees them. Callers destroy it eagerly when they are done. */
+static msgpack_unpacked *unpacked_push(lua_State *L) {
+  msgpack_unpacked *u = lua_newuserdata(L, sizeof *u);
+  msgpack_unpacked_init(u);
+  if (luaL_newmetatable(L, "corral.unpacked")) {
+    lua_pushcfunction(L, unpacked_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return u;
+}
+
 static void dec_first_of(decoder *d, const char *data, size_t len) {
   /* the first value of an encoded result array (nil when it has none) */
-  msgpack_unpacked u;
-  msgpack_unpacked_init(&u);
+  lua_State *L = d->L;
+  msgpack_unpacked *u = unpacked_push(L);
+  int slot = lua_gettop(L);
   size_t off = 0;
-  if (data != NULL && msgpack_unpack_next(&u, data, len, &off) == MSGPACK_UNPACK_SUCCESS &&
-      u.data.type == MSGPACK_OBJECT_ARRAY && u.data.via.array.size > 0) {
-    decoder sub = {d->L, 0, 0, NULL};
-    lua_newtable(d->L);
-    sub.refs = lua_gettop(d->L);
-    dec_object(&sub, &u.data.via.array.ptr[0]);
-    lua_remove(d->L, sub.refs);
+  if (data != NULL && msgpack_unpack_next(u, data, len, &off) == MSGPACK_UNPACK_SUCCESS &&
+      u->data.type == MSGPACK_OBJECT_ARRAY && u->data.via.array.size > 0) {
+    decoder sub = {L, 0, 0, NULL};
+    lua_newtable(L);
+    sub.refs = lua_gettop(L);
+    dec_object(&sub, &u->data.via.array.ptr[0]);
+    lua_remove(L, sub.refs);
   } else {
-    lua_pushnil(d->L);
+    lua_pushnil(L);
   }
-  msgpack_unpacked_destroy(&u);
+  msgpack_unpacked_destroy(u);
+  lua_remove(L, slot);
 }
 
 static void dec_ext(decoder *d, const msgpack_object *o) {
@@ -514,7 +544,7 @@ static void dec_ext(decoder *d, const msgpack_object *o) {
   }
   case EXT_FUTURE: {
     corral_future *f;
-    memcpy(&f, p, sizeof f);
+    memcpy(&f, p, sizeof(corral_future *));
     corral_push_future(L, f); /* takes a reference of its own */
     break;
   }
@@ -541,8 +571,14 @@ static void dec_ext(decoder *d, const msgpack_object *o) {
   }
 }
 
+static int lbuf_write(void *ud, const char *buf, size_t len) {
+  luaL_addlstring(ud, buf, len);
+  return 0;
+}
+
 /* [FUNC, bytecode, upvalues...]: load it (once per context for the same
- * bytecode and scalar upvalues) and set its upvalues. */
+ * bytecode and scalar upvalues) and set its upvalues. Holds no C memory
+ * while Lua may raise. */
 static void dec_function(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
   const msgpack_object *a = o->via.array.ptr;
@@ -552,40 +588,41 @@ static void dec_function(decoder *d, const msgpack_object *o) {
   int cacheable = 1;
   for (uint32_t i = 2; i < n; i++)
     if (a[i].type == MSGPACK_OBJECT_ARRAY || a[i].type == MSGPACK_OBJECT_MAP) cacheable = 0;
-  msgpack_sbuffer key;
-  msgpack_sbuffer_init(&key);
+  int key = 0;
   if (cacheable) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addlstring(&b, code, clen);
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &key, msgpack_sbuffer_write);
-    msgpack_sbuffer_write(&key, code, clen);
-    for (uint32_t i = 2; i < n; i++) msgpack_pack_object(&pk, a[i]);
+    msgpack_packer_init(&pk, &b, lbuf_write);
+    for (uint32_t i = 2; i < n; i++)
+      msgpack_pack_object(&pk, a[i]);
+    luaL_pushresult(&b);
+    key = lua_gettop(L);
     lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
-    lua_pushlstring(L, key.data, key.size);
+    lua_pushvalue(L, key);
     lua_rawget(L, -2);
     if (!lua_isnil(L, -1)) {
-      lua_remove(L, -2);
-      msgpack_sbuffer_destroy(&key);
+      lua_replace(L, key);
+      lua_pop(L, 1);
       return;
     }
     lua_pop(L, 2);
   }
-  if (luaL_loadbuffer(L, code, clen, "=(function from another context)") != 0) {
-    msgpack_sbuffer_destroy(&key);
-    lua_error(L);
-  }
+  if (luaL_loadbuffer(L, code, clen, "=(function from another context)") != 0) lua_error(L);
   int fn = lua_gettop(L);
   for (uint32_t i = 2; i < n; i++) {
     dec_object(d, &a[i]);
     if (lua_setupvalue(L, fn, (int)i - 1) == NULL) lua_pop(L, 1);
   }
-  if (cacheable) {
+  if (key != 0) {
     lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
-    lua_pushlstring(L, key.data, key.size);
+    lua_pushvalue(L, key);
     lua_pushvalue(L, fn);
     lua_rawset(L, -3);
     lua_pop(L, 1);
+    lua_replace(L, key); /* the function where the key was */
   }
-  msgpack_sbuffer_destroy(&key);
 }
 
 static void dec_worker(decoder *d, const msgpack_object *o) {
@@ -643,8 +680,10 @@ static void dec_object(decoder *d, const msgpack_object *o) {
     for (uint32_t i = 0; i < o->via.map.size; i++) {
       dec_object(d, &o->via.map.ptr[i].key);
       dec_object(d, &o->via.map.ptr[i].val);
-      if (lua_isnil(L, -2)) lua_pop(L, 2);
-      else lua_rawset(L, -3);
+      if (lua_isnil(L, -2))
+        lua_pop(L, 2);
+      else
+        lua_rawset(L, -3);
     }
     break;
   default: lua_pushnil(L); break;
@@ -652,14 +691,15 @@ static void dec_object(decoder *d, const msgpack_object *o) {
 }
 
 int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps) {
-  msgpack_unpacked u;
-  msgpack_unpacked_init(&u);
+  msgpack_unpacked *up = unpacked_push(L);
+  int slot = lua_gettop(L);
   size_t off = 0;
-  if (msgpack_unpack_next(&u, data, len, &off) != MSGPACK_UNPACK_SUCCESS) {
-    msgpack_unpacked_destroy(&u);
+  if (msgpack_unpack_next(up, data, len, &off) != MSGPACK_UNPACK_SUCCESS) {
+    lua_pop(L, 1);
     lua_pushliteral(L, "malformed MessagePack payload");
     return -1;
   }
+  const msgpack_unpacked u = *up;
   int n = u.data.type == MSGPACK_OBJECT_ARRAY ? (int)u.data.via.array.size : 1;
   luaL_checkstack(L, n + 8, "corral codec: too many values");
   lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
@@ -672,12 +712,14 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps) {
   lua_newtable(L);
   d.refs = lua_gettop(L);
   if (u.data.type == MSGPACK_OBJECT_ARRAY) {
-    for (int i = 0; i < n; i++) dec_object(&d, &u.data.via.array.ptr[i]);
+    for (int i = 0; i < n; i++)
+      dec_object(&d, &u.data.via.array.ptr[i]);
   } else {
     dec_object(&d, &u.data);
   }
   lua_remove(L, d.refs);
-  msgpack_unpacked_destroy(&u);
+  msgpack_unpacked_destroy(up);
+  lua_remove(L, slot);
   return n;
 }
 
@@ -688,7 +730,7 @@ static void release_refs(const msgpack_object *o) {
   case MSGPACK_OBJECT_EXT:
     if (o->via.ext.type == EXT_FUTURE) {
       corral_future *f;
-      memcpy(&f, o->via.ext.ptr, sizeof f);
+      memcpy(&f, o->via.ext.ptr, sizeof(corral_future *));
       corral_future_release(f);
     } else if (o->via.ext.type == EXT_INST) {
       void *p;
@@ -697,7 +739,8 @@ static void release_refs(const msgpack_object *o) {
     }
     break;
   case MSGPACK_OBJECT_ARRAY:
-    for (uint32_t i = 0; i < o->via.array.size; i++) release_refs(&o->via.array.ptr[i]);
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      release_refs(&o->via.array.ptr[i]);
     break;
   case MSGPACK_OBJECT_MAP:
     for (uint32_t i = 0; i < o->via.map.size; i++) {

@@ -55,10 +55,10 @@ struct corral_context {
   uv_async_t async;
   uv_timer_t timer;
   uv_mutex_t qlock;
-  queue watching;  /* watches registered, future pending (under qlock) */
-  queue completed; /* watches whose future settled, to drain (under qlock) */
-  queue reporters; /* unretrieved errors, loop thread only */
-  int closed;      /* the loop is closed: no more wake-ups (under qlock) */
+  queue watching;      /* watches registered, future pending (under qlock) */
+  queue completed;     /* watches whose future settled, to drain (under qlock) */
+  queue reporters;     /* unretrieved errors, loop thread only */
+  int closed;          /* the loop is closed: no more wake-ups (under qlock) */
   atomic_int signal;   /* work was posted since the last drain */
   atomic_int spinning; /* the loop spins before parking: no need to wake it */
   /* statistics, read from any thread */
@@ -106,8 +106,8 @@ void rt_destroy(corral_runtime *rt);
 /* ---- codec.c ----------------------------------------------------------- */
 
 typedef struct {
-  const char *what; /* names the values in errors: "args" (default), "result" */
-  int unwrap;       /* futures become dependencies (DEP) rather than references */
+  const char *what;     /* names the values in errors: "args" (default), "result" */
+  int unwrap;           /* futures become dependencies (DEP) rather than references */
   corral_future **deps; /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
   int has_refs;     /* out: the payload holds references (futures, workers) */
@@ -150,8 +150,8 @@ struct corral_worker {
   corral_runtime *rt;
   corral_context ctx; /* its loop runs on `thread` */
   uv_thread_t thread;
-  int joined;   /* under rt->wlock */
-  char *boot;   /* encoded {class, init args}: read once by the thread */
+  int joined; /* under rt->wlock */
+  char *boot; /* encoded {class, init args}: read once by the thread */
   size_t bootlen;
   /* under ctx.qlock */
   queue inbox;
@@ -159,9 +159,9 @@ struct corral_worker {
   corral_future **space; /* callers waiting for room, settled on pop */
   int nspace, capspace;
   int stopping;
-  atomic_int active;       /* calls queued or running */
-  corral_future *stopped;  /* settled as the thread ends */
-  queue rt_node;           /* in rt->workers, under rt->wlock */
+  atomic_int active;      /* calls queued or running */
+  corral_future *stopped; /* settled as the thread ends */
+  queue rt_node;          /* in rt->workers, under rt->wlock */
   char name[64];
 };
 
@@ -192,7 +192,7 @@ int lcore_drive(lua_State *L, int block);
 void lcore_worker_main(corral_worker *w);
 
 /* Private error codes, beside those of corral.h. */
-#define CORRAL_EAGAIN (-10)
+#define CORRAL_EAGAIN  (-10)
 #define CORRAL_ECLOSED (-11)
 
 #endif

@@ -368,8 +368,10 @@ static int call_gc(lua_State *L) {
 }
 
 static int push_status(lua_State *L, int rc) {
-  if (rc == 0) lua_pushboolean(L, 1);
-  else lua_pushstring(L, rc == CORRAL_EAGAIN ? "full" : "closed");
+  if (rc == 0)
+    lua_pushboolean(L, 1);
+  else
+    lua_pushstring(L, rc == CORRAL_EAGAIN ? "full" : "closed");
   return 1;
 }
 
@@ -387,7 +389,8 @@ static int l_wcall(lua_State *L) {
   size_t len;
   char *payload = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (payload == NULL) {
-    for (int i = 0; i < o.ndeps; i++) corral_future_release(o.deps[i]);
+    for (int i = 0; i < o.ndeps; i++)
+      corral_future_release(o.deps[i]);
     free(o.deps);
     lua_pushnil(L);
     lua_pushliteral(L, "codec");
@@ -624,48 +627,47 @@ static int l_is_worker(lua_State *L) {
 /* Module                                                                    */
 /* ======================================================================== */
 
-static const luaL_Reg core_funcs[] = {
-    {"fnew", l_fnew},
-    {"fstart", l_fstart},
-    {"fsettle", l_fsettle},
-    {"fstate", l_fstate},
-    {"fvalues", l_fvalues},
-    {"fwatch", l_fwatch},
-    {"fkey", l_fkey},
-    {"fsettle_encode", l_fsettle_encode},
-    {"fset_error", l_fset_error},
-    {"fcancel", l_fcancel},
-    {"drain", l_drain},
-    {"poll", l_poll},
-    {"now", l_now},
-    {"catch_sigint", l_catch_sigint},
-    {"isatty", l_isatty},
-    {"exit", l_exit},
-    {"versions", l_versions},
-    {"reporter", l_reporter},
-    {"disarm", l_disarm},
-    {"encode", l_encode},
-    {"decode", l_decode},
-    {"worker_start", l_worker_start},
-    {"worker_ref", l_worker_ref},
-    {"worker_ptr", l_worker_ptr},
-    {"wcall", l_wcall},
-    {"wpush", l_wpush},
-    {"wspace", l_wspace},
-    {"wactive", l_wactive},
-    {"wstop", l_wstop},
-    {"wjoin", l_wjoin},
-    {"wname", l_wname},
-    {"inbox_take", l_inbox_take},
-    {"call_info", l_call_info},
-    {"call_args", l_call_args},
-    {"call_deps", l_call_deps},
-    {"call_finish", l_call_finish},
-    {"set_tasks", l_set_tasks},
-    {"stats", l_stats},
-    {"ncpu", l_ncpu},
-    {"is_worker", l_is_worker},
-    {NULL, NULL}};
+static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
+                                      {"fstart", l_fstart},
+                                      {"fsettle", l_fsettle},
+                                      {"fstate", l_fstate},
+                                      {"fvalues", l_fvalues},
+                                      {"fwatch", l_fwatch},
+                                      {"fkey", l_fkey},
+                                      {"fsettle_encode", l_fsettle_encode},
+                                      {"fset_error", l_fset_error},
+                                      {"fcancel", l_fcancel},
+                                      {"drain", l_drain},
+                                      {"poll", l_poll},
+                                      {"now", l_now},
+                                      {"catch_sigint", l_catch_sigint},
+                                      {"isatty", l_isatty},
+                                      {"exit", l_exit},
+                                      {"versions", l_versions},
+                                      {"reporter", l_reporter},
+                                      {"disarm", l_disarm},
+                                      {"encode", l_encode},
+                                      {"decode", l_decode},
+                                      {"worker_start", l_worker_start},
+                                      {"worker_ref", l_worker_ref},
+                                      {"worker_ptr", l_worker_ptr},
+                                      {"wcall", l_wcall},
+                                      {"wpush", l_wpush},
+                                      {"wspace", l_wspace},
+                                      {"wactive", l_wactive},
+                                      {"wstop", l_wstop},
+                                      {"wjoin", l_wjoin},
+                                      {"wname", l_wname},
+                                      {"inbox_take", l_inbox_take},
+                                      {"call_info", l_call_info},
+                                      {"call_args", l_call_args},
+                                      {"call_deps", l_call_deps},
+                                      {"call_finish", l_call_finish},
+                                      {"set_tasks", l_set_tasks},
+                                      {"stats", l_stats},
+                                      {"ncpu", l_ncpu},
+                                      {"is_worker", l_is_worker},
+                                      {NULL, NULL}};
 
 static int runtime_gc(lua_State *L) {
   corral_runtime **p = lua_touserdata(L, 1);

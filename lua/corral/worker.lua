@@ -20,7 +20,7 @@ local unwrap = require "corral.unwrap"
 local F = require "corral.fields"
 
 local S = F.S
-local DONE, FAILED = future.DONE, future.FAILED
+local DONE = future.DONE
 local select, type, pairs, setmetatable = select, type, pairs, setmetatable
 
 local M = {}

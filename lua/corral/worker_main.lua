@@ -16,6 +16,13 @@ local xpcall, type = xpcall, type
 
 local M = {}
 
+-- A method with its arguments decoded, inside the protection of xpcall: a
+-- value that cannot be rebuilt here (a module this state cannot require)
+-- fails the call, not the worker.
+local function apply(fn, self, call)
+  return fn(self, call_args(call))
+end
+
 -- A method's error as a WorkerError with the worker's traceback.
 local function worker_error(name, method, e, tb)
   local msg = type(e) == "table" and rawget(e, "message") or sched.safe_tostring(e)
@@ -65,8 +72,8 @@ function M.run(name, class, opts, ...)
         local ok, de = pcall(d.exception, d)
         if not ok or d:cancelled() then return CANCEL end
         if de ~= nil then
-          local what = type(de) == "table" and rawget(de, "kind") and (de.kind .. ": " .. tostring(de.message))
-            or sched.safe_tostring(de)
+          local what = type(de) == "table" and rawget(de, "kind")
+            and (de.kind .. ": " .. tostring(de.message)) or sched.safe_tostring(de)
           return errors.new("DependencyError", ("%s:%s: input %d failed: %s"):format(name, method, i, what),
             de, false)
         end
@@ -123,7 +130,7 @@ function M.run(name, class, opts, ...)
         if type(fn) ~= "function" then
           fail(call, worker_error(name, method, "no method '" .. tostring(method) .. "'"))
         else
-          finish(call, method, xpcall(fn, sched.on_error, self, call_args(call)))
+          finish(call, method, xpcall(apply, sched.on_error, fn, self, call))
         end
       end
     end

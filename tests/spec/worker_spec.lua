@@ -123,7 +123,9 @@ describe("thread workers", function()
   end)
 
   it("give up waiting for a stop after the timeout", function()
-    local Spin = corral.worker { spin = function(_, s) local t = os.clock() while os.clock() - t < s do end end }
+    local Spin = corral.worker {
+      spin = function(_, s) local t = os.clock() while os.clock() - t < s do end end,
+    }
     local w = Spin:init()
     w:spin(0.5)
     corral.sleep(0.02)
@@ -475,5 +477,18 @@ describe("a pool under load", function()
     assert.are.equal(10000, total)
     assert.are.equal(10000, p:get():result() + p:get():result())
     p:stop()
+  end)
+end)
+
+describe("a value the worker cannot rebuild", function()
+  it("fails that call, not the worker", function()
+    package.loaded["corral_test.only_here"] = { answer = 42 }
+    local mod = require "corral_test.only_here"
+    local f = corral.submit(function() return mod.answer end)
+    local e = f:exception()
+    assert.is_true(corral.is_error(e, "WorkerError"))
+    assert.matches("corral_test.only_here", tostring(e))
+    assert.are.equal(5, corral.submit(function(x) return x end, 5):result())
+    package.loaded["corral_test.only_here"] = nil
   end)
 end)
