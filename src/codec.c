@@ -61,6 +61,7 @@ typedef struct {
 
 static int wbuf_write(void *ud, const char *buf, size_t len) {
   wbuf *b = ud;
+  if (len == 0) return 0;
   if (b->size + len > b->alloc) {
     size_t alloc = b->alloc * 2;
     while (alloc < b->size + len)
@@ -135,7 +136,7 @@ static int enc_fail(encoder *e, const char *why) {
 
 static void pack_ext(encoder *e, int type, const void *data, size_t len) {
   msgpack_pack_ext(&e->pk, len, (int8_t)type);
-  msgpack_pack_ext_body(&e->pk, data, len);
+  if (len > 0) msgpack_pack_ext_body(&e->pk, data, len);
 }
 
 static int enc_number(encoder *e, lua_Number x) {
