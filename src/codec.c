@@ -508,7 +508,7 @@ static void dec_first_of(decoder *d, const char *data, size_t len) {
   if (data != NULL && msgpack_unpack_next(u, data, len, &off) == MSGPACK_UNPACK_SUCCESS &&
       u->data.type == MSGPACK_OBJECT_ARRAY && u->data.via.array.size > 0) {
     decoder sub = {L, 0, 0, NULL};
-    lua_newtable(L);
+    lua_pushnil(L);
     sub.refs = lua_gettop(L);
     dec_object(&sub, &u->data.via.array.ptr[0]);
     lua_remove(L, sub.refs);
@@ -601,6 +601,12 @@ static void dec_function(decoder *d, const msgpack_object *o) {
     luaL_pushresult(&b);
     key = lua_gettop(L);
     lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    }
     lua_pushvalue(L, key);
     lua_rawget(L, -2);
     if (!lua_isnil(L, -1)) {
@@ -639,6 +645,17 @@ static void dec_worker(decoder *d, const msgpack_object *o) {
   lua_call(L, (int)o->via.array.size - 1, 1);
 }
 
+/* Number the table on top of the stack, for later REFs to it. */
+static void dec_ref(decoder *d) {
+  lua_State *L = d->L;
+  if (lua_isnil(L, d->refs)) {
+    lua_newtable(L);
+    lua_replace(L, d->refs);
+  }
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->refs, ++d->nrefs);
+}
+
 static int is_mark(const msgpack_object *o, int type) {
   return o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size >= 2 &&
          o->via.array.ptr[0].type == MSGPACK_OBJECT_EXT && o->via.array.ptr[0].via.ext.type == type;
@@ -667,8 +684,7 @@ static void dec_object(decoder *d, const msgpack_object *o) {
       break;
     }
     lua_createtable(L, (int)o->via.array.size, 0);
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, d->refs, ++d->nrefs);
+    dec_ref(d);
     for (uint32_t i = 0; i < o->via.array.size; i++) {
       dec_object(d, &o->via.array.ptr[i]);
       lua_rawseti(L, -2, (int)i + 1);
@@ -676,8 +692,7 @@ static void dec_object(decoder *d, const msgpack_object *o) {
     break;
   case MSGPACK_OBJECT_MAP:
     lua_createtable(L, 0, (int)o->via.map.size);
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, d->refs, ++d->nrefs);
+    dec_ref(d);
     for (uint32_t i = 0; i < o->via.map.size; i++) {
       dec_object(d, &o->via.map.ptr[i].key);
       dec_object(d, &o->via.map.ptr[i].val);
@@ -691,7 +706,44 @@ static void dec_object(decoder *d, const msgpack_object *o) {
   }
 }
 
+/* Decode all the values of `o` (an array: each element; else the value). */
+static int decode_all(lua_State *L, const msgpack_object *o, codec_deps *deps) {
+  int n = o->type == MSGPACK_OBJECT_ARRAY ? (int)o->via.array.size : 1;
+  luaL_checkstack(L, n + 8, "corral codec: too many values");
+  decoder d = {L, 0, 0, deps};
+  lua_pushnil(L); /* the refs table, made with the first table */
+  d.refs = lua_gettop(L);
+  if (o->type == MSGPACK_OBJECT_ARRAY) {
+    for (int i = 0; i < n; i++)
+      dec_object(&d, &o->via.array.ptr[i]);
+  } else {
+    dec_object(&d, o);
+  }
+  lua_remove(L, d.refs);
+  return n;
+}
+
 int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps) {
+  corral_context *c = ctx_of(L);
+  if (c != NULL && !c->zone_busy) {
+    /* the common case: the context's own zone, kept between decodes */
+    if (c->zone == NULL) c->zone = msgpack_zone_new(2048);
+    if (c->zone != NULL) {
+      msgpack_object o;
+      size_t off = 0;
+      if (msgpack_unpack(data, len, &off, c->zone, &o) < MSGPACK_UNPACK_SUCCESS) {
+        msgpack_zone_clear(c->zone);
+        lua_pushliteral(L, "malformed MessagePack payload");
+        return -1;
+      }
+      c->zone_busy = 1;
+      int n = decode_all(L, &o, deps);
+      c->zone_busy = 0;
+      msgpack_zone_clear(c->zone);
+      return n;
+    }
+  }
+  /* nested in another decode: a zone of its own, freed by __gc on error */
   msgpack_unpacked *up = unpacked_push(L);
   int slot = lua_gettop(L);
   size_t off = 0;
@@ -700,25 +752,7 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps) {
     lua_pushliteral(L, "malformed MessagePack payload");
     return -1;
   }
-  const msgpack_unpacked u = *up;
-  int n = u.data.type == MSGPACK_OBJECT_ARRAY ? (int)u.data.via.array.size : 1;
-  luaL_checkstack(L, n + 8, "corral codec: too many values");
-  lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
-  if (lua_isnil(L, -1)) {
-    lua_newtable(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
-  }
-  lua_pop(L, 1);
-  decoder d = {L, 0, 0, deps};
-  lua_newtable(L);
-  d.refs = lua_gettop(L);
-  if (u.data.type == MSGPACK_OBJECT_ARRAY) {
-    for (int i = 0; i < n; i++)
-      dec_object(&d, &u.data.via.array.ptr[i]);
-  } else {
-    dec_object(&d, &u.data);
-  }
-  lua_remove(L, d.refs);
+  int n = decode_all(L, &up->data, deps);
   msgpack_unpacked_destroy(up);
   lua_remove(L, slot);
   return n;

@@ -59,6 +59,8 @@ struct corral_context {
   queue completed;     /* watches whose future settled, to drain (under qlock) */
   queue reporters;     /* unretrieved errors, loop thread only */
   int closed;          /* the loop is closed: no more wake-ups (under qlock) */
+  void *zone;          /* a msgpack_zone the decoder reuses (loop thread only) */
+  int zone_busy;
   atomic_int signal;   /* work was posted since the last drain */
   atomic_int spinning; /* the loop spins before parking: no need to wake it */
   /* statistics, read from any thread */
