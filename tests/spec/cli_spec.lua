@@ -161,3 +161,29 @@ describe("the C API", function()
     assert.not_matches("not ok", out)
   end)
 end)
+
+describe("workers and the end of the process", function()
+  it("a script that never stops its workers still ends, joining them", function()
+    local out, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { nap = function(_, d) corral.sleep(d); return "woke" end }
+      local w = W:options { workers = 2 }:init()
+      print(w:nap(0.01):result())
+      w:nap(0.05) -- still running when the main chunk returns
+    ]])
+    assert.are.equal(0, code, err)
+    assert.are.equal("woke\n", out)
+  end)
+
+  it("corral.exit ends the process with workers busy", function()
+    local _, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { spin = function() while true do corral.sleep(0.001) end end }
+      local w = W:init()
+      w:spin()
+      corral.sleep(0.02)
+      corral.exit(7)
+    ]])
+    assert.are.equal(7, code, err)
+  end)
+end)
