@@ -57,7 +57,36 @@ typedef struct {
   int cfuncs; /* stack index of the C function -> path map (nil: not built) */
   int nframes;
   frame frames[CODEC_MAX_DEPTH * 2 + 8];
+  /* references taken for the payload, given back if encoding fails */
+  void **held;
+  int nheld, capheld;
 } encoder;
+
+/* Note a reference the payload will own (kind: EXT_FUTURE or EXT_INST). */
+static int hold(encoder *e, void *p, int kind) {
+  if (e->nheld + 2 > e->capheld) {
+    int cap = e->capheld ? e->capheld * 2 : 16;
+    void **h = realloc(e->held, sizeof(void *) * (size_t)cap);
+    if (h == NULL) return -1;
+    e->held = h;
+    e->capheld = cap;
+  }
+  e->held[e->nheld++] = p;
+  e->held[e->nheld++] = (void *)(intptr_t)kind;
+  return 0;
+}
+
+static void unhold(encoder *e, int release) {
+  for (int i = 0; release && i < e->nheld; i += 2) {
+    if ((intptr_t)e->held[i + 1] == EXT_FUTURE)
+      corral_future_release(e->held[i]);
+    else
+      worker_release(e->held[i]);
+  }
+  free(e->held);
+  e->held = NULL;
+  e->nheld = e->capheld = 0;
+}
 
 static int wbuf_write(void *ud, const char *buf, size_t len) {
   wbuf *b = ud;
@@ -148,12 +177,16 @@ static int enc_number(encoder *e, lua_Number x) {
 /* The table at idx was seen before: emit a REF. Otherwise give it an id. */
 static int enc_seen(encoder *e, int idx) {
   lua_State *L = e->L;
-  if (lua_isnil(L, e->seen)) { /* the first table of this encode */
+  if (lua_isnil(L, e->seen)) {
+    /* The first table of this encode: take the map out of the registry, so
+     * that an encode nested in this one (settling a future's C half) or one
+     * cut short by an error never sees this one's tables. */
     lua_getfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
       lua_newtable(L);
-      lua_pushvalue(L, -1);
+    } else {
+      lua_pushnil(L);
       lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
     }
     lua_replace(L, e->seen);
@@ -193,6 +226,7 @@ static int enc_future(encoder *e, int idx) {
     o->deps[o->ndeps++] = f;
     pack_ext(e, EXT_DEP, &i, sizeof i);
   } else {
+    if (hold(e, f, EXT_FUTURE) != 0) return enc_fail(e, "out of memory");
     corral_future_retain(f); /* owned by the payload: see codec_discard */
     o->has_refs = 1;
     pack_ext(e, EXT_FUTURE, &f, sizeof(corral_future *));
@@ -208,6 +242,8 @@ static int enc_worker(encoder *e, int idx, int depth) {
   lua_getfield(L, idx, "_export");
   lua_pushvalue(L, idx);
   lua_call(L, 1, 2);
+  if (!lua_istable(L, top + 1) || !lua_istable(L, top + 2))
+    return enc_fail(e, "an async or sync worker lives in its context and cannot travel");
   int n = (int)lua_objlen(L, top + 2);
   msgpack_pack_array(&e->pk, (size_t)2 + (size_t)n);
   pack_ext(e, EXT_WORKER, NULL, 0);
@@ -216,6 +252,7 @@ static int enc_worker(encoder *e, int idx, int depth) {
     lua_rawgeti(L, top + 2, i);
     void *p = lua_touserdata(L, -1);
     lua_pop(L, 1);
+    if (hold(e, p, EXT_INST) != 0) return enc_fail(e, "out of memory");
     worker_retain(p);
     e->o->has_refs = 1;
     pack_ext(e, EXT_INST, &p, sizeof p);
@@ -239,12 +276,17 @@ static int enc_table(encoder *e, int idx, int depth) {
   }
   if (enc_seen(e, idx)) return 0;
   size_t n = lua_objlen(L, idx), count = 0;
+  int array = 1;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     count++;
+    if (array) {
+      lua_Number k = lua_type(L, -2) == LUA_TNUMBER ? lua_tonumber(L, -2) : 0;
+      if (k < 1 || k > (lua_Number)n || k != floor(k)) array = 0;
+    }
     lua_pop(L, 1);
   }
-  if (count == n) {
+  if (array && count == n) {
     msgpack_pack_array(&e->pk, n);
     for (size_t i = 1; i <= n; i++) {
       lua_rawgeti(L, idx, (int)i);
@@ -360,6 +402,8 @@ static int enc_function(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   if (lua_iscfunction(L, idx)) return cfunc_path(e, idx);
   if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, "functions nested too deeply");
+  /* numbered like tables: a recursive local function refers to itself */
+  if (enc_seen(e, idx)) return 0;
   int nup = 0;
   while (lua_getupvalue(L, idx, nup + 1) != NULL) {
     lua_pop(L, 1);
@@ -449,7 +493,7 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
     at(&e, (frame){.kind = AT_ARG, .i = (size_t)i + 1, .name = o->what ? o->what : "args"});
     rc = enc_value(&e, from + i, 0);
   }
-  if (e.nseen > 0) { /* empty the map of seen tables for next time */
+  if (!lua_isnil(L, e.seen)) { /* empty the map and give it back */
     lua_pushnil(L);
     while (lua_next(L, e.seen)) {
       lua_pop(L, 1);
@@ -457,10 +501,14 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
       lua_pushnil(L);
       lua_rawset(L, e.seen);
     }
+    lua_pushvalue(L, e.seen);
+    lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
   }
   lua_settop(L, top);
+  unhold(&e, rc != 0);
   if (rc != 0) {
     wbuf_free(&e.out);
+    o->has_refs = 0;
     return NULL;
   }
   *len = e.out.size;
@@ -572,6 +620,17 @@ static void dec_ext(decoder *d, const msgpack_object *o) {
   }
 }
 
+/* Number the table (or function) on top of the stack, for later REFs to it. */
+static void dec_ref(decoder *d) {
+  lua_State *L = d->L;
+  if (lua_isnil(L, d->refs)) {
+    lua_newtable(L);
+    lua_replace(L, d->refs);
+  }
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->refs, ++d->nrefs);
+}
+
 static int lbuf_write(void *ud, const char *buf, size_t len) {
   luaL_addlstring(ud, buf, len);
   return 0;
@@ -586,9 +645,15 @@ static void dec_function(decoder *d, const msgpack_object *o) {
   uint32_t n = o->via.array.size;
   const char *code = a[1].via.bin.ptr;
   size_t clen = a[1].via.bin.size;
+  /* cached only when every upvalue is a plain value, a module or a C
+   * function: such a closure is the same whatever call it came with */
   int cacheable = 1;
-  for (uint32_t i = 2; i < n; i++)
+  for (uint32_t i = 2; i < n && cacheable; i++) {
     if (a[i].type == MSGPACK_OBJECT_ARRAY || a[i].type == MSGPACK_OBJECT_MAP) cacheable = 0;
+    if (a[i].type == MSGPACK_OBJECT_EXT && a[i].via.ext.type != EXT_MODULE &&
+        a[i].via.ext.type != EXT_CFUNC)
+      cacheable = 0;
+  }
   int key = 0;
   if (cacheable) {
     luaL_Buffer b;
@@ -601,9 +666,13 @@ static void dec_function(decoder *d, const msgpack_object *o) {
     luaL_pushresult(&b);
     key = lua_gettop(L);
     lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
-    if (lua_isnil(L, -1)) {
+    if (lua_isnil(L, -1)) { /* weak values: closures no one uses go */
       lua_pop(L, 1);
       lua_newtable(L);
+      lua_createtable(L, 0, 1);
+      lua_pushliteral(L, "v");
+      lua_setfield(L, -2, "__mode");
+      lua_setmetatable(L, -2);
       lua_pushvalue(L, -1);
       lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
     }
@@ -612,12 +681,14 @@ static void dec_function(decoder *d, const msgpack_object *o) {
     if (!lua_isnil(L, -1)) {
       lua_replace(L, key);
       lua_pop(L, 1);
+      dec_ref(d);
       return;
     }
     lua_pop(L, 2);
   }
   if (luaL_loadbuffer(L, code, clen, "=(function from another context)") != 0) lua_error(L);
   int fn = lua_gettop(L);
+  dec_ref(d); /* before its upvalues, which may refer to it */
   for (uint32_t i = 2; i < n; i++) {
     dec_object(d, &a[i]);
     if (lua_setupvalue(L, fn, (int)i - 1) == NULL) lua_pop(L, 1);
@@ -643,17 +714,6 @@ static void dec_worker(decoder *d, const msgpack_object *o) {
   }
   /* the importer takes references of its own */
   lua_call(L, (int)o->via.array.size - 1, 1);
-}
-
-/* Number the table on top of the stack, for later REFs to it. */
-static void dec_ref(decoder *d) {
-  lua_State *L = d->L;
-  if (lua_isnil(L, d->refs)) {
-    lua_newtable(L);
-    lua_replace(L, d->refs);
-  }
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, d->refs, ++d->nrefs);
 }
 
 static int is_mark(const msgpack_object *o, int type) {

@@ -132,7 +132,7 @@ void ctx_poll(corral_context *c, int timeout_ms) {
 
 static atomic_int sigint_count;
 static atomic_int sigint_pending;
-static uv_async_t *sigint_async;
+static _Atomic(uv_async_t *) sigint_async; /* read by the handler, on any thread */
 
 static void on_sigint(int sig) {
   (void)sig;

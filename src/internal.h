@@ -55,11 +55,11 @@ struct corral_context {
   uv_async_t async;
   uv_timer_t timer;
   uv_mutex_t qlock;
-  queue watching;      /* watches registered, future pending (under qlock) */
-  queue completed;     /* watches whose future settled, to drain (under qlock) */
-  queue reporters;     /* unretrieved errors, loop thread only */
-  int closed;          /* the loop is closed: no more wake-ups (under qlock) */
-  void *zone;          /* a msgpack_zone the decoder reuses (loop thread only) */
+  queue watching;  /* watches registered, future pending (under qlock) */
+  queue completed; /* watches whose future settled, to drain (under qlock) */
+  queue reporters; /* unretrieved errors, loop thread only */
+  int closed;      /* the loop is closed: no more wake-ups (under qlock) */
+  void *zone;      /* a msgpack_zone the decoder reuses (loop thread only) */
   int zone_busy;
   atomic_int signal;   /* work was posted since the last drain */
   atomic_int spinning; /* the loop spins before parking: no need to wake it */
@@ -135,7 +135,8 @@ void codec_discard(const char *data, size_t len);
 
 /* A call on its way to a worker instance. */
 typedef struct corral_call {
-  queue node;
+  queue node;            /* in the inbox, then in the worker's `taken` until finished */
+  int taken;             /* owned by its worker's `taken` list, not by a userdata */
   corral_future *result; /* retained */
   char *payload;         /* encoded arguments */
   size_t len;
@@ -155,6 +156,8 @@ struct corral_worker {
   int joined; /* under rt->wlock */
   char *boot; /* encoded {class, init args}: read once by the thread */
   size_t bootlen;
+  int boot_refs;
+  queue taken; /* calls taken by the worker's Lua, not finished (its thread only) */
   /* under ctx.qlock */
   queue inbox;
   int queued, cap;
@@ -170,7 +173,8 @@ struct corral_worker {
 corral_call *call_new(const char *method, corral_future *result, char *payload, size_t len,
                       int refs, corral_future **deps, int ndeps);
 void call_free(corral_call *c);
-corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int cap);
+corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
+                            int cap);
 void worker_retain(corral_worker *w);
 void worker_release(corral_worker *w);
 /* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping. */

@@ -249,8 +249,12 @@ static int l_encode(lua_State *L) {
   size_t len;
   char *buf = codec_encode(L, 1, lua_gettop(L), &len, &o);
   if (buf == NULL) return codec_error(L, o.err);
+  if (o.has_refs) { /* a string cannot hold references */
+    codec_discard(buf, len);
+    free(buf);
+    return codec_error(L, "futures and workers cannot be encoded into a string");
+  }
   lua_pushlstring(L, buf, len);
-  if (o.has_refs) codec_discard(buf, len); /* a string holds no references */
   free(buf);
   return 1;
 }
@@ -325,7 +329,7 @@ static int l_worker_start(lua_State *L) {
   size_t len;
   char *boot = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (boot == NULL) return codec_error(L, o.err);
-  corral_worker *w = worker_start(rt_of(L), name, boot, len, cap);
+  corral_worker *w = worker_start(rt_of(L), name, boot, len, o.has_refs, cap);
   if (w == NULL) {
     if (o.has_refs) codec_discard(boot, len);
     free(boot);
@@ -362,7 +366,10 @@ static void call_push(lua_State *L, corral_call *c) {
 
 static int call_gc(lua_State *L) {
   corral_call **p = lua_touserdata(L, 1);
-  if (*p != NULL) call_free(*p); /* frees memory and drops references: no lock */
+  /* A call a worker took is its thread's until finished (it is cancelled
+   * there if the worker dies); one that never left its caller is freed
+   * here: memory and references only, no lock. */
+  if (*p != NULL && !(*p)->taken) call_free(*p);
   *p = NULL;
   return 0;
 }
@@ -399,11 +406,23 @@ static int l_wcall(lua_State *L) {
   }
   atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
   corral_future *result = corral_future_new(rt_of(L));
-  corral_call *c = call_new(method, result, payload, len, o.has_refs, o.deps, o.ndeps);
-  if (result == NULL || c == NULL) return luaL_error(L, "corral: out of memory");
+  corral_call *c =
+      result ? call_new(method, result, payload, len, o.has_refs, o.deps, o.ndeps) : NULL;
+  if (c == NULL) {
+    if (o.has_refs) codec_discard(payload, len);
+    free(payload);
+    for (int i = 0; i < o.ndeps; i++)
+      corral_future_release(o.deps[i]);
+    free(o.deps);
+    corral_future_release(result);
+    return luaL_error(L, "corral: out of memory");
+  }
   corral_future_retain(result);
   /* the caller's loop hears of the result through a watch made here */
-  if (future_watch(result, ctx_of(L)) < 0) return luaL_error(L, "corral: out of memory");
+  if (future_watch(result, ctx_of(L)) < 0) {
+    call_free(c);
+    return luaL_error(L, "corral: out of memory");
+  }
   int rc = worker_push(w, c);
   if (rc == 0) {
     cf_push(L, result);
@@ -532,6 +551,7 @@ static int l_call_args(lua_State *L) {
 static void call_done(lua_State *L, corral_call **p) {
   corral_worker *w = ctx_of(L)->worker;
   if (w != NULL) atomic_fetch_sub(&w->active, 1);
+  if ((*p)->taken) queue_remove(&(*p)->node);
   call_free(*p);
   *p = NULL;
 }
@@ -800,6 +820,25 @@ int lcore_drive(lua_State *L, int block) {
   return pending;
 }
 
+/* The worker's Lua main, under lua_cpcall: a failure (a value of the boot
+ * payload that cannot be rebuilt here) is an error, not a panic. */
+static int worker_boot(lua_State *L) {
+  corral_worker *w = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "corral");
+  lua_call(L, 1, 0);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "corral.worker_main");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "run");
+  lua_pushstring(L, w->name);
+  int n = codec_decode(L, w->boot, w->bootlen, NULL);
+  if (n < 0) return lua_error(L);
+  lua_call(L, n + 1, 0);
+  return 0;
+}
+
 void lcore_worker_main(corral_worker *w) {
   lua_State *L = luaL_newstate();
   if (L == NULL) return;
@@ -814,23 +853,12 @@ void lcore_worker_main(corral_worker *w) {
   lua_pushcfunction(L, luaopen_corral);
   lua_setfield(L, -2, "corral");
   lua_pop(L, 2);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "corral");
-  int rc = lua_pcall(L, 1, 0, 0);
-  if (rc == 0) {
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "corral.worker_main");
-    rc = lua_pcall(L, 1, 1, 0);
+  if (lua_cpcall(L, worker_boot, w) != 0) {
+    lua_getglobal(L, "tostring");
+    lua_insert(L, -2);
+    lua_pcall(L, 1, 1, 0);
+    fprintf(stderr, "corral: worker %s died: %s\n", w->name, lua_tostring(L, -1));
   }
-  if (rc == 0) {
-    lua_getfield(L, -1, "run");
-    int base = lua_gettop(L);
-    lua_pushstring(L, w->name);
-    int n = codec_decode(L, w->boot, w->bootlen, NULL);
-    rc = n < 0 ? 1 : lua_pcall(L, n + 1, 0, 0);
-    (void)base;
-  }
-  if (rc != 0) fprintf(stderr, "corral: worker %s: %s\n", w->name, lua_tostring(L, -1));
   lua_close(L);
   w->ctx.L = NULL;
 }

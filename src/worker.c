@@ -1,8 +1,8 @@
 /* worker.c: thread worker instances: their threads, bounded inboxes, stop and join.
  *
- * Lock order: rt->wlock, then a worker's ctx.qlock, then (when settling)
- * future->lock and the target context's qlock. Space waiters are settled
- * after ctx.qlock is released.
+ * Lock order: rt->wlock, then a worker's ctx.qlock. Futures are never
+ * settled under ctx.qlock (settling takes future->lock, then the watching
+ * context's qlock): space waiters are settled after it is released.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +25,7 @@ corral_call *call_new(const char *method, corral_future *result, char *payload, 
   c->payload_refs = refs;
   c->deps = deps;
   c->ndeps = ndeps;
+  c->taken = 0;
   queue_init(&c->node);
   return c;
 }
@@ -44,34 +45,43 @@ void call_free(corral_call *c) {
 /* Life                                                                      */
 /* ======================================================================== */
 
-static void worker_thread(void *arg) {
-  corral_worker *w = arg;
-  lcore_worker_main(w); /* returns when the worker has stopped */
-  /* Cancel what is left in the inbox; refuse what comes. */
-  queue left;
-  uv_mutex_lock(&w->ctx.qlock);
-  w->stopping = WORKER_CANCEL;
-  queue_move(&w->inbox, &left);
-  w->queued = 0;
-  uv_mutex_unlock(&w->ctx.qlock);
-  while (!queue_empty(&left)) {
-    corral_call *c = queue_data(queue_head(&left), corral_call, node);
+static void cancel_all(corral_worker *w, queue *q) {
+  while (!queue_empty(q)) {
+    corral_call *c = queue_data(queue_head(q), corral_call, node);
     queue_remove(&c->node);
-    corral_future_cancel(c->result);
+    future_settle(c->result, CORRAL_CANCELLED, NULL, 0);
     atomic_fetch_sub(&w->active, 1);
     call_free(c);
   }
+}
+
+static void worker_thread(void *arg) {
+  corral_worker *w = arg;
+  lcore_worker_main(w); /* returns when the worker has stopped, or died */
+  /* Whatever its Lua left unfinished is cancelled, and so is what is left in
+   * the inbox; callers waiting for room are let go; what comes is refused. */
+  cancel_all(w, &w->taken);
+  worker_stop(w, WORKER_CANCEL);
+  queue left;
+  uv_mutex_lock(&w->ctx.qlock);
+  queue_move(&w->inbox, &left);
+  w->queued = 0;
+  uv_mutex_unlock(&w->ctx.qlock);
+  cancel_all(w, &left);
   ctx_close(&w->ctx, 0);
   future_settle(w->stopped, CORRAL_DONE, NULL, 0);
 }
 
-corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int cap) {
+corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
+                            int cap) {
   corral_worker *w = calloc(1, sizeof *w);
   if (w == NULL) return NULL;
   atomic_init(&w->refs, 2); /* the caller's and the runtime's (until joined) */
   w->rt = rt;
   w->boot = boot;
   w->bootlen = len;
+  w->boot_refs = refs;
+  queue_init(&w->taken);
   w->cap = cap > 0 ? cap : 1;
   queue_init(&w->inbox);
   snprintf(w->name, sizeof w->name, "%s", name);
@@ -111,6 +121,7 @@ void worker_release(corral_worker *w) {
   for (int i = 0; i < w->nspace; i++)
     corral_future_release(w->space[i]);
   free(w->space);
+  if (w->boot_refs) codec_discard(w->boot, w->bootlen);
   free(w->boot);
   corral_future_release(w->stopped);
   free(w);
@@ -170,6 +181,8 @@ int worker_take(corral_worker *w, corral_call **out, int max, int *stopping) {
   while (n < max && !queue_empty(&w->inbox)) {
     corral_call *c = queue_data(queue_head(&w->inbox), corral_call, node);
     queue_remove(&c->node);
+    queue_insert_tail(&w->taken, &c->node); /* the worker's thread owns it now */
+    c->taken = 1;
     out[n++] = c;
   }
   w->queued -= n;

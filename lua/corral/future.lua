@@ -48,12 +48,34 @@ function M.new(c, mt)
   return f
 end
 
+-- One Lua future per C future in each context (weak: a future no one
+-- holds goes, and its C half with it).
+local wrappers = setmetatable({}, { __mode = "v" })
+
+--- The Lua future of a C future in this context: the one there is, or a new
+-- one (with metatable `mt`) that this loop watches. `key`, when given, says
+-- the watch was already made in C under that key.
+function M.wrap(c, mt, key)
+  local k = key or core.fkey(c)
+  local f = wrappers[k]
+  if f then return f end
+  f = M.new(c, mt)
+  wrappers[k] = f
+  if key then
+    sched.watched(f, key)
+  elseif not sched.watch(f) then
+    f:_sync()
+  end
+  return f
+end
+
 --- The C half of `f`, made (and brought to f's state) on first use.
 function M.cref(f)
   local c = f._c
   if c then return c end
   c = fnew()
   f._c = c
+  wrappers[core.fkey(c)] = f
   local s = f[S]
   if s == RUNNING then
     core.fstart(c)

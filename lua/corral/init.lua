@@ -112,9 +112,7 @@ end
 
 -- Hooks for the C side (corral_push_future, corral_step, the codec).
 function corral._wrap(c)
-  local f = future.new(c)
-  if not sched.watch(f) then f:_sync() end
-  return f
+  return future.wrap(c)
 end
 corral._drive = sched.drive
 corral._cref = future.cref

@@ -95,17 +95,11 @@ for k, v in pairs(future.Future) do CallFuture[k] = v end
 CallFuture.__index = CallFuture
 CallFuture._kind = "call"
 
-local function wrap(c)
-  local f = future.new(c)
-  if not sched.watch(f) then f:_sync() end
-  return f
-end
+local wrap = future.wrap
 
 -- A call's future, already watched by this loop under `key`.
 local function call_future(c, key)
-  local f = future.new(c, CallFuture)
-  sched.watched(f, key)
-  return f
+  return wrap(c, CallFuture, key)
 end
 
 local function pick(h)
@@ -140,7 +134,14 @@ local function thread_call(h, inst, method, ...)
   -- the inbox is full: wait for room (this task only), then queue it
   while true do
     local space = core.wspace(inst.ud)
-    if space then wrap(space):result() end
+    if space then
+      local ok, e = pcall(wrap(space).result, wrap(space))
+      if not ok then
+        -- cancelled while waiting for room: the call never goes
+        core.fcancel(rc)
+        error(e, 0)
+      end
+    end
     local st = core.wpush(inst.ud, call)
     if st == true then return f end
     if st == "closed" then

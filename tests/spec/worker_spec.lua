@@ -492,3 +492,100 @@ describe("a value the worker cannot rebuild", function()
     package.loaded["corral_test.only_here"] = nil
   end)
 end)
+
+describe("fixed after review", function()
+  local tools
+  setup(function() tools = Tools:init() end)
+  teardown(function() tools:stop() end)
+
+  it("encodes a table beside a settled future holding a table (nested encode)", function()
+    local t = { k = 1 }
+    local f = corral.future()
+    f:set_result(t)
+    local a, b = tools:echo(t, f):result()
+    assert.are.same({ k = 1 }, a)
+    assert.are.same({ k = 1 }, b)
+  end)
+
+  it("gives one Lua future for one C future, however often it arrives", function()
+    local Keeper = corral.worker {
+      same = function(self)
+        self.f = self.f or corral.future()
+        return self.f
+      end,
+      settle = function(self) self.f:set_result("settled") end,
+    }
+    local k = Keeper:init()
+    local a = k:same():result()
+    local b = k:same():result()
+    assert.are.equal(a, b)
+    k:settle():result()
+    assert.are.equal("settled", a:result(5))
+    k:stop()
+  end)
+
+  it("cancels a call whose caller is cancelled while waiting for room", function()
+    local w = Tools:options { max_queued = 1 }:init()
+    w:sleep(0.2)
+    w:sleep(0.2) -- the inbox is full now
+    local inner
+    local caller = corral.spawn(function()
+      inner = "waiting"
+      return w:echo("never")
+    end)
+    corral.sleep(0.02)
+    caller:cancel()
+    local ok, e = pcall(caller.result, caller)
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(e, "CancelledError"))
+    assert.are.equal("waiting", inner)
+    assert.is_true(w:stop { timeout = 5 })
+    corral.run() -- nothing left pending: returns
+  end)
+
+  it("keeps every key of a table with holes", function()
+    assert.are.same({ 1, nil, 3, x = 5 }, tools:echo({ 1, nil, 3, x = 5 }):result())
+    assert.are.same({ [2] = "b" }, tools:echo({ [2] = "b" }):result())
+  end)
+
+  it("carries recursive local functions", function()
+    local function fib(n)
+      if n < 2 then return n end
+      return fib(n - 1) + fib(n - 2)
+    end
+    assert.are.equal(55, corral.submit(fib, 10):result())
+  end)
+
+  it("does not reuse a closure whose upvalue is a future", function()
+    local Apply = corral.worker { run = function(_, fn) return fn() end }
+    local w = Apply:init()
+    local rs = {}
+    for i = 1, 3 do
+      local fi = tools:plus1(i)
+      rs[i] = w:run(function() return fi end)
+    end
+    -- the future in the upvalue is unwrapped like any input; each closure
+    -- has its own
+    local got = {}
+    for i = 1, 3 do got[i] = rs[i]:result() end
+    assert.are.same({ 2, 3, 4 }, got)
+    w:stop()
+  end)
+
+  it("a worker whose boot fails dies without taking its callers with it", function()
+    local h = require "helper"
+    local out, err, code = h.corral([[
+      local corral = require "corral"
+      package.loaded["only_here"] = { 1 }
+      local mod = require "only_here"
+      local W = corral.worker { init = function(_, f) f() end, x = function() return 1 end }
+      local w = W:init(function() return mod end)
+      local f = w:x()
+      print(f:cancelled() or f:exception(5) ~= nil)
+      print(w:stop { timeout = 5 })
+    ]])
+    assert.are.equal(0, code, err)
+    assert.are.equal("true\ntrue\n", out)
+    assert.matches("died.*only_here", err)
+  end)
+end)
