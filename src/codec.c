@@ -58,30 +58,34 @@ typedef struct {
   int nframes;
   frame frames[CODEC_MAX_DEPTH * 2 + 8];
   /* references taken for the payload, given back if encoding fails */
-  void **held;
+  struct held {
+    void *p;
+    int kind; /* EXT_FUTURE or EXT_INST */
+  } * held;
   int nheld, capheld;
 } encoder;
 
 /* Note a reference the payload will own (kind: EXT_FUTURE or EXT_INST). */
 static int hold(encoder *e, void *p, int kind) {
-  if (e->nheld + 2 > e->capheld) {
-    int cap = e->capheld ? e->capheld * 2 : 16;
-    void **h = realloc(e->held, sizeof(void *) * (size_t)cap);
+  if (e->nheld == e->capheld) {
+    int cap = e->capheld ? e->capheld * 2 : 8;
+    struct held *h = realloc(e->held, sizeof *h * (size_t)cap);
     if (h == NULL) return -1;
     e->held = h;
     e->capheld = cap;
   }
-  e->held[e->nheld++] = p;
-  e->held[e->nheld++] = (void *)(intptr_t)kind;
+  e->held[e->nheld].p = p;
+  e->held[e->nheld].kind = kind;
+  e->nheld++;
   return 0;
 }
 
 static void unhold(encoder *e, int release) {
-  for (int i = 0; release && i < e->nheld; i += 2) {
-    if ((intptr_t)e->held[i + 1] == EXT_FUTURE)
-      corral_future_release(e->held[i]);
+  for (int i = 0; release && i < e->nheld; i++) {
+    if (e->held[i].kind == EXT_FUTURE)
+      corral_future_release(e->held[i].p);
     else
-      worker_release(e->held[i]);
+      worker_release(e->held[i].p);
   }
   free(e->held);
   e->held = NULL;
