@@ -319,53 +319,55 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   return wbuf_write(ud, p, sz);
 }
 
-/* The path of a C function that some loaded module holds ("string.format"),
- * found through a map built from package.loaded (rebuilt once on a miss). */
-static int cfunc_path(encoder *e, int idx) {
-  lua_State *L = e->L;
-  for (int pass = 0; pass < 2; pass++) {
-    if (lua_isnil(L, e->cfuncs) && pass == 0)
-      lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
-    else
+/* Push a new map from the C functions that loaded modules hold to their
+ * paths ("string.format", "_G.print"), and keep it in the registry. */
+static void cfunc_map(lua_State *L) {
+  lua_newtable(L);
+  int map = lua_gettop(L);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaded");
+  int loaded = lua_gettop(L);
+  lua_pushnil(L);
+  while (lua_next(L, loaded)) {
+    if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
+      int mod = lua_gettop(L);
       lua_pushnil(L);
-    if (!lua_isnil(L, -1))
-      lua_replace(L, e->cfuncs);
-    else
-      lua_pop(L, 1);
-    if (lua_isnil(L, e->cfuncs) || pass == 1) {
-      {
-        lua_newtable(L);
-        lua_getglobal(L, "package");
-        lua_getfield(L, -1, "loaded");
-        lua_remove(L, -2);
-        int loaded = lua_gettop(L);
-        lua_pushnil(L);
-        while (lua_next(L, loaded)) {
-          if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
-            int mod = lua_gettop(L);
-            lua_pushnil(L);
-            while (lua_next(L, mod)) {
-              if (lua_iscfunction(L, -1) && lua_type(L, -2) == LUA_TSTRING) {
-                lua_pushvalue(L, -1);
-                lua_rawget(L, loaded - 1);
-                int known = !lua_isnil(L, -1);
-                lua_pop(L, 1);
-                if (!known) {
-                  lua_pushvalue(L, -1);
-                  lua_pushfstring(L, "%s.%s", lua_tostring(L, mod - 1), lua_tostring(L, -3));
-                  lua_rawset(L, loaded - 1);
-                }
-              }
-              lua_pop(L, 1);
-            }
-          }
+      while (lua_next(L, mod)) {
+        if (lua_iscfunction(L, -1) && lua_type(L, -2) == LUA_TSTRING) {
+          lua_pushvalue(L, -1);
+          lua_rawget(L, map);
+          int known = !lua_isnil(L, -1);
           lua_pop(L, 1);
+          if (!known) { /* the first name found wins */
+            lua_pushvalue(L, -1);
+            lua_pushfstring(L, "%s.%s", lua_tostring(L, mod - 1), lua_tostring(L, -3));
+            lua_rawset(L, map);
+          }
         }
         lua_pop(L, 1);
-        lua_pushvalue(L, -1);
-        lua_setfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
       }
+    }
+    lua_pop(L, 1);
+  }
+  lua_settop(L, map);
+  lua_pushvalue(L, map);
+  lua_setfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+}
+
+/* A C function travels as its path in a loaded module. The map is built
+ * once, and again when a function is not in it (a module loaded since). */
+static int cfunc_path(encoder *e, int idx) {
+  lua_State *L = e->L;
+  if (lua_isnil(L, e->cfuncs)) {
+    lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+    lua_replace(L, e->cfuncs);
+  }
+  int built = 0;
+  for (;;) {
+    if (lua_isnil(L, e->cfuncs)) {
+      cfunc_map(L);
       lua_replace(L, e->cfuncs);
+      built = 1;
     }
     lua_pushvalue(L, idx);
     lua_rawget(L, e->cfuncs);
@@ -377,8 +379,10 @@ static int cfunc_path(encoder *e, int idx) {
       return 0;
     }
     lua_pop(L, 1);
+    if (built) return enc_fail(e, "a C function that no loaded module holds cannot travel");
+    lua_pushnil(L);
+    lua_replace(L, e->cfuncs); /* rebuild, once */
   }
-  return enc_fail(e, "a C function that no loaded module holds cannot travel");
 }
 
 /* A loaded module travels as its name: package.loaded[name] == value. */
