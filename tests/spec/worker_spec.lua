@@ -589,3 +589,24 @@ describe("fixed after review", function()
     assert.matches("died.*only_here", err)
   end)
 end)
+
+describe("more options", function()
+  it("max_concurrency lets a thread worker interleave calls that wait", function()
+    local W = corral.worker { nap = function(_, d, tag) corral.sleep(d); return tag end }
+    local w = W:options { max_concurrency = 4 }:init()
+    local t0 = corral.now()
+    local r = corral.gather({ w:nap(0.1, 1), w:nap(0.1, 2), w:nap(0.1, 3), w:nap(0.1, 4) })
+    local dt = corral.now() - t0
+    assert.are.same({ 1, 2, 3, 4 }, r)
+    assert.is_true(dt < 0.35, "took " .. dt) -- one at a time would take 0.4 s
+    w:stop()
+  end)
+
+  it("map reports progress", function()
+    local seen = {}
+    corral.map(function(x) return x end, { 1, 2, 3, 4 }, {
+      progress = function(done, total) seen[#seen + 1] = done .. "/" .. total end,
+    })
+    assert.are.equal("4/4", seen[#seen])
+  end)
+end)
