@@ -27,7 +27,6 @@ local Tools = corral.worker {
     for _, v in ipairs(corral.gather(fs)) do sum = sum + v end
     return sum
   end,
-  thread_id = function() return tostring(coroutine.running()) end,
 }
 
 describe("thread workers", function()
@@ -135,15 +134,17 @@ describe("thread workers", function()
     assert.is_true(w:stop())
   end)
 
-  it("run calls on each thread of a pool under load", function()
-    local p = Tools:options { workers = 2 }:init()
-    local ids, fs = {}, {}
-    for i = 1, 50 do fs[i] = p:sleep(0.005) end
-    corral.gather(fs)
-    for i = 1, 10 do ids[p:thread_id():result() .. i % 2] = true end
-    local n = 0
-    for _ in pairs(ids) do n = n + 1 end
-    assert.is_true(n >= 2)
+  it("run calls on every thread of a pool at once", function()
+    local p = Counter:options { workers = 2 }:init(0)
+    local fs = {}
+    local t0 = corral.now()
+    for i = 1, 20 do fs[i] = p:slow_add(1, 0.02) end
+    local r = corral.gather(fs)
+    local dt = corral.now() - t0
+    local firsts = 0
+    for i = 1, 20 do if r[i] == 1 then firsts = firsts + 1 end end
+    assert.are.equal(2, firsts) -- each instance counted from 1
+    assert.is_true(dt < 0.38, "took " .. dt) -- one thread alone takes 0.4 s
     p:stop()
   end)
 
@@ -169,12 +170,15 @@ describe("thread workers", function()
     p:stop()
   end)
 
-  it("balance by least_active and random too", function()
+  it("balance by least_active and random too, using every instance", function()
     for _, b in ipairs({ "least_active", "random" }) do
       local p = Counter:options { workers = 3, balance = b }:init(0)
       local fs = {}
-      for i = 1, 30 do fs[i] = p:add(1) end
-      corral.gather(fs)
+      for i = 1, 60 do fs[i] = p:slow_add(1, 0.001) end
+      local r = corral.gather(fs)
+      local firsts = 0
+      for i = 1, 60 do if r[i] == 1 then firsts = firsts + 1 end end
+      assert.are.equal(3, firsts, b) -- each of the 3 instances counted from 1
       p:stop()
     end
   end)
@@ -188,7 +192,9 @@ describe("thread workers", function()
     producer:result()
     local r = corral.gather(fs)
     for i = 1, 100 do assert.are.equal(i, r[i]) end
-    assert.is_true(corral.stats()[1].tasks >= 0)
+    local row
+    for _, x in ipairs(corral.stats()) do if x.name == w._name then row = x end end
+    assert.is_true(row ~= nil and row.queued <= 4 and row.encodes >= 100)
     w:stop()
   end)
 
