@@ -172,6 +172,13 @@ static void pack_ext(encoder *e, int type, const void *data, size_t len) {
   if (len > 0) msgpack_pack_ext_body(&e->pk, data, len);
 }
 
+/* An extension whose body is the string at stack index idx (a name). */
+static void pack_ext_string(encoder *e, int type, int idx) {
+  size_t len;
+  const char *s = lua_tolstring(e->L, idx, &len);
+  pack_ext(e, type, s, len);
+}
+
 static int enc_number(encoder *e, lua_Number x) {
   if (x == floor(x) && fabs(x) <= 9007199254740992.0 && !(x == 0 && signbit(x)))
     return msgpack_pack_int64(&e->pk, (int64_t)x);
@@ -372,9 +379,7 @@ static int cfunc_path(encoder *e, int idx) {
     lua_pushvalue(L, idx);
     lua_rawget(L, e->cfuncs);
     if (lua_isstring(L, -1)) {
-      size_t len;
-      const char *s = lua_tolstring(L, -1, &len);
-      pack_ext(e, EXT_CFUNC, s, len);
+      pack_ext_string(e, EXT_CFUNC, -1);
       lua_pop(L, 1);
       return 0;
     }
@@ -394,9 +399,7 @@ static int module_name(encoder *e, int idx) {
   lua_pushnil(L);
   while (lua_next(L, -2)) {
     if (lua_rawequal(L, -1, idx) && lua_type(L, -2) == LUA_TSTRING) {
-      size_t len;
-      const char *s = lua_tolstring(L, -2, &len);
-      pack_ext(e, EXT_MODULE, s, len);
+      pack_ext_string(e, EXT_MODULE, -2);
       lua_pop(L, 3);
       return 1;
     }

@@ -99,7 +99,6 @@ local function timer_cancel(t)
     timers_live = timers_live - 1
   end
 end
-M.timer_cancel = timer_cancel
 
 local function heap_pop()
   local top = heap[1]
@@ -310,7 +309,6 @@ end
 local function pending()
   return rq_head <= rq_tail or timers_live > 0 or ext_pending > 0
 end
-M.pending = pending
 
 --- One turn of the loop: poll for events (blocking, when `block` and there is
 -- nothing ready, until the next timer or `until_deadline`), deliver

@@ -92,20 +92,23 @@ describe("the corral command", function()
     assert.matches("blocked", err)
   end)
 
+  -- Run script with a marker prefix as arg[1]; before the k-th SIGINT, wait
+  -- (bounded) until the script has created the file prefix..k.
   local function interrupt(script, signals)
     local ready = h.tmpname()
-    os.remove(ready)
     local path = h.tmpname() .. ".lua"
     local f = assert(io.open(path, "w"))
     f:write(script)
     f:close()
-    -- wait (bounded) for the script to say it is ready, then send SIGINTs
-    local cmd = h.quote(h.bin) .. " " .. path .. " " .. ready .. " & pid=$!; i=0; " ..
-      "while [ ! -e " .. ready .. " ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; " ..
-      ("kill -INT $pid; sleep 0.2; "):rep(signals) .. "wait $pid"
-    local out, err, code = h.sh(cmd)
+    local cmd = h.quote(h.bin) .. " " .. path .. " " .. ready .. " & pid=$!; "
+    for k = 1, signals do
+      cmd = cmd .. "i=0; while [ ! -e " .. ready .. k .. " ] && [ $i -lt 400 ]; " ..
+        "do sleep 0.05; i=$((i+1)); done; kill -INT $pid; "
+    end
+    local out, err, code = h.sh(cmd .. "wait $pid")
     os.remove(path)
     os.remove(ready)
+    for k = 1, signals do os.remove(ready .. k) end
     return out, err, code
   end
 
@@ -113,7 +116,7 @@ describe("the corral command", function()
     local t0 = os.time()
     local out, err, code = interrupt([[
       local corral = require "corral"
-      io.open(arg[1], "w"):close()
+      io.open(arg[1] .. 1, "w"):close()
       local ok, e = pcall(corral.sleep, 60)
       print("cleanup", corral.is_error(e, "CancelledError"))
       error(e, 0)
@@ -128,8 +131,13 @@ describe("the corral command", function()
     local t0 = os.time()
     local _, _, code = interrupt([[
       local corral = require "corral"
-      io.open(arg[1], "w"):close()
-      while true do pcall(corral.sleep, 60) end
+      local n = 1
+      io.open(arg[1] .. n, "w"):close()
+      while true do
+        pcall(corral.sleep, 60) -- the first Ctrl-C lands here: say so
+        n = n + 1
+        io.open(arg[1] .. n, "w"):close()
+      end
     ]], 2)
     assert.are.equal(130, code)
     assert.is_true(os.time() - t0 < 30)

@@ -115,7 +115,6 @@ describe("thread workers", function()
     local first = w:slow_add(1, 0.2)
     local queued = {}
     for i = 1, 5 do queued[i] = w:add(1) end
-    corral.sleep(0.02) -- let the first one start
     assert.is_true(w:stop { drain = false })
     for i = 1, 5 do assert.is_true(queued[i]:cancelled()) end
     assert.is_true(first:done())
@@ -127,7 +126,6 @@ describe("thread workers", function()
     }
     local w = Spin:init()
     w:spin(0.5)
-    corral.sleep(0.02)
     local t0 = corral.now()
     assert.is_false(w:stop { timeout = 0.05 })
     assert.is_true(corral.now() - t0 < 0.4)
@@ -534,17 +532,17 @@ describe("fixed after review", function()
     local w = Tools:options { max_queued = 1 }:init()
     w:sleep(0.2)
     w:sleep(0.2) -- the inbox is full now
-    local inner
+    local started = corral.future()
     local caller = corral.spawn(function()
-      inner = "waiting"
-      return w:echo("never")
+      started:set_result()
+      return w:echo("never") -- waits for room, in the same run
     end)
-    corral.sleep(0.02)
+    started:result()
+    assert.is_false(caller:done())
     caller:cancel()
     local ok, e = pcall(caller.result, caller)
     assert.is_false(ok)
     assert.is_true(corral.is_error(e, "CancelledError"))
-    assert.are.equal("waiting", inner)
     assert.is_true(w:stop { timeout = 5 })
     corral.run() -- nothing left pending: returns
   end)
