@@ -218,7 +218,7 @@ static int enc_seen(encoder *e, int idx) {
 }
 
 static int enc_future(encoder *e, int idx) {
-  corral_future *f = corral_to_future(e->L, idx);
+  corral_future *f = lcore_to_future(e->L, idx);
   if (f == NULL) return enc_fail(e, "future without a C half");
   codec_opts *o = e->o;
   if (o->unwrap) {
@@ -605,7 +605,7 @@ static void dec_ext(decoder *d, const msgpack_object *o) {
   case EXT_FUTURE: {
     corral_future *f;
     memcpy(&f, p, sizeof(corral_future *));
-    corral_push_future(L, f); /* takes a reference of its own */
+    lcore_push_future(L, f); /* takes a reference of its own */
     break;
   }
   case EXT_MODULE:

@@ -1,10 +1,17 @@
 /* context.c: a context's loop: its uv loop, wake-up handle, completion queue.
  *
- * Lock order: future->lock (held by callers of ctx_post), then ctx->qlock.
+ * Lock order: future->lock (held by callers of ctx_post), then ctx->qlock,
+ * then the home context's qlock (a worker parking tells the home it may be
+ * the last one awake; it takes the home's lock only after releasing its own).
  * The completion queue is the only state other threads touch; everything
  * else belongs to the loop's thread.
+ *
+ * Idle accounting: a worker's context that parks with nothing to do (no
+ * timer, nothing posted) counts itself out of rt->nbusy; whoever posts to it
+ * counts it back in, under its qlock, before signalling. When nbusy is 0 and
+ * no host code may settle a future, nothing in the process can make progress
+ * any more: the home loop concludes that what it waits on can never settle.
  */
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -26,6 +33,7 @@ int ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   queue_init(&c->watching);
   queue_init(&c->completed);
   queue_init(&c->reporters);
+  c->deferred = NULL;
   int rc = uv_loop_init(&c->loop);
   if (rc != 0) return rc;
   if ((rc = uv_mutex_init(&c->qlock)) != 0) goto fail_loop;
@@ -51,6 +59,10 @@ fail_loop:
 
 void ctx_signal(corral_context *c, int pending) {
   atomic_store(&c->signal, 1);
+  if (c->idle) { /* counted back in before the poster can park itself */
+    c->idle = 0;
+    atomic_fetch_add(&c->rt->nbusy, 1);
+  }
   /* Sent under qlock so that ctx_close cannot free the handle meanwhile. */
   if (!pending && !c->closed && !atomic_load(&c->spinning)) uv_async_send(&c->async);
 }
@@ -109,6 +121,37 @@ static int spin(corral_context *c, int timeout_ms) {
   return atomic_load(&c->signal) != 0;
 }
 
+void ctx_wake_home(corral_runtime *rt) {
+  corral_context *h = &rt->home;
+  uv_mutex_lock(&h->qlock);
+  if (!h->closed) uv_async_send(&h->async);
+  uv_mutex_unlock(&h->qlock);
+}
+
+/* A worker parks with nothing to do: count it out of rt->nbusy (unless work
+ * was posted meanwhile: returns 0, do not block). */
+static int park_idle(corral_context *c) {
+  uv_mutex_lock(&c->qlock);
+  if (atomic_load(&c->signal)) {
+    uv_mutex_unlock(&c->qlock);
+    return 0;
+  }
+  c->idle = 1;
+  int left = atomic_fetch_sub(&c->rt->nbusy, 1) - 1;
+  uv_mutex_unlock(&c->qlock);
+  if (left == 0) ctx_wake_home(c->rt); /* it may be waiting on us all */
+  return 1;
+}
+
+static void unpark_idle(corral_context *c) {
+  uv_mutex_lock(&c->qlock);
+  if (c->idle) {
+    c->idle = 0;
+    atomic_fetch_add(&c->rt->nbusy, 1);
+  }
+  uv_mutex_unlock(&c->qlock);
+}
+
 void ctx_poll(corral_context *c, int timeout_ms) {
   if (timeout_ms == 0) {
     uv_run(&c->loop, UV_RUN_NOWAIT);
@@ -122,35 +165,58 @@ void ctx_poll(corral_context *c, int timeout_ms) {
     uv_update_time(&c->loop); /* the cached time may be long stale */
     uv_timer_start(&c->timer, on_timer, (uint64_t)timeout_ms, 0);
   }
+  int idle = timeout_ms < 0 && c->worker != NULL;
+  if (idle && !park_idle(c)) {
+    uv_run(&c->loop, UV_RUN_NOWAIT);
+    return;
+  }
   uv_run(&c->loop, UV_RUN_ONCE);
+  if (idle) unpark_idle(c);
   if (timeout_ms > 0) uv_timer_stop(&c->timer);
 }
 
-/* ======================================================================== */
-/* SIGINT                                                                    */
-/* ======================================================================== */
-
-static atomic_int sigint_count;
-static atomic_int sigint_pending;
-static _Atomic(uv_async_t *) sigint_async; /* read by the handler, on any thread */
-
-static void on_sigint(int sig) {
-  (void)sig;
-  if (atomic_fetch_add(&sigint_count, 1) >= 1) _exit(130);
-  atomic_store(&sigint_pending, 1);
-  if (sigint_async != NULL) uv_async_send(sigint_async); /* async-signal-safe */
+int ctx_quiescent(corral_context *c) {
+  corral_runtime *rt = c->rt;
+  if (atomic_load(&rt->nbusy) != 0 || future_host_pending() != 0) return 0;
+  uv_mutex_lock(&c->qlock);
+  int empty = queue_empty(&c->completed);
+  uv_mutex_unlock(&c->qlock);
+  return empty && c->deferred == NULL;
 }
 
-void ctx_catch_sigint(corral_context *c) {
-  sigint_async = &c->async;
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_sigint;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, NULL);
+/* ======================================================================== */
+/* Work deferred by the collector                                            */
+/* ======================================================================== */
+
+void ctx_defer(corral_context *c, void *p, int worker) {
+  corral_deferred *d = malloc(sizeof *d);
+  if (d == NULL) { /* cannot record it: at least give the reference back */
+    if (worker)
+      worker_release(p);
+    else
+      corral_future_release(p);
+    return;
+  }
+  d->p = p;
+  d->worker = worker;
+  d->next = c->deferred;
+  c->deferred = d;
 }
 
-int ctx_take_sigint(void) { return atomic_exchange(&sigint_pending, 0); }
+void ctx_run_deferred(corral_context *c, const char *kind, const char *message) {
+  while (c->deferred != NULL) {
+    corral_deferred *d = c->deferred;
+    c->deferred = d->next;
+    if (d->worker) {
+      worker_stop(d->p, WORKER_DRAIN);
+      worker_release(d->p);
+    } else {
+      if (corral_future_state(d->p) < CORRAL_DONE) corral_future_set_error(d->p, kind, message);
+      corral_future_release(d->p);
+    }
+    free(d);
+  }
+}
 
 /* ======================================================================== */
 /* Reporters and close                                                       */
@@ -167,16 +233,61 @@ void ctx_report_all(corral_context *c) {
   }
 }
 
+/* A string field of a MessagePack map, or NULL. */
+static const msgpack_object *map_get(const msgpack_object *m, const char *key) {
+  if (m->type != MSGPACK_OBJECT_MAP) return NULL;
+  size_t kl = strlen(key);
+  for (uint32_t i = 0; i < m->via.map.size; i++) {
+    const msgpack_object *k = &m->via.map.ptr[i].key;
+    if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
+      return &m->via.map.ptr[i].val;
+  }
+  return NULL;
+}
+
+static void put_field(const msgpack_object *o, const char *after) {
+  if (o == NULL || o->type != MSGPACK_OBJECT_STR) return;
+  ssize_t rc = write(2, o->via.str.ptr, o->via.str.size);
+  rc = write(2, after, strlen(after));
+  (void)rc;
+}
+
+/* At close, with no Lua left to see it: a failed future that no Lua side
+ * ever saw is reported from its payload (kind, message, traceback). */
+static void report_unseen(void *ud, corral_future *f) {
+  (void)ud;
+  if (corral_future_state(f) != CORRAL_FAILED || (atomic_load(&f->flags) & (FUTURE_DEP | FUTURE_SEEN)))
+    return;
+  msgpack_unpacked u;
+  msgpack_unpacked_init(&u);
+  size_t off = 0;
+  const char *head = "corral: unretrieved error in a call: ";
+  ssize_t rc = write(2, head, strlen(head));
+  (void)rc;
+  if (f->payload != NULL &&
+      msgpack_unpack_next(&u, f->payload, f->len, &off) == MSGPACK_UNPACK_SUCCESS) {
+    const msgpack_object *e = &u.data;
+    if (e->type == MSGPACK_OBJECT_ARRAY && e->via.array.size > 0) e = &e->via.array.ptr[0];
+    if (e->type == MSGPACK_OBJECT_STR) {
+      put_field(e, "\n");
+    } else {
+      put_field(map_get(e, "kind"), ": ");
+      put_field(map_get(e, "message"), "\n");
+      put_field(map_get(e, "traceback"), "\n");
+    }
+  } else {
+    rc = write(2, "(unreadable)\n", 13);
+  }
+  msgpack_unpacked_destroy(&u);
+}
+
 static void on_close_walk(uv_handle_t *h, void *arg) {
   (void)arg;
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
 void ctx_close(corral_context *c, int destroy_lock) {
-  if (sigint_async == &c->async) {
-    signal(SIGINT, SIG_DFL);
-    sigint_async = NULL;
-  }
+  signal_release(c);
   /* Withdraw every watch; one that a settle already took is being posted
    * and shows up in `completed`, which the drain frees. */
   for (;;) {
@@ -192,7 +303,7 @@ void ctx_close(corral_context *c, int destroy_lock) {
     future_unwatch(f, w);
     corral_future_release(f);
   }
-  ctx_drain(c, NULL, NULL);
+  ctx_drain(c, c->worker == NULL ? report_unseen : NULL, NULL);
   while (!queue_empty(&c->reporters))
     queue_remove(queue_head(&c->reporters));
   uv_mutex_lock(&c->qlock);

@@ -3,6 +3,16 @@
  * Lock order: future->lock, then context->qlock (taken in ctx_post), then
  * the foreign-wait lock. A future's state is written only under its lock and
  * may be read anywhere with an acquire load.
+ *
+ * Cancel rule: a PENDING future can always be cancelled; a RUNNING one only
+ * while its work is suspended at a wait (`future_suspend`), where the worker
+ * will see the cancel when it resumes (`future_resume`). Cancelling work that
+ * is executing is refused (CORRAL_ESTATE), as uv_cancel refuses with EBUSY.
+ *
+ * Host futures: a future that C code outside corral may settle (made by
+ * corral_future_new, or handed to C through corral_to_future /
+ * corral_push_future) counts in `host_pending` while it is pending, so that
+ * the runtime never concludes that nothing can settle what it waits on.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -18,6 +28,7 @@ static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cond;
 static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
 static atomic_int wait_count;
+static atomic_long host_pending; /* pending futures that host C code may settle */
 
 static void wait_init(void) {
   pthread_condattr_t a;
@@ -31,12 +42,12 @@ static void wait_init(void) {
 /* Life                                                                      */
 /* ======================================================================== */
 
-corral_future *corral_future_new(corral_runtime *rt) {
-  (void)rt; /* futures are independent of their runtime's life */
+corral_future *future_new(void) {
   corral_future *f = calloc(1, sizeof *f);
   if (f == NULL) return NULL;
   atomic_init(&f->refs, 1);
   atomic_init(&f->state, CORRAL_PENDING);
+  atomic_init(&f->flags, 0);
   if (uv_mutex_init(&f->lock) != 0) {
     free(f);
     return NULL;
@@ -44,12 +55,34 @@ corral_future *corral_future_new(corral_runtime *rt) {
   return f;
 }
 
+corral_future *corral_future_new(corral_runtime *rt) {
+  (void)rt; /* futures are independent of their runtime's life */
+  corral_future *f = future_new();
+  if (f != NULL) future_mark_host(f);
+  return f;
+}
+
+void future_mark_host(corral_future *f) {
+  uv_mutex_lock(&f->lock);
+  if (!(atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)) {
+    atomic_fetch_or(&f->flags, FUTURE_HOST);
+    if (atomic_load_explicit(&f->state, memory_order_relaxed) < CORRAL_DONE)
+      atomic_fetch_add(&host_pending, 1);
+  }
+  uv_mutex_unlock(&f->lock);
+}
+
+long future_host_pending(void) { return atomic_load(&host_pending); }
+
 void corral_future_retain(corral_future *f) {
   atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
 }
 
 void corral_future_release(corral_future *f) {
   if (f == NULL || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
+  /* a host future dropped unsettled: no one can settle it any more */
+  if ((atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->state) < CORRAL_DONE)
+    atomic_fetch_sub(&host_pending, 1);
   uv_mutex_destroy(&f->lock);
   if (f->payload_refs) codec_discard(f->payload, f->len);
   free(f->payload);
@@ -75,12 +108,33 @@ int future_start(corral_future *f) {
   return rc;
 }
 
-/* Settle f unless it is already final (or, with need_pending, started). */
-static int settle(corral_future *f, int state, char *payload, size_t len, int refs,
-                  int need_pending) {
+int future_suspend(corral_future *f) {
+  int rc = CORRAL_ESTATE;
+  uv_mutex_lock(&f->lock);
+  if (atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_RUNNING) {
+    f->suspended = 1;
+    rc = 0;
+  }
+  uv_mutex_unlock(&f->lock);
+  return rc;
+}
+
+int future_resume(corral_future *f) {
+  uv_mutex_lock(&f->lock);
+  f->suspended = 0;
+  int rc = atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_RUNNING ? 0
+                                                                                    : CORRAL_ESTATE;
+  uv_mutex_unlock(&f->lock);
+  return rc;
+}
+
+
+/* Settle f unless it is already final (or, with `cancel`, unless the cancel
+ * rule at the top of this file allows it). */
+static int settle(corral_future *f, int state, char *payload, size_t len, int refs, int cancel) {
   uv_mutex_lock(&f->lock);
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
-  if (s >= CORRAL_DONE || (need_pending && s != CORRAL_PENDING)) {
+  if (s >= CORRAL_DONE || (cancel && s == CORRAL_RUNNING && !f->suspended)) {
     uv_mutex_unlock(&f->lock);
     if (refs) codec_discard(payload, len);
     free(payload);
@@ -89,6 +143,8 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   f->payload = payload;
   f->len = len;
   f->payload_refs = refs;
+  if (atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)
+    atomic_fetch_sub(&host_pending, 1);
   corral_watch *w = f->watches;
   f->watches = NULL;
   atomic_store_explicit(&f->state, state, memory_order_seq_cst);
@@ -107,6 +163,8 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   }
   return 0;
 }
+
+int future_cancel(corral_future *f) { return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1); }
 
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
   return settle(f, (int)state, payload, len, 0, 0);
@@ -145,23 +203,31 @@ static size_t put_str(char *p, const char *s, size_t n) {
   return h + n;
 }
 
-int corral_future_set_error(corral_future *f, const char *kind, const char *message) {
-  if (f == NULL || kind == NULL || message == NULL) return CORRAL_EINVAL;
+char *future_error_payload(const char *kind, const char *message, size_t *len) {
   size_t kn = strlen(kind), mn = strlen(message);
   char *buf = malloc(1 + 5 + 4 + 5 + kn + 5 + 7 + 5 + mn);
-  if (buf == NULL) return CORRAL_ENOMEM;
+  if (buf == NULL) return NULL;
   size_t n = 0;
   buf[n++] = (char)0x82; /* fixmap of 2 */
   n += put_str(buf + n, "kind", 4);
   n += put_str(buf + n, kind, kn);
   n += put_str(buf + n, "message", 7);
   n += put_str(buf + n, message, mn);
+  *len = n;
+  return buf;
+}
+
+int corral_future_set_error(corral_future *f, const char *kind, const char *message) {
+  if (f == NULL || kind == NULL || message == NULL) return CORRAL_EINVAL;
+  size_t n;
+  char *buf = future_error_payload(kind, message, &n);
+  if (buf == NULL) return CORRAL_ENOMEM;
   return future_settle(f, CORRAL_FAILED, buf, n);
 }
 
 int corral_future_cancel(corral_future *f) {
   if (f == NULL) return CORRAL_EINVAL;
-  return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1);
+  return future_cancel(f);
 }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {

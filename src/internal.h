@@ -20,9 +20,17 @@ typedef struct corral_watch {
   queue node;                /* in ctx->watching or ctx->completed, under ctx->qlock */
 } corral_watch;
 
+enum {
+  FUTURE_HOST = 1, /* host C code may settle it (see future.c) */
+  FUTURE_DEP = 2,  /* an input of a call: its failure is reported through that call */
+  FUTURE_SEEN = 4  /* settled from Lua: that side reports an unretrieved failure */
+};
+
 struct corral_future {
   atomic_int refs;
   atomic_int state; /* corral_state; written under lock, read anywhere */
+  atomic_int flags; /* FUTURE_* */
+  int suspended;    /* RUNNING, and its work waits: cancellable (under lock) */
   uv_mutex_t lock;
   corral_watch *watches;
   char *payload; /* encoded results or error (malloc'd), set once when settled */
@@ -30,12 +38,25 @@ struct corral_future {
   int payload_refs; /* the payload holds references (see codec_discard) */
 };
 
+/* A new pending future that only corral settles. */
+corral_future *future_new(void);
+/* Host C code may settle f: count it in future_host_pending() while pending. */
+void future_mark_host(corral_future *f);
+long future_host_pending(void);
+/* A MessagePack map {kind=, message=}: the payload of a failed future. */
+char *future_error_payload(const char *kind, const char *message, size_t *len);
 /* Settle f, taking ownership of payload (freed on failure). */
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len);
 /* The same, for a payload from codec_encode that holds references. */
 int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs);
 /* pending -> running; 0 when it took effect. */
 int future_start(corral_future *f);
+/* The running work waits (cancellable) / goes on: 0 while still RUNNING,
+ * CORRAL_ESTATE once it was cancelled (or settled). */
+int future_suspend(corral_future *f);
+int future_resume(corral_future *f);
+/* Cancel under the cancel rule (future.c): 0 when it took effect. */
+int future_cancel(corral_future *f);
 /* Register ctx's interest: 0 when registered, 1 when f is already settled. */
 int future_watch(corral_future *f, corral_context *ctx);
 /* Drop ctx's watch on f if it is still registered: 1 when removed (the watch
@@ -46,6 +67,14 @@ int future_unwatch(corral_future *f, corral_watch *w);
 
 typedef struct corral_reporter corral_reporter;
 typedef struct corral_worker corral_worker;
+
+/* Work a __gc found and left for the next drain (a collector takes no lock):
+ * a future nothing can settle any more, or a worker whose last handle went. */
+typedef struct corral_deferred {
+  void *p; /* holds a reference */
+  int worker;
+  struct corral_deferred *next;
+} corral_deferred;
 
 struct corral_context {
   corral_runtime *rt;
@@ -59,6 +88,8 @@ struct corral_context {
   queue completed; /* watches whose future settled, to drain (under qlock) */
   queue reporters; /* unretrieved errors, loop thread only */
   int closed;      /* the loop is closed: no more wake-ups (under qlock) */
+  int idle;        /* a worker parked with nothing to do (under qlock; see context.c) */
+  corral_deferred *deferred; /* loop thread only */
   void *zone;      /* a msgpack_zone the decoder reuses (loop thread only) */
   int zone_busy;
   atomic_int signal;   /* work was posted since the last drain */
@@ -79,12 +110,32 @@ void ctx_signal(corral_context *c, int pending);
 void ctx_poll(corral_context *c, int timeout_ms);
 /* Take every completed watch; calls fn for each, then frees the watch. */
 int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud);
-/* SIGINT handling for the runner: the first Ctrl-C is counted and wakes the
- * loop, the second ends the process. */
-void ctx_catch_sigint(corral_context *c);
-int ctx_take_sigint(void);
+/* Wake the home loop (a worker may have been the last one awake). */
+void ctx_wake_home(corral_runtime *rt);
+/* Nothing in the process can make progress: every worker parked idle, no
+ * host future pending, nothing posted to c. */
+int ctx_quiescent(corral_context *c);
+/* From a __gc (no lock): a future that nothing can settle any more, or a
+ * worker whose last handle went (p holds a reference, which is taken). */
+void ctx_defer(corral_context *c, void *p, int worker);
+/* Outside the collector: settle the abandoned futures with an error of
+ * `kind` and `message`, and stop the dropped workers (after their queue). */
+void ctx_run_deferred(corral_context *c, const char *kind, const char *message);
 /* Unretrieved-error reporters (lua_core.c makes them Lua userdata). */
 void ctx_report_all(corral_context *c);
+
+/* ---- signal.c ---------------------------------------------------------- */
+
+/* SIGINT and SIGTERM for the runner: the first is recorded and wakes c's
+ * loop, the second ends the process with 128 + the signal. */
+void signal_catch_stop(corral_context *c);
+/* The signal number received since the last call, or 0. */
+int signal_take_stop(void);
+void signal_release(corral_context *c);
+/* A worker thread starts / ends: fatal signals name it (returns the
+ * alternate signal stack to give back). */
+void *signal_enter_worker(corral_worker *w);
+void signal_leave_worker(void *altstack);
 
 struct corral_reporter {
   queue node;
@@ -98,6 +149,11 @@ struct corral_reporter {
 struct corral_runtime {
   corral_context home;
   int owns_L;
+  atomic_int nbusy;  /* worker contexts not parked idle (see context.c) */
+  atomic_int reap;   /* a worker whose handles all went has ended: join it */
+  corral_worker **pool; /* the default pool, shared by every context (under wlock) */
+  int npool;
+  int exit_fast;     /* closing after an error or a signal: cancel, do not drain */
   uv_mutex_t wlock; /* guards workers */
   queue workers;    /* every worker instance started, until joined */
 };
@@ -143,13 +199,16 @@ typedef struct corral_call {
   int payload_refs;
   int ndeps;
   corral_future **deps; /* inputs to unwrap, retained */
-  char method[];
+  size_t mlen;
+  char method[]; /* mlen bytes (a name may hold any byte) and a NUL */
 } corral_call;
 
-enum { WORKER_RUNNING = 0, WORKER_DRAIN = 1, WORKER_CANCEL = 2 };
+/* How a worker stops; ordered: a later mode overrides an earlier one. */
+enum { WORKER_RUNNING = 0, WORKER_DRAIN = 1, WORKER_CANCEL = 2, WORKER_CRASHED = 3 };
 
 struct corral_worker {
   atomic_int refs;
+  atomic_int handles; /* Lua handles on it, in every context: at 0 it stops */
   corral_runtime *rt;
   corral_context ctx; /* its loop runs on `thread` */
   uv_thread_t thread;
@@ -163,33 +222,53 @@ struct corral_worker {
   int queued, cap;
   corral_future **space; /* callers waiting for room, settled on pop */
   int nspace, capspace;
-  int stopping;
+  atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
+  char *crash;         /* why it died (an encoded error), set before CRASHED */
+  size_t crashlen;
+  char current[64]; /* the method running now ("" when none), under ctx.qlock */
   atomic_int active;      /* calls queued or running */
   corral_future *stopped; /* settled as the thread ends */
   queue rt_node;          /* in rt->workers, under rt->wlock */
   char name[64];
 };
 
-corral_call *call_new(const char *method, corral_future *result, char *payload, size_t len,
-                      int refs, corral_future **deps, int ndeps);
+corral_call *call_new(const char *method, size_t mlen, corral_future *result, char *payload,
+                      size_t len, int refs, corral_future **deps, int ndeps);
 void call_free(corral_call *c);
+/* Start a thread worker; NULL with *err set (a CORRAL_E* or libuv code). */
 corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
-                            int cap);
+                            int cap, int *err);
 void worker_retain(corral_worker *w);
 void worker_release(corral_worker *w);
-/* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping. */
+/* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping; CORRAL_ECRASHED dead. */
 int worker_push(corral_worker *w, corral_call *c);
 /* Wait for room: 0 f registered (settled on the next pop), 1 retry now. */
 int worker_wait_space(corral_worker *w, corral_future *f);
 /* Take up to max calls from the inbox (the worker's own thread). */
-int worker_take(corral_worker *w, corral_call **out, int max, int *stopping);
+int worker_take(corral_worker *w, corral_call **out, int max);
 void worker_stop(corral_worker *w, int how);
-/* Stop every worker (cancelling queued calls) and join their threads. */
-void worker_close_all(corral_runtime *rt);
+/* The worker's thread is about to end because it died: `payload` (an
+ * encoded error, taken) fails what it had and what comes. */
+void worker_crash(corral_worker *w, char *payload, size_t len);
+/* A copy of the crash payload (NULL when it did not crash). */
+char *worker_crash_copy(corral_worker *w, size_t *len);
+/* The method the worker runs now, for reports ("" when none). */
+void worker_set_current(corral_worker *w, const char *method, size_t len);
+void worker_current(corral_worker *w, char *out, size_t size);
+/* Stop every worker and join their threads: `fast` cancels and gives them a
+ * second; otherwise they drain what is queued while anything can progress.
+ * Returns how many are still running (their threads are left behind). */
+int worker_close_all(corral_runtime *rt, int fast);
 void worker_join(corral_worker *w);
+/* Join the workers that stopped after their last handle went. */
+void worker_reap(corral_runtime *rt);
 
 /* ---- lua_core.c -------------------------------------------------------- */
 
+/* corral_push_future / corral_to_future for corral's own use (the public
+ * ones mark the future as one that host code may settle). */
+void lcore_push_future(lua_State *L, corral_future *f);
+corral_future *lcore_to_future(lua_State *L, int idx);
 /* The context a lua_State runs in. */
 corral_context *ctx_of(lua_State *L);
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */
@@ -198,7 +277,8 @@ int lcore_drive(lua_State *L, int block);
 void lcore_worker_main(corral_worker *w);
 
 /* Private error codes, beside those of corral.h. */
-#define CORRAL_EAGAIN  (-10)
-#define CORRAL_ECLOSED (-11)
+#define CORRAL_EAGAIN   (-10)
+#define CORRAL_ECLOSED  (-11)
+#define CORRAL_ECRASHED (-12)
 
 #endif

@@ -44,28 +44,46 @@ corral_context *ctx_of(lua_State *L) {
 /* C futures                                                                 */
 /* ======================================================================== */
 
+/* A C future held by Lua. The owner is the C half of a Lua future of this
+ * context (made by fnew): that Lua future is the only thing that can settle
+ * it, so when it is collected while pending, nothing ever will. */
+typedef struct {
+  corral_future *f; /* first: a cfref is also a corral_future ** */
+  corral_context *owner;
+} cfref;
+
 static corral_future **cf_check(lua_State *L, int idx) {
   return (corral_future **)luaL_checkudata(L, idx, CFUTURE_MT);
 }
 
-static void cf_push(lua_State *L, corral_future *f) {
-  corral_future **p = lua_newuserdata(L, sizeof(corral_future *));
-  *p = f;
+static void cf_push_owned(lua_State *L, corral_future *f, corral_context *owner) {
+  cfref *p = lua_newuserdata(L, sizeof *p);
+  p->f = f;
+  p->owner = owner;
   luaL_getmetatable(L, CFUTURE_MT);
   lua_setmetatable(L, -2);
 }
 
+static void cf_push(lua_State *L, corral_future *f) { cf_push_owned(L, f, NULL); }
+
 static int cf_gc(lua_State *L) {
-  corral_future **p = lua_touserdata(L, 1);
-  corral_future_release(*p); /* atomic; frees without locking */
-  *p = NULL;
+  cfref *p = lua_touserdata(L, 1);
+  corral_future *f = p->f;
+  p->f = NULL;
+  if (f == NULL) return 0;
+  /* No lock here: an abandoned future is settled at the next drain. */
+  if (p->owner != NULL && corral_future_state(f) < CORRAL_DONE &&
+      !(atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->refs) > 1)
+    ctx_defer(p->owner, f, 0);
+  else
+    corral_future_release(f); /* atomic; frees without locking */
   return 0;
 }
 
 static int l_fnew(lua_State *L) {
-  corral_future *f = corral_future_new(rt_of(L));
+  corral_future *f = future_new();
   if (f == NULL) return luaL_error(L, "corral: out of memory");
-  cf_push(L, f);
+  cf_push_owned(L, f, ctx_of(L));
   return 1;
 }
 
@@ -77,7 +95,18 @@ static int l_fstart(lua_State *L) {
 static int l_fsettle(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
   int state = (int)luaL_checkinteger(L, 2);
+  atomic_fetch_or(&f->flags, FUTURE_SEEN);
   lua_pushboolean(L, future_settle(f, (corral_state)state, NULL, 0) == 0);
+  return 1;
+}
+
+/* fcancel(c): cancel under the cancel rule (pending, or running but
+ * suspended at a wait): true when it took effect. */
+static int l_fcancel(lua_State *L) {
+  corral_future *f = *cf_check(L, 1);
+  int ok = future_cancel(f) == 0;
+  if (ok) atomic_fetch_or(&f->flags, FUTURE_SEEN);
+  lua_pushboolean(L, ok);
   return 1;
 }
 
@@ -143,15 +172,28 @@ static void drain_one(void *ud, corral_future *f) {
   lua_rawseti(d->L, 1, ++d->n);
 }
 
-/* drain(t): fills t[1..n] with the keys of watched futures that settled;
- * returns n and whether a SIGINT arrived. */
+/* drain(t): settles what the collector left (abandoned futures, dropped
+ * workers), fills t[1..n] with the keys of watched futures that settled;
+ * returns n and the number of a SIGINT/SIGTERM that arrived (or 0). */
 static int l_drain(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
+  corral_context *c = ctx_of(L);
+  if (c->deferred != NULL)
+    ctx_run_deferred(c, "CancelledError",
+                     "abandoned: the future was collected before it settled, so nothing can "
+                     "settle it");
+  if (c->worker == NULL && atomic_exchange(&c->rt->reap, 0)) worker_reap(c->rt);
   drain_ud d = {L, 0};
-  ctx_drain(ctx_of(L), drain_one, &d);
+  ctx_drain(c, drain_one, &d);
   lua_pushinteger(L, d.n);
-  lua_pushboolean(L, ctx_take_sigint());
+  lua_pushinteger(L, c->worker == NULL ? signal_take_stop() : 0);
   return 2;
+}
+
+/* quiescent(): nothing in the process can make progress any more. */
+static int l_quiescent(lua_State *L) {
+  lua_pushboolean(L, ctx_quiescent(ctx_of(L)));
+  return 1;
 }
 
 static int l_poll(lua_State *L) {
@@ -164,8 +206,15 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
-static int l_catch_sigint(lua_State *L) {
-  ctx_catch_sigint(ctx_of(L));
+static int l_catch_signals(lua_State *L) {
+  signal_catch_stop(ctx_of(L));
+  return 0;
+}
+
+/* exit_fast(): the runner ends after an error or a signal: closing cancels
+ * the workers' calls instead of draining them. */
+static int l_exit_fast(lua_State *L) {
+  rt_of(L)->exit_fast = 1;
   return 0;
 }
 
@@ -180,6 +229,29 @@ static int l_exit(lua_State *L) {
   ctx_report_all(ctx_of(L));
   fflush(NULL);
   exit(code);
+  return 0;
+}
+
+/* print(...): like Lua's, but the whole line goes out in one write to
+ * stdout, so that lines printed by several threads never mix. */
+static int l_print(lua_State *L) {
+  int n = lua_gettop(L);
+  luaL_Buffer b;
+  lua_getglobal(L, "tostring");
+  luaL_buffinit(L, &b);
+  for (int i = 1; i <= n; i++) {
+    lua_pushvalue(L, n + 1);
+    lua_pushvalue(L, i);
+    lua_call(L, 1, 1);
+    if (!lua_isstring(L, -1)) return luaL_error(L, "'tostring' must return a string to 'print'");
+    if (i > 1) luaL_addchar(&b, '\t');
+    luaL_addvalue(&b);
+  }
+  luaL_addchar(&b, '\n');
+  luaL_pushresult(&b);
+  size_t len;
+  const char *line = lua_tolstring(L, -1, &len);
+  fwrite(line, 1, len, stdout);
   return 0;
 }
 
@@ -281,19 +353,16 @@ static int l_fsettle_encode(lua_State *L) {
   char *buf = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (buf == NULL) return codec_error(L, o.err);
   atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
+  atomic_fetch_or(&f->flags, FUTURE_SEEN);
   lua_pushboolean(L, future_settle_refs(f, (corral_state)state, buf, len, o.has_refs) == 0);
   return 1;
 }
 
 static int l_fset_error(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
+  atomic_fetch_or(&f->flags, FUTURE_SEEN);
   lua_pushboolean(L,
                   corral_future_set_error(f, luaL_checkstring(L, 2), luaL_checkstring(L, 3)) == 0);
-  return 1;
-}
-
-static int l_fcancel(lua_State *L) {
-  lua_pushboolean(L, future_settle(*cf_check(L, 1), CORRAL_CANCELLED, NULL, 0) == 0);
   return 1;
 }
 
@@ -314,28 +383,46 @@ static void w_push(lua_State *L, corral_worker *w) {
 
 static int w_gc(lua_State *L) {
   corral_worker **p = lua_touserdata(L, 1);
-  worker_release(*p); /* atomic; the last reference is the joined thread's */
+  corral_worker *w = *p;
   *p = NULL;
+  if (w == NULL) return 0;
+  /* The last handle went: the worker stops once its calls are done. No
+   * lock here: the stop is made at the next drain. */
+  if (atomic_fetch_sub(&w->handles, 1) == 1 && atomic_load(&w->stopping) == WORKER_RUNNING)
+    ctx_defer(ctx_of(L), w, 1);
+  else
+    worker_release(w); /* atomic; the last reference is the joined thread's */
   return 0;
 }
 
+static void w_push_handle(lua_State *L, corral_worker *w) {
+  atomic_fetch_add(&w->handles, 1);
+  w_push(L, w);
+}
+
 /* worker_start(name, cap, ...): a thread worker whose Lua main receives
- * the other arguments (class, options, init arguments). */
+ * the other arguments (class, options, init arguments). Returns it, or nil
+ * and why it cannot start. */
 static int l_worker_start(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
-  int cap = (int)luaL_checkinteger(L, 2);
+  lua_Number cap = luaL_checknumber(L, 2);
+  luaL_argcheck(L, cap >= 1 && cap <= 0x7fffffff, 2, "inbox bound out of range");
   codec_opts o = {0};
   o.what = "init";
   size_t len;
   char *boot = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (boot == NULL) return codec_error(L, o.err);
-  corral_worker *w = worker_start(rt_of(L), name, boot, len, o.has_refs, cap);
+  int err;
+  corral_worker *w = worker_start(rt_of(L), name, boot, len, o.has_refs, (int)cap, &err);
   if (w == NULL) {
     if (o.has_refs) codec_discard(boot, len);
     free(boot);
-    return luaL_error(L, "corral: cannot start a worker thread");
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot start a thread for worker %s: %s", name,
+                    err == CORRAL_ENOMEM ? "out of memory" : uv_strerror(err));
+    return 2;
   }
-  w_push(L, w);
+  w_push_handle(L, w);
   return 1;
 }
 
@@ -344,7 +431,7 @@ static int l_worker_start(lua_State *L) {
 static int l_worker_ref(lua_State *L) {
   corral_worker *w = lua_touserdata(L, 1);
   worker_retain(w);
-  w_push(L, w);
+  w_push_handle(L, w);
   return 1;
 }
 
@@ -354,7 +441,9 @@ static int l_worker_ptr(lua_State *L) {
 }
 
 static corral_call *call_check(lua_State *L, int idx) {
-  return *(corral_call **)luaL_checkudata(L, idx, CALL_MT);
+  corral_call *c = *(corral_call **)luaL_checkudata(L, idx, CALL_MT);
+  if (c == NULL) luaL_error(L, "corral: call already finished");
+  return c;
 }
 
 static void call_push(lua_State *L, corral_call *c) {
@@ -378,18 +467,30 @@ static int push_status(lua_State *L, int rc) {
   if (rc == 0)
     lua_pushboolean(L, 1);
   else
-    lua_pushstring(L, rc == CORRAL_EAGAIN ? "full" : "closed");
+    lua_pushstring(L, rc == CORRAL_EAGAIN ? "full" : rc == CORRAL_ECRASHED ? "crashed" : "closed");
   return 1;
+}
+
+/* A push refused because the worker died: fail the call with its crash. */
+static void fail_crashed(corral_worker *w, corral_future *result) {
+  size_t len;
+  char *crash = worker_crash_copy(w, &len);
+  if (crash != NULL)
+    future_settle(result, CORRAL_FAILED, crash, len);
+  else
+    corral_future_set_error(result, "WorkerCrashed", "the worker died");
 }
 
 /* wcall(w, method, ...): encode the arguments (futures become inputs to
  * unwrap) and queue the call. Returns the result's C future and its watch
  * key (the caller's loop is told when it settles); or nil, "full", the
  * result, the call (to push again when there is room) and the key; or nil,
- * "closed", nil, nil, key; or nil, "codec", why. */
+ * "closed" (the caller fails it) / "crashed" (failed), the result, nil,
+ * key; or nil, "codec", why. */
 static int l_wcall(lua_State *L) {
   corral_worker *w = w_check(L, 1);
-  const char *method = luaL_checkstring(L, 2);
+  size_t mlen;
+  const char *method = luaL_checklstring(L, 2, &mlen);
   codec_opts o = {0};
   o.unwrap = 1;
   if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
@@ -405,9 +506,12 @@ static int l_wcall(lua_State *L) {
     return 3;
   }
   atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
-  corral_future *result = corral_future_new(rt_of(L));
+  /* an input's failure is reported through this call */
+  for (int i = 0; i < o.ndeps; i++)
+    atomic_fetch_or(&o.deps[i]->flags, FUTURE_DEP);
+  corral_future *result = future_new();
   corral_call *c =
-      result ? call_new(method, result, payload, len, o.has_refs, o.deps, o.ndeps) : NULL;
+      result ? call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps) : NULL;
   if (c == NULL) {
     if (o.has_refs) codec_discard(payload, len);
     free(payload);
@@ -430,11 +534,11 @@ static int l_wcall(lua_State *L) {
     return 2;
   }
   lua_pushnil(L);
-  if (rc == CORRAL_ECLOSED) {
+  if (rc == CORRAL_ECLOSED || rc == CORRAL_ECRASHED) {
     call_free(c);
-    lua_pushliteral(L, "closed");
-    cf_push(L, result); /* its watch still waits: it fails below */
-    corral_future_set_error(result, "ClosedError", "the worker is stopped");
+    if (rc == CORRAL_ECRASHED) fail_crashed(w, result);
+    push_status(L, rc);
+    cf_push(L, result); /* its watch still waits: it fails */
     lua_pushnil(L);
     lua_pushlightuserdata(L, result);
     return 5;
@@ -446,12 +550,14 @@ static int l_wcall(lua_State *L) {
   return 5;
 }
 
-/* wpush(w, call): push a call again: true, "full" or "closed". */
+/* wpush(w, call): push a call again: true, "full", "closed" (the caller
+ * fails it) or "crashed" (failed here). */
 static int l_wpush(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   corral_call **p = (corral_call **)luaL_checkudata(L, 2, CALL_MT);
   int rc = worker_push(w, *p);
   if (rc == 0) *p = NULL; /* the inbox owns it now */
+  if (rc == CORRAL_ECRASHED) fail_crashed(w, (*p)->result);
   return push_status(L, rc);
 }
 
@@ -459,7 +565,7 @@ static int l_wpush(lua_State *L) {
  * stops); nil when there is room already. */
 static int l_wspace(lua_State *L) {
   corral_worker *w = w_check(L, 1);
-  corral_future *f = corral_future_new(rt_of(L));
+  corral_future *f = future_new();
   if (f == NULL) return luaL_error(L, "corral: out of memory");
   if (worker_wait_space(w, f) != 0) {
     corral_future_release(f);
@@ -475,6 +581,8 @@ static int l_wactive(lua_State *L) {
   return 1;
 }
 
+/* wstop(w, drain): ask it to stop; returns the C future settled when its
+ * thread has ended. */
 static int l_wstop(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   worker_stop(w, lua_toboolean(L, 2) ? WORKER_DRAIN : WORKER_CANCEL);
@@ -493,35 +601,129 @@ static int l_wname(lua_State *L) {
   return 1;
 }
 
+/* pool_set(ptr...): make these instances the process's default pool, unless
+ * one is set already (false). pool_get(): its instances (none: no pool). */
+static int l_pool_set(lua_State *L) {
+  corral_runtime *rt = rt_of(L);
+  int n = lua_gettop(L);
+  corral_worker **pool = malloc(sizeof *pool * (size_t)(n > 0 ? n : 1));
+  if (pool == NULL) return luaL_error(L, "corral: out of memory");
+  for (int i = 0; i < n; i++)
+    pool[i] = lua_touserdata(L, i + 1);
+  int ok = 0;
+  uv_mutex_lock(&rt->wlock);
+  if (rt->pool == NULL) {
+    for (int i = 0; i < n; i++) {
+      worker_retain(pool[i]);
+      atomic_fetch_add(&pool[i]->handles, 1); /* the runtime holds it open */
+    }
+    rt->pool = pool;
+    rt->npool = n;
+    ok = 1;
+  }
+  uv_mutex_unlock(&rt->wlock);
+  if (!ok) free(pool);
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+static int l_pool_get(lua_State *L) {
+  corral_runtime *rt = rt_of(L);
+  uv_mutex_lock(&rt->wlock);
+  int n = rt->npool;
+  if (!lua_checkstack(L, n + 1)) n = 0;
+  for (int i = 0; i < n; i++)
+    lua_pushlightuserdata(L, rt->pool[i]);
+  uv_mutex_unlock(&rt->wlock);
+  return n;
+}
+
 /* ---- the worker's side ---------------------------------------------------- */
 
+static corral_worker *self_worker(lua_State *L) {
+  corral_worker *w = ctx_of(L)->worker;
+  if (w == NULL) luaL_error(L, "corral: not a worker context");
+  return w;
+}
+
 /* inbox_take(t, max, at): put up to max calls in t[at+1..]; returns how
- * many and the stop mode. */
+ * many. */
 static int l_inbox_take(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   int max = (int)luaL_checkinteger(L, 2);
   int at = (int)luaL_optinteger(L, 3, 0);
-  corral_worker *w = ctx_of(L)->worker;
-  if (w == NULL) return luaL_error(L, "corral: not a worker context");
+  corral_worker *w = self_worker(L);
   corral_call *calls[64];
   if (max > 64) max = 64;
-  int stopping;
-  int n = worker_take(w, calls, max, &stopping);
+  int n = worker_take(w, calls, max);
   for (int i = 0; i < n; i++) {
     call_push(L, calls[i]);
     lua_rawseti(L, 1, at + i + 1);
   }
   lua_pushinteger(L, n);
-  lua_pushinteger(L, stopping);
-  return 2;
+  return 1;
+}
+
+/* stopping(): how this worker is asked to stop (0 running, 1 drain, 2
+ * cancel, 3 crashed): an atomic read, no lock. */
+static int l_stopping(lua_State *L) {
+  lua_pushinteger(L, atomic_load(&self_worker(L)->stopping));
+  return 1;
+}
+
+/* worker_crash(err): this worker dies: err (encoded) fails its calls and
+ * every call made from now on. */
+static int l_worker_crash(lua_State *L) {
+  corral_worker *w = self_worker(L);
+  codec_opts o = {0};
+  o.what = "error";
+  size_t len;
+  char *buf = codec_encode(L, 1, 1, &len, &o);
+  if (buf == NULL || o.has_refs) {
+    if (buf != NULL) codec_discard(buf, len);
+    free(buf);
+    buf = future_error_payload("WorkerCrashed", "the worker died", &len);
+  }
+  if (buf != NULL) worker_crash(w, buf, len);
+  return 0;
 }
 
 /* call_info(call): the method's name and how many inputs it has. */
 static int l_call_info(lua_State *L) {
   corral_call *c = call_check(L, 1);
-  lua_pushstring(L, c->method);
+  lua_pushlstring(L, c->method, c->mlen);
   lua_pushinteger(L, c->ndeps);
   return 2;
+}
+
+/* call_start(call): the method starts: its future becomes RUNNING. False
+ * when it was cancelled (or settled) meanwhile: it must not run. */
+static int l_call_start(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  int ok = future_start(c->result) == 0;
+  if (ok) worker_set_current(self_worker(L), c->method, c->mlen);
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* call_suspend(call) / call_resume(call): the method waits / goes on. False
+ * when its caller cancelled it: the wait must raise CancelledError. */
+static int l_call_suspend(lua_State *L) {
+  lua_pushboolean(L, future_suspend(call_check(L, 1)->result) == 0);
+  return 1;
+}
+
+static int l_call_resume(lua_State *L) {
+  lua_pushboolean(L, future_resume(call_check(L, 1)->result) == 0);
+  return 1;
+}
+
+/* call_result(call): the call's own C future (to learn of a cancel). */
+static int l_call_result(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  corral_future_retain(c->result);
+  cf_push(L, c->result);
+  return 1;
 }
 
 /* call_deps(call): its inputs, as C futures. */
@@ -550,24 +752,30 @@ static int l_call_args(lua_State *L) {
 /* The call has finished: count it and free it. */
 static void call_done(lua_State *L, corral_call **p) {
   corral_worker *w = ctx_of(L)->worker;
-  if (w != NULL) atomic_fetch_sub(&w->active, 1);
+  if (w != NULL) {
+    atomic_fetch_sub(&w->active, 1);
+    if (w->current[0] != '\0') worker_set_current(w, "", 0);
+  }
   if ((*p)->taken) queue_remove(&(*p)->node);
   call_free(*p);
   *p = NULL;
 }
 
 /* call_finish(call, state, ...): settle the call's future with the values
- * (state DONE) or the error (FAILED), encoded; or cancel it (CANCELLED).
+ * (state DONE) or the error (FAILED), encoded; or cancel it (CANCELLED);
+ * or, with no state, just let it go (it was settled by its caller).
  * Returns true, or nil and why the values cannot travel (the call is then
  * still open, to fail with that). */
 static int l_call_finish(lua_State *L) {
   corral_call **p = (corral_call **)luaL_checkudata(L, 1, CALL_MT);
-  int state = (int)luaL_checkinteger(L, 2);
   if (*p == NULL) return luaL_error(L, "corral: call already finished");
   corral_future *f = (*p)->result;
-  if (state == CORRAL_CANCELLED) {
+  if (lua_isnoneornil(L, 2)) {
+    /* nothing to settle */
+  } else if (lua_tointeger(L, 2) == CORRAL_CANCELLED) {
     future_settle(f, CORRAL_CANCELLED, NULL, 0);
   } else {
+    int state = (int)luaL_checkinteger(L, 2);
     codec_opts o = {0};
     o.what = state == CORRAL_DONE ? "result" : "error";
     if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096)
@@ -588,8 +796,13 @@ static int l_set_tasks(lua_State *L) {
   return 0;
 }
 
-static void stats_row(lua_State *L, corral_context *c, const char *name, int queued, int active) {
-  lua_createtable(L, 0, 6);
+static void stats_row(lua_State *L, corral_context *c, const char *name, int queued, int active,
+                      const char *running) {
+  lua_createtable(L, 0, 7);
+  if (running != NULL && running[0] != '\0') {
+    lua_pushstring(L, running);
+    lua_setfield(L, -2, "running");
+  }
   lua_pushstring(L, name);
   lua_setfield(L, -2, "name");
   lua_pushnumber(L, (lua_Number)atomic_load(&c->tasks));
@@ -608,16 +821,18 @@ static void stats_row(lua_State *L, corral_context *c, const char *name, int que
 static int l_stats(lua_State *L) {
   corral_runtime *rt = rt_of(L);
   lua_newtable(L);
-  stats_row(L, &rt->home, "home", 0, 0);
+  stats_row(L, &rt->home, "home", 0, 0, NULL);
   lua_rawseti(L, -2, 1);
   int i = 2;
   uv_mutex_lock(&rt->wlock);
   for (queue *q = queue_head(&rt->workers); q != &rt->workers; q = q->next) {
     corral_worker *w = queue_data(q, corral_worker, rt_node);
+    char running[64];
     uv_mutex_lock(&w->ctx.qlock);
     int queued = w->queued;
+    snprintf(running, sizeof running, "%s", w->current);
     uv_mutex_unlock(&w->ctx.qlock);
-    stats_row(L, &w->ctx, w->name, queued, atomic_load(&w->active));
+    stats_row(L, &w->ctx, w->name, queued, atomic_load(&w->active), running);
     lua_rawseti(L, -2, i++);
   }
   uv_mutex_unlock(&rt->wlock);
@@ -660,7 +875,10 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"drain", l_drain},
                                       {"poll", l_poll},
                                       {"now", l_now},
-                                      {"catch_sigint", l_catch_sigint},
+                                      {"catch_signals", l_catch_signals},
+                                      {"exit_fast", l_exit_fast},
+                                      {"quiescent", l_quiescent},
+                                      {"print", l_print},
                                       {"isatty", l_isatty},
                                       {"exit", l_exit},
                                       {"versions", l_versions},
@@ -678,7 +896,15 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"wstop", l_wstop},
                                       {"wjoin", l_wjoin},
                                       {"wname", l_wname},
+                                      {"pool_set", l_pool_set},
+                                      {"pool_get", l_pool_get},
                                       {"inbox_take", l_inbox_take},
+                                      {"stopping", l_stopping},
+                                      {"worker_crash", l_worker_crash},
+                                      {"call_start", l_call_start},
+                                      {"call_suspend", l_call_suspend},
+                                      {"call_resume", l_call_resume},
+                                      {"call_result", l_call_result},
                                       {"call_info", l_call_info},
                                       {"call_args", l_call_args},
                                       {"call_deps", l_call_deps},
@@ -784,14 +1010,26 @@ int luaopen_corral(lua_State *L) {
 /* Bridges for the C API                                                     */
 /* ======================================================================== */
 
-void corral_push_future(lua_State *L, corral_future *f) {
+void lcore_push_future(lua_State *L, corral_future *f) {
   lua_getfield(L, LUA_REGISTRYINDEX, WRAP_KEY);
   corral_future_retain(f);
   cf_push(L, f);
   lua_call(L, 1, 1);
 }
 
+/* The public bridges hand a future to host code, which may settle it. */
+void corral_push_future(lua_State *L, corral_future *f) {
+  future_mark_host(f);
+  lcore_push_future(L, f);
+}
+
 corral_future *corral_to_future(lua_State *L, int idx) {
+  corral_future *f = lcore_to_future(L, idx);
+  if (f != NULL) future_mark_host(f);
+  return f;
+}
+
+corral_future *lcore_to_future(lua_State *L, int idx) {
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
   if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return NULL;
   lua_getfield(L, -1, "__future");
@@ -839,9 +1077,36 @@ static int worker_boot(lua_State *L) {
   return 0;
 }
 
+/* The worker died before or outside its Lua main: a WorkerCrashed built by
+ * the errors module when corral loaded, by C otherwise. */
+static void boot_failed(lua_State *L, corral_worker *w) {
+  int err = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "corral.worker_main");
+  if (lua_pcall(L, 1, 1, 0) == 0) {
+    lua_getfield(L, -1, "died");
+    lua_pushstring(L, w->name);
+    lua_pushvalue(L, err);
+    if (lua_pcall(L, 2, 0, 0) == 0) return;
+  }
+  lua_settop(L, err);
+  char msg[512];
+  snprintf(msg, sizeof msg, "worker %s died: %s", w->name,
+           lua_isstring(L, err) ? lua_tostring(L, err) : "(an error object)");
+  size_t len;
+  char *payload = future_error_payload("WorkerCrashed", msg, &len);
+  if (payload != NULL) worker_crash(w, payload, len);
+}
+
 void lcore_worker_main(corral_worker *w) {
   lua_State *L = luaL_newstate();
-  if (L == NULL) return;
+  if (L == NULL) {
+    size_t len;
+    char *payload = future_error_payload(
+        "WorkerCrashed", "the worker died: no memory for its Lua state", &len);
+    if (payload != NULL) worker_crash(w, payload, len);
+    return;
+  }
   w->ctx.L = L;
   luaL_openlibs(L);
   lua_pushlightuserdata(L, w->rt);
@@ -853,12 +1118,11 @@ void lcore_worker_main(corral_worker *w) {
   lua_pushcfunction(L, luaopen_corral);
   lua_setfield(L, -2, "corral");
   lua_pop(L, 2);
-  if (lua_cpcall(L, worker_boot, w) != 0) {
-    lua_getglobal(L, "tostring");
-    lua_insert(L, -2);
-    lua_pcall(L, 1, 1, 0);
-    fprintf(stderr, "corral: worker %s died: %s\n", w->name, lua_tostring(L, -1));
-  }
+  if (lua_cpcall(L, worker_boot, w) != 0) boot_failed(L, w);
   lua_close(L);
   w->ctx.L = NULL;
+  /* its Lua futures that were still pending can never settle now */
+  char msg[128];
+  snprintf(msg, sizeof msg, "worker %s stopped before this future settled", w->name);
+  ctx_run_deferred(&w->ctx, "ClosedError", msg);
 }

@@ -31,6 +31,7 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
   if (rt == NULL) return NULL;
   rt->owns_L = owns_L;
   queue_init(&rt->workers);
+  atomic_init(&rt->nbusy, 0);
   if (uv_mutex_init(&rt->wlock) != 0) {
     free(rt);
     return NULL;
@@ -44,8 +45,21 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
 }
 
 void rt_destroy(corral_runtime *rt) {
-  worker_close_all(rt); /* no thread outlives the runtime */
-  ctx_close(&rt->home, 1);
+  /* the state is closing: what only its Lua could settle never will */
+  ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled");
+  /* no thread outlives the runtime, unless it runs code that never waits */
+  uv_mutex_lock(&rt->wlock);
+  corral_worker **pool = rt->pool;
+  int npool = rt->npool;
+  rt->pool = NULL;
+  rt->npool = 0;
+  uv_mutex_unlock(&rt->wlock);
+  for (int i = 0; i < npool; i++)
+    worker_release(pool[i]);
+  free(pool);
+  int left = worker_close_all(rt, rt->exit_fast);
+  ctx_close(&rt->home, left == 0);
+  if (left > 0) return; /* their threads still use it: leave it to the process */
   uv_mutex_destroy(&rt->wlock);
   free(rt);
 }

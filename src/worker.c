@@ -1,9 +1,18 @@
-/* worker.c: thread worker instances: their threads, bounded inboxes, stop and join.
+/* worker.c: thread worker instances: their threads, bounded inboxes, stop,
+ * crash and join.
  *
  * Lock order: rt->wlock, then a worker's ctx.qlock. Futures are never
  * settled under ctx.qlock (settling takes future->lock, then the watching
  * context's qlock): space waiters are settled after it is released.
+ *
+ * A call's life: pushed onto the inbox (queued), taken by the worker's Lua
+ * in batches (taken: still cancellable, the caller's cancel settles its
+ * future and the worker skips it), started (RUNNING: future_start), and
+ * finished by the worker settling its future. When the thread ends, what it
+ * had taken and what is left in the inbox is cancelled (a stop) or failed
+ * with the crash error (the worker died).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,12 +22,13 @@
 /* Calls                                                                     */
 /* ======================================================================== */
 
-corral_call *call_new(const char *method, corral_future *result, char *payload, size_t len,
-                      int refs, corral_future **deps, int ndeps) {
-  size_t mlen = strlen(method);
+corral_call *call_new(const char *method, size_t mlen, corral_future *result, char *payload,
+                      size_t len, int refs, corral_future **deps, int ndeps) {
   corral_call *c = malloc(sizeof *c + mlen + 1);
   if (c == NULL) return NULL;
-  memcpy(c->method, method, mlen + 1);
+  memcpy(c->method, method, mlen);
+  c->method[mlen] = '\0';
+  c->mlen = mlen;
   c->result = result;
   c->payload = payload;
   c->len = len;
@@ -45,11 +55,20 @@ void call_free(corral_call *c) {
 /* Life                                                                      */
 /* ======================================================================== */
 
-static void cancel_all(corral_worker *w, queue *q) {
+/* Settle every call of q: cancelled, or failed with a copy of `crash`. */
+static void settle_all(corral_worker *w, queue *q, const char *crash, size_t crashlen) {
   while (!queue_empty(q)) {
     corral_call *c = queue_data(queue_head(q), corral_call, node);
     queue_remove(&c->node);
-    future_settle(c->result, CORRAL_CANCELLED, NULL, 0);
+    char *copy = crash != NULL ? malloc(crashlen) : NULL;
+    if (copy != NULL) {
+      memcpy(copy, crash, crashlen);
+      future_settle(c->result, CORRAL_FAILED, copy, crashlen);
+    } else if (crash != NULL) {
+      corral_future_set_error(c->result, "WorkerCrashed", "the worker died (out of memory)");
+    } else {
+      future_settle(c->result, CORRAL_CANCELLED, NULL, 0);
+    }
     atomic_fetch_sub(&w->active, 1);
     call_free(c);
   }
@@ -57,26 +76,40 @@ static void cancel_all(corral_worker *w, queue *q) {
 
 static void worker_thread(void *arg) {
   corral_worker *w = arg;
+  void *altstack = signal_enter_worker(w);
   lcore_worker_main(w); /* returns when the worker has stopped, or died */
-  /* Whatever its Lua left unfinished is cancelled, and so is what is left in
-   * the inbox; callers waiting for room are let go; what comes is refused. */
-  cancel_all(w, &w->taken);
+  signal_leave_worker(altstack);
+  /* Whatever its Lua left unfinished is cancelled (or failed, when it died),
+   * and so is what is left in the inbox; callers waiting for room are let
+   * go; what comes is refused. */
   worker_stop(w, WORKER_CANCEL);
   queue left;
   uv_mutex_lock(&w->ctx.qlock);
   queue_move(&w->inbox, &left);
   w->queued = 0;
+  const char *crash = w->crash;
+  size_t crashlen = w->crashlen;
+  w->current[0] = '\0';
   uv_mutex_unlock(&w->ctx.qlock);
-  cancel_all(w, &left);
+  settle_all(w, &w->taken, crash, crashlen);
+  settle_all(w, &left, crash, crashlen);
   ctx_close(&w->ctx, 0);
+  /* it counts as busy no more; the home may be waiting on it (or, with no
+   * handle left, has to join it) */
+  int orphan = atomic_load(&w->handles) == 0;
+  if (orphan) atomic_store(&w->rt->reap, 1);
+  if (atomic_fetch_sub(&w->rt->nbusy, 1) == 1 || orphan) ctx_wake_home(w->rt);
   future_settle(w->stopped, CORRAL_DONE, NULL, 0);
 }
 
 corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
-                            int cap) {
+                            int cap, int *err) {
+  *err = CORRAL_ENOMEM;
   corral_worker *w = calloc(1, sizeof *w);
   if (w == NULL) return NULL;
   atomic_init(&w->refs, 2); /* the caller's and the runtime's (until joined) */
+  atomic_init(&w->handles, 0);
+  atomic_init(&w->stopping, WORKER_RUNNING);
   w->rt = rt;
   w->boot = boot;
   w->bootlen = len;
@@ -85,24 +118,29 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   w->cap = cap > 0 ? cap : 1;
   queue_init(&w->inbox);
   snprintf(w->name, sizeof w->name, "%s", name);
-  w->stopped = corral_future_new(rt);
-  if (w->stopped == NULL || ctx_init(&w->ctx, rt, NULL) != 0) {
+  w->stopped = future_new();
+  int rc = w->stopped == NULL ? CORRAL_ENOMEM : ctx_init(&w->ctx, rt, NULL);
+  if (rc != 0) {
     corral_future_release(w->stopped);
     free(w);
+    *err = rc;
     return NULL;
   }
   w->ctx.worker = w;
+  atomic_fetch_add(&rt->nbusy, 1); /* busy while it boots */
   uv_mutex_lock(&rt->wlock);
   queue_insert_tail(&rt->workers, &w->rt_node);
   uv_mutex_unlock(&rt->wlock);
-  if (uv_thread_create(&w->thread, worker_thread, w) != 0) {
+  if ((rc = uv_thread_create(&w->thread, worker_thread, w)) != 0) {
     uv_mutex_lock(&rt->wlock);
     queue_remove(&w->rt_node);
     w->joined = 1;
     uv_mutex_unlock(&rt->wlock);
+    atomic_fetch_sub(&rt->nbusy, 1);
     ctx_close(&w->ctx, 1);
     corral_future_release(w->stopped);
     free(w);
+    *err = rc;
     return NULL;
   }
   return w;
@@ -123,6 +161,7 @@ void worker_release(corral_worker *w) {
   free(w->space);
   if (w->boot_refs) codec_discard(w->boot, w->bootlen);
   free(w->boot);
+  free(w->crash);
   corral_future_release(w->stopped);
   free(w);
   /* NOLINTEND(clang-analyzer-unix.Malloc) */
@@ -134,9 +173,10 @@ void worker_release(corral_worker *w) {
 
 int worker_push(corral_worker *w, corral_call *c) {
   uv_mutex_lock(&w->ctx.qlock);
-  if (w->stopping) {
+  int st = atomic_load_explicit(&w->stopping, memory_order_relaxed);
+  if (st != WORKER_RUNNING) {
     uv_mutex_unlock(&w->ctx.qlock);
-    return CORRAL_ECLOSED;
+    return st == WORKER_CRASHED ? CORRAL_ECRASHED : CORRAL_ECLOSED;
   }
   if (w->queued >= w->cap) {
     uv_mutex_unlock(&w->ctx.qlock);
@@ -155,7 +195,8 @@ int worker_push(corral_worker *w, corral_call *c) {
 int worker_wait_space(corral_worker *w, corral_future *f) {
   int rc = 1;
   uv_mutex_lock(&w->ctx.qlock);
-  if (!w->stopping && w->queued >= w->cap) {
+  if (atomic_load_explicit(&w->stopping, memory_order_relaxed) == WORKER_RUNNING &&
+      w->queued >= w->cap) {
     if (w->nspace == w->capspace) {
       int cap = w->capspace ? w->capspace * 2 : 4;
       corral_future **s = realloc(w->space, sizeof(corral_future *) * (size_t)cap);
@@ -174,7 +215,7 @@ int worker_wait_space(corral_worker *w, corral_future *f) {
   return rc;
 }
 
-int worker_take(corral_worker *w, corral_call **out, int max, int *stopping) {
+int worker_take(corral_worker *w, corral_call **out, int max) {
   int n = 0, nspace = 0;
   corral_future *stack_space[16], **space = stack_space;
   uv_mutex_lock(&w->ctx.qlock);
@@ -186,7 +227,6 @@ int worker_take(corral_worker *w, corral_call **out, int max, int *stopping) {
     out[n++] = c;
   }
   w->queued -= n;
-  *stopping = w->stopping;
   if (n > 0 && w->nspace > 0) {
     /* hand the waiters over; settled below, outside the lock */
     if (w->nspace <= 16) {
@@ -210,9 +250,9 @@ int worker_take(corral_worker *w, corral_call **out, int max, int *stopping) {
 
 void worker_stop(corral_worker *w, int how) {
   uv_mutex_lock(&w->ctx.qlock);
-  if (w->stopping < how) {
-    w->stopping = how;
-    ctx_signal(&w->ctx, 0);
+  if (atomic_load_explicit(&w->stopping, memory_order_relaxed) < how) {
+    atomic_store(&w->stopping, how);
+    if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
   }
   /* callers waiting for room will find the worker closed */
   int nspace = w->nspace;
@@ -227,6 +267,47 @@ void worker_stop(corral_worker *w, int how) {
   free(space);
 }
 
+void worker_crash(corral_worker *w, char *payload, size_t len) {
+  uv_mutex_lock(&w->ctx.qlock);
+  if (w->crash == NULL) {
+    w->crash = payload;
+    w->crashlen = len;
+    payload = NULL;
+  }
+  uv_mutex_unlock(&w->ctx.qlock);
+  free(payload);
+  worker_stop(w, WORKER_CRASHED);
+}
+
+char *worker_crash_copy(corral_worker *w, size_t *len) {
+  char *copy = NULL;
+  uv_mutex_lock(&w->ctx.qlock);
+  if (w->crash != NULL && (copy = malloc(w->crashlen)) != NULL) {
+    memcpy(copy, w->crash, w->crashlen);
+    *len = w->crashlen;
+  }
+  uv_mutex_unlock(&w->ctx.qlock);
+  return copy;
+}
+
+void worker_set_current(corral_worker *w, const char *method, size_t len) {
+  if (len >= sizeof w->current) len = sizeof w->current - 1;
+  uv_mutex_lock(&w->ctx.qlock);
+  memcpy(w->current, method, len);
+  w->current[len] = '\0';
+  uv_mutex_unlock(&w->ctx.qlock);
+}
+
+void worker_current(corral_worker *w, char *out, size_t size) {
+  uv_mutex_lock(&w->ctx.qlock);
+  snprintf(out, size, "%s", w->current);
+  uv_mutex_unlock(&w->ctx.qlock);
+}
+
+/* ======================================================================== */
+/* Join                                                                      */
+/* ======================================================================== */
+
 void worker_join(corral_worker *w) {
   corral_runtime *rt = w->rt;
   uv_mutex_lock(&rt->wlock);
@@ -239,18 +320,90 @@ void worker_join(corral_worker *w) {
   worker_release(w); /* the runtime's reference */
 }
 
-void worker_close_all(corral_runtime *rt) {
+void worker_reap(corral_runtime *rt) {
   for (;;) {
+    corral_worker *done = NULL;
     uv_mutex_lock(&rt->wlock);
-    if (queue_empty(&rt->workers)) {
-      uv_mutex_unlock(&rt->wlock);
-      return;
+    for (queue *q = queue_head(&rt->workers); q != &rt->workers; q = q->next) {
+      corral_worker *w = queue_data(q, corral_worker, rt_node);
+      if (atomic_load(&w->handles) == 0 && corral_future_state(w->stopped) == CORRAL_DONE) {
+        done = w;
+        worker_retain(w);
+        break;
+      }
     }
-    corral_worker *w = queue_data(queue_head(&rt->workers), corral_worker, rt_node);
-    worker_retain(w);
     uv_mutex_unlock(&rt->wlock);
-    worker_stop(w, WORKER_CANCEL);
-    worker_join(w);
+    if (done == NULL) return;
+    worker_join(done); /* its thread has ended: this does not wait */
+    worker_release(done);
+  }
+}
+
+/* The first worker of rt not joined yet (retained), or NULL. */
+static corral_worker *first_worker(corral_runtime *rt, queue *after) {
+  corral_worker *w = NULL;
+  uv_mutex_lock(&rt->wlock);
+  queue *q = after != NULL ? after->next : queue_head(&rt->workers);
+  if (q != &rt->workers) {
+    w = queue_data(q, corral_worker, rt_node);
+    worker_retain(w);
+  }
+  uv_mutex_unlock(&rt->wlock);
+  return w;
+}
+
+static void stop_every(corral_runtime *rt, int how) {
+  uv_mutex_lock(&rt->wlock);
+  for (queue *q = queue_head(&rt->workers); q != &rt->workers; q = q->next)
+    worker_stop(queue_data(q, corral_worker, rt_node), how);
+  uv_mutex_unlock(&rt->wlock);
+}
+
+int worker_close_all(corral_runtime *rt, int fast) {
+  stop_every(rt, fast ? WORKER_CANCEL : WORKER_DRAIN);
+  /* Draining goes on while anything can progress; when every worker left
+   * is parked with nothing to do, what they wait on can never come. */
+  double deadline = fast ? (double)uv_hrtime() * 1e-9 + 1.0 : -1;
+  int left = 0;
+  for (;;) {
+    corral_worker *w = first_worker(rt, NULL);
+    if (w == NULL) return 0;
+    double wait = 0.1;
+    if (deadline >= 0) {
+      wait = deadline - (double)uv_hrtime() * 1e-9;
+      if (wait < 0) wait = 0;
+    }
+    if (corral_future_wait(w->stopped, wait) == 0) {
+      worker_join(w);
+      worker_release(w);
+      continue;
+    }
+    worker_release(w);
+    if (deadline < 0) {
+      if (atomic_load(&rt->nbusy) == 0) stop_every(rt, WORKER_CANCEL);
+      continue;
+    }
+    break; /* the second is over */
+  }
+  /* Join what has ended; what still runs runs code that never waits: say
+   * so, and leave it behind. */
+  queue *after = NULL;
+  corral_worker *w;
+  while ((w = first_worker(rt, after)) != NULL) {
+    if (corral_future_state(w->stopped) == CORRAL_DONE) {
+      worker_join(w);
+      worker_release(w);
+      continue;
+    }
+    char method[64];
+    worker_current(w, method, sizeof method);
+    fprintf(stderr,
+            "corral: worker %s is still running%s%s (code that never waits cannot be "
+            "interrupted); leaving it behind\n",
+            w->name, method[0] ? " method " : "", method);
+    left++;
+    after = &w->rt_node; /* it stays in the list: it is never joined */
     worker_release(w);
   }
+  return left;
 }

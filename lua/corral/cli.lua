@@ -21,36 +21,67 @@ local function errf(...)
   io.stderr:flush()
 end
 
+-- What the workers still hold, for a report of what is stuck.
+local function stuck_details()
+  local lines = {}
+  for _, row in ipairs(core.stats()) do
+    if row.name ~= "home" and (row.active > 0 or row.running) then
+      lines[#lines + 1] = ("  worker %s: %d call(s) unfinished%s\n"):format(row.name, row.active,
+        row.running and (", running " .. row.running) or " (waiting for their inputs)")
+    end
+  end
+  return table.concat(lines)
+end
+
+local SIGNAMES = { [2] = "interrupted", [15] = "terminated" }
+
 --- Run the main task until it ends, then until nothing is pending.
 -- Returns the process's exit status.
 function M.run_main(main)
-  local interrupted = false
-  sched.on_sigint = function()
-    if main:done() then core.exit(130) end
-    interrupted = true
-    main:cancel()
+  local signalled = nil
+  sched.on_signal = function(sig)
+    signalled = signalled or sig
+    core.exit_fast() -- close by cancelling the workers' calls, not draining them
+    if not main:done() then main:cancel() end
   end
   while not main:done() and sched.turn(true) do end
   if not main:done() then
-    errf("corral: the main chunk is blocked on futures that nothing can settle\n")
+    core.exit_fast()
+    errf("corral: the main chunk is blocked on futures that nothing can settle\n", stuck_details())
     return 1
   end
   local s = main[S]
   if s == future.FAILED then
+    core.exit_fast()
     future.retrieve(main)
     local e = main._e
-    local tb = main._tb or (type(e) == "table" and rawget(e, "traceback"))
-    errf("corral: ", sched.safe_tostring(e), "\n", tb or "", "\n")
+    local text = sched.safe_tostring(e)
+    if not corral.is_error(e, "TaskError") then
+      local tb = main._tb or rawget(e, "traceback")
+      if tb then text = text .. "\n" .. tb end
+    end
+    errf("corral: ", text, "\n")
     return 1
   elseif s == future.CANCELLED then
     future.retrieve(main)
-    errf(interrupted and "corral: interrupted\n" or "corral: the main task was cancelled\n")
-    return interrupted and 130 or 1
+    if signalled then
+      errf("corral: ", SIGNAMES[signalled] or ("signal " .. signalled), "\n")
+      return 128 + signalled
+    end
+    errf("corral: the main task was cancelled\n")
+    return 1
   end
-  while sched.turn(true) do end
-  if task.live() > 0 then
-    errf(("corral: %d task(s) never finished: blocked on futures that nothing can settle\n")
-      :format(task.live()))
+  while not signalled and sched.turn(true) do end
+  if signalled then
+    errf("corral: ", SIGNAMES[signalled] or ("signal " .. signalled), "\n")
+    return 128 + signalled
+  end
+  if sched.stuck or task.live() > 0 then
+    core.exit_fast()
+    errf(("corral: the main chunk has returned, but %d task(s) and %d call(s) or future(s) can "
+      .. "never finish: blocked on futures that nothing can settle\n"):format(task.live(),
+      sched.ext_pending()), stuck_details())
+    return 1
   end
   return 0
 end
@@ -108,7 +139,7 @@ function M.main(argv)
     errf("corral: ", err, "\n")
     return 1
   end
-  core.catch_sigint()
+  core.catch_signals()
   local main = task.spawn(chunk, unpack(arg, 1, #arg))
   main._kind = "main"
   return M.run_main(main)

@@ -17,7 +17,7 @@ local sched = require "corral.sched"
 local F = require "corral.fields"
 
 local fnew, fsettle = core.fnew, core.fsettle
-local wake, block, push, waiter = sched.wake, sched.block, sched.push, sched.waiter
+local wake, block, waiter = sched.wake, sched.block, sched.waiter
 local WOKE, TIMEOUT, CANCEL, FOREVER = sched.WOKE, sched.TIMEOUT, sched.CANCEL, sched.FOREVER
 local now = core.now
 local type, select, unpack, setmetatable, getmetatable = type, select, unpack, setmetatable, getmetatable
@@ -69,7 +69,9 @@ function M.wrap(c, mt, key)
   return f
 end
 
---- The C half of `f`, made (and brought to f's state) on first use.
+--- The C half of `f`, made (and brought to f's state) on first use. While
+-- it is pending this loop watches it: C code (a host, through
+-- `corral_to_future`) or another context may settle it, and `f` follows.
 function M.cref(f)
   local c = f._c
   if c then return c end
@@ -82,6 +84,7 @@ function M.cref(f)
   elseif s >= DONE then
     M.settle_c(c, s, f[N], f[V], f._e)
   end
+  if s < DONE then sched.watch(f) end
   return c
 end
 
@@ -122,19 +125,27 @@ local function remove_waiter(f, slot, x)
 end
 M.remove_waiter = remove_waiter
 
+-- Runs a done callback fn(f) as a task of its own, so that it may wait
+-- (set by corral.task).
+M.run_callback = nil
+
 local function fire(f, x)
   if type(x) == "function" then
     x(f)
   elseif x._cb then
-    push(x._cb, f)
+    M.run_callback(x._cb, f)
   else
     wake(x, WOKE, f)
   end
 end
 
 local function unretrieved_text(f, e, tb)
-  return "corral: unretrieved error in " .. tostring(f) .. ": " .. sched.safe_tostring(e) ..
-    "\n" .. (tb or (type(e) == "table" and rawget(e, "traceback")) or "") .. "\n"
+  local text = "corral: unretrieved error in " .. tostring(f) .. ":\n" .. sched.safe_tostring(e)
+  if not errors.is_error(e, "TaskError") then -- the others do not print their traceback
+    tb = tb or rawget(e, "traceback")
+    if tb then text = text .. "\n" .. tb end
+  end
+  return text .. "\n"
 end
 
 --- Settle a C half with a Lua future's outcome, encoding the values (or the
@@ -166,11 +177,13 @@ local settle_c = M.settle_c
 -- false when it was already settled (perhaps by another thread).
 local function settle(f, s, n, v, e, tb, external)
   if f[S] >= DONE then return false end
+  -- every failure a future holds is an error object
+  if s == FAILED then e = errors.raised(e, tb) end
   local c = f._c
   if c and not external and not settle_c(c, s, n, v, e) then return false end
   f[S], f[N], f[V], f._e = s, n, v, e
   if s == FAILED then
-    f._tb = tb
+    f._tb = tb or rawget(e, "traceback")
     -- an input of another call hands its error on to that call's future
     if not f._dep then f._rep = core.reporter(unretrieved_text(f, e, tb)) end
   end
@@ -210,16 +223,28 @@ function Future:_sync()
   if s == DONE then
     n = -1 -- still encoded: decoded where someone asks (see values)
   elseif s == FAILED then
-    e = errors.adopt(core.fvalues(self._c)[1])
+    local vs, why = core.fvalues(self._c)
+    if vs then
+      e = errors.adopt(vs[1])
+    else
+      e = errors.codec("the error of this future cannot be decoded here: " .. tostring(why))
+    end
   else
     e = errors.cancelled()
   end
   settle(self, s, n, v, e, type(e) == "table" and rawget(e, "traceback") or nil, true)
 end
 
--- Decode the results of a future settled elsewhere, on first use.
+-- Decode the results of a future settled elsewhere, on first use. Values
+-- that cannot be decoded here fail the future (in this context) with a
+-- CodecError: a decode failure is never a value.
 local function values(f)
-  local v = core.fvalues(f._c)
+  local v, why = core.fvalues(f._c)
+  if not v then
+    f[S], f[N], f[V] = FAILED, 0, false
+    f._e = errors.codec("the result cannot be decoded here: " .. tostring(why))
+    return nil
+  end
   local n = v.n
   f[N] = n
   if n == 1 then f[V] = v[1] elseif n == 0 then f[V] = false else f[V] = v end
@@ -270,25 +295,27 @@ end
 -- @number[opt] timeout seconds
 function Future:result(timeout)
   if self[S] < DONE then await(self, timeout, "future:result") end
-  local s = self[S]
-  if s == DONE then
+  if self[S] == DONE then
     local n = self[N]
     if n < 0 then n = values(self) end
     if n == 1 then return self[V] end
     if n == 0 then return end
-    local v = self[V]
-    return unpack(v, 1, v.n)
+    if n then
+      local v = self[V]
+      return unpack(v, 1, v.n)
+    end
   end
   retrieve(self)
-  if s == FAILED then error(self._e, 0) end
   error(self._e or errors.cancelled(), 0)
 end
 
 --- The future's error, or nil when it succeeded; a cancelled future gives its
--- `CancelledError`. Waits like `result`.
+-- `CancelledError`. Waits like `result`. (A result that cannot be decoded
+-- in this context is a `CodecError`.)
 -- @number[opt] timeout seconds
 function Future:exception(timeout)
   if self[S] < DONE then await(self, timeout, "future:exception") end
+  if self[S] == DONE and self[N] < 0 then values(self) end
   retrieve(self)
   if self[S] == DONE then return nil end
   return self._e or errors.cancelled()
@@ -296,15 +323,25 @@ end
 
 --- Whether the future has settled (done, failed or cancelled).
 function Future:done() return self[S] >= DONE end
---- Whether its work is running now.
-function Future:running() return self[S] == RUNNING end
+--- Whether its work is running now (a call: its method has started).
+function Future:running()
+  local s = self[S]
+  if s == PENDING and self._c then return core.fstate(self._c) == RUNNING end
+  return s == RUNNING
+end
 --- Whether it was cancelled.
 function Future:cancelled() return self[S] == CANCELLED end
 
---- Cancel a pending future. Returns true when it took effect.
+--- Cancel the future. Returns true when it took effect: it was pending, or
+-- its work (a call) is stopped at the wait where it is suspended. Work
+-- that is executing cannot be cancelled: false.
 function Future:cancel()
   if self[S] >= DONE then return false end
-  if self._c and core.fstate(self._c) == RUNNING then return false end
+  local c = self._c
+  if c then
+    if not core.fcancel(c) then return false end
+    return settle(self, CANCELLED, 0, false, errors.cancelled(), nil, true)
+  end
   return settle(self, CANCELLED, 0, false, errors.cancelled())
 end
 
@@ -322,10 +359,12 @@ function Future:set_result(...)
   end
 end
 
---- Settle as failed with `err`. Settling twice raises `UsageError`.
+--- Settle as failed with `err`. A value that is not a corral error becomes
+-- a `TaskError` keeping it as `value`. Settling twice raises `UsageError`.
 function Future:set_exception(err)
   errors.check(err ~= nil, "future:set_exception", "err", "an error value", err)
-  if not settle(self, FAILED, 0, false, err, type(err) == "table" and rawget(err, "traceback") or nil) then
+  local tb = type(err) == "table" and rawget(err, "traceback") or nil
+  if not settle(self, FAILED, 0, false, err, tb or debug.traceback("", 2):gsub("^\n", "")) then
     errors.usage("future:set_exception", "the future is already settled (%s)", STATE_NAMES[self[S]])
   end
 end
@@ -336,7 +375,7 @@ function Future:add_done_callback(fn)
   errors.check(type(fn) == "function" or (getmetatable(fn) or {}).__call ~= nil,
     "future:add_done_callback", "fn", "a function", fn)
   if self[S] >= DONE then
-    push(fn, self)
+    M.run_callback(fn, self)
   else
     add_waiter(self, { _cb = fn })
   end
@@ -348,12 +387,14 @@ function Future:__tostring()
   return ("corral.%s(%s)"):format(self._kind or "future", s)
 end
 
---- The first result of a settled future (nil when it has none).
+--- The first result of a settled future (nil when it has none). Raises the
+-- CodecError of a result that cannot be decoded here.
 function M.first(f)
   local n = f[N]
   if n < 0 then n = values(f) end
   if n == 1 then return f[V] end
   if n == 0 then return nil end
+  if not n then error(f._e, 0) end
   return f[V][1]
 end
 

@@ -79,12 +79,21 @@ function corral.run()
   sched.drive(true)
 end
 
---- End the process at once with `code`, after reporting unretrieved errors.
+-- Every Lua state corral runs prints whole lines: several threads printing
+-- at once never mix their lines.
+if type(print) == "function" and debug.getinfo(print, "S").what == "C" then
+  rawset(_G, "print", core.print)
+end
+
+--- End the process at once with `code` (0 to 255; true is 0, false is 1),
+-- after reporting unretrieved errors. In a thread worker it ends that
+-- worker, as `os.exit` does there: its calls fail with `WorkerCrashed`.
 function corral.exit(code)
-  errors.check(code == nil or type(code) == "number" or type(code) == "boolean",
-    "corral.exit", "code", "a number or boolean", code)
-  if code == true then code = 0 elseif code == false then code = 1 end
-  core.exit(code or 0)
+  if code == true or code == nil then code = 0 elseif code == false then code = 1 end
+  errors.check(type(code) == "number" and code >= 0 and code <= 255 and code == math.floor(code),
+    "corral.exit", "code", "a whole number from 0 to 255, or a boolean", code)
+  if core.is_worker() then os.exit(code) end
+  core.exit(code)
 end
 
 local worker = require "corral.worker"

@@ -7,11 +7,12 @@
 -- waiting operation of corral is built on them.
 -- @module corral.sched
 local core = require "corral.core"
+local errors = require "corral.errors"
 local F = require "corral.fields"
 
 local M = {}
 
-local now, poll, drain = core.now, core.poll, core.drain
+local now, poll, drain, quiescent = core.now, core.poll, core.drain, core.quiescent
 local co_running, co_yield, co_resume = coroutine.running, coroutine.yield, coroutine.resume
 local ceil, max, min = math.ceil, math.max, math.min
 local type, xpcall, tostring = type, xpcall, tostring
@@ -45,10 +46,7 @@ M.push = push
 -- Error reports                                                            --
 -- ======================================================================== --
 
-local function safe_tostring(e)
-  local ok, s = pcall(tostring, e)
-  return ok and s or ("(error object whose __tostring failed: " .. tostring(s) .. ")")
-end
+local safe_tostring = errors.safe_tostring
 M.safe_tostring = safe_tostring
 
 --- Write a report of an error nobody else will see to stderr.
@@ -158,13 +156,27 @@ end
 M.wake = wake
 
 local turn -- defined below
+local in_turn = false -- a turn is running: an outside waiter cannot drive another
+
+-- A call's method is about to wait (w._call is set on the task that runs
+-- it): the worker watches for a cancel by the caller (set by worker_main).
+M.on_call_wait = nil
+local call_suspend, call_resume = core.call_suspend, core.call_resume
 
 --- Block until woken or until `deadline` (a `now()` time, optional).
 -- Returns the token (WOKE, TIMEOUT, CANCEL, or FOREVER for an outside waiter
 -- that nothing can ever wake) and the value given to `wake`.
 function M.block(w, deadline)
-  w._blocked = true
   if w._outside then
+    if in_turn then
+      if current ~= nil then
+        errors.usage("corral", "cannot wait inside a coroutine that corral does not run (one made "
+          .. "inside a task): wait from the task itself, or spawn a task")
+      end
+      errors.usage("corral", "cannot wait inside a callback that corral runs (a waiter or progress "
+        .. "function): spawn a task to wait instead")
+    end
+    w._blocked = true
     while w._blocked do
       if deadline and now() >= deadline then
         w._blocked = false
@@ -179,12 +191,23 @@ function M.block(w, deadline)
   end
   if w._cancel_req then
     w._cancel_req = false
-    w._blocked = false
     return CANCEL
   end
+  local call = w._call
+  if call then
+    -- a call's method waits: from now until it resumes, its caller may
+    -- cancel it (false: the caller already did)
+    if not call_suspend(call) then return CANCEL end
+    if w._cwatch ~= call then M.on_call_wait(w, call) end
+  end
+  w._blocked = true
   local tm = deadline and timer_add(deadline, w)
   local tok, val = co_yield(BLOCKED)
   if tm then timer_cancel(tm) end
+  if call and not call_resume(call) then
+    w._cancel_req = false
+    return CANCEL
+  end
   if tok == WOKE and w._cancel_req then
     -- cancelled after being woken, before it ran: deliver at this point
     w._cancel_req = false
@@ -217,7 +240,7 @@ function M.watched(f, key)
   ext_pending = ext_pending + 1
 end
 
-M.on_sigint = nil -- set by the runner
+M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
 M.keepalive = false -- a worker's loop waits for calls even with nothing pending
 
@@ -310,11 +333,30 @@ local function pending()
   return rq_head <= rq_tail or timers_live > 0 or ext_pending > 0
 end
 
+--- How many futures settled elsewhere this loop still waits on.
+function M.ext_pending() return ext_pending end
+
+-- The home loop waits only on futures settled elsewhere: if nothing in the
+-- process can make progress (every worker parked idle, no host future, no
+-- timer, nothing ready), nothing will ever settle them.
+M.stuck = false
+
 --- One turn of the loop: poll for events (blocking, when `block` and there is
 -- nothing ready, until the next timer or `until_deadline`), deliver
 -- completions, fire due timers, then run what was ready at that point.
 -- Returns whether anything is still pending.
+local turn_body
+
 function turn(block, until_deadline)
+  in_turn = true
+  local ok, r = pcall(turn_body, block, until_deadline)
+  in_turn = false
+  if not ok then error(r, 0) end
+  return r
+end
+M.turn = turn
+
+function turn_body(block, until_deadline)
   if rq_head > rq_tail then
     local timeout = 0
     if block then
@@ -323,7 +365,13 @@ function turn(block, until_deadline)
       if d then
         -- whole ms, at most ~12 days a poll (a sleep(math.huge) polls again)
         timeout = min(max(0, ceil((d - now()) * 1000)), 1e9)
-      elseif ext_pending > 0 or M.keepalive then
+      elseif M.keepalive then
+        timeout = -1
+      elseif ext_pending > 0 then
+        if quiescent() then
+          M.stuck = true
+          return false
+        end
         timeout = -1
       end
     end
@@ -342,7 +390,7 @@ function turn(block, until_deadline)
       f:_sync()
     end
   end
-  if sig and M.on_sigint then M.on_sigint() end
+  if sig ~= 0 and M.on_signal then M.on_signal(sig) end
   if M.on_wake then M.on_wake() end
   if heap_n > 0 then
     local t = now()
@@ -367,7 +415,6 @@ function turn(block, until_deadline)
   if rq_head > rq_tail then rq_head, rq_tail = 1, 0 end
   return pending()
 end
-M.turn = turn
 
 --- Drive the loop until nothing is pending (block) or for one turn that
 -- does not block. Returns whether anything is still pending.

@@ -87,6 +87,14 @@ function M.spawn(fn, ...)
   return t
 end
 
+-- A done callback runs as a task of its own (so that it may wait); its
+-- error is reported at once and stops nothing else.
+local function callback_body(fn, f)
+  local ok, e = xpcall(fn, on_error, f)
+  if not ok then sched.report("error in a done callback", e, sched.last_traceback()) end
+end
+future.run_callback = function(fn, f) M.spawn(callback_body, fn, f) end
+
 --- Cancel the task: one that has not started never runs; a running one gets
 -- `CancelledError` at its next suspension point, so its cleanup runs.
 -- Returns true when the cancellation took effect.
@@ -103,6 +111,13 @@ function Task:cancel()
     self._cancel_req = true
   end
   return true
+end
+
+-- Cancelled from elsewhere (its C half) before it started: it never runs.
+function Task:_sync()
+  local was = self[S]
+  Future._sync(self)
+  if was == PENDING and self[S] >= DONE then live = live - 1 end
 end
 
 function Task.set_result()

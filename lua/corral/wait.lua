@@ -32,6 +32,12 @@ M.ReturnWhen = {
 -- Accept `fs[, opts]` (an array or a table of named futures) or futures as
 -- varargs with an optional trailing options table. Returns the table of
 -- futures, the array of its keys, whether it is named, and the options.
+local KNOWN = {
+  ["corral.wait"] = { timeout = true, return_when = true },
+  ["corral.gather"] = { timeout = true, return_exceptions = true, iter = true, progress = true },
+  ["corral.as_completed"] = { timeout = true, return_exceptions = true, progress = true },
+}
+
 local function collect(fname, ...)
   local first = ...
   local fs, opts
@@ -48,6 +54,7 @@ local function collect(fname, ...)
     fs, opts = first, select(2, ...)
   end
   errors.check(opts == nil or type(opts) == "table", fname, "opts", "a table of options", opts)
+  if opts then errors.check_options(fname, opts, KNOWN[fname]) end
   local n, count = #fs, 0
   for _ in pairs(fs) do count = count + 1 end
   local keys, named = {}, count ~= n
@@ -192,19 +199,31 @@ local function gather_iter(fname, fs, keys, opts)
   -- that closures kept by JIT traces hold nothing large.
   local st = { fs = fs, keys = keys, ready = {}, head = 1, tail = 0, left = #keys,
     index = {}, w = false, prog = progress.new(opts.progress, #keys) }
+  -- index: each pending future -> the keys it stands at (one future may be
+  -- given under several keys: each key is yielded once)
+  local pend_keys = {}
   for i = 1, #keys do
     local f = fs[keys[i]]
     if not is_future(f) or f[S] >= DONE then
       st.tail = st.tail + 1
       st.ready[st.tail] = keys[i]
     else
-      st.index[f] = st.index[f] or keys[i]
+      local ks = st.index[f]
+      if not ks then
+        ks = {}
+        st.index[f] = ks
+        pend_keys[#pend_keys + 1] = keys[i]
+      end
+      ks[#ks + 1] = keys[i]
     end
   end
-  st.reg = register(fs, keys, function(f)
-    local t = st.tail + 1
-    st.tail = t
-    st.ready[t] = st.index[f]
+  st.reg = register(fs, pend_keys, function(f)
+    local ks = st.index[f]
+    for j = 1, #ks do
+      local t = st.tail + 1
+      st.tail = t
+      st.ready[t] = ks[j]
+    end
     if st.w then wake(st.w, WOKE) end
   end)
   local function close()
@@ -318,6 +337,7 @@ end
 function M.as_completed(fs, opts)
   opts = opts or {}
   errors.check(type(opts) == "table", "corral.as_completed", "opts", "a table of options", opts)
+  errors.check_options("corral.as_completed", opts, KNOWN["corral.as_completed"])
   local t = {}
   for k, v in pairs(opts) do t[k] = v end
   t.iter = true

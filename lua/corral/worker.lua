@@ -21,7 +21,7 @@ local F = require "corral.fields"
 
 local S = F.S
 local DONE = future.DONE
-local select, type, pairs, setmetatable = select, type, pairs, setmetatable
+local select, type, pairs, ipairs, setmetatable, unpack = select, type, pairs, ipairs, setmetatable, unpack
 
 local M = {}
 
@@ -31,12 +31,33 @@ local M = {}
 
 local MODES = { thread = true, async = true, sync = true }
 local BALANCE = { round_robin = true, least_active = true, random = true }
+-- Bounds: every thread costs a Lua state and two file descriptors; an inbox
+-- bound is a C int.
+local MAX_WORKERS, MAX_QUEUED, MAX_CONCURRENCY = 1024, 2 ^ 31 - 1, 2 ^ 31 - 1
+local RANGE = { workers = MAX_WORKERS, pool_size = MAX_WORKERS, max_queued = MAX_QUEUED,
+  max_concurrency = MAX_CONCURRENCY }
+
+local function whole(v, max)
+  return type(v) == "number" and v >= 1 and v <= max and v == math.floor(v)
+end
 
 local settings = {
   mode = "thread", workers = 1, balance = "round_robin", max_queued = 256,
   max_concurrency = 1, blocking = false,
-  pool_size = tonumber(os.getenv("CORRAL_WORKERS") or "") or core.ncpu(),
 }
+
+-- The size of the default pool: from CORRAL_WORKERS, else one per CPU.
+local function pool_size()
+  if settings.pool_size then return settings.pool_size end
+  local env = os.getenv("CORRAL_WORKERS")
+  if env == nil or env == "" then return core.ncpu() end
+  local n = tonumber(env)
+  if not whole(n, MAX_WORKERS) then
+    errors.usage("corral", "the environment variable CORRAL_WORKERS must be a whole number from 1 to "
+      .. "%d (got %q)", MAX_WORKERS, env)
+  end
+  return n
+end
 
 local function check_options(fname, o)
   errors.check(type(o) == "table", fname, "options", "a table", o)
@@ -45,31 +66,37 @@ local function check_options(fname, o)
       errors.check(MODES[v], fname, "mode", '"thread", "async" or "sync"', v)
     elseif k == "balance" then
       errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
-    elseif k == "workers" or k == "max_queued" or k == "max_concurrency" or k == "pool_size" then
-      errors.check(type(v) == "number" and v >= 1 and v == math.floor(v), fname, k,
-        "a whole number >= 1", v)
+    elseif RANGE[k] then
+      errors.check(whole(v, RANGE[k]), fname, k, ("a whole number from 1 to %d"):format(RANGE[k]), v)
     elseif k == "blocking" then
       errors.check(type(v) == "boolean", fname, k, "a boolean", v)
     elseif k == "name" then
-      errors.check(type(v) == "string", fname, k, "a string", v)
+      errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
     else
       errors.usage(fname, "unknown option '%s'", tostring(k))
     end
   end
 end
 
+local default_pool -- this context's handle on the default pool
+
 --- Set process-wide defaults for worker options (`mode`, `workers`,
 -- `balance`, `max_queued`, `max_concurrency`, `blocking`) and the size of
--- the default pool (`pool_size`, also from `CORRAL_WORKERS`). Returns the
--- settings in force.
+-- the default pool (`pool_size`, also from `CORRAL_WORKERS`). Workers
+-- started afterwards take these settings. Returns the settings in force.
 function M.config(t)
   if t ~= nil then
     check_options("corral.config", t)
     errors.check(t.name == nil, "corral.config", "name", "not set here (name each class)", t.name)
+    if t.pool_size and (default_pool or core.pool_get()) and t.pool_size ~= pool_size() then
+      errors.usage("corral.config", "the default pool already runs with %d workers: set pool_size "
+        .. "before the first submit or map", pool_size())
+    end
     for k, v in pairs(t) do settings[k] = v end
   end
   local copy = {}
   for k, v in pairs(settings) do copy[k] = v end
+  copy.pool_size = pool_size()
   return copy
 end
 
@@ -79,21 +106,33 @@ end
 
 local Handle = { __worker = true }
 local stubs = {} -- method name -> function(handle, ...)
+-- What a handle answers itself: a class cannot declare methods with these
+-- names (or names starting with "_").
+local RESERVED = { stop = true, init = false }
 
+-- A call to a stopped worker: a failed future (the caller sees the error
+-- through it; unretrieved, it is reported like any other).
 local function closed_future(h, method)
   local f = future.new()
-  f:set_exception(errors.new("ClosedError", ("worker %s is stopped (calling %s)"):format(h._name, method),
-    nil, false))
-  future.retrieve(f) -- the caller sees it through the future; no report at exit
-  f._rep = core.reporter(("corral: unretrieved ClosedError: worker %s is stopped\n"):format(h._name))
+  f:set_exception(errors.closed(h._name, method))
   return f
 end
 
--- The futures of calls: tostring says "call".
+-- The futures of calls: tostring says "call". An async call's future knows
+-- its task, so that cancelling the call stops it.
 local CallFuture = {}
 for k, v in pairs(future.Future) do CallFuture[k] = v end
 CallFuture.__index = CallFuture
 CallFuture._kind = "call"
+
+function CallFuture:cancel()
+  local t = self._task
+  if t == nil then return future.Future.cancel(self) end
+  if self[S] >= DONE then return false end
+  future.settle(self, future.CANCELLED, 0, false, errors.cancelled())
+  t:cancel()
+  return true
+end
 
 local wrap = future.wrap
 
@@ -128,11 +167,10 @@ end
 local function thread_call(h, inst, method, ...)
   local c, why, rc, call, key = core.wcall(inst.ud, method, ...)
   if c then return call_future(c, why) end
-  if why == "codec" then error(errors.new("CodecError", rc, nil, 4), 4) end
+  if why == "codec" then error(errors.codec(rc, 4), 4) end
   local f = call_future(rc, key)
-  if why == "closed" then return f end
   -- the inbox is full: wait for room (this task only), then queue it
-  while true do
+  while why == "full" do
     local space = core.wspace(inst.ud)
     if space then
       local ok, e = pcall(wrap(space).result, wrap(space))
@@ -142,41 +180,58 @@ local function thread_call(h, inst, method, ...)
         error(e, 0)
       end
     end
-    local st = core.wpush(inst.ud, call)
-    if st == true then return f end
-    if st == "closed" then
-      core.fset_error(rc, "ClosedError", ("worker %s is stopped (calling %s)"):format(h._name, method))
-      return f
-    end
+    why = core.wpush(inst.ud, call)
+    if why == true then return f end
   end
+  if why == "closed" then core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method)) end
+  return f -- "crashed": failed with the worker's crash already
 end
 
 -- ---- async and sync instances (in the caller's context) ----------------------
 
+local function init_failed(h, e)
+  return errors.crashed(h._name, "its init failed: " .. errors.safe_tostring(e), e, nil, "init")
+end
+
+-- Run one call inline (sync) or in its task (async): wait for its inputs,
+-- run the method, settle its future (unless cancelled meanwhile).
 local function run_local(h, inst, method, f, args)
-  local resolved, err = unwrap.resolve(args, args.n)
+  local ok, resolved, err = pcall(unwrap.resolve, args, args.n)
+  if not ok then -- this task was cancelled while waiting for the inputs
+    future.settle(f, future.CANCELLED, 0, false, errors.cancelled())
+    return
+  end
   if not resolved then
-    if errors.is_error(err, "CancelledError") then f:cancel() else f:set_exception(err) end
+    if errors.is_error(err, "CancelledError") then
+      future.settle(f, future.CANCELLED, 0, false, err)
+    else
+      future.settle(f, future.FAILED, 0, false, errors.dependency(h._name, method, err.input or 1, err.cause))
+    end
     return
   end
   local fn = h._class[method]
   if type(fn) ~= "function" then
-    f:set_exception(errors.new("WorkerError", ("%s:%s: no method '%s'"):format(h._name, method, method),
-      nil, false))
+    future.settle(f, future.FAILED, 0, false, errors.worker_error(h._name, method,
+      "no method '" .. method .. "'"))
     return
   end
-  local function finish(ok, ...)
-    if ok then
-      f:set_result(...)
+  if f[S] < DONE then f[S] = future.RUNNING end
+  local function finish(done, ...)
+    if f[S] >= DONE then return end -- cancelled while it ran
+    if done then
+      local n = select("#", ...)
+      if n == 1 then
+        future.settle(f, DONE, 1, (...))
+      else
+        future.settle(f, DONE, n, n > 1 and { n = n, ... } or false)
+      end
     else
       local e = ...
       if errors.is_error(e, "CancelledError") then
-        f:cancel()
+        future.settle(f, future.CANCELLED, 0, false, e)
       else
-        local we = errors.new("WorkerError", ("%s:%s: %s"):format(h._name, method, sched.safe_tostring(e)),
-          e, false)
-        we.worker, we.method, we.traceback = h._name, method, sched.last_traceback()
-        f:set_exception(we)
+        future.settle(f, future.FAILED, 0, false, errors.worker_error(h._name, method, e,
+          sched.last_traceback()))
       end
     end
   end
@@ -186,13 +241,22 @@ end
 local pump_async
 
 local function async_run(h, inst, item)
-  if inst.init and inst.init:exception() ~= nil then
-    local ie = inst.init:exception()
-    item.f:set_exception(errors.new("WorkerError", ("%s:init: %s"):format(h._name, sched.safe_tostring(ie)),
-      ie, false))
-  else
-    run_local(h, inst, item.method, item.f, item.args)
+  local f = item.f
+  if f[S] < DONE then
+    local ie
+    if inst.init then
+      local ok, e = pcall(inst.init.exception, inst.init)
+      ie = ok and e or nil
+      if not ok then future.settle(f, future.CANCELLED, 0, false, errors.cancelled()) end
+    end
+    if ie ~= nil then
+      future.settle(f, future.FAILED, 0, false, init_failed(h, ie))
+    elseif f[S] < DONE then
+      run_local(h, inst, item.method, f, item.args)
+    end
   end
+  f._task = nil
+  inst.tasks[item] = nil
   inst.active = inst.active - 1
   inst.running = inst.running - 1
   pump_async(h, inst)
@@ -203,22 +267,32 @@ pump_async = function(h, inst)
     local item = inst.queue[inst.head]
     inst.queue[inst.head] = nil
     inst.head = inst.head + 1
-    inst.running = inst.running + 1
-    task.spawn(async_run, h, inst, item)
+    if item.f[S] >= DONE then -- cancelled while it was queued
+      inst.active = inst.active - 1
+    else
+      inst.running = inst.running + 1
+      local t = task.spawn(async_run, h, inst, item)
+      item.f._task = t
+      inst.tasks[item] = t
+    end
   end
   if inst.space and inst.tail - inst.head + 1 < h._max_queued then
     local sp = inst.space
     inst.space = nil
     sp:set_result()
   end
+  if inst.active == 0 and inst.idle then
+    local idle = inst.idle
+    inst.idle = nil
+    idle:set_result()
+  end
 end
 
 local function async_call(h, inst, method, ...)
-  if inst.stopped then return closed_future(h, method) end
   while inst.tail - inst.head + 1 >= h._max_queued do
     inst.space = inst.space or future.new()
     inst.space:result()
-    if inst.stopped then return closed_future(h, method) end
+    if h._stopped then return closed_future(h, method) end
   end
   local f = future.new(nil, CallFuture)
   inst.tail = inst.tail + 1
@@ -229,11 +303,9 @@ local function async_call(h, inst, method, ...)
 end
 
 local function sync_call(h, inst, method, ...)
-  if inst.stopped then return closed_future(h, method) end
   local f = future.new(nil, CallFuture)
   if inst.init_err ~= nil then
-    f:set_exception(errors.new("WorkerError", ("%s:init: %s"):format(h._name,
-      sched.safe_tostring(inst.init_err)), inst.init_err, false))
+    future.settle(f, future.FAILED, 0, false, init_failed(h, inst.init_err))
     return f
   end
   run_local(h, inst, method, f, { n = select("#", ...), ... })
@@ -243,16 +315,15 @@ end
 -- ---- calls -------------------------------------------------------------------
 
 local function call(h, method, ...)
-  local inst = pick(h)
   local f
   if h._stopped then
     f = closed_future(h, method)
   elseif h._mode == "thread" then
-    f = thread_call(h, inst, method, ...)
+    f = thread_call(h, pick(h), method, ...)
   elseif h._mode == "async" then
-    f = async_call(h, inst, method, ...)
+    f = async_call(h, pick(h), method, ...)
   else
-    f = sync_call(h, inst, method, ...)
+    f = sync_call(h, pick(h), method, ...)
   end
   if h._blocking then return f:result() end
   return f
@@ -282,46 +353,52 @@ function Handle:__tostring()
     #self._insts == 1 and "" or "s", self._stopped and ", stopped" or "")
 end
 
+local STOP_OPTIONS = { timeout = true, drain = true }
+
 --- Stop the worker. By default (`drain=true`) it finishes what is queued,
--- then stops; `drain=false` cancels the queued calls. Calls made after stop
--- fail with `ClosedError`. Waits up to `timeout` seconds (forever by
--- default) for the instances to end; returns true when they have.
+-- then stops; `drain=false` cancels the queued calls and the running ones
+-- that are waiting (they get `CancelledError` where they wait). Calls made
+-- after stop fail with `ClosedError`. Waits up to `timeout` seconds (forever
+-- by default) for the instances to end: returns true when they have, false
+-- when the time ran out (they go on stopping in the background).
 -- @tab[opt] opts `timeout`, `drain`
 function Handle:stop(opts)
   opts = opts or {}
   errors.check(type(opts) == "table", "worker:stop", "opts", "a table", opts)
+  errors.check_options("worker:stop", opts, STOP_OPTIONS)
   future.check_timeout("worker:stop", opts.timeout)
   local drain = opts.drain ~= false
+  local wait = require("corral.wait").wait
   self._stopped = true
   if self._mode ~= "thread" then
+    local idle = {}
     for _, inst in ipairs(self._insts) do
-      inst.stopped = true
-      if not drain and inst.queue then
-        for i = inst.head, inst.tail do
-          local item = inst.queue[i]
-          inst.queue[i] = nil
-          item.f:cancel()
-          inst.active = inst.active - 1
+      if self._mode == "async" then
+        if not drain then
+          for i = inst.head, inst.tail do
+            local item = inst.queue[i]
+            if item then item.f:cancel() end
+          end
+          for item in pairs(inst.tasks) do item.f:cancel() end
         end
-        inst.head = inst.tail + 1
+        if inst.space then
+          local sp = inst.space
+          inst.space = nil
+          sp:set_result()
+        end
+        pump_async(self, inst)
+        if inst.active > 0 then
+          inst.idle = inst.idle or future.new()
+          idle[#idle + 1] = inst.idle
+        end
       end
-      if inst.space then inst.space:set_result() inst.space = nil end
     end
-    if drain then
-      for _, inst in ipairs(self._insts) do
-        while inst.active and inst.active > 0 do sched.block(sched.waiter(), core.now() + 0.001) end
-      end
-    end
-    return true
+    local _, not_done = wait(idle, { timeout = opts.timeout })
+    return #not_done == 0
   end
   local stopped = {}
   for i, inst in ipairs(self._insts) do stopped[i] = wrap(core.wstop(inst.ud, drain)) end
-  local wait = require("corral.wait").wait
   local _, not_done = wait(stopped, { timeout = opts.timeout })
-  if #not_done > 0 and drain then
-    for _, inst in ipairs(self._insts) do core.wstop(inst.ud, false) end
-    _, not_done = wait(stopped, { timeout = opts.timeout })
-  end
   if #not_done > 0 then return false end
   for _, inst in ipairs(self._insts) do core.wjoin(inst.ud) end
   return true
@@ -358,7 +435,9 @@ local class_count = 0
 
 --- Declare a worker class: every function in `def` is a method that runs in
 -- the worker's context with `self` holding the instance's state; `init`,
--- when present, runs first with the arguments of `Class:init(...)`.
+-- when present, runs first with the arguments of `Class:init(...)`. Method
+-- names are strings without NUL, not starting with "_", and not `stop`
+-- (the handle's own).
 -- @tab def the methods
 -- @return the class
 function M.worker(def)
@@ -366,6 +445,10 @@ function M.worker(def)
   local methods = {}
   for k, v in pairs(def) do
     errors.check(type(k) == "string", "corral.worker", "def", "a table with string keys", k)
+    if RESERVED[k] or k:sub(1, 1) == "_" or k:find("%z") then
+      errors.usage("corral.worker", "a method cannot be named %q: names starting with '_', "
+        .. "holding NUL, and 'stop' belong to the worker handle", k)
+    end
     errors.check(type(v) == "function", "corral.worker", "def." .. k, "a function", v)
     methods[k] = v
   end
@@ -389,6 +472,8 @@ local function opt(o, k)
 end
 
 --- Start an instance (or a pool of `workers` instances) with `init(...)`.
+-- A thread that cannot start raises `WorkerCrashed` saying why (the
+-- instances already started are stopped).
 -- @return a worker handle whose methods return futures
 function Class:init(...)
   local o = self._options
@@ -400,18 +485,24 @@ function Class:init(...)
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name
     if mode == "thread" then
-      local ud, why = core.worker_start(name, h._max_queued, self._methods,
-        { max_concurrency = h._max_concurrency }, ...)
-      if not ud then error(errors.new("CodecError", why, nil, 2), 2) end
+      local boot = { max_concurrency = h._max_concurrency, settings = settings }
+      local ud, why = core.worker_start(name, h._max_queued, self._methods, boot, ...)
+      if not ud then
+        h:stop { drain = false }
+        if why:find("^cannot start a thread") then
+          error(errors.crashed(name, why), 2)
+        end
+        error(errors.codec(why, 2), 2)
+      end
       inst = { ud = ud }
     elseif mode == "async" then
-      inst = { self = {}, queue = {}, head = 1, tail = 0, running = 0, active = 0 }
+      inst = { self = {}, queue = {}, head = 1, tail = 0, running = 0, active = 0, tasks = {} }
       if self._methods.init then inst.init = task.spawn(self._methods.init, inst.self, ...) end
     else
       inst = { self = {}, active = 0 }
       if self._methods.init then
         local ok, e = xpcall(self._methods.init, sched.on_error, inst.self, ...)
-        if not ok then inst.init_err = e end
+        if not ok then inst.init_err = errors.raised(e, sched.last_traceback()) end
       end
     end
     h._insts[i] = inst
@@ -424,17 +515,34 @@ end
 -- ======================================================================== --
 
 local Runner = M.worker { call = function(_, fn, ...) return fn(...) end }
-local default_pool
+
+-- The default pool is one per process: the first context that needs it
+-- starts it and leaves it with the runtime, where the others find it.
+local function the_pool()
+  if default_pool then return default_pool end
+  local got = { core.pool_get() }
+  if #got == 0 then
+    local p = Runner:options { name = "pool", workers = pool_size() }:init()
+    local ptrs = {}
+    for i, inst in ipairs(p._insts) do ptrs[i] = core.worker_ptr(inst.ud) end
+    if core.pool_set(unpack(ptrs)) then
+      default_pool = p
+      return p
+    end
+    p:stop { drain = false } -- another context was first
+    got = { core.pool_get() }
+  end
+  default_pool = M.import({ name = "pool" }, unpack(got))
+  default_pool._max_concurrency = 1
+  return default_pool
+end
 
 local function pool_for(opts)
   if opts and (opts.workers or opts.mode) then
-    return Runner:options { name = "map", workers = opts.workers or settings.pool_size,
+    return Runner:options { name = "map", workers = opts.workers or pool_size(),
       mode = opts.mode or "thread" }:init(), true
   end
-  if not default_pool then
-    default_pool = Runner:options { name = "pool", workers = settings.pool_size }:init()
-  end
-  return default_pool, false
+  return the_pool(), false
 end
 
 --- Run `fn(...)` on the default pool of thread workers (one per CPU, started
@@ -445,16 +553,26 @@ function M.submit(fn, ...)
   return (pool_for(nil)):call(fn, ...)
 end
 
---- Apply `fn` to every item on a pool, with at most a bounded number of
--- calls in flight. Returns the results in input order, or with `iter=true`
+--- Apply `fn` to every item on a pool, with at most max(4, 2 x instances x
+-- max_concurrency) calls in flight. Returns the results in input order, or with `iter=true`
 -- an iterator of `index, result` (in input order, or in completion order
 -- with `ordered=false`).
 -- @tab[opt] opts `workers`, `mode`, `ordered` (true), `iter`, `progress`
+local MAP_OPTIONS = { workers = true, mode = true, ordered = true, iter = true, progress = true }
+
 function M.map(fn, items, opts)
   opts = opts or {}
   errors.check(type(fn) == "function", "corral.map", "fn", "a function", fn)
   errors.check(type(items) == "table", "corral.map", "items", "an array", items)
   errors.check(type(opts) == "table", "corral.map", "opts", "a table", opts)
+  errors.check_options("corral.map", opts, MAP_OPTIONS)
+  if opts.workers ~= nil then
+    errors.check(whole(opts.workers, MAX_WORKERS), "corral.map", "workers",
+      ("a whole number from 1 to %d"):format(MAX_WORKERS), opts.workers)
+  end
+  if opts.mode ~= nil then
+    errors.check(MODES[opts.mode], "corral.map", "mode", '"thread", "async" or "sync"', opts.mode)
+  end
   local pool, own = pool_for(opts)
   local n = #items
   local bound = math.max(4, 2 * #pool._insts * (pool._max_concurrency or 1))

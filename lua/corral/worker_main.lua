@@ -1,20 +1,29 @@
 --- The main of a thread worker: runs in the worker's own lua_State on its
--- own OS thread. Takes calls from the inbox in batches and runs them in
--- order, at most `max_concurrency` at once, each on one of that many runner
--- tasks; settles their futures with encoded results; stops when asked.
+-- own OS thread. Runs `init`, then takes calls from the inbox in batches
+-- and runs them in order, at most `max_concurrency` at once, each on one of
+-- that many runner tasks; settles their futures with encoded results; stops
+-- when asked, and dies (failing its calls with `WorkerCrashed`) when its
+-- init fails or its code calls `os.exit`.
 -- @module corral.worker_main
 local core = require "corral.core"
 local corral = require "corral"
 local errors = require "corral.errors"
 local sched = require "corral.sched"
+local future = require "corral.future"
 local task = require "corral.task"
 
-local DONE, FAILED, CANCELLED = 2, 3, 4
-local DRAIN, CANCEL = 1, 2
-local call_info, call_args, call_finish = core.call_info, core.call_args, core.call_finish
-local xpcall, type = xpcall, type
+local DONE, FAILED, CANCELLED = future.DONE, future.FAILED, future.CANCELLED
+local DRAIN, CANCEL = 1, 2 -- how the worker is asked to stop (worker.c)
+local call_info, call_args, call_finish, call_start = core.call_info, core.call_args,
+  core.call_finish, core.call_start
+local stopping = core.stopping
+local xpcall, pcall, type = xpcall, pcall, type
 
 local M = {}
+
+-- What os.exit raises in a worker: it ends the worker, not the process.
+local EXIT = setmetatable({}, { __tostring = function() return "os.exit in a worker" end })
+local exit_code -- set once os.exit was called
 
 -- A method with its arguments decoded, inside the protection of xpcall: a
 -- value that cannot be rebuilt here (a module this state cannot require)
@@ -23,81 +32,94 @@ local function apply(fn, self, call)
   return fn(self, call_args(call))
 end
 
--- A method's error as a WorkerError with the worker's traceback.
-local function worker_error(name, method, e, tb)
-  local msg = type(e) == "table" and rawget(e, "message") or sched.safe_tostring(e)
-  local err = errors.new("WorkerError", ("%s:%s: %s"):format(name, method, tostring(msg)), e, false)
-  err.worker, err.method = name, method
-  err.traceback = tb or (type(e) == "table" and rawget(e, "traceback")) or nil
-  return err
-end
-
 local function fail(call, err)
   if call_finish(call, FAILED, err) == nil then
-    -- the cause cannot travel: send its text instead
-    err.cause = sched.safe_tostring(err.cause)
+    -- what it carries cannot travel: send its text instead
+    err.cause, err.value = errors.safe_tostring(err.cause), nil
     call_finish(call, FAILED, err)
   end
+end
+
+-- The caller may cancel a call whose method waits: watch its future while
+-- it runs, and deliver the cancel at the wait (see sched.block).
+sched.on_call_wait = function(t, call)
+  t._cwatch = call
+  local own = future.wrap(core.call_result(call))
+  future.add_waiter(own, function(f)
+    if t._call == call and f[1] == CANCELLED then sched.wake(t, sched.CANCEL) end
+  end)
+end
+
+--- The worker died before its main could run (its boot payload could not
+-- be rebuilt here, say): fail its calls with `WorkerCrashed`.
+function M.died(name, e)
+  core.worker_crash(errors.crashed(name, "it could not start: " .. errors.safe_tostring(e),
+    errors.raised(e)))
 end
 
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
+  if opts.settings then require("corral.worker").config(opts.settings) end
+  os.exit = function(code) -- luacheck: ignore 122
+    if code == true or code == nil then code = 0 elseif code == false then code = 1 end
+    exit_code = tonumber(code) or 1
+    error(EXIT, 0)
+  end
   local self = {}
   local limit = opts.max_concurrency or 1
-  local stopping = 0
   local buf, head, tail = {}, 1, 0 -- calls taken from the inbox, in order
   local runners = 0                 -- runner tasks alive
   local live = {}                   -- runner tasks, to cancel on stop
+  local crash                       -- the WorkerCrashed that ends the worker
 
-  -- init runs first, as a task of its own; calls wait for it
+  local function exited(method)
+    return errors.crashed(name, ("os.exit(%d) in %s"):format(exit_code, method), nil, exit_code, method)
+  end
+
+  -- init runs first, as a task of its own; no call starts before it ends
   local init = corral.spawn(function(...)
     if class.init then class.init(self, ...) end
   end, ...)
-  local init_err -- false once init succeeded
 
-  -- Wait for init and the call's inputs; returns an error to fail the call
-  -- with, CANCEL, or nil to run it.
-  local function prepare(call, method, ndeps)
-    if init_err == nil then
-      local ok, e = pcall(init.exception, init)
-      if not ok then return CANCEL end
-      init_err = e or false
-    end
-    if init_err then return worker_error(name, "init", init_err, init._tb) end
-    if ndeps > 0 then
-      local deps = core.call_deps(call)
-      for i = 1, #deps do
-        local d = corral._wrap(deps[i])
-        local ok, de = pcall(d.exception, d)
-        if not ok or d:cancelled() then return CANCEL end
-        if de ~= nil then
-          local what = type(de) == "table" and rawget(de, "kind")
-            and (de.kind .. ": " .. tostring(de.message)) or sched.safe_tostring(de)
-          return errors.new("DependencyError", ("%s:%s: input %d failed: %s"):format(name, method, i, what),
-            de, false)
-        end
+  -- Wait for the call's inputs (or for its caller to cancel it). Returns an
+  -- error to fail the call with, CANCEL, or nil to run it.
+  local function inputs(call, method)
+    local deps = core.call_deps(call)
+    local own
+    for i = 1, #deps do
+      local d = corral._wrap(deps[i])
+      if not d:done() then
+        own = own or future.wrap(core.call_result(call))
+        local ok = pcall(corral.wait, { d, own }, { return_when = "FIRST_COMPLETED" })
+        if not ok or own:done() then return CANCEL end
       end
+      if d:cancelled() then return CANCEL end
+      local de = d:exception()
+      if de ~= nil then return errors.dependency(name, method, i, de) end
     end
   end
 
   local function finish(call, method, ok, ...)
+    if exit_code then
+      crash = crash or exited(method)
+      return
+    end
     if ok then
       local done, why = call_finish(call, DONE, ...)
-      if done == nil then fail(call, errors.new("CodecError", why, nil, false)) end
+      if done == nil then fail(call, errors.codec(why)) end
     else
       local err = ...
       if errors.is_error(err, "CancelledError") then
         call_finish(call, CANCELLED)
       else
-        fail(call, worker_error(name, method, err, sched.last_traceback()))
+        fail(call, errors.worker_error(name, method, err, sched.last_traceback()))
       end
     end
   end
 
   local function refill()
-    local n, st = core.inbox_take(buf, 64, tail)
-    stopping = st
+    local n = core.inbox_take(buf, 64, tail)
     tail = tail + n
     return n
   end
@@ -106,7 +128,7 @@ function M.run(name, class, opts, ...)
   local function runner()
     local me = sched.current()
     live[me] = true
-    while true do
+    while crash == nil do
       if head > tail then
         head, tail = 1, 0
         if refill() == 0 then break end
@@ -114,23 +136,26 @@ function M.run(name, class, opts, ...)
       local call = buf[head]
       buf[head] = nil
       head = head + 1
-      local method, ndeps = call_info(call)
-      local err
-      if stopping == CANCEL then
-        err = CANCEL
-      elseif init_err ~= false or ndeps > 0 then
-        err = prepare(call, method, ndeps)
-      end
-      if err == CANCEL then
+      if stopping() >= CANCEL then
         call_finish(call, CANCELLED)
-      elseif err then
-        fail(call, err)
       else
-        local fn = class[method]
-        if type(fn) ~= "function" then
-          fail(call, worker_error(name, method, "no method '" .. tostring(method) .. "'"))
+        local method, ndeps = call_info(call)
+        local err = ndeps > 0 and inputs(call, method) or nil
+        if err == CANCEL then
+          call_finish(call, CANCELLED)
+        elseif err then
+          fail(call, err)
+        elseif not call_start(call) then
+          call_finish(call) -- its caller cancelled it meanwhile
         else
-          finish(call, method, xpcall(apply, sched.on_error, fn, self, call))
+          local fn = class[method]
+          if type(fn) ~= "function" then
+            fail(call, errors.worker_error(name, method, "no method '" .. method .. "'"))
+          else
+            me._call = call
+            finish(call, method, xpcall(apply, sched.on_error, fn, self, call))
+            me._call = nil
+          end
         end
       end
     end
@@ -138,43 +163,55 @@ function M.run(name, class, opts, ...)
     runners = runners - 1
   end
 
-  -- On each turn: learn whether to stop, and start runners for new calls.
+  -- On each turn, once init has succeeded: start runners for new calls.
+  local started = false
   sched.on_wake = function()
-    if runners < limit then
+    if started and runners < limit then
       if head > tail then
         head, tail = 1, 0
         refill()
-      else
-        local _, st = core.inbox_take(buf, 0, tail)
-        stopping = st
       end
       while runners < limit and head <= tail do
         runners = runners + 1
         corral.spawn(runner)
       end
-    else
-      local _, st = core.inbox_take(buf, 0, tail)
-      stopping = st
     end
     core.set_tasks(task.live())
   end
   sched.keepalive = true
-  while true do
+  while crash == nil do
     sched.turn(true)
-    if stopping == CANCEL then
-      -- cancel what runs; queued calls are cancelled by the runners (and
-      -- what is left in the inbox by the thread as it ends)
+    local st = stopping()
+    if not started and init:done() then
+      local ie = init:exception()
+      if exit_code then
+        crash = exited("init")
+      elseif ie ~= nil and not errors.is_error(ie, "CancelledError") then
+        crash = errors.crashed(name, "its init failed: " .. errors.safe_tostring(ie), ie, nil, "init")
+      elseif ie ~= nil then
+        break -- stopped while init ran
+      else
+        started = true
+        sched.on_wake()
+      end
+    end
+    if st >= CANCEL then
+      -- cancel what runs (at its waits); the runners cancel what they took,
+      -- the thread what is left in the inbox
+      if not started then init:cancel() end
       for t in pairs(live) do t:cancel() end
       sched.keepalive = false
-      while runners > 0 and sched.turn(true) do end
+      while (runners > 0 or not init:done()) and crash == nil and sched.turn(true) do end
       break
-    elseif stopping == DRAIN and runners == 0 and head > tail then
+    elseif st == DRAIN and runners == 0 and head > tail and (started or init:done()) then
       head, tail = 1, 0
-      if refill() == 0 then break end
+      if not started or refill() == 0 then break end
     end
   end
   sched.on_wake = nil
   sched.keepalive = false
+  if crash then core.worker_crash(crash) end
+  -- what is left (tasks, futures still pending) ends as its state closes
 end
 
 return M

@@ -27,7 +27,7 @@ describe("a future", function()
 
   it("raises its error object from result and returns it from exception", function()
     local f = corral.future()
-    local err = { code = 7 }
+    local err = corral.error("TimeoutError", "late")
     f:set_exception(err)
     local ok, e = pcall(f.result, f)
     assert.is_false(ok)
@@ -36,6 +36,17 @@ describe("a future", function()
     local g = corral.future()
     g:set_result(1)
     assert.is_nil(g:exception())
+  end)
+
+  it("hold a plain failure value as a TaskError that keeps it", function()
+    local f = corral.future()
+    local raw = { code = 7 }
+    f:set_exception(raw)
+    local ok, e = pcall(f.result, f)
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(e, "TaskError"))
+    assert.are.equal(raw, e.value)
+    assert.are.equal(e, f:exception())
   end)
 
   it("times out without changing the future", function()
