@@ -175,13 +175,30 @@ void ctx_poll(corral_context *c, int timeout_ms) {
   if (timeout_ms > 0) uv_timer_stop(&c->timer);
 }
 
+/* Whether a worker that is not parked idle was not asked to stop. */
+static int busy_running_worker(corral_runtime *rt) {
+  int found = 0;
+  uv_mutex_lock(&rt->wlock);
+  for (queue *q = queue_head(&rt->workers); q != &rt->workers && !found; q = q->next) {
+    corral_worker *w = queue_data(q, corral_worker, rt_node);
+    if (corral_future_state(w->stopped) >= CORRAL_DONE) continue;
+    uv_mutex_lock(&w->ctx.qlock);
+    found = !w->ctx.idle && atomic_load(&w->stopping) == WORKER_RUNNING;
+    uv_mutex_unlock(&w->ctx.qlock);
+  }
+  uv_mutex_unlock(&rt->wlock);
+  return found;
+}
+
 int ctx_quiescent(corral_context *c) {
   corral_runtime *rt = c->rt;
-  if (atomic_load(&rt->nbusy) != 0 || future_host_pending() != 0) return 0;
+  if (future_host_pending() != 0) return 0;
   uv_mutex_lock(&c->qlock);
   int empty = queue_empty(&c->completed);
   uv_mutex_unlock(&c->qlock);
-  return empty && c->deferred == NULL;
+  if (!empty || c->deferred != NULL) return 0;
+  if (atomic_load(&rt->nbusy) == 0) return 1;
+  return busy_running_worker(rt) ? 0 : 2;
 }
 
 /* ======================================================================== */
@@ -203,12 +220,14 @@ void ctx_defer(corral_context *c, void *p, int worker) {
   c->deferred = d;
 }
 
-void ctx_run_deferred(corral_context *c, const char *kind, const char *message) {
+void ctx_run_deferred(corral_context *c, const char *kind, const char *message,
+                      void (*stopping)(void *ud, corral_worker *w), void *ud) {
   while (c->deferred != NULL) {
     corral_deferred *d = c->deferred;
     c->deferred = d->next;
     if (d->worker) {
       worker_stop(d->p, WORKER_DRAIN);
+      if (stopping != NULL) stopping(ud, d->p);
       worker_release(d->p);
     } else {
       if (corral_future_state(d->p) < CORRAL_DONE) corral_future_set_error(d->p, kind, message);

@@ -112,15 +112,18 @@ void ctx_poll(corral_context *c, int timeout_ms);
 int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud);
 /* Wake the home loop (a worker may have been the last one awake). */
 void ctx_wake_home(corral_runtime *rt);
-/* Nothing in the process can make progress: every worker parked idle, no
- * host future pending, nothing posted to c. */
+/* 1 when nothing in the process can make progress (every worker parked
+ * idle, no host future pending, nothing posted to c); 2 when only workers
+ * asked to stop can (they may never: a loop that never waits); else 0. */
 int ctx_quiescent(corral_context *c);
 /* From a __gc (no lock): a future that nothing can settle any more, or a
  * worker whose last handle went (p holds a reference, which is taken). */
 void ctx_defer(corral_context *c, void *p, int worker);
 /* Outside the collector: settle the abandoned futures with an error of
- * `kind` and `message`, and stop the dropped workers (after their queue). */
-void ctx_run_deferred(corral_context *c, const char *kind, const char *message);
+ * `kind` and `message`, and stop the dropped workers (after their queue),
+ * telling `stopping` of each. */
+void ctx_run_deferred(corral_context *c, const char *kind, const char *message,
+                      void (*stopping)(void *ud, corral_worker *w), void *ud);
 /* Unretrieved-error reporters (lua_core.c makes them Lua userdata). */
 void ctx_report_all(corral_context *c);
 
@@ -150,7 +153,6 @@ struct corral_runtime {
   corral_context home;
   int owns_L;
   atomic_int nbusy;  /* worker contexts not parked idle (see context.c) */
-  atomic_int reap;   /* a worker whose handles all went has ended: join it */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;
   int exit_fast;     /* closing after an error or a signal: cancel, do not drain */

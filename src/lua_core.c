@@ -172,27 +172,51 @@ static void drain_one(void *ud, corral_future *f) {
   lua_rawseti(d->L, 1, ++d->n);
 }
 
+static void push_stopping(void *ud, corral_worker *w) {
+  lua_State *L = ud;
+  corral_future_retain(w->stopped);
+  cf_push(L, w->stopped);
+  lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+}
+
 /* drain(t): settles what the collector left (abandoned futures, dropped
  * workers), fills t[1..n] with the keys of watched futures that settled;
- * returns n and the number of a SIGINT/SIGTERM that arrived (or 0). */
+ * returns n, the number of a SIGINT/SIGTERM that arrived (or 0), and the
+ * C futures that settle when the dropped workers have ended (or nil). */
 static int l_drain(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
   corral_context *c = ctx_of(L);
-  if (c->deferred != NULL)
+  int stopping = 0;
+  if (c->deferred != NULL) {
+    lua_newtable(L);
     ctx_run_deferred(c, "CancelledError",
                      "abandoned: the future was collected before it settled, so nothing can "
-                     "settle it");
-  if (c->worker == NULL && atomic_exchange(&c->rt->reap, 0)) worker_reap(c->rt);
+                     "settle it",
+                     push_stopping, L);
+    stopping = lua_objlen(L, -1) > 0;
+  }
   drain_ud d = {L, 0};
   ctx_drain(c, drain_one, &d);
   lua_pushinteger(L, d.n);
   lua_pushinteger(L, c->worker == NULL ? signal_take_stop() : 0);
-  return 2;
+  if (stopping)
+    lua_pushvalue(L, 2);
+  else
+    lua_pushnil(L);
+  return 3;
 }
 
-/* quiescent(): nothing in the process can make progress any more. */
+/* reap(): join the workers that ended after their last handle went. */
+static int l_reap(lua_State *L) {
+  worker_reap(rt_of(L));
+  return 0;
+}
+
+/* quiescent(): 1 nothing in the process can make progress any more; 2 only
+ * workers asked to stop can; 0 otherwise. */
 static int l_quiescent(lua_State *L) {
-  lua_pushboolean(L, ctx_quiescent(ctx_of(L)));
+  lua_pushinteger(L, ctx_quiescent(ctx_of(L)));
   return 1;
 }
 
@@ -878,6 +902,7 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"catch_signals", l_catch_signals},
                                       {"exit_fast", l_exit_fast},
                                       {"quiescent", l_quiescent},
+                                      {"reap", l_reap},
                                       {"print", l_print},
                                       {"isatty", l_isatty},
                                       {"exit", l_exit},
@@ -1124,5 +1149,5 @@ void lcore_worker_main(corral_worker *w) {
   /* its Lua futures that were still pending can never settle now */
   char msg[128];
   snprintf(msg, sizeof msg, "worker %s stopped before this future settled", w->name);
-  ctx_run_deferred(&w->ctx, "ClosedError", msg);
+  ctx_run_deferred(&w->ctx, "ClosedError", msg, NULL, NULL);
 }

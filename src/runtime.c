@@ -46,7 +46,8 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
 
 void rt_destroy(corral_runtime *rt) {
   /* the state is closing: what only its Lua could settle never will */
-  ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled");
+  ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled",
+                   NULL, NULL);
   /* no thread outlives the runtime, unless it runs code that never waits */
   uv_mutex_lock(&rt->wlock);
   corral_worker **pool = rt->pool;

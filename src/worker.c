@@ -94,11 +94,8 @@ static void worker_thread(void *arg) {
   settle_all(w, &w->taken, crash, crashlen);
   settle_all(w, &left, crash, crashlen);
   ctx_close(&w->ctx, 0);
-  /* it counts as busy no more; the home may be waiting on it (or, with no
-   * handle left, has to join it) */
-  int orphan = atomic_load(&w->handles) == 0;
-  if (orphan) atomic_store(&w->rt->reap, 1);
-  if (atomic_fetch_sub(&w->rt->nbusy, 1) == 1 || orphan) ctx_wake_home(w->rt);
+  /* it counts as busy no more; the home may be waiting on it */
+  if (atomic_fetch_sub(&w->rt->nbusy, 1) == 1) ctx_wake_home(w->rt);
   future_settle(w->stopped, CORRAL_DONE, NULL, 0);
 }
 

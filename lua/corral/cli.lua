@@ -71,12 +71,18 @@ function M.run_main(main)
     errf("corral: the main task was cancelled\n")
     return 1
   end
+  sched.wind_down = 1 -- workers asked to stop get a second once nothing else can go on
   while not signalled and sched.turn(true) do end
   if signalled then
     errf("corral: ", SIGNAMES[signalled] or ("signal " .. signalled), "\n")
     return 128 + signalled
   end
-  if sched.stuck or task.live() > 0 then
+  if sched.stuck == "stopping" then
+    core.exit_fast()
+    errf("corral: the main chunk has returned, but workers asked to stop are still running\n",
+      stuck_details())
+    return 1
+  elseif sched.stuck or task.live() > 0 then
     core.exit_fast()
     errf(("corral: the main chunk has returned, but %d task(s) and %d call(s) or future(s) can "
       .. "never finish: blocked on futures that nothing can settle\n"):format(task.live(),

@@ -178,11 +178,14 @@ function M.block(w, deadline)
     end
     w._blocked = true
     while w._blocked do
+      -- one turn at least: an outside wait (even for 0 s) lets the loop run
+      local more = turn(true, deadline)
+      if not w._blocked then break end
       if deadline and now() >= deadline then
         w._blocked = false
         return TIMEOUT
       end
-      if not turn(true, deadline) and w._blocked and not deadline then
+      if not more and not deadline then
         w._blocked = false
         return FOREVER
       end
@@ -340,6 +343,10 @@ function M.ext_pending() return ext_pending end
 -- process can make progress (every worker parked idle, no host future, no
 -- timer, nothing ready), nothing will ever settle them.
 M.stuck = false
+-- Set by the runner once the main chunk has returned: workers asked to stop
+-- get this many seconds to end while nothing else can progress.
+M.wind_down = nil
+local wind_since = nil
 
 --- One turn of the loop: poll for events (blocking, when `block` and there is
 -- nothing ready, until the next timer or `until_deadline`), deliver
@@ -368,18 +375,33 @@ function turn_body(block, until_deadline)
       elseif M.keepalive then
         timeout = -1
       elseif ext_pending > 0 then
-        if quiescent() then
+        local q = quiescent()
+        if q == 1 then
           M.stuck = true
           return false
+        elseif q == 2 and M.wind_down then
+          wind_since = wind_since or now()
+          local left = wind_since + M.wind_down - now()
+          if left <= 0 then
+            M.stuck = "stopping"
+            return false
+          end
+          timeout = ceil(left * 1000)
+        else
+          wind_since = nil
+          timeout = -1
         end
-        timeout = -1
       end
     end
     poll(timeout)
   elseif ext_pending > 0 then
     poll(0)
   end
-  local n, sig = drain(dbuf)
+  local n, sig, stopping = drain(dbuf)
+  if stopping then
+    -- workers whose last handle went: pending work until they have ended
+    for i = 1, #stopping do M.watch({ _c = stopping[i], _sync = core.reap }) end
+  end
   for i = 1, n do
     local key = dbuf[i]
     dbuf[i] = nil

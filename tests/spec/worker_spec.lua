@@ -593,7 +593,7 @@ describe("fixed after review", function()
       print(w:stop { timeout = 5 })
     ]])
     assert.are.equal(0, code, err)
-    assert.matches("^true\tworker worker1 crashed: it could not start: .*only_here.*\ntrue\n$", out)
+    assert.matches("^true\tworker worker%d+ crashed: it could not start: .*only_here.*\ntrue\n$", out)
   end)
 end)
 

@@ -1,0 +1,524 @@
+-- The runtime tried as a careless user and as an attacker would: wrong
+-- values, failures in every place, cancels and stops at the worst time.
+-- Each block is a promise of the guide; the codec's own attacks are in
+-- adversarial_codec_spec.lua.
+local corral = require "corral"
+local h = require "helper"
+
+-- Run a script with the corral binary; before each signal, wait (bounded)
+-- until the script has created the file marker..k (arg[1] is the marker).
+local function signal_script(script, sig, signals)
+  local ready = h.tmpname()
+  local path = h.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(script)
+  f:close()
+  local cmd = "t0=$(date +%s%N); " .. h.quote(h.bin) .. " " .. path .. " " .. ready .. " & pid=$!; "
+  for k = 1, signals do
+    cmd = cmd .. "i=0; while [ ! -e " .. ready .. k .. " ] && [ $i -lt 400 ]; " ..
+      "do sleep 0.05; i=$((i+1)); done; t0=$(date +%s%N); kill -" .. sig .. " $pid; "
+  end
+  -- the last line of stdout: milliseconds from the last signal to the exit
+  local out, err, code = h.sh(cmd .. "wait $pid; c=$?; echo $(( ($(date +%s%N) - t0) / 1000000 )); exit $c")
+  os.remove(path)
+  os.remove(ready)
+  for k = 1, signals do os.remove(ready .. k) end
+  local ms = tonumber(out:match("(%d+)\n$"))
+  return out:gsub("%d+\n$", ""), err, code, ms
+end
+
+local function elapsed(fn, ...)
+  local t0 = corral.now()
+  local a, b, c = fn(...)
+  return corral.now() - t0, a, b, c
+end
+
+local Tools = corral.worker {
+  echo = function(_, ...) return ... end,
+  boom = function(_, v) error(v, 0) end,
+  spin = function(_, s) local t = os.clock() while os.clock() - t < s do end return s end,
+  nap = function(self, s)
+    local ok, e = pcall(corral.sleep, s)
+    self.cleaned = not ok and corral.is_error(e, "CancelledError")
+    if not ok then error(e, 0) end
+    return "slept"
+  end,
+  cleaned = function(self) return self.cleaned end,
+}
+
+-- ========================================================================= --
+describe("failures are error objects", function()
+  it("a task that raised 'bad' and one that returned 'bad' can be told apart", function()
+    local raised = corral.spawn(function() error("bad", 0) end)
+    local returned = corral.spawn(function() return "bad" end)
+    local r = corral.gather({ raised, returned }, { return_exceptions = true })
+    assert.is_true(corral.is_error(r[1], "TaskError"))
+    assert.are.equal("bad", r[1].value)
+    assert.are.equal("bad", r[2])
+    assert.is_false(corral.is_error(r[2]))
+  end)
+
+  it("keep a raised table reachable as err.value, the same object everywhere", function()
+    local t = corral.spawn(function() error({ code = 42 }) end)
+    local ok, e = pcall(t.result, t)
+    assert.is_false(ok)
+    assert.are.equal(42, e.value.code)
+    assert.are.equal(e, t:exception())
+    assert.are.equal(e, corral.gather({ t }, { return_exceptions = true })[1])
+  end)
+
+  it("print a TaskError like Lua's error followed by the traceback of the raise", function()
+    local function inner() error("disk full") end
+    local t = corral.spawn(function() inner() end)
+    local e = t:exception()
+    local s = tostring(e)
+    assert.matches("^[^\n]*adversarial_spec.lua:%d+: disk full\nstack traceback:", s)
+    assert.matches("in function 'inner'", s)
+  end)
+
+  it("carry the worker's traceback for a plain value a method raised", function()
+    local w = Tools:init()
+    local e = w:boom({ code = 7 }):exception()
+    assert.is_true(corral.is_error(e, "WorkerError"))
+    assert.are.equal(7, e.value.code)
+    assert.is_true(corral.is_error(e.cause, "TaskError"))
+    assert.matches("adversarial_spec.lua", e.cause.traceback)
+    w:stop()
+  end)
+
+  it("build each kind's message the same way in every mode", function()
+    local msgs = {}
+    for _, mode in ipairs { "thread", "async", "sync" } do
+      local w = Tools:options { mode = mode, name = "m" }:init()
+      local failed = corral.spawn(function() error("up", 0) end)
+      local dep = w:echo(failed):exception()
+      w:stop()
+      local closed = w:echo(1):exception()
+      assert.is_true(corral.is_error(dep, "DependencyError"), mode .. ": " .. tostring(dep))
+      assert.is_true(corral.is_error(closed, "ClosedError"), mode)
+      msgs[#msgs + 1] = dep.message .. "|" .. closed.message
+    end
+    assert.are.equal(msgs[1], msgs[2])
+    assert.are.equal(msgs[1], msgs[3])
+  end)
+end)
+
+-- ========================================================================= --
+describe("settles are never lost", function()
+  it("a future a worker made, returned and the caller settled is seen by the worker", function()
+    local W = corral.worker {
+      make = function(self) self.f = corral.future(); return self.f end,
+      await = function(self) return self.f:result(10) end,
+    }
+    local w = W:init()
+    local f = w:make():result()
+    local g = w:await()
+    f:set_result(42)
+    assert.are.equal(42, g:result(10))
+    w:stop()
+  end)
+
+  it("a future a worker returned fails with ClosedError once the worker stops", function()
+    local W = corral.worker {
+      later = function() return corral.spawn(function() corral.sleep(60) end) end,
+      dropped = function() return corral.future() end,
+    }
+    local w = W:options { name = "keeper" }:init()
+    local t = w:later():result()
+    local d = w:dropped():result()
+    assert.is_true(w:stop { drain = false, timeout = 10 })
+    local e = t:exception(10)
+    assert.is_true(corral.is_error(e, "ClosedError"), tostring(e))
+    assert.matches("keeper", e.message)
+    assert.is_not_nil(d:exception(10))
+  end)
+end)
+
+-- ========================================================================= --
+describe("bad input is refused with a clear error", function()
+  local function usage(fn, ...)
+    local ok, e = pcall(fn, ...)
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(e, "UsageError"), tostring(e))
+    return e.message
+  end
+
+  it("out-of-range worker options", function()
+    usage(Tools.options, Tools, { max_queued = 2 ^ 31 })
+    usage(Tools.options, Tools, { max_queued = math.huge })
+    usage(Tools.options, Tools, { workers = math.huge })
+    usage(Tools.options, Tools, { workers = 0.5 })
+    usage(corral.config, { pool_size = 1e400 })
+  end)
+
+  it("a bad CORRAL_WORKERS, naming the variable", function()
+    for _, v in ipairs { "1e400", "abc", "0" } do
+      local _, err, code = h.corral("require('corral').submit(print, 1):result()", "",
+        "CORRAL_WORKERS=" .. v .. " ")
+      assert.are.equal(1, code)
+      assert.matches("CORRAL_WORKERS", err)
+      assert.matches(v, err, 1, true)
+    end
+  end)
+
+  it("exit codes that a process cannot have", function()
+    usage(corral.exit, 256)
+    usage(corral.exit, 0 / 0)
+    usage(corral.exit, math.huge)
+    usage(corral.exit, -1)
+    local _, _, code = h.corral("require('corral').exit(3)")
+    assert.are.equal(3, code)
+  end)
+
+  it("unknown options to wait, gather, as_completed, map and stop", function()
+    local f = corral.spawn(function() return 1 end)
+    assert.matches("unknown option 'tiemout'", usage(corral.wait, { f }, { tiemout = 1 }))
+    usage(corral.gather, { f }, { tiemout = 1 })
+    usage(corral.as_completed, { f }, { tiemout = 1 })
+    usage(corral.map, function(x) return x end, { 1 }, { wokers = 2 })
+    local w = Tools:options { mode = "sync" }:init()
+    usage(w.stop, w, { drian = false })
+  end)
+
+  it("method names that belong to the handle", function()
+    assert.matches("stop", usage(corral.worker, { stop = function() end }))
+    usage(corral.worker, { _x = function() end })
+    usage(corral.worker, { ["a\0b"] = function() end })
+  end)
+
+  it("a name with NUL does not reach another method", function()
+    local W = corral.worker { x = function() return "x ran" end }
+    local w = W:init()
+    local e = w["x\0y"](w):exception()
+    assert.is_true(corral.is_error(e, "WorkerError"))
+    assert.matches("no method", e.message)
+    w:stop()
+  end)
+
+  it("as_completed yields every key of a future given twice", function()
+    local f = corral.spawn(function() return 1 end)
+    local keys = {}
+    for k in corral.as_completed({ a = f, b = f }) do keys[#keys + 1] = k end
+    table.sort(keys)
+    assert.are.same({ "a", "b" }, keys)
+  end)
+
+  it("waiting in a coroutine corral does not run names the misuse", function()
+    local t = corral.spawn(function()
+      local co = coroutine.wrap(function() return corral.sleep(0) end)
+      return co()
+    end)
+    local e = t:exception()
+    assert.is_true(corral.is_error(e, "UsageError"), tostring(e))
+    assert.matches("coroutine", e.message)
+  end)
+
+  it("a done callback may wait", function()
+    local f = corral.future()
+    local got = corral.future()
+    f:add_done_callback(function(x)
+      local g = corral.spawn(function() corral.sleep(0.001); return x:result() * 2 end)
+      got:set_result(g:result())
+    end)
+    f:set_result(21)
+    assert.are.equal(42, got:result(10))
+  end)
+end)
+
+-- ========================================================================= --
+describe("cancel and stop tell the truth", function()
+  it("a call that runs code is not cancelled: cancel returns false and it finishes", function()
+    local w = Tools:init()
+    local f = w:spin(0.3)
+    local started = w:echo("after") -- queued behind it
+    while not f:running() do corral.sleep(0.001) end
+    assert.is_false(f:cancel())
+    assert.are.equal(0.3, f:result(10))
+    assert.are.equal("after", started:result(10))
+    w:stop()
+  end)
+
+  it("a call that waits is cancelled at its wait: true, its cleanup runs, the worker goes on", function()
+    local w = Tools:init()
+    local f = w:nap(30)
+    while not f:running() do corral.sleep(0.001) end
+    assert.is_true(f:cancel())
+    assert.is_true(f:cancelled())
+    assert.is_true(w:cleaned():result(10))
+    assert.are.equal(1, w:echo(1):result(10))
+    w:stop()
+  end)
+
+  it("calls a worker has taken but not started stay cancellable", function()
+    local w = Tools:init()
+    local first = w:spin(0.2)
+    local queued = {}
+    for i = 1, 8 do queued[i] = w:echo(i) end
+    while not first:running() do corral.sleep(0.001) end
+    for i = 1, 8 do assert.is_true(queued[i]:cancel(), "call " .. i) end
+    assert.are.equal(0.2, first:result(10))
+    for i = 1, 8 do assert.is_true(queued[i]:cancelled()) end
+    w:stop()
+  end)
+
+  it("stop{drain = false} runs none of the calls it cancels", function()
+    local W = corral.worker {
+      work = function(self, i) self.ran = (self.ran or 0) + 1; local t = os.clock()
+        while os.clock() - t < 0.05 do end; return i end,
+    }
+    local w = W:init()
+    local fs = {}
+    for i = 1, 8 do fs[i] = w:work(i) end
+    while not fs[1]:running() do corral.sleep(0.001) end
+    assert.is_true(w:stop { drain = false, timeout = 10 })
+    local ran = 0
+    for i = 1, 8 do if not fs[i]:cancelled() then ran = ran + 1 end end
+    assert.is_true(ran <= 1, ran .. " calls ran")
+    assert.is_true(fs[8]:cancelled())
+  end)
+
+  it("a thread stop{timeout} that gives up returns false after about the timeout", function()
+    local w = Tools:init()
+    local f = w:spin(1.5)
+    while not f:running() do corral.sleep(0.001) end
+    local dt, ok = elapsed(w.stop, w, { timeout = 0.1 })
+    assert.is_false(ok)
+    assert.is_true(dt < 1.0, "took " .. dt)
+    assert.is_true(w:stop { timeout = 10 })
+  end)
+
+  it("async: cancelling a running call cancels it and the instance goes on", function()
+    local w = Tools:options { mode = "async" }:init()
+    local f = w:nap(30)
+    corral.sleep(0) -- let it start
+    assert.is_true(f:running())
+    assert.is_true(f:cancel())
+    assert.is_true(f:cancelled())
+    assert.is_true(w:cleaned():result(10))
+    assert.are.equal("slept", w:nap(0.001):result(10))
+    assert.is_true(w:stop { timeout = 1 })
+  end)
+
+  it("async: stop{timeout} gives up, and drain = false cancels the running call", function()
+    local w = Tools:options { mode = "async" }:init()
+    local f = w:nap(30)
+    corral.sleep(0)
+    local dt, ok = elapsed(w.stop, w, { timeout = 0.05 })
+    assert.is_false(ok)
+    assert.is_true(dt < 1, "took " .. dt)
+    assert.is_true(w:stop { drain = false, timeout = 1 })
+    assert.is_true(f:cancelled())
+  end)
+end)
+
+-- ========================================================================= --
+describe("workers that die say so", function()
+  it("os.exit in a method ends the worker, not the process", function()
+    local W = corral.worker { bye = function() os.exit(3) end, hi = function() return "hi" end }
+    local w = W:options { name = "quitter" }:init()
+    local f = w:bye()
+    local later = w:hi()
+    local e = f:exception(10)
+    assert.is_true(corral.is_error(e, "WorkerCrashed"), tostring(e))
+    assert.are.equal(3, e.code)
+    assert.matches("os.exit%(3%) in bye", e.message)
+    assert.is_true(corral.is_error(later:exception(10), "WorkerCrashed"))
+    assert.is_true(corral.is_error(w:hi():exception(10), "WorkerCrashed"))
+    w:stop()
+  end)
+
+  it("corral.exit in a worker ends that worker too", function()
+    local W = corral.worker { bye = function() corral.exit(4) end }
+    local w = W:init()
+    local e = w:bye():exception(10)
+    assert.is_true(corral.is_error(e, "WorkerCrashed"), tostring(e))
+    assert.are.equal(4, e.code)
+    w:stop()
+  end)
+
+  it("a crash in C code names the worker and the method", function()
+    local _, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { poke = function() local ffi = require "ffi"
+        return ffi.cast("int *", 0)[0] end }
+      W:options { name = "poker" }:init():poke():result()
+    ]])
+    assert.are_not.equal(0, code)
+    assert.matches("worker poker died of signal SIGSEGV while running method poke", err)
+  end)
+end)
+
+-- ========================================================================= --
+describe("nothing hangs", function()
+  it("Ctrl-C ends the process within a second whatever the workers hold", function()
+    local _, err, code, ms = signal_script([[
+      local corral = require "corral"
+      local W = corral.worker { spin = function(_, s) local t = os.clock() while os.clock() - t < s do end end,
+        nap = function(_, s) corral.sleep(s) end }
+      local w = W:options { workers = 2 }:init()
+      for _ = 1, 8 do w:nap(60) end
+      io.open(arg[1] .. 1, "w"):close()
+      corral.sleep(60)
+    ]], "INT", 1)
+    assert.are.equal(130, code, err)
+    assert.is_true(ms < 1500, ms .. " ms")
+  end)
+
+  it("SIGTERM is Ctrl-C: cleanup runs, unretrieved errors are reported, status 143", function()
+    local out, err, code = signal_script([[
+      local corral = require "corral"
+      local lost = corral.spawn(function() error("nobody looked at me") end)
+      io.open(arg[1] .. 1, "w"):close()
+      local ok, e = pcall(corral.sleep, 60)
+      print("cleanup", corral.is_error(e, "CancelledError"))
+      error(e, 0)
+    ]], "TERM", 1)
+    assert.are.equal(143, code)
+    assert.are.equal("cleanup\ttrue\n", out)
+    assert.matches("terminated", err)
+    assert.matches("nobody looked at me", err)
+  end)
+
+  it("a top-level error ends the process within a second whatever the workers hold", function()
+    local dt, _, err, code = elapsed(h.corral, [[
+      local corral = require "corral"
+      local W = corral.worker { nap = function(_, s) corral.sleep(s) end }
+      local w = W:options { workers = 2 }:init()
+      local fs = {}
+      for i = 1, 8 do fs[i] = w:nap(60) end
+      while not fs[1]:running() do corral.sleep(0.001) end
+      error("top")
+    ]])
+    assert.are.equal(1, code)
+    assert.matches("top", err)
+    assert.is_true(dt < 3, "took " .. dt)
+  end)
+
+  it("a method that never waits: stop gives up, and the process says what is stuck and ends", function()
+    local dt, out, err, code = elapsed(h.corral, [[
+      local corral = require "corral"
+      local W = corral.worker { forever = function() while true do end end }
+      local w = W:options { name = "looper" }:init()
+      local f = w:forever()
+      while not f:running() do corral.sleep(0.001) end
+      local t0 = corral.now()
+      print(w:stop { timeout = 0.1 }, corral.now() - t0 < 1)
+    ]])
+    assert.are.equal("false\ttrue\n", out)
+    assert.matches("worker looper is still running method forever", err)
+    assert.is_true(dt < 5, "took " .. dt)
+    assert.is_true(code == 0 or code == 1)
+  end)
+
+  it("a call waiting on an input nothing can settle: stop says so and the process exits", function()
+    local out, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { x = function(_, v) return v end }
+      local w = W:options { name = "waiter" }:init()
+      NEVER = corral.future()
+      local f = w:x(NEVER)
+      print("stopping")
+      w:stop()
+      print("not reached")
+    ]])
+    assert.are.equal("stopping\n", out)
+    assert.are.equal(1, code)
+    assert.matches("blocked on futures that nothing can settle", err)
+    assert.matches("worker waiter", err)
+  end)
+
+  it("remaining work that can never finish after the main chunk returns is reported", function()
+    local _, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { x = function(_, v) return v end }
+      local w = W:options { name = "orphan" }:init()
+      NEVER = corral.future()
+      w:x(NEVER)
+    ]])
+    assert.are.equal(1, code)
+    assert.matches("main chunk has returned", err)
+    assert.matches("worker orphan", err)
+  end)
+
+  it("a host that exits without corral.run() reports a failed call every time", function()
+    local script = h.tmpname() .. ".lua"
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local corral = require "corral"
+      local W = corral.worker { boom = function() error("lost call") end }
+      W:init():boom()
+    ]])
+    f:close()
+    for _ = 1, 5 do
+      local _, err, code = h.sh(h.luajit() .. " " .. script)
+      assert.are.equal(0, code, err)
+      assert.matches("lost call", err)
+    end
+    os.remove(script)
+  end)
+end)
+
+-- ========================================================================= --
+describe("resources come back", function()
+  it("dropped worker handles stop their threads once their calls are done", function()
+    local W = corral.worker { x = function(_, i) return i end }
+    local base = #corral.stats()
+    local function use_and_drop() -- no handle left in this frame's registers
+      local fs = {}
+      for i = 1, 50 do fs[i] = W:init():x(i) end
+      for i = 1, 50 do assert.are.equal(i, fs[i]:result(10)) end
+    end
+    use_and_drop()
+    assert.is_true(#corral.stats() >= base + 50)
+    collectgarbage()
+    collectgarbage()
+    corral.run() -- the dropped workers are pending work until they end
+    assert.are.equal(base, #corral.stats())
+  end)
+
+  it("workers see corral.config, and a nested submit uses the one default pool", function()
+    local before = corral.config()
+    corral.config { max_queued = 7 }
+    local W = corral.worker {
+      cfg = function() return corral.config().max_queued end,
+      nested = function() return corral.submit(function(x) return x + 1 end, 1):result() end,
+    }
+    local a, b = W:init(), W:init()
+    assert.are.equal(7, a:cfg():result())
+    assert.are.equal(2, a:nested():result())
+    local rows = #corral.stats()
+    assert.are.equal(2, b:nested():result())
+    assert.are.equal(2, corral.submit(function(x) return x + 1 end, 1):result())
+    assert.are.equal(rows, #corral.stats())
+    corral.config { max_queued = before.max_queued }
+    a:stop()
+    b:stop()
+  end)
+
+  it("changing pool_size once the pool runs is refused", function()
+    corral.submit(function() end):result()
+    local ok, e = pcall(corral.config, { pool_size = corral.config().pool_size + 1 })
+    assert.is_false(ok)
+    assert.matches("already runs", e.message)
+  end)
+end)
+
+-- ========================================================================= --
+describe("output", function()
+  it("lines printed by several workers at once never mix", function()
+    local out, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { say = function(_, tag)
+        for i = 1, 2000 do print(tag, i, ("x"):rep(50), tag) end end }
+      local a, b = W:init(), W:init()
+      corral.gather { a:say("A"), b:say("B") }
+    ]], "| cat")
+    assert.are.equal(0, code, err)
+    local n = 0
+    for line in out:gmatch("[^\n]*\n") do
+      n = n + 1
+      assert.matches("^([AB])\t%d+\t" .. ("x"):rep(50) .. "\t%1\n$", line)
+    end
+    assert.are.equal(4000, n)
+  end)
+end)
