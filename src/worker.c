@@ -94,9 +94,12 @@ static void worker_thread(void *arg) {
   settle_all(w, &w->taken, crash, crashlen);
   settle_all(w, &left, crash, crashlen);
   ctx_close(&w->ctx, 0);
-  /* it counts as busy no more; the home may be waiting on it */
-  if (atomic_fetch_sub(&w->rt->nbusy, 1) == 1) ctx_wake_home(w->rt);
+  /* Said stopped first, so that whoever waits for it has a completion
+   * posted before this thread counts as busy no more (the home may then be
+   * the last one awake). w may be freed as soon as it is settled. */
+  corral_runtime *rt = w->rt;
   future_settle(w->stopped, CORRAL_DONE, NULL, 0);
+  if (atomic_fetch_sub(&rt->nbusy, 1) == 1) ctx_wake_home(rt);
 }
 
 corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
