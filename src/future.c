@@ -28,6 +28,7 @@ static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cond;
 static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
 static atomic_int wait_count;
+static int sleepers; /* threads inside pthread_cond_wait (under wait_lock) */
 static atomic_long host_pending; /* pending futures that host C code may settle */
 
 static void wait_init(void) {
@@ -301,9 +302,11 @@ int corral_future_wait(corral_future *f, double timeout) {
   atomic_fetch_add_explicit(&wait_count, 1, memory_order_seq_cst);
   pthread_mutex_lock(&wait_lock);
   while (corral_future_state(f) < CORRAL_DONE) {
-    if (timeout < 0) {
-      pthread_cond_wait(&wait_cond, &wait_lock);
-    } else if (pthread_cond_timedwait(&wait_cond, &wait_lock, &until) == ETIMEDOUT) {
+    sleepers++;
+    int w = timeout < 0 ? pthread_cond_wait(&wait_cond, &wait_lock)
+                        : pthread_cond_timedwait(&wait_cond, &wait_lock, &until);
+    sleepers--;
+    if (w == ETIMEDOUT) {
       if (corral_future_state(f) < CORRAL_DONE) rc = CORRAL_ETIMEDOUT;
       break;
     }
@@ -311,4 +314,12 @@ int corral_future_wait(corral_future *f, double timeout) {
   pthread_mutex_unlock(&wait_lock);
   atomic_fetch_sub_explicit(&wait_count, 1, memory_order_seq_cst);
   return rc;
+}
+
+int future_sleepers(void) {
+  pthread_once(&wait_once, wait_init);
+  pthread_mutex_lock(&wait_lock);
+  int n = sleepers;
+  pthread_mutex_unlock(&wait_lock);
+  return n;
 }

@@ -43,6 +43,8 @@ corral_future *future_new(void);
 /* Host C code may settle f: count it in future_host_pending() while pending. */
 void future_mark_host(corral_future *f);
 long future_host_pending(void);
+/* Threads blocked in corral_future_wait now (for tests). */
+int future_sleepers(void);
 /* A MessagePack map {kind=, message=}: the payload of a failed future. */
 char *future_error_payload(const char *kind, const char *message, size_t *len);
 /* Settle f, taking ownership of payload (freed on failure). */

@@ -485,7 +485,8 @@ function Class:init(...)
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name
     if mode == "thread" then
-      local boot = { max_concurrency = h._max_concurrency, settings = settings }
+      local boot = { max_concurrency = h._max_concurrency, max_queued = h._max_queued,
+        settings = settings }
       local ud, why = core.worker_start(name, h._max_queued, self._methods, boot, ...)
       if not ud then
         h:stop { drain = false }

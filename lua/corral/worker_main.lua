@@ -68,6 +68,9 @@ function M.run(name, class, opts, ...)
   end
   local self = {}
   local limit = opts.max_concurrency or 1
+  -- calls taken from the inbox at once: no more than the inbox holds, so
+  -- that at most 2 x max_queued calls wait for this worker in all
+  local batch = math.min(64, opts.max_queued or 64)
   local buf, head, tail = {}, 1, 0 -- calls taken from the inbox, in order
   local runners = 0                 -- runner tasks alive
   local live = {}                   -- runner tasks, to cancel on stop
@@ -119,7 +122,7 @@ function M.run(name, class, opts, ...)
   end
 
   local function refill()
-    local n = core.inbox_take(buf, 64, tail)
+    local n = core.inbox_take(buf, batch, tail)
     tail = tail + n
     return n
   end

@@ -6,11 +6,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
 
 #include "corral.h"
+
+/* internal, from libcorral.a: threads blocked in corral_future_wait now */
+int future_sleepers(void);
 
 static int failures, count;
 
@@ -130,9 +134,15 @@ static void test_foreign_wait(void) {
   waiter_arg w = {f, -99, CORRAL_PENDING};
   pthread_t th;
   pthread_create(&th, NULL, wait_foreign, &w);
+  /* settle only once the thread is blocked in the wait (bounded: 10 s) */
+  for (int i = 0; i < 10000 && future_sleepers() == 0; i++) {
+    struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
+  CHECK(future_sleepers() == 1, "the foreign thread blocks in corral_future_wait");
   run_lua(L, "f:set_result(42)");
   pthread_join(th, NULL);
-  CHECK(w.rc == 0 && w.state == CORRAL_DONE, "a foreign thread's wait returns when Lua settles");
+  CHECK(w.rc == 0 && w.state == CORRAL_DONE, "a blocked foreign thread's wait returns when Lua settles");
   CHECK(corral_future_set_result(f, NULL, 0) == CORRAL_ESTATE, "settling twice is CORRAL_ESTATE");
   corral_future *g = corral_future_new(rt);
   CHECK(corral_future_wait(g, 0.01) == CORRAL_ETIMEDOUT, "a wait times out");
@@ -161,6 +171,31 @@ static void test_error_from_c(void) {
   corral_close(rt);
 }
 
+/* ---- a host settles a Lua future ----------------------------------------- */
+
+static void *settle_from_thread(void *arg) {
+  static const char one_result[] = {(char)0x91, 0x2a}; /* [42] */
+  corral_future_set_result(arg, one_result, sizeof one_result);
+  return NULL;
+}
+
+static void test_host_settles_lua_future(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  run_lua(L, "f = require('corral').future()");
+  lua_getglobal(L, "f");
+  corral_future *f = corral_to_future(L, -1);
+  lua_pop(L, 1);
+  corral_future_retain(f);
+  pthread_t th;
+  pthread_create(&th, NULL, settle_from_thread, f);
+  int rc = run_lua(L, "assert(f:result(10) == 42)");
+  pthread_join(th, NULL);
+  CHECK(rc == 0, "a Lua future settled by host C code through corral_to_future gives its result");
+  corral_future_release(f);
+  corral_close(rt);
+}
+
 /* ---- a host steps the runtime ------------------------------------------- */
 
 static void test_step(void) {
@@ -173,7 +208,7 @@ static void test_step(void) {
     steps++;
   lua_getglobal(L, "stepped");
   CHECK(lua_isnumber(L, -1), "corral_step drove the task to its end");
-  CHECK(steps >= 1, "the task took more than one step");
+  CHECK(steps > 1, "the task took more than one step (corral_step never blocks)");
   lua_pop(L, 1);
   CHECK(corral_backend_fd(rt) >= 0, "corral_backend_fd");
   CHECK(corral_dostring(rt, "this is not lua") == CORRAL_ELUA, "a syntax error is CORRAL_ELUA");
@@ -211,6 +246,7 @@ int main(void) {
   test_threads_settle();
   test_foreign_wait();
   test_error_from_c();
+  test_host_settles_lua_future();
   test_step();
   test_close_with_watches();
   printf("1..%d\n", count);
