@@ -258,31 +258,36 @@ static const msgpack_object *map_get(const msgpack_object *m, const char *key) {
   size_t kl = strlen(key);
   for (uint32_t i = 0; i < m->via.map.size; i++) {
     const msgpack_object *k = &m->via.map.ptr[i].key;
-    if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
+    if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl &&
+        memcmp(k->via.str.ptr, key, kl) == 0)
       return &m->via.map.ptr[i].val;
   }
   return NULL;
 }
 
+static void say(const char *s, size_t n) {
+  ssize_t rc = write(2, s, n);
+  (void)rc;
+}
+
 static void put_field(const msgpack_object *o, const char *after) {
   if (o == NULL || o->type != MSGPACK_OBJECT_STR) return;
-  ssize_t rc = write(2, o->via.str.ptr, o->via.str.size);
-  rc = write(2, after, strlen(after));
-  (void)rc;
+  say(o->via.str.ptr, o->via.str.size);
+  say(after, strlen(after));
 }
 
 /* At close, with no Lua left to see it: a failed future that no Lua side
  * ever saw is reported from its payload (kind, message, traceback). */
 static void report_unseen(void *ud, corral_future *f) {
   (void)ud;
-  if (corral_future_state(f) != CORRAL_FAILED || (atomic_load(&f->flags) & (FUTURE_DEP | FUTURE_SEEN)))
+  if (corral_future_state(f) != CORRAL_FAILED ||
+      (atomic_load(&f->flags) & (FUTURE_DEP | FUTURE_SEEN)))
     return;
   msgpack_unpacked u;
   msgpack_unpacked_init(&u);
   size_t off = 0;
   const char *head = "corral: unretrieved error in a call: ";
-  ssize_t rc = write(2, head, strlen(head));
-  (void)rc;
+  say(head, strlen(head));
   if (f->payload != NULL &&
       msgpack_unpack_next(&u, f->payload, f->len, &off) == MSGPACK_UNPACK_SUCCESS) {
     const msgpack_object *e = &u.data;
@@ -295,7 +300,7 @@ static void report_unseen(void *ud, corral_future *f) {
       put_field(map_get(e, "traceback"), "\n");
     }
   } else {
-    rc = write(2, "(unreadable)\n", 13);
+    say("(unreadable)\n", 13);
   }
   msgpack_unpacked_destroy(&u);
 }

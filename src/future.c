@@ -28,7 +28,7 @@ static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cond;
 static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
 static atomic_int wait_count;
-static int sleepers; /* threads inside pthread_cond_wait (under wait_lock) */
+static int sleepers;             /* threads inside pthread_cond_wait (under wait_lock) */
 static atomic_long host_pending; /* pending futures that host C code may settle */
 
 static void wait_init(void) {
@@ -123,12 +123,11 @@ int future_suspend(corral_future *f) {
 int future_resume(corral_future *f) {
   uv_mutex_lock(&f->lock);
   f->suspended = 0;
-  int rc = atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_RUNNING ? 0
-                                                                                    : CORRAL_ESTATE;
+  int rc =
+      atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_RUNNING ? 0 : CORRAL_ESTATE;
   uv_mutex_unlock(&f->lock);
   return rc;
 }
-
 
 /* Settle f unless it is already final (or, with `cancel`, unless the cancel
  * rule at the top of this file allows it). */

@@ -86,13 +86,13 @@ struct corral_context {
   uv_async_t async;
   uv_timer_t timer;
   uv_mutex_t qlock;
-  queue watching;  /* watches registered, future pending (under qlock) */
-  queue completed; /* watches whose future settled, to drain (under qlock) */
-  queue reporters; /* unretrieved errors, loop thread only */
-  int closed;      /* the loop is closed: no more wake-ups (under qlock) */
-  int idle;        /* a worker parked with nothing to do (under qlock; see context.c) */
+  queue watching;            /* watches registered, future pending (under qlock) */
+  queue completed;           /* watches whose future settled, to drain (under qlock) */
+  queue reporters;           /* unretrieved errors, loop thread only */
+  int closed;                /* the loop is closed: no more wake-ups (under qlock) */
+  int idle;                  /* a worker parked with nothing to do (under qlock; see context.c) */
   corral_deferred *deferred; /* loop thread only */
-  void *zone;      /* a msgpack_zone the decoder reuses (loop thread only) */
+  void *zone;                /* a msgpack_zone the decoder reuses (loop thread only) */
   int zone_busy;
   atomic_int signal;   /* work was posted since the last drain */
   atomic_int spinning; /* the loop spins before parking: no need to wake it */
@@ -154,10 +154,10 @@ struct corral_reporter {
 struct corral_runtime {
   corral_context home;
   int owns_L;
-  atomic_int nbusy;  /* worker contexts not parked idle (see context.c) */
+  atomic_int nbusy;     /* worker contexts not parked idle (see context.c) */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;
-  int exit_fast;     /* closing after an error or a signal: cancel, do not drain */
+  int exit_fast;    /* closing after an error or a signal: cancel, do not drain */
   uv_mutex_t wlock; /* guards workers */
   queue workers;    /* every worker instance started, until joined */
 };
@@ -229,7 +229,7 @@ struct corral_worker {
   atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
   char *crash;         /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
-  char current[64]; /* the method running now ("" when none), under ctx.qlock */
+  char current[64];       /* the method running now ("" when none), under ctx.qlock */
   atomic_int active;      /* calls queued or running */
   corral_future *stopped; /* settled as the thread ends */
   queue rt_node;          /* in rt->workers, under rt->wlock */

@@ -268,10 +268,10 @@ static int l_print(lua_State *L) {
     lua_pushvalue(L, i);
     lua_call(L, 1, 1);
     if (!lua_isstring(L, -1)) return luaL_error(L, "'tostring' must return a string to 'print'");
-    if (i > 1) luaL_addchar(&b, '\t');
+    if (i > 1) luaL_addlstring(&b, "\t", 1);
     luaL_addvalue(&b);
   }
-  luaL_addchar(&b, '\n');
+  luaL_addlstring(&b, "\n", 1);
   luaL_pushresult(&b);
   size_t len;
   const char *line = lua_tolstring(L, -1, &len);
@@ -630,7 +630,7 @@ static int l_wname(lua_State *L) {
 static int l_pool_set(lua_State *L) {
   corral_runtime *rt = rt_of(L);
   int n = lua_gettop(L);
-  corral_worker **pool = malloc(sizeof *pool * (size_t)(n > 0 ? n : 1));
+  corral_worker **pool = calloc((size_t)(n > 0 ? n : 1), sizeof(void *));
   if (pool == NULL) return luaL_error(L, "corral: out of memory");
   for (int i = 0; i < n; i++)
     pool[i] = lua_touserdata(L, i + 1);
@@ -1127,8 +1127,8 @@ void lcore_worker_main(corral_worker *w) {
   lua_State *L = luaL_newstate();
   if (L == NULL) {
     size_t len;
-    char *payload = future_error_payload(
-        "WorkerCrashed", "the worker died: no memory for its Lua state", &len);
+    char *payload =
+        future_error_payload("WorkerCrashed", "the worker died: no memory for its Lua state", &len);
     if (payload != NULL) worker_crash(w, payload, len);
     return;
   }

@@ -22,8 +22,8 @@
 /* ======================================================================== */
 
 static atomic_int stop_count;
-static atomic_int stop_pending;              /* the signal number, until taken */
-static _Atomic(uv_async_t *) stop_async;     /* read by the handler, on any thread */
+static atomic_int stop_pending;          /* the signal number, until taken */
+static _Atomic(uv_async_t *) stop_async; /* read by the handler, on any thread */
 
 static void on_stop_signal(int sig) {
   if (atomic_fetch_add(&stop_count, 1) >= 1) _exit(128 + sig);
@@ -113,7 +113,7 @@ void *signal_enter_worker(corral_worker *w) {
   /* a stack of its own for the handler, so that a C stack overflow is told */
   stack_t ss;
   memset(&ss, 0, sizeof ss);
-  ss.ss_size = 64 * 1024;
+  ss.ss_size = (size_t)64 * 1024;
   ss.ss_sp = malloc(ss.ss_size);
   if (ss.ss_sp != NULL && sigaltstack(&ss, NULL) != 0) {
     free(ss.ss_sp);

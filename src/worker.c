@@ -343,7 +343,9 @@ void worker_reap(corral_runtime *rt) {
 static corral_worker *first_worker(corral_runtime *rt, queue *after) {
   corral_worker *w = NULL;
   uv_mutex_lock(&rt->wlock);
-  queue *q = after != NULL ? after->next : queue_head(&rt->workers);
+  /* `after` is a worker left running: never freed (the analyzer cannot tell) */
+  queue *q = after != NULL ? after->next /* NOLINT(clang-analyzer-unix.Malloc) */
+                           : queue_head(&rt->workers);
   if (q != &rt->workers) {
     w = queue_data(q, corral_worker, rt_node);
     worker_retain(w);
@@ -402,7 +404,7 @@ int worker_close_all(corral_runtime *rt, int fast) {
             "interrupted); leaving it behind\n",
             w->name, method[0] ? " method " : "", method);
     left++;
-    after = &w->rt_node; /* it stays in the list: it is never joined */
+    after = &w->rt_node; /* it stays in the list: it is never joined, nor freed */
     worker_release(w);
   }
   return left;

@@ -15,7 +15,7 @@ local M = {}
 local now, poll, drain, quiescent = core.now, core.poll, core.drain, core.quiescent
 local co_running, co_yield, co_resume = coroutine.running, coroutine.yield, coroutine.resume
 local ceil, max, min = math.ceil, math.max, math.min
-local type, xpcall, tostring = type, xpcall, tostring
+local type, xpcall = type, xpcall
 local traceback = debug.traceback
 local S, CO = F.S, F.CO
 

@@ -142,7 +142,8 @@ static void test_foreign_wait(void) {
   CHECK(future_sleepers() == 1, "the foreign thread blocks in corral_future_wait");
   run_lua(L, "f:set_result(42)");
   pthread_join(th, NULL);
-  CHECK(w.rc == 0 && w.state == CORRAL_DONE, "a blocked foreign thread's wait returns when Lua settles");
+  CHECK(w.rc == 0 && w.state == CORRAL_DONE,
+        "a blocked foreign thread's wait returns when Lua settles");
   CHECK(corral_future_set_result(f, NULL, 0) == CORRAL_ESTATE, "settling twice is CORRAL_ESTATE");
   corral_future *g = corral_future_new(rt);
   CHECK(corral_future_wait(g, 0.01) == CORRAL_ETIMEDOUT, "a wait times out");
