@@ -264,6 +264,8 @@ void worker_current(corral_worker *w, char *out, size_t size);
  * Returns how many are still running (their threads are left behind). */
 int worker_close_all(corral_runtime *rt, int fast);
 void worker_join(corral_worker *w);
+/* Tests: the next `threads` thread starts fail. */
+void worker_inject(int threads);
 /* Join the workers that stopped after their last handle went. */
 void worker_reap(corral_runtime *rt);
 

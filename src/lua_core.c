@@ -886,6 +886,8 @@ static int l_is_worker(lua_State *L) {
 /* Module                                                                    */
 /* ======================================================================== */
 
+static int l_inject_fault(lua_State *L);
+
 static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"fstart", l_fstart},
                                       {"fsettle", l_fsettle},
@@ -903,6 +905,7 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"exit_fast", l_exit_fast},
                                       {"quiescent", l_quiescent},
                                       {"reap", l_reap},
+                                      {"inject_fault", l_inject_fault},
                                       {"print", l_print},
                                       {"isatty", l_isatty},
                                       {"exit", l_exit},
@@ -1123,8 +1126,26 @@ static void boot_failed(lua_State *L, corral_worker *w) {
   if (payload != NULL) worker_crash(w, payload, len);
 }
 
+/* Tests: how many of the next worker Lua states cannot be made. */
+static atomic_int inject_state;
+
+/* inject_fault(what, n): the next n thread starts ("thread") or worker Lua
+ * states ("state") fail, as when memory or threads run out. For tests. */
+static int l_inject_fault(lua_State *L) {
+  const char *what = luaL_checkstring(L, 1);
+  int n = (int)luaL_checkinteger(L, 2);
+  if (strcmp(what, "thread") == 0)
+    worker_inject(n);
+  else if (strcmp(what, "state") == 0)
+    atomic_store(&inject_state, n);
+  else
+    return luaL_argerror(L, 1, "\"thread\" or \"state\"");
+  return 0;
+}
+
 void lcore_worker_main(corral_worker *w) {
-  lua_State *L = luaL_newstate();
+  int fail = atomic_load(&inject_state) > 0 && atomic_fetch_sub(&inject_state, 1) > 0;
+  lua_State *L = fail ? NULL : luaL_newstate();
   if (L == NULL) {
     size_t len;
     char *payload =

@@ -102,6 +102,16 @@ static void worker_thread(void *arg) {
   if (atomic_fetch_sub(&rt->nbusy, 1) == 1) ctx_wake_home(rt);
 }
 
+/* Faults to inject, for tests: how many of the next thread starts fail. */
+static atomic_int inject_thread;
+
+void worker_inject(int threads) { atomic_store(&inject_thread, threads); }
+
+static int thread_create(uv_thread_t *t, void (*fn)(void *), void *arg) {
+  if (atomic_load(&inject_thread) > 0 && atomic_fetch_sub(&inject_thread, 1) > 0) return UV_EAGAIN;
+  return uv_thread_create(t, fn, arg);
+}
+
 corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
                             int cap, int *err) {
   *err = CORRAL_ENOMEM;
@@ -131,7 +141,7 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   uv_mutex_lock(&rt->wlock);
   queue_insert_tail(&rt->workers, &w->rt_node);
   uv_mutex_unlock(&rt->wlock);
-  if ((rc = uv_thread_create(&w->thread, worker_thread, w)) != 0) {
+  if ((rc = thread_create(&w->thread, worker_thread, w)) != 0) {
     uv_mutex_lock(&rt->wlock);
     queue_remove(&w->rt_node);
     w->joined = 1;

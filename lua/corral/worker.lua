@@ -130,7 +130,8 @@ function CallFuture:cancel()
   if t == nil then return future.Future.cancel(self) end
   if self[S] >= DONE then return false end
   future.settle(self, future.CANCELLED, 0, false, errors.cancelled())
-  t:cancel()
+  -- a task that has not started yet sees its call cancelled and skips it
+  if t[S] == future.RUNNING then t:cancel() end
   return true
 end
 

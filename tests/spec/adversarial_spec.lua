@@ -336,6 +336,45 @@ describe("workers that die say so", function()
     w:stop()
   end)
 
+  it("a thread that cannot start raises WorkerCrashed saying why, and stops its pool", function()
+    local core = require "corral.core"
+    local W = corral.worker { x = function() return 1 end }
+    local base = #corral.stats()
+    core.inject_fault("thread", 1)
+    local ok, e = pcall(W.init, W)
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(e, "WorkerCrashed"), tostring(e))
+    assert.matches("cannot start a thread for worker .*: resource temporarily unavailable", e.message)
+    -- the second thread of a pool fails: the first is stopped, not left behind
+    local P = W:options { workers = 3 }
+    local started = corral.stats()
+    core.inject_fault("thread", 0)
+    assert.are.equal(base, #started)
+    local calls = 0
+    local real = core.worker_start
+    core.worker_start = function(...)
+      calls = calls + 1
+      if calls == 2 then core.inject_fault("thread", 1) end
+      return real(...)
+    end
+    ok, e = pcall(P.init, P)
+    core.worker_start = real
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(e, "WorkerCrashed"))
+    assert.are.equal(base, #corral.stats())
+  end)
+
+  it("a worker whose Lua state cannot be made fails its calls with WorkerCrashed", function()
+    local core = require "corral.core"
+    local W = corral.worker { x = function() return 1 end }
+    core.inject_fault("state", 1)
+    local w = W:init()
+    local e = w:x():exception(10)
+    assert.is_true(corral.is_error(e, "WorkerCrashed"), tostring(e))
+    assert.matches("no memory for its Lua state", e.message)
+    assert.is_true(w:stop { timeout = 10 })
+  end)
+
   it("a crash in C code names the worker and the method", function()
     local _, err, code = h.corral([[
       local corral = require "corral"
