@@ -18,6 +18,7 @@ static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cond;
 static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
 static atomic_int wait_count;
+static atomic_int live; /* futures alive, for leak specs */
 
 static void wait_init(void) {
   pthread_condattr_t a;
@@ -41,6 +42,7 @@ corral_future *corral_future_new(corral_runtime *rt) {
     free(f);
     return NULL;
   }
+  atomic_fetch_add_explicit(&live, 1, memory_order_relaxed);
   return f;
 }
 
@@ -50,11 +52,28 @@ void corral_future_retain(corral_future *f) {
 
 void corral_future_release(corral_future *f) {
   if (f == NULL || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
+  uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
+  if (h != 0) handle_free(h); /* lock-free: a __gc may get here */
+  atomic_fetch_sub_explicit(&live, 1, memory_order_relaxed);
   uv_mutex_destroy(&f->lock);
   if (f->payload_refs) codec_discard(f->payload, f->len);
   free(f->payload);
   free(f);
 }
+
+uint64_t future_handle(corral_future *f) {
+  uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
+  if (h != 0) return h;
+  h = handle_new(f, HANDLE_FUTURE, &f->refs);
+  uint64_t none = 0;
+  if (h != 0 && !atomic_compare_exchange_strong(&f->handle, &none, h)) {
+    handle_free(h); /* another thread issued one first */
+    h = none;
+  }
+  return h;
+}
+
+int future_live(void) { return atomic_load_explicit(&live, memory_order_relaxed); }
 
 corral_state corral_future_state(corral_future *f) {
   return (corral_state)atomic_load_explicit(&f->state, memory_order_acquire);
@@ -77,7 +96,7 @@ int future_start(corral_future *f) {
 
 /* Settle f unless it is already final (or, with need_pending, started). */
 static int settle(corral_future *f, int state, char *payload, size_t len, int refs,
-                  int need_pending) {
+                  int need_pending, int foreign) {
   uv_mutex_lock(&f->lock);
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
   if (s >= CORRAL_DONE || (need_pending && s != CORRAL_PENDING)) {
@@ -89,6 +108,7 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   f->payload = payload;
   f->len = len;
   f->payload_refs = refs;
+  f->payload_foreign = foreign;
   corral_watch *w = f->watches;
   f->watches = NULL;
   atomic_store_explicit(&f->state, state, memory_order_seq_cst);
@@ -109,11 +129,11 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
 }
 
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
-  return settle(f, (int)state, payload, len, 0, 0);
+  return settle(f, (int)state, payload, len, 0, 0, 0);
 }
 
 int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs) {
-  return settle(f, (int)state, payload, len, refs, 0);
+  return settle(f, (int)state, payload, len, refs, 0, 0);
 }
 
 int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
@@ -124,7 +144,8 @@ int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
     if (copy == NULL) return CORRAL_ENOMEM;
     memcpy(copy, mp, len);
   }
-  return future_settle(f, CORRAL_DONE, copy, len);
+  /* the host's own MessagePack: decoded as foreign bytes */
+  return settle(f, CORRAL_DONE, copy, len, 0, 0, 1);
 }
 
 /* An error travels as a MessagePack map {kind=..., message=...}. */
@@ -161,7 +182,11 @@ int corral_future_set_error(corral_future *f, const char *kind, const char *mess
 
 int corral_future_cancel(corral_future *f) {
   if (f == NULL) return CORRAL_EINVAL;
-  return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1);
+  return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1, 0);
+}
+
+int future_trust(corral_future *f) {
+  return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED;
 }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {

@@ -210,16 +210,19 @@ function Future:_sync()
   if s == DONE then
     n = -1 -- still encoded: decoded where someone asks (see values)
   elseif s == FAILED then
-    e = errors.adopt(core.fvalues(self._c)[1])
+    local v, why = core.fvalues(self._c)
+    e = v and errors.adopt(v[1]) or errors.new("CodecError", why, nil, false)
   else
     e = errors.cancelled()
   end
   settle(self, s, n, v, e, type(e) == "table" and rawget(e, "traceback") or nil, true)
 end
 
--- Decode the results of a future settled elsewhere, on first use.
+-- Decode the results of a future settled elsewhere, on first use; raises a
+-- CodecError when they cannot be decoded here.
 local function values(f)
-  local v = core.fvalues(f._c)
+  local v, why = core.fvalues(f._c)
+  if not v then error(errors.new("CodecError", why, nil, 3), 3) end
   local n = v.n
   f[N] = n
   if n == 1 then f[V] = v[1] elseif n == 0 then f[V] = false else f[V] = v end

@@ -328,18 +328,20 @@ function Handle:stop(opts)
 end
 
 -- What the codec sends for a thread worker handle: its options and its
--- instances (nothing for async and sync workers, which cannot travel).
+-- instances (their corral.worker userdata, which the codec sends as handles);
+-- nothing for async and sync workers, which cannot travel.
 function Handle:_export()
   if self._mode ~= "thread" then return nil end
-  local ptrs = {}
-  for i, inst in ipairs(self._insts) do ptrs[i] = core.worker_ptr(inst.ud) end
-  return { name = self._name, balance = self._balance, blocking = self._blocking }, ptrs
+  local uds = {}
+  for i, inst in ipairs(self._insts) do uds[i] = inst.ud end
+  return { name = self._name, balance = self._balance, blocking = self._blocking }, uds
 end
 
---- Rebuild a thread worker handle sent from another context.
+--- Rebuild a thread worker handle sent from another context: the options
+-- and the instances' userdata, made by the codec from their handles.
 function M.import(opts, ...)
   local insts = {}
-  for i = 1, select("#", ...) do insts[i] = { ud = core.worker_ref((select(i, ...))) } end
+  for i = 1, select("#", ...) do insts[i] = { ud = (select(i, ...)) } end
   return setmetatable({ _name = opts.name, _mode = "thread", _balance = opts.balance or "round_robin",
     _blocking = opts.blocking or false, _insts = insts, _rr = 0 }, Handle)
 end

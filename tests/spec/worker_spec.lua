@@ -485,12 +485,13 @@ describe("a pool under load", function()
 end)
 
 describe("a value the worker cannot rebuild", function()
-  it("fails that call, not the worker", function()
+  it("fails that call with a CodecError, not the worker", function()
     package.loaded["corral_test.only_here"] = { answer = 42 }
     local mod = require "corral_test.only_here"
     local f = corral.submit(function() return mod.answer end)
     local e = f:exception()
-    assert.is_true(corral.is_error(e, "WorkerError"))
+    assert.is_true(corral.is_error(e, "CodecError"))
+    assert.matches("args%[1%]<upvalue mod>: module 'corral_test.only_here' cannot be loaded", e.message)
     assert.matches("corral_test.only_here", tostring(e))
     assert.are.equal(5, corral.submit(function(x) return x end, 5):result())
     package.loaded["corral_test.only_here"] = nil
