@@ -1216,10 +1216,11 @@ static void dec_ref(decoder *d) {
   lua_rawseti(L, d->refs, ++d->nrefs);
 }
 
-/* package.loaded[name] pushed, required first when trusted; 0, or -1 (failed). */
-static int push_module(decoder *d, const char *name, size_t len) {
+/* package.loaded[name] pushed, required first when trusted; 0, or -1 (failed).
+ * `ext` names the extension in errors. */
+static int push_module(decoder *d, const char *name, size_t len, const char *ext) {
   lua_State *L = d->L;
-  if (len == 0 || memchr(name, '\0', len) != NULL) return dec_fail(d, "a module name that is not one");
+  if (len == 0 || memchr(name, '\0', len) != NULL) return dec_fail(d, "%s: a module name that is not one", ext);
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   if (lua_istable(L, -1)) {
     lua_pushlstring(L, name, len);
@@ -1229,8 +1230,8 @@ static int push_module(decoder *d, const char *name, size_t len) {
   if (!lua_isnil(L, -1) && !lua_isboolean(L, -1)) return 0;
   lua_pop(L, 1);
   if (d->trust != CODEC_TRUSTED)
-    return dec_fail(d, "module '%.*s' is not loaded (bytes from outside cannot load modules)",
-                    (int)(len > 60 ? 60 : len), name);
+    return dec_fail(d, "%s: module '%.*s' is not loaded (bytes from outside cannot load modules)",
+                    ext, (int)(len > 60 ? 60 : len), name);
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   lua_pushliteral(L, "_G");
   lua_rawget(L, -2);
@@ -1241,8 +1242,8 @@ static int push_module(decoder *d, const char *name, size_t len) {
   lua_pushlstring(L, name, len);
   if (lua_pcall(L, 1, 1, 0) != 0) {
     const char *msg = lua_tostring(L, -1);
-    dec_fail(d, "module '%.*s' cannot be loaded here: %s", (int)(len > 60 ? 60 : len), name,
-             msg ? msg : "(error)");
+    dec_fail(d, "%s: module '%.*s' cannot be loaded here: %s", ext, (int)(len > 60 ? 60 : len),
+             name, msg ? msg : "(error)");
     lua_pop(L, 1);
     return -1;
   }
@@ -1313,13 +1314,13 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     corral_future_release(f);
     return 0;
   }
-  case EXT_MODULE: return push_module(d, p, n);
+  case EXT_MODULE: return push_module(d, p, n, "extension 4 (MODULE)");
   case EXT_CFUNC: {
     const char *dot = NULL;
     for (uint32_t i = 0; i < n; i++)
       if (p[i] == '.') dot = p + i;
     if (dot == NULL || dot == p + n - 1) return dec_fail(d, "extension 5 (CFUNC) without a module and a name");
-    if (push_module(d, p, (size_t)(dot - p)) != 0) return -1;
+    if (push_module(d, p, (size_t)(dot - p), "extension 5 (CFUNC)") != 0) return -1;
     if (!lua_istable(L, -1)) return dec_fail(d, "extension 5 (CFUNC): module '%.*s' is not a table", (int)(dot - p), p);
     lua_pushlstring(L, dot + 1, n - (size_t)(dot - p) - 1);
     lua_rawget(L, -2);
