@@ -508,7 +508,8 @@ static corral_future *future_of(encoder *e, int idx) {
 static int enc_future(encoder *e, int idx) {
   lua_State *L = e->L;
   corral_future *f = future_of(e, idx);
-  if (f == NULL) return enc_fail(e, "a table with a __future metatable that is not a corral future");
+  if (f == NULL)
+    return enc_fail(e, "a table with a __future metatable that is not a corral future");
   codec_opts *o = e->o;
   if (o->unwrap) {
     /* an input of a call: its failure is reported through that call */
@@ -1220,7 +1221,8 @@ static void dec_ref(decoder *d) {
  * `ext` names the extension in errors. */
 static int push_module(decoder *d, const char *name, size_t len, const char *ext) {
   lua_State *L = d->L;
-  if (len == 0 || memchr(name, '\0', len) != NULL) return dec_fail(d, "%s: a module name that is not one", ext);
+  if (len == 0 || memchr(name, '\0', len) != NULL)
+    return dec_fail(d, "%s: a module name that is not one", ext);
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   if (lua_istable(L, -1)) {
     lua_pushlstring(L, name, len);
@@ -1267,7 +1269,8 @@ static int dec_timestamp(decoder *d, const char *p, uint32_t n) {
   } else {
     return dec_fail(d, "a timestamp of %u bytes (4, 8 or 12)", n);
   }
-  if (nsec > 999999999) return dec_fail(d, "a timestamp with %llu nanoseconds", (unsigned long long)nsec);
+  if (nsec > 999999999)
+    return dec_fail(d, "a timestamp with %llu nanoseconds", (unsigned long long)nsec);
   lua_createtable(L, 0, 2);
   lua_pushnumber(L, sec);
   lua_setfield(L, -2, "sec");
@@ -1282,7 +1285,7 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
   const char *p = o->via.ext.ptr;
   uint32_t n = o->via.ext.size;
-  int type = o->via.ext.type;
+  const int8_t type = o->via.ext.type;
   int trusted = d->trust == CODEC_TRUSTED;
   switch (type) {
   case EXT_TIMESTAMP: return dec_timestamp(d, p, n);
@@ -1290,12 +1293,14 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     if (n != 4) return dec_fail(d, "extension 1 (REF) with a %u-byte body", n);
     uint64_t id = get_be(p, 4);
     if (id >= (uint64_t)d->nrefs)
-      return dec_fail(d, "extension 1 (REF) to table %llu, of %d seen", (unsigned long long)id, d->nrefs);
+      return dec_fail(d, "extension 1 (REF) to table %llu, of %d seen", (unsigned long long)id,
+                      d->nrefs);
     lua_rawgeti(L, d->refs, (int)id + 1);
     return 0;
   }
   case EXT_DEP: {
-    if (!trusted) return dec_fail(d, "extension 2 (DEP): a dependency cannot come from outside the process");
+    if (!trusted)
+      return dec_fail(d, "extension 2 (DEP): a dependency cannot come from outside the process");
     if (n != 4) return dec_fail(d, "extension 2 (DEP) with a %u-byte body", n);
     uint64_t i = get_be(p, 4);
     if (d->deps == NULL || i >= (uint64_t)d->deps->n)
@@ -1304,11 +1309,12 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     return dec_first_of(d, d->deps->f[i]);
   }
   case EXT_FUTURE: {
-    if (!trusted) return dec_fail(d, "extension 3 (FUTURE): a future cannot come from outside the process");
+    if (!trusted)
+      return dec_fail(d, "extension 3 (FUTURE): a future cannot come from outside the process");
     if (n != 8) return dec_fail(d, "extension 3 (FUTURE) with a %u-byte body", n);
     corral_future *f = handle_get(get_be(p, 8), HANDLE_FUTURE);
     if (f == NULL) return dec_fail(d, "extension 3 (FUTURE): a stale or forged future handle");
-    d->box->held_f = f; /* released by the box if pushing it raises */
+    d->box->held_f = f;       /* released by the box if pushing it raises */
     corral_push_future(L, f); /* takes a reference of its own */
     d->box->held_f = NULL;
     corral_future_release(f);
@@ -1319,21 +1325,25 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     const char *dot = NULL;
     for (uint32_t i = 0; i < n; i++)
       if (p[i] == '.') dot = p + i;
-    if (dot == NULL || dot == p + n - 1) return dec_fail(d, "extension 5 (CFUNC) without a module and a name");
+    if (dot == NULL || dot == p + n - 1)
+      return dec_fail(d, "extension 5 (CFUNC) without a module and a name");
     if (push_module(d, p, (size_t)(dot - p), "extension 5 (CFUNC)") != 0) return -1;
-    if (!lua_istable(L, -1)) return dec_fail(d, "extension 5 (CFUNC): module '%.*s' is not a table", (int)(dot - p), p);
+    if (!lua_istable(L, -1))
+      return dec_fail(d, "extension 5 (CFUNC): module '%.*s' is not a table", (int)(dot - p), p);
     lua_pushlstring(L, dot + 1, n - (size_t)(dot - p) - 1);
     lua_rawget(L, -2);
     lua_remove(L, -2);
     if (!lua_iscfunction(L, -1))
-      return dec_fail(d, "extension 5 (CFUNC): '%.*s' is not a C function here", (int)(n > 80 ? 80 : n), p);
+      return dec_fail(d, "extension 5 (CFUNC): '%.*s' is not a C function here",
+                      (int)(n > 80 ? 80 : n), p);
     return 0;
   }
   case EXT_FUNC:
   case EXT_WORKER:
   case EXT_INST:
     if (!trusted)
-      return dec_fail(d, "extension %d (%s) cannot come from outside the process", type, ext_name(type));
+      return dec_fail(d, "extension %d (%s) cannot come from outside the process", type,
+                      ext_name(type));
     return dec_fail(d, "extension %d (%s) out of its place", type, ext_name(type));
   default: return dec_fail(d, "extension type %d is not one corral reads", type);
   }
@@ -1468,7 +1478,7 @@ static int dec_worker(decoder *d, const msgpack_object *o) {
     corral_worker *w = handle_get(get_be(a[i].via.ext.ptr, 8), HANDLE_WORKER);
     if (w == NULL) return dec_fail(d, "a stale or forged worker handle");
     d->box->held_w = w; /* released by the box if the userdata cannot be made */
-    corral_worker **u = lua_newuserdata(L, sizeof *u);
+    corral_worker **u = lua_newuserdata(L, sizeof(corral_worker *));
     *u = w; /* the userdata's reference now */
     d->box->held_w = NULL;
     luaL_getmetatable(L, WORKER_MT);
@@ -1609,7 +1619,8 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
   if (why == NULL) {
     n = root.type == MSGPACK_OBJECT_ARRAY ? (int)root.via.array.size : 1;
     if (root.type == MSGPACK_OBJECT_ARRAY && !lua_checkstack(L, n + 16)) {
-      snprintf(err, sizeof err, "%d values are too many to receive at once (the Lua stack is full)", n);
+      snprintf(err, sizeof err, "%d values are too many to receive at once (the Lua stack is full)",
+               n);
       why = err;
     }
   }

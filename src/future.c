@@ -185,9 +185,7 @@ int corral_future_cancel(corral_future *f) {
   return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1, 0);
 }
 
-int future_trust(corral_future *f) {
-  return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED;
-}
+int future_trust(corral_future *f) { return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED; }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
   if (f == NULL || mp == NULL || len == NULL) return CORRAL_EINVAL;

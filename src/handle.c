@@ -26,10 +26,10 @@
 
 typedef struct {
   _Atomic(void *) obj;
-  atomic_int *refs;  /* the object's reference count */
-  atomic_uint gen;   /* bumped when the slot is freed */
-  atomic_int pins;   /* lookups in progress */
-  atomic_int kind;   /* HANDLE_*, 0 when free */
+  atomic_int *refs; /* the object's reference count */
+  atomic_uint gen;  /* bumped when the slot is freed */
+  atomic_int pins;  /* lookups in progress */
+  atomic_int kind;  /* HANDLE_*, 0 when free */
 } slot;
 
 static slot *chunks[MAX_CHUNKS];

@@ -79,10 +79,10 @@ struct corral_context {
   uv_async_t async;
   uv_timer_t timer;
   uv_mutex_t qlock;
-  queue watching;  /* watches registered, future pending (under qlock) */
-  queue completed; /* watches whose future settled, to drain (under qlock) */
-  queue reporters; /* unretrieved errors, loop thread only */
-  int closed;      /* the loop is closed: no more wake-ups (under qlock) */
+  queue watching;      /* watches registered, future pending (under qlock) */
+  queue completed;     /* watches whose future settled, to drain (under qlock) */
+  queue reporters;     /* unretrieved errors, loop thread only */
+  int closed;          /* the loop is closed: no more wake-ups (under qlock) */
   atomic_int signal;   /* work was posted since the last drain */
   atomic_int spinning; /* the loop spins before parking: no need to wake it */
   /* statistics, read from any thread */
@@ -130,11 +130,11 @@ void rt_destroy(corral_runtime *rt);
 /* ---- codec.c ----------------------------------------------------------- */
 
 typedef struct {
-  const char *what;     /* names the values in errors: "args" (default), "result" */
-  int offset;           /* values before the named ones: the first is what[1 - offset] */
+  const char *what;        /* names the values in errors: "args" (default), "result" */
+  int offset;              /* values before the named ones: the first is what[1 - offset] */
   const char *const *lead; /* with offset: the names of those values ("class", ...) */
-  int unwrap;           /* futures become dependencies (DEP) rather than references */
-  corral_future **deps; /* with unwrap: the futures found, retained (malloc'd) */
+  int unwrap;              /* futures become dependencies (DEP) rather than references */
+  corral_future **deps;    /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
   int has_refs;     /* out: the payload holds references (futures, workers) */
   size_t size_hint; /* bytes to allocate up front */
@@ -153,7 +153,12 @@ typedef struct {
  * loaded modules and timestamps only. */
 enum { CODEC_TRUSTED = 0, CODEC_FOREIGN = 1 };
 /* Or'ed into codec_decode's trust: how errors name the values. */
-enum { CODEC_AS_VALUES = 0, CODEC_AS_ARGS = 1 << 4, CODEC_AS_RESULT = 2 << 4, CODEC_AS_INIT = 3 << 4 };
+enum {
+  CODEC_AS_VALUES = 0,
+  CODEC_AS_ARGS = 1 << 4,
+  CODEC_AS_RESULT = 2 << 4,
+  CODEC_AS_INIT = 3 << 4
+};
 
 /* Encode the n values at L[from..] as a MessagePack array into a malloc'd
  * buffer. On failure returns NULL (o->err says why). Raises only when Lua
@@ -205,9 +210,9 @@ struct corral_worker {
   corral_future **space; /* callers waiting for room, settled on pop */
   int nspace, capspace;
   int stopping;
-  atomic_int active;      /* calls queued or running */
-  corral_future *stopped; /* settled as the thread ends */
-  queue rt_node;          /* in rt->workers, under rt->wlock */
+  atomic_int active;        /* calls queued or running */
+  corral_future *stopped;   /* settled as the thread ends */
+  queue rt_node;            /* in rt->workers, under rt->wlock */
   _Atomic(uint64_t) handle; /* its handle once it crossed contexts, or 0 */
   char name[64];
 };
@@ -235,10 +240,10 @@ void worker_join(corral_worker *w);
 /* ---- lua_core.c -------------------------------------------------------- */
 
 /* Metatables and registry keys the codec shares with the binding. */
-#define CFUTURE_MT  "corral.cfuture"
-#define WORKER_MT   "corral.worker"
-#define CREF_KEY    "corral.cref"
-#define IMPORT_KEY  "corral.import_worker"
+#define CFUTURE_MT "corral.cfuture"
+#define WORKER_MT  "corral.worker"
+#define CREF_KEY   "corral.cref"
+#define IMPORT_KEY "corral.import_worker"
 
 /* The context a lua_State runs in. */
 corral_context *ctx_of(lua_State *L);

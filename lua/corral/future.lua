@@ -210,8 +210,8 @@ function Future:_sync()
   if s == DONE then
     n = -1 -- still encoded: decoded where someone asks (see values)
   elseif s == FAILED then
-    local v, why = core.fvalues(self._c)
-    e = v and errors.adopt(v[1]) or errors.new("CodecError", why, nil, false)
+    local vals, why = core.fvalues(self._c)
+    e = vals and errors.adopt(vals[1]) or errors.new("CodecError", why, nil, false)
   else
     e = errors.cancelled()
   end

@@ -213,8 +213,7 @@ static void test_host_results(lua_State *L, corral_runtime *rt) {
   corral_future_set_result(h, "\x91\x01\x02", 3);
   corral_future_release(h);
   CHECK(run_lua(L, "local ok, e = pcall(hosth.result, hosth)\n"
-                   "assert(not ok and e.kind == 'CodecError' and e.message:find('trailing'))") ==
-            0,
+                   "assert(not ok and e.kind == 'CodecError' and e.message:find('trailing'))") == 0,
         "a host's result with trailing bytes raises CodecError");
 }
 

@@ -227,11 +227,11 @@ end)
 
 describe("functions with an environment", function()
   it("carry it: a plain table by value, an overlay of the globals falling back to the receiver's", function()
-    local sandboxed = setfenv(function() return answer, print end, { answer = 42 })
+    local sandboxed = setfenv(function() return answer, print end, { answer = 42 }) -- luacheck: ignore
     local a, p = corral.submit(sandboxed):result()
     assert.are.equal(42, a)
     assert.is_nil(p)
-    local overlay = setfenv(function() return extra + math.floor(1.5) end,
+    local overlay = setfenv(function() return extra + math.floor(1.5) end, -- luacheck: ignore
       setmetatable({ extra = 2 }, { __index = _G }))
     assert.are.equal(3, corral.submit(overlay):result())
   end)
@@ -243,7 +243,7 @@ describe("error paths", function()
     local ok, e = pcall(W.init, W, coroutine.create(print))
     assert.is_false(ok)
     assert.matches("^init%[1%]: thread", e.message)
-    ok, e = pcall(W.init, W, 1, { c = coroutine.create(print) })
+    e = select(2, pcall(W.init, W, 1, { c = coroutine.create(print) }))
     assert.matches("^init%[2%]%.c: thread", e.message)
   end)
 end)

@@ -491,7 +491,8 @@ describe("a value the worker cannot rebuild", function()
     local f = corral.submit(function() return mod.answer end)
     local e = f:exception()
     assert.is_true(corral.is_error(e, "CodecError"))
-    assert.matches("args%[1%]<upvalue mod>: extension 4 %(MODULE%): module 'corral_test.only_here' cannot be loaded", e.message)
+    assert.matches("args%[1%]<upvalue mod>: extension 4 %(MODULE%): module 'corral_test.only_here' "
+      .. "cannot be loaded", e.message)
     assert.matches("corral_test.only_here", tostring(e))
     assert.are.equal(5, corral.submit(function(x) return x end, 5):result())
     package.loaded["corral_test.only_here"] = nil
