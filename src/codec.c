@@ -14,16 +14,24 @@
  *   MODULE (4) name      a loaded module: package.loaded[name]
  *   CFUNC (5)  path      a C function of a loaded module ("string.format",
  *                        "_G.print"): module name, a dot, the key
- *   [FUNC (6) mac64, bin bytecode, upvalues...]   a Lua function: an array
- *                        led by the mark, whose body is a SipHash-2-4 of the
- *                        bytecode under a key drawn at random by this process
+ *   [FUNC (6) mac64 env8, bin bytecode, env?, upvalues...]   a Lua function:
+ *                        an array led by the mark, whose body is a SipHash-2-4
+ *                        of the bytecode under a key drawn at random by this
+ *                        process, then how its environment travels: 0 the
+ *                        globals (none follows), 1 a table (it follows the
+ *                        bytecode), 2 a table with a metatable (it follows,
+ *                        and falls back to the receiver's globals)
  *   [WORKER (7), opts, INST (8) u64 h...]  a thread worker handle
  *   timestamp (-1)       MessagePack's own (4, 8 or 12 bytes), read only:
  *                        it decodes to {sec = s, nsec = ns}
  * Metatables do not travel. Tables nest at most CODEC_MAX_DEPTH deep; with
  * the wrapping array, functions and worker handles a payload nests at most
  * CODEC_MAX_DEPTH + 2 deep, and the decoder (msgpack-c's unpacker template,
- * instantiated here with a stack that deep) takes exactly that.
+ * instantiated here with a stack that deep) takes exactly that. The template
+ * builds msgpack objects in a zone, then they become Lua values: the FUNC
+ * and WORKER arrays need to be seen whole (a function's cache key is its
+ * bytecode and upvalue bytes), which a push parser with no end-of-container
+ * callback does not give while it runs.
  *
  * Handles. Futures and worker instances cross as handles (handle.c): numbers
  * the runtime issued, with a generation, that the decoder resolves and checks
@@ -38,7 +46,9 @@
  * verify bytecode). Foreign bytes (core.decode, results a C host settled) are
  * plain MessagePack: no functions, futures, workers or dependencies; modules
  * and C functions only when already loaded; timestamps; REF ids checked like
- * any other. Any other extension is an error naming its type.
+ * any other: a host's own extension of types 1-8 is read as corral's only
+ * when it is valid as one, and then it can only name a table already decoded
+ * or a module already loaded. Any other extension is an error naming its type.
  *
  * Failures are errors, never values: the decoder returns -1 with a message
  * naming where (`result[1].a[3]: ...`). Neither side raises except when Lua
