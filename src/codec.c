@@ -85,12 +85,23 @@ enum {
 enum { ENV_GLOBALS = 0, ENV_TABLE = 1, ENV_OVERLAY = 2 };
 
 #define CODEC_MAX_DEPTH 100
-#define SEEN_KEY        "corral.codec.seen"
-#define CFUNCS_KEY      "corral.codec.cfuncs"
-#define FCACHE_KEY      "corral.codec.fcache"
-#define DBOX_KEY        "corral.codec.dbox"
-#define EBOX_MT         "corral.codec.ebox"
-#define DBOX_MT         "corral.codec.dbox"
+/* Registry keys: addresses (a raw get with a light userdata key hashes no
+ * string). */
+static char SEEN_KEY, CFUNCS_KEY, FCACHE_KEY, DBOX_KEY;
+#define EBOX_MT "corral.codec.ebox"
+#define DBOX_MT "corral.codec.dbox"
+
+/* registry[key] pushed; registry[key] = the value on top, popped */
+static void reg_get(lua_State *L, void *key) {
+  lua_pushlightuserdata(L, key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+static void reg_set(lua_State *L, void *key) {
+  lua_pushlightuserdata(L, key);
+  lua_insert(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
 
 /* ======================================================================== */
 /* C memory: counted, and failing on demand in tests                         */
@@ -466,13 +477,13 @@ static int enc_seen(encoder *e, int idx) {
     /* The first of this encode: take the map out of the registry, so that
      * an encode nested in this one (settling a future's C half) or one cut
      * short by an error never sees this one's tables. */
-    lua_getfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+    reg_get(L, &SEEN_KEY);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
       lua_newtable(L);
     } else {
       lua_pushnil(L);
-      lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+      reg_set(L, &SEEN_KEY);
     }
     lua_replace(L, e->seen);
   }
@@ -684,7 +695,7 @@ static void cfunc_map(lua_State *L, int loaded) {
     lua_pop(L, 1);
   }
   lua_pushvalue(L, map);
-  lua_setfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+  reg_set(L, &CFUNCS_KEY);
 }
 
 /* A C function travels as its path in a loaded module. The map is built
@@ -694,7 +705,7 @@ static int cfunc_path(encoder *e, int idx) {
   int loaded = loaded_index(e);
   if (loaded == 0) return enc_fail(e, "package.loaded is missing: a C function cannot travel");
   if (lua_isnil(L, e->cfuncs)) {
-    lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+    reg_get(L, &CFUNCS_KEY);
     lua_replace(L, e->cfuncs);
   }
   int built = 0;
@@ -890,7 +901,7 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
       lua_rawset(L, e.seen);
     }
     lua_pushvalue(L, e.seen);
-    lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+    reg_set(L, &SEEN_KEY);
   }
   lua_settop(L, top);
   /* No Lua from here on: the box, off the stack now, is not collected. */
@@ -1170,27 +1181,33 @@ typedef struct decoder {
   codec_deps *deps;
   int trust;
   int failed;
-  pathbuf *pb; /* the path to here */
-  char *err;   /* the message, when failed */
+  struct dpath *path; /* where the decoder is, made into text on failure */
+  char *err;          /* the message, when failed */
   size_t errsz;
 } decoder;
 
 static int dec_value(decoder *d, const msgpack_object *o);
 
-static int dec_fail(decoder *d, const char *fmt, ...) {
-  char why[256];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(why, sizeof why, fmt, ap);
-  va_end(ap);
-  pb_finish(d->pb, d->err, d->errsz, why);
-  d->failed = 1;
-  return -1;
+/* Where the decoder is: frames pushed and popped as it goes (no text is
+ * made unless it fails). */
+typedef struct {
+  enum { DF_ARG, DF_INDEX, DF_KEY, DF_UPVALUE } kind;
+  uint32_t i;                /* DF_ARG, DF_INDEX */
+  const msgpack_object *key; /* DF_KEY */
+  const char *name;          /* DF_ARG: what; DF_UPVALUE: the upvalue's name */
+} dframe;
+
+typedef struct dpath {
+  int n;
+  dframe f[2 * MSGPACK_EMBED_STACK_SIZE + 16];
+} dpath;
+
+static void at_dec(decoder *d, dframe f) {
+  if (d->path->n < (int)(sizeof d->path->f / sizeof d->path->f[0])) d->path->f[d->path->n] = f;
+  d->path->n++;
 }
 
-static void pb_pop(pathbuf *pb) {
-  if (pb->nseg > 0) pb->n = --pb->nseg > 0 ? pb->end[pb->nseg - 1] : 0;
-}
+static void up_dec(decoder *d) { d->path->n--; }
 
 /* A map key in the path: its text when it is one. */
 static void pb_object_key(pathbuf *pb, const msgpack_object *k) {
@@ -1200,6 +1217,30 @@ static void pb_object_key(pathbuf *pb, const msgpack_object *k) {
   case MSGPACK_OBJECT_NEGATIVE_INTEGER: pb_add(pb, "[%lld]", (long long)k->via.i64); break;
   default: pb_add(pb, "[?]"); break;
   }
+}
+
+static int dec_fail(decoder *d, const char *fmt, ...) {
+  char why[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, sizeof why, fmt, ap);
+  va_end(ap);
+  pathbuf *pb = &(pathbuf){.n = 0};
+  int n = d->path->n < (int)(sizeof d->path->f / sizeof d->path->f[0])
+              ? d->path->n
+              : (int)(sizeof d->path->f / sizeof d->path->f[0]);
+  for (int i = 0; i < n; i++) {
+    dframe *f = &d->path->f[i];
+    switch (f->kind) {
+    case DF_ARG: pb_add(pb, "%s[%u]", f->name, f->i); break;
+    case DF_INDEX: pb_add(pb, "[%u]", f->i); break;
+    case DF_KEY: pb_object_key(pb, f->key); break;
+    case DF_UPVALUE: pb_add(pb, "<upvalue %s>", f->name); break;
+    }
+  }
+  pb_finish(pb, d->err, d->errsz, why);
+  d->failed = 1;
+  return -1;
 }
 
 static const char *ext_name(int type) {
@@ -1401,7 +1442,7 @@ static int dec_function(decoder *d, const msgpack_object *o) {
       msgpack_pack_object(&pk, a[i]);
     luaL_pushresult(&b);
     key = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    reg_get(L, &FCACHE_KEY);
     if (lua_isnil(L, -1)) { /* weak values: closures no one uses go */
       lua_pop(L, 1);
       lua_newtable(L);
@@ -1410,7 +1451,7 @@ static int dec_function(decoder *d, const msgpack_object *o) {
       lua_setfield(L, -2, "__mode");
       lua_setmetatable(L, -2);
       lua_pushvalue(L, -1);
-      lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+      reg_set(L, &FCACHE_KEY);
     }
     lua_pushvalue(L, key);
     lua_rawget(L, -2);
@@ -1432,10 +1473,10 @@ static int dec_function(decoder *d, const msgpack_object *o) {
   int fn = lua_gettop(L);
   dec_ref(d); /* before its upvalues, which may refer to it */
   if (envkind != ENV_GLOBALS) {
-    pb_add(d->pb, "<upvalue _ENV>");
+    at_dec(d, (dframe){.kind = DF_UPVALUE, .name = "_ENV"});
     if (dec_value(d, &a[2]) != 0) return -1;
     if (!lua_istable(L, -1)) return dec_fail(d, "a function environment that is not a table");
-    pb_pop(d->pb);
+    up_dec(d);
     if (envkind == ENV_OVERLAY) {
       lua_createtable(L, 0, 1);
       lua_pushvalue(L, LUA_GLOBALSINDEX);
@@ -1448,9 +1489,9 @@ static int dec_function(decoder *d, const msgpack_object *o) {
     const char *name = lua_getupvalue(L, fn, (int)(i - up0) + 1);
     if (name == NULL) return dec_fail(d, "a function with more upvalues than its bytecode has");
     lua_pop(L, 1);
-    pb_add(d->pb, "<upvalue %s>", *name ? name : "?");
+    at_dec(d, (dframe){.kind = DF_UPVALUE, .name = *name ? name : "?"});
     if (dec_value(d, &a[i]) != 0) return -1;
-    pb_pop(d->pb);
+    up_dec(d);
     lua_setupvalue(L, fn, (int)(i - up0) + 1);
   }
   if (lua_getupvalue(L, fn, (int)(n - up0) + 1) != NULL) {
@@ -1458,7 +1499,7 @@ static int dec_function(decoder *d, const msgpack_object *o) {
     return dec_fail(d, "a function with fewer upvalues than its bytecode has");
   }
   if (key != 0) {
-    lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    reg_get(L, &FCACHE_KEY);
     lua_pushvalue(L, key);
     lua_pushvalue(L, fn);
     lua_rawset(L, -3);
@@ -1525,9 +1566,9 @@ static int dec_value(decoder *d, const msgpack_object *o) {
     lua_createtable(L, (int)n, 0);
     dec_ref(d);
     for (uint32_t i = 0; i < n; i++) {
-      pb_add(d->pb, "[%u]", i + 1);
+      at_dec(d, (dframe){.kind = DF_INDEX, .i = i + 1});
       if (dec_value(d, &a[i]) != 0) return -1;
-      pb_pop(d->pb);
+      up_dec(d);
       lua_rawseti(L, -2, (int)i + 1);
     }
     return 0;
@@ -1538,13 +1579,13 @@ static int dec_value(decoder *d, const msgpack_object *o) {
     dec_ref(d);
     for (uint32_t i = 0; i < n; i++) {
       const msgpack_object_kv *kv = &o->via.map.ptr[i];
-      pb_object_key(d->pb, &kv->key);
+      at_dec(d, (dframe){.kind = DF_KEY, .key = &kv->key});
       if (dec_value(d, &kv->key) != 0) return -1;
       if (lua_isnil(L, -1)) return dec_fail(d, "a map key is nil");
       if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))
         return dec_fail(d, "a map key is NaN");
       if (dec_value(d, &kv->val) != 0) return -1;
-      pb_pop(d->pb);
+      up_dec(d);
       lua_rawset(L, -3);
     }
     return 0;
@@ -1596,11 +1637,11 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
   int base = lua_gettop(L);
   lua_checkstack(L, 8);
   /* the box: the one kept in the registry, taken out for this decode */
-  lua_getfield(L, LUA_REGISTRYINDEX, DBOX_KEY);
+  reg_get(L, &DBOX_KEY);
   dbox *box = lua_touserdata(L, -1);
   if (box != NULL) {
     lua_pushnil(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, DBOX_KEY);
+    reg_set(L, &DBOX_KEY);
   } else {
     lua_pop(L, 1);
     box = lua_newuserdata(L, sizeof *box);
@@ -1621,9 +1662,8 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
     why = "out of memory";
   else
     why = unpack_one(box->zone, data, len, &root, 1);
-  pathbuf pb;
-  pb.n = 0;
-  pb.nseg = 0;
+  dpath path;
+  path.n = 0;
   char err[512];
   int n = 0;
   if (why == NULL) {
@@ -1635,16 +1675,16 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
     }
   }
   if (why == NULL) {
-    decoder d = {L, box, 0, 0, deps, trust, 0, &pb, err, sizeof err};
+    decoder d = {L, box, 0, 0, deps, trust, 0, &path, err, sizeof err};
     lua_pushnil(L); /* the refs table, made with the first table */
     d.refs = lua_gettop(L);
     for (int i = 0; i < n; i++) {
-      pb_add(&pb, "%s[%d]", what, i + 1);
+      at_dec(&d, (dframe){.kind = DF_ARG, .i = (uint32_t)i + 1, .name = what});
       if (dec_value(&d, root.type == MSGPACK_OBJECT_ARRAY ? &root.via.array.ptr[i] : &root) != 0) {
         why = err;
         break;
       }
-      pb_pop(&pb);
+      up_dec(&d);
     }
     if (why == NULL) lua_remove(L, d.refs);
   }
@@ -1652,7 +1692,7 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
   if (why != NULL) lua_settop(L, base + 1);
   /* the box back to the registry, for the next decode */
   lua_pushvalue(L, base + 1);
-  lua_setfield(L, LUA_REGISTRYINDEX, DBOX_KEY);
+  reg_set(L, &DBOX_KEY);
   if (why != NULL) {
     if (why == err)
       lua_pushstring(L, err);
