@@ -7,6 +7,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <lualib.h>
 
 #include "internal.h"
 
@@ -217,6 +218,84 @@ static void test_host_results(lua_State *L, corral_runtime *rt) {
         "a host's result with trailing bytes raises CodecError");
 }
 
+/* ---- Lua out of memory in the middle of an encode or a decode -------------
+ * Debian's LuaJIT is built with GC64, where lua_newstate takes a custom
+ * allocator: this one fails the nth allocation that grows something. The
+ * codec raises then (it cannot go on without Lua memory); what it held in C
+ * (buffers, references, dependencies, its zone) must come back once the
+ * state collects its garbage. */
+
+static long alloc_count, alloc_fail_at = -1;
+
+static void *failing_alloc(void *ud, void *p, size_t osize, size_t nsize) {
+  (void)ud;
+  if (nsize == 0) {
+    free(p);
+    return NULL;
+  }
+  if (alloc_fail_at >= 0 && nsize > osize && ++alloc_count == alloc_fail_at) return NULL;
+  return realloc(p, nsize);
+}
+
+static void test_lua_oom(void) {
+  lua_State *L = lua_newstate(failing_alloc, NULL);
+  CHECK(L != NULL, "LuaJIT (GC64) takes a custom allocator");
+  if (L == NULL) return;
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_corral);
+  lua_setfield(L, -2, "corral");
+  lua_pop(L, 2);
+  CHECK(run_lua(
+            L, "corral = require 'corral'\n"
+               "core = require 'corral.core'\n"
+               "local shared = { 'x' }\n"
+               "value = { list = {}, s = ('y'):rep(600), f = function(x) return x + #shared end }\n"
+               "for i = 1, 100 do value.list[i] = { i, tostring(i), shared } end\n"
+               "fut = corral.future(); fut:set_result(1)\n"
+               "bytes = assert(core.encode(value.list, value.s))\n"
+               "function step()\n"
+               "  core.encode(value)\n"
+               "  core.encode(value, fut)\n"
+               "  core.decode(bytes)\n"
+               "end\n"
+               "step()") == 0,
+        "a state with corral on the failing allocator");
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  int codec0 = codec_live(), handles0 = handle_live(), futures0 = future_live();
+  int raised = 0, clean = 1;
+  for (long n = 1; n < 100000; n++) {
+    lua_getglobal(L, "step");
+    alloc_count = 0;
+    alloc_fail_at = n;
+    int rc = lua_pcall(L, 0, 0, 0);
+    int hit = alloc_count >= n;
+    alloc_fail_at = -1;
+    if (rc != 0) {
+      raised++;
+      if (strstr(lua_tostring(L, -1), "not enough memory") == NULL) {
+        printf("# allocation %ld: %s\n", n, lua_tostring(L, -1));
+        clean = 0;
+      }
+      lua_pop(L, 1);
+    }
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    /* (the zone a decode keeps between decodes may have gone with its box) */
+    if (codec_live() > codec0 || handle_live() != handles0 || future_live() != futures0) {
+      printf("# allocation %ld: codec %d/%d handles %d/%d futures %d/%d\n", n, codec_live(), codec0,
+             handle_live(), handles0, future_live(), futures0);
+      clean = 0;
+    }
+    if (!hit) break;
+  }
+  printf("# Lua ran out of memory at %d points\n", raised);
+  CHECK(raised > 100, "Lua ran out of memory at every allocation of an encode and a decode");
+  CHECK(clean, "each time: a Lua error, and the codec's C memory and references came back");
+  lua_close(L);
+}
+
 int main(void) {
   corral_runtime *rt = corral_open();
   lua_State *L = corral_lua(rt);
@@ -225,6 +304,7 @@ int main(void) {
   test_bytecode(L);
   test_host_results(L, rt);
   corral_close(rt);
+  test_lua_oom();
   printf("1..%d\n", count);
   return failures != 0;
 }

@@ -225,6 +225,41 @@ describe("tables that only claim to be corral's", function()
   end)
 end)
 
+describe("handles under concurrency", function()
+  it("futures and workers cross between threads as handles while others are freed", function()
+    local Maker = corral.worker {
+      make = function(_, n)
+        local fs = {}
+        for i = 1, n do
+          local f = corral.future()
+          f:set_result(i)
+          fs[i] = f
+        end
+        return fs
+      end,
+      ping = function() return "pong" end,
+      relay = function(_, other) return other:ping():result() end,
+    }
+    local a, b = Maker:init(), Maker:init()
+    local before = core.debug_counts().handles
+    for _ = 1, 20 do
+      local x, y = a:make(50), b:make(50)
+      local fx, fy = x:result(), y:result()
+      for i = 1, 50 do
+        assert.are.equal(i, fx[i]:result())
+        assert.are.equal(i, fy[i]:result())
+      end
+      assert.are.equal("pong", a:relay(b):result())
+      assert.are.equal("pong", b:relay(a):result())
+    end
+    a:stop(); b:stop()
+    collectgarbage(); collectgarbage()
+    -- the handles of the futures that crossed went with their futures
+    assert.is_true(core.debug_counts().handles <= before + 2, "handles kept: " ..
+      (core.debug_counts().handles - before))
+  end)
+end)
+
 describe("functions with an environment", function()
   it("carry it: a plain table by value, an overlay of the globals falling back to the receiver's", function()
     local sandboxed = setfenv(function() return answer, print end, { answer = 42 }) -- luacheck: ignore
