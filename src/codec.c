@@ -1543,6 +1543,10 @@ static int dec_worker(decoder *d, const msgpack_object *o) {
   return 0;
 }
 
+/* Tables are made with room for at most this many elements (they grow):
+ * LuaJIT raises on a table too large to make. */
+#define PREALLOC_MAX (1 << 20)
+
 static int dec_value(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
   if (!lua_checkstack(L, 8)) return dec_fail(d, "Lua stack exhausted");
@@ -1563,7 +1567,7 @@ static int dec_value(decoder *d, const msgpack_object *o) {
       return dec_function(d, o);
     if (n > 0 && a[0].type == MSGPACK_OBJECT_EXT && a[0].via.ext.type == EXT_WORKER)
       return dec_worker(d, o);
-    lua_createtable(L, (int)n, 0);
+    lua_createtable(L, (int)(n < PREALLOC_MAX ? n : PREALLOC_MAX), 0);
     dec_ref(d);
     for (uint32_t i = 0; i < n; i++) {
       at_dec(d, (dframe){.kind = DF_INDEX, .i = i + 1});
@@ -1575,7 +1579,7 @@ static int dec_value(decoder *d, const msgpack_object *o) {
   }
   case MSGPACK_OBJECT_MAP: {
     uint32_t n = o->via.map.size;
-    lua_createtable(L, 0, (int)n);
+    lua_createtable(L, 0, (int)(n < PREALLOC_MAX ? n : PREALLOC_MAX));
     dec_ref(d);
     for (uint32_t i = 0; i < n; i++) {
       const msgpack_object_kv *kv = &o->via.map.ptr[i];
@@ -1667,10 +1671,11 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
   char err[512];
   int n = 0;
   if (why == NULL) {
-    n = root.type == MSGPACK_OBJECT_ARRAY ? (int)root.via.array.size : 1;
-    if (root.type == MSGPACK_OBJECT_ARRAY && !lua_checkstack(L, n + 16)) {
-      snprintf(err, sizeof err, "%d values are too many to receive at once (the Lua stack is full)",
-               n);
+    uint32_t count = root.type == MSGPACK_OBJECT_ARRAY ? root.via.array.size : 1;
+    n = count > 1000000 ? 1000000 : (int)count;
+    if (root.type == MSGPACK_OBJECT_ARRAY && (count > 1000000 || !lua_checkstack(L, n + 16))) {
+      snprintf(err, sizeof err, "%u values are too many to receive at once (the Lua stack is full)",
+               count);
       why = err;
     }
   }
