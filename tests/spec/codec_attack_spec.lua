@@ -162,6 +162,20 @@ describe("bytes from outside (core.decode)", function()
   end)
 end)
 
+describe("the fuzz corpus (tests/fuzz/corpus)", function()
+  it("every input decodes as foreign bytes to values or a CodecError", function()
+    local list = h.sh("ls tests/fuzz/corpus/fuzz_trusted/* tests/fuzz/corpus/fuzz_foreign/*")
+    local n = 0
+    for path in list:gmatch("[^\n]+") do
+      local bytes = h.slurp(path)
+      local ok, e = pcall(core.decode, bytes)
+      assert(ok or corral.is_error(e, "CodecError"), path .. ": " .. tostring(e))
+      n = n + 1
+    end
+    assert.is_true(n > 100, "corpus files: " .. n)
+  end)
+end)
+
 describe("tables that only claim to be corral's", function()
   local w
   setup(function() w = corral.worker { echo = function(_, ...) return ... end }:init() end)
