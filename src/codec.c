@@ -1151,12 +1151,12 @@ static const char *unpack_one(msgpack_zone *z, const char *data, size_t len, msg
 
 /* The C side of a decode: the zone its objects live in, and a reference in
  * transit to a Lua object. A userdata owns it (kept in the registry between
- * decodes, taken out while one runs), so that Lua running out of memory
- * mid-decode leaks nothing. */
+ * decodes), so that Lua running out of memory mid-decode leaks nothing. */
 typedef struct {
   msgpack_zone *zone;
   corral_future *held_f;
   corral_worker *held_w;
+  int busy; /* a decode uses it */
 } dbox;
 
 static int dbox_gc(lua_State *L) {
@@ -1547,18 +1547,27 @@ static int dec_worker(decoder *d, const msgpack_object *o) {
  * LuaJIT raises on a table too large to make. */
 #define PREALLOC_MAX (1 << 20)
 
+/* A value that cannot fail (nil, a boolean, a number, a string): pushed,
+ * and 1; 0 for the others. The caller made room for it. */
+static inline int dec_scalar(lua_State *L, const msgpack_object *o) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_NIL: lua_pushnil(L); return 1;
+  case MSGPACK_OBJECT_BOOLEAN: lua_pushboolean(L, o->via.boolean); return 1;
+  case MSGPACK_OBJECT_POSITIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.u64); return 1;
+  case MSGPACK_OBJECT_NEGATIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.i64); return 1;
+  case MSGPACK_OBJECT_FLOAT32:
+  case MSGPACK_OBJECT_FLOAT64: lua_pushnumber(L, o->via.f64); return 1;
+  case MSGPACK_OBJECT_STR: lua_pushlstring(L, o->via.str.ptr, o->via.str.size); return 1;
+  case MSGPACK_OBJECT_BIN: lua_pushlstring(L, o->via.bin.ptr, o->via.bin.size); return 1;
+  default: return 0;
+  }
+}
+
 static int dec_value(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
+  if (dec_scalar(L, o)) return 0;
   if (!lua_checkstack(L, 8)) return dec_fail(d, "Lua stack exhausted");
   switch (o->type) {
-  case MSGPACK_OBJECT_NIL: lua_pushnil(L); return 0;
-  case MSGPACK_OBJECT_BOOLEAN: lua_pushboolean(L, o->via.boolean); return 0;
-  case MSGPACK_OBJECT_POSITIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.u64); return 0;
-  case MSGPACK_OBJECT_NEGATIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.i64); return 0;
-  case MSGPACK_OBJECT_FLOAT32:
-  case MSGPACK_OBJECT_FLOAT64: lua_pushnumber(L, o->via.f64); return 0;
-  case MSGPACK_OBJECT_STR: lua_pushlstring(L, o->via.str.ptr, o->via.str.size); return 0;
-  case MSGPACK_OBJECT_BIN: lua_pushlstring(L, o->via.bin.ptr, o->via.bin.size); return 0;
   case MSGPACK_OBJECT_EXT: return dec_ext(d, o);
   case MSGPACK_OBJECT_ARRAY: {
     uint32_t n = o->via.array.size;
@@ -1570,9 +1579,11 @@ static int dec_value(decoder *d, const msgpack_object *o) {
     lua_createtable(L, (int)(n < PREALLOC_MAX ? n : PREALLOC_MAX), 0);
     dec_ref(d);
     for (uint32_t i = 0; i < n; i++) {
-      at_dec(d, (dframe){.kind = DF_INDEX, .i = i + 1});
-      if (dec_value(d, &a[i]) != 0) return -1;
-      up_dec(d);
+      if (!dec_scalar(L, &a[i])) {
+        at_dec(d, (dframe){.kind = DF_INDEX, .i = i + 1});
+        if (dec_value(d, &a[i]) != 0) return -1;
+        up_dec(d);
+      }
       lua_rawseti(L, -2, (int)i + 1);
     }
     return 0;
@@ -1640,13 +1651,13 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
   trust &= 15;
   int base = lua_gettop(L);
   lua_checkstack(L, 8);
-  /* the box: the one kept in the registry, taken out for this decode */
+  /* The box: the one kept in the registry, unless it is busy (a decode
+   * nested in another, or one a Lua error cut short): then a new one, kept
+   * from now on. It stays on the stack while it is used: a nested decode may
+   * take its place in the registry. */
   reg_get(L, &DBOX_KEY);
   dbox *box = lua_touserdata(L, -1);
-  if (box != NULL) {
-    lua_pushnil(L);
-    reg_set(L, &DBOX_KEY);
-  } else {
+  if (box == NULL || box->busy) {
     lua_pop(L, 1);
     box = lua_newuserdata(L, sizeof *box);
     memset(box, 0, sizeof *box);
@@ -1655,7 +1666,10 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
       lua_setfield(L, -2, "__gc");
     }
     lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    reg_set(L, &DBOX_KEY);
   }
+  box->busy = 1;
   const char *why = NULL;
   if (box->zone == NULL && !should_fail()) {
     box->zone = msgpack_zone_new(2048);
@@ -1694,11 +1708,9 @@ int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, i
     if (why == NULL) lua_remove(L, d.refs);
   }
   if (box->zone != NULL) msgpack_zone_clear(box->zone);
-  if (why != NULL) lua_settop(L, base + 1);
-  /* the box back to the registry, for the next decode */
-  lua_pushvalue(L, base + 1);
-  reg_set(L, &DBOX_KEY);
+  box->busy = 0;
   if (why != NULL) {
+    lua_settop(L, base + 1);
     if (why == err)
       lua_pushstring(L, err);
     else
