@@ -6,6 +6,7 @@
 #   make test-tsan  the same under ThreadSanitizer
 #   make bench      benchmarks beside their Python peers
 #   make demo       run examples/fanout.lua
+#   make fuzz       libFuzzer targets of the decoder (clang), FUZZ_SECONDS each
 #   make lint       luacheck, clang-tidy, clang-format check
 #   make docs       the API reference (LDoc) in build/docs
 #   make install    PREFIX=/usr/local DESTDIR= : binary, library, header, module, corral.pc
@@ -31,7 +32,7 @@ CFLAGS   += -fsanitize=$(SAN) -fno-omit-frame-pointer -fno-sanitize-recover=all
 LDFLAGS  += -fsanitize=$(SAN)
 endif
 
-SRCS := src/future.c src/context.c src/signal.c src/codec.c src/worker.c src/lua_core.c src/runtime.c
+SRCS := src/future.c src/handle.c src/context.c src/signal.c src/codec.c src/worker.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
@@ -40,7 +41,7 @@ BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
 LIBSO := $(BUILD)/lib/corral.so
 
-.PHONY: all test test-asan test-tsan bench demo lint format install clean docs
+.PHONY: all test test-asan test-tsan fuzz fuzz-targets bench demo lint format install clean docs
 
 all: $(BIN) $(LIBA) $(LIBSO)
 
@@ -87,6 +88,24 @@ test-asan:
 test-tsan:
 	$(MAKE) test BUILD=build/tsan SAN=thread OPT="-O1 -g" \
 	  TEST_ENV="CORRAL_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1"
+
+# ---- fuzzing ----------------------------------------------------------------
+
+# The decoder on arbitrary bytes, trusted and foreign (tests/fuzz/): built
+# with clang, libFuzzer, ASan and UBSan in build/fuzz; each target runs
+# FUZZ_SECONDS from its kept corpus (tests/fuzz/corpus/), which is merged back
+# minimised. clang comes from install-deps only when fuzzing.
+FUZZ_SECONDS ?= 600
+fuzz:
+	CORRAL_FUZZ_DEPS=1 scripts/install-deps
+	$(MAKE) fuzz-targets BUILD=build/fuzz CC=clang SAN=fuzzer-no-link,address,undefined OPT="-O1 -g"
+	scripts/run-fuzz build/fuzz $(FUZZ_SECONDS)
+
+fuzz-targets: $(BUILD)/fuzz_trusted $(BUILD)/fuzz_foreign
+
+$(BUILD)/fuzz_%: tests/fuzz/fuzz_decode.c $(LIBA)
+	$(CC) $(CFLAGS) -fsanitize=fuzzer,address,undefined -DFUZZ_FOREIGN=$(if $(filter foreign,$*),1,0) \
+	  -o $@ $< $(LIBA) $(LDLIBS)
 
 # ---- the rest --------------------------------------------------------------
 

@@ -1,124 +1,406 @@
 /* codec.c: Lua values to and from MessagePack (msgpack-c): the wire format of
  * every value that crosses contexts, and of results settled from C.
  *
- * Plain values map to MessagePack types. What needs more is marked with an
- * extension type:
- *   REF n         a table seen before in this value (shared sub-tables, cycles)
- *   DEP i         a future to unwrap: the first result of the call's i-th input
- *   FUTURE p      a future by reference (a retained corral_future pointer)
- *   MODULE name   a loaded module, `require`d on the other side
- *   CFUNC path    a C function of a module ("string.format", "_G.print")
- *   [FUNC, bytecode, upvalues...]   a Lua function (an array led by the mark)
- *   [WORKER, opts, INST p...]       a worker handle (retained instance pointers)
- * Metatables do not travel. Tables nest at most CODEC_MAX_DEPTH deep.
+ * A payload is a MessagePack array of values. Plain values map to MessagePack
+ * types (integers up to 2^53 as integers, other numbers as doubles; strings
+ * as str; tables as arrays when they are sequences, else maps). What needs
+ * more is marked with an extension type (bodies big-endian):
+ *   REF   (1)  u32 id    a table or function seen before in this payload,
+ *                        numbered from 0 in the order they were first met
+ *                        (shared sub-tables, cycles, recursive functions)
+ *   DEP   (2)  u32 i     a future to unwrap: the first result of the call's
+ *                        i-th input (the call holds the inputs)
+ *   FUTURE (3) u64 h     a future by handle
+ *   MODULE (4) name      a loaded module: package.loaded[name]
+ *   CFUNC (5)  path      a C function of a loaded module ("string.format",
+ *                        "_G.print"): module name, a dot, the key
+ *   [FUNC (6) mac64 env8, bin bytecode, env?, upvalues...]   a Lua function:
+ *                        an array led by the mark, whose body is a SipHash-2-4
+ *                        of the bytecode under a key drawn at random by this
+ *                        process, then how its environment travels: 0 the
+ *                        globals (none follows), 1 a table (it follows the
+ *                        bytecode), 2 a table with a metatable (it follows,
+ *                        and falls back to the receiver's globals)
+ *   [WORKER (7), opts, INST (8) u64 h...]  a thread worker handle
+ *   timestamp (-1)       MessagePack's own (4, 8 or 12 bytes), read only:
+ *                        it decodes to {sec = s, nsec = ns}
+ * Metatables do not travel. Tables nest at most CODEC_MAX_DEPTH deep; with
+ * the wrapping array, functions and worker handles a payload nests at most
+ * CODEC_MAX_DEPTH + 2 deep, and the decoder (msgpack-c's unpacker template,
+ * instantiated here with a stack that deep) takes exactly that. The template
+ * builds msgpack objects in a zone, then they become Lua values: the FUNC
+ * and WORKER arrays need to be seen whole (a function's cache key is its
+ * bytecode and upvalue bytes), which a push parser with no end-of-container
+ * callback does not give while it runs.
+ *
+ * Handles. Futures and worker instances cross as handles (handle.c): numbers
+ * the runtime issued, with a generation, that the decoder resolves and checks
+ * (kind, generation, object alive); a forged or stale one is an error, never
+ * an address. A payload holds a reference on each object it names, given back
+ * when the payload is freed (codec_discard).
+ *
+ * Trust. Payloads made by this process's encoder are decoded trusted: every
+ * length, type, reference id, dependency index and handle is still checked,
+ * and bytecode is loaded only when its mark authenticates it, so bytes that
+ * did not come from the encoder never reach luaL_loadbuffer (LuaJIT does not
+ * verify bytecode). Foreign bytes (core.decode, results a C host settled) are
+ * plain MessagePack: no functions, futures, workers or dependencies; modules
+ * and C functions only when already loaded; timestamps; REF ids checked like
+ * any other: a host's own extension of types 1-8 is read as corral's only
+ * when it is valid as one, and then it can only name a table already decoded
+ * or a module already loaded. Any other extension is an error naming its type.
+ *
+ * Failures are errors, never values: the decoder returns -1 with a message
+ * naming where (`result[1].a[3]: ...`). Neither side raises except when Lua
+ * runs out of memory, and then leaks nothing: the C memory and references an
+ * encode or decode holds belong to a userdata whose __gc gives them back.
  */
+#include <assert.h>
 #include <math.h>
-#include <msgpack.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <msgpack.h>
 
 #include "internal.h"
 
-enum { EXT_REF = 1, EXT_DEP, EXT_FUTURE, EXT_MODULE, EXT_CFUNC, EXT_FUNC, EXT_WORKER, EXT_INST };
+enum {
+  EXT_TIMESTAMP = -1,
+  EXT_REF = 1,
+  EXT_DEP,
+  EXT_FUTURE,
+  EXT_MODULE,
+  EXT_CFUNC,
+  EXT_FUNC,
+  EXT_WORKER,
+  EXT_INST
+};
+
+/* A function's environment, in its FUNC mark. */
+enum { ENV_GLOBALS = 0, ENV_TABLE = 1, ENV_OVERLAY = 2 };
 
 #define CODEC_MAX_DEPTH 100
-#define SEEN_KEY        "corral.codec.seen"
-#define CFUNCS_KEY      "corral.codec.cfuncs"
-#define FCACHE_KEY      "corral.codec.fcache"
+/* Registry keys: addresses (a raw get with a light userdata key hashes no
+ * string). */
+static char SEEN_KEY, CFUNCS_KEY, FCACHE_KEY, DBOX_KEY;
+#define EBOX_MT "corral.codec.ebox"
+#define DBOX_MT "corral.codec.dbox"
+
+/* registry[key] pushed; registry[key] = the value on top, popped */
+static void reg_get(lua_State *L, void *key) {
+  lua_pushlightuserdata(L, key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+static void reg_set(lua_State *L, void *key) {
+  lua_pushlightuserdata(L, key);
+  lua_insert(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* ======================================================================== */
+/* C memory: counted, and failing on demand in tests                         */
+/* ======================================================================== */
+
+static atomic_int fail_countdown; /* the nth allocation from now fails; 0: none */
+static atomic_int live_allocs;    /* blocks the codec owns (handed-off ones leave) */
+
+void codec_fail_alloc(int nth) { atomic_store(&fail_countdown, nth > 0 ? nth : 0); }
+int codec_live(void) { return atomic_load(&live_allocs); }
+
+static int should_fail(void) {
+  int n = atomic_load_explicit(&fail_countdown, memory_order_relaxed);
+  return n > 0 && atomic_fetch_sub(&fail_countdown, 1) == 1;
+}
+
+static void *cmalloc(size_t n) {
+  if (should_fail()) return NULL;
+  void *p = malloc(n);
+  if (p != NULL) atomic_fetch_add_explicit(&live_allocs, 1, memory_order_relaxed);
+  return p;
+}
+
+static void *crealloc(void *p, size_t n) {
+  if (should_fail()) return NULL;
+  void *q = realloc(p, n);
+  if (q != NULL && p == NULL) atomic_fetch_add_explicit(&live_allocs, 1, memory_order_relaxed);
+  return q;
+}
+
+static void cfree(void *p) {
+  if (p == NULL) return;
+  atomic_fetch_sub_explicit(&live_allocs, 1, memory_order_relaxed);
+  free(p);
+}
+
+/* A block leaves the codec (the caller frees it with free()). */
+static void *handed(void *p) {
+  if (p != NULL) atomic_fetch_sub_explicit(&live_allocs, 1, memory_order_relaxed);
+  return p;
+}
+
+/* ======================================================================== */
+/* Bytes                                                                     */
+/* ======================================================================== */
+
+static void put_be(unsigned char *p, uint64_t v, int n) {
+  for (int i = n - 1; i >= 0; i--, v >>= 8)
+    p[i] = (unsigned char)v;
+}
+
+static uint64_t get_be(const char *s, int n) {
+  const unsigned char *p = (const unsigned char *)s;
+  uint64_t v = 0;
+  for (int i = 0; i < n; i++)
+    v = v << 8 | p[i];
+  return v;
+}
+
+/* SipHash-2-4 (Aumasson and Bernstein): the mark that authenticates bytecode. */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+  do {                                                                                             \
+    v0 += v1;                                                                                      \
+    v1 = ROTL(v1, 13);                                                                             \
+    v1 ^= v0;                                                                                      \
+    v0 = ROTL(v0, 32);                                                                             \
+    v2 += v3;                                                                                      \
+    v3 = ROTL(v3, 16);                                                                             \
+    v3 ^= v2;                                                                                      \
+    v0 += v3;                                                                                      \
+    v3 = ROTL(v3, 21);                                                                             \
+    v3 ^= v0;                                                                                      \
+    v2 += v1;                                                                                      \
+    v1 = ROTL(v1, 17);                                                                             \
+    v1 ^= v2;                                                                                      \
+    v2 = ROTL(v2, 32);                                                                             \
+  } while (0)
+
+static uint64_t mac_k0, mac_k1;
+static uv_once_t mac_once = UV_ONCE_INIT;
+
+static void mac_init(void) {
+  unsigned char k[16];
+  if (getrandom(k, sizeof k, 0) != (ssize_t)sizeof k) abort(); /* no key, no bytecode */
+  uint64_t a = 0, b = 0;
+  for (int i = 0; i < 8; i++) {
+    a |= (uint64_t)k[i] << (8 * i);
+    b |= (uint64_t)k[8 + i] << (8 * i);
+  }
+  mac_k0 = a;
+  mac_k1 = b;
+}
+
+static uint64_t mac(const char *data, size_t len) {
+  uv_once(&mac_once, mac_init);
+  const unsigned char *in = (const unsigned char *)data;
+  uint64_t v0 = 0x736f6d6570736575ULL ^ mac_k0, v1 = 0x646f72616e646f6dULL ^ mac_k1;
+  uint64_t v2 = 0x6c7967656e657261ULL ^ mac_k0, v3 = 0x7465646279746573ULL ^ mac_k1;
+  size_t whole = len - len % 8;
+  for (size_t i = 0; i < whole; i += 8) {
+    uint64_t m = 0;
+    for (int j = 0; j < 8; j++)
+      m |= (uint64_t)in[i + (size_t)j] << (8 * j);
+    v3 ^= m;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= m;
+  }
+  uint64_t b = (uint64_t)len << 56;
+  for (size_t j = 0; j < len % 8; j++)
+    b |= (uint64_t)in[whole + j] << (8 * j);
+  v3 ^= b;
+  SIPROUND;
+  SIPROUND;
+  v0 ^= b;
+  v2 ^= 0xff;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* ======================================================================== */
+/* Paths in errors                                                           */
+/* ======================================================================== */
+
+/* A value's path, built segment by segment; a long one keeps its start and
+ * its end and drops the middle. */
+typedef struct {
+  char buf[2048];
+  size_t n;
+  int nseg;
+  unsigned short end[CODEC_MAX_DEPTH * 2 + 16]; /* where each segment ends */
+} pathbuf;
+
+static void pb_add(pathbuf *pb, const char *fmt, ...) {
+  if (pb->nseg >= (int)(sizeof pb->end / sizeof pb->end[0]) || pb->n >= sizeof pb->buf - 1) return;
+  va_list ap;
+  va_start(ap, fmt);
+  int w = vsnprintf(pb->buf + pb->n, sizeof pb->buf - pb->n, fmt, ap);
+  va_end(ap);
+  if (w < 0) w = 0;
+  pb->n += (size_t)w;
+  if (pb->n >= sizeof pb->buf) pb->n = sizeof pb->buf - 1;
+  pb->end[pb->nseg++] = (unsigned short)pb->n;
+}
+
+/* A key as a path segment: .name, [12] or ["a b"]. */
+static void pb_key(pathbuf *pb, const char *s, size_t len) {
+  int ident = len > 0 && len <= 40 && !(s[0] >= '0' && s[0] <= '9');
+  for (size_t i = 0; i < len && ident; i++)
+    ident = s[i] == '_' || (s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+            (s[i] >= '0' && s[i] <= '9');
+  if (ident)
+    pb_add(pb, ".%.*s", (int)len, s);
+  else
+    pb_add(pb, "[\"%.*s%s\"]", (int)(len > 24 ? 24 : len), s, len > 24 ? "..." : "");
+}
+
+/* "path: why" into out; paths over 160 characters lose their middle. */
+static void pb_finish(pathbuf *pb, char *out, size_t outsz, const char *why) {
+  const char *p = pb->buf;
+  size_t n = pb->n;
+  if (n <= 160) {
+    snprintf(out, outsz, "%.*s: %s", (int)n, p, why);
+    return;
+  }
+  /* the first segments up to 70 characters, the last ones within 70 */
+  size_t head = 0, tail = n;
+  for (int i = 0; i < pb->nseg && pb->end[i] <= 70; i++)
+    head = pb->end[i];
+  if (head == 0) head = 70;
+  for (int i = pb->nseg - 1; i > 0 && n - pb->end[i - 1] <= 70; i--)
+    tail = pb->end[i - 1];
+  if (tail == n || tail < head) tail = n - 70;
+  snprintf(out, outsz, "%.*s...%.*s: %s", (int)head, p, (int)(n - tail), p + tail, why);
+}
+
+/* ======================================================================== */
+/* Encode                                                                    */
+/* ======================================================================== */
+
+/* The C side of an encode that outgrew the C stack: the output buffer, the
+ * references taken for the payload and the dependencies found. A userdata
+ * owns it, so that Lua running out of memory mid-encode leaks nothing: its
+ * __gc frees and releases (atomically, no lock, no Lua). Made only when the
+ * encoder first needs the heap. */
+typedef struct {
+  char *buf;
+  struct held {
+    void *p;
+    int kind; /* HANDLE_FUTURE or HANDLE_WORKER */
+  } * held;
+  int nheld, capheld;
+  corral_future **deps;
+  int ndeps, capdeps;
+} ebox;
+
+static void ebox_release(ebox *b, int drop_refs) {
+  cfree(b->buf);
+  b->buf = NULL;
+  for (int i = 0; drop_refs && i < b->nheld; i++) {
+    if (b->held[i].kind == HANDLE_FUTURE)
+      corral_future_release(b->held[i].p);
+    else
+      worker_release(b->held[i].p);
+  }
+  cfree(b->held);
+  b->held = NULL;
+  b->nheld = b->capheld = 0;
+  for (int i = 0; i < b->ndeps; i++)
+    corral_future_release(b->deps[i]);
+  cfree(b->deps);
+  b->deps = NULL;
+  b->ndeps = b->capdeps = 0;
+}
+
+static int ebox_gc(lua_State *L) {
+  ebox_release(lua_touserdata(L, 1), 1);
+  return 0;
+}
 
 /* Where the encoder is, for the path in an error; made into text only when
  * encoding fails. */
 typedef struct {
   enum { AT_ARG, AT_INDEX, AT_KEY, AT_UPVALUE } kind;
-  size_t i;         /* AT_ARG, AT_INDEX */
+  size_t i;         /* AT_ARG (the value's number), AT_INDEX */
   int key;          /* AT_KEY: stack index of the key */
   const char *name; /* AT_ARG: what; AT_UPVALUE: its name */
 } frame;
 
-/* The output: a small buffer on the C stack, moved to the heap when it
- * outgrows it; the payload is allocated once at its final size. */
-typedef struct {
-  char *data;
-  size_t size, alloc;
-  char local[256];
-} wbuf;
-
 typedef struct {
   lua_State *L;
-  wbuf out;
   msgpack_packer pk;
   codec_opts *o;
-  int seen; /* stack index of the table -> id map */
+  /* the output: on the C stack until it outgrows it, then in the box */
+  char *data;
+  size_t size, alloc;
+  ebox *box;
+  int boxslot; /* stack index of the box (nil until made) */
+  int seen;    /* stack index of the table -> id map (nil until the first table) */
   int nseen;
   int cfuncs; /* stack index of the C function -> path map (nil: not built) */
+  int loaded; /* stack index of package.loaded (nil: not read yet) */
   int nframes;
   frame frames[CODEC_MAX_DEPTH * 2 + 8];
-  /* references taken for the payload, given back if encoding fails */
-  struct held {
-    void *p;
-    int kind; /* EXT_FUTURE or EXT_INST */
-  } * held;
-  int nheld, capheld;
+  char local[256];
 } encoder;
 
-/* Note a reference the payload will own (kind: EXT_FUTURE or EXT_INST). */
-static int hold(encoder *e, void *p, int kind) {
-  if (e->nheld == e->capheld) {
-    int cap = e->capheld ? e->capheld * 2 : 8;
-    struct held *h = realloc(e->held, sizeof *h * (size_t)cap);
-    if (h == NULL) return -1;
-    e->held = h;
-    e->capheld = cap;
+static ebox *need_box(encoder *e) {
+  if (e->box != NULL) return e->box;
+  lua_State *L = e->L;
+  ebox *b = lua_newuserdata(L, sizeof *b); /* may raise: nothing is held yet */
+  memset(b, 0, sizeof *b);
+  if (luaL_newmetatable(L, EBOX_MT)) {
+    lua_pushcfunction(L, ebox_gc);
+    lua_setfield(L, -2, "__gc");
   }
-  e->held[e->nheld].p = p;
-  e->held[e->nheld].kind = kind;
-  e->nheld++;
-  return 0;
+  lua_setmetatable(L, -2);
+  lua_replace(L, e->boxslot);
+  e->box = b;
+  return b;
 }
 
-static void unhold(encoder *e, int release) {
-  for (int i = 0; release && i < e->nheld; i++) {
-    if (e->held[i].kind == EXT_FUTURE)
-      corral_future_release(e->held[i].p);
-    else
-      worker_release(e->held[i].p);
-  }
-  free(e->held);
-  e->held = NULL;
-  e->nheld = e->capheld = 0;
-}
-
-static int wbuf_write(void *ud, const char *buf, size_t len) {
-  wbuf *b = ud;
+static int enc_write(void *ud, const char *buf, size_t len) {
+  encoder *e = ud;
   if (len == 0) return 0;
-  if (b->size + len > b->alloc) {
-    size_t alloc = b->alloc * 2;
-    while (alloc < b->size + len)
+  if (e->size + len > e->alloc) {
+    size_t alloc = e->alloc * 2;
+    while (alloc < e->size + len)
       alloc *= 2;
-    char *d = b->data == b->local ? malloc(alloc) : realloc(b->data, alloc);
+    ebox *b = need_box(e);
+    char *d = e->data == e->local ? cmalloc(alloc) : crealloc(e->data, alloc);
     if (d == NULL) return -1;
-    if (b->data == b->local) memcpy(d, b->local, b->size);
-    b->data = d;
-    b->alloc = alloc;
+    if (e->data == e->local) memcpy(d, e->local, e->size);
+    b->buf = e->data = d;
+    e->alloc = alloc;
   }
-  memcpy(b->data + b->size, buf, len);
-  b->size += len;
+  memcpy(e->data + e->size, buf, len);
+  e->size += len;
   return 0;
 }
 
-static void wbuf_free(wbuf *b) {
-  if (b->data != b->local) free(b->data);
-}
-
-static char *wbuf_release(wbuf *b) {
-  if (b->data != b->local) return b->data;
-  char *d = malloc(b->size ? b->size : 1);
-  if (d != NULL) memcpy(d, b->local, b->size);
-  return d;
+/* Note a reference the payload will own. */
+static int hold(encoder *e, void *p, int kind) {
+  ebox *b = need_box(e);
+  if (b->nheld == b->capheld) {
+    int cap = b->capheld ? b->capheld * 2 : 8;
+    struct held *h = crealloc(b->held, sizeof *h * (size_t)cap);
+    if (h == NULL) return -1;
+    b->held = h;
+    b->capheld = cap;
+  }
+  b->held[b->nheld].p = p;
+  b->held[b->nheld].kind = kind;
+  b->nheld++;
+  return 0;
 }
 
 static void at(encoder *e, frame f) {
@@ -126,57 +408,59 @@ static void at(encoder *e, frame f) {
   e->nframes++;
 }
 
-/* ======================================================================== */
-/* Encode                                                                    */
-/* ======================================================================== */
-
 static int enc_value(encoder *e, int idx, int depth);
 
 static int enc_fail(encoder *e, const char *why) {
-  char path[256];
-  size_t n = 0;
+  pathbuf *pb = &(pathbuf){.n = 0};
   int nf = e->nframes < (int)(sizeof e->frames / sizeof e->frames[0])
                ? e->nframes
                : (int)(sizeof e->frames / sizeof e->frames[0]);
-  for (int i = 0; i < nf && n < sizeof path - 1; i++) {
+  lua_State *L = e->L;
+  for (int i = 0; i < nf; i++) {
     frame *f = &e->frames[i];
-    lua_State *L = e->L;
-    size_t room = sizeof path - n;
-    int w = 0;
     switch (f->kind) {
-    case AT_ARG: w = snprintf(path + n, room, "%s[%zu]", f->name, f->i); break;
-    case AT_INDEX: w = snprintf(path + n, room, "[%zu]", f->i); break;
-    case AT_UPVALUE: w = snprintf(path + n, room, "<upvalue %s>", f->name); break;
-    case AT_KEY:
-      if (lua_type(L, f->key) == LUA_TSTRING)
-        w = snprintf(path + n, room, ".%s", lua_tostring(L, f->key));
-      else if (lua_type(L, f->key) == LUA_TNUMBER)
-        w = snprintf(path + n, room, "[%.14g]", lua_tonumber(L, f->key));
+    case AT_ARG:
+      if (f->name[0] == '\0') /* a lead name: the value has no index */
+        pb_add(pb, "%s", e->o->lead[f->i]);
       else
-        w = snprintf(path + n, room, "[%s]", luaL_typename(L, f->key));
+        pb_add(pb, "%s[%zu]", f->name, f->i);
+      break;
+    case AT_INDEX: pb_add(pb, "[%zu]", f->i); break;
+    case AT_UPVALUE: pb_add(pb, "<upvalue %s>", f->name); break;
+    case AT_KEY:
+      if (lua_type(L, f->key) == LUA_TSTRING) {
+        size_t len;
+        const char *s = lua_tolstring(L, f->key, &len);
+        pb_key(pb, s, len);
+      } else if (lua_type(L, f->key) == LUA_TNUMBER) {
+        pb_add(pb, "[%.14g]", lua_tonumber(L, f->key));
+      } else {
+        pb_add(pb, "[%s]", luaL_typename(L, f->key));
+      }
       break;
     }
-    n += w > 0 ? (size_t)w : 0;
   }
-  if (n >= sizeof path) n = sizeof path - 1;
-  path[n] = '\0';
-  if (n > 120) /* keep the innermost part of a long path */
-    snprintf(e->o->err, sizeof e->o->err, "...%s: %s", path + n - 100, why);
-  else
-    snprintf(e->o->err, sizeof e->o->err, "%s: %s", path, why);
+  pb_finish(pb, e->o->err, sizeof e->o->err, why);
   return -1;
 }
 
-static void pack_ext(encoder *e, int type, const void *data, size_t len) {
-  msgpack_pack_ext(&e->pk, len, (int8_t)type);
-  if (len > 0) msgpack_pack_ext_body(&e->pk, data, len);
+static int enc_oom(encoder *e) { return enc_fail(e, "out of memory"); }
+
+#define PK(call)                                                                                   \
+  do {                                                                                             \
+    if ((call) != 0) return enc_oom(e);                                                            \
+  } while (0)
+
+static int pack_ext(encoder *e, int type, const void *data, size_t len) {
+  if (msgpack_pack_ext(&e->pk, len, (int8_t)type) != 0) return -1;
+  if (len > 0 && msgpack_pack_ext_body(&e->pk, data, len) != 0) return -1;
+  return 0;
 }
 
-/* An extension whose body is the string at stack index idx (a name). */
-static void pack_ext_string(encoder *e, int type, int idx) {
-  size_t len;
-  const char *s = lua_tolstring(e->L, idx, &len);
-  pack_ext(e, type, s, len);
+static int pack_ext_u(encoder *e, int type, uint64_t v, int n) {
+  unsigned char b[8];
+  put_be(b, v, n);
+  return pack_ext(e, type, b, (size_t)n);
 }
 
 static int enc_number(encoder *e, lua_Number x) {
@@ -185,20 +469,21 @@ static int enc_number(encoder *e, lua_Number x) {
   return msgpack_pack_double(&e->pk, x);
 }
 
-/* The table at idx was seen before: emit a REF. Otherwise give it an id. */
+/* The table or function at idx was seen before: emit a REF (returns 1).
+ * Otherwise give it the next id (returns 0); -1 when out of memory. */
 static int enc_seen(encoder *e, int idx) {
   lua_State *L = e->L;
   if (lua_isnil(L, e->seen)) {
-    /* The first table of this encode: take the map out of the registry, so
-     * that an encode nested in this one (settling a future's C half) or one
-     * cut short by an error never sees this one's tables. */
-    lua_getfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+    /* The first of this encode: take the map out of the registry, so that
+     * an encode nested in this one (settling a future's C half) or one cut
+     * short by an error never sees this one's tables. */
+    reg_get(L, &SEEN_KEY);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
       lua_newtable(L);
     } else {
       lua_pushnil(L);
-      lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+      reg_set(L, &SEEN_KEY);
     }
     lua_replace(L, e->seen);
   }
@@ -207,8 +492,7 @@ static int enc_seen(encoder *e, int idx) {
   if (!lua_isnil(L, -1)) {
     uint32_t id = (uint32_t)lua_tointeger(L, -1);
     lua_pop(L, 1);
-    pack_ext(e, EXT_REF, &id, sizeof id);
-    return 1;
+    return pack_ext_u(e, EXT_REF, id, 4) != 0 ? -1 : 1;
   }
   lua_pop(L, 1);
   lua_pushvalue(L, idx);
@@ -217,56 +501,109 @@ static int enc_seen(encoder *e, int idx) {
   return 0;
 }
 
+/* package.loaded, read raw (the registry's _LOADED: _G may be strict). */
+static int loaded_index(encoder *e) {
+  if (lua_isnil(e->L, e->loaded)) {
+    lua_getfield(e->L, LUA_REGISTRYINDEX, "_LOADED");
+    lua_replace(e->L, e->loaded);
+  }
+  return lua_istable(e->L, e->loaded) ? e->loaded : 0;
+}
+
+/* The C half of a table whose metatable says __future: given by the
+ * scheduler's cref, called protected (a table that only claims to be a
+ * future may raise there). */
+static corral_future *future_of(encoder *e, int idx) {
+  lua_State *L = e->L;
+  lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  corral_future **p = luaL_testudata(L, -1, CFUTURE_MT);
+  lua_pop(L, 1);
+  return p ? *p : NULL;
+}
+
 static int enc_future(encoder *e, int idx) {
-  corral_future *f = lcore_to_future(e->L, idx);
-  if (f == NULL) return enc_fail(e, "future without a C half");
+  lua_State *L = e->L;
+  corral_future *f = future_of(e, idx);
+  if (f == NULL)
+    return enc_fail(e, "a table with a __future metatable that is not a corral future");
   codec_opts *o = e->o;
   if (o->unwrap) {
     /* an input of a call: its failure is reported through that call */
-    lua_pushboolean(e->L, 1);
-    lua_setfield(e->L, idx, "_dep");
-    if (o->ndeps == o->capdeps) {
-      int cap = o->capdeps ? o->capdeps * 2 : 4;
-      corral_future **d = realloc(o->deps, sizeof(corral_future *) * (size_t)cap);
-      if (d == NULL) return enc_fail(e, "out of memory");
-      o->deps = d;
-      o->capdeps = cap;
+    ebox *b = need_box(e);
+    if (b->ndeps == b->capdeps) {
+      int cap = b->capdeps ? b->capdeps * 2 : 4;
+      corral_future **d = crealloc(b->deps, sizeof(corral_future *) * (size_t)cap);
+      if (d == NULL) return enc_oom(e);
+      b->deps = d;
+      b->capdeps = cap;
     }
     corral_future_retain(f);
-    uint32_t i = (uint32_t)o->ndeps;
-    o->deps[o->ndeps++] = f;
-    pack_ext(e, EXT_DEP, &i, sizeof i);
+    uint32_t i = (uint32_t)b->ndeps;
+    b->deps[b->ndeps++] = f;
+    PK(pack_ext_u(e, EXT_DEP, i, 4));
+    lua_pushliteral(L, "_dep");
+    lua_pushboolean(L, 1);
+    lua_rawset(L, idx);
   } else {
-    if (hold(e, f, EXT_FUTURE) != 0) return enc_fail(e, "out of memory");
+    uint64_t h = future_handle(f);
+    if (h == 0) return enc_fail(e, "too many futures have crossed contexts (handle table full)");
+    if (hold(e, f, HANDLE_FUTURE) != 0) return enc_oom(e);
     corral_future_retain(f); /* owned by the payload: see codec_discard */
     o->has_refs = 1;
-    pack_ext(e, EXT_FUTURE, &f, sizeof(corral_future *));
+    PK(pack_ext_u(e, EXT_FUTURE, h, 8));
   }
   return 0;
 }
 
-/* A worker handle's `_export` gives its options and an array of its
- * instances (lightuserdata); they travel by reference. */
+/* A worker handle: its `_export` (found raw in its metatable, called
+ * protected) gives its options and its instances (corral.worker userdata);
+ * they travel as handles. */
 static int enc_worker(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   int top = lua_gettop(L);
-  lua_getfield(L, idx, "_export");
+  const char *fake = "a table with a __worker metatable that is not a worker handle";
+  lua_getmetatable(L, idx);
+  lua_pushliteral(L, "_export");
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (!lua_isfunction(L, -1)) return enc_fail(e, fake);
   lua_pushvalue(L, idx);
-  lua_call(L, 1, 2);
-  if (!lua_istable(L, top + 1) || !lua_istable(L, top + 2))
+  if (lua_pcall(L, 1, 2, 0) != 0) {
+    lua_settop(L, top);
+    return enc_fail(e, fake);
+  }
+  if (lua_isnil(L, top + 1) && lua_isnil(L, top + 2)) {
+    lua_settop(L, top);
     return enc_fail(e, "an async or sync worker lives in its context and cannot travel");
+  }
+  if (!lua_istable(L, top + 1) || !lua_istable(L, top + 2)) {
+    lua_settop(L, top);
+    return enc_fail(e, fake);
+  }
   int n = (int)lua_objlen(L, top + 2);
-  msgpack_pack_array(&e->pk, (size_t)2 + (size_t)n);
-  pack_ext(e, EXT_WORKER, NULL, 0);
-  if (enc_value(e, top + 1, depth + 1) != 0) return -1;
+  if (n < 1) {
+    lua_settop(L, top);
+    return enc_fail(e, fake);
+  }
+  PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)n));
+  PK(pack_ext(e, EXT_WORKER, NULL, 0));
+  if (enc_value(e, top + 1, depth) != 0) return -1;
   for (int i = 1; i <= n; i++) {
     lua_rawgeti(L, top + 2, i);
-    void *p = lua_touserdata(L, -1);
+    corral_worker **p = luaL_testudata(L, -1, WORKER_MT);
     lua_pop(L, 1);
-    if (hold(e, p, EXT_INST) != 0) return enc_fail(e, "out of memory");
-    worker_retain(p);
+    if (p == NULL || *p == NULL) return enc_fail(e, fake);
+    uint64_t h = worker_handle(*p);
+    if (h == 0) return enc_fail(e, "too many workers have crossed contexts (handle table full)");
+    if (hold(e, *p, HANDLE_WORKER) != 0) return enc_oom(e);
+    worker_retain(*p);
     e->o->has_refs = 1;
-    pack_ext(e, EXT_INST, &p, sizeof p);
+    PK(pack_ext_u(e, EXT_INST, h, 8));
   }
   lua_settop(L, top);
   return 0;
@@ -277,15 +614,19 @@ static int enc_table(encoder *e, int idx, int depth) {
   if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, "table nested too deeply (limit 100)");
   if (!lua_checkstack(L, 8)) return enc_fail(e, "Lua stack exhausted");
   if (lua_getmetatable(L, idx)) {
-    lua_getfield(L, -1, "__future");
+    /* raw: a metatable's __index may raise (a strict class) */
+    lua_pushliteral(L, "__future");
+    lua_rawget(L, -2);
     int is_future = lua_toboolean(L, -1);
-    lua_getfield(L, -2, "__worker");
+    lua_pushliteral(L, "__worker");
+    lua_rawget(L, -3);
     int is_worker = lua_toboolean(L, -1);
     lua_pop(L, 3);
     if (is_future) return enc_future(e, idx);
     if (is_worker) return enc_worker(e, idx, depth);
   }
-  if (enc_seen(e, idx)) return 0;
+  int seen = enc_seen(e, idx);
+  if (seen != 0) return seen < 0 ? enc_oom(e) : 0;
   size_t n = lua_objlen(L, idx), count = 0;
   int array = 1;
   lua_pushnil(L);
@@ -298,7 +639,7 @@ static int enc_table(encoder *e, int idx, int depth) {
     lua_pop(L, 1);
   }
   if (array && count == n) {
-    msgpack_pack_array(&e->pk, n);
+    PK(msgpack_pack_array(&e->pk, n));
     for (size_t i = 1; i <= n; i++) {
       lua_rawgeti(L, idx, (int)i);
       at(e, (frame){.kind = AT_INDEX, .i = i});
@@ -309,7 +650,7 @@ static int enc_table(encoder *e, int idx, int depth) {
     }
     return 0;
   }
-  msgpack_pack_map(&e->pk, count);
+  PK(msgpack_pack_map(&e->pk, count));
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     int top = lua_gettop(L);
@@ -323,17 +664,14 @@ static int enc_table(encoder *e, int idx, int depth) {
 
 static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   (void)L;
-  return wbuf_write(ud, p, sz);
+  return enc_write(ud, p, sz);
 }
 
 /* Push a new map from the C functions that loaded modules hold to their
  * paths ("string.format", "_G.print"), and keep it in the registry. */
-static void cfunc_map(lua_State *L) {
+static void cfunc_map(lua_State *L, int loaded) {
   lua_newtable(L);
   int map = lua_gettop(L);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "loaded");
-  int loaded = lua_gettop(L);
   lua_pushnil(L);
   while (lua_next(L, loaded)) {
     if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
@@ -356,32 +694,35 @@ static void cfunc_map(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  lua_settop(L, map);
   lua_pushvalue(L, map);
-  lua_setfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+  reg_set(L, &CFUNCS_KEY);
 }
 
 /* A C function travels as its path in a loaded module. The map is built
  * once, and again when a function is not in it (a module loaded since). */
 static int cfunc_path(encoder *e, int idx) {
   lua_State *L = e->L;
+  int loaded = loaded_index(e);
+  if (loaded == 0) return enc_fail(e, "package.loaded is missing: a C function cannot travel");
   if (lua_isnil(L, e->cfuncs)) {
-    lua_getfield(L, LUA_REGISTRYINDEX, CFUNCS_KEY);
+    reg_get(L, &CFUNCS_KEY);
     lua_replace(L, e->cfuncs);
   }
   int built = 0;
   for (;;) {
     if (lua_isnil(L, e->cfuncs)) {
-      cfunc_map(L);
+      cfunc_map(L, loaded);
       lua_replace(L, e->cfuncs);
       built = 1;
     }
     lua_pushvalue(L, idx);
     lua_rawget(L, e->cfuncs);
     if (lua_isstring(L, -1)) {
-      pack_ext_string(e, EXT_CFUNC, -1);
+      size_t len;
+      const char *s = lua_tolstring(L, -1, &len);
+      int rc = pack_ext(e, EXT_CFUNC, s, len);
       lua_pop(L, 1);
-      return 0;
+      return rc != 0 ? enc_oom(e) : 0;
     }
     lua_pop(L, 1);
     if (built) return enc_fail(e, "a C function that no loaded module holds cannot travel");
@@ -390,58 +731,84 @@ static int cfunc_path(encoder *e, int idx) {
   }
 }
 
-/* A loaded module travels as its name: package.loaded[name] == value. */
+/* A loaded module travels as its name: package.loaded[name] == value.
+ * Returns 1 when it was one (and was packed), 0 when not, -1 out of memory. */
 static int module_name(encoder *e, int idx) {
   lua_State *L = e->L;
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "loaded");
-  lua_remove(L, -2);
+  int loaded = loaded_index(e);
+  if (loaded == 0) return 0;
   lua_pushnil(L);
-  while (lua_next(L, -2)) {
+  while (lua_next(L, loaded)) {
     if (lua_rawequal(L, -1, idx) && lua_type(L, -2) == LUA_TSTRING) {
-      pack_ext_string(e, EXT_MODULE, -2);
-      lua_pop(L, 3);
-      return 1;
+      size_t len;
+      const char *s = lua_tolstring(L, -2, &len);
+      int rc = pack_ext(e, EXT_MODULE, s, len);
+      lua_pop(L, 2);
+      return rc != 0 ? -1 : 1;
     }
     lua_pop(L, 1);
   }
-  lua_pop(L, 1);
   return 0;
 }
 
 static int enc_function(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   if (lua_iscfunction(L, idx)) return cfunc_path(e, idx);
-  if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, "functions nested too deeply");
+  if (depth >= CODEC_MAX_DEPTH) return enc_fail(e, "functions nested too deeply (limit 100)");
+  if (!lua_checkstack(L, 8)) return enc_fail(e, "Lua stack exhausted");
   /* numbered like tables: a recursive local function refers to itself */
-  if (enc_seen(e, idx)) return 0;
+  int seen = enc_seen(e, idx);
+  if (seen != 0) return seen < 0 ? enc_oom(e) : 0;
   int nup = 0;
   while (lua_getupvalue(L, idx, nup + 1) != NULL) {
     lua_pop(L, 1);
     nup++;
   }
-  msgpack_pack_array(&e->pk, (size_t)2 + (size_t)nup);
-  pack_ext(e, EXT_FUNC, NULL, 0);
-  wbuf code;
-  code.data = code.local;
-  code.size = 0;
-  code.alloc = sizeof code.local;
+  /* Its environment, when not the globals table (setfenv): carried by value;
+   * one with a metatable (an overlay of the globals, as test runners make)
+   * falls back to the receiver's globals. */
+  lua_getfenv(L, idx);
+  int env = lua_gettop(L);
+  int envkind = ENV_GLOBALS;
+  if (!lua_rawequal(L, env, LUA_GLOBALSINDEX) && lua_istable(L, env)) {
+    envkind = ENV_TABLE;
+    if (lua_getmetatable(L, env)) {
+      lua_pop(L, 1);
+      envkind = ENV_OVERLAY;
+    }
+  }
+  /* [FUNC (mac, envkind), bin32 bytecode, env?, upvalues...]: the bytecode is
+   * dumped straight into the output, then its length and mark filled in. */
+  need_box(e); /* the dump's writer must not make it: it calls no Lua */
+  PK(msgpack_pack_array(&e->pk, (size_t)2 + (envkind != ENV_GLOBALS) + (size_t)nup));
+  unsigned char head[17] = {0xc7, 9, (unsigned char)EXT_FUNC};
+  head[11] = (unsigned char)envkind;
+  head[12] = 0xc6;
+  size_t at_head = e->size;
+  PK(enc_write(e, (const char *)head, sizeof head));
   lua_pushvalue(L, idx);
-  lua_dump(L, dump_writer, &code);
+  int rc = lua_dump(L, dump_writer, e);
   lua_pop(L, 1);
-  msgpack_pack_bin(&e->pk, code.size);
-  msgpack_pack_bin_body(&e->pk, code.data, code.size);
-  wbuf_free(&code);
+  if (rc != 0) return enc_oom(e);
+  size_t clen = e->size - at_head - sizeof head;
+  if (clen > 0xffffffffu) return enc_fail(e, "function too large");
+  const char *code = e->data + at_head + sizeof head;
+  put_be((unsigned char *)e->data + at_head + 3, mac(code, clen), 8);
+  put_be((unsigned char *)e->data + at_head + 13, clen, 4);
+  if (envkind != ENV_GLOBALS) {
+    at(e, (frame){.kind = AT_UPVALUE, .name = "_ENV"});
+    if (enc_value(e, env, depth + 1) != 0) return -1;
+    e->nframes--;
+  }
+  lua_pop(L, 1);
   for (int i = 1; i <= nup; i++) {
     const char *name = lua_getupvalue(L, idx, i);
     int top = lua_gettop(L);
     at(e, (frame){.kind = AT_UPVALUE, .name = name && *name ? name : "?"});
-    int rc = 0;
-    if (lua_type(L, top) == LUA_TTABLE && module_name(e, top))
-      rc = 0;
-    else
-      rc = enc_value(e, top, depth + 1);
-    if (rc != 0) return rc;
+    int r = 0;
+    if (lua_type(L, top) == LUA_TTABLE) r = module_name(e, top);
+    if (r < 0) return enc_oom(e);
+    if (r == 0 && enc_value(e, top, depth + 1) != 0) return -1;
     lua_pop(L, 1);
     e->nframes--;
   }
@@ -451,15 +818,17 @@ static int enc_function(encoder *e, int idx, int depth) {
 static int enc_value(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   switch (lua_type(L, idx)) {
-  case LUA_TNIL: return msgpack_pack_nil(&e->pk);
+  case LUA_TNIL: PK(msgpack_pack_nil(&e->pk)); return 0;
   case LUA_TBOOLEAN:
-    return lua_toboolean(L, idx) ? msgpack_pack_true(&e->pk) : msgpack_pack_false(&e->pk);
-  case LUA_TNUMBER: return enc_number(e, lua_tonumber(L, idx));
+    PK(lua_toboolean(L, idx) ? msgpack_pack_true(&e->pk) : msgpack_pack_false(&e->pk));
+    return 0;
+  case LUA_TNUMBER: PK(enc_number(e, lua_tonumber(L, idx))); return 0;
   case LUA_TSTRING: {
     size_t len;
     const char *s = lua_tolstring(L, idx, &len);
-    msgpack_pack_str(&e->pk, len);
-    return msgpack_pack_str_body(&e->pk, s, len);
+    PK(msgpack_pack_str(&e->pk, len));
+    PK(msgpack_pack_str_body(&e->pk, s, len));
+    return 0;
   }
   case LUA_TTABLE: return enc_table(e, idx, depth);
   case LUA_TFUNCTION: return enc_function(e, idx, depth);
@@ -476,32 +845,51 @@ static int enc_value(encoder *e, int idx, int depth) {
 
 char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
   encoder e;
-  memset(&e, 0, sizeof e);
   e.L = L;
   e.o = o;
+  e.box = NULL;
+  e.nseen = 0;
+  e.nframes = 0;
+  e.data = e.local;
+  e.size = 0;
+  e.alloc = sizeof e.local;
+  o->has_refs = 0;
+  if (!lua_checkstack(L, 24)) {
+    snprintf(o->err, sizeof o->err,
+             "%d values are too many to send at once (the Lua stack is full): pass a table", n);
+    return NULL;
+  }
   int top = lua_gettop(L);
-  /* two slots below everything the encoder pushes: the map of tables seen
-   * (for shared sub-tables and cycles) and the map of C functions */
-  luaL_checkstack(L, 16, "corral codec");
-  lua_pushnil(L); /* filled when the first table comes */
-  e.seen = top + 1;
-  lua_pushnil(L); /* filled when the first C function comes */
-  e.cfuncs = top + 2;
-  e.out.data = e.out.local;
-  e.out.alloc = sizeof e.out.local;
-  if (o->size_hint > sizeof e.out.local) { /* one allocation for a large string */
-    char *d = malloc(o->size_hint);
+  /* slots below everything the encoder pushes, filled when needed: the box,
+   * the map of tables seen (shared sub-tables, cycles), the map of C
+   * functions, package.loaded */
+  lua_pushnil(L);
+  e.boxslot = top + 1;
+  lua_pushnil(L);
+  e.seen = top + 2;
+  lua_pushnil(L);
+  e.cfuncs = top + 3;
+  lua_pushnil(L);
+  e.loaded = top + 4;
+  msgpack_packer_init(&e.pk, &e, enc_write);
+  int rc = 0;
+  if (o->size_hint > sizeof e.local) { /* one allocation for a large string */
+    ebox *b = need_box(&e);
+    char *d = cmalloc(o->size_hint);
     if (d != NULL) {
-      e.out.data = d;
-      e.out.alloc = o->size_hint;
+      b->buf = e.data = d;
+      e.alloc = o->size_hint;
     }
   }
-  msgpack_packer_init(&e.pk, &e.out, wbuf_write);
-  msgpack_pack_array(&e.pk, (size_t)n);
-  int rc = 0;
+  if (msgpack_pack_array(&e.pk, (size_t)n) != 0) rc = enc_oom(&e);
+  const char *what = o->what ? o->what : "args";
   for (int i = 0; i < n && rc == 0; i++) {
     e.nframes = 0;
-    at(&e, (frame){.kind = AT_ARG, .i = (size_t)i + 1, .name = o->what ? o->what : "args"});
+    int num = i + 1 - o->offset;
+    if (num < 1 && o->lead != NULL)
+      at(&e, (frame){.kind = AT_ARG, .i = (size_t)i, .name = ""});
+    else
+      at(&e, (frame){.kind = AT_ARG, .i = (size_t)num, .name = what});
     rc = enc_value(&e, from + i, 0);
   }
   if (!lua_isnil(L, e.seen)) { /* empty the map and give it back */
@@ -513,125 +901,363 @@ char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
       lua_rawset(L, e.seen);
     }
     lua_pushvalue(L, e.seen);
-    lua_setfield(L, LUA_REGISTRYINDEX, SEEN_KEY);
+    reg_set(L, &SEEN_KEY);
   }
   lua_settop(L, top);
-  unhold(&e, rc != 0);
+  /* No Lua from here on: the box, off the stack now, is not collected. */
+  char *out = NULL;
+  if (rc == 0) {
+    if (e.data != e.local) {
+      out = e.data;
+      e.box->buf = NULL;
+    } else if ((out = cmalloc(e.size ? e.size : 1)) != NULL) {
+      memcpy(out, e.local, e.size);
+    } else {
+      rc = enc_oom(&e);
+    }
+  }
+  if (e.box != NULL) {
+    ebox *b = e.box;
+    if (rc == 0) {
+      /* the payload owns the references now; the caller the dependencies */
+      b->nheld = 0;
+      o->deps = handed(b->deps);
+      o->ndeps = o->capdeps = b->ndeps;
+      b->deps = NULL;
+      b->ndeps = b->capdeps = 0;
+    }
+    ebox_release(b, 1);
+  }
   if (rc != 0) {
-    wbuf_free(&e.out);
     o->has_refs = 0;
     return NULL;
   }
-  *len = e.out.size;
-  return wbuf_release(&e.out);
+  *len = e.size;
+  return handed(out);
+}
+
+/* ======================================================================== */
+/* Unpack: msgpack-c's unpacker template, with a deeper stack                */
+/* ======================================================================== */
+
+/* msgpack-c stops at 32 levels; a payload nests CODEC_MAX_DEPTH + 2. */
+#define MSGPACK_EMBED_STACK_SIZE (CODEC_MAX_DEPTH + 2)
+#include <msgpack/unpack_define.h>
+
+/* Objects go to a zone. `budget`: a container of n elements needs at least n
+ * more bytes, so the counts declared in a payload add up to at most its
+ * length: a forged count is refused before it is allocated. */
+typedef struct {
+  msgpack_zone *z;
+  size_t budget;
+  const char *why;
+  int may_fail; /* allocations obey codec_fail_alloc */
+} unpack_user;
+
+#define msgpack_unpack_struct(name)    struct codec_unpack##name
+#define msgpack_unpack_func(ret, name) static ret codec_unpack##name
+#define msgpack_unpack_callback(name)  codec_cb##name
+#define msgpack_unpack_object          msgpack_object
+#define msgpack_unpack_user            unpack_user
+
+static msgpack_object codec_cb_root(unpack_user *u) {
+  (void)u;
+  msgpack_object o = {.type = MSGPACK_OBJECT_NIL};
+  return o;
+}
+
+static int uint_obj(uint64_t d, msgpack_object *o) {
+  o->type = MSGPACK_OBJECT_POSITIVE_INTEGER;
+  o->via.u64 = d;
+  return 0;
+}
+
+static int int_obj(int64_t d, msgpack_object *o) {
+  if (d >= 0) return uint_obj((uint64_t)d, o);
+  o->type = MSGPACK_OBJECT_NEGATIVE_INTEGER;
+  o->via.i64 = d;
+  return 0;
+}
+
+#define UINT_CB(t)                                                                                 \
+  static int codec_cb_##t(unpack_user *u, t##_t d, msgpack_object *o) {                            \
+    (void)u;                                                                                       \
+    return uint_obj(d, o);                                                                         \
+  }
+#define INT_CB(t)                                                                                  \
+  static int codec_cb_##t(unpack_user *u, t##_t d, msgpack_object *o) {                            \
+    (void)u;                                                                                       \
+    return int_obj(d, o);                                                                          \
+  }
+UINT_CB(uint8)
+UINT_CB(uint16)
+UINT_CB(uint32)
+UINT_CB(uint64)
+INT_CB(int8)
+INT_CB(int16)
+INT_CB(int32)
+INT_CB(int64)
+
+static int codec_cb_float(unpack_user *u, float d, msgpack_object *o) {
+  (void)u;
+  o->type = MSGPACK_OBJECT_FLOAT32;
+  o->via.f64 = d;
+  return 0;
+}
+
+static int codec_cb_double(unpack_user *u, double d, msgpack_object *o) {
+  (void)u;
+  o->type = MSGPACK_OBJECT_FLOAT64;
+  o->via.f64 = d;
+  return 0;
+}
+
+static int codec_cb_nil(unpack_user *u, msgpack_object *o) {
+  (void)u;
+  o->type = MSGPACK_OBJECT_NIL;
+  return 0;
+}
+
+static int codec_cb_true(unpack_user *u, msgpack_object *o) {
+  (void)u;
+  o->type = MSGPACK_OBJECT_BOOLEAN;
+  o->via.boolean = true;
+  return 0;
+}
+
+static int codec_cb_false(unpack_user *u, msgpack_object *o) {
+  (void)u;
+  o->type = MSGPACK_OBJECT_BOOLEAN;
+  o->via.boolean = false;
+  return 0;
+}
+
+static void *zone_alloc(unpack_user *u, size_t n) {
+  if (u->may_fail && should_fail()) return NULL;
+  return msgpack_zone_malloc(u->z, n);
+}
+
+static int codec_cb_array(unpack_user *u, unsigned int n, msgpack_object *o) {
+  o->type = MSGPACK_OBJECT_ARRAY;
+  o->via.array.size = 0;
+  o->via.array.ptr = NULL;
+  if (n == 0) return 0;
+  if (n > u->budget) {
+    u->why = "an array claims more elements than the payload has bytes";
+    return MSGPACK_UNPACK_PARSE_ERROR;
+  }
+  u->budget -= n;
+  o->via.array.ptr = zone_alloc(u, n * sizeof(msgpack_object));
+  if (o->via.array.ptr == NULL) {
+    u->why = "out of memory";
+    return MSGPACK_UNPACK_NOMEM_ERROR;
+  }
+  return 0;
+}
+
+static int codec_cb_array_item(unpack_user *u, msgpack_object *c, msgpack_object o) {
+  (void)u;
+  c->via.array.ptr[c->via.array.size++] = o;
+  return 0;
+}
+
+static int codec_cb_map(unpack_user *u, unsigned int n, msgpack_object *o) {
+  o->type = MSGPACK_OBJECT_MAP;
+  o->via.map.size = 0;
+  o->via.map.ptr = NULL;
+  if (n == 0) return 0;
+  if (n > u->budget / 2) {
+    u->why = "a map claims more pairs than the payload has bytes";
+    return MSGPACK_UNPACK_PARSE_ERROR;
+  }
+  u->budget -= (size_t)n * 2;
+  o->via.map.ptr = zone_alloc(u, n * sizeof(msgpack_object_kv));
+  if (o->via.map.ptr == NULL) {
+    u->why = "out of memory";
+    return MSGPACK_UNPACK_NOMEM_ERROR;
+  }
+  return 0;
+}
+
+static int codec_cb_map_item(unpack_user *u, msgpack_object *c, msgpack_object k,
+                             msgpack_object v) {
+  (void)u;
+  c->via.map.ptr[c->via.map.size].key = k;
+  c->via.map.ptr[c->via.map.size].val = v;
+  c->via.map.size++;
+  return 0;
+}
+
+static int codec_cb_str(unpack_user *u, const char *b, const char *p, unsigned int l,
+                        msgpack_object *o) {
+  (void)u;
+  (void)b;
+  o->type = MSGPACK_OBJECT_STR;
+  o->via.str.ptr = p;
+  o->via.str.size = l;
+  return 0;
+}
+
+static int codec_cb_bin(unpack_user *u, const char *b, const char *p, unsigned int l,
+                        msgpack_object *o) {
+  (void)u;
+  (void)b;
+  o->type = MSGPACK_OBJECT_BIN;
+  o->via.bin.ptr = p;
+  o->via.bin.size = l;
+  return 0;
+}
+
+/* p points at the type byte; l counts it. */
+static int codec_cb_ext(unpack_user *u, const char *b, const char *p, unsigned int l,
+                        msgpack_object *o) {
+  (void)u;
+  (void)b;
+  o->type = MSGPACK_OBJECT_EXT;
+  o->via.ext.type = (int8_t)*p;
+  o->via.ext.ptr = p + 1;
+  o->via.ext.size = l - 1;
+  return 0;
+}
+
+#include <msgpack/unpack_template.h>
+
+/* Unpack one whole value from data into objects in z; NULL and *why when the
+ * bytes are not exactly one well-formed value. */
+static const char *unpack_one(msgpack_zone *z, const char *data, size_t len, msgpack_object *out,
+                              int may_fail) {
+  struct codec_unpack_context ctx;
+  codec_unpack_init(&ctx);
+  ctx.user.z = z;
+  ctx.user.budget = len;
+  ctx.user.why = NULL;
+  ctx.user.may_fail = may_fail;
+  size_t off = 0;
+  int rc = data == NULL || len == 0 ? 0 : codec_unpack_execute(&ctx, data, len, &off);
+  if (rc == 0) return "truncated MessagePack payload";
+  if (rc < 0) {
+    if (ctx.user.why != NULL) return ctx.user.why;
+    if (rc == MSGPACK_UNPACK_NOMEM_ERROR) return "nested too deeply (limit 100)";
+    return "malformed MessagePack payload";
+  }
+  if (off != len) return "trailing bytes after the MessagePack value";
+  *out = codec_unpack_data(&ctx);
+  return NULL;
 }
 
 /* ======================================================================== */
 /* Decode                                                                    */
 /* ======================================================================== */
 
+/* The C side of a decode: the zone its objects live in, and a reference in
+ * transit to a Lua object. A userdata owns it (kept in the registry between
+ * decodes), so that Lua running out of memory mid-decode leaks nothing. */
 typedef struct {
-  lua_State *L;
-  int refs; /* stack index: id -> table */
-  int nrefs;
-  codec_deps *deps;
-} decoder;
+  msgpack_zone *zone;
+  corral_future *held_f;
+  corral_worker *held_w;
+  int busy; /* a decode uses it */
+} dbox;
 
-static void dec_object(decoder *d, const msgpack_object *o);
-
-static int unpacked_gc(lua_State *L) {
-  msgpack_unpacked_destroy(lua_touserdata(L, 1));
+static int dbox_gc(lua_State *L) {
+  dbox *b = lua_touserdata(L, 1);
+  if (b->zone != NULL) {
+    msgpack_zone_free(b->zone);
+    atomic_fetch_sub_explicit(&live_allocs, 1, memory_order_relaxed);
+  }
+  b->zone = NULL;
+  corral_future_release(b->held_f);
+  b->held_f = NULL;
+  worker_release(b->held_w);
+  b->held_w = NULL;
   return 0;
 }
 
-/* The unpacked objects live in a userdata on the stack, so that a Lua error
- * while decoding (a module that cannot be required, say) leaks nothing:
- * its __gc frees them. Callers destroy it eagerly when they are done. */
-static msgpack_unpacked *unpacked_push(lua_State *L) {
-  msgpack_unpacked *u = lua_newuserdata(L, sizeof *u);
-  msgpack_unpacked_init(u);
-  if (luaL_newmetatable(L, "corral.unpacked")) {
-    lua_pushcfunction(L, unpacked_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
-  return u;
+typedef struct decoder {
+  lua_State *L;
+  dbox *box;
+  int refs; /* stack index: id + 1 -> table or function */
+  int nrefs;
+  codec_deps *deps;
+  int trust;
+  int failed;
+  struct dpath *path; /* where the decoder is, made into text on failure */
+  char *err;          /* the message, when failed */
+  size_t errsz;
+} decoder;
+
+static int dec_value(decoder *d, const msgpack_object *o);
+
+/* Where the decoder is: frames pushed and popped as it goes (no text is
+ * made unless it fails). */
+typedef struct {
+  enum { DF_ARG, DF_INDEX, DF_KEY, DF_UPVALUE } kind;
+  uint32_t i;                /* DF_ARG, DF_INDEX */
+  const msgpack_object *key; /* DF_KEY */
+  const char *name;          /* DF_ARG: what; DF_UPVALUE: the upvalue's name */
+} dframe;
+
+typedef struct dpath {
+  int n;
+  dframe f[2 * MSGPACK_EMBED_STACK_SIZE + 16];
+} dpath;
+
+static void at_dec(decoder *d, dframe f) {
+  if (d->path->n < (int)(sizeof d->path->f / sizeof d->path->f[0])) d->path->f[d->path->n] = f;
+  d->path->n++;
 }
 
-static void dec_first_of(decoder *d, const char *data, size_t len) {
-  /* the first value of an encoded result array (nil when it has none) */
-  lua_State *L = d->L;
-  msgpack_unpacked *u = unpacked_push(L);
-  int slot = lua_gettop(L);
-  size_t off = 0;
-  if (data != NULL && msgpack_unpack_next(u, data, len, &off) == MSGPACK_UNPACK_SUCCESS &&
-      u->data.type == MSGPACK_OBJECT_ARRAY && u->data.via.array.size > 0) {
-    decoder sub = {L, 0, 0, NULL};
-    lua_pushnil(L);
-    sub.refs = lua_gettop(L);
-    dec_object(&sub, &u->data.via.array.ptr[0]);
-    lua_remove(L, sub.refs);
-  } else {
-    lua_pushnil(L);
+static void up_dec(decoder *d) { d->path->n--; }
+
+/* A map key in the path: its text when it is one. */
+static void pb_object_key(pathbuf *pb, const msgpack_object *k) {
+  switch (k->type) {
+  case MSGPACK_OBJECT_STR: pb_key(pb, k->via.str.ptr, k->via.str.size); break;
+  case MSGPACK_OBJECT_POSITIVE_INTEGER: pb_add(pb, "[%llu]", (unsigned long long)k->via.u64); break;
+  case MSGPACK_OBJECT_NEGATIVE_INTEGER: pb_add(pb, "[%lld]", (long long)k->via.i64); break;
+  default: pb_add(pb, "[?]"); break;
   }
-  msgpack_unpacked_destroy(u);
-  lua_remove(L, slot);
 }
 
-static void dec_ext(decoder *d, const msgpack_object *o) {
-  lua_State *L = d->L;
-  const char *p = o->via.ext.ptr;
-  uint32_t n = o->via.ext.size;
-  switch (o->via.ext.type) {
-  case EXT_REF: {
-    uint32_t id;
-    memcpy(&id, p, sizeof id);
-    lua_rawgeti(L, d->refs, (int)id + 1);
-    break;
-  }
-  case EXT_DEP: {
-    uint32_t i;
-    memcpy(&i, p, sizeof i);
-    if (d->deps != NULL && (int)i < d->deps->n) {
-      const void *mp;
-      size_t len;
-      corral_future_payload(d->deps->f[i], &mp, &len);
-      dec_first_of(d, mp, len);
-    } else {
-      lua_pushnil(L);
+static int dec_fail(decoder *d, const char *fmt, ...) {
+  char why[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, sizeof why, fmt, ap);
+  va_end(ap);
+  pathbuf *pb = &(pathbuf){.n = 0};
+  int n = d->path->n < (int)(sizeof d->path->f / sizeof d->path->f[0])
+              ? d->path->n
+              : (int)(sizeof d->path->f / sizeof d->path->f[0]);
+  for (int i = 0; i < n; i++) {
+    dframe *f = &d->path->f[i];
+    switch (f->kind) {
+    case DF_ARG: pb_add(pb, "%s[%u]", f->name, f->i); break;
+    case DF_INDEX: pb_add(pb, "[%u]", f->i); break;
+    case DF_KEY: pb_object_key(pb, f->key); break;
+    case DF_UPVALUE: pb_add(pb, "<upvalue %s>", f->name); break;
     }
-    break;
   }
-  case EXT_FUTURE: {
-    corral_future *f;
-    memcpy(&f, p, sizeof(corral_future *));
-    lcore_push_future(L, f); /* takes a reference of its own */
-    break;
-  }
-  case EXT_MODULE:
-    lua_getglobal(L, "require");
-    lua_pushlstring(L, p, n);
-    lua_call(L, 1, 1);
-    break;
-  case EXT_CFUNC: {
-    const char *dot = memchr(p, '.', n);
-    if (dot == NULL) {
-      lua_pushnil(L);
-      break;
-    }
-    lua_getglobal(L, "require");
-    lua_pushlstring(L, p, (size_t)(dot - p));
-    lua_call(L, 1, 1);
-    lua_pushlstring(L, dot + 1, n - (size_t)(dot - p) - 1);
-    lua_gettable(L, -2);
-    lua_remove(L, -2);
-    break;
-  }
-  default: lua_pushnil(L); break;
+  pb_finish(pb, d->err, d->errsz, why);
+  d->failed = 1;
+  return -1;
+}
+
+static const char *ext_name(int type) {
+  switch (type) {
+  case EXT_REF: return "REF";
+  case EXT_DEP: return "DEP";
+  case EXT_FUTURE: return "FUTURE";
+  case EXT_MODULE: return "MODULE";
+  case EXT_CFUNC: return "CFUNC";
+  case EXT_FUNC: return "FUNC";
+  case EXT_WORKER: return "WORKER";
+  case EXT_INST: return "INST";
+  default: return "unknown";
   }
 }
 
-/* Number the table (or function) on top of the stack, for later REFs to it. */
+/* Number the table or function on top of the stack, for later REFs to it. */
 static void dec_ref(decoder *d) {
   lua_State *L = d->L;
   if (lua_isnil(L, d->refs)) {
@@ -642,24 +1268,164 @@ static void dec_ref(decoder *d) {
   lua_rawseti(L, d->refs, ++d->nrefs);
 }
 
+/* package.loaded[name] pushed, required first when trusted; 0, or -1 (failed).
+ * `ext` names the extension in errors. */
+static int push_module(decoder *d, const char *name, size_t len, const char *ext) {
+  lua_State *L = d->L;
+  if (len == 0 || memchr(name, '\0', len) != NULL)
+    return dec_fail(d, "%s: a module name that is not one", ext);
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  if (lua_istable(L, -1)) {
+    lua_pushlstring(L, name, len);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+  }
+  if (!lua_isnil(L, -1) && !lua_isboolean(L, -1)) return 0;
+  lua_pop(L, 1);
+  if (d->trust != CODEC_TRUSTED)
+    return dec_fail(d, "%s: module '%.*s' is not loaded (bytes from outside cannot load modules)",
+                    ext, (int)(len > 60 ? 60 : len), name);
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_pushliteral(L, "_G");
+  lua_rawget(L, -2);
+  lua_pushliteral(L, "require");
+  lua_rawget(L, -2);
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  lua_pushlstring(L, name, len);
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    const char *msg = lua_tostring(L, -1);
+    dec_fail(d, "%s: module '%.*s' cannot be loaded here: %s", ext, (int)(len > 60 ? 60 : len),
+             name, msg ? msg : "(error)");
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
+static int dec_timestamp(decoder *d, const char *p, uint32_t n) {
+  lua_State *L = d->L;
+  double sec;
+  uint64_t nsec;
+  if (n == 4) {
+    sec = (double)get_be(p, 4);
+    nsec = 0;
+  } else if (n == 8) {
+    uint64_t v = get_be(p, 8);
+    nsec = v >> 34;
+    sec = (double)(v & 0x3ffffffffULL);
+  } else if (n == 12) {
+    nsec = get_be(p, 4);
+    sec = (double)(int64_t)get_be(p + 4, 8);
+  } else {
+    return dec_fail(d, "a timestamp of %u bytes (4, 8 or 12)", n);
+  }
+  if (nsec > 999999999)
+    return dec_fail(d, "a timestamp with %llu nanoseconds", (unsigned long long)nsec);
+  lua_createtable(L, 0, 2);
+  lua_pushnumber(L, sec);
+  lua_setfield(L, -2, "sec");
+  lua_pushnumber(L, (lua_Number)nsec);
+  lua_setfield(L, -2, "nsec");
+  return 0;
+}
+
+static int dec_first_of(decoder *d, corral_future *f);
+
+static int dec_ext(decoder *d, const msgpack_object *o) {
+  lua_State *L = d->L;
+  const char *p = o->via.ext.ptr;
+  uint32_t n = o->via.ext.size;
+  const int8_t type = o->via.ext.type;
+  int trusted = d->trust == CODEC_TRUSTED;
+  switch (type) {
+  case EXT_TIMESTAMP: return dec_timestamp(d, p, n);
+  case EXT_REF: {
+    if (n != 4) return dec_fail(d, "extension 1 (REF) with a %u-byte body", n);
+    uint64_t id = get_be(p, 4);
+    if (id >= (uint64_t)d->nrefs)
+      return dec_fail(d, "extension 1 (REF) to table %llu, of %d seen", (unsigned long long)id,
+                      d->nrefs);
+    lua_rawgeti(L, d->refs, (int)id + 1);
+    return 0;
+  }
+  case EXT_DEP: {
+    if (!trusted)
+      return dec_fail(d, "extension 2 (DEP): a dependency cannot come from outside the process");
+    if (n != 4) return dec_fail(d, "extension 2 (DEP) with a %u-byte body", n);
+    uint64_t i = get_be(p, 4);
+    if (d->deps == NULL || i >= (uint64_t)d->deps->n)
+      return dec_fail(d, "extension 2 (DEP) %llu, of %d inputs", (unsigned long long)i,
+                      d->deps ? d->deps->n : 0);
+    return dec_first_of(d, d->deps->f[i]);
+  }
+  case EXT_FUTURE: {
+    if (!trusted)
+      return dec_fail(d, "extension 3 (FUTURE): a future cannot come from outside the process");
+    if (n != 8) return dec_fail(d, "extension 3 (FUTURE) with a %u-byte body", n);
+    corral_future *f = handle_get(get_be(p, 8), HANDLE_FUTURE);
+    if (f == NULL) return dec_fail(d, "extension 3 (FUTURE): a stale or forged future handle");
+    d->box->held_f = f;      /* released by the box if pushing it raises */
+    lcore_push_future(L, f); /* takes a reference of its own */
+    d->box->held_f = NULL;
+    corral_future_release(f);
+    return 0;
+  }
+  case EXT_MODULE: return push_module(d, p, n, "extension 4 (MODULE)");
+  case EXT_CFUNC: {
+    const char *dot = NULL;
+    for (uint32_t i = 0; i < n; i++)
+      if (p[i] == '.') dot = p + i;
+    if (dot == NULL || dot == p + n - 1)
+      return dec_fail(d, "extension 5 (CFUNC) without a module and a name");
+    if (push_module(d, p, (size_t)(dot - p), "extension 5 (CFUNC)") != 0) return -1;
+    if (!lua_istable(L, -1))
+      return dec_fail(d, "extension 5 (CFUNC): module '%.*s' is not a table", (int)(dot - p), p);
+    lua_pushlstring(L, dot + 1, n - (size_t)(dot - p) - 1);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+    if (!lua_iscfunction(L, -1))
+      return dec_fail(d, "extension 5 (CFUNC): '%.*s' is not a C function here",
+                      (int)(n > 80 ? 80 : n), p);
+    return 0;
+  }
+  case EXT_FUNC:
+  case EXT_WORKER:
+  case EXT_INST:
+    if (!trusted)
+      return dec_fail(d, "extension %d (%s) cannot come from outside the process", type,
+                      ext_name(type));
+    return dec_fail(d, "extension %d (%s) out of its place", type, ext_name(type));
+  default: return dec_fail(d, "extension type %d is not one corral reads", type);
+  }
+}
+
 static int lbuf_write(void *ud, const char *buf, size_t len) {
   luaL_addlstring(ud, buf, len);
   return 0;
 }
 
-/* [FUNC, bytecode, upvalues...]: load it (once per context for the same
- * bytecode and scalar upvalues) and set its upvalues. Holds no C memory
- * while Lua may raise. */
-static void dec_function(decoder *d, const msgpack_object *o) {
+/* [FUNC mac, bytecode, upvalues...]: authenticate the bytecode, load it (once
+ * per context for the same bytecode and plain upvalues), set its upvalues. */
+static int dec_function(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
   const msgpack_object *a = o->via.array.ptr;
   uint32_t n = o->via.array.size;
+  if (d->trust != CODEC_TRUSTED)
+    return dec_fail(d, "a function cannot come from outside the process (no bytecode from bytes "
+                       "the runtime did not make)");
+  if (n < 2 || a[0].via.ext.size != 9 || a[1].type != MSGPACK_OBJECT_BIN)
+    return dec_fail(d, "a malformed function (FUNC array)");
+  int envkind = (unsigned char)a[0].via.ext.ptr[8];
+  uint32_t up0 = envkind == ENV_GLOBALS ? 2 : 3; /* where the upvalues start */
+  if (envkind > ENV_OVERLAY || n < up0) return dec_fail(d, "a malformed function (FUNC array)");
   const char *code = a[1].via.bin.ptr;
   size_t clen = a[1].via.bin.size;
   /* cached only when every upvalue is a plain value, a module or a C
-   * function: such a closure is the same whatever call it came with */
-  int cacheable = 1;
-  for (uint32_t i = 2; i < n && cacheable; i++) {
+   * function, and the environment the globals: such a closure is the same
+   * whatever call it came with */
+  int cacheable = envkind == ENV_GLOBALS;
+  for (uint32_t i = up0; i < n && cacheable; i++) {
     if (a[i].type == MSGPACK_OBJECT_ARRAY || a[i].type == MSGPACK_OBJECT_MAP) cacheable = 0;
     if (a[i].type == MSGPACK_OBJECT_EXT && a[i].via.ext.type != EXT_MODULE &&
         a[i].via.ext.type != EXT_CFUNC)
@@ -672,11 +1438,11 @@ static void dec_function(decoder *d, const msgpack_object *o) {
     luaL_addlstring(&b, code, clen);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &b, lbuf_write);
-    for (uint32_t i = 2; i < n; i++)
+    for (uint32_t i = up0; i < n; i++)
       msgpack_pack_object(&pk, a[i]);
     luaL_pushresult(&b);
     key = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    reg_get(L, &FCACHE_KEY);
     if (lua_isnil(L, -1)) { /* weak values: closures no one uses go */
       lua_pop(L, 1);
       lua_newtable(L);
@@ -685,163 +1451,293 @@ static void dec_function(decoder *d, const msgpack_object *o) {
       lua_setfield(L, -2, "__mode");
       lua_setmetatable(L, -2);
       lua_pushvalue(L, -1);
-      lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+      reg_set(L, &FCACHE_KEY);
     }
     lua_pushvalue(L, key);
     lua_rawget(L, -2);
-    if (!lua_isnil(L, -1)) {
+    if (!lua_isnil(L, -1)) { /* the same bytecode was authenticated before */
       lua_replace(L, key);
       lua_pop(L, 1);
       dec_ref(d);
-      return;
+      return 0;
     }
     lua_pop(L, 2);
   }
-  if (luaL_loadbuffer(L, code, clen, "=(function from another context)") != 0) lua_error(L);
+  if (get_be(a[0].via.ext.ptr, 8) != mac(code, clen))
+    return dec_fail(d, "a function whose bytecode this process did not make");
+  if (luaL_loadbuffer(L, code, clen, "=(function from another context)") != 0) {
+    dec_fail(d, "a function that does not load: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
   int fn = lua_gettop(L);
   dec_ref(d); /* before its upvalues, which may refer to it */
-  for (uint32_t i = 2; i < n; i++) {
-    dec_object(d, &a[i]);
-    if (lua_setupvalue(L, fn, (int)i - 1) == NULL) lua_pop(L, 1);
+  if (envkind != ENV_GLOBALS) {
+    at_dec(d, (dframe){.kind = DF_UPVALUE, .name = "_ENV"});
+    if (dec_value(d, &a[2]) != 0) return -1;
+    if (!lua_istable(L, -1)) return dec_fail(d, "a function environment that is not a table");
+    up_dec(d);
+    if (envkind == ENV_OVERLAY) {
+      lua_createtable(L, 0, 1);
+      lua_pushvalue(L, LUA_GLOBALSINDEX);
+      lua_setfield(L, -2, "__index");
+      lua_setmetatable(L, -2);
+    }
+    lua_setfenv(L, fn);
+  }
+  for (uint32_t i = up0; i < n; i++) {
+    const char *name = lua_getupvalue(L, fn, (int)(i - up0) + 1);
+    if (name == NULL) return dec_fail(d, "a function with more upvalues than its bytecode has");
+    lua_pop(L, 1);
+    at_dec(d, (dframe){.kind = DF_UPVALUE, .name = *name ? name : "?"});
+    if (dec_value(d, &a[i]) != 0) return -1;
+    up_dec(d);
+    lua_setupvalue(L, fn, (int)(i - up0) + 1);
+  }
+  if (lua_getupvalue(L, fn, (int)(n - up0) + 1) != NULL) {
+    lua_pop(L, 1);
+    return dec_fail(d, "a function with fewer upvalues than its bytecode has");
   }
   if (key != 0) {
-    lua_getfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+    reg_get(L, &FCACHE_KEY);
     lua_pushvalue(L, key);
     lua_pushvalue(L, fn);
     lua_rawset(L, -3);
     lua_pop(L, 1);
     lua_replace(L, key); /* the function where the key was */
   }
+  return 0;
 }
 
-static void dec_worker(decoder *d, const msgpack_object *o) {
+/* [WORKER, opts, INST h...]: a worker handle, rebuilt by worker.import. */
+static int dec_worker(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
-  lua_getfield(L, LUA_REGISTRYINDEX, "corral.import_worker");
-  dec_object(d, &o->via.array.ptr[1]);
-  for (uint32_t i = 2; i < o->via.array.size; i++) {
-    void *p;
-    memcpy(&p, o->via.array.ptr[i].via.ext.ptr, sizeof p);
-    lua_pushlightuserdata(L, p);
+  const msgpack_object *a = o->via.array.ptr;
+  uint32_t n = o->via.array.size;
+  if (d->trust != CODEC_TRUSTED)
+    return dec_fail(d, "a worker handle cannot come from outside the process");
+  if (n < 3 || a[0].via.ext.size != 0 || a[1].type != MSGPACK_OBJECT_MAP)
+    return dec_fail(d, "a malformed worker handle (WORKER array)");
+  if (!lua_checkstack(L, (int)n + 4)) return dec_fail(d, "a worker handle with too many instances");
+  int top = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
+  if (!lua_isfunction(L, -1)) return dec_fail(d, "worker handles cannot be rebuilt in this state");
+  if (dec_value(d, &a[1]) != 0) return -1;
+  for (uint32_t i = 2; i < n; i++) {
+    if (a[i].type != MSGPACK_OBJECT_EXT || a[i].via.ext.type != EXT_INST || a[i].via.ext.size != 8)
+      return dec_fail(d, "a malformed worker handle (instance %u)", i - 1);
+    corral_worker *w = handle_get(get_be(a[i].via.ext.ptr, 8), HANDLE_WORKER);
+    if (w == NULL) return dec_fail(d, "a stale or forged worker handle");
+    d->box->held_w = w; /* released by the box if the userdata cannot be made */
+    corral_worker **u = lua_newuserdata(L, sizeof(corral_worker *));
+    *u = w;                           /* the userdata's reference now */
+    atomic_fetch_add(&w->handles, 1); /* one more handle: see w_gc */
+    d->box->held_w = NULL;
+    luaL_getmetatable(L, WORKER_MT);
+    lua_setmetatable(L, -2);
   }
-  /* the importer takes references of its own */
-  lua_call(L, (int)o->via.array.size - 1, 1);
-}
-
-static int is_mark(const msgpack_object *o, int type) {
-  return o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size >= 2 &&
-         o->via.array.ptr[0].type == MSGPACK_OBJECT_EXT && o->via.array.ptr[0].via.ext.type == type;
-}
-
-static void dec_object(decoder *d, const msgpack_object *o) {
-  lua_State *L = d->L;
-  luaL_checkstack(L, 8, "corral codec");
-  switch (o->type) {
-  case MSGPACK_OBJECT_NIL: lua_pushnil(L); break;
-  case MSGPACK_OBJECT_BOOLEAN: lua_pushboolean(L, o->via.boolean); break;
-  case MSGPACK_OBJECT_POSITIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.u64); break;
-  case MSGPACK_OBJECT_NEGATIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.i64); break;
-  case MSGPACK_OBJECT_FLOAT32:
-  case MSGPACK_OBJECT_FLOAT64: lua_pushnumber(L, o->via.f64); break;
-  case MSGPACK_OBJECT_STR: lua_pushlstring(L, o->via.str.ptr, o->via.str.size); break;
-  case MSGPACK_OBJECT_BIN: lua_pushlstring(L, o->via.bin.ptr, o->via.bin.size); break;
-  case MSGPACK_OBJECT_EXT: dec_ext(d, o); break;
-  case MSGPACK_OBJECT_ARRAY:
-    if (is_mark(o, EXT_FUNC)) {
-      dec_function(d, o);
-      break;
-    }
-    if (is_mark(o, EXT_WORKER)) {
-      dec_worker(d, o);
-      break;
-    }
-    lua_createtable(L, (int)o->via.array.size, 0);
-    dec_ref(d);
-    for (uint32_t i = 0; i < o->via.array.size; i++) {
-      dec_object(d, &o->via.array.ptr[i]);
-      lua_rawseti(L, -2, (int)i + 1);
-    }
-    break;
-  case MSGPACK_OBJECT_MAP:
-    lua_createtable(L, 0, (int)o->via.map.size);
-    dec_ref(d);
-    for (uint32_t i = 0; i < o->via.map.size; i++) {
-      dec_object(d, &o->via.map.ptr[i].key);
-      dec_object(d, &o->via.map.ptr[i].val);
-      if (lua_isnil(L, -2))
-        lua_pop(L, 2);
-      else
-        lua_rawset(L, -3);
-    }
-    break;
-  default: lua_pushnil(L); break;
-  }
-}
-
-/* Decode all the values of `o` (an array: each element; else the value). */
-static int decode_all(lua_State *L, const msgpack_object *o, codec_deps *deps) {
-  int n = o->type == MSGPACK_OBJECT_ARRAY ? (int)o->via.array.size : 1;
-  luaL_checkstack(L, n + 8, "corral codec: too many values");
-  decoder d = {L, 0, 0, deps};
-  lua_pushnil(L); /* the refs table, made with the first table */
-  d.refs = lua_gettop(L);
-  if (o->type == MSGPACK_OBJECT_ARRAY) {
-    for (int i = 0; i < n; i++)
-      dec_object(&d, &o->via.array.ptr[i]);
-  } else {
-    dec_object(&d, o);
-  }
-  lua_remove(L, d.refs);
-  return n;
-}
-
-int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps) {
-  corral_context *c = ctx_of(L);
-  if (c != NULL && !c->zone_busy) {
-    /* the common case: the context's own zone, kept between decodes */
-    if (c->zone == NULL) c->zone = msgpack_zone_new(2048);
-    if (c->zone != NULL) {
-      msgpack_object o;
-      size_t off = 0;
-      if (msgpack_unpack(data, len, &off, c->zone, &o) < MSGPACK_UNPACK_SUCCESS) {
-        msgpack_zone_clear(c->zone);
-        lua_pushliteral(L, "malformed MessagePack payload");
-        return -1;
-      }
-      c->zone_busy = 1;
-      int n = decode_all(L, &o, deps);
-      c->zone_busy = 0;
-      msgpack_zone_clear(c->zone);
-      return n;
-    }
-  }
-  /* nested in another decode: a zone of its own, freed by __gc on error */
-  msgpack_unpacked *up = unpacked_push(L);
-  int slot = lua_gettop(L);
-  size_t off = 0;
-  if (msgpack_unpack_next(up, data, len, &off) != MSGPACK_UNPACK_SUCCESS) {
-    lua_pop(L, 1);
-    lua_pushliteral(L, "malformed MessagePack payload");
+  if (lua_pcall(L, (int)n - 1, 1, 0) != 0) {
+    dec_fail(d, "a worker handle that cannot be rebuilt: %s", lua_tostring(L, -1));
+    lua_settop(L, top);
     return -1;
   }
-  int n = decode_all(L, &up->data, deps);
-  msgpack_unpacked_destroy(up);
-  lua_remove(L, slot);
+  return 0;
+}
+
+/* Tables are made with room for at most this many elements (they grow):
+ * LuaJIT raises on a table too large to make. */
+#define PREALLOC_MAX (1 << 20)
+
+/* A value that cannot fail (nil, a boolean, a number, a string): pushed,
+ * and 1; 0 for the others. The caller made room for it. */
+static inline int dec_scalar(lua_State *L, const msgpack_object *o) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_NIL: lua_pushnil(L); return 1;
+  case MSGPACK_OBJECT_BOOLEAN: lua_pushboolean(L, o->via.boolean); return 1;
+  case MSGPACK_OBJECT_POSITIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.u64); return 1;
+  case MSGPACK_OBJECT_NEGATIVE_INTEGER: lua_pushnumber(L, (lua_Number)o->via.i64); return 1;
+  case MSGPACK_OBJECT_FLOAT32:
+  case MSGPACK_OBJECT_FLOAT64: lua_pushnumber(L, o->via.f64); return 1;
+  case MSGPACK_OBJECT_STR: lua_pushlstring(L, o->via.str.ptr, o->via.str.size); return 1;
+  case MSGPACK_OBJECT_BIN: lua_pushlstring(L, o->via.bin.ptr, o->via.bin.size); return 1;
+  default: return 0;
+  }
+}
+
+static int dec_value(decoder *d, const msgpack_object *o) {
+  lua_State *L = d->L;
+  if (dec_scalar(L, o)) return 0;
+  if (!lua_checkstack(L, 8)) return dec_fail(d, "Lua stack exhausted");
+  switch (o->type) {
+  case MSGPACK_OBJECT_EXT: return dec_ext(d, o);
+  case MSGPACK_OBJECT_ARRAY: {
+    uint32_t n = o->via.array.size;
+    const msgpack_object *a = o->via.array.ptr;
+    if (n > 0 && a[0].type == MSGPACK_OBJECT_EXT && a[0].via.ext.type == EXT_FUNC)
+      return dec_function(d, o);
+    if (n > 0 && a[0].type == MSGPACK_OBJECT_EXT && a[0].via.ext.type == EXT_WORKER)
+      return dec_worker(d, o);
+    lua_createtable(L, (int)(n < PREALLOC_MAX ? n : PREALLOC_MAX), 0);
+    dec_ref(d);
+    for (uint32_t i = 0; i < n; i++) {
+      if (!dec_scalar(L, &a[i])) {
+        at_dec(d, (dframe){.kind = DF_INDEX, .i = i + 1});
+        if (dec_value(d, &a[i]) != 0) return -1;
+        up_dec(d);
+      }
+      lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 0;
+  }
+  case MSGPACK_OBJECT_MAP: {
+    uint32_t n = o->via.map.size;
+    lua_createtable(L, 0, (int)(n < PREALLOC_MAX ? n : PREALLOC_MAX));
+    dec_ref(d);
+    for (uint32_t i = 0; i < n; i++) {
+      const msgpack_object_kv *kv = &o->via.map.ptr[i];
+      at_dec(d, (dframe){.kind = DF_KEY, .key = &kv->key});
+      if (dec_value(d, &kv->key) != 0) return -1;
+      if (lua_isnil(L, -1)) return dec_fail(d, "a map key is nil");
+      if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))
+        return dec_fail(d, "a map key is NaN");
+      if (dec_value(d, &kv->val) != 0) return -1;
+      up_dec(d);
+      lua_rawset(L, -3);
+    }
+    return 0;
+  }
+  default: return dec_fail(d, "an unknown MessagePack type");
+  }
+}
+
+/* The first value of an input's results, decoded from its own payload (with
+ * its own trust and numbering) into this decode's zone. */
+static int dec_first_of(decoder *d, corral_future *f) {
+  lua_State *L = d->L;
+  const void *mp;
+  size_t len;
+  if (corral_future_payload(f, &mp, &len) != 0 || corral_future_state(f) != CORRAL_DONE)
+    return dec_fail(d, "an input that has not succeeded");
+  if (len == 0) {
+    lua_pushnil(L);
+    return 0;
+  }
+  msgpack_object root;
+  const char *why = unpack_one(d->box->zone, mp, len, &root, 1);
+  if (why != NULL) return dec_fail(d, "the input's payload: %s", why);
+  decoder sub = *d;
+  sub.deps = NULL;
+  sub.trust = future_trust(f);
+  sub.nrefs = 0;
+  lua_pushnil(L);
+  sub.refs = lua_gettop(L);
+  int rc;
+  if (root.type != MSGPACK_OBJECT_ARRAY) {
+    rc = dec_value(&sub, &root);
+  } else if (root.via.array.size == 0) {
+    lua_pushnil(L);
+    rc = 0;
+  } else {
+    rc = dec_value(&sub, &root.via.array.ptr[0]);
+  }
+  d->failed = sub.failed;
+  if (rc != 0) return -1;
+  lua_remove(L, sub.refs);
+  return 0;
+}
+
+int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust) {
+  static const char *const names[] = {"value", "args", "result", "init"};
+  const char *what = names[(trust >> 4) & 3];
+  trust &= 15;
+  int base = lua_gettop(L);
+  lua_checkstack(L, 8);
+  /* The box: the one kept in the registry, unless it is busy (a decode
+   * nested in another, or one a Lua error cut short): then a new one, kept
+   * from now on. It stays on the stack while it is used: a nested decode may
+   * take its place in the registry. */
+  reg_get(L, &DBOX_KEY);
+  dbox *box = lua_touserdata(L, -1);
+  if (box == NULL || box->busy) {
+    lua_pop(L, 1);
+    box = lua_newuserdata(L, sizeof *box);
+    memset(box, 0, sizeof *box);
+    if (luaL_newmetatable(L, DBOX_MT)) {
+      lua_pushcfunction(L, dbox_gc);
+      lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    reg_set(L, &DBOX_KEY);
+  }
+  box->busy = 1;
+  const char *why = NULL;
+  if (box->zone == NULL && !should_fail()) {
+    box->zone = msgpack_zone_new(2048);
+    if (box->zone != NULL) atomic_fetch_add_explicit(&live_allocs, 1, memory_order_relaxed);
+  }
+  msgpack_object root;
+  if (box->zone == NULL)
+    why = "out of memory";
+  else
+    why = unpack_one(box->zone, data, len, &root, 1);
+  dpath path;
+  path.n = 0;
+  char err[512];
+  int n = 0;
+  if (why == NULL) {
+    uint32_t count = root.type == MSGPACK_OBJECT_ARRAY ? root.via.array.size : 1;
+    n = count > 1000000 ? 1000000 : (int)count;
+    if (root.type == MSGPACK_OBJECT_ARRAY && (count > 1000000 || !lua_checkstack(L, n + 16))) {
+      snprintf(err, sizeof err, "%u values are too many to receive at once (the Lua stack is full)",
+               count);
+      why = err;
+    }
+  }
+  if (why == NULL) {
+    decoder d = {L, box, 0, 0, deps, trust, 0, &path, err, sizeof err};
+    lua_pushnil(L); /* the refs table, made with the first table */
+    d.refs = lua_gettop(L);
+    for (int i = 0; i < n; i++) {
+      at_dec(&d, (dframe){.kind = DF_ARG, .i = (uint32_t)i + 1, .name = what});
+      if (dec_value(&d, root.type == MSGPACK_OBJECT_ARRAY ? &root.via.array.ptr[i] : &root) != 0) {
+        why = err;
+        break;
+      }
+      up_dec(&d);
+    }
+    if (why == NULL) lua_remove(L, d.refs);
+  }
+  if (box->zone != NULL) msgpack_zone_clear(box->zone);
+  box->busy = 0;
+  if (why != NULL) {
+    lua_settop(L, base + 1);
+    if (why == err)
+      lua_pushstring(L, err);
+    else
+      lua_pushfstring(L, "%s: %s", what, why);
+    lua_replace(L, base + 1);
+    return -1;
+  }
+  lua_remove(L, base + 1);
   return n;
 }
 
 /* Release the references held by an encoded payload that will never be
- * decoded (futures and worker instances passed by reference). */
+ * decoded (futures and worker instances it names). Runs no Lua and takes no
+ * lock: the payload's own reference keeps each handle alive until here. */
 static void release_refs(const msgpack_object *o) {
   switch (o->type) {
   case MSGPACK_OBJECT_EXT:
+    if (o->via.ext.size != 8) break;
     if (o->via.ext.type == EXT_FUTURE) {
-      corral_future *f;
-      memcpy(&f, o->via.ext.ptr, sizeof(corral_future *));
-      corral_future_release(f);
+      corral_future *f = handle_get(get_be(o->via.ext.ptr, 8), HANDLE_FUTURE);
+      corral_future_release(f); /* the lookup's */
+      corral_future_release(f); /* the payload's */
     } else if (o->via.ext.type == EXT_INST) {
-      void *p;
-      memcpy(&p, o->via.ext.ptr, sizeof p);
-      worker_release(p);
+      corral_worker *w = handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
+      worker_release(w);
+      worker_release(w);
     }
     break;
   case MSGPACK_OBJECT_ARRAY:
@@ -860,9 +1756,9 @@ static void release_refs(const msgpack_object *o) {
 
 void codec_discard(const char *data, size_t len) {
   if (data == NULL || len == 0) return;
-  msgpack_unpacked u;
-  msgpack_unpacked_init(&u);
-  size_t off = 0;
-  if (msgpack_unpack_next(&u, data, len, &off) == MSGPACK_UNPACK_SUCCESS) release_refs(&u.data);
-  msgpack_unpacked_destroy(&u);
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) return;
+  msgpack_object o;
+  if (unpack_one(z, data, len, &o, 0) == NULL) release_refs(&o);
+  msgpack_zone_free(z);
 }

@@ -81,7 +81,6 @@ void ctx_post(corral_watch *w) {
 int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud) {
   queue done;
   atomic_store(&c->signal, 0);
-  c->zone_busy = 0; /* no decode runs across a turn (one cut short by an error) */
   uv_mutex_lock(&c->qlock);
   queue_move(&c->completed, &done);
   uv_mutex_unlock(&c->qlock);
@@ -337,6 +336,4 @@ void ctx_close(corral_context *c, int destroy_lock) {
   uv_run(&c->loop, UV_RUN_DEFAULT);
   uv_loop_close(&c->loop);
   if (destroy_lock) uv_mutex_destroy(&c->qlock);
-  if (c->zone != NULL) msgpack_zone_free(c->zone);
-  c->zone = NULL;
 }

@@ -30,6 +30,7 @@ static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
 static atomic_int wait_count;
 static int sleepers;             /* threads inside pthread_cond_wait (under wait_lock) */
 static atomic_long host_pending; /* pending futures that host C code may settle */
+static atomic_int live;          /* futures alive, for leak specs */
 
 static void wait_init(void) {
   pthread_condattr_t a;
@@ -53,6 +54,7 @@ corral_future *future_new(void) {
     free(f);
     return NULL;
   }
+  atomic_fetch_add_explicit(&live, 1, memory_order_relaxed);
   return f;
 }
 
@@ -84,11 +86,28 @@ void corral_future_release(corral_future *f) {
   /* a host future dropped unsettled: no one can settle it any more */
   if ((atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->state) < CORRAL_DONE)
     atomic_fetch_sub(&host_pending, 1);
+  uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
+  if (h != 0) handle_free(h); /* lock-free: a __gc may get here */
+  atomic_fetch_sub_explicit(&live, 1, memory_order_relaxed);
   uv_mutex_destroy(&f->lock);
   if (f->payload_refs) codec_discard(f->payload, f->len);
   free(f->payload);
   free(f);
 }
+
+uint64_t future_handle(corral_future *f) {
+  uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
+  if (h != 0) return h;
+  h = handle_new(f, HANDLE_FUTURE, &f->refs);
+  uint64_t none = 0;
+  if (h != 0 && !atomic_compare_exchange_strong(&f->handle, &none, h)) {
+    handle_free(h); /* another thread issued one first */
+    h = none;
+  }
+  return h;
+}
+
+int future_live(void) { return atomic_load_explicit(&live, memory_order_relaxed); }
 
 corral_state corral_future_state(corral_future *f) {
   return (corral_state)atomic_load_explicit(&f->state, memory_order_acquire);
@@ -130,8 +149,10 @@ int future_resume(corral_future *f) {
 }
 
 /* Settle f unless it is already final (or, with `cancel`, unless the cancel
- * rule at the top of this file allows it). */
-static int settle(corral_future *f, int state, char *payload, size_t len, int refs, int cancel) {
+ * rule at the top of this file allows it). `foreign`: the payload comes from
+ * host code, not from corral's encoder. */
+static int settle(corral_future *f, int state, char *payload, size_t len, int refs, int cancel,
+                  int foreign) {
   uv_mutex_lock(&f->lock);
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
   if (s >= CORRAL_DONE || (cancel && s == CORRAL_RUNNING && !f->suspended)) {
@@ -145,6 +166,7 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   f->payload_refs = refs;
   if (atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)
     atomic_fetch_sub(&host_pending, 1);
+  f->payload_foreign = foreign;
   corral_watch *w = f->watches;
   f->watches = NULL;
   atomic_store_explicit(&f->state, state, memory_order_seq_cst);
@@ -164,14 +186,14 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   return 0;
 }
 
-int future_cancel(corral_future *f) { return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1); }
+int future_cancel(corral_future *f) { return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1, 0); }
 
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
-  return settle(f, (int)state, payload, len, 0, 0);
+  return settle(f, (int)state, payload, len, 0, 0, 0);
 }
 
 int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs) {
-  return settle(f, (int)state, payload, len, refs, 0);
+  return settle(f, (int)state, payload, len, refs, 0, 0);
 }
 
 int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
@@ -182,7 +204,8 @@ int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
     if (copy == NULL) return CORRAL_ENOMEM;
     memcpy(copy, mp, len);
   }
-  return future_settle(f, CORRAL_DONE, copy, len);
+  /* the host's own MessagePack: decoded as foreign bytes */
+  return settle(f, CORRAL_DONE, copy, len, 0, 0, 1);
 }
 
 /* An error travels as a MessagePack map {kind=..., message=...}. */
@@ -229,6 +252,8 @@ int corral_future_cancel(corral_future *f) {
   if (f == NULL) return CORRAL_EINVAL;
   return future_cancel(f);
 }
+
+int future_trust(corral_future *f) { return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED; }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
   if (f == NULL || mp == NULL || len == NULL) return CORRAL_EINVAL;

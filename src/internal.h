@@ -3,6 +3,7 @@
 #define CORRAL_INTERNAL_H
 
 #include <stdatomic.h>
+#include <stdint.h>
 #include <uv.h>
 
 #include "corral.h"
@@ -35,7 +36,9 @@ struct corral_future {
   corral_watch *watches;
   char *payload; /* encoded results or error (malloc'd), set once when settled */
   size_t len;
-  int payload_refs; /* the payload holds references (see codec_discard) */
+  int payload_refs;         /* the payload holds references (see codec_discard) */
+  int payload_foreign;      /* the payload came from a C host: decoded as foreign bytes */
+  _Atomic(uint64_t) handle; /* its handle once it crossed contexts (handle.c), or 0 */
 };
 
 /* A new pending future that only corral settles. */
@@ -51,6 +54,12 @@ char *future_error_payload(const char *kind, const char *message, size_t *len);
 int future_settle(corral_future *f, corral_state state, char *payload, size_t len);
 /* The same, for a payload from codec_encode that holds references. */
 int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs);
+/* The trust to decode f's payload with (CODEC_TRUSTED or CODEC_FOREIGN). */
+int future_trust(corral_future *f);
+/* f's handle, issued on first use (0 when the handle table is full). */
+uint64_t future_handle(corral_future *f);
+/* Futures alive in the process (a debug counter for leak specs). */
+int future_live(void);
 /* pending -> running; 0 when it took effect. */
 int future_start(corral_future *f);
 /* The running work waits (cancellable) / goes on: 0 while still RUNNING,
@@ -64,6 +73,21 @@ int future_watch(corral_future *f, corral_context *ctx);
 /* Drop ctx's watch on f if it is still registered: 1 when removed (the watch
  * is freed), 0 when a settle already took it. */
 int future_unwatch(corral_future *f, corral_watch *w);
+
+/* ---- handle.c ---------------------------------------------------------- */
+
+enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2 };
+
+/* Issue a handle for obj (whose reference count is *refs): never 0, but 0
+ * when no slot can be had. */
+uint64_t handle_new(void *obj, int kind, atomic_int *refs);
+/* The object's last reference went: its handle stops resolving. Lock-free. */
+void handle_free(uint64_t h);
+/* The object of a live handle of that kind, retained; NULL for a stale,
+ * forged or mistyped handle. Lock-free. */
+void *handle_get(uint64_t h, int kind);
+/* Slots in use (a debug counter). */
+int handle_live(void);
 
 /* ---- context.c --------------------------------------------------------- */
 
@@ -92,10 +116,8 @@ struct corral_context {
   int closed;                /* the loop is closed: no more wake-ups (under qlock) */
   int idle;                  /* a worker parked with nothing to do (under qlock; see context.c) */
   corral_deferred *deferred; /* loop thread only */
-  void *zone;                /* a msgpack_zone the decoder reuses (loop thread only) */
-  int zone_busy;
-  atomic_int signal;   /* work was posted since the last drain */
-  atomic_int spinning; /* the loop spins before parking: no need to wake it */
+  atomic_int signal;         /* work was posted since the last drain */
+  atomic_int spinning;       /* the loop spins before parking: no need to wake it */
   /* statistics, read from any thread */
   atomic_long encodes, decodes, tasks;
 };
@@ -168,9 +190,11 @@ void rt_destroy(corral_runtime *rt);
 /* ---- codec.c ----------------------------------------------------------- */
 
 typedef struct {
-  const char *what;     /* names the values in errors: "args" (default), "result" */
-  int unwrap;           /* futures become dependencies (DEP) rather than references */
-  corral_future **deps; /* with unwrap: the futures found, retained (malloc'd) */
+  const char *what;        /* names the values in errors: "args" (default), "result" */
+  int offset;              /* values before the named ones: the first is what[1 - offset] */
+  const char *const *lead; /* with offset: the names of those values ("class", ...) */
+  int unwrap;              /* futures become dependencies (DEP) rather than references */
+  corral_future **deps;    /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
   int has_refs;     /* out: the payload holds references (futures, workers) */
   size_t size_hint; /* bytes to allocate up front */
@@ -182,14 +206,36 @@ typedef struct {
   int n;
 } codec_deps;
 
+/* How far decoded bytes are believed. Trusted: made by this process's encoder
+ * (call arguments, results, worker boot payloads): functions, handles and
+ * dependencies are taken, after checking. Foreign: from anywhere else (a
+ * string given to core.decode, a result a C host settled): plain values,
+ * loaded modules and timestamps only. */
+enum { CODEC_TRUSTED = 0, CODEC_FOREIGN = 1 };
+/* Or'ed into codec_decode's trust: how errors name the values. */
+enum {
+  CODEC_AS_VALUES = 0,
+  CODEC_AS_ARGS = 1 << 4,
+  CODEC_AS_RESULT = 2 << 4,
+  CODEC_AS_INIT = 3 << 4
+};
+
 /* Encode the n values at L[from..] as a MessagePack array into a malloc'd
- * buffer. On failure returns NULL (o->err says why). */
+ * buffer. On failure returns NULL (o->err says why). Raises only when Lua
+ * runs out of memory, and leaks nothing then. */
 char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o);
-/* Decode a MessagePack array and push its elements; returns how many, or -1
- * with an error message pushed. `deps` resolves unwrapped futures. */
-int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps);
-/* Release the references an encoded payload holds. */
+/* Decode a MessagePack array and push its elements (a payload that is not an
+ * array is one value); returns how many, or -1 with an error message pushed
+ * that names where (`result[1].a[3]: ...`). `deps` resolves unwrapped
+ * futures; `trust` is CODEC_TRUSTED or CODEC_FOREIGN, or'ed with a
+ * CODEC_AS_* name. Raises only when Lua runs out of memory. */
+int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust);
+/* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
 void codec_discard(const char *data, size_t len);
+/* Test hooks: make the nth C allocation of the codec from now fail (0: none);
+ * count the codec's live C allocations. */
+void codec_fail_alloc(int nth);
+int codec_live(void);
 
 /* ---- worker.c ---------------------------------------------------------- */
 
@@ -229,10 +275,11 @@ struct corral_worker {
   atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
   char *crash;         /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
-  char current[64];       /* the method running now ("" when none), under ctx.qlock */
-  atomic_int active;      /* calls queued or running */
-  corral_future *stopped; /* settled as the thread ends */
-  queue rt_node;          /* in rt->workers, under rt->wlock */
+  char current[64];         /* the method running now ("" when none), under ctx.qlock */
+  atomic_int active;        /* calls queued or running */
+  corral_future *stopped;   /* settled as the thread ends */
+  queue rt_node;            /* in rt->workers, under rt->wlock */
+  _Atomic(uint64_t) handle; /* its handle once it crossed contexts, or 0 */
   char name[64];
 };
 
@@ -244,6 +291,8 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
                             int cap, int *err);
 void worker_retain(corral_worker *w);
 void worker_release(corral_worker *w);
+/* w's handle, issued on first use (0 when the handle table is full). */
+uint64_t worker_handle(corral_worker *w);
 /* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping; CORRAL_ECRASHED dead. */
 int worker_push(corral_worker *w, corral_call *c);
 /* Wait for room: 0 f registered (settled on the next pop), 1 retry now. */
@@ -275,6 +324,11 @@ void worker_reap(corral_runtime *rt);
  * ones mark the future as one that host code may settle). */
 void lcore_push_future(lua_State *L, corral_future *f);
 corral_future *lcore_to_future(lua_State *L, int idx);
+/* Metatables and registry keys the codec shares with the binding. */
+#define CFUTURE_MT "corral.cfuture"
+#define WORKER_MT  "corral.worker"
+#define CREF_KEY   "corral.cref"
+#define IMPORT_KEY "corral.import_worker"
 /* The context a lua_State runs in. */
 corral_context *ctx_of(lua_State *L);
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */

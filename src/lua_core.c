@@ -115,7 +115,8 @@ static int l_fstate(lua_State *L) {
   return 1;
 }
 
-/* The decoded payload of a settled C future: results as a table {n=...}. */
+/* The decoded payload of a settled C future: results as a table {n=...}; or
+ * nil and why they cannot be decoded here (a CodecError's message). */
 static int l_fvalues(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
   const void *mp;
@@ -127,8 +128,12 @@ static int l_fvalues(lua_State *L) {
     return 1;
   }
   int base = lua_gettop(L);
-  int n = codec_decode(L, mp, len, NULL);
-  if (n < 0) return lua_error(L);
+  int n = codec_decode(L, mp, len, NULL, future_trust(f) | CODEC_AS_RESULT);
+  if (n < 0) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+  }
   atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
   lua_createtable(L, n, 1);
   lua_insert(L, base + 1);
@@ -355,12 +360,31 @@ static int l_encode(lua_State *L) {
   return 1;
 }
 
+/* Raise a CodecError (corral.errors) with the message on top of the stack. */
+static int raise_codec_error(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, "corral.errors");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "new");
+    lua_pushliteral(L, "CodecError");
+    lua_pushvalue(L, -5);
+    lua_pushnil(L);
+    lua_pushinteger(L, 2);
+    lua_call(L, 4, 1);
+  } else {
+    lua_pushvalue(L, -3);
+  }
+  return lua_error(L);
+}
+
+/* decode(s): the values of a MessagePack array from outside the process
+ * (foreign bytes); raises a CodecError when they cannot be decoded. */
 static int l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   lua_settop(L, 1);
-  int n = codec_decode(L, s, len, NULL);
-  if (n < 0) return lua_error(L);
+  int n = codec_decode(L, s, len, NULL, CODEC_FOREIGN);
+  if (n < 0) return raise_codec_error(L);
   return n;
 }
 
@@ -431,8 +455,11 @@ static int l_worker_start(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   lua_Number cap = luaL_checknumber(L, 2);
   luaL_argcheck(L, cap >= 1 && cap <= 0x7fffffff, 2, "inbox bound out of range");
+  static const char *const lead[] = {"class", "options"};
   codec_opts o = {0};
   o.what = "init";
+  o.offset = 2;
+  o.lead = lead;
   size_t len;
   char *boot = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (boot == NULL) return codec_error(L, o.err);
@@ -447,20 +474,6 @@ static int l_worker_start(lua_State *L) {
     return 2;
   }
   w_push_handle(L, w);
-  return 1;
-}
-
-/* A worker handle from a lightuserdata (decoding a handle sent by another
- * context): a new reference. */
-static int l_worker_ref(lua_State *L) {
-  corral_worker *w = lua_touserdata(L, 1);
-  worker_retain(w);
-  w_push_handle(L, w);
-  return 1;
-}
-
-static int l_worker_ptr(lua_State *L) {
-  lua_pushlightuserdata(L, w_check(L, 1));
   return 1;
 }
 
@@ -625,15 +638,17 @@ static int l_wname(lua_State *L) {
   return 1;
 }
 
-/* pool_set(ptr...): make these instances the process's default pool, unless
+/* pool_set(w...): make these instances the process's default pool, unless
  * one is set already (false). pool_get(): its instances (none: no pool). */
 static int l_pool_set(lua_State *L) {
   corral_runtime *rt = rt_of(L);
   int n = lua_gettop(L);
+  for (int i = 1; i <= n; i++)
+    w_check(L, i);
   corral_worker **pool = calloc((size_t)(n > 0 ? n : 1), sizeof(void *));
   if (pool == NULL) return luaL_error(L, "corral: out of memory");
   for (int i = 0; i < n; i++)
-    pool[i] = lua_touserdata(L, i + 1);
+    pool[i] = w_check(L, i + 1);
   int ok = 0;
   uv_mutex_lock(&rt->wlock);
   if (rt->pool == NULL) {
@@ -653,12 +668,24 @@ static int l_pool_set(lua_State *L) {
 
 static int l_pool_get(lua_State *L) {
   corral_runtime *rt = rt_of(L);
+  corral_worker *got[64], **ws = got;
   uv_mutex_lock(&rt->wlock);
   int n = rt->npool;
-  if (!lua_checkstack(L, n + 1)) n = 0;
-  for (int i = 0; i < n; i++)
-    lua_pushlightuserdata(L, rt->pool[i]);
+  if (n > 64) ws = malloc(sizeof(void *) * (size_t)n);
+  if (ws == NULL) n = 0;
+  for (int i = 0; i < n; i++) {
+    ws[i] = rt->pool[i];
+    worker_retain(ws[i]); /* the userdata's reference */
+  }
   uv_mutex_unlock(&rt->wlock);
+  if (!lua_checkstack(L, n + 1)) {
+    for (int i = 0; i < n; i++)
+      worker_release(ws[i]);
+    n = 0;
+  }
+  for (int i = 0; i < n; i++)
+    w_push_handle(L, ws[i]);
+  if (ws != got) free(ws);
   return n;
 }
 
@@ -762,15 +789,21 @@ static int l_call_deps(lua_State *L) {
   return 1;
 }
 
-/* call_args(call): the decoded arguments, inputs in their places. */
+/* call_args(call): true and the decoded arguments, inputs in their places;
+ * or false and why they cannot be decoded here (a CodecError's message). */
 static int l_call_args(lua_State *L) {
   corral_call *c = call_check(L, 1);
   lua_settop(L, 1);
+  lua_pushboolean(L, 1);
   codec_deps deps = {c->deps, c->ndeps};
-  int n = codec_decode(L, c->payload, c->len, &deps);
-  if (n < 0) return lua_error(L);
+  int n = codec_decode(L, c->payload, c->len, &deps, CODEC_TRUSTED | CODEC_AS_ARGS);
+  if (n < 0) {
+    lua_pushboolean(L, 0);
+    lua_replace(L, 2);
+    return 2;
+  }
   atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
-  return n;
+  return n + 1;
 }
 
 /* The call has finished: count it and free it. */
@@ -875,6 +908,25 @@ static int l_ncpu(lua_State *L) {
   return 1;
 }
 
+/* debug_counts(): live C objects, for leak specs: the codec's own blocks,
+ * futures, and handles issued. */
+static int l_debug_counts(lua_State *L) {
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, codec_live());
+  lua_setfield(L, -2, "codec");
+  lua_pushinteger(L, future_live());
+  lua_setfield(L, -2, "futures");
+  lua_pushinteger(L, handle_live());
+  lua_setfield(L, -2, "handles");
+  return 1;
+}
+
+/* codec_fail_alloc(n): the codec's nth C allocation from now fails (0: none). */
+static int l_codec_fail_alloc(lua_State *L) {
+  codec_fail_alloc((int)luaL_checkinteger(L, 1));
+  return 0;
+}
+
 static int l_is_worker(lua_State *L) {
   corral_context *c = ctx_of(L);
   if (c->worker == NULL) return 0;
@@ -915,8 +967,6 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"encode", l_encode},
                                       {"decode", l_decode},
                                       {"worker_start", l_worker_start},
-                                      {"worker_ref", l_worker_ref},
-                                      {"worker_ptr", l_worker_ptr},
                                       {"wcall", l_wcall},
                                       {"wpush", l_wpush},
                                       {"wspace", l_wspace},
@@ -941,6 +991,8 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"stats", l_stats},
                                       {"ncpu", l_ncpu},
                                       {"is_worker", l_is_worker},
+                                      {"debug_counts", l_debug_counts},
+                                      {"codec_fail_alloc", l_codec_fail_alloc},
                                       {NULL, NULL}};
 
 static int runtime_gc(lua_State *L) {
@@ -1030,7 +1082,7 @@ int luaopen_corral(lua_State *L) {
   lua_getfield(L, -1, "_cref");
   lua_setfield(L, LUA_REGISTRYINDEX, CREF_KEY);
   lua_getfield(L, -1, "_import_worker");
-  lua_setfield(L, LUA_REGISTRYINDEX, "corral.import_worker");
+  lua_setfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
   return 1;
 }
 
@@ -1099,7 +1151,7 @@ static int worker_boot(lua_State *L) {
   lua_call(L, 1, 1);
   lua_getfield(L, -1, "run");
   lua_pushstring(L, w->name);
-  int n = codec_decode(L, w->boot, w->bootlen, NULL);
+  int n = codec_decode(L, w->boot, w->bootlen, NULL, CODEC_TRUSTED | CODEC_AS_INIT);
   if (n < 0) return lua_error(L);
   lua_call(L, n + 1, 0);
   return 0;

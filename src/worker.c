@@ -160,11 +160,25 @@ void worker_retain(corral_worker *w) {
   atomic_fetch_add_explicit(&w->refs, 1, memory_order_relaxed);
 }
 
+uint64_t worker_handle(corral_worker *w) {
+  uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
+  if (h != 0) return h;
+  h = handle_new(w, HANDLE_WORKER, &w->refs);
+  uint64_t none = 0;
+  if (h != 0 && !atomic_compare_exchange_strong(&w->handle, &none, h)) {
+    handle_free(h); /* another thread issued one first */
+    h = none;
+  }
+  return h;
+}
+
 void worker_release(corral_worker *w) {
   if (w == NULL || atomic_fetch_sub_explicit(&w->refs, 1, memory_order_acq_rel) != 1) return;
   /* The last reference: the thread was joined (the runtime holds one until
    * then). clang-analyzer cannot follow the count: */
   /* NOLINTBEGIN(clang-analyzer-unix.Malloc) */
+  uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
+  if (h != 0) handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
   for (int i = 0; i < w->nspace; i++)
     corral_future_release(w->space[i]);

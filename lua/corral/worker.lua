@@ -406,18 +406,20 @@ function Handle:stop(opts)
 end
 
 -- What the codec sends for a thread worker handle: its options and its
--- instances (nothing for async and sync workers, which cannot travel).
+-- instances (their corral.worker userdata, which the codec sends as handles);
+-- nothing for async and sync workers, which cannot travel.
 function Handle:_export()
   if self._mode ~= "thread" then return nil end
-  local ptrs = {}
-  for i, inst in ipairs(self._insts) do ptrs[i] = core.worker_ptr(inst.ud) end
-  return { name = self._name, balance = self._balance, blocking = self._blocking }, ptrs
+  local uds = {}
+  for i, inst in ipairs(self._insts) do uds[i] = inst.ud end
+  return { name = self._name, balance = self._balance, blocking = self._blocking }, uds
 end
 
---- Rebuild a thread worker handle sent from another context.
+--- Rebuild a thread worker handle sent from another context: the options
+-- and the instances' userdata, made by the codec from their handles.
 function M.import(opts, ...)
   local insts = {}
-  for i = 1, select("#", ...) do insts[i] = { ud = core.worker_ref((select(i, ...))) } end
+  for i = 1, select("#", ...) do insts[i] = { ud = (select(i, ...)) } end
   return setmetatable({ _name = opts.name, _mode = "thread", _balance = opts.balance or "round_robin",
     _blocking = opts.blocking or false, _insts = insts, _rr = 0 }, Handle)
 end
@@ -525,9 +527,9 @@ local function the_pool()
   local got = { core.pool_get() }
   if #got == 0 then
     local p = Runner:options { name = "pool", workers = pool_size() }:init()
-    local ptrs = {}
-    for i, inst in ipairs(p._insts) do ptrs[i] = core.worker_ptr(inst.ud) end
-    if core.pool_set(unpack(ptrs)) then
+    local uds = {}
+    for i, inst in ipairs(p._insts) do uds[i] = inst.ud end
+    if core.pool_set(unpack(uds)) then
       default_pool = p
       return p
     end

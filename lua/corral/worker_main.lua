@@ -25,11 +25,21 @@ local M = {}
 local EXIT = setmetatable({}, { __tostring = function() return "os.exit in a worker" end })
 local exit_code -- set once os.exit was called
 
--- A method with its arguments decoded, inside the protection of xpcall: a
--- value that cannot be rebuilt here (a module this state cannot require)
--- fails the call, not the worker.
+-- A method with its arguments decoded, inside the protection of xpcall.
+-- Arguments that cannot be decoded here (a module this state cannot
+-- require) fail the call with a CodecError, not the worker: call_args
+-- returns false and why, and the error raised is marked as the decoder's.
+local decode_errors = setmetatable({}, { __mode = "k" })
+local function run(fn, self, ok, ...)
+  if not ok then
+    local e = errors.new("CodecError", ..., nil, false)
+    decode_errors[e] = true
+    error(e, 0)
+  end
+  return fn(self, ...)
+end
 local function apply(fn, self, call)
-  return fn(self, call_args(call))
+  return run(fn, self, call_args(call))
 end
 
 local function fail(call, err)
@@ -115,6 +125,9 @@ function M.run(name, class, opts, ...)
       local err = ...
       if errors.is_error(err, "CancelledError") then
         call_finish(call, CANCELLED)
+      elseif decode_errors[err] then
+        err.message = ("%s:%s: %s"):format(name, method, err.message)
+        fail(call, err)
       else
         fail(call, errors.worker_error(name, method, err, sched.last_traceback()))
       end
