@@ -60,7 +60,9 @@ local function run(seed, ops)
   -- every future settles: drain what is left, then stop every worker
   local _, not_done = corral.wait(fs, { timeout = 30 })
   assert.are.equal(0, #not_done, "futures left pending")
-  for _, w in ipairs(ws) do local t0 = corral.now(); local ok = w:stop { drain = false, timeout = 10 }; assert.is_true(ok, tostring(w) .. " " .. (corral.now() - t0)) end
+  for _, w in ipairs(ws) do
+    assert.is_true(w:stop { drain = false, timeout = 10 }, tostring(w) .. " did not stop")
+  end
   local counts = { done = 0, failed = 0, cancelled = 0 }
   for _, f in ipairs(fs) do
     assert.is_true(f:done())
