@@ -1,4 +1,5 @@
-/* main.c: the `corral` command: runs a script, a string, or the REPL. */
+/* main.c: the `corral` command: runs a script, a string, or a script from
+ * standard input (the REPL is not built yet). */
 #include <stdio.h>
 
 #include <lauxlib.h>
