@@ -803,6 +803,13 @@ static int l_call_args(lua_State *L) {
     return 2;
   }
   atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
+  /* the arguments live in Lua now: the encoded copy can go (a large
+   * argument is then held twice at most, not three times) */
+  if (c->payload_refs) codec_discard(c->payload, c->len);
+  free(c->payload);
+  c->payload = NULL;
+  c->len = 0;
+  c->payload_refs = 0;
   return n + 1;
 }
 

@@ -246,6 +246,7 @@ end
 M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
 M.keepalive = false -- a worker's loop waits for calls even with nothing pending
+M.before_park = nil -- called when a worker's loop is about to wait with nothing to do
 
 -- ======================================================================== --
 -- Running                                                                  --
@@ -373,6 +374,7 @@ function turn_body(block, until_deadline)
         -- whole ms, at most ~12 days a poll (a sleep(math.huge) polls again)
         timeout = min(max(0, ceil((d - now()) * 1000)), 1e9)
       elseif M.keepalive then
+        if M.before_park then M.before_park() end
         timeout = -1
       elseif ext_pending > 0 then
         local q = quiescent()

@@ -42,6 +42,18 @@ local function apply(fn, self, call)
   return run(fn, self, call_args(call))
 end
 
+-- What a call leaves (a large argument, its result) is garbage once the call
+-- is done; an idle worker allocates nothing, so its collector would not run.
+-- After a call and before parking, collect when the heap has doubled since
+-- the last full collection.
+local heap_after_gc = collectgarbage("count")
+local function collect_if_grown()
+  if collectgarbage("count") > 2 * heap_after_gc + 1024 then
+    collectgarbage()
+    heap_after_gc = collectgarbage("count")
+  end
+end
+
 local function fail(call, err)
   if call_finish(call, FAILED, err) == nil then
     -- what it carries cannot travel: send its text instead
@@ -171,6 +183,7 @@ function M.run(name, class, opts, ...)
             me._call = call
             finish(call, method, xpcall(apply, sched.on_error, fn, self, call))
             me._call = nil
+            collect_if_grown()
           end
         end
       end
@@ -194,6 +207,7 @@ function M.run(name, class, opts, ...)
     end
     core.set_tasks(task.live())
   end
+  sched.before_park = collect_if_grown
   sched.keepalive = true
   while crash == nil do
     sched.turn(true)
@@ -224,7 +238,7 @@ function M.run(name, class, opts, ...)
       if not started or refill() == 0 then break end
     end
   end
-  sched.on_wake = nil
+  sched.on_wake, sched.before_park = nil, nil
   sched.keepalive = false
   if crash then core.worker_crash(crash) end
   -- what is left (tasks, futures still pending) ends as its state closes

@@ -542,6 +542,45 @@ describe("resources come back", function()
 end)
 
 -- ========================================================================= --
+describe("large values", function()
+  it("a round trip holds at most two copies besides the caller's own", function()
+    if h.preload and h.preload:find("tsan") then
+      pending("ThreadSanitizer's shadow memory counts in the resident size")
+      return
+    end
+    -- the peak resident size while a 128 MiB string goes to a worker and
+    -- back, beyond what the caller's string already took
+    local out, err, code = h.corral([[
+      local corral = require "corral"
+      local ffi = require "ffi"
+      ffi.cdef [=[
+        struct corral_rusage { long t[4]; long maxrss; long rest[13]; };
+        int getrusage(int who, struct corral_rusage *u);
+      ]=]
+      local function peak_mib()
+        local u = ffi.new("struct corral_rusage")
+        ffi.C.getrusage(0, u)
+        return tonumber(u.maxrss) / 1024
+      end
+      local W = corral.worker { echo = function(_, s) return s end }
+      local w = W:init()
+      local s = string.rep("x", 128 * 2 ^ 20)
+      collectgarbage()
+      local base = peak_mib()
+      local f = w:echo(s)
+      corral.wait { f }
+      assert(w:echo(1):result() == 1) -- the worker is done with the first call
+      local r = f:result()
+      assert(#r == #s)
+      print(string.format("%.2f", (peak_mib() - base) / 128))
+    ]], "", 'ASAN_OPTIONS="${ASAN_OPTIONS:-}:quarantine_size_mb=0:thread_local_quarantine_size_kb=0" ')
+    assert.are.equal(0, code, err)
+    local copies = tonumber(out)
+    assert.is_true(copies ~= nil and copies < 2.05, "peak grew by " .. tostring(copies) .. " copies")
+  end)
+end)
+
+-- ========================================================================= --
 describe("output", function()
   it("lines printed by several workers at once never mix", function()
     local out, err, code = h.corral([[
