@@ -71,7 +71,7 @@ $(BIN): $(BUILD)/obj/main.o $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
-$(BUILD)/obj/tests/%: tests/c/%.c $(LIBA)
+$(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(LDLIBS)
 
@@ -118,14 +118,14 @@ bench: all
 
 lint:
 	luacheck lua tests bench examples
-	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c
+	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h
 	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
 
 docs:
 	ldoc -q .
 
 format:
-	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c
+	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \

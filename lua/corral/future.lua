@@ -55,11 +55,14 @@ local wrappers = setmetatable({}, { __mode = "v" })
 --- The Lua future of a C future in this context: the one there is, or a new
 -- one (with metatable `mt`) that this loop watches. `key`, when given, says
 -- the watch was already made in C under that key.
-function M.wrap(c, mt, key)
+-- `quiet`: its failure is reported elsewhere (a worker watching its own
+-- call's future), never as unretrieved here.
+function M.wrap(c, mt, key, quiet)
   local k = key or core.fkey(c)
   local f = wrappers[k]
   if f then return f end
   f = M.new(c, mt)
+  if quiet then f._dep = true end
   wrappers[k] = f
   if key then
     sched.watched(f, key)

@@ -66,7 +66,7 @@ end
 -- it runs, and deliver the cancel at the wait (see sched.block).
 sched.on_call_wait = function(t, call)
   t._cwatch = call
-  local own = future.wrap(core.call_result(call))
+  local own = future.wrap(core.call_result(call), nil, nil, true)
   future.add_waiter(own, function(f)
     if t._call == call and f[1] == CANCELLED then sched.wake(t, sched.CANCEL) end
   end)
@@ -115,7 +115,7 @@ function M.run(name, class, opts, ...)
     for i = 1, #deps do
       local d = corral._wrap(deps[i])
       if not d:done() then
-        own = own or future.wrap(core.call_result(call))
+        own = own or future.wrap(core.call_result(call), nil, nil, true)
         local ok = pcall(corral.wait, { d, own }, { return_when = "FIRST_COMPLETED" })
         if not ok or own:done() then return CANCEL end
       end

@@ -10,19 +10,7 @@
 #include <lualib.h>
 
 #include "internal.h"
-
-static int failures, count;
-
-#define CHECK(cond, what)                                                                          \
-  do {                                                                                             \
-    count++;                                                                                       \
-    if (cond) {                                                                                    \
-      printf("ok %d - %s\n", count, what);                                                         \
-    } else {                                                                                       \
-      printf("not ok %d - %s (%s:%d)\n", count, what, __FILE__, __LINE__);                         \
-      failures++;                                                                                  \
-    }                                                                                              \
-  } while (0)
+#include "tap.h"
 
 /* Decode trusted bytes; returns the count, leaving the error message (or
  * nothing) in err. */
@@ -45,15 +33,6 @@ static int fails_with(lua_State *L, const char *data, size_t len, codec_deps *de
     return 0;
   }
   return 1;
-}
-
-static int run_lua(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != 0) {
-    printf("# lua error: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return -1;
-  }
-  return 0;
 }
 
 /* ---- handles -------------------------------------------------------------- */

@@ -12,34 +12,10 @@
 #include <lua.h>
 
 #include "corral.h"
+#include "tap.h"
 
 /* internal, from libcorral.a: threads blocked in corral_future_wait now */
 int future_sleepers(void);
-
-static int failures, count;
-
-#define CHECK(cond, what)                                                                          \
-  do {                                                                                             \
-    count++;                                                                                       \
-    if (cond) {                                                                                    \
-      printf("ok %d - %s\n", count, what);                                                         \
-    } else {                                                                                       \
-      printf("not ok %d - %s (%s:%d)\n", count, what, __FILE__, __LINE__);                         \
-      failures++;                                                                                  \
-    }                                                                                              \
-  } while (0)
-
-static int run_lua(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != 0) {
-    lua_getglobal(L, "tostring");
-    lua_insert(L, -2);
-    lua_call(L, 1, 1);
-    printf("# lua error: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return -1;
-  }
-  return 0;
-}
 
 /* ---- many threads settle futures while the loop gathers them ------------ */
 

@@ -478,6 +478,21 @@ describe("nothing hangs", function()
     assert.matches("worker orphan", err)
   end)
 
+  it("a failed chain whose last error was retrieved reports nothing", function()
+    local out, err, code = h.corral([[
+      local corral = require "corral"
+      local W = corral.worker { boom = function() error("first") end, id = function(_, x) return x end }
+      local w = W:init()
+      local e = w:id(w:id(w:boom())):exception()
+      print(e.kind, e.cause.kind, e.cause.cause.kind)
+      w:stop()
+      collectgarbage()
+    ]])
+    assert.are.equal(0, code, err)
+    assert.are.equal("DependencyError\tDependencyError\tWorkerError\n", out)
+    assert.are.equal("", err)
+  end)
+
   it("a host that exits without corral.run() reports a failed call every time", function()
     local script = h.tmpname() .. ".lua"
     local f = assert(io.open(script, "w"))
