@@ -392,14 +392,20 @@ describe("nothing hangs", function()
   it("Ctrl-C ends the process within a second whatever the workers hold", function()
     local _, err, code, ms = signal_script([[
       local corral = require "corral"
-      local W = corral.worker { nap = function(_, s) corral.sleep(s) end }
-      local w = W:options { workers = 2 }:init()
-      for _ = 1, 8 do w:nap(60) end
+      local W = corral.worker { nap = function(_, s) corral.sleep(s) end,
+        spin = function(_, s) local t = os.clock() while os.clock() - t < s do end end }
+      local naps, spins = W:options { workers = 2 }:init(), W:options { workers = 2 }:init()
+      local fs = {}
+      for i = 1, 8 do fs[i] = naps:nap(60); spins:spin(30) end
+      while not fs[2]:running() do corral.sleep(0.001) end
       io.open(arg[1] .. 1, "w"):close()
       corral.sleep(60)
     ]], "INT", 1)
     assert.are.equal(130, code, err)
-    assert.is_true(ms < 1500, ms .. " ms")
+    -- the naps are cancelled at their waits; the spins cannot be: after a
+    -- second they are named and left behind
+    assert.matches("is still running method spin", err)
+    assert.is_true(ms < 2500, ms .. " ms")
   end)
 
   it("SIGTERM is Ctrl-C: cleanup runs, unretrieved errors are reported, status 143", function()
