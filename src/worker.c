@@ -385,50 +385,61 @@ static void stop_every(corral_runtime *rt, int how) {
   uv_mutex_unlock(&rt->wlock);
 }
 
+static double now_s(void) { return (double)uv_hrtime() * 1e-9; }
+
+/* Name a worker that will not stop and is left running. */
+static void left_behind(corral_worker *w) {
+  char method[64];
+  worker_current(w, method, sizeof method);
+  if (method[0] != '\0')
+    fprintf(stderr,
+            "corral: worker %s is still running method %s (code that never waits cannot be "
+            "interrupted); leaving it behind\n",
+            w->name, method);
+  else
+    fprintf(stderr,
+            "corral: worker %s is still running code of its own that never waits (a task, not a "
+            "call); leaving it behind\n",
+            w->name);
+}
+
 int worker_close_all(corral_runtime *rt, int fast) {
   stop_every(rt, fast ? WORKER_CANCEL : WORKER_DRAIN);
-  /* Draining goes on while anything can progress; when every worker left
-   * is parked with nothing to do, what they wait on can never come. */
-  double deadline = fast ? (double)uv_hrtime() * 1e-9 + 1.0 : -1;
-  int left = 0;
-  for (;;) {
-    corral_worker *w = first_worker(rt, NULL);
-    if (w == NULL) return 0;
-    double wait = 0.1;
-    if (deadline >= 0) {
-      wait = deadline - (double)uv_hrtime() * 1e-9;
-      if (wait < 0) wait = 0;
-    }
-    if (corral_future_wait(w->stopped, wait) == 0) {
-      worker_join(w);
-      worker_release(w);
-      continue;
-    }
-    worker_release(w);
-    if (deadline < 0) {
-      if (atomic_load(&rt->nbusy) == 0) stop_every(rt, WORKER_CANCEL);
-      continue;
-    }
-    break; /* the second is over */
-  }
-  /* Join what has ended; what still runs runs code that never waits: say
-   * so, and leave it behind. */
+  /* Fast: every worker gets one second in all. Draining goes on while
+   * anything can progress (when every worker left is parked with nothing
+   * to do, what they wait on can never come: their calls are cancelled); a
+   * worker with no call left that still does not stop runs code of its own
+   * that never waits: it gets a second too. Workers left behind stay in the
+   * list before `after` (they are never joined, nor freed). */
+  double deadline = now_s() + 1.0, quiet_since = -1;
   queue *after = NULL;
+  int left = 0;
   corral_worker *w;
   while ((w = first_worker(rt, after)) != NULL) {
-    if (corral_future_state(w->stopped) == CORRAL_DONE) {
+    double wait = fast ? deadline - now_s() : 0.1;
+    if (corral_future_wait(w->stopped, wait > 0 ? wait : 0) == 0) {
       worker_join(w);
       worker_release(w);
+      quiet_since = -1;
       continue;
     }
-    char method[64];
-    worker_current(w, method, sizeof method);
-    fprintf(stderr,
-            "corral: worker %s is still running%s%s (code that never waits cannot be "
-            "interrupted); leaving it behind\n",
-            w->name, method[0] ? " method " : "", method);
-    left++;
-    after = &w->rt_node; /* it stays in the list: it is never joined, nor freed */
+    int give_up = 0;
+    if (fast) {
+      give_up = now_s() >= deadline;
+    } else if (atomic_load(&rt->nbusy) == 0) {
+      stop_every(rt, WORKER_CANCEL);
+    } else if (atomic_load(&w->active) == 0) {
+      if (quiet_since < 0) quiet_since = now_s();
+      give_up = now_s() - quiet_since >= 1.0;
+    } else {
+      quiet_since = -1;
+    }
+    if (give_up) {
+      left_behind(w);
+      left++;
+      after = &w->rt_node;
+      quiet_since = -1;
+    }
     worker_release(w);
   }
   return left;

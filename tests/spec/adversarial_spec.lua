@@ -454,6 +454,22 @@ describe("nothing hangs", function()
     assert.is_true(code == 0 or code == 1)
   end)
 
+  it("a worker running a task of its own that never waits does not hold the exit", function()
+    local dt, out, err, code = elapsed(h.corral, [[
+      local corral = require "corral"
+      local W = corral.worker {
+        -- the task starts once hi has returned: its result is on its way
+        hi = function() corral.spawn(function() while true do end end); return "hi" end,
+      }
+      local w = W:options { name = "bg" }:init()
+      print(w:hi():result())
+    ]])
+    assert.are.equal(0, code, err)
+    assert.are.equal("hi\n", out)
+    assert.matches("worker bg is still running code of its own that never waits", err)
+    assert.is_true(dt < 5, "took " .. dt)
+  end)
+
   it("a call waiting on an input nothing can settle: stop says so and the process exits", function()
     local out, err, code = h.corral([[
       local corral = require "corral"
