@@ -309,7 +309,7 @@ static void ebox_release(ebox *b, int drop_refs) {
     if (b->held[i].kind == HANDLE_FUTURE)
       corral_future_release(b->held[i].p);
     else
-      worker_release(b->held[i].p);
+      worker_drop_handle(b->held[i].p);
   }
   cfree(b->held);
   b->held = NULL;
@@ -549,6 +549,12 @@ static int enc_future(encoder *e, int idx) {
     lua_pushliteral(L, "_dep");
     lua_pushboolean(L, 1);
     lua_rawset(L, idx);
+    /* failed already: its report goes with the call's failure instead */
+    lua_pushliteral(L, "_rep");
+    lua_rawget(L, idx);
+    corral_reporter *r = luaL_testudata(L, -1, REPORTER_MT);
+    if (r != NULL) ctx_disarm(r);
+    lua_pop(L, 1);
   } else {
     uint64_t h = future_handle(f);
     if (h == 0) return enc_fail(e, "too many futures have crossed contexts (handle table full)");
@@ -601,7 +607,7 @@ static int enc_worker(encoder *e, int idx, int depth) {
     uint64_t h = worker_handle(*p);
     if (h == 0) return enc_fail(e, "too many workers have crossed contexts (handle table full)");
     if (hold(e, *p, HANDLE_WORKER) != 0) return enc_oom(e);
-    worker_retain(*p);
+    worker_hold_handle(*p); /* a handle in flight: it keeps the worker running */
     e->o->has_refs = 1;
     PK(pack_ext_u(e, EXT_INST, h, 8));
   }
@@ -1736,8 +1742,10 @@ static void release_refs(const msgpack_object *o) {
       corral_future_release(f); /* the payload's */
     } else if (o->via.ext.type == EXT_INST) {
       corral_worker *w = handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
-      worker_release(w);
-      worker_release(w);
+      if (w != NULL) {
+        worker_release(w);     /* the lookup's */
+        worker_drop_handle(w); /* the payload's */
+      }
     }
     break;
   case MSGPACK_OBJECT_ARRAY:

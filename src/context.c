@@ -182,7 +182,9 @@ static int busy_running_worker(corral_runtime *rt) {
     corral_worker *w = queue_data(q, corral_worker, rt_node);
     if (corral_future_state(w->stopped) >= CORRAL_DONE) continue;
     uv_mutex_lock(&w->ctx.qlock);
-    found = !w->ctx.idle && atomic_load(&w->stopping) == WORKER_RUNNING;
+    int st = atomic_load(&w->stopping);
+    /* a worker stopped because its handles went still runs its calls */
+    found = !w->ctx.idle && (st == WORKER_RUNNING || (st == WORKER_DRAIN && w->orphan_stop));
     uv_mutex_unlock(&w->ctx.qlock);
   }
   uv_mutex_unlock(&rt->wlock);
@@ -204,34 +206,23 @@ int ctx_quiescent(corral_context *c) {
 /* Work deferred by the collector                                            */
 /* ======================================================================== */
 
-void ctx_defer(corral_context *c, void *p, int worker) {
+void ctx_defer(corral_context *c, corral_future *f) {
   corral_deferred *d = malloc(sizeof *d);
   if (d == NULL) { /* cannot record it: at least give the reference back */
-    if (worker)
-      worker_release(p);
-    else
-      corral_future_release(p);
+    corral_future_release(f);
     return;
   }
-  d->p = p;
-  d->worker = worker;
+  d->f = f;
   d->next = c->deferred;
   c->deferred = d;
 }
 
-void ctx_run_deferred(corral_context *c, const char *kind, const char *message,
-                      void (*stopping)(void *ud, corral_worker *w), void *ud) {
+void ctx_run_deferred(corral_context *c, const char *kind, const char *message) {
   while (c->deferred != NULL) {
     corral_deferred *d = c->deferred;
     c->deferred = d->next;
-    if (d->worker) {
-      worker_stop(d->p, WORKER_DRAIN);
-      if (stopping != NULL) stopping(ud, d->p);
-      worker_release(d->p);
-    } else {
-      if (corral_future_state(d->p) < CORRAL_DONE) corral_future_set_error(d->p, kind, message);
-      corral_future_release(d->p);
-    }
+    if (corral_future_state(d->f) < CORRAL_DONE) corral_future_set_error(d->f, kind, message);
+    corral_future_release(d->f);
     free(d);
   }
 }
@@ -239,6 +230,12 @@ void ctx_run_deferred(corral_context *c, const char *kind, const char *message,
 /* ======================================================================== */
 /* Reporters and close                                                       */
 /* ======================================================================== */
+
+void ctx_disarm(corral_reporter *r) {
+  if (!r->armed) return;
+  r->armed = 0;
+  queue_remove(&r->node);
+}
 
 void ctx_report_all(corral_context *c) {
   for (queue *q = queue_head(&c->reporters); q != &c->reporters; q = q->next) {

@@ -94,11 +94,10 @@ int handle_live(void);
 typedef struct corral_reporter corral_reporter;
 typedef struct corral_worker corral_worker;
 
-/* Work a __gc found and left for the next drain (a collector takes no lock):
- * a future nothing can settle any more, or a worker whose last handle went. */
+/* A future that a __gc found nothing can settle any more, left for the
+ * next drain (a collector takes no lock). */
 typedef struct corral_deferred {
-  void *p; /* holds a reference */
-  int worker;
+  corral_future *f; /* holds a reference */
   struct corral_deferred *next;
 } corral_deferred;
 
@@ -140,14 +139,13 @@ void ctx_wake_home(corral_runtime *rt);
  * idle, no host future pending, nothing posted to c); 2 when only workers
  * asked to stop can (they may never: a loop that never waits); else 0. */
 int ctx_quiescent(corral_context *c);
-/* From a __gc (no lock): a future that nothing can settle any more, or a
- * worker whose last handle went (p holds a reference, which is taken). */
-void ctx_defer(corral_context *c, void *p, int worker);
-/* Outside the collector: settle the abandoned futures with an error of
- * `kind` and `message`, and stop the dropped workers (after their queue),
- * telling `stopping` of each. */
-void ctx_run_deferred(corral_context *c, const char *kind, const char *message,
-                      void (*stopping)(void *ud, corral_worker *w), void *ud);
+/* From a __gc (no lock): a future that nothing can settle any more (its
+ * reference is taken). Outside the collector: settle them with an error of
+ * `kind` and `message`. */
+void ctx_defer(corral_context *c, corral_future *f);
+void ctx_run_deferred(corral_context *c, const char *kind, const char *message);
+/* Disarm an unretrieved-error reporter (its error was handed on). */
+void ctx_disarm(corral_reporter *r);
 /* Unretrieved-error reporters (lua_core.c makes them Lua userdata). */
 void ctx_report_all(corral_context *c);
 
@@ -177,6 +175,7 @@ struct corral_runtime {
   corral_context home;
   int owns_L;
   atomic_int nbusy;     /* worker contexts not parked idle (see context.c) */
+  atomic_int orphans;   /* a worker lost its last handle: the home stops it */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;
   int exit_fast;    /* closing after an error or a signal: cancel, do not drain */
@@ -273,6 +272,8 @@ struct corral_worker {
   corral_future **space; /* callers waiting for room, settled on pop */
   int nspace, capspace;
   atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
+  int orphan_stop;     /* stopped because its last handle went (under ctx.qlock) */
+  int retrying;        /* callers that waited for room and are still to push (under ctx.qlock) */
   char *crash;         /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
   char current[64];         /* the method running now ("" when none), under ctx.qlock */
@@ -293,10 +294,19 @@ void worker_retain(corral_worker *w);
 void worker_release(corral_worker *w);
 /* w's handle, issued on first use (0 when the handle table is full). */
 uint64_t worker_handle(corral_worker *w);
-/* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping; CORRAL_ECRASHED dead. */
-int worker_push(corral_worker *w, corral_call *c);
-/* Wait for room: 0 f registered (settled on the next pop), 1 retry now. */
+/* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping; CORRAL_ECRASHED
+ * dead. `again`: pushed again after the inbox was full (the call was made
+ * before any stop: a draining worker still takes it); `waited`: after
+ * worker_wait_space registered it. */
+int worker_push(corral_worker *w, corral_call *c, int again, int waited);
+/* Wait for room: 0 f registered (settled when a pop makes room, or the
+ * worker is cancelled; the caller then pushes again, or calls
+ * worker_retry_done if it gives up), 1 push again now. */
 int worker_wait_space(corral_worker *w, corral_future *f);
+void worker_retry_done(corral_worker *w);
+/* A draining worker may end: its inbox is empty and no caller that waited
+ * for room is still to push. */
+int worker_drained(corral_worker *w);
 /* Take up to max calls from the inbox (the worker's own thread). */
 int worker_take(corral_worker *w, corral_call **out, int max);
 void worker_stop(corral_worker *w, int how);
@@ -309,12 +319,21 @@ char *worker_crash_copy(corral_worker *w, size_t *len);
 void worker_set_current(corral_worker *w, const char *method, size_t len);
 void worker_current(corral_worker *w, char *out, size_t size);
 /* Stop every worker and join their threads: `fast` cancels and gives them a
- * second; otherwise they drain what is queued while anything can progress.
+ * second; otherwise they drain what is queued while anything can progress
+ * (a SIGINT or SIGTERM meanwhile makes it fast, and is given in *sig).
  * Returns how many are still running (their threads are left behind). */
-int worker_close_all(corral_runtime *rt, int fast);
+int worker_close_all(corral_runtime *rt, int fast, int *sig);
 void worker_join(corral_worker *w);
 /* Tests: the next `threads` thread starts fail. */
 void worker_inject(int threads);
+/* A handle on w (a Lua userdata or an encoded payload) is made / goes. When
+ * the last goes the worker is an orphan: no lock is taken (this may run in
+ * a __gc); the home stops it at its next drain (worker_stop_orphans). */
+void worker_hold_handle(corral_worker *w);
+void worker_drop_handle(corral_worker *w);
+/* Stop (draining) the workers with no handle left; tells `stopping` of each. */
+void worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
+                         void *ud);
 /* Join the workers that stopped after their last handle went. */
 void worker_reap(corral_runtime *rt);
 
@@ -325,10 +344,11 @@ void worker_reap(corral_runtime *rt);
 void lcore_push_future(lua_State *L, corral_future *f);
 corral_future *lcore_to_future(lua_State *L, int idx);
 /* Metatables and registry keys the codec shares with the binding. */
-#define CFUTURE_MT "corral.cfuture"
-#define WORKER_MT  "corral.worker"
-#define CREF_KEY   "corral.cref"
-#define IMPORT_KEY "corral.import_worker"
+#define CFUTURE_MT  "corral.cfuture"
+#define REPORTER_MT "corral.reporter"
+#define WORKER_MT   "corral.worker"
+#define CREF_KEY    "corral.cref"
+#define IMPORT_KEY  "corral.import_worker"
 /* The context a lua_State runs in. */
 corral_context *ctx_of(lua_State *L);
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */

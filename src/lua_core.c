@@ -14,14 +14,10 @@
 #include "internal.h"
 #include "lua_modules.h" /* generated: the Lua half, as bytecode */
 
-#define CFUTURE_MT  "corral.cfuture"
-#define REPORTER_MT "corral.reporter"
 #define RUNTIME_KEY "corral.runtime"
 #define WRAP_KEY    "corral.wrap"
 #define DRIVE_KEY   "corral.drive"
-#define CREF_KEY    "corral.cref"
 #define CONTEXT_KEY "corral.context"
-#define WORKER_MT   "corral.worker"
 #define CALL_MT     "corral.call"
 
 static corral_runtime *rt_of(lua_State *L) {
@@ -74,7 +70,7 @@ static int cf_gc(lua_State *L) {
   /* No lock here: an abandoned future is settled at the next drain. */
   if (p->owner != NULL && corral_future_state(f) < CORRAL_DONE &&
       !(atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->refs) > 1)
-    ctx_defer(p->owner, f, 0);
+    ctx_defer(p->owner, f);
   else
     corral_future_release(f); /* atomic; frees without locking */
   return 0;
@@ -193,12 +189,13 @@ static int l_drain(lua_State *L) {
   lua_settop(L, 1);
   corral_context *c = ctx_of(L);
   int stopping = 0;
-  if (c->deferred != NULL) {
-    lua_newtable(L);
+  if (c->deferred != NULL)
     ctx_run_deferred(c, "CancelledError",
                      "abandoned: the future was collected before it settled, so nothing can "
-                     "settle it",
-                     push_stopping, L);
+                     "settle it");
+  if (c->worker == NULL && atomic_exchange(&c->rt->orphans, 0)) {
+    lua_newtable(L);
+    worker_stop_orphans(c->rt, push_stopping, L);
     stopping = lua_objlen(L, -1) > 0;
   }
   drain_ud d = {L, 0};
@@ -318,9 +315,7 @@ static int l_reporter(lua_State *L) {
 }
 
 static int l_disarm(lua_State *L) {
-  corral_reporter *r = luaL_checkudata(L, 1, REPORTER_MT);
-  r->armed = 0;
-  queue_remove(&r->node);
+  ctx_disarm(luaL_checkudata(L, 1, REPORTER_MT));
   return 0;
 }
 
@@ -434,15 +429,13 @@ static int w_gc(lua_State *L) {
   corral_worker *w = *p;
   *p = NULL;
   if (w == NULL) return 0;
-  /* The last handle went: the worker stops once its calls are done. No
-   * lock here: the stop is made at the next drain. */
-  if (atomic_fetch_sub(&w->handles, 1) == 1 && atomic_load(&w->stopping) == WORKER_RUNNING)
-    ctx_defer(ctx_of(L), w, 1);
-  else
-    worker_release(w); /* atomic; the last reference is the joined thread's */
+  /* When this was the last handle, the worker stops once its calls are
+   * done: the home does it at its next drain (no lock in a __gc). */
+  worker_drop_handle(w);
   return 0;
 }
 
+/* A new Lua handle on w, taking a reference the caller holds. */
 static void w_push_handle(lua_State *L, corral_worker *w) {
   atomic_fetch_add(&w->handles, 1);
   w_push(L, w);
@@ -564,7 +557,7 @@ static int l_wcall(lua_State *L) {
     call_free(c);
     return luaL_error(L, "corral: out of memory");
   }
-  int rc = worker_push(w, c);
+  int rc = worker_push(w, c, 0, 0);
   if (rc == 0) {
     cf_push(L, result);
     lua_pushlightuserdata(L, result);
@@ -587,19 +580,34 @@ static int l_wcall(lua_State *L) {
   return 5;
 }
 
-/* wpush(w, call): push a call again: true, "full", "closed" (the caller
- * fails it) or "crashed" (failed here). */
+/* wpush(w, call, waited): push a call again (after wspace, which registered
+ * it when `waited`): true, "full", "closed" (the caller fails it) or
+ * "crashed" (failed here). wgiveup(w): a caller that waited gives up. */
 static int l_wpush(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   corral_call **p = (corral_call **)luaL_checkudata(L, 2, CALL_MT);
-  int rc = worker_push(w, *p);
+  int rc = worker_push(w, *p, 1, lua_toboolean(L, 3));
   if (rc == 0) *p = NULL; /* the inbox owns it now */
   if (rc == CORRAL_ECRASHED) fail_crashed(w, (*p)->result);
   return push_status(L, rc);
 }
 
+static corral_worker *self_worker(lua_State *L);
+
+static int l_wgiveup(lua_State *L) {
+  worker_retry_done(w_check(L, 1));
+  return 0;
+}
+
+/* inbox_drained(): this draining worker may end (nothing in its inbox, no
+ * caller that waited for room still to push). */
+static int l_inbox_drained(lua_State *L) {
+  lua_pushboolean(L, worker_drained(self_worker(L)));
+  return 1;
+}
+
 /* wspace(w): a C future settled when the inbox has room (or the worker
- * stops); nil when there is room already. */
+ * is cancelled); nil when there is room already. */
 static int l_wspace(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   corral_future *f = future_new();
@@ -625,6 +633,12 @@ static int l_wstop(lua_State *L) {
   worker_stop(w, lua_toboolean(L, 2) ? WORKER_DRAIN : WORKER_CANCEL);
   corral_future_retain(w->stopped);
   cf_push(L, w->stopped);
+  return 1;
+}
+
+/* wis_self(w): whether w is the worker this code runs in. */
+static int l_wis_self(lua_State *L) {
+  lua_pushboolean(L, w_check(L, 1) == ctx_of(L)->worker);
   return 1;
 }
 
@@ -723,9 +737,12 @@ static int l_stopping(lua_State *L) {
 }
 
 /* worker_crash(err): this worker dies: err (encoded) fails its calls and
- * every call made from now on. */
+ * every call made from now on. False (and nothing done) when err cannot
+ * travel; with `force`, a plain WorkerCrashed is sent instead. */
 static int l_worker_crash(lua_State *L) {
   corral_worker *w = self_worker(L);
+  int force = lua_toboolean(L, 2);
+  lua_settop(L, 1);
   codec_opts o = {0};
   o.what = "error";
   size_t len;
@@ -733,10 +750,15 @@ static int l_worker_crash(lua_State *L) {
   if (buf == NULL || o.has_refs) {
     if (buf != NULL) codec_discard(buf, len);
     free(buf);
+    if (!force) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
     buf = future_error_payload("WorkerCrashed", "the worker died", &len);
   }
   if (buf != NULL) worker_crash(w, buf, len);
-  return 0;
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* call_info(call): the method's name and how many inputs it has. */
@@ -980,6 +1002,9 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"wactive", l_wactive},
                                       {"wstop", l_wstop},
                                       {"wjoin", l_wjoin},
+                                      {"wis_self", l_wis_self},
+                                      {"wgiveup", l_wgiveup},
+                                      {"inbox_drained", l_inbox_drained},
                                       {"wname", l_wname},
                                       {"pool_set", l_pool_set},
                                       {"pool_get", l_pool_get},
@@ -1229,5 +1254,5 @@ void lcore_worker_main(corral_worker *w) {
   /* its Lua futures that were still pending can never settle now */
   char msg[128];
   snprintf(msg, sizeof msg, "worker %s stopped before this future settled", w->name);
-  ctx_run_deferred(&w->ctx, "ClosedError", msg, NULL, NULL);
+  ctx_run_deferred(&w->ctx, "ClosedError", msg);
 }

@@ -1,6 +1,8 @@
 /* runtime.c: the runtime's life and the embedding entry points of corral.h. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -45,9 +47,9 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
 }
 
 void rt_destroy(corral_runtime *rt) {
+  fflush(stdout); /* what was printed is out, whatever ends the process now */
   /* the state is closing: what only its Lua could settle never will */
-  ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled",
-                   NULL, NULL);
+  ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled");
   /* no thread outlives the runtime, unless it runs code that never waits */
   uv_mutex_lock(&rt->wlock);
   corral_worker **pool = rt->pool;
@@ -58,7 +60,13 @@ void rt_destroy(corral_runtime *rt) {
   for (int i = 0; i < npool; i++)
     worker_release(pool[i]);
   free(pool);
-  int left = worker_close_all(rt, rt->exit_fast);
+  int sig;
+  int left = worker_close_all(rt, rt->exit_fast, &sig);
+  if (sig != 0) { /* the runner was told to end while it closed: end now */
+    fprintf(stderr, "corral: %s\n", sig == SIGINT ? "interrupted" : "terminated");
+    fflush(NULL);
+    _exit(128 + sig);
+  }
   ctx_close(&rt->home, left == 0);
   if (left > 0) return; /* their threads still use it: leave it to the process */
   uv_mutex_destroy(&rt->wlock);

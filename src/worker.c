@@ -156,6 +156,48 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   return w;
 }
 
+void worker_hold_handle(corral_worker *w) {
+  worker_retain(w);
+  atomic_fetch_add(&w->handles, 1);
+}
+
+void worker_drop_handle(corral_worker *w) {
+  if (atomic_fetch_sub(&w->handles, 1) == 1) atomic_store(&w->rt->orphans, 1);
+  worker_release(w); /* the runtime holds one until it is joined: not the last */
+}
+
+void worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
+                         void *ud) {
+  corral_worker *found[32];
+  int n;
+  do {
+    n = 0;
+    uv_mutex_lock(&rt->wlock);
+    for (queue *q = queue_head(&rt->workers); q != &rt->workers && n < 32; q = q->next) {
+      corral_worker *w = queue_data(q, corral_worker, rt_node);
+      if (atomic_load(&w->handles) != 0) continue;
+      uv_mutex_lock(&w->ctx.qlock);
+      int running = atomic_load(&w->stopping) == WORKER_RUNNING;
+      if (running) {
+        w->orphan_stop = 1;
+        atomic_store(&w->stopping, WORKER_DRAIN);
+        if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
+      }
+      uv_mutex_unlock(&w->ctx.qlock);
+      if (running) {
+        worker_retain(w);
+        found[n++] = w;
+      }
+    }
+    uv_mutex_unlock(&rt->wlock);
+    for (int i = 0; i < n; i++) {
+      worker_stop(found[i], WORKER_DRAIN); /* lets its space waiters go */
+      if (stopping != NULL) stopping(ud, found[i]);
+      worker_release(found[i]);
+    }
+  } while (n == 32);
+}
+
 void worker_retain(corral_worker *w) {
   atomic_fetch_add_explicit(&w->refs, 1, memory_order_relaxed);
 }
@@ -195,10 +237,12 @@ void worker_release(corral_worker *w) {
 /* The inbox                                                                 */
 /* ======================================================================== */
 
-int worker_push(corral_worker *w, corral_call *c) {
+int worker_push(corral_worker *w, corral_call *c, int again, int waited) {
   uv_mutex_lock(&w->ctx.qlock);
   int st = atomic_load_explicit(&w->stopping, memory_order_relaxed);
-  if (st != WORKER_RUNNING) {
+  /* a call pushed again was made before any stop: a drain takes it */
+  if (waited) w->retrying--;
+  if (st != WORKER_RUNNING && !(again && st == WORKER_DRAIN)) {
     uv_mutex_unlock(&w->ctx.qlock);
     return st == WORKER_CRASHED ? CORRAL_ECRASHED : CORRAL_ECLOSED;
   }
@@ -219,8 +263,8 @@ int worker_push(corral_worker *w, corral_call *c) {
 int worker_wait_space(corral_worker *w, corral_future *f) {
   int rc = 1;
   uv_mutex_lock(&w->ctx.qlock);
-  if (atomic_load_explicit(&w->stopping, memory_order_relaxed) == WORKER_RUNNING &&
-      w->queued >= w->cap) {
+  int st = atomic_load_explicit(&w->stopping, memory_order_relaxed);
+  if ((st == WORKER_RUNNING || st == WORKER_DRAIN) && w->queued >= w->cap) {
     if (w->nspace == w->capspace) {
       int cap = w->capspace ? w->capspace * 2 : 4;
       corral_future **s = realloc(w->space, sizeof(corral_future *) * (size_t)cap);
@@ -233,6 +277,7 @@ int worker_wait_space(corral_worker *w, corral_future *f) {
     }
     corral_future_retain(f);
     w->space[w->nspace++] = f;
+    w->retrying++; /* until it pushes again (worker_push, waited) or gives up */
     rc = 0;
   }
   uv_mutex_unlock(&w->ctx.qlock);
@@ -278,17 +323,36 @@ void worker_stop(corral_worker *w, int how) {
     atomic_store(&w->stopping, how);
     if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
   }
-  /* callers waiting for room will find the worker closed */
-  int nspace = w->nspace;
-  corral_future **space = w->space;
-  w->space = NULL;
-  w->nspace = w->capspace = 0;
+  /* Callers waiting for room: a drain keeps them waiting (their calls were
+   * made before the stop: they go in as room comes); otherwise they are let
+   * go, to find the worker closed. */
+  int nspace = 0;
+  corral_future **space = NULL;
+  if (how != WORKER_DRAIN) {
+    nspace = w->nspace;
+    space = w->space;
+    w->space = NULL;
+    w->nspace = w->capspace = 0;
+  }
   uv_mutex_unlock(&w->ctx.qlock);
   for (int i = 0; i < nspace; i++) {
     future_settle(space[i], CORRAL_DONE, NULL, 0);
     corral_future_release(space[i]);
   }
   free(space);
+}
+
+void worker_retry_done(corral_worker *w) {
+  uv_mutex_lock(&w->ctx.qlock);
+  w->retrying--;
+  uv_mutex_unlock(&w->ctx.qlock);
+}
+
+int worker_drained(corral_worker *w) {
+  uv_mutex_lock(&w->ctx.qlock);
+  int drained = queue_empty(&w->inbox) && w->retrying <= 0;
+  uv_mutex_unlock(&w->ctx.qlock);
+  return drained;
 }
 
 void worker_crash(corral_worker *w, char *payload, size_t len) {
@@ -403,7 +467,7 @@ static void left_behind(corral_worker *w) {
             w->name);
 }
 
-int worker_close_all(corral_runtime *rt, int fast) {
+int worker_close_all(corral_runtime *rt, int fast, int *sig) {
   stop_every(rt, fast ? WORKER_CANCEL : WORKER_DRAIN);
   /* Fast: every worker gets one second in all. Draining goes on while
    * anything can progress (when every worker left is parked with nothing
@@ -415,7 +479,16 @@ int worker_close_all(corral_runtime *rt, int fast) {
   queue *after = NULL;
   int left = 0;
   corral_worker *w;
+  *sig = 0;
   while ((w = first_worker(rt, after)) != NULL) {
+    /* Ctrl-C or SIGTERM while draining (the runner's): cancel, a second */
+    int s = fast ? 0 : signal_take_stop();
+    if (s != 0) {
+      *sig = s;
+      fast = 1;
+      deadline = now_s() + 1.0;
+      stop_every(rt, WORKER_CANCEL);
+    }
     double wait = fast ? deadline - now_s() : 0.1;
     if (corral_future_wait(w->stopped, wait > 0 ? wait : 0) == 0) {
       worker_join(w);

@@ -41,6 +41,8 @@ function M.run_main(main)
   local signalled = nil
   sched.on_signal = function(sig)
     signalled = signalled or sig
+    io.stdout:flush() -- a second signal ends the process without flushing
+    io.stderr:flush()
     core.exit_fast() -- close by cancelling the workers' calls, not draining them
     if not main:done() then main:cancel() end
   end

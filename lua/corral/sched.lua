@@ -196,19 +196,26 @@ function M.block(w, deadline)
     w._cancel_req = false
     return CANCEL
   end
+  -- A call's method waits: from now until it resumes, its caller may
+  -- cancel it (false: the caller already did). Once the cancel has been
+  -- delivered, its cleanup may wait like any task's.
   local call = w._call
+  if call and w._call_cancelled == call then call = nil end
   if call then
-    -- a call's method waits: from now until it resumes, its caller may
-    -- cancel it (false: the caller already did)
-    if not call_suspend(call) then return CANCEL end
+    if not call_suspend(call) then
+      w._call_cancelled = call
+      return CANCEL
+    end
     if w._cwatch ~= call then M.on_call_wait(w, call) end
   end
-  w._blocked = true
+  w._blocked, w._in_block = true, true
   local tm = deadline and timer_add(deadline, w)
   local tok, val = co_yield(BLOCKED)
+  w._in_block = false
   if tm then timer_cancel(tm) end
   if call and not call_resume(call) then
     w._cancel_req = false
+    w._call_cancelled = call
     return CANCEL
   end
   if tok == WOKE and w._cancel_req then
@@ -356,6 +363,10 @@ local wind_since = nil
 local turn_body
 
 function turn(block, until_deadline)
+  if in_turn then
+    errors.usage("corral", "cannot drive the loop from inside itself (corral.run or a wait in a "
+      .. "coroutine of your own inside a task, or in a callback): wait from the task itself")
+  end
   in_turn = true
   local ok, r = pcall(turn_body, block, until_deadline)
   in_turn = false

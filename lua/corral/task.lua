@@ -96,8 +96,10 @@ end
 future.run_callback = function(fn, f) M.spawn(callback_body, fn, f) end
 
 --- Cancel the task: one that has not started never runs; a running one gets
--- `CancelledError` at its next suspension point, so its cleanup runs.
--- Returns true when the cancellation took effect.
+-- `CancelledError` at the corral wait where it is suspended, so its cleanup
+-- runs. Returns true when the cancellation took effect; false when the task
+-- has ended, or is suspended in a plain `coroutine.yield()` (where corral
+-- cannot raise).
 function Task:cancel()
   local s = self[S]
   if s >= DONE then return false end
@@ -107,8 +109,13 @@ function Task:cancel()
   end
   if self._blocked then
     wake(self, CANCEL)
-  else
+  elseif self._in_block or sched.current() == self then
+    -- woken but not resumed yet (it gets CancelledError at the wait it was
+    -- woken from), or cancelling itself (at its next wait)
     self._cancel_req = true
+  else
+    -- it yielded by itself (coroutine.yield): corral cannot raise there
+    return false
   end
   return true
 end

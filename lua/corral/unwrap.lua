@@ -32,25 +32,26 @@ local function replace(v, seen)
   if type(v) ~= "table" or getmetatable(v) ~= nil then return v end
   if seen[v] ~= nil then return seen[v] end
   seen[v] = v
-  local copy
+  local copy, replaced
   for k, x in pairs(v) do
     local k2, x2 = replace(k, seen), replace(x, seen)
     if k2 ~= k or x2 ~= x then
-      copy = copy or {}
-      copy[k2] = x2
+      copy, replaced = copy or {}, replaced or {}
+      replaced[k] = true
+      if k2 ~= nil then copy[k2] = x2 end -- a value that became nil stays out
     end
   end
   if not copy then return v end
   for k, x in pairs(v) do
-    if copy[k] == nil and not is_future(k) then copy[k] = x end
+    if not replaced[k] and copy[k] == nil then copy[k] = x end
   end
   seen[v] = copy
   return copy
 end
 
 --- Wait for the futures in args[1..n]; returns the arguments with their
--- values in place, or nil and the error that should fail the call (a
--- `DependencyError` whose cause is the upstream error, or `CancelledError`).
+-- values in place, or nil, the error that should fail the call (the
+-- upstream error, or `CancelledError`) and the input's position.
 function M.resolve(args, n)
   local fs = {}
   local seen = {}
@@ -60,10 +61,7 @@ function M.resolve(args, n)
     local f = fs[i]
     if f[S] < DONE then f:exception() end -- waits; raises only if we are cancelled
     if f[S] == CANCELLED then return nil, errors.cancelled("an input was cancelled") end
-    if f[S] ~= DONE then
-      local e = f:exception()
-      return nil, errors.new("DependencyError", "an input failed: " .. tostring(e), e, false)
-    end
+    if f[S] ~= DONE then return nil, f:exception(), i end
   end
   local out, memo = { n = n }, {}
   for i = 1, n do out[i] = replace(args[i], memo) end

@@ -170,18 +170,20 @@ local function thread_call(h, inst, method, ...)
   if c then return call_future(c, why) end
   if why == "codec" then error(errors.codec(rc, 4), 4) end
   local f = call_future(rc, key)
-  -- the inbox is full: wait for room (this task only), then queue it
+  -- the inbox is full: wait for room (this task only), then queue it (a
+  -- draining stop still takes it: it was made before)
   while why == "full" do
     local space = core.wspace(inst.ud)
     if space then
       local ok, e = pcall(wrap(space).result, wrap(space))
       if not ok then
         -- cancelled while waiting for room: the call never goes
+        core.wgiveup(inst.ud)
         core.fcancel(rc)
         error(e, 0)
       end
     end
-    why = core.wpush(inst.ud, call)
+    why = core.wpush(inst.ud, call, space ~= nil)
     if why == true then return f end
   end
   if why == "closed" then core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method)) end
@@ -197,7 +199,7 @@ end
 -- Run one call inline (sync) or in its task (async): wait for its inputs,
 -- run the method, settle its future (unless cancelled meanwhile).
 local function run_local(h, inst, method, f, args)
-  local ok, resolved, err = pcall(unwrap.resolve, args, args.n)
+  local ok, resolved, err, input = pcall(unwrap.resolve, args, args.n)
   if not ok then -- this task was cancelled while waiting for the inputs
     future.settle(f, future.CANCELLED, 0, false, errors.cancelled())
     return
@@ -206,7 +208,7 @@ local function run_local(h, inst, method, f, args)
     if errors.is_error(err, "CancelledError") then
       future.settle(f, future.CANCELLED, 0, false, err)
     else
-      future.settle(f, future.FAILED, 0, false, errors.dependency(h._name, method, err.input or 1, err.cause))
+      future.settle(f, future.FAILED, 0, false, errors.dependency(h._name, method, input, err))
     end
     return
   end
@@ -361,7 +363,9 @@ local STOP_OPTIONS = { timeout = true, drain = true }
 -- that are waiting (they get `CancelledError` where they wait). Calls made
 -- after stop fail with `ClosedError`. Waits up to `timeout` seconds (forever
 -- by default) for the instances to end: returns true when they have, false
--- when the time ran out (they go on stopping in the background).
+-- when the time ran out (they go on stopping in the background). Called
+-- from one of the worker's own methods, it does not wait for that instance
+-- (it stops once the call is done) and returns false.
 -- @tab[opt] opts `timeout`, `drain`
 function Handle:stop(opts)
   opts = opts or {}
@@ -397,12 +401,21 @@ function Handle:stop(opts)
     local _, not_done = wait(idle, { timeout = opts.timeout })
     return #not_done == 0
   end
-  local stopped = {}
-  for i, inst in ipairs(self._insts) do stopped[i] = wrap(core.wstop(inst.ud, drain)) end
+  -- a worker stopping itself (from one of its methods) stops once that
+  -- call is done: it cannot wait for that here, so it returns false
+  local stopped, others, itself = {}, {}, false
+  for _, inst in ipairs(self._insts) do
+    local f = wrap(core.wstop(inst.ud, drain))
+    if core.wis_self(inst.ud) then
+      itself = true
+    else
+      stopped[#stopped + 1], others[#others + 1] = f, inst
+    end
+  end
   local _, not_done = wait(stopped, { timeout = opts.timeout })
   if #not_done > 0 then return false end
-  for _, inst in ipairs(self._insts) do core.wjoin(inst.ud) end
-  return true
+  for _, inst in ipairs(others) do core.wjoin(inst.ud) end
+  return not itself
 end
 
 -- What the codec sends for a thread worker handle: its options and its

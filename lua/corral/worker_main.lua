@@ -6,6 +6,7 @@
 -- init fails or its code calls `os.exit`.
 -- @module corral.worker_main
 local core = require "corral.core"
+local CO = require("corral.fields").CO
 local corral = require "corral"
 local errors = require "corral.errors"
 local sched = require "corral.sched"
@@ -21,9 +22,40 @@ local xpcall, pcall, type = xpcall, pcall, type
 
 local M = {}
 
--- What os.exit raises in a worker: it ends the worker, not the process.
+-- What os.exit raises in a worker where it cannot suspend the calling task
+-- for good (inside a C call): it ends the worker, not the process.
 local EXIT = setmetatable({}, { __tostring = function() return "os.exit in a worker" end })
-local exit_code -- set once os.exit was called
+local exit_code, exit_where -- set once os.exit was called, and where
+
+-- os.exit in a worker: the calling task is suspended for good (no code after
+-- os.exit runs, pcall or not) and the worker ends at its next turn.
+local function worker_exit(code)
+  if code == true or code == nil then code = 0 elseif code == false then code = 1 end
+  if not exit_code then
+    exit_code = tonumber(code) or 1
+    local t = sched.current()
+    exit_where = t and (t._method or t._where) or "a task it spawned"
+  end
+  local t = sched.current()
+  if t and t[CO] == coroutine.running() then pcall(coroutine.yield, sched.BLOCKED) end
+  error(EXIT, 0)
+end
+
+-- The text of an error for a message: a TaskError's own, else "Kind: text".
+local function text_of(e)
+  if errors.is_error(e, "TaskError") then return errors.safe_tostring(e.message) end
+  if errors.is_error(e) then return e.kind .. ": " .. errors.safe_tostring(e.message) end
+  return errors.safe_tostring(e)
+end
+
+-- The worker dies with `err`: sent to its calls, its cause as text when it
+-- cannot travel.
+local function crash_with(err)
+  if not core.worker_crash(err) then
+    err.cause = text_of(err.cause)
+    core.worker_crash(err, true)
+  end
+end
 
 -- A method with its arguments decoded, inside the protection of xpcall.
 -- Arguments that cannot be decoded here (a module this state cannot
@@ -78,19 +110,14 @@ end
 --- The worker died before its main could run (its boot payload could not
 -- be rebuilt here, say): fail its calls with `WorkerCrashed`.
 function M.died(name, e)
-  core.worker_crash(errors.crashed(name, "it could not start: " .. errors.safe_tostring(e),
-    errors.raised(e)))
+  crash_with(errors.crashed(name, "it could not start: " .. text_of(e), errors.raised(e)))
 end
 
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
   if opts.settings then require("corral.worker").config(opts.settings) end
-  os.exit = function(code) -- luacheck: ignore 122
-    if code == true or code == nil then code = 0 elseif code == false then code = 1 end
-    exit_code = tonumber(code) or 1
-    error(EXIT, 0)
-  end
+  os.exit = worker_exit -- luacheck: ignore 122
   local self = {}
   local limit = opts.max_concurrency or 1
   -- calls taken from the inbox at once: no more than the inbox holds, so
@@ -109,6 +136,7 @@ function M.run(name, class, opts, ...)
   local init = corral.spawn(function(...)
     if class.init then class.init(self, ...) end
   end, ...)
+  init._where = "init"
 
   -- Wait for the call's inputs (or for its caller to cancel it). Returns an
   -- error to fail the call with, CANCEL, or nil to run it.
@@ -183,9 +211,9 @@ function M.run(name, class, opts, ...)
           if type(fn) ~= "function" then
             fail(call, errors.worker_error(name, method, "no method '" .. method .. "'"))
           else
-            me._call = call
+            me._call, me._method = call, method
             finish(call, method, xpcall(apply, sched.on_error, fn, self, call))
-            me._call = nil
+            me._call, me._method = nil, nil
             collect_if_grown()
           end
         end
@@ -214,13 +242,15 @@ function M.run(name, class, opts, ...)
   sched.keepalive = true
   while crash == nil do
     sched.turn(true)
+    if exit_code then
+      crash = exited(exit_where)
+      break
+    end
     local st = stopping()
     if not started and init:done() then
       local ie = init:exception()
-      if exit_code then
-        crash = exited("init")
-      elseif ie ~= nil and not errors.is_error(ie, "CancelledError") then
-        crash = errors.crashed(name, "its init failed: " .. errors.safe_tostring(ie), ie, nil, "init")
+      if ie ~= nil and not errors.is_error(ie, "CancelledError") then
+        crash = errors.crashed(name, "its init failed: " .. text_of(ie), ie, nil, "init")
       elseif ie ~= nil then
         break -- stopped while init ran
       else
@@ -238,12 +268,14 @@ function M.run(name, class, opts, ...)
       break
     elseif st == DRAIN and runners == 0 and head > tail and (started or init:done()) then
       head, tail = 1, 0
-      if not started or refill() == 0 then break end
+      -- the end, unless calls remain, or callers that waited for room are
+      -- still to push theirs (they wake this loop when they do)
+      if not started or (refill() == 0 and core.inbox_drained()) then break end
     end
   end
   sched.on_wake, sched.before_park = nil, nil
   sched.keepalive = false
-  if crash then core.worker_crash(crash) end
+  if crash then crash_with(crash) end
   -- what is left (tasks, futures still pending) ends as its state closes
 end
 
