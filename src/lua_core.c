@@ -925,15 +925,27 @@ static int l_stats(lua_State *L) {
   return 1;
 }
 
-static int l_ncpu(lua_State *L) {
-  unsigned int n = 0;
+/* The number of CPUs, read once (by the first state that loads corral, the
+ * home one): uv_cpu_info opens files under /proc, which worker threads had
+ * better not race with the descriptors libuv closes behind ThreadSanitizer. */
+static atomic_int ncpu_cached;
+
+static int ncpu(void) {
+  int n = atomic_load(&ncpu_cached);
+  if (n > 0) return n;
   uv_cpu_info_t *info;
   int count;
+  n = 1;
   if (uv_cpu_info(&info, &count) == 0) {
-    n = (unsigned)count;
+    if (count > 0) n = count;
     uv_free_cpu_info(info, count);
   }
-  lua_pushinteger(L, n > 0 ? (lua_Integer)n : 1);
+  atomic_store(&ncpu_cached, n);
+  return n;
+}
+
+static int l_ncpu(lua_State *L) {
+  lua_pushinteger(L, ncpu());
   return 1;
 }
 
@@ -1063,6 +1075,7 @@ int luaopen_corral(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
     rt = rt_create(L, 0);
     if (rt == NULL) return luaL_error(L, "corral: cannot start the runtime");
+    ncpu(); /* read here, before any worker thread runs */
     lua_getfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
     *(corral_runtime **)lua_touserdata(L, -1) = rt;
     lua_pop(L, 1);

@@ -348,7 +348,7 @@ describe("signals and the end of the process", function()
       getmetatable(CLOSING).__gc = function() io.open(marker, "w"):close() end
     ]], "TERM", 1)
     assert.are.equal(143, code, err)
-    assert.is_true(ms < 2000, ms .. " ms")
+    assert.is_true(ms < 3000, ms .. " ms")
   end)
 
   it("a worker task that never waits does not keep the process alive for ever once main returns", function()

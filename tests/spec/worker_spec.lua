@@ -203,32 +203,44 @@ describe("thread workers", function()
   end)
 
   it("keep memory bounded with a producer much faster than its worker", function()
-    -- 200 calls of 1 MiB each to a worker that takes 2 ms a call: without
-    -- backpressure 200 MiB would wait; with max_queued = 4, at most 8 do
-    local out, err, code = h.corral([[
-      local corral = require "corral"
-      local function rss()
-        local f = io.open("/proc/self/statm")
-        local pages = f:read("*n") and f:read("*n")
-        f:close()
-        return pages * 4096 / 2 ^ 20
-      end
-      local W = corral.worker { take = function(_, s) corral.sleep(0.002); return #s end }
-      local w = W:options { max_queued = 4 }:init()
-      local base = rss()
-      local peak = base
-      for i = 1, 200 do
-        local s = string.rep(string.char(65 + i % 26), 2 ^ 20)
-        w:take(s)
-        s = nil
-        if i % 8 == 0 then collectgarbage() end
-        peak = math.max(peak, rss())
-      end
-      print(math.floor(peak - base))
-    ]], "", 'ASAN_OPTIONS="${ASAN_OPTIONS:-}:quarantine_size_mb=0:thread_local_quarantine_size_kb=0" ')
-    assert.are.equal(0, code, err)
-    local grew = tonumber(out)
-    assert.is_true(grew < 100, "RSS grew by " .. tostring(grew) .. " MiB")
+    -- 200 calls of 1 MiB each to a worker that takes 2 ms a call: with
+    -- max_queued = 4 at most 8 wait; with a bound too large to matter, most
+    -- of the 200 would. The resident size grows by much less with the bound
+    -- (compared in one run). Under ThreadSanitizer the producer is too slow
+    -- to outrun the worker: there is nothing to measure.
+    if h.preload and h.preload:find("tsan") then
+      pending("ThreadSanitizer slows the producer below the worker's pace")
+      return
+    end
+    local function grew(max_queued)
+      local out, err, code = h.corral([[
+        local corral = require "corral"
+        local function rss()
+          local f = io.open("/proc/self/statm")
+          local pages = f:read("*n") and f:read("*n")
+          f:close()
+          return pages * 4096 / 2 ^ 20
+        end
+        local W = corral.worker { take = function(_, s) corral.sleep(0.002); return #s end }
+        local w = W:options { max_queued = tonumber(arg[1]) }:init()
+        local base = rss()
+        local peak = base
+        for i = 1, 200 do
+          local s = string.rep(string.char(65 + i % 26), 2 ^ 20)
+          w:take(s)
+          s = nil
+          if i % 8 == 0 then collectgarbage() end
+          peak = math.max(peak, rss())
+        end
+        print(math.floor(peak - base))
+      ]], tostring(max_queued),
+        'ASAN_OPTIONS="${ASAN_OPTIONS:-}:quarantine_size_mb=0:thread_local_quarantine_size_kb=0" ')
+      assert.are.equal(0, code, err)
+      return tonumber(out)
+    end
+    local bounded, unbounded = grew(4), grew(100000)
+    assert.is_true(bounded * 2 < unbounded, ("RSS grew by %d MiB with the bound, %d without")
+      :format(bounded, unbounded))
   end)
 end)
 
