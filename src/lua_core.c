@@ -1,5 +1,6 @@
 /* lua_core.c: the C primitives under the Lua API (the `corral.core` table),
  * the future and reporter userdata, and `luaopen_corral`. */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1183,10 +1184,21 @@ int lcore_drive(lua_State *L, int block) {
   return pending;
 }
 
-/* The worker's Lua main, under lua_cpcall: a failure (a value of the boot
- * payload that cannot be rebuilt here) is an error, not a panic. */
+/* The worker's Lua main, under lua_cpcall from the very first allocation:
+ * a failure (no memory, a value of the boot payload that cannot be rebuilt
+ * here) is an error, not a panic. */
 static int worker_boot(lua_State *L) {
   corral_worker *w = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  luaL_openlibs(L);
+  lua_pushlightuserdata(L, w->rt);
+  lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
+  lua_pushlightuserdata(L, &w->ctx);
+  lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_corral);
+  lua_setfield(L, -2, "corral");
   lua_settop(L, 0);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral");
@@ -1202,32 +1214,49 @@ static int worker_boot(lua_State *L) {
   return 0;
 }
 
-/* The worker died before or outside its Lua main: a WorkerCrashed built by
- * the errors module when corral loaded, by C otherwise. */
-static void boot_failed(lua_State *L, corral_worker *w) {
-  int err = lua_gettop(L);
+typedef struct {
+  corral_worker *w;
+  const char *why;
+} boot_failure;
+
+/* corral.worker_main.died(name, why), protected (it may run out of memory
+ * too). */
+static int boot_died(lua_State *L) {
+  boot_failure *b = lua_touserdata(L, 1);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral.worker_main");
-  if (lua_pcall(L, 1, 1, 0) == 0) {
-    lua_getfield(L, -1, "died");
-    lua_pushstring(L, w->name);
-    lua_pushvalue(L, err);
-    if (lua_pcall(L, 2, 0, 0) == 0) return;
-  }
-  lua_settop(L, err);
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "died");
+  lua_pushstring(L, b->w->name);
+  lua_pushstring(L, b->why);
+  lua_call(L, 2, 0);
+  return 0;
+}
+
+/* The worker died before or outside its Lua main: a WorkerCrashed built by
+ * the errors module when it can be loaded, by C otherwise. */
+static void boot_failed(lua_State *L, corral_worker *w) {
+  char why[400];
+  snprintf(why, sizeof why, "%s",
+           lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(an error object)");
+  lua_pop(L, 1);
+  boot_failure b = {w, why};
+  if (lua_cpcall(L, boot_died, &b) == 0) return;
   char msg[512];
-  snprintf(msg, sizeof msg, "worker %s died: %s", w->name,
-           lua_isstring(L, err) ? lua_tostring(L, err) : "(an error object)");
+  snprintf(msg, sizeof msg, "worker %s crashed: it could not start: %s", w->name, why);
   size_t len;
   char *payload = future_error_payload("WorkerCrashed", msg, &len);
   if (payload != NULL) worker_crash(w, payload, len);
 }
 
-/* Tests: how many of the next worker Lua states cannot be made. */
-static atomic_int inject_state;
+/* Tests: how many of the next worker Lua states cannot be made, and after
+ * how many allocations the next one runs out of memory. */
+static atomic_int inject_state, inject_alloc;
 
 /* inject_fault(what, n): the next n thread starts ("thread") or worker Lua
- * states ("state") fail, as when memory or threads run out. For tests. */
+ * states ("state") fail, or the next worker's Lua state runs out of memory
+ * after n allocations ("alloc"), as when memory or threads run out. For
+ * tests. */
 static int l_inject_fault(lua_State *L) {
   const char *what = luaL_checkstring(L, 1);
   int n = (int)luaL_checkinteger(L, 2);
@@ -1235,14 +1264,29 @@ static int l_inject_fault(lua_State *L) {
     worker_inject(n);
   else if (strcmp(what, "state") == 0)
     atomic_store(&inject_state, n);
+  else if (strcmp(what, "alloc") == 0)
+    atomic_store(&inject_alloc, n);
   else
-    return luaL_argerror(L, 1, "\"thread\" or \"state\"");
+    return luaL_argerror(L, 1, "\"thread\", \"state\" or \"alloc\"");
   return 0;
+}
+
+/* An allocator that refuses to grow after `*left` more allocations. */
+static void *failing_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  int *left = ud;
+  if (nsize == 0) {
+    free(ptr);
+    return NULL;
+  }
+  if (nsize > osize && (*left)-- <= 0) return NULL;
+  return realloc(ptr, nsize);
 }
 
 void lcore_worker_main(corral_worker *w) {
   int fail = atomic_load(&inject_state) > 0 && atomic_fetch_sub(&inject_state, 1) > 0;
-  lua_State *L = fail ? NULL : luaL_newstate();
+  int after = atomic_exchange(&inject_alloc, 0), left = INT_MAX;
+  lua_State *L = fail ? NULL : after > 0 ? lua_newstate(failing_alloc, &left) : luaL_newstate();
+  left = after; /* LuaJIT cannot fail inside lua_newstate itself: count from here */
   if (L == NULL) {
     size_t len;
     char *payload =
@@ -1251,16 +1295,6 @@ void lcore_worker_main(corral_worker *w) {
     return;
   }
   w->ctx.L = L;
-  luaL_openlibs(L);
-  lua_pushlightuserdata(L, w->rt);
-  lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
-  lua_pushlightuserdata(L, &w->ctx);
-  lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, luaopen_corral);
-  lua_setfield(L, -2, "corral");
-  lua_pop(L, 2);
   if (lua_cpcall(L, worker_boot, w) != 0) boot_failed(L, w);
   lua_close(L);
   w->ctx.L = NULL;

@@ -375,6 +375,32 @@ describe("workers that die say so", function()
     assert.is_true(w:stop { timeout = 10 })
   end)
 
+  it("a worker that runs out of memory anywhere in its start or its call fails cleanly", function()
+    -- the worker's Lua state refuses to grow after n allocations, for n
+    -- through its whole start and a first call (about 2,000 allocations):
+    -- every call ends (done, or WorkerCrashed saying why), every stop
+    -- returns, and nothing crashes
+    local core = require "corral.core"
+    local W = corral.worker { x = function(_, v) return { v = v, s = ("x"):rep(v % 50) } end }
+    local kinds = {}
+    for n = 1, 2600, 3 do
+      core.inject_fault("alloc", n)
+      local w = W:init()
+      local f = w:x(n)
+      local e = f:exception(10)
+      local k = e and e.kind or "done"
+      kinds[k] = (kinds[k] or 0) + 1
+      if e then
+        assert.are.equal("WorkerCrashed", e.kind, n .. ": " .. tostring(e))
+        assert.matches("not enough memory", e.message)
+      else
+        assert.are.equal(n, f:result().v)
+      end
+      assert.is_true(w:stop { timeout = 10 })
+    end
+    assert.is_true(kinds.WorkerCrashed > 0 and kinds.done > 0)
+  end)
+
   it("a crash in C code names the worker and the method", function()
     local _, err, code = h.corral([[
       local corral = require "corral"
