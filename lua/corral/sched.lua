@@ -356,12 +356,13 @@ M.stuck = false
 M.wind_down = nil
 local wind_since = nil
 
+local turn_body
+
 --- One turn of the loop: poll for events (blocking, when `block` and there is
 -- nothing ready, until the next timer or `until_deadline`), deliver
 -- completions, fire due timers, then run what was ready at that point.
--- Returns whether anything is still pending.
-local turn_body
-
+-- Returns whether anything is still pending. Not re-entrant: driving the
+-- loop from inside a turn is a `UsageError`.
 function turn(block, until_deadline)
   if in_turn then
     errors.usage("corral", "cannot drive the loop from inside itself (corral.run or a wait in a "

@@ -570,13 +570,15 @@ function M.submit(fn, ...)
   return (pool_for(nil)):call(fn, ...)
 end
 
---- Apply `fn` to every item on a pool, with at most max(4, 2 x instances x
--- max_concurrency) calls in flight. Returns the results in input order, or with `iter=true`
--- an iterator of `index, result` (in input order, or in completion order
--- with `ordered=false`).
--- @tab[opt] opts `workers`, `mode`, `ordered` (true), `iter`, `progress`
 local MAP_OPTIONS = { workers = true, mode = true, ordered = true, iter = true, progress = true }
 
+--- Apply `fn` to every item on a pool, with at most max(4, 2 x instances x
+-- max_concurrency) calls in flight. Returns the results in input order, or
+-- with `iter=true` an iterator of `index, result` (in input order, or in
+-- completion order with `ordered=false`).
+-- @func fn the function, applied to each item
+-- @tab items an array
+-- @tab[opt] opts `workers`, `mode`, `ordered` (true), `iter`, `progress`
 function M.map(fn, items, opts)
   opts = opts or {}
   errors.check(type(fn) == "function", "corral.map", "fn", "a function", fn)
