@@ -87,7 +87,7 @@ test-asan:
 
 test-tsan:
 	$(MAKE) test BUILD=build/tsan SAN=thread OPT="-O1 -g" \
-	  TEST_ENV="CORRAL_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1"
+	  TEST_ENV="CORRAL_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/tests/tsan.supp"
 
 # ---- fuzzing ----------------------------------------------------------------
 

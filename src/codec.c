@@ -1390,8 +1390,10 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     lua_pushlstring(L, dot + 1, n - (size_t)(dot - p) - 1);
     lua_rawget(L, -2);
     lua_remove(L, -2);
-    if (!lua_iscfunction(L, -1))
-      return dec_fail(d, "extension 5 (CFUNC): '%.*s' is not a C function here",
+    /* what the module holds under that name here (a worker's os.exit is
+     * corral's own, a Lua function) */
+    if (!lua_isfunction(L, -1))
+      return dec_fail(d, "extension 5 (CFUNC): '%.*s' is not a function here",
                       (int)(n > 80 ? 80 : n), p);
     return 0;
   }

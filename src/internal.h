@@ -247,7 +247,8 @@ typedef struct corral_call {
   size_t len;
   int payload_refs;
   int ndeps;
-  corral_future **deps; /* inputs to unwrap, retained */
+  corral_future **deps;    /* inputs to unwrap, retained */
+  corral_future *accepted; /* in the overflow: settled as it moves into the inbox */
   size_t mlen;
   char method[]; /* mlen bytes (a name may hold any byte) and a NUL */
 } corral_call;
@@ -269,11 +270,11 @@ struct corral_worker {
   /* under ctx.qlock */
   queue inbox;
   int queued, cap;
-  corral_future **space; /* callers waiting for room, settled on pop */
-  int nspace, capspace;
+  queue overflow;      /* calls whose callers wait for room, in order */
   atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
   int orphan_stop;     /* stopped because its last handle went (under ctx.qlock) */
-  int retrying;        /* callers that waited for room and are still to push (under ctx.qlock) */
+  int orphan_seen;     /* the home's orphan sweep took it (under rt->wlock) */
+  int booted;          /* its Lua main runs (the worker's thread only) */
   char *crash;         /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
   char current[64];         /* the method running now ("" when none), under ctx.qlock */
@@ -294,19 +295,11 @@ void worker_retain(corral_worker *w);
 void worker_release(corral_worker *w);
 /* w's handle, issued on first use (0 when the handle table is full). */
 uint64_t worker_handle(corral_worker *w);
-/* 0 queued; CORRAL_EAGAIN full; CORRAL_ECLOSED stopping; CORRAL_ECRASHED
- * dead. `again`: pushed again after the inbox was full (the call was made
- * before any stop: a draining worker still takes it); `waited`: after
- * worker_wait_space registered it. */
-int worker_push(corral_worker *w, corral_call *c, int again, int waited);
-/* Wait for room: 0 f registered (settled when a pop makes room, or the
- * worker is cancelled; the caller then pushes again, or calls
- * worker_retry_done if it gives up), 1 push again now. */
-int worker_wait_space(corral_worker *w, corral_future *f);
-void worker_retry_done(corral_worker *w);
-/* A draining worker may end: its inbox is empty and no caller that waited
- * for room is still to push. */
-int worker_drained(corral_worker *w);
+/* Queue a call (the worker owns it from here): 0 queued; CORRAL_EAGAIN
+ * full: it waits in the overflow, and *accepted (a new reference) settles
+ * when it moves into the inbox (the caller waits for that: backpressure);
+ * CORRAL_ECLOSED stopping; CORRAL_ECRASHED dead (the caller keeps it). */
+int worker_push(corral_worker *w, corral_call *c, corral_future **accepted);
 /* Take up to max calls from the inbox (the worker's own thread). */
 int worker_take(corral_worker *w, corral_call **out, int max);
 void worker_stop(corral_worker *w, int how);

@@ -467,7 +467,7 @@ static int l_worker_start(lua_State *L) {
                     err == CORRAL_ENOMEM ? "out of memory" : uv_strerror(err));
     return 2;
   }
-  w_push_handle(L, w);
+  w_push(L, w); /* its handle was counted at birth */
   return 1;
 }
 
@@ -515,9 +515,9 @@ static void fail_crashed(corral_worker *w, corral_future *result) {
 /* wcall(w, method, ...): encode the arguments (futures become inputs to
  * unwrap) and queue the call. Returns the result's C future and its watch
  * key (the caller's loop is told when it settles); or nil, "full", the
- * result, the call (to push again when there is room) and the key; or nil,
- * "closed" (the caller fails it) / "crashed" (failed), the result, nil,
- * key; or nil, "codec", why. */
+ * result, a C future settled when the call moves into the inbox (the
+ * caller waits for it) and the key; or nil, "closed" (the caller fails it)
+ * / "crashed" (failed), the result, nil, key; or nil, "codec", why. */
 static int l_wcall(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   size_t mlen;
@@ -558,68 +558,28 @@ static int l_wcall(lua_State *L) {
     call_free(c);
     return luaL_error(L, "corral: out of memory");
   }
-  int rc = worker_push(w, c, 0, 0);
+  corral_future *accepted;
+  int rc = worker_push(w, c, &accepted);
   if (rc == 0) {
     cf_push(L, result);
     lua_pushlightuserdata(L, result);
     return 2;
   }
   lua_pushnil(L);
-  if (rc == CORRAL_ECLOSED || rc == CORRAL_ECRASHED) {
-    call_free(c);
-    if (rc == CORRAL_ECRASHED) fail_crashed(w, result);
-    push_status(L, rc);
-    cf_push(L, result); /* its watch still waits: it fails */
-    lua_pushnil(L);
+  if (rc == CORRAL_EAGAIN) { /* the worker holds it; the caller waits for room */
+    lua_pushliteral(L, "full");
+    cf_push(L, result);
+    cf_push(L, accepted);
     lua_pushlightuserdata(L, result);
     return 5;
   }
-  lua_pushliteral(L, "full");
-  cf_push(L, result);
-  call_push(L, c);
+  call_free(c); /* refused: still the caller's */
+  if (rc == CORRAL_ECRASHED) fail_crashed(w, result);
+  push_status(L, rc);
+  cf_push(L, result); /* its watch still waits: it fails */
+  lua_pushnil(L);
   lua_pushlightuserdata(L, result);
   return 5;
-}
-
-/* wpush(w, call, waited): push a call again (after wspace, which registered
- * it when `waited`): true, "full", "closed" (the caller fails it) or
- * "crashed" (failed here). wgiveup(w): a caller that waited gives up. */
-static int l_wpush(lua_State *L) {
-  corral_worker *w = w_check(L, 1);
-  corral_call **p = (corral_call **)luaL_checkudata(L, 2, CALL_MT);
-  int rc = worker_push(w, *p, 1, lua_toboolean(L, 3));
-  if (rc == 0) *p = NULL; /* the inbox owns it now */
-  if (rc == CORRAL_ECRASHED) fail_crashed(w, (*p)->result);
-  return push_status(L, rc);
-}
-
-static corral_worker *self_worker(lua_State *L);
-
-static int l_wgiveup(lua_State *L) {
-  worker_retry_done(w_check(L, 1));
-  return 0;
-}
-
-/* inbox_drained(): this draining worker may end (nothing in its inbox, no
- * caller that waited for room still to push). */
-static int l_inbox_drained(lua_State *L) {
-  lua_pushboolean(L, worker_drained(self_worker(L)));
-  return 1;
-}
-
-/* wspace(w): a C future settled when the inbox has room (or the worker
- * is cancelled); nil when there is room already. */
-static int l_wspace(lua_State *L) {
-  corral_worker *w = w_check(L, 1);
-  corral_future *f = future_new();
-  if (f == NULL) return luaL_error(L, "corral: out of memory");
-  if (worker_wait_space(w, f) != 0) {
-    corral_future_release(f);
-    lua_pushnil(L);
-    return 1;
-  }
-  cf_push(L, f);
-  return 1;
 }
 
 static int l_wactive(lua_State *L) {
@@ -920,6 +880,8 @@ static int l_stats(lua_State *L) {
     snprintf(running, sizeof running, "%s", w->current);
     uv_mutex_unlock(&w->ctx.qlock);
     stats_row(L, &w->ctx, w->name, queued, atomic_load(&w->active), running);
+    lua_pushinteger(L, atomic_load(&w->handles));
+    lua_setfield(L, -2, "handles");
     lua_rawseti(L, -2, i++);
   }
   uv_mutex_unlock(&rt->wlock);
@@ -1010,14 +972,10 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"decode", l_decode},
                                       {"worker_start", l_worker_start},
                                       {"wcall", l_wcall},
-                                      {"wpush", l_wpush},
-                                      {"wspace", l_wspace},
                                       {"wactive", l_wactive},
                                       {"wstop", l_wstop},
                                       {"wjoin", l_wjoin},
                                       {"wis_self", l_wis_self},
-                                      {"wgiveup", l_wgiveup},
-                                      {"inbox_drained", l_inbox_drained},
                                       {"wname", l_wname},
                                       {"pool_set", l_pool_set},
                                       {"pool_get", l_pool_get},
@@ -1206,10 +1164,21 @@ static int worker_boot(lua_State *L) {
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral.worker_main");
   lua_call(L, 1, 1);
+  /* what its code sees (os.exit ending the worker) is in place before the
+   * class, options and init arguments are rebuilt here */
+  lua_getfield(L, -1, "prepare");
+  lua_call(L, 0, 0);
   lua_getfield(L, -1, "run");
   lua_pushstring(L, w->name);
   int n = codec_decode(L, w->boot, w->bootlen, NULL, CODEC_TRUSTED | CODEC_AS_INIT);
   if (n < 0) return lua_error(L);
+  /* rebuilt: the payload's references (workers it names) go now */
+  if (w->boot_refs) codec_discard(w->boot, w->bootlen);
+  free(w->boot);
+  w->boot = NULL;
+  w->bootlen = 0;
+  w->boot_refs = 0;
+  w->booted = 1;
   lua_call(L, n + 1, 0);
   return 0;
 }
@@ -1229,7 +1198,8 @@ static int boot_died(lua_State *L) {
   lua_getfield(L, -1, "died");
   lua_pushstring(L, b->w->name);
   lua_pushstring(L, b->why);
-  lua_call(L, 2, 0);
+  lua_pushboolean(L, b->w->booted);
+  lua_call(L, 3, 0);
   return 0;
 }
 
@@ -1243,7 +1213,8 @@ static void boot_failed(lua_State *L, corral_worker *w) {
   boot_failure b = {w, why};
   if (lua_cpcall(L, boot_died, &b) == 0) return;
   char msg[512];
-  snprintf(msg, sizeof msg, "worker %s crashed: it could not start: %s", w->name, why);
+  snprintf(msg, sizeof msg, "worker %s crashed: %s: %s", w->name,
+           w->booted ? "it failed" : "it could not start", why);
   size_t len;
   char *payload = future_error_payload("WorkerCrashed", msg, &len);
   if (payload != NULL) worker_crash(w, payload, len);

@@ -3,14 +3,18 @@
  *
  * Lock order: rt->wlock, then a worker's ctx.qlock. Futures are never
  * settled under ctx.qlock (settling takes future->lock, then the watching
- * context's qlock): space waiters are settled after it is released.
+ * context's qlock): the callers' `accepted` futures are settled after it is
+ * released.
  *
- * A call's life: pushed onto the inbox (queued), taken by the worker's Lua
- * in batches (taken: still cancellable, the caller's cancel settles its
- * future and the worker skips it), started (RUNNING: future_start), and
- * finished by the worker settling its future. When the thread ends, what it
- * had taken and what is left in the inbox is cancelled (a stop) or failed
- * with the crash error (the worker died).
+ * A call's life: pushed onto the inbox (queued); or, when the inbox is full,
+ * onto the overflow, where it waits in order while its caller is suspended
+ * until it moves into the inbox (`accepted`: backpressure; the call is the
+ * worker's already, so a stop drains or cancels it like any other); taken
+ * by the worker's Lua in batches (taken: still cancellable, the caller's
+ * cancel settles its future and the worker skips it); started (RUNNING:
+ * future_start); finished by the worker settling its future. When the
+ * thread ends, what it had taken and what is left in the inbox and the
+ * overflow is cancelled (a stop) or failed with the crash error (it died).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +40,7 @@ corral_call *call_new(const char *method, size_t mlen, corral_future *result, ch
   c->deps = deps;
   c->ndeps = ndeps;
   c->taken = 0;
+  c->accepted = NULL;
   queue_init(&c->node);
   return c;
 }
@@ -55,11 +60,17 @@ void call_free(corral_call *c) {
 /* Life                                                                      */
 /* ======================================================================== */
 
-/* Settle every call of q: cancelled, or failed with a copy of `crash`. */
+/* Settle every call of q: cancelled, or failed with a copy of `crash`; its
+ * caller, if it still waits for room, is let go. */
 static void settle_all(corral_worker *w, queue *q, const char *crash, size_t crashlen) {
   while (!queue_empty(q)) {
     corral_call *c = queue_data(queue_head(q), corral_call, node);
     queue_remove(&c->node);
+    if (c->accepted != NULL) {
+      future_settle(c->accepted, CORRAL_DONE, NULL, 0);
+      corral_future_release(c->accepted);
+      c->accepted = NULL;
+    }
     char *copy = crash != NULL ? malloc(crashlen) : NULL;
     if (copy != NULL) {
       memcpy(copy, crash, crashlen);
@@ -80,12 +91,13 @@ static void worker_thread(void *arg) {
   lcore_worker_main(w); /* returns when the worker has stopped, or died */
   signal_leave_worker(altstack);
   /* Whatever its Lua left unfinished is cancelled (or failed, when it died),
-   * and so is what is left in the inbox; callers waiting for room are let
-   * go; what comes is refused. */
+   * and so is what is left in the inbox and the overflow (their callers are
+   * let go); what comes is refused. */
   worker_stop(w, WORKER_CANCEL);
-  queue left;
+  queue left, over;
   uv_mutex_lock(&w->ctx.qlock);
   queue_move(&w->inbox, &left);
+  queue_move(&w->overflow, &over);
   w->queued = 0;
   const char *crash = w->crash;
   size_t crashlen = w->crashlen;
@@ -93,6 +105,7 @@ static void worker_thread(void *arg) {
   uv_mutex_unlock(&w->ctx.qlock);
   settle_all(w, &w->taken, crash, crashlen);
   settle_all(w, &left, crash, crashlen);
+  settle_all(w, &over, crash, crashlen);
   ctx_close(&w->ctx, 0);
   /* Said stopped first, so that whoever waits for it has a completion
    * posted before this thread counts as busy no more (the home may then be
@@ -118,7 +131,9 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   corral_worker *w = calloc(1, sizeof *w);
   if (w == NULL) return NULL;
   atomic_init(&w->refs, 2); /* the caller's and the runtime's (until joined) */
-  atomic_init(&w->handles, 0);
+  /* the caller's handle, counted from the start: an orphan sweep running
+   * meanwhile must not take a worker being born for one */
+  atomic_init(&w->handles, 1);
   atomic_init(&w->stopping, WORKER_RUNNING);
   w->rt = rt;
   w->boot = boot;
@@ -127,6 +142,7 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   queue_init(&w->taken);
   w->cap = cap > 0 ? cap : 1;
   queue_init(&w->inbox);
+  queue_init(&w->overflow);
   snprintf(w->name, sizeof w->name, "%s", name);
   w->stopped = future_new();
   int rc = w->stopped == NULL ? CORRAL_ENOMEM : ctx_init(&w->ctx, rt, NULL);
@@ -175,23 +191,22 @@ void worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_w
     uv_mutex_lock(&rt->wlock);
     for (queue *q = queue_head(&rt->workers); q != &rt->workers && n < 32; q = q->next) {
       corral_worker *w = queue_data(q, corral_worker, rt_node);
-      if (atomic_load(&w->handles) != 0) continue;
+      if (atomic_load(&w->handles) != 0 || w->orphan_seen) continue;
+      /* once: it stops (if it runs still) and is joined when it has ended,
+       * whether it was running, stopping or dead */
+      w->orphan_seen = 1;
       uv_mutex_lock(&w->ctx.qlock);
-      int running = atomic_load(&w->stopping) == WORKER_RUNNING;
-      if (running) {
+      if (atomic_load(&w->stopping) == WORKER_RUNNING) {
         w->orphan_stop = 1;
         atomic_store(&w->stopping, WORKER_DRAIN);
         if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
       }
       uv_mutex_unlock(&w->ctx.qlock);
-      if (running) {
-        worker_retain(w);
-        found[n++] = w;
-      }
+      worker_retain(w);
+      found[n++] = w;
     }
     uv_mutex_unlock(&rt->wlock);
     for (int i = 0; i < n; i++) {
-      worker_stop(found[i], WORKER_DRAIN); /* lets its space waiters go */
       if (stopping != NULL) stopping(ud, found[i]);
       worker_release(found[i]);
     }
@@ -222,9 +237,6 @@ void worker_release(corral_worker *w) {
   uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
   if (h != 0) handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
-  for (int i = 0; i < w->nspace; i++)
-    corral_future_release(w->space[i]);
-  free(w->space);
   if (w->boot_refs) codec_discard(w->boot, w->bootlen);
   free(w->boot);
   free(w->crash);
@@ -237,83 +249,62 @@ void worker_release(corral_worker *w) {
 /* The inbox                                                                 */
 /* ======================================================================== */
 
-int worker_push(corral_worker *w, corral_call *c, int again, int waited) {
+int worker_push(corral_worker *w, corral_call *c, corral_future **accepted) {
+  *accepted = NULL;
   uv_mutex_lock(&w->ctx.qlock);
   int st = atomic_load_explicit(&w->stopping, memory_order_relaxed);
-  /* a call pushed again was made before any stop: a drain takes it */
-  if (waited) w->retrying--;
-  if (st != WORKER_RUNNING && !(again && st == WORKER_DRAIN)) {
+  if (st != WORKER_RUNNING) {
     uv_mutex_unlock(&w->ctx.qlock);
     return st == WORKER_CRASHED ? CORRAL_ECRASHED : CORRAL_ECLOSED;
   }
-  if (w->queued >= w->cap) {
+  c->taken = 1; /* the worker's now, wherever it waits */
+  atomic_fetch_add(&w->active, 1);
+  if (w->queued >= w->cap || !queue_empty(&w->overflow)) {
+    /* Full (or others wait already): it waits in order, and its caller
+     * until it moves into the inbox. */
+    c->accepted = future_new();
+    if (c->accepted != NULL) {
+      corral_future_retain(c->accepted);
+      *accepted = c->accepted;
+    }
+    queue_insert_tail(&w->overflow, &c->node);
     uv_mutex_unlock(&w->ctx.qlock);
-    return CORRAL_EAGAIN;
+    return *accepted != NULL ? CORRAL_EAGAIN : 0;
   }
   int pending = !queue_empty(&w->inbox);
   queue_insert_tail(&w->inbox, &c->node);
   w->queued++;
-  atomic_fetch_add(&w->active, 1);
   /* one wake-up per batch: a non-empty inbox has one on the way */
   ctx_signal(&w->ctx, pending);
   uv_mutex_unlock(&w->ctx.qlock);
   return 0;
 }
 
-int worker_wait_space(corral_worker *w, corral_future *f) {
-  int rc = 1;
-  uv_mutex_lock(&w->ctx.qlock);
-  int st = atomic_load_explicit(&w->stopping, memory_order_relaxed);
-  if ((st == WORKER_RUNNING || st == WORKER_DRAIN) && w->queued >= w->cap) {
-    if (w->nspace == w->capspace) {
-      int cap = w->capspace ? w->capspace * 2 : 4;
-      corral_future **s = realloc(w->space, sizeof(corral_future *) * (size_t)cap);
-      if (s == NULL) {
-        uv_mutex_unlock(&w->ctx.qlock);
-        return 1;
-      }
-      w->space = s;
-      w->capspace = cap;
-    }
-    corral_future_retain(f);
-    w->space[w->nspace++] = f;
-    w->retrying++; /* until it pushes again (worker_push, waited) or gives up */
-    rc = 0;
-  }
-  uv_mutex_unlock(&w->ctx.qlock);
-  return rc;
-}
-
 int worker_take(corral_worker *w, corral_call **out, int max) {
-  int n = 0, nspace = 0;
-  corral_future *stack_space[16], **space = stack_space;
+  int n = 0, nacc = 0;
+  corral_future *acc[64];
   uv_mutex_lock(&w->ctx.qlock);
   while (n < max && !queue_empty(&w->inbox)) {
     corral_call *c = queue_data(queue_head(&w->inbox), corral_call, node);
     queue_remove(&c->node);
     queue_insert_tail(&w->taken, &c->node); /* the worker's thread owns it now */
-    c->taken = 1;
     out[n++] = c;
   }
   w->queued -= n;
-  if (n > 0 && w->nspace > 0) {
-    /* hand the waiters over; settled below, outside the lock */
-    if (w->nspace <= 16) {
-      memcpy(stack_space, w->space, sizeof(corral_future *) * (size_t)w->nspace);
-    } else {
-      space = w->space;
-      w->space = NULL;
-      w->capspace = 0;
-    }
-    nspace = w->nspace;
-    w->nspace = 0;
+  /* room made: calls waiting in the overflow move in, their callers go on */
+  while (w->queued < w->cap && !queue_empty(&w->overflow) && nacc < 64) {
+    corral_call *c = queue_data(queue_head(&w->overflow), corral_call, node);
+    queue_remove(&c->node);
+    queue_insert_tail(&w->inbox, &c->node);
+    w->queued++;
+    if (c->accepted != NULL) acc[nacc++] = c->accepted;
+    c->accepted = NULL;
   }
   uv_mutex_unlock(&w->ctx.qlock);
-  for (int i = 0; i < nspace; i++) {
-    future_settle(space[i], CORRAL_DONE, NULL, 0);
-    corral_future_release(space[i]);
+  for (int i = 0; i < nacc; i++) {
+    future_settle(acc[i], CORRAL_DONE, NULL, 0);
+    corral_future_release(acc[i]);
   }
-  if (space != stack_space) free(space);
   return n;
 }
 
@@ -323,36 +314,7 @@ void worker_stop(corral_worker *w, int how) {
     atomic_store(&w->stopping, how);
     if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
   }
-  /* Callers waiting for room: a drain keeps them waiting (their calls were
-   * made before the stop: they go in as room comes); otherwise they are let
-   * go, to find the worker closed. */
-  int nspace = 0;
-  corral_future **space = NULL;
-  if (how != WORKER_DRAIN) {
-    nspace = w->nspace;
-    space = w->space;
-    w->space = NULL;
-    w->nspace = w->capspace = 0;
-  }
   uv_mutex_unlock(&w->ctx.qlock);
-  for (int i = 0; i < nspace; i++) {
-    future_settle(space[i], CORRAL_DONE, NULL, 0);
-    corral_future_release(space[i]);
-  }
-  free(space);
-}
-
-void worker_retry_done(corral_worker *w) {
-  uv_mutex_lock(&w->ctx.qlock);
-  w->retrying--;
-  uv_mutex_unlock(&w->ctx.qlock);
-}
-
-int worker_drained(corral_worker *w) {
-  uv_mutex_lock(&w->ctx.qlock);
-  int drained = queue_empty(&w->inbox) && w->retrying <= 0;
-  uv_mutex_unlock(&w->ctx.qlock);
-  return drained;
 }
 
 void worker_crash(corral_worker *w, char *payload, size_t len) {
@@ -432,14 +394,15 @@ static corral_worker *first_worker(corral_runtime *rt, queue *after) {
   corral_worker *w = NULL;
   uv_mutex_lock(&rt->wlock);
   /* `after` is a worker left running: never freed (the analyzer cannot tell) */
-  queue *q = after != NULL ? after->next /* NOLINT(clang-analyzer-unix.Malloc) */
-                           : queue_head(&rt->workers);
+  /* NOLINTBEGIN(clang-analyzer-unix.Malloc) */
+  queue *q = after != NULL ? after->next : queue_head(&rt->workers);
   if (q != &rt->workers) {
     w = queue_data(q, corral_worker, rt_node);
     worker_retain(w);
   }
   uv_mutex_unlock(&rt->wlock);
   return w;
+  /* NOLINTEND(clang-analyzer-unix.Malloc) */
 }
 
 static void stop_every(corral_runtime *rt, int how) {

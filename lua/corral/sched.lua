@@ -218,8 +218,9 @@ function M.block(w, deadline)
     w._call_cancelled = call
     return CANCEL
   end
-  if tok == WOKE and w._cancel_req then
-    -- cancelled after being woken, before it ran: deliver at this point
+  if (tok == WOKE or tok == TIMEOUT) and w._cancel_req then
+    -- cancelled after being woken (or timed out), before it ran: the
+    -- cancel, which said true, is what is delivered at this point
     w._cancel_req = false
     return CANCEL
   end
@@ -251,6 +252,7 @@ function M.watched(f, key)
 end
 
 M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
+M.exiting = false -- a worker's code called os.exit: the worker is ending
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
 M.keepalive = false -- a worker's loop waits for calls even with nothing pending
 M.before_park = nil -- called when a worker's loop is about to wait with nothing to do
@@ -322,7 +324,8 @@ local function run_task(t, tok, val)
       pool[pool_n] = co
     end
   elseif not ok then
-    M.report("internal error in the scheduler", r, traceback(co))
+    -- (a task ended by os.exit in a worker unwinds this way: not a bug)
+    if not M.exiting then M.report("internal error in the scheduler", r, traceback(co)) end
   else
     -- the task yielded by itself (coroutine.yield): let others run first
     push(last, WOKE, nil)
@@ -414,7 +417,9 @@ function turn_body(block, until_deadline)
   local n, sig, stopping = drain(dbuf)
   if stopping then
     -- workers whose last handle went: pending work until they have ended
-    for i = 1, #stopping do M.watch({ _c = stopping[i], _sync = core.reap }) end
+    for i = 1, #stopping do
+      if not M.watch({ _c = stopping[i], _sync = core.reap }) then core.reap() end
+    end
   end
   for i = 1, n do
     local key = dbuf[i]

@@ -166,27 +166,23 @@ end
 -- ---- thread instances ------------------------------------------------------
 
 local function thread_call(h, inst, method, ...)
-  local c, why, rc, call, key = core.wcall(inst.ud, method, ...)
+  local c, why, rc, accepted, key = core.wcall(inst.ud, method, ...)
   if c then return call_future(c, why) end
   if why == "codec" then error(errors.codec(rc, 4), 4) end
   local f = call_future(rc, key)
-  -- the inbox is full: wait for room (this task only), then queue it (a
-  -- draining stop still takes it: it was made before)
-  while why == "full" do
-    local space = core.wspace(inst.ud)
-    if space then
-      local ok, e = pcall(wrap(space).result, wrap(space))
-      if not ok then
-        -- cancelled while waiting for room: the call never goes
-        core.wgiveup(inst.ud)
-        core.fcancel(rc)
-        error(e, 0)
-      end
+  if why == "full" then
+    -- the worker holds the call, in order; this task waits until it moves
+    -- into the inbox (backpressure). A stop drains or cancels it as any.
+    local a = wrap(accepted)
+    local ok, e = pcall(a.result, a)
+    if not ok then
+      -- cancelled while waiting for room: the call never runs
+      core.fcancel(rc)
+      error(e, 0)
     end
-    why = core.wpush(inst.ud, call, space ~= nil)
-    if why == true then return f end
+  elseif why == "closed" then
+    core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method))
   end
-  if why == "closed" then core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method)) end
   return f -- "crashed": failed with the worker's crash already
 end
 
@@ -376,6 +372,8 @@ function Handle:stop(opts)
   local wait = require("corral.wait").wait
   self._stopped = true
   if self._mode ~= "thread" then
+    -- called from one of its own calls: that instance is not waited for
+    local me, itself = sched.current(), false
     local idle = {}
     for _, inst in ipairs(self._insts) do
       if self._mode == "async" then
@@ -392,14 +390,18 @@ function Handle:stop(opts)
           sp:set_result()
         end
         pump_async(self, inst)
-        if inst.active > 0 then
+        local inside = false
+        for _, t in pairs(inst.tasks) do inside = inside or t == me end
+        if inside then
+          itself = true
+        elseif inst.active > 0 then
           inst.idle = inst.idle or future.new()
           idle[#idle + 1] = inst.idle
         end
       end
     end
     local _, not_done = wait(idle, { timeout = opts.timeout })
-    return #not_done == 0
+    return #not_done == 0 and not itself
   end
   -- a worker stopping itself (from one of its methods) stops once that
   -- call is done: it cannot wait for that here, so it returns false

@@ -27,18 +27,36 @@ local M = {}
 local EXIT = setmetatable({}, { __tostring = function() return "os.exit in a worker" end })
 local exit_code, exit_where -- set once os.exit was called, and where
 
+-- Every instruction of a coroutine that called os.exit raises: whatever
+-- catches the first error (pcall, a C function between) cannot go on.
+local function exit_hook() error(EXIT, 0) end
+
 -- os.exit in a worker: the calling task is suspended for good (no code after
--- os.exit runs, pcall or not) and the worker ends at its next turn.
+-- os.exit runs, pcall or not) and the worker ends at its next turn. Where it
+-- cannot suspend (inside a C call, in a coroutine of the code's own), every
+-- further instruction of that coroutine and of its task raises.
 local function worker_exit(code)
   if code == true or code == nil then code = 0 elseif code == false then code = 1 end
+  local t = sched.current()
   if not exit_code then
     exit_code = tonumber(code) or 1
-    local t = sched.current()
+    if exit_code ~= exit_code or exit_code == math.huge or exit_code == -math.huge then
+      exit_code = 1
+    end
+    exit_code = math.floor(exit_code)
     exit_where = t and (t._method or t._where) or "a task it spawned"
   end
-  local t = sched.current()
-  if t and t[CO] == coroutine.running() then pcall(coroutine.yield, sched.BLOCKED) end
+  sched.exiting = true
+  local co = coroutine.running()
+  if t and t[CO] == co then pcall(coroutine.yield, sched.BLOCKED) end
+  debug.sethook(co, exit_hook, "", 1)
+  if t and t[CO] and t[CO] ~= co then debug.sethook(t[CO], exit_hook, "", 1) end
   error(EXIT, 0)
+end
+
+--- Before the boot payload is rebuilt: what the worker's code sees.
+function M.prepare()
+  os.exit = worker_exit -- luacheck: ignore 122
 end
 
 -- The text of an error for a message: a TaskError's own, else "Kind: text".
@@ -103,22 +121,39 @@ sched.on_call_wait = function(t, call)
   t._cwatch = call
   local own = future.wrap(core.call_result(call), nil, nil, true)
   future.add_waiter(own, function(f)
-    if t._call == call and f[1] == CANCELLED then sched.wake(t, sched.CANCEL) end
+    if t._call == call and t._call_cancelled ~= call and f[1] == CANCELLED then
+      sched.wake(t, sched.CANCEL)
+    end
   end)
 end
 
---- The worker died before its main could run (its boot payload could not
--- be rebuilt here, say): fail its calls with `WorkerCrashed`.
-function M.died(name, e)
-  crash_with(errors.crashed(name, "it could not start: " .. text_of(e), errors.raised(e)))
+--- The worker died outside its main loop (its boot payload could not be
+-- rebuilt here, say, or it ran out of memory): fail its calls with
+-- `WorkerCrashed`.
+function M.died(name, e, booted)
+  crash_with(errors.crashed(name, (booted and "it failed: " or "it could not start: ") .. text_of(e),
+    errors.raised(e)))
 end
+
+local serve -- the worker's loop, below
 
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
   if opts.settings then require("corral.worker").config(opts.settings) end
-  os.exit = worker_exit -- luacheck: ignore 122
   local self = {}
+  -- init runs first, as a task of its own; no call starts before it ends.
+  -- (A tail call: this frame, which holds the init arguments, goes.)
+  local init = corral.spawn(function(...)
+    if class.init then class.init(self, ...) end
+  end, ...)
+  init._where = "init"
+  return serve(name, class, opts, self, init)
+end
+
+-- Serve calls until stopped or dead: `self` is the instance's state, `init`
+-- its init task.
+function serve(name, class, opts, self, init)
   local limit = opts.max_concurrency or 1
   -- calls taken from the inbox at once: no more than the inbox holds, so
   -- that at most 2 x max_queued calls wait for this worker in all
@@ -131,12 +166,6 @@ function M.run(name, class, opts, ...)
   local function exited(method)
     return errors.crashed(name, ("os.exit(%d) in %s"):format(exit_code, method), nil, exit_code, method)
   end
-
-  -- init runs first, as a task of its own; no call starts before it ends
-  local init = corral.spawn(function(...)
-    if class.init then class.init(self, ...) end
-  end, ...)
-  init._where = "init"
 
   -- Wait for the call's inputs (or for its caller to cancel it). Returns an
   -- error to fail the call with, CANCEL, or nil to run it.
@@ -266,11 +295,18 @@ function M.run(name, class, opts, ...)
       sched.keepalive = false
       while (runners > 0 or not init:done()) and crash == nil and sched.turn(true) do end
       break
-    elseif st == DRAIN and runners == 0 and head > tail and (started or init:done()) then
+    elseif st == DRAIN and runners == 0 and head > tail then
+      -- the end, unless calls remain (in the inbox, or waiting for room);
+      -- with none, an init still running is not waited for
       head, tail = 1, 0
-      -- the end, unless calls remain, or callers that waited for room are
-      -- still to push theirs (they wake this loop when they do)
-      if not started or (refill() == 0 and core.inbox_drained()) then break end
+      if refill() == 0 then
+        if not started then
+          init:cancel()
+          sched.keepalive = false
+          while not init:done() and sched.turn(true) do end
+        end
+        break
+      end
     end
   end
   sched.on_wake, sched.before_park = nil, nil

@@ -569,8 +569,7 @@ describe("resources come back", function()
       for i = 1, 50 do fs[i] = W:init():x(i) end
       for i = 1, 50 do assert.are.equal(i, fs[i]:result(10)) end
     end
-    use_and_drop()
-    assert.is_true(#corral.stats() >= base + 50)
+    use_and_drop() -- (the collector may have reclaimed some of them already)
     collectgarbage()
     collectgarbage()
     corral.run() -- the dropped workers are pending work until they end

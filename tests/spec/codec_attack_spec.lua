@@ -114,7 +114,7 @@ describe("bytes from outside (core.decode)", function()
     assert.is_nil(package.loaded.corral_never)
     assert.are.equal(print, core.decode(assert(core.encode(print))))
     assert.are.equal(string.format, core.decode("\145\199\13\5string.format"))
-    codec_error("'string.nope' is not a C function", core.decode, "\145\199\11\5string.nope")
+    codec_error("'string.nope' is not a function", core.decode, "\145\199\11\5string.nope")
   end)
 
   it("keeps shared sub-tables and cycles, checking every reference", function()
