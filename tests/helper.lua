@@ -60,6 +60,63 @@ function M.corral(code, args, prefix)
   return o, e, c, path
 end
 
+--- Run a script with the corral binary, killed after `limit` seconds.
+function M.run(code, limit)
+  return M.corral(code, "", "timeout -s KILL " .. (limit or 30) .. " ")
+end
+
+--- Run a script with the corral binary; before signal k, wait (bounded)
+-- until the script has created the file marker..k (arg[1] is the marker).
+-- Returns stdout, stderr, the status and the milliseconds from the last
+-- signal to the exit. The child is killed after 20 s whatever happens (not
+-- by timeout(1): it changes how a second signal reaches the child).
+function M.signal_script(script, sig, signals)
+  local ready = tmpname()
+  local path = tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(script)
+  f:close()
+  local cmd = "t0=$(date +%s%N); " .. quote(M.bin) .. " " .. path .. " " .. ready
+    .. " & pid=$!; (sleep 20; kill -KILL $pid 2>/dev/null) & wd=$!; "
+  for k = 1, signals do
+    cmd = cmd .. "i=0; while [ ! -e " .. ready .. k .. " ] && [ $i -lt 400 ]; " ..
+      "do sleep 0.05; i=$((i+1)); done; t0=$(date +%s%N); kill -" .. sig .. " $pid; "
+  end
+  local out, err, code = M.sh(cmd .. "wait $pid; c=$?; kill $wd 2>/dev/null; "
+    .. "echo $(( ($(date +%s%N) - t0) / 1000000 )); exit $c")
+  os.remove(path)
+  os.remove(ready)
+  for k = 1, signals do os.remove(ready .. k) end
+  local ms = tonumber(out:match("(%d+)\n$"))
+  return (out:gsub("%d+\n$", "")), err, code, ms
+end
+
+--- Wait (bounded, driving corral's loop) until cond() holds.
+function M.wait_until(cond, limit)
+  local corral = require "corral"
+  local deadline = corral.now() + (limit or 5)
+  while not cond() do
+    if corral.now() > deadline then error("condition not met in time", 2) end
+    corral.sleep(0.002)
+  end
+end
+
+--- Whether a file exists.
+function M.exists(path)
+  local f = io.open(path, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+
+--- Whether a worker of that name is still a context of the runtime (not
+-- joined yet).
+function M.alive(name)
+  for _, r in ipairs(require("corral").stats()) do
+    if r.name == name then return true end
+  end
+  return false
+end
+
 --- Run fn with io.stderr captured; returns what was written to it.
 function M.capture_stderr(fn, ...)
   local real, got = io.stderr, {}

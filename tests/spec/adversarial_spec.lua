@@ -4,28 +4,7 @@
 -- adversarial_codec_spec.lua.
 local corral = require "corral"
 local h = require "helper"
-
--- Run a script with the corral binary; before each signal, wait (bounded)
--- until the script has created the file marker..k (arg[1] is the marker).
-local function signal_script(script, sig, signals)
-  local ready = h.tmpname()
-  local path = h.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(script)
-  f:close()
-  local cmd = "t0=$(date +%s%N); " .. h.quote(h.bin) .. " " .. path .. " " .. ready .. " & pid=$!; "
-  for k = 1, signals do
-    cmd = cmd .. "i=0; while [ ! -e " .. ready .. k .. " ] && [ $i -lt 400 ]; " ..
-      "do sleep 0.05; i=$((i+1)); done; t0=$(date +%s%N); kill -" .. sig .. " $pid; "
-  end
-  -- the last line of stdout: milliseconds from the last signal to the exit
-  local out, err, code = h.sh(cmd .. "wait $pid; c=$?; echo $(( ($(date +%s%N) - t0) / 1000000 )); exit $c")
-  os.remove(path)
-  os.remove(ready)
-  for k = 1, signals do os.remove(ready .. k) end
-  local ms = tonumber(out:match("(%d+)\n$"))
-  return out:gsub("%d+\n$", ""), err, code, ms
-end
+local signal_script = h.signal_script
 
 local function elapsed(fn, ...)
   local t0 = corral.now()

@@ -6,35 +6,7 @@
 local corral = require "corral"
 local core = require "corral.core"
 local h = require "helper"
-
--- Run a script with the corral binary, killed after `limit` seconds.
-local function run(code, limit)
-  return h.corral(code, "", "timeout -s KILL " .. (limit or 30) .. " ")
-end
-
--- Wait (bounded) until cond() holds.
-local function wait_until(cond, limit)
-  local deadline = corral.now() + (limit or 5)
-  while not cond() do
-    if corral.now() > deadline then error("condition not met in time", 2) end
-    corral.sleep(0.002)
-  end
-end
-
-local function exists(path)
-  local f = io.open(path, "r")
-  if f then f:close() end
-  return f ~= nil
-end
-
--- Whether a worker of that name is still a context of the runtime (not
--- joined yet).
-local function alive(name)
-  for _, r in ipairs(corral.stats()) do
-    if r.name == name then return true end
-  end
-  return false
-end
+local run, wait_until, exists, alive = h.run, h.wait_until, h.exists, h.alive
 
 -- ========================================================================= --
 describe("os.exit in a thread worker ends the worker, not the process", function()

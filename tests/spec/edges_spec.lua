@@ -6,52 +6,7 @@
 -- limit), the others in-process.
 local corral = require "corral"
 local h = require "helper"
-
--- Run a script with the corral binary, killed after `limit` seconds.
-local function run(code, limit)
-  return h.corral(code, "", "timeout -s KILL " .. (limit or 20) .. " ")
-end
-
--- Run a script with the corral binary; before signal k, wait (bounded) until
--- the script has created the file marker..k (arg[1] is the marker). Returns
--- stdout, stderr, the status and the milliseconds from the last signal to
--- the exit. The child is killed after 20 s whatever happens.
-local function signal_script(script, sig, signals)
-  local ready = h.tmpname()
-  local path = h.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(script)
-  f:close()
-  -- (not under timeout(1): it changes how a second signal reaches the child)
-  local cmd = "t0=$(date +%s%N); " .. h.quote(h.bin) .. " " .. path .. " " .. ready
-    .. " & pid=$!; (sleep 20; kill -KILL $pid 2>/dev/null) & wd=$!; "
-  for k = 1, signals do
-    cmd = cmd .. "i=0; while [ ! -e " .. ready .. k .. " ] && [ $i -lt 400 ]; " ..
-      "do sleep 0.05; i=$((i+1)); done; t0=$(date +%s%N); kill -" .. sig .. " $pid; "
-  end
-  local out, err, code = h.sh(cmd .. "wait $pid; c=$?; kill $wd 2>/dev/null; "
-    .. "echo $(( ($(date +%s%N) - t0) / 1000000 )); exit $c")
-  os.remove(path)
-  os.remove(ready)
-  for k = 1, signals do os.remove(ready .. k) end
-  local ms = tonumber(out:match("(%d+)\n$"))
-  return out:gsub("%d+\n$", ""), err, code, ms
-end
-
--- Wait (bounded) until cond() holds.
-local function wait_until(cond, limit)
-  local deadline = corral.now() + (limit or 5)
-  while not cond() do
-    if corral.now() > deadline then error("condition not met in time", 2) end
-    corral.sleep(0.002)
-  end
-end
-
-local function exists(path)
-  local f = io.open(path, "r")
-  if f then f:close() end
-  return f ~= nil
-end
+local run, signal_script, wait_until, exists = h.run, h.signal_script, h.wait_until, h.exists
 
 -- ========================================================================= --
 describe("handles and references", function()
