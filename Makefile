@@ -18,19 +18,33 @@ SAN     ?=
 CC      ?= cc
 
 PKGS   := luajit libuv msgpack
-# Install what is missing before anything else (fast when all is there).
-ifneq ($(filter-out clean,$(MAKECMDGOALS) all),)
+# The README's commands (demo, test and the sanitizer runs), bench and fuzz
+# install what is missing first; plain `make` never installs anything, and
+# says which command does when a header is missing.
+ifneq ($(filter demo test test-asan test-tsan bench fuzz,$(MAKECMDGOALS)),)
 DEPS := $(shell scripts/install-deps >&2 && echo ok)
 endif
-
-OPT      ?= -O2 -g
-CFLAGS   += $(OPT) -std=c11 -Wall -Wextra -Werror -fPIC -D_GNU_SOURCE \
-            -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
-LDLIBS   += $(shell pkg-config --libs $(PKGS)) -lpthread -lm -ldl
-ifneq ($(SAN),)
-CFLAGS   += -fsanitize=$(SAN) -fno-omit-frame-pointer -fno-sanitize-recover=all
-LDFLAGS  += -fsanitize=$(SAN)
+ifeq ($(filter clean format,$(MAKECMDGOALS)),)
+ifneq ($(shell pkg-config --exists $(PKGS) 2>/dev/null && echo ok),ok)
+$(error the development files of luajit, libuv or msgpack-c are missing: run scripts/install-deps (or make test, which runs it))
 endif
+endif
+
+# The project's flags; CFLAGS, LDFLAGS and LDLIBS from the command line add
+# to them. WERROR=-Werror in CI and `make lint`, not for a packager's build.
+OPT     ?= -O2 -g
+WERROR  ?=
+C_FLAGS := $(OPT) -std=c11 -Wall -Wextra $(WERROR) -fPIC -fvisibility=hidden -D_GNU_SOURCE \
+           -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
+L_FLAGS :=
+L_LIBS  := $(shell pkg-config --libs $(PKGS)) -lpthread -lm -ldl
+ifneq ($(SAN),)
+C_FLAGS += -fsanitize=$(SAN) -fno-omit-frame-pointer -fno-sanitize-recover=all
+L_FLAGS += -fsanitize=$(SAN)
+endif
+ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
+ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
+ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
 SRCS := src/future.c src/handle.c src/context.c src/signal.c src/codec.c src/worker.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
@@ -49,9 +63,12 @@ $(BUILD)/obj/lua_modules.h: $(LUA) scripts/embed-lua
 	@mkdir -p $(dir $@)
 	scripts/embed-lua $@ $(LUA)
 
-$(BUILD)/obj/%.o: src/%.c src/internal.h src/queue.h include/corral.h $(BUILD)/obj/lua_modules.h
+$(BUILD)/obj/%.o: src/%.c src/internal.h src/queue.h include/corral.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+# only the binding includes the generated header of the Lua half
+$(BUILD)/obj/lua_core.o: $(BUILD)/obj/lua_modules.h
 
 $(LIBA): $(OBJS)
 	@mkdir -p $(dir $@)
@@ -60,20 +77,20 @@ $(LIBA): $(OBJS)
 # The Lua module: luajit's symbols come from the host process.
 $(LIBSO): $(OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) -shared $(LDFLAGS) -o $@ $^ $(filter-out -lluajit-5.1,$(LDLIBS))
+	$(CC) -shared $(ALL_LDFLAGS) -o $@ $^ $(filter-out -lluajit-5.1,$(ALL_LDLIBS))
 
 $(BUILD)/obj/main.o: src/main.c include/corral.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
 # -rdynamic: C modules that scripts require find the Lua API in the binary.
 $(BIN): $(BUILD)/obj/main.o $(LIBA)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
+	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(ALL_LDLIBS)
 
 $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(LDLIBS)
+	$(CC) $(ALL_CFLAGS) $(ALL_LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(ALL_LDLIBS)
 
 # ---- tests ---------------------------------------------------------------
 
@@ -104,8 +121,8 @@ fuzz:
 fuzz-targets: $(BUILD)/fuzz_trusted $(BUILD)/fuzz_foreign
 
 $(BUILD)/fuzz_%: tests/fuzz/fuzz_decode.c $(LIBA)
-	$(CC) $(CFLAGS) -fsanitize=fuzzer,address,undefined -DFUZZ_FOREIGN=$(if $(filter foreign,$*),1,0) \
-	  -o $@ $< $(LIBA) $(LDLIBS)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer,address,undefined -DFUZZ_FOREIGN=$(if $(filter foreign,$*),1,0) \
+	  -o $@ $< $(LIBA) $(ALL_LDLIBS)
 
 # ---- the rest --------------------------------------------------------------
 
@@ -117,6 +134,7 @@ bench: all
 	scripts/run-bench $(BUILD)
 
 lint:
+	$(MAKE) all BUILD=build/lint WERROR=-Werror
 	luacheck lua tests bench examples
 	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h
 	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))

@@ -18,6 +18,14 @@ extern "C" {
 
 #define CORRAL_VERSION "0.1.0"
 
+/* What a build of corral exports: these declarations, and nothing else (the
+ * library is built with -fvisibility=hidden). */
+#if defined(__GNUC__) && !defined(CORRAL_STATIC_ONLY)
+#define CORRAL_API __attribute__((visibility("default")))
+#else
+#define CORRAL_API
+#endif
+
 typedef struct lua_State lua_State;
 typedef struct corral_runtime corral_runtime;
 typedef struct corral_future corral_future;
@@ -41,75 +49,75 @@ typedef enum {
   CORRAL_CANCELLED = 4
 } corral_state;
 
-const char *corral_version(void);
-const char *corral_strerror(int err);
+CORRAL_API const char *corral_version(void);
+CORRAL_API const char *corral_strerror(int err);
 
 /* ---- Runtime ---------------------------------------------------------- */
 
 /* Open a runtime with a new lua_State (standard libraries opened) and its
  * own libuv loop. */
-corral_runtime *corral_open(void);
+CORRAL_API corral_runtime *corral_open(void);
 /* The runtime's lua_State, to register host functions or push values. */
-lua_State *corral_lua(corral_runtime *rt);
+CORRAL_API lua_State *corral_lua(corral_runtime *rt);
 /* The runtime that a lua_State belongs to (NULL when corral is not loaded). */
-corral_runtime *corral_from_lua(lua_State *L);
+CORRAL_API corral_runtime *corral_from_lua(lua_State *L);
 /* Run a file or a string as a task (neither sets the global `arg`: the
  * host sets it if its scripts need one). They return at once;
  * corral_step/corral_run drive them. Errors that stop the chunk from
  * loading return CORRAL_ELUA (and print them); an error while the chunk
  * runs fails its task and is reported on stderr when nobody retrieves it. */
-int corral_dofile(corral_runtime *rt, const char *path);
-int corral_dostring(corral_runtime *rt, const char *code);
+CORRAL_API int corral_dofile(corral_runtime *rt, const char *path);
+CORRAL_API int corral_dostring(corral_runtime *rt, const char *code);
 /* One turn of the loop that never blocks: runs ready tasks, due timers and
  * completions. Returns 1 while anything is pending, 0 when idle, or a
  * negative code. A host calls it once a frame. */
-int corral_step(corral_runtime *rt);
+CORRAL_API int corral_step(corral_runtime *rt);
 /* Drive the loop until nothing is pending, or nothing can progress any more
  * (every worker idle, no timer, no future that host code may settle). */
-int corral_run(corral_runtime *rt);
+CORRAL_API int corral_run(corral_runtime *rt);
 /* The loop's backend file descriptor, for hosts with their own event loop:
  * it becomes readable when corral_step has work. */
-int corral_backend_fd(corral_runtime *rt);
+CORRAL_API int corral_backend_fd(corral_runtime *rt);
 /* Close the runtime: the workers finish what they were given (while they
  * can progress), are stopped and joined; unretrieved errors are reported.
  * A runtime from corral_open is freed with its lua_State. One opened by
  * `require "corral"` in a host's own lua_State is driven until idle here and
  * freed when the host closes that state (corral_close does not close it). */
-void corral_close(corral_runtime *rt);
+CORRAL_API void corral_close(corral_runtime *rt);
 
 /* ---- Futures (thread-safe) -------------------------------------------- */
 
 /* A new pending future with one reference, owned by the caller. While it is
  * pending the runtime counts it as one that the host may still settle. */
-corral_future *corral_future_new(corral_runtime *rt);
-void corral_future_retain(corral_future *f);
-void corral_future_release(corral_future *f);
-corral_state corral_future_state(corral_future *f);
+CORRAL_API corral_future *corral_future_new(corral_runtime *rt);
+CORRAL_API void corral_future_retain(corral_future *f);
+CORRAL_API void corral_future_release(corral_future *f);
+CORRAL_API corral_state corral_future_state(corral_future *f);
 /* Settle with results: `mp` is a MessagePack array of the result values
  * (copied). Returns CORRAL_ESTATE when already settled. */
-int corral_future_set_result(corral_future *f, const void *mp, size_t len);
+CORRAL_API int corral_future_set_result(corral_future *f, const void *mp, size_t len);
 /* Settle as failed with an error of the given kind and message. */
-int corral_future_set_error(corral_future *f, const char *kind, const char *message);
+CORRAL_API int corral_future_set_error(corral_future *f, const char *kind, const char *message);
 /* Cancel a future that is pending, or running but suspended at a wait (a
  * call whose method waits: it gets CancelledError there). CORRAL_ESTATE
  * when it is settled, or running code (which cannot be interrupted). */
-int corral_future_cancel(corral_future *f);
+CORRAL_API int corral_future_cancel(corral_future *f);
 /* Block the calling (non-loop) thread until the future settles or the timeout
  * (seconds; negative for none) passes: 0 or CORRAL_ETIMEDOUT. */
-int corral_future_wait(corral_future *f, double timeout);
+CORRAL_API int corral_future_wait(corral_future *f, double timeout);
 /* The encoded payload of a settled future: the MessagePack result array, or
  * the error for a failed one. Valid while the caller holds a reference. */
-int corral_future_payload(corral_future *f, const void **mp, size_t *len);
+CORRAL_API int corral_future_payload(corral_future *f, const void **mp, size_t *len);
 
 /* Push a future onto a Lua stack of the runtime as a corral future object
  * (the object takes its own reference). Lua sees it settle, from any thread. */
-void corral_push_future(lua_State *L, corral_future *f);
+CORRAL_API void corral_push_future(lua_State *L, corral_future *f);
 /* The future at a stack index, or NULL when the value is not a future. The
  * reference is borrowed. The host may settle it: the Lua future follows. */
-corral_future *corral_to_future(lua_State *L, int idx);
+CORRAL_API corral_future *corral_to_future(lua_State *L, int idx);
 
 /* The Lua module entry point: `require "corral"` from any LuaJIT host. */
-int luaopen_corral(lua_State *L);
+CORRAL_API int luaopen_corral(lua_State *L);
 
 #ifdef __cplusplus
 }

@@ -37,7 +37,7 @@
  * the runtime issued, with a generation, that the decoder resolves and checks
  * (kind, generation, object alive); a forged or stale one is an error, never
  * an address. A payload holds a reference on each object it names, given back
- * when the payload is freed (codec_discard).
+ * when the payload is freed (corral__codec_discard).
  *
  * Trust. Payloads made by this process's encoder are decoded trusted: every
  * length, type, reference id, dependency index and handle is still checked,
@@ -110,8 +110,8 @@ static void reg_set(lua_State *L, void *key) {
 static atomic_int fail_countdown; /* the nth allocation from now fails; 0: none */
 static atomic_int live_allocs;    /* blocks the codec owns (handed-off ones leave) */
 
-void codec_fail_alloc(int nth) { atomic_store(&fail_countdown, nth > 0 ? nth : 0); }
-int codec_live(void) { return atomic_load(&live_allocs); }
+void corral__codec_fail_alloc(int nth) { atomic_store(&fail_countdown, nth > 0 ? nth : 0); }
+int corral__codec_live(void) { return atomic_load(&live_allocs); }
 
 static int should_fail(void) {
   int n = atomic_load_explicit(&fail_countdown, memory_order_relaxed);
@@ -309,7 +309,7 @@ static void ebox_release(ebox *b, int drop_refs) {
     if (b->held[i].kind == HANDLE_FUTURE)
       corral_future_release(b->held[i].p);
     else
-      worker_drop_handle(b->held[i].p);
+      corral__worker_drop_handle(b->held[i].p);
   }
   cfree(b->held);
   b->held = NULL;
@@ -553,13 +553,13 @@ static int enc_future(encoder *e, int idx) {
     lua_pushliteral(L, "_rep");
     lua_rawget(L, idx);
     corral_reporter *r = luaL_testudata(L, -1, REPORTER_MT);
-    if (r != NULL) ctx_disarm(r);
+    if (r != NULL) corral__ctx_disarm(r);
     lua_pop(L, 1);
   } else {
-    uint64_t h = future_handle(f);
+    uint64_t h = corral__future_handle(f);
     if (h == 0) return enc_fail(e, "too many futures have crossed contexts (handle table full)");
     if (hold(e, f, HANDLE_FUTURE) != 0) return enc_oom(e);
-    corral_future_retain(f); /* owned by the payload: see codec_discard */
+    corral_future_retain(f); /* owned by the payload: see corral__codec_discard */
     o->has_refs = 1;
     PK(pack_ext_u(e, EXT_FUTURE, h, 8));
   }
@@ -604,10 +604,10 @@ static int enc_worker(encoder *e, int idx, int depth) {
     corral_worker **p = luaL_testudata(L, -1, WORKER_MT);
     lua_pop(L, 1);
     if (p == NULL || *p == NULL) return enc_fail(e, fake);
-    uint64_t h = worker_handle(*p);
+    uint64_t h = corral__worker_handle(*p);
     if (h == 0) return enc_fail(e, "too many workers have crossed contexts (handle table full)");
     if (hold(e, *p, HANDLE_WORKER) != 0) return enc_oom(e);
-    worker_hold_handle(*p); /* a handle in flight: it keeps the worker running */
+    corral__worker_hold_handle(*p); /* a handle in flight: it keeps the worker running */
     e->o->has_refs = 1;
     PK(pack_ext_u(e, EXT_INST, h, 8));
   }
@@ -849,7 +849,7 @@ static int enc_value(encoder *e, int idx, int depth) {
   }
 }
 
-char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
+char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o) {
   encoder e;
   e.L = L;
   e.o = o;
@@ -957,7 +957,7 @@ typedef struct {
   msgpack_zone *z;
   size_t budget;
   const char *why;
-  int may_fail; /* allocations obey codec_fail_alloc */
+  int may_fail; /* allocations obey corral__codec_fail_alloc */
 } unpack_user;
 
 #define msgpack_unpack_struct(name)    struct codec_unpack##name
@@ -1174,7 +1174,7 @@ static int dbox_gc(lua_State *L) {
   b->zone = NULL;
   corral_future_release(b->held_f);
   b->held_f = NULL;
-  worker_release(b->held_w);
+  corral__worker_release(b->held_w);
   b->held_w = NULL;
   return 0;
 }
@@ -1369,10 +1369,10 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     if (!trusted)
       return dec_fail(d, "extension 3 (FUTURE): a future cannot come from outside the process");
     if (n != 8) return dec_fail(d, "extension 3 (FUTURE) with a %u-byte body", n);
-    corral_future *f = handle_get(get_be(p, 8), HANDLE_FUTURE);
+    corral_future *f = corral__handle_get(get_be(p, 8), HANDLE_FUTURE);
     if (f == NULL) return dec_fail(d, "extension 3 (FUTURE): a stale or forged future handle");
     d->box->held_f = f;      /* released by the box if pushing it raises */
-    lcore_push_future(L, f); /* takes a reference of its own */
+    corral__lcore_push_future(L, f); /* takes a reference of its own */
     d->box->held_f = NULL;
     corral_future_release(f);
     return 0;
@@ -1534,7 +1534,7 @@ static int dec_worker(decoder *d, const msgpack_object *o) {
   for (uint32_t i = 2; i < n; i++) {
     if (a[i].type != MSGPACK_OBJECT_EXT || a[i].via.ext.type != EXT_INST || a[i].via.ext.size != 8)
       return dec_fail(d, "a malformed worker handle (instance %u)", i - 1);
-    corral_worker *w = handle_get(get_be(a[i].via.ext.ptr, 8), HANDLE_WORKER);
+    corral_worker *w = corral__handle_get(get_be(a[i].via.ext.ptr, 8), HANDLE_WORKER);
     if (w == NULL) return dec_fail(d, "a stale or forged worker handle");
     d->box->held_w = w; /* released by the box if the userdata cannot be made */
     corral_worker **u = lua_newuserdata(L, sizeof(corral_worker *));
@@ -1635,7 +1635,7 @@ static int dec_first_of(decoder *d, corral_future *f) {
   if (why != NULL) return dec_fail(d, "the input's payload: %s", why);
   decoder sub = *d;
   sub.deps = NULL;
-  sub.trust = future_trust(f);
+  sub.trust = corral__future_trust(f);
   sub.nrefs = 0;
   lua_pushnil(L);
   sub.refs = lua_gettop(L);
@@ -1654,7 +1654,7 @@ static int dec_first_of(decoder *d, corral_future *f) {
   return 0;
 }
 
-int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust) {
+int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust) {
   static const char *const names[] = {"value", "args", "result", "init"};
   const char *what = names[(trust >> 4) & 3];
   trust &= 15;
@@ -1739,14 +1739,14 @@ static void release_refs(const msgpack_object *o) {
   case MSGPACK_OBJECT_EXT:
     if (o->via.ext.size != 8) break;
     if (o->via.ext.type == EXT_FUTURE) {
-      corral_future *f = handle_get(get_be(o->via.ext.ptr, 8), HANDLE_FUTURE);
+      corral_future *f = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_FUTURE);
       corral_future_release(f); /* the lookup's */
       corral_future_release(f); /* the payload's */
     } else if (o->via.ext.type == EXT_INST) {
-      corral_worker *w = handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
+      corral_worker *w = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
       if (w != NULL) {
-        worker_release(w);     /* the lookup's */
-        worker_drop_handle(w); /* the payload's */
+        corral__worker_release(w);     /* the lookup's */
+        corral__worker_drop_handle(w); /* the payload's */
       }
     }
     break;
@@ -1764,7 +1764,7 @@ static void release_refs(const msgpack_object *o) {
   }
 }
 
-void codec_discard(const char *data, size_t len) {
+void corral__codec_discard(const char *data, size_t len) {
   if (data == NULL || len == 0) return;
   msgpack_zone *z = msgpack_zone_new(2048);
   if (z == NULL) return;

@@ -1,6 +1,6 @@
 /* context.c: a context's loop: its uv loop, wake-up handle, completion queue.
  *
- * Lock order: future->lock (held by callers of ctx_post), then ctx->qlock,
+ * Lock order: future->lock (held by callers of corral__ctx_post), then ctx->qlock,
  * then the home context's qlock (a worker parking tells the home it may be
  * the last one awake; it takes the home's lock only after releasing its own).
  * The completion queue is the only state other threads touch; everything
@@ -26,7 +26,7 @@ static void on_async(uv_async_t *h) { (void)h; /* the drain runs after uv_run */
  * timer left to end it. */
 static void on_timer(uv_timer_t *h) { uv_stop(h->loop); }
 
-int ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
+int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   memset(c, 0, sizeof *c);
   c->rt = rt;
   c->L = L;
@@ -57,28 +57,28 @@ fail_loop:
  * quick reply at once. */
 #define SPIN_NS 30000
 
-void ctx_signal(corral_context *c, int pending) {
+void corral__ctx_signal(corral_context *c, int pending) {
   atomic_store(&c->signal, 1);
   if (c->idle) { /* counted back in before the poster can park itself */
     c->idle = 0;
     atomic_fetch_add(&c->rt->nbusy, 1);
   }
-  /* Sent under qlock so that ctx_close cannot free the handle meanwhile. */
+  /* Sent under qlock so that corral__ctx_close cannot free the handle meanwhile. */
   if (!pending && !c->closed && !atomic_load(&c->spinning)) uv_async_send(&c->async);
 }
 
-void ctx_post(corral_watch *w) {
+void corral__ctx_post(corral_watch *w) {
   corral_context *c = w->ctx;
   uv_mutex_lock(&c->qlock);
   /* one wake-up per batch: a non-empty queue already has one on the way */
   int pending = !queue_empty(&c->completed);
   queue_remove(&w->node);
   queue_insert_tail(&c->completed, &w->node);
-  ctx_signal(c, pending);
+  corral__ctx_signal(c, pending);
   uv_mutex_unlock(&c->qlock);
 }
 
-int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud) {
+int corral__ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud) {
   queue done;
   atomic_store(&c->signal, 0);
   uv_mutex_lock(&c->qlock);
@@ -120,7 +120,7 @@ static int spin(corral_context *c, int timeout_ms) {
   return atomic_load(&c->signal) != 0;
 }
 
-void ctx_wake_home(corral_runtime *rt) {
+void corral__ctx_wake_home(corral_runtime *rt) {
   corral_context *h = &rt->home;
   uv_mutex_lock(&h->qlock);
   if (!h->closed) uv_async_send(&h->async);
@@ -138,7 +138,7 @@ static int park_idle(corral_context *c) {
   c->idle = 1;
   int left = atomic_fetch_sub(&c->rt->nbusy, 1) - 1;
   uv_mutex_unlock(&c->qlock);
-  if (left == 0) ctx_wake_home(c->rt); /* it may be waiting on us all */
+  if (left == 0) corral__ctx_wake_home(c->rt); /* it may be waiting on us all */
   return 1;
 }
 
@@ -151,7 +151,7 @@ static void unpark_idle(corral_context *c) {
   uv_mutex_unlock(&c->qlock);
 }
 
-void ctx_poll(corral_context *c, int timeout_ms) {
+void corral__ctx_poll(corral_context *c, int timeout_ms) {
   if (timeout_ms == 0) {
     uv_run(&c->loop, UV_RUN_NOWAIT);
     return;
@@ -191,9 +191,9 @@ static int busy_running_worker(corral_runtime *rt) {
   return found;
 }
 
-int ctx_quiescent(corral_context *c) {
+int corral__ctx_quiescent(corral_context *c) {
   corral_runtime *rt = c->rt;
-  if (future_host_pending() != 0) return 0;
+  if (corral__future_host_pending() != 0) return 0;
   uv_mutex_lock(&c->qlock);
   int empty = queue_empty(&c->completed);
   uv_mutex_unlock(&c->qlock);
@@ -206,7 +206,7 @@ int ctx_quiescent(corral_context *c) {
 /* Work deferred by the collector                                            */
 /* ======================================================================== */
 
-void ctx_defer(corral_context *c, corral_future *f) {
+void corral__ctx_defer(corral_context *c, corral_future *f) {
   corral_deferred *d = malloc(sizeof *d);
   if (d == NULL) { /* cannot record it: at least give the reference back */
     corral_future_release(f);
@@ -217,7 +217,7 @@ void ctx_defer(corral_context *c, corral_future *f) {
   c->deferred = d;
 }
 
-void ctx_run_deferred(corral_context *c, const char *kind, const char *message) {
+void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *message) {
   while (c->deferred != NULL) {
     corral_deferred *d = c->deferred;
     c->deferred = d->next;
@@ -231,13 +231,13 @@ void ctx_run_deferred(corral_context *c, const char *kind, const char *message) 
 /* Reporters and close                                                       */
 /* ======================================================================== */
 
-void ctx_disarm(corral_reporter *r) {
+void corral__ctx_disarm(corral_reporter *r) {
   if (!r->armed) return;
   r->armed = 0;
   queue_remove(&r->node);
 }
 
-void ctx_report_all(corral_context *c) {
+void corral__ctx_report_all(corral_context *c) {
   for (queue *q = queue_head(&c->reporters); q != &c->reporters; q = q->next) {
     corral_reporter *r = queue_data(q, corral_reporter, node);
     if (r->armed) {
@@ -306,8 +306,8 @@ static void on_close_walk(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
-void ctx_close(corral_context *c, int destroy_lock) {
-  signal_release(c);
+void corral__ctx_close(corral_context *c, int destroy_lock) {
+  corral__signal_release(c);
   /* Withdraw every watch; one that a settle already took is being posted
    * and shows up in `completed`, which the drain frees. */
   for (;;) {
@@ -320,10 +320,10 @@ void ctx_close(corral_context *c, int destroy_lock) {
     corral_future *f = w->f;
     corral_future_retain(f);
     uv_mutex_unlock(&c->qlock);
-    future_unwatch(f, w);
+    corral__future_unwatch(f, w);
     corral_future_release(f);
   }
-  ctx_drain(c, c->worker == NULL ? report_unseen : NULL, NULL);
+  corral__ctx_drain(c, c->worker == NULL ? report_unseen : NULL, NULL);
   while (!queue_empty(&c->reporters))
     queue_remove(queue_head(&c->reporters));
   uv_mutex_lock(&c->qlock);

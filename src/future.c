@@ -1,12 +1,12 @@
 /* future.c: the thread-safe future: state machine, payload, watches, foreign waits.
  *
- * Lock order: future->lock, then context->qlock (taken in ctx_post), then
+ * Lock order: future->lock, then context->qlock (taken in corral__ctx_post), then
  * the foreign-wait lock. A future's state is written only under its lock and
  * may be read anywhere with an acquire load.
  *
  * Cancel rule: a PENDING future can always be cancelled; a RUNNING one only
- * while its work is suspended at a wait (`future_suspend`), where the worker
- * will see the cancel when it resumes (`future_resume`). Cancelling work that
+ * while its work is suspended at a wait (`corral__future_suspend`), where the worker
+ * will see the cancel when it resumes (`corral__future_resume`). Cancelling work that
  * is executing is refused (CORRAL_ESTATE), as uv_cancel refuses with EBUSY.
  *
  * Host futures: a future that C code outside corral may settle (made by
@@ -44,7 +44,7 @@ static void wait_init(void) {
 /* Life                                                                      */
 /* ======================================================================== */
 
-corral_future *future_new(void) {
+corral_future *corral__future_new(void) {
   corral_future *f = calloc(1, sizeof *f);
   if (f == NULL) return NULL;
   atomic_init(&f->refs, 1);
@@ -60,12 +60,12 @@ corral_future *future_new(void) {
 
 corral_future *corral_future_new(corral_runtime *rt) {
   (void)rt; /* futures are independent of their runtime's life */
-  corral_future *f = future_new();
-  if (f != NULL) future_mark_host(f);
+  corral_future *f = corral__future_new();
+  if (f != NULL) corral__future_mark_host(f);
   return f;
 }
 
-void future_mark_host(corral_future *f) {
+void corral__future_mark_host(corral_future *f) {
   uv_mutex_lock(&f->lock);
   if (!(atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)) {
     atomic_fetch_or(&f->flags, FUTURE_HOST);
@@ -75,7 +75,7 @@ void future_mark_host(corral_future *f) {
   uv_mutex_unlock(&f->lock);
 }
 
-long future_host_pending(void) { return atomic_load(&host_pending); }
+long corral__future_host_pending(void) { return atomic_load(&host_pending); }
 
 void corral_future_retain(corral_future *f) {
   atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
@@ -87,27 +87,27 @@ void corral_future_release(corral_future *f) {
   if ((atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->state) < CORRAL_DONE)
     atomic_fetch_sub(&host_pending, 1);
   uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
-  if (h != 0) handle_free(h); /* lock-free: a __gc may get here */
+  if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   atomic_fetch_sub_explicit(&live, 1, memory_order_relaxed);
   uv_mutex_destroy(&f->lock);
-  if (f->payload_refs) codec_discard(f->payload, f->len);
+  if (f->payload_refs) corral__codec_discard(f->payload, f->len);
   free(f->payload);
   free(f);
 }
 
-uint64_t future_handle(corral_future *f) {
+uint64_t corral__future_handle(corral_future *f) {
   uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
   if (h != 0) return h;
-  h = handle_new(f, HANDLE_FUTURE, &f->refs);
+  h = corral__handle_new(f, HANDLE_FUTURE, &f->refs);
   uint64_t none = 0;
   if (h != 0 && !atomic_compare_exchange_strong(&f->handle, &none, h)) {
-    handle_free(h); /* another thread issued one first */
+    corral__handle_free(h); /* another thread issued one first */
     h = none;
   }
   return h;
 }
 
-int future_live(void) { return atomic_load_explicit(&live, memory_order_relaxed); }
+int corral__future_live(void) { return atomic_load_explicit(&live, memory_order_relaxed); }
 
 corral_state corral_future_state(corral_future *f) {
   return (corral_state)atomic_load_explicit(&f->state, memory_order_acquire);
@@ -117,7 +117,7 @@ corral_state corral_future_state(corral_future *f) {
 /* State changes                                                             */
 /* ======================================================================== */
 
-int future_start(corral_future *f) {
+int corral__future_start(corral_future *f) {
   int rc = CORRAL_ESTATE;
   uv_mutex_lock(&f->lock);
   if (atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_PENDING) {
@@ -128,7 +128,7 @@ int future_start(corral_future *f) {
   return rc;
 }
 
-int future_suspend(corral_future *f) {
+int corral__future_suspend(corral_future *f) {
   int rc = CORRAL_ESTATE;
   uv_mutex_lock(&f->lock);
   if (atomic_load_explicit(&f->state, memory_order_relaxed) == CORRAL_RUNNING) {
@@ -139,7 +139,7 @@ int future_suspend(corral_future *f) {
   return rc;
 }
 
-int future_resume(corral_future *f) {
+int corral__future_resume(corral_future *f) {
   uv_mutex_lock(&f->lock);
   f->suspended = 0;
   int rc =
@@ -157,7 +157,7 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
   if (s >= CORRAL_DONE || (cancel && s == CORRAL_RUNNING && !f->suspended)) {
     uv_mutex_unlock(&f->lock);
-    if (refs) codec_discard(payload, len);
+    if (refs) corral__codec_discard(payload, len);
     free(payload);
     return CORRAL_ESTATE;
   }
@@ -170,11 +170,11 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   corral_watch *w = f->watches;
   f->watches = NULL;
   atomic_store_explicit(&f->state, state, memory_order_seq_cst);
-  /* Post under the future's lock so that future_unwatch, which also takes
+  /* Post under the future's lock so that corral__future_unwatch, which also takes
    * it, sees every watch either still linked or already posted. */
   while (w != NULL) {
     corral_watch *next = w->next;
-    ctx_post(w);
+    corral__ctx_post(w);
     w = next;
   }
   uv_mutex_unlock(&f->lock);
@@ -186,13 +186,13 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   return 0;
 }
 
-int future_cancel(corral_future *f) { return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1, 0); }
+int corral__future_cancel(corral_future *f) { return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1, 0); }
 
-int future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
+int corral__future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
   return settle(f, (int)state, payload, len, 0, 0, 0);
 }
 
-int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs) {
+int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs) {
   return settle(f, (int)state, payload, len, refs, 0, 0);
 }
 
@@ -226,7 +226,7 @@ static size_t put_str(char *p, const char *s, size_t n) {
   return h + n;
 }
 
-char *future_error_payload(const char *kind, const char *message, size_t *len) {
+char *corral__future_error_payload(const char *kind, const char *message, size_t *len) {
   size_t kn = strlen(kind), mn = strlen(message);
   char *buf = malloc(1 + 5 + 4 + 5 + kn + 5 + 7 + 5 + mn);
   if (buf == NULL) return NULL;
@@ -243,17 +243,17 @@ char *future_error_payload(const char *kind, const char *message, size_t *len) {
 int corral_future_set_error(corral_future *f, const char *kind, const char *message) {
   if (f == NULL || kind == NULL || message == NULL) return CORRAL_EINVAL;
   size_t n;
-  char *buf = future_error_payload(kind, message, &n);
+  char *buf = corral__future_error_payload(kind, message, &n);
   if (buf == NULL) return CORRAL_ENOMEM;
-  return future_settle(f, CORRAL_FAILED, buf, n);
+  return corral__future_settle(f, CORRAL_FAILED, buf, n);
 }
 
 int corral_future_cancel(corral_future *f) {
   if (f == NULL) return CORRAL_EINVAL;
-  return future_cancel(f);
+  return corral__future_cancel(f);
 }
 
-int future_trust(corral_future *f) { return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED; }
+int corral__future_trust(corral_future *f) { return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED; }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
   if (f == NULL || mp == NULL || len == NULL) return CORRAL_EINVAL;
@@ -267,7 +267,7 @@ int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
 /* Watches and waits                                                         */
 /* ======================================================================== */
 
-int future_watch(corral_future *f, corral_context *ctx) {
+int corral__future_watch(corral_future *f, corral_context *ctx) {
   corral_watch *w = malloc(sizeof *w);
   if (w == NULL) return CORRAL_ENOMEM;
   uv_mutex_lock(&f->lock);
@@ -288,7 +288,7 @@ int future_watch(corral_future *f, corral_context *ctx) {
   return 0;
 }
 
-int future_unwatch(corral_future *f, corral_watch *w) {
+int corral__future_unwatch(corral_future *f, corral_watch *w) {
   int found = 0;
   uv_mutex_lock(&f->lock);
   for (corral_watch **p = &f->watches; *p != NULL; p = &(*p)->next) {
@@ -340,7 +340,7 @@ int corral_future_wait(corral_future *f, double timeout) {
   return rc;
 }
 
-int future_sleepers(void) {
+int corral__future_sleepers(void) {
   pthread_once(&wait_once, wait_init);
   pthread_mutex_lock(&wait_lock);
   int n = sleepers;

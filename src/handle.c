@@ -54,7 +54,7 @@ static slot *slot_at(uint32_t i) {
 /* Issue and free                                                            */
 /* ======================================================================== */
 
-uint64_t handle_new(void *obj, int kind, atomic_int *refs) {
+uint64_t corral__handle_new(void *obj, int kind, atomic_int *refs) {
   uv_once(&once, handle_init);
   uv_mutex_lock(&lock);
   unsigned total = nchunks * CHUNK_SIZE;
@@ -94,7 +94,7 @@ uint64_t handle_new(void *obj, int kind, atomic_int *refs) {
   return (uint64_t)gen << 32 | (uint64_t)(i + 1);
 }
 
-void handle_free(uint64_t h) {
+void corral__handle_free(uint64_t h) {
   uint32_t i = (uint32_t)h - 1;
   slot *s = slot_at(i);
   if (h == 0 || s == NULL) return;
@@ -113,7 +113,7 @@ void handle_free(uint64_t h) {
 /* Lookup                                                                    */
 /* ======================================================================== */
 
-void *handle_get(uint64_t h, int kind) {
+void *corral__handle_get(uint64_t h, int kind) {
   uint32_t i = (uint32_t)h - 1;
   slot *s = (uint32_t)h == 0 ? NULL : slot_at(i);
   if (s == NULL) return NULL;
@@ -132,4 +132,4 @@ void *handle_get(uint64_t h, int kind) {
   return obj;
 }
 
-int handle_live(void) { return (int)atomic_load(&nlive); }
+int corral__handle_live(void) { return (int)atomic_load(&nlive); }

@@ -36,43 +36,43 @@ struct corral_future {
   corral_watch *watches;
   char *payload; /* encoded results or error (malloc'd), set once when settled */
   size_t len;
-  int payload_refs;         /* the payload holds references (see codec_discard) */
+  int payload_refs;         /* the payload holds references (see corral__codec_discard) */
   int payload_foreign;      /* the payload came from a C host: decoded as foreign bytes */
   _Atomic(uint64_t) handle; /* its handle once it crossed contexts (handle.c), or 0 */
 };
 
 /* A new pending future that only corral settles. */
-corral_future *future_new(void);
-/* Host C code may settle f: count it in future_host_pending() while pending. */
-void future_mark_host(corral_future *f);
-long future_host_pending(void);
+corral_future *corral__future_new(void);
+/* Host C code may settle f: count it in corral__future_host_pending() while pending. */
+void corral__future_mark_host(corral_future *f);
+long corral__future_host_pending(void);
 /* Threads blocked in corral_future_wait now (for tests). */
-int future_sleepers(void);
+int corral__future_sleepers(void);
 /* A MessagePack map {kind=, message=}: the payload of a failed future. */
-char *future_error_payload(const char *kind, const char *message, size_t *len);
+char *corral__future_error_payload(const char *kind, const char *message, size_t *len);
 /* Settle f, taking ownership of payload (freed on failure). */
-int future_settle(corral_future *f, corral_state state, char *payload, size_t len);
-/* The same, for a payload from codec_encode that holds references. */
-int future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs);
+int corral__future_settle(corral_future *f, corral_state state, char *payload, size_t len);
+/* The same, for a payload from corral__codec_encode that holds references. */
+int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs);
 /* The trust to decode f's payload with (CODEC_TRUSTED or CODEC_FOREIGN). */
-int future_trust(corral_future *f);
+int corral__future_trust(corral_future *f);
 /* f's handle, issued on first use (0 when the handle table is full). */
-uint64_t future_handle(corral_future *f);
+uint64_t corral__future_handle(corral_future *f);
 /* Futures alive in the process (a debug counter for leak specs). */
-int future_live(void);
+int corral__future_live(void);
 /* pending -> running; 0 when it took effect. */
-int future_start(corral_future *f);
+int corral__future_start(corral_future *f);
 /* The running work waits (cancellable) / goes on: 0 while still RUNNING,
  * CORRAL_ESTATE once it was cancelled (or settled). */
-int future_suspend(corral_future *f);
-int future_resume(corral_future *f);
+int corral__future_suspend(corral_future *f);
+int corral__future_resume(corral_future *f);
 /* Cancel under the cancel rule (future.c): 0 when it took effect. */
-int future_cancel(corral_future *f);
+int corral__future_cancel(corral_future *f);
 /* Register ctx's interest: 0 when registered, 1 when f is already settled. */
-int future_watch(corral_future *f, corral_context *ctx);
+int corral__future_watch(corral_future *f, corral_context *ctx);
 /* Drop ctx's watch on f if it is still registered: 1 when removed (the watch
  * is freed), 0 when a settle already took it. */
-int future_unwatch(corral_future *f, corral_watch *w);
+int corral__future_unwatch(corral_future *f, corral_watch *w);
 
 /* ---- handle.c ---------------------------------------------------------- */
 
@@ -80,14 +80,14 @@ enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2 };
 
 /* Issue a handle for obj (whose reference count is *refs): never 0, but 0
  * when no slot can be had. */
-uint64_t handle_new(void *obj, int kind, atomic_int *refs);
+uint64_t corral__handle_new(void *obj, int kind, atomic_int *refs);
 /* The object's last reference went: its handle stops resolving. Lock-free. */
-void handle_free(uint64_t h);
+void corral__handle_free(uint64_t h);
 /* The object of a live handle of that kind, retained; NULL for a stale,
  * forged or mistyped handle. Lock-free. */
-void *handle_get(uint64_t h, int kind);
+void *corral__handle_get(uint64_t h, int kind);
 /* Slots in use (a debug counter). */
-int handle_live(void);
+int corral__handle_live(void);
 
 /* ---- context.c --------------------------------------------------------- */
 
@@ -121,46 +121,46 @@ struct corral_context {
   atomic_long encodes, decodes, tasks;
 };
 
-int ctx_init(corral_context *c, corral_runtime *rt, lua_State *L);
+int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L);
 /* Close the loop (from the thread that ran it); the lock too when asked. */
-void ctx_close(corral_context *c, int destroy_lock);
-/* Called by future_settle with the watch already unlinked from its future. */
-void ctx_post(corral_watch *w);
+void corral__ctx_close(corral_context *c, int destroy_lock);
+/* Called by corral__future_settle with the watch already unlinked from its future. */
+void corral__ctx_post(corral_watch *w);
 /* Tell c that work was posted to it (call under c->qlock): wakes its loop
  * unless it is spinning, or `pending` says a wake-up is on its way. */
-void ctx_signal(corral_context *c, int pending);
+void corral__ctx_signal(corral_context *c, int pending);
 /* Run the loop once; timeout in ms, 0 never blocks, -1 waits for an event. */
-void ctx_poll(corral_context *c, int timeout_ms);
+void corral__ctx_poll(corral_context *c, int timeout_ms);
 /* Take every completed watch; calls fn for each, then frees the watch. */
-int ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud);
+int corral__ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud);
 /* Wake the home loop (a worker may have been the last one awake). */
-void ctx_wake_home(corral_runtime *rt);
+void corral__ctx_wake_home(corral_runtime *rt);
 /* 1 when nothing in the process can make progress (every worker parked
  * idle, no host future pending, nothing posted to c); 2 when only workers
  * asked to stop can (they may never: a loop that never waits); else 0. */
-int ctx_quiescent(corral_context *c);
+int corral__ctx_quiescent(corral_context *c);
 /* From a __gc (no lock): a future that nothing can settle any more (its
  * reference is taken). Outside the collector: settle them with an error of
  * `kind` and `message`. */
-void ctx_defer(corral_context *c, corral_future *f);
-void ctx_run_deferred(corral_context *c, const char *kind, const char *message);
+void corral__ctx_defer(corral_context *c, corral_future *f);
+void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *message);
 /* Disarm an unretrieved-error reporter (its error was handed on). */
-void ctx_disarm(corral_reporter *r);
+void corral__ctx_disarm(corral_reporter *r);
 /* Unretrieved-error reporters (lua_core.c makes them Lua userdata). */
-void ctx_report_all(corral_context *c);
+void corral__ctx_report_all(corral_context *c);
 
 /* ---- signal.c ---------------------------------------------------------- */
 
 /* SIGINT and SIGTERM for the runner: the first is recorded and wakes c's
  * loop, the second ends the process with 128 + the signal. */
-void signal_catch_stop(corral_context *c);
+void corral__signal_catch_stop(corral_context *c);
 /* The signal number received since the last call, or 0. */
-int signal_take_stop(void);
-void signal_release(corral_context *c);
+int corral__signal_take_stop(void);
+void corral__signal_release(corral_context *c);
 /* A worker thread starts / ends: fatal signals name it (returns the
  * alternate signal stack to give back). */
-void *signal_enter_worker(corral_worker *w);
-void signal_leave_worker(void *altstack);
+void *corral__signal_enter_worker(corral_worker *w);
+void corral__signal_leave_worker(void *altstack);
 
 struct corral_reporter {
   queue node;
@@ -183,8 +183,8 @@ struct corral_runtime {
   queue workers;    /* every worker instance started, until joined */
 };
 
-corral_runtime *rt_create(lua_State *L, int owns_L);
-void rt_destroy(corral_runtime *rt);
+corral_runtime *corral__rt_create(lua_State *L, int owns_L);
+void corral__rt_destroy(corral_runtime *rt);
 
 /* ---- codec.c ----------------------------------------------------------- */
 
@@ -211,7 +211,7 @@ typedef struct {
  * string given to core.decode, a result a C host settled): plain values,
  * loaded modules and timestamps only. */
 enum { CODEC_TRUSTED = 0, CODEC_FOREIGN = 1 };
-/* Or'ed into codec_decode's trust: how errors name the values. */
+/* Or'ed into corral__codec_decode's trust: how errors name the values. */
 enum {
   CODEC_AS_VALUES = 0,
   CODEC_AS_ARGS = 1 << 4,
@@ -222,19 +222,19 @@ enum {
 /* Encode the n values at L[from..] as a MessagePack array into a malloc'd
  * buffer. On failure returns NULL (o->err says why). Raises only when Lua
  * runs out of memory, and leaks nothing then. */
-char *codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o);
+char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opts *o);
 /* Decode a MessagePack array and push its elements (a payload that is not an
  * array is one value); returns how many, or -1 with an error message pushed
  * that names where (`result[1].a[3]: ...`). `deps` resolves unwrapped
  * futures; `trust` is CODEC_TRUSTED or CODEC_FOREIGN, or'ed with a
  * CODEC_AS_* name. Raises only when Lua runs out of memory. */
-int codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust);
+int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust);
 /* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
-void codec_discard(const char *data, size_t len);
+void corral__codec_discard(const char *data, size_t len);
 /* Test hooks: make the nth C allocation of the codec from now fail (0: none);
  * count the codec's live C allocations. */
-void codec_fail_alloc(int nth);
-int codec_live(void);
+void corral__codec_fail_alloc(int nth);
+int corral__codec_live(void);
 
 /* ---- worker.c ---------------------------------------------------------- */
 
@@ -285,57 +285,57 @@ struct corral_worker {
   char name[64];
 };
 
-corral_call *call_new(const char *method, size_t mlen, corral_future *result, char *payload,
+corral_call *corral__call_new(const char *method, size_t mlen, corral_future *result, char *payload,
                       size_t len, int refs, corral_future **deps, int ndeps);
-void call_free(corral_call *c);
+void corral__call_free(corral_call *c);
 /* Start a thread worker; NULL with *err set (a CORRAL_E* or libuv code). */
-corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
+corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
                             int cap, int *err);
-void worker_retain(corral_worker *w);
-void worker_release(corral_worker *w);
+void corral__worker_retain(corral_worker *w);
+void corral__worker_release(corral_worker *w);
 /* w's handle, issued on first use (0 when the handle table is full). */
-uint64_t worker_handle(corral_worker *w);
+uint64_t corral__worker_handle(corral_worker *w);
 /* Queue a call (the worker owns it from here): 0 queued; CORRAL_EAGAIN
  * full: it waits in the overflow, and *accepted (a new reference) settles
  * when it moves into the inbox (the caller waits for that: backpressure);
  * CORRAL_ECLOSED stopping; CORRAL_ECRASHED dead (the caller keeps it). */
-int worker_push(corral_worker *w, corral_call *c, corral_future **accepted);
+int corral__worker_push(corral_worker *w, corral_call *c, corral_future **accepted);
 /* Take up to max calls from the inbox (the worker's own thread). */
-int worker_take(corral_worker *w, corral_call **out, int max);
-void worker_stop(corral_worker *w, int how);
+int corral__worker_take(corral_worker *w, corral_call **out, int max);
+void corral__worker_stop(corral_worker *w, int how);
 /* The worker's thread is about to end because it died: `payload` (an
  * encoded error, taken) fails what it had and what comes. */
-void worker_crash(corral_worker *w, char *payload, size_t len);
+void corral__worker_crash(corral_worker *w, char *payload, size_t len);
 /* A copy of the crash payload (NULL when it did not crash). */
-char *worker_crash_copy(corral_worker *w, size_t *len);
+char *corral__worker_crash_copy(corral_worker *w, size_t *len);
 /* The method the worker runs now, for reports ("" when none). */
-void worker_set_current(corral_worker *w, const char *method, size_t len);
-void worker_current(corral_worker *w, char *out, size_t size);
+void corral__worker_set_current(corral_worker *w, const char *method, size_t len);
+void corral__worker_current(corral_worker *w, char *out, size_t size);
 /* Stop every worker and join their threads: `fast` cancels and gives them a
  * second; otherwise they drain what is queued while anything can progress
  * (a SIGINT or SIGTERM meanwhile makes it fast, and is given in *sig).
  * Returns how many are still running (their threads are left behind). */
-int worker_close_all(corral_runtime *rt, int fast, int *sig);
-void worker_join(corral_worker *w);
+int corral__worker_close_all(corral_runtime *rt, int fast, int *sig);
+void corral__worker_join(corral_worker *w);
 /* Tests: the next `threads` thread starts fail. */
-void worker_inject(int threads);
+void corral__worker_inject(int threads);
 /* A handle on w (a Lua userdata or an encoded payload) is made / goes. When
  * the last goes the worker is an orphan: no lock is taken (this may run in
- * a __gc); the home stops it at its next drain (worker_stop_orphans). */
-void worker_hold_handle(corral_worker *w);
-void worker_drop_handle(corral_worker *w);
+ * a __gc); the home stops it at its next drain (corral__worker_stop_orphans). */
+void corral__worker_hold_handle(corral_worker *w);
+void corral__worker_drop_handle(corral_worker *w);
 /* Stop (draining) the workers with no handle left; tells `stopping` of each. */
-void worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
+void corral__worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
                          void *ud);
 /* Join the workers that stopped after their last handle went. */
-void worker_reap(corral_runtime *rt);
+void corral__worker_reap(corral_runtime *rt);
 
 /* ---- lua_core.c -------------------------------------------------------- */
 
 /* corral_push_future / corral_to_future for corral's own use (the public
  * ones mark the future as one that host code may settle). */
-void lcore_push_future(lua_State *L, corral_future *f);
-corral_future *lcore_to_future(lua_State *L, int idx);
+void corral__lcore_push_future(lua_State *L, corral_future *f);
+corral_future *corral__lcore_to_future(lua_State *L, int idx);
 /* Metatables and registry keys the codec shares with the binding. */
 #define CFUTURE_MT  "corral.cfuture"
 #define REPORTER_MT "corral.reporter"
@@ -343,11 +343,11 @@ corral_future *lcore_to_future(lua_State *L, int idx);
 #define CREF_KEY    "corral.cref"
 #define IMPORT_KEY  "corral.import_worker"
 /* The context a lua_State runs in. */
-corral_context *ctx_of(lua_State *L);
+corral_context *corral__ctx_of(lua_State *L);
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */
-int lcore_drive(lua_State *L, int block);
+int corral__lcore_drive(lua_State *L, int block);
 /* The body of a worker thread: its own lua_State on its own loop. */
-void lcore_worker_main(corral_worker *w);
+void corral__lcore_worker_main(corral_worker *w);
 
 /* Private error codes, beside those of corral.h. */
 #define CORRAL_EAGAIN   (-10)

@@ -30,7 +30,7 @@ static corral_runtime *rt_of(lua_State *L) {
 
 corral_runtime *corral_from_lua(lua_State *L) { return rt_of(L); }
 
-corral_context *ctx_of(lua_State *L) {
+corral_context *corral__ctx_of(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
   corral_context *c = lua_touserdata(L, -1);
   lua_pop(L, 1);
@@ -71,21 +71,21 @@ static int cf_gc(lua_State *L) {
   /* No lock here: an abandoned future is settled at the next drain. */
   if (p->owner != NULL && corral_future_state(f) < CORRAL_DONE &&
       !(atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->refs) > 1)
-    ctx_defer(p->owner, f);
+    corral__ctx_defer(p->owner, f);
   else
     corral_future_release(f); /* atomic; frees without locking */
   return 0;
 }
 
 static int l_fnew(lua_State *L) {
-  corral_future *f = future_new();
+  corral_future *f = corral__future_new();
   if (f == NULL) return luaL_error(L, "corral: out of memory");
-  cf_push_owned(L, f, ctx_of(L));
+  cf_push_owned(L, f, corral__ctx_of(L));
   return 1;
 }
 
 static int l_fstart(lua_State *L) {
-  lua_pushboolean(L, future_start(*cf_check(L, 1)) == 0);
+  lua_pushboolean(L, corral__future_start(*cf_check(L, 1)) == 0);
   return 1;
 }
 
@@ -93,7 +93,7 @@ static int l_fsettle(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
   int state = (int)luaL_checkinteger(L, 2);
   atomic_fetch_or(&f->flags, FUTURE_SEEN);
-  lua_pushboolean(L, future_settle(f, (corral_state)state, NULL, 0) == 0);
+  lua_pushboolean(L, corral__future_settle(f, (corral_state)state, NULL, 0) == 0);
   return 1;
 }
 
@@ -101,7 +101,7 @@ static int l_fsettle(lua_State *L) {
  * suspended at a wait): true when it took effect. */
 static int l_fcancel(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
-  int ok = future_cancel(f) == 0;
+  int ok = corral__future_cancel(f) == 0;
   if (ok) atomic_fetch_or(&f->flags, FUTURE_SEEN);
   lua_pushboolean(L, ok);
   return 1;
@@ -125,13 +125,13 @@ static int l_fvalues(lua_State *L) {
     return 1;
   }
   int base = lua_gettop(L);
-  int n = codec_decode(L, mp, len, NULL, future_trust(f) | CODEC_AS_RESULT);
+  int n = corral__codec_decode(L, mp, len, NULL, corral__future_trust(f) | CODEC_AS_RESULT);
   if (n < 0) {
     lua_pushnil(L);
     lua_insert(L, -2);
     return 2;
   }
-  atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->decodes, 1, memory_order_relaxed);
   lua_createtable(L, n, 1);
   lua_insert(L, base + 1);
   for (int i = n; i >= 1; i--)
@@ -145,7 +145,7 @@ static int l_fvalues(lua_State *L) {
  * when it has settled already. */
 static int l_fwatch(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
-  int rc = future_watch(f, ctx_of(L));
+  int rc = corral__future_watch(f, corral__ctx_of(L));
   if (rc < 0) return luaL_error(L, "corral: out of memory");
   if (rc == 1)
     lua_pushboolean(L, 0);
@@ -188,21 +188,21 @@ static void push_stopping(void *ud, corral_worker *w) {
 static int l_drain(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
-  corral_context *c = ctx_of(L);
+  corral_context *c = corral__ctx_of(L);
   int stopping = 0;
   if (c->deferred != NULL)
-    ctx_run_deferred(c, "CancelledError",
+    corral__ctx_run_deferred(c, "CancelledError",
                      "abandoned: the future was collected before it settled, so nothing can "
                      "settle it");
   if (c->worker == NULL && atomic_exchange(&c->rt->orphans, 0)) {
     lua_newtable(L);
-    worker_stop_orphans(c->rt, push_stopping, L);
+    corral__worker_stop_orphans(c->rt, push_stopping, L);
     stopping = lua_objlen(L, -1) > 0;
   }
   drain_ud d = {L, 0};
-  ctx_drain(c, drain_one, &d);
+  corral__ctx_drain(c, drain_one, &d);
   lua_pushinteger(L, d.n);
-  lua_pushinteger(L, c->worker == NULL ? signal_take_stop() : 0);
+  lua_pushinteger(L, c->worker == NULL ? corral__signal_take_stop() : 0);
   if (stopping)
     lua_pushvalue(L, 2);
   else
@@ -212,19 +212,19 @@ static int l_drain(lua_State *L) {
 
 /* reap(): join the workers that ended after their last handle went. */
 static int l_reap(lua_State *L) {
-  worker_reap(rt_of(L));
+  corral__worker_reap(rt_of(L));
   return 0;
 }
 
 /* quiescent(): 1 nothing in the process can make progress any more; 2 only
  * workers asked to stop can; 0 otherwise. */
 static int l_quiescent(lua_State *L) {
-  lua_pushinteger(L, ctx_quiescent(ctx_of(L)));
+  lua_pushinteger(L, corral__ctx_quiescent(corral__ctx_of(L)));
   return 1;
 }
 
 static int l_poll(lua_State *L) {
-  ctx_poll(ctx_of(L), (int)luaL_checkinteger(L, 1));
+  corral__ctx_poll(corral__ctx_of(L), (int)luaL_checkinteger(L, 1));
   return 0;
 }
 
@@ -234,7 +234,7 @@ static int l_now(lua_State *L) {
 }
 
 static int l_catch_signals(lua_State *L) {
-  signal_catch_stop(ctx_of(L));
+  corral__signal_catch_stop(corral__ctx_of(L));
   return 0;
 }
 
@@ -253,7 +253,7 @@ static int l_isatty(lua_State *L) {
 /* exit(code): report unretrieved errors, flush, end the process at once. */
 static int l_exit(lua_State *L) {
   int code = (int)luaL_optinteger(L, 1, 0);
-  ctx_report_all(ctx_of(L));
+  corral__ctx_report_all(corral__ctx_of(L));
   fflush(NULL);
   exit(code);
   return 0;
@@ -309,14 +309,14 @@ static int l_reporter(lua_State *L) {
   r->armed = 1;
   r->len = len;
   memcpy(r->text, s, len);
-  queue_insert_tail(&ctx_of(L)->reporters, &r->node);
+  queue_insert_tail(&corral__ctx_of(L)->reporters, &r->node);
   luaL_getmetatable(L, REPORTER_MT);
   lua_setmetatable(L, -2);
   return 1;
 }
 
 static int l_disarm(lua_State *L) {
-  ctx_disarm(luaL_checkudata(L, 1, REPORTER_MT));
+  corral__ctx_disarm(luaL_checkudata(L, 1, REPORTER_MT));
   return 0;
 }
 
@@ -344,10 +344,10 @@ static int codec_error(lua_State *L, const char *err) {
 static int l_encode(lua_State *L) {
   codec_opts o = {0};
   size_t len;
-  char *buf = codec_encode(L, 1, lua_gettop(L), &len, &o);
+  char *buf = corral__codec_encode(L, 1, lua_gettop(L), &len, &o);
   if (buf == NULL) return codec_error(L, o.err);
   if (o.has_refs) { /* a string cannot hold references */
-    codec_discard(buf, len);
+    corral__codec_discard(buf, len);
     free(buf);
     return codec_error(L, "futures and workers cannot be encoded into a string");
   }
@@ -379,7 +379,7 @@ static int l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   lua_settop(L, 1);
-  int n = codec_decode(L, s, len, NULL, CODEC_FOREIGN);
+  int n = corral__codec_decode(L, s, len, NULL, CODEC_FOREIGN);
   if (n < 0) return raise_codec_error(L);
   return n;
 }
@@ -394,11 +394,11 @@ static int l_fsettle_encode(lua_State *L) {
   o.what = state == CORRAL_DONE ? "result" : "error";
   if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
   size_t len;
-  char *buf = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (buf == NULL) return codec_error(L, o.err);
-  atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
   atomic_fetch_or(&f->flags, FUTURE_SEEN);
-  lua_pushboolean(L, future_settle_refs(f, (corral_state)state, buf, len, o.has_refs) == 0);
+  lua_pushboolean(L, corral__future_settle_refs(f, (corral_state)state, buf, len, o.has_refs) == 0);
   return 1;
 }
 
@@ -432,7 +432,7 @@ static int w_gc(lua_State *L) {
   if (w == NULL) return 0;
   /* When this was the last handle, the worker stops once its calls are
    * done: the home does it at its next drain (no lock in a __gc). */
-  worker_drop_handle(w);
+  corral__worker_drop_handle(w);
   return 0;
 }
 
@@ -442,7 +442,7 @@ static void w_push_handle(lua_State *L, corral_worker *w) {
   w_push(L, w);
 }
 
-/* worker_start(name, cap, ...): a thread worker whose Lua main receives
+/* corral__worker_start(name, cap, ...): a thread worker whose Lua main receives
  * the other arguments (class, options, init arguments). Returns it, or nil
  * and why it cannot start. */
 static int l_worker_start(lua_State *L) {
@@ -455,12 +455,12 @@ static int l_worker_start(lua_State *L) {
   o.offset = 2;
   o.lead = lead;
   size_t len;
-  char *boot = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  char *boot = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (boot == NULL) return codec_error(L, o.err);
   int err;
-  corral_worker *w = worker_start(rt_of(L), name, boot, len, o.has_refs, (int)cap, &err);
+  corral_worker *w = corral__worker_start(rt_of(L), name, boot, len, o.has_refs, (int)cap, &err);
   if (w == NULL) {
-    if (o.has_refs) codec_discard(boot, len);
+    if (o.has_refs) corral__codec_discard(boot, len);
     free(boot);
     lua_pushnil(L);
     lua_pushfstring(L, "cannot start a thread for worker %s: %s", name,
@@ -489,7 +489,7 @@ static int call_gc(lua_State *L) {
   /* A call a worker took is its thread's until finished (it is cancelled
    * there if the worker dies); one that never left its caller is freed
    * here: memory and references only, no lock. */
-  if (*p != NULL && !(*p)->taken) call_free(*p);
+  if (*p != NULL && !(*p)->taken) corral__call_free(*p);
   *p = NULL;
   return 0;
 }
@@ -505,9 +505,9 @@ static int push_status(lua_State *L, int rc) {
 /* A push refused because the worker died: fail the call with its crash. */
 static void fail_crashed(corral_worker *w, corral_future *result) {
   size_t len;
-  char *crash = worker_crash_copy(w, &len);
+  char *crash = corral__worker_crash_copy(w, &len);
   if (crash != NULL)
-    future_settle(result, CORRAL_FAILED, crash, len);
+    corral__future_settle(result, CORRAL_FAILED, crash, len);
   else
     corral_future_set_error(result, "WorkerCrashed", "the worker died");
 }
@@ -526,7 +526,7 @@ static int l_wcall(lua_State *L) {
   o.unwrap = 1;
   if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
   size_t len;
-  char *payload = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  char *payload = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (payload == NULL) {
     for (int i = 0; i < o.ndeps; i++)
       corral_future_release(o.deps[i]);
@@ -536,15 +536,15 @@ static int l_wcall(lua_State *L) {
     lua_pushstring(L, o.err);
     return 3;
   }
-  atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
   /* an input's failure is reported through this call */
   for (int i = 0; i < o.ndeps; i++)
     atomic_fetch_or(&o.deps[i]->flags, FUTURE_DEP);
-  corral_future *result = future_new();
+  corral_future *result = corral__future_new();
   corral_call *c =
-      result ? call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps) : NULL;
+      result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps) : NULL;
   if (c == NULL) {
-    if (o.has_refs) codec_discard(payload, len);
+    if (o.has_refs) corral__codec_discard(payload, len);
     free(payload);
     for (int i = 0; i < o.ndeps; i++)
       corral_future_release(o.deps[i]);
@@ -554,12 +554,12 @@ static int l_wcall(lua_State *L) {
   }
   corral_future_retain(result);
   /* the caller's loop hears of the result through a watch made here */
-  if (future_watch(result, ctx_of(L)) < 0) {
-    call_free(c);
+  if (corral__future_watch(result, corral__ctx_of(L)) < 0) {
+    corral__call_free(c);
     return luaL_error(L, "corral: out of memory");
   }
   corral_future *accepted;
-  int rc = worker_push(w, c, &accepted);
+  int rc = corral__worker_push(w, c, &accepted);
   if (rc == 0) {
     cf_push(L, result);
     lua_pushlightuserdata(L, result);
@@ -573,7 +573,7 @@ static int l_wcall(lua_State *L) {
     lua_pushlightuserdata(L, result);
     return 5;
   }
-  call_free(c); /* refused: still the caller's */
+  corral__call_free(c); /* refused: still the caller's */
   if (rc == CORRAL_ECRASHED) fail_crashed(w, result);
   push_status(L, rc);
   cf_push(L, result); /* its watch still waits: it fails */
@@ -591,7 +591,7 @@ static int l_wactive(lua_State *L) {
  * thread has ended. */
 static int l_wstop(lua_State *L) {
   corral_worker *w = w_check(L, 1);
-  worker_stop(w, lua_toboolean(L, 2) ? WORKER_DRAIN : WORKER_CANCEL);
+  corral__worker_stop(w, lua_toboolean(L, 2) ? WORKER_DRAIN : WORKER_CANCEL);
   corral_future_retain(w->stopped);
   cf_push(L, w->stopped);
   return 1;
@@ -599,12 +599,12 @@ static int l_wstop(lua_State *L) {
 
 /* wis_self(w): whether w is the worker this code runs in. */
 static int l_wis_self(lua_State *L) {
-  lua_pushboolean(L, w_check(L, 1) == ctx_of(L)->worker);
+  lua_pushboolean(L, w_check(L, 1) == corral__ctx_of(L)->worker);
   return 1;
 }
 
 static int l_wjoin(lua_State *L) {
-  worker_join(w_check(L, 1));
+  corral__worker_join(w_check(L, 1));
   return 0;
 }
 
@@ -628,7 +628,7 @@ static int l_pool_set(lua_State *L) {
   uv_mutex_lock(&rt->wlock);
   if (rt->pool == NULL) {
     for (int i = 0; i < n; i++) {
-      worker_retain(pool[i]);
+      corral__worker_retain(pool[i]);
       atomic_fetch_add(&pool[i]->handles, 1); /* the runtime holds it open */
     }
     rt->pool = pool;
@@ -650,12 +650,12 @@ static int l_pool_get(lua_State *L) {
   if (ws == NULL) n = 0;
   for (int i = 0; i < n; i++) {
     ws[i] = rt->pool[i];
-    worker_retain(ws[i]); /* the userdata's reference */
+    corral__worker_retain(ws[i]); /* the userdata's reference */
   }
   uv_mutex_unlock(&rt->wlock);
   if (!lua_checkstack(L, n + 1)) {
     for (int i = 0; i < n; i++)
-      worker_release(ws[i]);
+      corral__worker_release(ws[i]);
     n = 0;
   }
   for (int i = 0; i < n; i++)
@@ -667,7 +667,7 @@ static int l_pool_get(lua_State *L) {
 /* ---- the worker's side ---------------------------------------------------- */
 
 static corral_worker *self_worker(lua_State *L) {
-  corral_worker *w = ctx_of(L)->worker;
+  corral_worker *w = corral__ctx_of(L)->worker;
   if (w == NULL) luaL_error(L, "corral: not a worker context");
   return w;
 }
@@ -681,7 +681,7 @@ static int l_inbox_take(lua_State *L) {
   corral_worker *w = self_worker(L);
   corral_call *calls[64];
   if (max > 64) max = 64;
-  int n = worker_take(w, calls, max);
+  int n = corral__worker_take(w, calls, max);
   for (int i = 0; i < n; i++) {
     call_push(L, calls[i]);
     lua_rawseti(L, 1, at + i + 1);
@@ -697,7 +697,7 @@ static int l_stopping(lua_State *L) {
   return 1;
 }
 
-/* worker_crash(err): this worker dies: err (encoded) fails its calls and
+/* corral__worker_crash(err): this worker dies: err (encoded) fails its calls and
  * every call made from now on. False (and nothing done) when err cannot
  * travel; with `force`, a plain WorkerCrashed is sent instead. */
 static int l_worker_crash(lua_State *L) {
@@ -707,17 +707,17 @@ static int l_worker_crash(lua_State *L) {
   codec_opts o = {0};
   o.what = "error";
   size_t len;
-  char *buf = codec_encode(L, 1, 1, &len, &o);
+  char *buf = corral__codec_encode(L, 1, 1, &len, &o);
   if (buf == NULL || o.has_refs) {
-    if (buf != NULL) codec_discard(buf, len);
+    if (buf != NULL) corral__codec_discard(buf, len);
     free(buf);
     if (!force) {
       lua_pushboolean(L, 0);
       return 1;
     }
-    buf = future_error_payload("WorkerCrashed", "the worker died", &len);
+    buf = corral__future_error_payload("WorkerCrashed", "the worker died", &len);
   }
-  if (buf != NULL) worker_crash(w, buf, len);
+  if (buf != NULL) corral__worker_crash(w, buf, len);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -734,8 +734,8 @@ static int l_call_info(lua_State *L) {
  * when it was cancelled (or settled) meanwhile: it must not run. */
 static int l_call_start(lua_State *L) {
   corral_call *c = call_check(L, 1);
-  int ok = future_start(c->result) == 0;
-  if (ok) worker_set_current(self_worker(L), c->method, c->mlen);
+  int ok = corral__future_start(c->result) == 0;
+  if (ok) corral__worker_set_current(self_worker(L), c->method, c->mlen);
   lua_pushboolean(L, ok);
   return 1;
 }
@@ -743,12 +743,12 @@ static int l_call_start(lua_State *L) {
 /* call_suspend(call) / call_resume(call): the method waits / goes on. False
  * when its caller cancelled it: the wait must raise CancelledError. */
 static int l_call_suspend(lua_State *L) {
-  lua_pushboolean(L, future_suspend(call_check(L, 1)->result) == 0);
+  lua_pushboolean(L, corral__future_suspend(call_check(L, 1)->result) == 0);
   return 1;
 }
 
 static int l_call_resume(lua_State *L) {
-  lua_pushboolean(L, future_resume(call_check(L, 1)->result) == 0);
+  lua_pushboolean(L, corral__future_resume(call_check(L, 1)->result) == 0);
   return 1;
 }
 
@@ -779,16 +779,16 @@ static int l_call_args(lua_State *L) {
   lua_settop(L, 1);
   lua_pushboolean(L, 1);
   codec_deps deps = {c->deps, c->ndeps};
-  int n = codec_decode(L, c->payload, c->len, &deps, CODEC_TRUSTED | CODEC_AS_ARGS);
+  int n = corral__codec_decode(L, c->payload, c->len, &deps, CODEC_TRUSTED | CODEC_AS_ARGS);
   if (n < 0) {
     lua_pushboolean(L, 0);
     lua_replace(L, 2);
     return 2;
   }
-  atomic_fetch_add_explicit(&ctx_of(L)->decodes, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->decodes, 1, memory_order_relaxed);
   /* the arguments live in Lua now: the encoded copy can go (a large
    * argument is then held twice at most, not three times) */
-  if (c->payload_refs) codec_discard(c->payload, c->len);
+  if (c->payload_refs) corral__codec_discard(c->payload, c->len);
   free(c->payload);
   c->payload = NULL;
   c->len = 0;
@@ -798,13 +798,13 @@ static int l_call_args(lua_State *L) {
 
 /* The call has finished: count it and free it. */
 static void call_done(lua_State *L, corral_call **p) {
-  corral_worker *w = ctx_of(L)->worker;
+  corral_worker *w = corral__ctx_of(L)->worker;
   if (w != NULL) {
     atomic_fetch_sub(&w->active, 1);
-    if (w->current[0] != '\0') worker_set_current(w, "", 0);
+    if (w->current[0] != '\0') corral__worker_set_current(w, "", 0);
   }
   if ((*p)->taken) queue_remove(&(*p)->node);
-  call_free(*p);
+  corral__call_free(*p);
   *p = NULL;
 }
 
@@ -820,7 +820,7 @@ static int l_call_finish(lua_State *L) {
   if (lua_isnoneornil(L, 2)) {
     /* nothing to settle */
   } else if (lua_tointeger(L, 2) == CORRAL_CANCELLED) {
-    future_settle(f, CORRAL_CANCELLED, NULL, 0);
+    corral__future_settle(f, CORRAL_CANCELLED, NULL, 0);
   } else {
     int state = (int)luaL_checkinteger(L, 2);
     codec_opts o = {0};
@@ -828,10 +828,10 @@ static int l_call_finish(lua_State *L) {
     if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096)
       o.size_hint = lua_objlen(L, 3) + 64;
     size_t len;
-    char *buf = codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+    char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
     if (buf == NULL) return codec_error(L, o.err);
-    atomic_fetch_add_explicit(&ctx_of(L)->encodes, 1, memory_order_relaxed);
-    future_settle_refs(f, (corral_state)state, buf, len, o.has_refs);
+    atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
+    corral__future_settle_refs(f, (corral_state)state, buf, len, o.has_refs);
   }
   call_done(L, p);
   lua_pushboolean(L, 1);
@@ -839,7 +839,7 @@ static int l_call_finish(lua_State *L) {
 }
 
 static int l_set_tasks(lua_State *L) {
-  atomic_store(&ctx_of(L)->tasks, (long)luaL_checkinteger(L, 1));
+  atomic_store(&corral__ctx_of(L)->tasks, (long)luaL_checkinteger(L, 1));
   return 0;
 }
 
@@ -916,23 +916,23 @@ static int l_ncpu(lua_State *L) {
  * futures, and handles issued. */
 static int l_debug_counts(lua_State *L) {
   lua_createtable(L, 0, 3);
-  lua_pushinteger(L, codec_live());
+  lua_pushinteger(L, corral__codec_live());
   lua_setfield(L, -2, "codec");
-  lua_pushinteger(L, future_live());
+  lua_pushinteger(L, corral__future_live());
   lua_setfield(L, -2, "futures");
-  lua_pushinteger(L, handle_live());
+  lua_pushinteger(L, corral__handle_live());
   lua_setfield(L, -2, "handles");
   return 1;
 }
 
-/* codec_fail_alloc(n): the codec's nth C allocation from now fails (0: none). */
+/* corral__codec_fail_alloc(n): the codec's nth C allocation from now fails (0: none). */
 static int l_codec_fail_alloc(lua_State *L) {
-  codec_fail_alloc((int)luaL_checkinteger(L, 1));
+  corral__codec_fail_alloc((int)luaL_checkinteger(L, 1));
   return 0;
 }
 
 static int l_is_worker(lua_State *L) {
-  corral_context *c = ctx_of(L);
+  corral_context *c = corral__ctx_of(L);
   if (c->worker == NULL) return 0;
   lua_pushstring(L, c->worker->name);
   return 1;
@@ -970,7 +970,7 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"disarm", l_disarm},
                                       {"encode", l_encode},
                                       {"decode", l_decode},
-                                      {"worker_start", l_worker_start},
+                                      {"corral__worker_start", l_worker_start},
                                       {"wcall", l_wcall},
                                       {"wactive", l_wactive},
                                       {"wstop", l_wstop},
@@ -981,7 +981,7 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"pool_get", l_pool_get},
                                       {"inbox_take", l_inbox_take},
                                       {"stopping", l_stopping},
-                                      {"worker_crash", l_worker_crash},
+                                      {"corral__worker_crash", l_worker_crash},
                                       {"call_start", l_call_start},
                                       {"call_suspend", l_call_suspend},
                                       {"call_resume", l_call_resume},
@@ -995,7 +995,7 @@ static const luaL_Reg core_funcs[] = {{"fnew", l_fnew},
                                       {"ncpu", l_ncpu},
                                       {"is_worker", l_is_worker},
                                       {"debug_counts", l_debug_counts},
-                                      {"codec_fail_alloc", l_codec_fail_alloc},
+                                      {"corral__codec_fail_alloc", l_codec_fail_alloc},
                                       {NULL, NULL}};
 
 static int runtime_gc(lua_State *L) {
@@ -1003,7 +1003,7 @@ static int runtime_gc(lua_State *L) {
   /* The runtime's finalizer runs as the state closes, after every other
    * corral object's. It is the one __gc that takes locks: withdrawing the
    * loop's watches from futures that other threads may still settle. */
-  if (*p != NULL) rt_destroy(*p);
+  if (*p != NULL) corral__rt_destroy(*p);
   *p = NULL;
   return 0;
 }
@@ -1032,7 +1032,7 @@ int luaopen_corral(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
     lua_setfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
-    rt = rt_create(L, 0);
+    rt = corral__rt_create(L, 0);
     if (rt == NULL) return luaL_error(L, "corral: cannot start the runtime");
     ncpu(); /* read here, before any worker thread runs */
     lua_getfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
@@ -1094,7 +1094,7 @@ int luaopen_corral(lua_State *L) {
 /* Bridges for the C API                                                     */
 /* ======================================================================== */
 
-void lcore_push_future(lua_State *L, corral_future *f) {
+void corral__lcore_push_future(lua_State *L, corral_future *f) {
   lua_getfield(L, LUA_REGISTRYINDEX, WRAP_KEY);
   corral_future_retain(f);
   cf_push(L, f);
@@ -1103,17 +1103,17 @@ void lcore_push_future(lua_State *L, corral_future *f) {
 
 /* The public bridges hand a future to host code, which may settle it. */
 void corral_push_future(lua_State *L, corral_future *f) {
-  future_mark_host(f);
-  lcore_push_future(L, f);
+  corral__future_mark_host(f);
+  corral__lcore_push_future(L, f);
 }
 
 corral_future *corral_to_future(lua_State *L, int idx) {
-  corral_future *f = lcore_to_future(L, idx);
-  if (f != NULL) future_mark_host(f);
+  corral_future *f = corral__lcore_to_future(L, idx);
+  if (f != NULL) corral__future_mark_host(f);
   return f;
 }
 
-corral_future *lcore_to_future(lua_State *L, int idx) {
+corral_future *corral__lcore_to_future(lua_State *L, int idx) {
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
   if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return NULL;
   lua_getfield(L, -1, "__future");
@@ -1129,7 +1129,7 @@ corral_future *lcore_to_future(lua_State *L, int idx) {
   return p ? *p : NULL;
 }
 
-int lcore_drive(lua_State *L, int block) {
+int corral__lcore_drive(lua_State *L, int block) {
   lua_getfield(L, LUA_REGISTRYINDEX, DRIVE_KEY);
   lua_pushboolean(L, block);
   if (lua_pcall(L, 1, 1, 0) != 0) {
@@ -1170,10 +1170,10 @@ static int worker_boot(lua_State *L) {
   lua_call(L, 0, 0);
   lua_getfield(L, -1, "run");
   lua_pushstring(L, w->name);
-  int n = codec_decode(L, w->boot, w->bootlen, NULL, CODEC_TRUSTED | CODEC_AS_INIT);
+  int n = corral__codec_decode(L, w->boot, w->bootlen, NULL, CODEC_TRUSTED | CODEC_AS_INIT);
   if (n < 0) return lua_error(L);
   /* rebuilt: the payload's references (workers it names) go now */
-  if (w->boot_refs) codec_discard(w->boot, w->bootlen);
+  if (w->boot_refs) corral__codec_discard(w->boot, w->bootlen);
   free(w->boot);
   w->boot = NULL;
   w->bootlen = 0;
@@ -1216,8 +1216,8 @@ static void boot_failed(lua_State *L, corral_worker *w) {
   snprintf(msg, sizeof msg, "worker %s crashed: %s: %s", w->name,
            w->booted ? "it failed" : "it could not start", why);
   size_t len;
-  char *payload = future_error_payload("WorkerCrashed", msg, &len);
-  if (payload != NULL) worker_crash(w, payload, len);
+  char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
+  if (payload != NULL) corral__worker_crash(w, payload, len);
 }
 
 /* Tests: how many of the next worker Lua states cannot be made, and after
@@ -1232,7 +1232,7 @@ static int l_inject_fault(lua_State *L) {
   const char *what = luaL_checkstring(L, 1);
   int n = (int)luaL_checkinteger(L, 2);
   if (strcmp(what, "thread") == 0)
-    worker_inject(n);
+    corral__worker_inject(n);
   else if (strcmp(what, "state") == 0)
     atomic_store(&inject_state, n);
   else if (strcmp(what, "alloc") == 0)
@@ -1253,7 +1253,7 @@ static void *failing_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return realloc(ptr, nsize);
 }
 
-void lcore_worker_main(corral_worker *w) {
+void corral__lcore_worker_main(corral_worker *w) {
   int fail = atomic_load(&inject_state) > 0 && atomic_fetch_sub(&inject_state, 1) > 0;
   int after = atomic_exchange(&inject_alloc, 0), left = INT_MAX;
   lua_State *L = fail ? NULL : after > 0 ? lua_newstate(failing_alloc, &left) : luaL_newstate();
@@ -1261,8 +1261,8 @@ void lcore_worker_main(corral_worker *w) {
   if (L == NULL) {
     size_t len;
     char *payload =
-        future_error_payload("WorkerCrashed", "the worker died: no memory for its Lua state", &len);
-    if (payload != NULL) worker_crash(w, payload, len);
+        corral__future_error_payload("WorkerCrashed", "the worker died: no memory for its Lua state", &len);
+    if (payload != NULL) corral__worker_crash(w, payload, len);
     return;
   }
   w->ctx.L = L;
@@ -1272,5 +1272,5 @@ void lcore_worker_main(corral_worker *w) {
   /* its Lua futures that were still pending can never settle now */
   char msg[128];
   snprintf(msg, sizeof msg, "worker %s stopped before this future settled", w->name);
-  ctx_run_deferred(&w->ctx, "ClosedError", msg);
+  corral__ctx_run_deferred(&w->ctx, "ClosedError", msg);
 }

@@ -28,7 +28,7 @@ const char *corral_strerror(int err) {
 /* Life                                                                      */
 /* ======================================================================== */
 
-corral_runtime *rt_create(lua_State *L, int owns_L) {
+corral_runtime *corral__rt_create(lua_State *L, int owns_L) {
   corral_runtime *rt = calloc(1, sizeof *rt);
   if (rt == NULL) return NULL;
   rt->owns_L = owns_L;
@@ -38,7 +38,7 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
     free(rt);
     return NULL;
   }
-  if (ctx_init(&rt->home, rt, L) != 0) {
+  if (corral__ctx_init(&rt->home, rt, L) != 0) {
     uv_mutex_destroy(&rt->wlock);
     free(rt);
     return NULL;
@@ -46,10 +46,10 @@ corral_runtime *rt_create(lua_State *L, int owns_L) {
   return rt;
 }
 
-void rt_destroy(corral_runtime *rt) {
+void corral__rt_destroy(corral_runtime *rt) {
   fflush(stdout); /* what was printed is out, whatever ends the process now */
   /* the state is closing: what only its Lua could settle never will */
-  ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled");
+  corral__ctx_run_deferred(&rt->home, "CancelledError", "abandoned: the runtime closed before it settled");
   /* no thread outlives the runtime, unless it runs code that never waits */
   uv_mutex_lock(&rt->wlock);
   corral_worker **pool = rt->pool;
@@ -58,16 +58,16 @@ void rt_destroy(corral_runtime *rt) {
   rt->npool = 0;
   uv_mutex_unlock(&rt->wlock);
   for (int i = 0; i < npool; i++)
-    worker_release(pool[i]);
+    corral__worker_release(pool[i]);
   free(pool);
   int sig;
-  int left = worker_close_all(rt, rt->exit_fast, &sig);
+  int left = corral__worker_close_all(rt, rt->exit_fast, &sig);
   if (sig != 0) { /* the runner was told to end while it closed: end now */
     fprintf(stderr, "corral: %s\n", sig == SIGINT ? "interrupted" : "terminated");
     fflush(NULL);
     _exit(128 + sig);
   }
-  ctx_close(&rt->home, left == 0);
+  corral__ctx_close(&rt->home, left == 0);
   if (left > 0) return; /* their threads still use it: leave it to the process */
   uv_mutex_destroy(&rt->wlock);
   free(rt);
@@ -100,7 +100,7 @@ void corral_close(corral_runtime *rt) {
     lua_close(rt->home.L); /* its finalizers report errors, then free rt */
   } else {
     /* The host owns the state: it will close it; just run until idle. */
-    lcore_drive(rt->home.L, 1);
+    corral__lcore_drive(rt->home.L, 1);
   }
 }
 
@@ -148,9 +148,9 @@ int corral_dostring(corral_runtime *rt, const char *code) {
   return spawn_top(L);
 }
 
-int corral_step(corral_runtime *rt) { return lcore_drive(rt->home.L, 0); }
+int corral_step(corral_runtime *rt) { return corral__lcore_drive(rt->home.L, 0); }
 
 int corral_run(corral_runtime *rt) {
-  int rc = lcore_drive(rt->home.L, 1);
+  int rc = corral__lcore_drive(rt->home.L, 1);
   return rc < 0 ? rc : 0;
 }

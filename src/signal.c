@@ -32,7 +32,7 @@ static void on_stop_signal(int sig) {
   if (a != NULL) uv_async_send(a); /* async-signal-safe */
 }
 
-void signal_catch_stop(corral_context *c) {
+void corral__signal_catch_stop(corral_context *c) {
   atomic_store(&stop_async, &c->async);
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
@@ -42,9 +42,9 @@ void signal_catch_stop(corral_context *c) {
   sigaction(SIGTERM, &sa, NULL);
 }
 
-int signal_take_stop(void) { return atomic_exchange(&stop_pending, 0); }
+int corral__signal_take_stop(void) { return atomic_exchange(&stop_pending, 0); }
 
-void signal_release(corral_context *c) {
+void corral__signal_release(corral_context *c) {
   if (atomic_load(&stop_async) != &c->async) return;
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
@@ -107,7 +107,7 @@ static void fatal_install(void) {
   }
 }
 
-void *signal_enter_worker(corral_worker *w) {
+void *corral__signal_enter_worker(corral_worker *w) {
   uv_once(&fatal_once, fatal_install);
   this_worker = w;
   /* a stack of its own for the handler, so that a C stack overflow is told */
@@ -122,7 +122,7 @@ void *signal_enter_worker(corral_worker *w) {
   return ss.ss_sp;
 }
 
-void signal_leave_worker(void *altstack) {
+void corral__signal_leave_worker(void *altstack) {
   this_worker = NULL;
   if (altstack == NULL) return;
   stack_t ss;

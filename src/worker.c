@@ -12,7 +12,7 @@
  * worker's already, so a stop drains or cancels it like any other); taken
  * by the worker's Lua in batches (taken: still cancellable, the caller's
  * cancel settles its future and the worker skips it); started (RUNNING:
- * future_start); finished by the worker settling its future. When the
+ * corral__future_start); finished by the worker settling its future. When the
  * thread ends, what it had taken and what is left in the inbox and the
  * overflow is cancelled (a stop) or failed with the crash error (it died).
  */
@@ -26,7 +26,7 @@
 /* Calls                                                                     */
 /* ======================================================================== */
 
-corral_call *call_new(const char *method, size_t mlen, corral_future *result, char *payload,
+corral_call *corral__call_new(const char *method, size_t mlen, corral_future *result, char *payload,
                       size_t len, int refs, corral_future **deps, int ndeps) {
   corral_call *c = malloc(sizeof *c + mlen + 1);
   if (c == NULL) return NULL;
@@ -45,9 +45,9 @@ corral_call *call_new(const char *method, size_t mlen, corral_future *result, ch
   return c;
 }
 
-void call_free(corral_call *c) {
+void corral__call_free(corral_call *c) {
   if (c == NULL) return;
-  if (c->payload_refs) codec_discard(c->payload, c->len);
+  if (c->payload_refs) corral__codec_discard(c->payload, c->len);
   free(c->payload);
   for (int i = 0; i < c->ndeps; i++)
     corral_future_release(c->deps[i]);
@@ -67,33 +67,33 @@ static void settle_all(corral_worker *w, queue *q, const char *crash, size_t cra
     corral_call *c = queue_data(queue_head(q), corral_call, node);
     queue_remove(&c->node);
     if (c->accepted != NULL) {
-      future_settle(c->accepted, CORRAL_DONE, NULL, 0);
+      corral__future_settle(c->accepted, CORRAL_DONE, NULL, 0);
       corral_future_release(c->accepted);
       c->accepted = NULL;
     }
     char *copy = crash != NULL ? malloc(crashlen) : NULL;
     if (copy != NULL) {
       memcpy(copy, crash, crashlen);
-      future_settle(c->result, CORRAL_FAILED, copy, crashlen);
+      corral__future_settle(c->result, CORRAL_FAILED, copy, crashlen);
     } else if (crash != NULL) {
       corral_future_set_error(c->result, "WorkerCrashed", "the worker died (out of memory)");
     } else {
-      future_settle(c->result, CORRAL_CANCELLED, NULL, 0);
+      corral__future_settle(c->result, CORRAL_CANCELLED, NULL, 0);
     }
     atomic_fetch_sub(&w->active, 1);
-    call_free(c);
+    corral__call_free(c);
   }
 }
 
 static void worker_thread(void *arg) {
   corral_worker *w = arg;
-  void *altstack = signal_enter_worker(w);
-  lcore_worker_main(w); /* returns when the worker has stopped, or died */
-  signal_leave_worker(altstack);
+  void *altstack = corral__signal_enter_worker(w);
+  corral__lcore_worker_main(w); /* returns when the worker has stopped, or died */
+  corral__signal_leave_worker(altstack);
   /* Whatever its Lua left unfinished is cancelled (or failed, when it died),
    * and so is what is left in the inbox and the overflow (their callers are
    * let go); what comes is refused. */
-  worker_stop(w, WORKER_CANCEL);
+  corral__worker_stop(w, WORKER_CANCEL);
   queue left, over;
   uv_mutex_lock(&w->ctx.qlock);
   queue_move(&w->inbox, &left);
@@ -106,26 +106,26 @@ static void worker_thread(void *arg) {
   settle_all(w, &w->taken, crash, crashlen);
   settle_all(w, &left, crash, crashlen);
   settle_all(w, &over, crash, crashlen);
-  ctx_close(&w->ctx, 0);
+  corral__ctx_close(&w->ctx, 0);
   /* Said stopped first, so that whoever waits for it has a completion
    * posted before this thread counts as busy no more (the home may then be
    * the last one awake). w may be freed as soon as it is settled. */
   corral_runtime *rt = w->rt;
-  future_settle(w->stopped, CORRAL_DONE, NULL, 0);
-  if (atomic_fetch_sub(&rt->nbusy, 1) == 1) ctx_wake_home(rt);
+  corral__future_settle(w->stopped, CORRAL_DONE, NULL, 0);
+  if (atomic_fetch_sub(&rt->nbusy, 1) == 1) corral__ctx_wake_home(rt);
 }
 
 /* Faults to inject, for tests: how many of the next thread starts fail. */
 static atomic_int inject_thread;
 
-void worker_inject(int threads) { atomic_store(&inject_thread, threads); }
+void corral__worker_inject(int threads) { atomic_store(&inject_thread, threads); }
 
 static int thread_create(uv_thread_t *t, void (*fn)(void *), void *arg) {
   if (atomic_load(&inject_thread) > 0 && atomic_fetch_sub(&inject_thread, 1) > 0) return UV_EAGAIN;
   return uv_thread_create(t, fn, arg);
 }
 
-corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
+corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
                             int cap, int *err) {
   *err = CORRAL_ENOMEM;
   corral_worker *w = calloc(1, sizeof *w);
@@ -144,8 +144,8 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   queue_init(&w->inbox);
   queue_init(&w->overflow);
   snprintf(w->name, sizeof w->name, "%s", name);
-  w->stopped = future_new();
-  int rc = w->stopped == NULL ? CORRAL_ENOMEM : ctx_init(&w->ctx, rt, NULL);
+  w->stopped = corral__future_new();
+  int rc = w->stopped == NULL ? CORRAL_ENOMEM : corral__ctx_init(&w->ctx, rt, NULL);
   if (rc != 0) {
     corral_future_release(w->stopped);
     free(w);
@@ -163,7 +163,7 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
     w->joined = 1;
     uv_mutex_unlock(&rt->wlock);
     atomic_fetch_sub(&rt->nbusy, 1);
-    ctx_close(&w->ctx, 1);
+    corral__ctx_close(&w->ctx, 1);
     corral_future_release(w->stopped);
     free(w);
     *err = rc;
@@ -172,17 +172,17 @@ corral_worker *worker_start(corral_runtime *rt, const char *name, char *boot, si
   return w;
 }
 
-void worker_hold_handle(corral_worker *w) {
-  worker_retain(w);
+void corral__worker_hold_handle(corral_worker *w) {
+  corral__worker_retain(w);
   atomic_fetch_add(&w->handles, 1);
 }
 
-void worker_drop_handle(corral_worker *w) {
+void corral__worker_drop_handle(corral_worker *w) {
   if (atomic_fetch_sub(&w->handles, 1) == 1) atomic_store(&w->rt->orphans, 1);
-  worker_release(w); /* the runtime holds one until it is joined: not the last */
+  corral__worker_release(w); /* the runtime holds one until it is joined: not the last */
 }
 
-void worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
+void corral__worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
                          void *ud) {
   corral_worker *found[32];
   int n;
@@ -199,45 +199,45 @@ void worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_w
       if (atomic_load(&w->stopping) == WORKER_RUNNING) {
         w->orphan_stop = 1;
         atomic_store(&w->stopping, WORKER_DRAIN);
-        if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
+        if (!w->ctx.closed) corral__ctx_signal(&w->ctx, 0);
       }
       uv_mutex_unlock(&w->ctx.qlock);
-      worker_retain(w);
+      corral__worker_retain(w);
       found[n++] = w;
     }
     uv_mutex_unlock(&rt->wlock);
     for (int i = 0; i < n; i++) {
       if (stopping != NULL) stopping(ud, found[i]);
-      worker_release(found[i]);
+      corral__worker_release(found[i]);
     }
   } while (n == 32);
 }
 
-void worker_retain(corral_worker *w) {
+void corral__worker_retain(corral_worker *w) {
   atomic_fetch_add_explicit(&w->refs, 1, memory_order_relaxed);
 }
 
-uint64_t worker_handle(corral_worker *w) {
+uint64_t corral__worker_handle(corral_worker *w) {
   uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
   if (h != 0) return h;
-  h = handle_new(w, HANDLE_WORKER, &w->refs);
+  h = corral__handle_new(w, HANDLE_WORKER, &w->refs);
   uint64_t none = 0;
   if (h != 0 && !atomic_compare_exchange_strong(&w->handle, &none, h)) {
-    handle_free(h); /* another thread issued one first */
+    corral__handle_free(h); /* another thread issued one first */
     h = none;
   }
   return h;
 }
 
-void worker_release(corral_worker *w) {
+void corral__worker_release(corral_worker *w) {
   if (w == NULL || atomic_fetch_sub_explicit(&w->refs, 1, memory_order_acq_rel) != 1) return;
   /* The last reference: the thread was joined (the runtime holds one until
    * then). clang-analyzer cannot follow the count: */
   /* NOLINTBEGIN(clang-analyzer-unix.Malloc) */
   uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
-  if (h != 0) handle_free(h); /* lock-free: a __gc may get here */
+  if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
-  if (w->boot_refs) codec_discard(w->boot, w->bootlen);
+  if (w->boot_refs) corral__codec_discard(w->boot, w->bootlen);
   free(w->boot);
   free(w->crash);
   corral_future_release(w->stopped);
@@ -249,7 +249,7 @@ void worker_release(corral_worker *w) {
 /* The inbox                                                                 */
 /* ======================================================================== */
 
-int worker_push(corral_worker *w, corral_call *c, corral_future **accepted) {
+int corral__worker_push(corral_worker *w, corral_call *c, corral_future **accepted) {
   *accepted = NULL;
   uv_mutex_lock(&w->ctx.qlock);
   int st = atomic_load_explicit(&w->stopping, memory_order_relaxed);
@@ -262,7 +262,7 @@ int worker_push(corral_worker *w, corral_call *c, corral_future **accepted) {
   if (w->queued >= w->cap || !queue_empty(&w->overflow)) {
     /* Full (or others wait already): it waits in order, and its caller
      * until it moves into the inbox. */
-    c->accepted = future_new();
+    c->accepted = corral__future_new();
     if (c->accepted != NULL) {
       corral_future_retain(c->accepted);
       *accepted = c->accepted;
@@ -275,12 +275,12 @@ int worker_push(corral_worker *w, corral_call *c, corral_future **accepted) {
   queue_insert_tail(&w->inbox, &c->node);
   w->queued++;
   /* one wake-up per batch: a non-empty inbox has one on the way */
-  ctx_signal(&w->ctx, pending);
+  corral__ctx_signal(&w->ctx, pending);
   uv_mutex_unlock(&w->ctx.qlock);
   return 0;
 }
 
-int worker_take(corral_worker *w, corral_call **out, int max) {
+int corral__worker_take(corral_worker *w, corral_call **out, int max) {
   int n = 0, nacc = 0;
   corral_future *acc[64];
   uv_mutex_lock(&w->ctx.qlock);
@@ -302,22 +302,22 @@ int worker_take(corral_worker *w, corral_call **out, int max) {
   }
   uv_mutex_unlock(&w->ctx.qlock);
   for (int i = 0; i < nacc; i++) {
-    future_settle(acc[i], CORRAL_DONE, NULL, 0);
+    corral__future_settle(acc[i], CORRAL_DONE, NULL, 0);
     corral_future_release(acc[i]);
   }
   return n;
 }
 
-void worker_stop(corral_worker *w, int how) {
+void corral__worker_stop(corral_worker *w, int how) {
   uv_mutex_lock(&w->ctx.qlock);
   if (atomic_load_explicit(&w->stopping, memory_order_relaxed) < how) {
     atomic_store(&w->stopping, how);
-    if (!w->ctx.closed) ctx_signal(&w->ctx, 0);
+    if (!w->ctx.closed) corral__ctx_signal(&w->ctx, 0);
   }
   uv_mutex_unlock(&w->ctx.qlock);
 }
 
-void worker_crash(corral_worker *w, char *payload, size_t len) {
+void corral__worker_crash(corral_worker *w, char *payload, size_t len) {
   uv_mutex_lock(&w->ctx.qlock);
   if (w->crash == NULL) {
     w->crash = payload;
@@ -326,10 +326,10 @@ void worker_crash(corral_worker *w, char *payload, size_t len) {
   }
   uv_mutex_unlock(&w->ctx.qlock);
   free(payload);
-  worker_stop(w, WORKER_CRASHED);
+  corral__worker_stop(w, WORKER_CRASHED);
 }
 
-char *worker_crash_copy(corral_worker *w, size_t *len) {
+char *corral__worker_crash_copy(corral_worker *w, size_t *len) {
   char *copy = NULL;
   uv_mutex_lock(&w->ctx.qlock);
   if (w->crash != NULL && (copy = malloc(w->crashlen)) != NULL) {
@@ -340,7 +340,7 @@ char *worker_crash_copy(corral_worker *w, size_t *len) {
   return copy;
 }
 
-void worker_set_current(corral_worker *w, const char *method, size_t len) {
+void corral__worker_set_current(corral_worker *w, const char *method, size_t len) {
   if (len >= sizeof w->current) len = sizeof w->current - 1;
   uv_mutex_lock(&w->ctx.qlock);
   memcpy(w->current, method, len);
@@ -348,7 +348,7 @@ void worker_set_current(corral_worker *w, const char *method, size_t len) {
   uv_mutex_unlock(&w->ctx.qlock);
 }
 
-void worker_current(corral_worker *w, char *out, size_t size) {
+void corral__worker_current(corral_worker *w, char *out, size_t size) {
   uv_mutex_lock(&w->ctx.qlock);
   snprintf(out, size, "%s", w->current);
   uv_mutex_unlock(&w->ctx.qlock);
@@ -358,7 +358,7 @@ void worker_current(corral_worker *w, char *out, size_t size) {
 /* Join                                                                      */
 /* ======================================================================== */
 
-void worker_join(corral_worker *w) {
+void corral__worker_join(corral_worker *w) {
   corral_runtime *rt = w->rt;
   uv_mutex_lock(&rt->wlock);
   int joined = w->joined;
@@ -367,10 +367,10 @@ void worker_join(corral_worker *w) {
   uv_mutex_unlock(&rt->wlock);
   if (joined) return;
   uv_thread_join(&w->thread);
-  worker_release(w); /* the runtime's reference */
+  corral__worker_release(w); /* the runtime's reference */
 }
 
-void worker_reap(corral_runtime *rt) {
+void corral__worker_reap(corral_runtime *rt) {
   for (;;) {
     corral_worker *done = NULL;
     uv_mutex_lock(&rt->wlock);
@@ -378,14 +378,14 @@ void worker_reap(corral_runtime *rt) {
       corral_worker *w = queue_data(q, corral_worker, rt_node);
       if (atomic_load(&w->handles) == 0 && corral_future_state(w->stopped) == CORRAL_DONE) {
         done = w;
-        worker_retain(w);
+        corral__worker_retain(w);
         break;
       }
     }
     uv_mutex_unlock(&rt->wlock);
     if (done == NULL) return;
-    worker_join(done); /* its thread has ended: this does not wait */
-    worker_release(done);
+    corral__worker_join(done); /* its thread has ended: this does not wait */
+    corral__worker_release(done);
   }
 }
 
@@ -398,7 +398,7 @@ static corral_worker *first_worker(corral_runtime *rt, queue *after) {
   queue *q = after != NULL ? after->next : queue_head(&rt->workers);
   if (q != &rt->workers) {
     w = queue_data(q, corral_worker, rt_node);
-    worker_retain(w);
+    corral__worker_retain(w);
   }
   uv_mutex_unlock(&rt->wlock);
   return w;
@@ -408,7 +408,7 @@ static corral_worker *first_worker(corral_runtime *rt, queue *after) {
 static void stop_every(corral_runtime *rt, int how) {
   uv_mutex_lock(&rt->wlock);
   for (queue *q = queue_head(&rt->workers); q != &rt->workers; q = q->next)
-    worker_stop(queue_data(q, corral_worker, rt_node), how);
+    corral__worker_stop(queue_data(q, corral_worker, rt_node), how);
   uv_mutex_unlock(&rt->wlock);
 }
 
@@ -417,7 +417,7 @@ static double now_s(void) { return (double)uv_hrtime() * 1e-9; }
 /* Name a worker that will not stop and is left running. */
 static void left_behind(corral_worker *w) {
   char method[64];
-  worker_current(w, method, sizeof method);
+  corral__worker_current(w, method, sizeof method);
   if (method[0] != '\0')
     fprintf(stderr,
             "corral: worker %s is still running method %s (code that never waits cannot be "
@@ -430,7 +430,7 @@ static void left_behind(corral_worker *w) {
             w->name);
 }
 
-int worker_close_all(corral_runtime *rt, int fast, int *sig) {
+int corral__worker_close_all(corral_runtime *rt, int fast, int *sig) {
   stop_every(rt, fast ? WORKER_CANCEL : WORKER_DRAIN);
   /* Fast: every worker gets one second in all. Draining goes on while
    * anything can progress (when every worker left is parked with nothing
@@ -445,7 +445,7 @@ int worker_close_all(corral_runtime *rt, int fast, int *sig) {
   *sig = 0;
   while ((w = first_worker(rt, after)) != NULL) {
     /* Ctrl-C or SIGTERM while draining (the runner's): cancel, a second */
-    int s = fast ? 0 : signal_take_stop();
+    int s = fast ? 0 : corral__signal_take_stop();
     if (s != 0) {
       *sig = s;
       fast = 1;
@@ -454,8 +454,8 @@ int worker_close_all(corral_runtime *rt, int fast, int *sig) {
     }
     double wait = fast ? deadline - now_s() : 0.1;
     if (corral_future_wait(w->stopped, wait > 0 ? wait : 0) == 0) {
-      worker_join(w);
-      worker_release(w);
+      corral__worker_join(w);
+      corral__worker_release(w);
       quiet_since = -1;
       continue;
     }
@@ -476,7 +476,7 @@ int worker_close_all(corral_runtime *rt, int fast, int *sig) {
       after = &w->rt_node;
       quiet_since = -1;
     }
-    worker_release(w);
+    corral__worker_release(w);
   }
   return left;
 }

@@ -17,7 +17,7 @@
 static int decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust,
                   char *err, size_t errsz) {
   int top = lua_gettop(L);
-  int n = codec_decode(L, data, len, deps, trust);
+  int n = corral__codec_decode(L, data, len, deps, trust);
   err[0] = '\0';
   if (n < 0) snprintf(err, errsz, "%s", lua_tostring(L, -1));
   lua_settop(L, top);
@@ -39,18 +39,18 @@ static int fails_with(lua_State *L, const char *data, size_t len, codec_deps *de
 
 static void test_handles(lua_State *L, corral_runtime *rt) {
   char err[600];
-  int live0 = future_live();
+  int live0 = corral__future_live();
   corral_future *f = corral_future_new(rt);
   corral_push_future(L, f);
   codec_opts o = {0};
   size_t len;
-  char *p = codec_encode(L, lua_gettop(L), 1, &len, &o);
+  char *p = corral__codec_encode(L, lua_gettop(L), 1, &len, &o);
   lua_pop(L, 1);
   CHECK(p != NULL && o.has_refs && len == 11 && (unsigned char)p[1] == 0xd7 && p[2] == 3,
         "a future travels as an 8-byte handle, not its address");
   char copy[11];
   memcpy(copy, p, sizeof copy);
-  int n = codec_decode(L, p, len, NULL, CODEC_TRUSTED);
+  int n = corral__codec_decode(L, p, len, NULL, CODEC_TRUSTED);
   CHECK(n == 1 && corral_to_future(L, -1) == f, "a live handle resolves to its future");
   lua_settop(L, 0);
 
@@ -61,14 +61,14 @@ static void test_handles(lua_State *L, corral_runtime *rt) {
   CHECK(fails_with(L, w, sizeof w, NULL, CODEC_TRUSTED, "stale or forged worker handle"),
         "a future's handle is not taken for a worker's");
 
-  codec_discard(p, len);
+  corral__codec_discard(p, len);
   free(p);
   corral_future_cancel(f); /* the loop's watch lets it go */
   corral_future_release(f);
   corral_step(rt);
   lua_gc(L, LUA_GCCOLLECT, 0);
   lua_gc(L, LUA_GCCOLLECT, 0);
-  CHECK(future_live() == live0, "the future is gone once the payload and Lua let it go");
+  CHECK(corral__future_live() == live0, "the future is gone once the payload and Lua let it go");
   CHECK(fails_with(L, copy, sizeof copy, NULL, CODEC_TRUSTED, "stale or forged future handle"),
         "a stale handle is an error, not a dangling pointer");
 
@@ -108,7 +108,7 @@ static void test_structure(lua_State *L, corral_runtime *rt) {
   codec_deps deps = {ins, 1};
   CHECK(fails_with(L, "\x91\xd6\x02\x00\x00\x00\x03", 7, &deps, CODEC_TRUSTED, "3, of 1 inputs"),
         "a dependency index past the inputs is an error");
-  int n = codec_decode(L, "\x91\xd6\x02\x00\x00\x00\x00", 7, &deps, CODEC_TRUSTED);
+  int n = corral__codec_decode(L, "\x91\xd6\x02\x00\x00\x00\x00", 7, &deps, CODEC_TRUSTED);
   CHECK(n == 1 && lua_tonumber(L, -1) == 42, "a dependency in range is its input's first value");
   lua_settop(L, 0);
   corral_future_release(in);
@@ -129,10 +129,10 @@ static void test_bytecode(lua_State *L) {
   lua_call(L, 0, 1);
   codec_opts o = {0};
   size_t len;
-  char *p = codec_encode(L, lua_gettop(L), 1, &len, &o);
+  char *p = corral__codec_encode(L, lua_gettop(L), 1, &len, &o);
   lua_pop(L, 1);
   CHECK(p != NULL, "a function encodes");
-  int n = codec_decode(L, p, len, NULL, CODEC_TRUSTED);
+  int n = corral__codec_decode(L, p, len, NULL, CODEC_TRUSTED);
   int works = 0;
   if (n == 1) {
     lua_pushinteger(L, 20);
@@ -154,7 +154,7 @@ static void test_bytecode(lua_State *L) {
   /* a function never decoded before, its mark altered */
   luaL_loadstring(L, "return function(y) return y - 1 end");
   lua_call(L, 0, 1);
-  p = codec_encode(L, lua_gettop(L), 1, &len, &o);
+  p = corral__codec_encode(L, lua_gettop(L), 1, &len, &o);
   lua_pop(L, 1);
   p[6] ^= 0x01; /* inside the mark */
   CHECK(fails_with(L, p, len, NULL, CODEC_TRUSTED, "did not make"), "a forged mark is refused");
@@ -242,7 +242,7 @@ static void test_lua_oom(void) {
                "step()") == 0,
         "a state with corral on the failing allocator");
   lua_gc(L, LUA_GCCOLLECT, 0);
-  int codec0 = codec_live(), handles0 = handle_live(), futures0 = future_live();
+  int codec0 = corral__codec_live(), handles0 = corral__handle_live(), futures0 = corral__future_live();
   int raised = 0, clean = 1;
   for (long n = 1; n < 100000; n++) {
     lua_getglobal(L, "step");
@@ -262,9 +262,9 @@ static void test_lua_oom(void) {
     lua_gc(L, LUA_GCCOLLECT, 0);
     lua_gc(L, LUA_GCCOLLECT, 0);
     /* (the zone a decode keeps between decodes may have gone with its box) */
-    if (codec_live() > codec0 || handle_live() != handles0 || future_live() != futures0) {
-      printf("# allocation %ld: codec %d/%d handles %d/%d futures %d/%d\n", n, codec_live(), codec0,
-             handle_live(), handles0, future_live(), futures0);
+    if (corral__codec_live() > codec0 || corral__handle_live() != handles0 || corral__future_live() != futures0) {
+      printf("# allocation %ld: codec %d/%d handles %d/%d futures %d/%d\n", n, corral__codec_live(), codec0,
+             corral__handle_live(), handles0, corral__future_live(), futures0);
       clean = 0;
     }
     if (!hit) break;

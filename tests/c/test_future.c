@@ -15,7 +15,7 @@
 #include "tap.h"
 
 /* internal, from libcorral.a: threads blocked in corral_future_wait now */
-int future_sleepers(void);
+int corral__future_sleepers(void);
 
 /* ---- many threads settle futures while the loop gathers them ------------ */
 
@@ -111,11 +111,11 @@ static void test_foreign_wait(void) {
   pthread_t th;
   pthread_create(&th, NULL, wait_foreign, &w);
   /* settle only once the thread is blocked in the wait (bounded: 10 s) */
-  for (int i = 0; i < 10000 && future_sleepers() == 0; i++) {
+  for (int i = 0; i < 10000 && corral__future_sleepers() == 0; i++) {
     struct timespec ms = {0, 1000000};
     nanosleep(&ms, NULL);
   }
-  CHECK(future_sleepers() == 1, "the foreign thread blocks in corral_future_wait");
+  CHECK(corral__future_sleepers() == 1, "the foreign thread blocks in corral_future_wait");
   run_lua(L, "f:set_result(42)");
   pthread_join(th, NULL);
   CHECK(w.rc == 0 && w.state == CORRAL_DONE,

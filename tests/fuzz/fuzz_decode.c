@@ -43,7 +43,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   corral_push_future(L, f);
   codec_opts o = {0};
   size_t len;
-  kept = codec_encode(L, lua_gettop(L), 1, &len, &o);
+  kept = corral__codec_encode(L, lua_gettop(L), 1, &len, &o);
   if (kept == NULL) abort();
   lua_settop(L, 0);
   return 0;
@@ -52,16 +52,16 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   int top = lua_gettop(L);
   int n =
-      codec_decode(L, (const char *)data, size, NULL, FUZZ_FOREIGN ? CODEC_FOREIGN : CODEC_TRUSTED);
+      corral__codec_decode(L, (const char *)data, size, NULL, FUZZ_FOREIGN ? CODEC_FOREIGN : CODEC_TRUSTED);
   if (lua_gettop(L) != top + (n < 0 ? 1 : n)) {
     fprintf(stderr, "decode left %d values for %d\n", lua_gettop(L) - top, n);
     abort();
   }
   if (n < 0 && !lua_isstring(L, -1)) abort();
   lua_settop(L, top);
-  if (live < 0) live = codec_live(); /* the zone kept between decodes */
-  if (codec_live() != live) {
-    fprintf(stderr, "the codec holds %d blocks, %d before\n", codec_live(), live);
+  if (live < 0) live = corral__codec_live(); /* the zone kept between decodes */
+  if (corral__codec_live() != live) {
+    fprintf(stderr, "the codec holds %d blocks, %d before\n", corral__codec_live(), live);
     abort();
   }
   static unsigned runs;
