@@ -6,6 +6,7 @@
 #   make test-tsan  the same under ThreadSanitizer
 #   make bench      benchmarks beside their Python peers
 #   make demo       run examples/fanout.lua
+#   make check-layers  no file of src/ calls a layer above it
 #   make fuzz       libFuzzer targets of the decoder (clang), FUZZ_SECONDS each
 #   make lint       luacheck, clang-tidy, clang-format check
 #   make docs       the API reference (LDoc) in build/docs
@@ -46,7 +47,7 @@ ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
 ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
 ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
-SRCS := src/future.c src/handle.c src/context.c src/signal.c src/codec.c src/worker.c src/lua_core.c src/runtime.c
+SRCS := src/handle.c src/future.c src/signal.c src/context.c src/reporter.c src/codec.c src/worker.c src/rt.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
@@ -55,7 +56,7 @@ BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
 LIBSO := $(BUILD)/lib/corral.so
 
-.PHONY: all test test-asan test-tsan fuzz fuzz-targets bench demo lint format install clean docs
+.PHONY: all test test-asan test-tsan check-layers fuzz fuzz-targets bench demo lint format install clean docs
 
 all: $(BIN) $(LIBA) $(LIBSO)
 
@@ -105,6 +106,11 @@ test-asan:
 test-tsan:
 	$(MAKE) test BUILD=build/tsan SAN=thread OPT="-O1 -g" \
 	  TEST_ENV="CORRAL_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/tests/tsan.supp"
+
+# No file of src/ calls into a layer above it (the layers are listed in the
+# script, bottom-up).
+check-layers: all
+	scripts/check-layers $(BUILD)
 
 # ---- fuzzing ----------------------------------------------------------------
 

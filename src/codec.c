@@ -69,6 +69,12 @@
 
 #include "internal.h"
 
+/* What the codec reaches above it (Lua futures, worker handles), handed to
+ * it by the binding: it calls no layer above its own. */
+static const corral__codec_iface *iface;
+
+void corral__codec_init(const corral__codec_iface *i) { iface = i; }
+
 enum {
   EXT_TIMESTAMP = -1,
   EXT_REF = 1,
@@ -309,7 +315,7 @@ static void ebox_release(ebox *b, int drop_refs) {
     if (b->held[i].kind == HANDLE_FUTURE)
       corral_future_release(b->held[i].p);
     else
-      corral__worker_drop_handle(b->held[i].p);
+      iface->worker_drop(b->held[i].p);
   }
   cfree(b->held);
   b->held = NULL;
@@ -553,7 +559,7 @@ static int enc_future(encoder *e, int idx) {
     lua_pushliteral(L, "_rep");
     lua_rawget(L, idx);
     corral_reporter *r = luaL_testudata(L, -1, REPORTER_MT);
-    if (r != NULL) corral__ctx_disarm(r);
+    if (r != NULL) corral__reporter_disarm(r);
     lua_pop(L, 1);
   } else {
     uint64_t h = corral__future_handle(f);
@@ -604,10 +610,10 @@ static int enc_worker(encoder *e, int idx, int depth) {
     corral_worker **p = luaL_testudata(L, -1, WORKER_MT);
     lua_pop(L, 1);
     if (p == NULL || *p == NULL) return enc_fail(e, fake);
-    uint64_t h = corral__worker_handle(*p);
+    uint64_t h = iface->worker_handle(*p);
     if (h == 0) return enc_fail(e, "too many workers have crossed contexts (handle table full)");
     if (hold(e, *p, HANDLE_WORKER) != 0) return enc_oom(e);
-    corral__worker_hold_handle(*p); /* a handle in flight: it keeps the worker running */
+    iface->worker_hold(*p); /* a handle in flight: it keeps the worker running */
     e->o->has_refs = 1;
     PK(pack_ext_u(e, EXT_INST, h, 8));
   }
@@ -1174,7 +1180,7 @@ static int dbox_gc(lua_State *L) {
   b->zone = NULL;
   corral_future_release(b->held_f);
   b->held_f = NULL;
-  corral__worker_release(b->held_w);
+  if (b->held_w != NULL) iface->worker_release(b->held_w);
   b->held_w = NULL;
   return 0;
 }
@@ -1371,8 +1377,8 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     if (n != 8) return dec_fail(d, "extension 3 (FUTURE) with a %u-byte body", n);
     corral_future *f = corral__handle_get(get_be(p, 8), HANDLE_FUTURE);
     if (f == NULL) return dec_fail(d, "extension 3 (FUTURE): a stale or forged future handle");
-    d->box->held_f = f;      /* released by the box if pushing it raises */
-    corral__lcore_push_future(L, f); /* takes a reference of its own */
+    d->box->held_f = f;       /* released by the box if pushing it raises */
+    iface->push_future(L, f); /* takes a reference of its own */
     d->box->held_f = NULL;
     corral_future_release(f);
     return 0;
@@ -1745,8 +1751,8 @@ static void release_refs(const msgpack_object *o) {
     } else if (o->via.ext.type == EXT_INST) {
       corral_worker *w = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
       if (w != NULL) {
-        corral__worker_release(w);     /* the lookup's */
-        corral__worker_drop_handle(w); /* the payload's */
+        iface->worker_release(w); /* the lookup's */
+        iface->worker_drop(w);    /* the payload's */
       }
     }
     break;

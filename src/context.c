@@ -231,23 +231,6 @@ void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *m
 /* Reporters and close                                                       */
 /* ======================================================================== */
 
-void corral__ctx_disarm(corral_reporter *r) {
-  if (!r->armed) return;
-  r->armed = 0;
-  queue_remove(&r->node);
-}
-
-void corral__ctx_report_all(corral_context *c) {
-  for (queue *q = queue_head(&c->reporters); q != &c->reporters; q = q->next) {
-    corral_reporter *r = queue_data(q, corral_reporter, node);
-    if (r->armed) {
-      r->armed = 0;
-      ssize_t rc = write(2, r->text, r->len);
-      (void)rc;
-    }
-  }
-}
-
 /* A string field of a MessagePack map, or NULL. */
 static const msgpack_object *map_get(const msgpack_object *m, const char *key) {
   if (m->type != MSGPACK_OBJECT_MAP) return NULL;

@@ -1,6 +1,6 @@
 /* future.c: the thread-safe future: state machine, payload, watches, foreign waits.
  *
- * Lock order: future->lock, then context->qlock (taken in corral__ctx_post), then
+ * Lock order: future->lock, then context->qlock (taken by the watch's post), then
  * the foreign-wait lock. A future's state is written only under its lock and
  * may be read anywhere with an acquire load.
  *
@@ -90,7 +90,7 @@ void corral_future_release(corral_future *f) {
   if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   atomic_fetch_sub_explicit(&live, 1, memory_order_relaxed);
   uv_mutex_destroy(&f->lock);
-  if (f->payload_refs) corral__codec_discard(f->payload, f->len);
+  if (f->discard != NULL) f->discard(f->payload, f->len);
   free(f->payload);
   free(f);
 }
@@ -151,19 +151,19 @@ int corral__future_resume(corral_future *f) {
 /* Settle f unless it is already final (or, with `cancel`, unless the cancel
  * rule at the top of this file allows it). `foreign`: the payload comes from
  * host code, not from corral's encoder. */
-static int settle(corral_future *f, int state, char *payload, size_t len, int refs, int cancel,
-                  int foreign) {
+static int settle(corral_future *f, int state, char *payload, size_t len,
+                  void (*discard)(const char *, size_t), int cancel, int foreign) {
   uv_mutex_lock(&f->lock);
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
   if (s >= CORRAL_DONE || (cancel && s == CORRAL_RUNNING && !f->suspended)) {
     uv_mutex_unlock(&f->lock);
-    if (refs) corral__codec_discard(payload, len);
+    if (discard != NULL) discard(payload, len);
     free(payload);
     return CORRAL_ESTATE;
   }
   f->payload = payload;
   f->len = len;
-  f->payload_refs = refs;
+  f->discard = discard;
   if (atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)
     atomic_fetch_sub(&host_pending, 1);
   f->payload_foreign = foreign;
@@ -174,7 +174,7 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
    * it, sees every watch either still linked or already posted. */
   while (w != NULL) {
     corral_watch *next = w->next;
-    corral__ctx_post(w);
+    w->post(w);
     w = next;
   }
   uv_mutex_unlock(&f->lock);
@@ -186,14 +186,17 @@ static int settle(corral_future *f, int state, char *payload, size_t len, int re
   return 0;
 }
 
-int corral__future_cancel(corral_future *f) { return settle(f, CORRAL_CANCELLED, NULL, 0, 0, 1, 0); }
-
-int corral__future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
-  return settle(f, (int)state, payload, len, 0, 0, 0);
+int corral__future_cancel(corral_future *f) {
+  return settle(f, CORRAL_CANCELLED, NULL, 0, NULL, 1, 0);
 }
 
-int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs) {
-  return settle(f, (int)state, payload, len, refs, 0, 0);
+int corral__future_settle(corral_future *f, corral_state state, char *payload, size_t len) {
+  return settle(f, (int)state, payload, len, NULL, 0, 0);
+}
+
+int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len,
+                               void (*discard)(const char *payload, size_t len)) {
+  return settle(f, (int)state, payload, len, discard, 0, 0);
 }
 
 int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
@@ -205,7 +208,7 @@ int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
     memcpy(copy, mp, len);
   }
   /* the host's own MessagePack: decoded as foreign bytes */
-  return settle(f, CORRAL_DONE, copy, len, 0, 0, 1);
+  return settle(f, CORRAL_DONE, copy, len, NULL, 0, 1);
 }
 
 /* An error travels as a MessagePack map {kind=..., message=...}. */
@@ -253,7 +256,9 @@ int corral_future_cancel(corral_future *f) {
   return corral__future_cancel(f);
 }
 
-int corral__future_trust(corral_future *f) { return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED; }
+int corral__future_trust(corral_future *f) {
+  return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED;
+}
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
   if (f == NULL || mp == NULL || len == NULL) return CORRAL_EINVAL;
@@ -267,7 +272,7 @@ int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
 /* Watches and waits                                                         */
 /* ======================================================================== */
 
-int corral__future_watch(corral_future *f, corral_context *ctx) {
+int corral__future_watch(corral_future *f, corral_context *ctx, void (*post)(corral_watch *w)) {
   corral_watch *w = malloc(sizeof *w);
   if (w == NULL) return CORRAL_ENOMEM;
   uv_mutex_lock(&f->lock);
@@ -278,6 +283,7 @@ int corral__future_watch(corral_future *f, corral_context *ctx) {
   }
   corral_future_retain(f);
   w->ctx = ctx;
+  w->post = post;
   w->f = f;
   w->next = f->watches;
   f->watches = w;

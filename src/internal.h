@@ -16,9 +16,10 @@ typedef struct corral_context corral_context;
 /* A context's interest in a future: posted to the context when it settles. */
 typedef struct corral_watch {
   corral_context *ctx;
-  corral_future *f;          /* holds a reference */
-  struct corral_watch *next; /* in f->watches, under f->lock */
-  queue node;                /* in ctx->watching or ctx->completed, under ctx->qlock */
+  void (*post)(struct corral_watch *w); /* called by a settle: the context's own */
+  corral_future *f;                     /* holds a reference */
+  struct corral_watch *next;            /* in f->watches, under f->lock */
+  queue node;                           /* in ctx->watching or ctx->completed, under ctx->qlock */
 } corral_watch;
 
 enum {
@@ -36,7 +37,7 @@ struct corral_future {
   corral_watch *watches;
   char *payload; /* encoded results or error (malloc'd), set once when settled */
   size_t len;
-  int payload_refs;         /* the payload holds references (see corral__codec_discard) */
+  void (*discard)(const char *payload, size_t len); /* gives back what the payload holds */
   int payload_foreign;      /* the payload came from a C host: decoded as foreign bytes */
   _Atomic(uint64_t) handle; /* its handle once it crossed contexts (handle.c), or 0 */
 };
@@ -53,7 +54,8 @@ char *corral__future_error_payload(const char *kind, const char *message, size_t
 /* Settle f, taking ownership of payload (freed on failure). */
 int corral__future_settle(corral_future *f, corral_state state, char *payload, size_t len);
 /* The same, for a payload from corral__codec_encode that holds references. */
-int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len, int refs);
+int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len,
+                               void (*discard)(const char *payload, size_t len));
 /* The trust to decode f's payload with (CODEC_TRUSTED or CODEC_FOREIGN). */
 int corral__future_trust(corral_future *f);
 /* f's handle, issued on first use (0 when the handle table is full). */
@@ -69,7 +71,7 @@ int corral__future_resume(corral_future *f);
 /* Cancel under the cancel rule (future.c): 0 when it took effect. */
 int corral__future_cancel(corral_future *f);
 /* Register ctx's interest: 0 when registered, 1 when f is already settled. */
-int corral__future_watch(corral_future *f, corral_context *ctx);
+int corral__future_watch(corral_future *f, corral_context *ctx, void (*post)(corral_watch *w));
 /* Drop ctx's watch on f if it is still registered: 1 when removed (the watch
  * is freed), 0 when a settle already took it. */
 int corral__future_unwatch(corral_future *f, corral_watch *w);
@@ -144,10 +146,18 @@ int corral__ctx_quiescent(corral_context *c);
  * `kind` and `message`. */
 void corral__ctx_defer(corral_context *c, corral_future *f);
 void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *message);
-/* Disarm an unretrieved-error reporter (its error was handed on). */
-void corral__ctx_disarm(corral_reporter *r);
-/* Unretrieved-error reporters (lua_core.c makes them Lua userdata). */
-void corral__ctx_report_all(corral_context *c);
+
+/* ---- reporter.c -------------------------------------------------------- */
+
+/* An unretrieved-error reporter (the binding makes it a Lua userdata of
+ * sizeof(corral_reporter) + len bytes) armed with `text`, in c's list. */
+void corral__reporter_init(corral_reporter *r, corral_context *c, const char *text, size_t len);
+/* Its error was retrieved or handed on: it will say nothing. */
+void corral__reporter_disarm(corral_reporter *r);
+/* It is collected: it writes its text if still armed (from a __gc). */
+void corral__reporter_collected(corral_reporter *r);
+/* Write every armed reporter of c (the process is ending). */
+void corral__reporter_all(corral_context *c);
 
 /* ---- signal.c ---------------------------------------------------------- */
 
@@ -229,6 +239,17 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
  * futures; `trust` is CODEC_TRUSTED or CODEC_FOREIGN, or'ed with a
  * CODEC_AS_* name. Raises only when Lua runs out of memory. */
 int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust);
+/* What the codec needs of the layers above it, handed to it once (the
+ * binding does, as it opens): making a Lua future of a C future, and the
+ * handles and references of worker instances. */
+typedef struct {
+  void (*push_future)(lua_State *L, corral_future *f);
+  uint64_t (*worker_handle)(corral_worker *w);
+  void (*worker_hold)(corral_worker *w);
+  void (*worker_drop)(corral_worker *w);
+  void (*worker_release)(corral_worker *w);
+} corral__codec_iface;
+void corral__codec_init(const corral__codec_iface *iface);
 /* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
 void corral__codec_discard(const char *data, size_t len);
 /* Test hooks: make the nth C allocation of the codec from now fail (0: none);
@@ -260,7 +281,8 @@ struct corral_worker {
   atomic_int refs;
   atomic_int handles; /* Lua handles on it, in every context: at 0 it stops */
   corral_runtime *rt;
-  corral_context ctx; /* its loop runs on `thread` */
+  corral_context ctx;             /* its loop runs on `thread` */
+  void (*body)(corral_worker *w); /* what runs on the thread (the binding's worker main) */
   uv_thread_t thread;
   int joined; /* under rt->wlock */
   char *boot; /* encoded {class, init args}: read once by the thread */
@@ -286,11 +308,11 @@ struct corral_worker {
 };
 
 corral_call *corral__call_new(const char *method, size_t mlen, corral_future *result, char *payload,
-                      size_t len, int refs, corral_future **deps, int ndeps);
+                              size_t len, int refs, corral_future **deps, int ndeps);
 void corral__call_free(corral_call *c);
 /* Start a thread worker; NULL with *err set (a CORRAL_E* or libuv code). */
-corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
-                            int cap, int *err);
+corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
+                                    int refs, int cap, void (*body)(corral_worker *w), int *err);
 void corral__worker_retain(corral_worker *w);
 void corral__worker_release(corral_worker *w);
 /* w's handle, issued on first use (0 when the handle table is full). */
@@ -326,7 +348,7 @@ void corral__worker_hold_handle(corral_worker *w);
 void corral__worker_drop_handle(corral_worker *w);
 /* Stop (draining) the workers with no handle left; tells `stopping` of each. */
 void corral__worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
-                         void *ud);
+                                 void *ud);
 /* Join the workers that stopped after their last handle went. */
 void corral__worker_reap(corral_runtime *rt);
 

@@ -145,7 +145,7 @@ static int l_fvalues(lua_State *L) {
  * when it has settled already. */
 static int l_fwatch(lua_State *L) {
   corral_future *f = *cf_check(L, 1);
-  int rc = corral__future_watch(f, corral__ctx_of(L));
+  int rc = corral__future_watch(f, corral__ctx_of(L), corral__ctx_post);
   if (rc < 0) return luaL_error(L, "corral: out of memory");
   if (rc == 1)
     lua_pushboolean(L, 0);
@@ -191,9 +191,10 @@ static int l_drain(lua_State *L) {
   corral_context *c = corral__ctx_of(L);
   int stopping = 0;
   if (c->deferred != NULL)
-    corral__ctx_run_deferred(c, "CancelledError",
-                     "abandoned: the future was collected before it settled, so nothing can "
-                     "settle it");
+    corral__ctx_run_deferred(
+        c, "CancelledError",
+        "abandoned: the future was collected before it settled, so nothing can "
+        "settle it");
   if (c->worker == NULL && atomic_exchange(&c->rt->orphans, 0)) {
     lua_newtable(L);
     corral__worker_stop_orphans(c->rt, push_stopping, L);
@@ -253,7 +254,7 @@ static int l_isatty(lua_State *L) {
 /* exit(code): report unretrieved errors, flush, end the process at once. */
 static int l_exit(lua_State *L) {
   int code = (int)luaL_optinteger(L, 1, 0);
-  corral__ctx_report_all(corral__ctx_of(L));
+  corral__reporter_all(corral__ctx_of(L));
   fflush(NULL);
   exit(code);
   return 0;
@@ -306,28 +307,19 @@ static int l_reporter(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   corral_reporter *r = lua_newuserdata(L, sizeof *r + len);
-  r->armed = 1;
-  r->len = len;
-  memcpy(r->text, s, len);
-  queue_insert_tail(&corral__ctx_of(L)->reporters, &r->node);
+  corral__reporter_init(r, corral__ctx_of(L), s, len);
   luaL_getmetatable(L, REPORTER_MT);
   lua_setmetatable(L, -2);
   return 1;
 }
 
 static int l_disarm(lua_State *L) {
-  corral__ctx_disarm(luaL_checkudata(L, 1, REPORTER_MT));
+  corral__reporter_disarm(luaL_checkudata(L, 1, REPORTER_MT));
   return 0;
 }
 
 static int reporter_gc(lua_State *L) {
-  corral_reporter *r = lua_touserdata(L, 1);
-  if (r->armed) {
-    r->armed = 0;
-    ssize_t rc = write(2, r->text, r->len);
-    (void)rc;
-  }
-  queue_remove(&r->node);
+  corral__reporter_collected(lua_touserdata(L, 1));
   return 0;
 }
 
@@ -398,7 +390,8 @@ static int l_fsettle_encode(lua_State *L) {
   if (buf == NULL) return codec_error(L, o.err);
   atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
   atomic_fetch_or(&f->flags, FUTURE_SEEN);
-  lua_pushboolean(L, corral__future_settle_refs(f, (corral_state)state, buf, len, o.has_refs) == 0);
+  lua_pushboolean(L, corral__future_settle_refs(f, (corral_state)state, buf, len,
+                                                o.has_refs ? corral__codec_discard : NULL) == 0);
   return 1;
 }
 
@@ -442,7 +435,7 @@ static void w_push_handle(lua_State *L, corral_worker *w) {
   w_push(L, w);
 }
 
-/* corral__worker_start(name, cap, ...): a thread worker whose Lua main receives
+/* worker_start(name, cap, ...): a thread worker whose Lua main receives
  * the other arguments (class, options, init arguments). Returns it, or nil
  * and why it cannot start. */
 static int l_worker_start(lua_State *L) {
@@ -458,7 +451,8 @@ static int l_worker_start(lua_State *L) {
   char *boot = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (boot == NULL) return codec_error(L, o.err);
   int err;
-  corral_worker *w = corral__worker_start(rt_of(L), name, boot, len, o.has_refs, (int)cap, &err);
+  corral_worker *w = corral__worker_start(rt_of(L), name, boot, len, o.has_refs, (int)cap,
+                                          corral__lcore_worker_main, &err);
   if (w == NULL) {
     if (o.has_refs) corral__codec_discard(boot, len);
     free(boot);
@@ -542,7 +536,8 @@ static int l_wcall(lua_State *L) {
     atomic_fetch_or(&o.deps[i]->flags, FUTURE_DEP);
   corral_future *result = corral__future_new();
   corral_call *c =
-      result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps) : NULL;
+      result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps)
+             : NULL;
   if (c == NULL) {
     if (o.has_refs) corral__codec_discard(payload, len);
     free(payload);
@@ -554,7 +549,7 @@ static int l_wcall(lua_State *L) {
   }
   corral_future_retain(result);
   /* the caller's loop hears of the result through a watch made here */
-  if (corral__future_watch(result, corral__ctx_of(L)) < 0) {
+  if (corral__future_watch(result, corral__ctx_of(L), corral__ctx_post) < 0) {
     corral__call_free(c);
     return luaL_error(L, "corral: out of memory");
   }
@@ -697,7 +692,7 @@ static int l_stopping(lua_State *L) {
   return 1;
 }
 
-/* corral__worker_crash(err): this worker dies: err (encoded) fails its calls and
+/* worker_crash(err): this worker dies: err (encoded) fails its calls and
  * every call made from now on. False (and nothing done) when err cannot
  * travel; with `force`, a plain WorkerCrashed is sent instead. */
 static int l_worker_crash(lua_State *L) {
@@ -831,7 +826,8 @@ static int l_call_finish(lua_State *L) {
     char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
     if (buf == NULL) return codec_error(L, o.err);
     atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
-    corral__future_settle_refs(f, (corral_state)state, buf, len, o.has_refs);
+    corral__future_settle_refs(f, (corral_state)state, buf, len,
+                               o.has_refs ? corral__codec_discard : NULL);
   }
   call_done(L, p);
   lua_pushboolean(L, 1);
@@ -925,7 +921,7 @@ static int l_debug_counts(lua_State *L) {
   return 1;
 }
 
-/* corral__codec_fail_alloc(n): the codec's nth C allocation from now fails (0: none). */
+/* codec_fail_alloc(n): the codec's nth C allocation from now fails (0: none). */
 static int l_codec_fail_alloc(lua_State *L) {
   corral__codec_fail_alloc((int)luaL_checkinteger(L, 1));
   return 0;
@@ -1021,7 +1017,12 @@ static int preload_module(lua_State *L) {
   return luaL_error(L, "corral: no embedded module %s", name);
 }
 
+static const corral__codec_iface codec_iface = {corral__lcore_push_future, corral__worker_handle,
+                                                corral__worker_hold_handle,
+                                                corral__worker_drop_handle, corral__worker_release};
+
 int luaopen_corral(lua_State *L) {
+  corral__codec_init(&codec_iface);
   corral_runtime *rt = rt_of(L);
   if (rt == NULL) {
     /* A sentinel userdata owns the runtime and closes it with the state. */
@@ -1260,8 +1261,8 @@ void corral__lcore_worker_main(corral_worker *w) {
   left = after; /* LuaJIT cannot fail inside lua_newstate itself: count from here */
   if (L == NULL) {
     size_t len;
-    char *payload =
-        corral__future_error_payload("WorkerCrashed", "the worker died: no memory for its Lua state", &len);
+    char *payload = corral__future_error_payload(
+        "WorkerCrashed", "the worker died: no memory for its Lua state", &len);
     if (payload != NULL) corral__worker_crash(w, payload, len);
     return;
   }

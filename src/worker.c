@@ -27,7 +27,7 @@
 /* ======================================================================== */
 
 corral_call *corral__call_new(const char *method, size_t mlen, corral_future *result, char *payload,
-                      size_t len, int refs, corral_future **deps, int ndeps) {
+                              size_t len, int refs, corral_future **deps, int ndeps) {
   corral_call *c = malloc(sizeof *c + mlen + 1);
   if (c == NULL) return NULL;
   memcpy(c->method, method, mlen);
@@ -88,7 +88,7 @@ static void settle_all(corral_worker *w, queue *q, const char *crash, size_t cra
 static void worker_thread(void *arg) {
   corral_worker *w = arg;
   void *altstack = corral__signal_enter_worker(w);
-  corral__lcore_worker_main(w); /* returns when the worker has stopped, or died */
+  w->body(w); /* its context's main: returns when the worker has stopped, or died */
   corral__signal_leave_worker(altstack);
   /* Whatever its Lua left unfinished is cancelled (or failed, when it died),
    * and so is what is left in the inbox and the overflow (their callers are
@@ -125,8 +125,8 @@ static int thread_create(uv_thread_t *t, void (*fn)(void *), void *arg) {
   return uv_thread_create(t, fn, arg);
 }
 
-corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len, int refs,
-                            int cap, int *err) {
+corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
+                                    int refs, int cap, void (*body)(corral_worker *w), int *err) {
   *err = CORRAL_ENOMEM;
   corral_worker *w = calloc(1, sizeof *w);
   if (w == NULL) return NULL;
@@ -136,6 +136,7 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
   atomic_init(&w->handles, 1);
   atomic_init(&w->stopping, WORKER_RUNNING);
   w->rt = rt;
+  w->body = body;
   w->boot = boot;
   w->bootlen = len;
   w->boot_refs = refs;
@@ -183,7 +184,7 @@ void corral__worker_drop_handle(corral_worker *w) {
 }
 
 void corral__worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, corral_worker *w),
-                         void *ud) {
+                                 void *ud) {
   corral_worker *found[32];
   int n;
   do {

@@ -1,0 +1,40 @@
+/* reporter.c: reporters of unretrieved errors: the text of a failure that
+ * nobody retrieved, written to stderr when its reporter is collected or the
+ * process exits, unless disarmed first. Nothing here runs Lua or takes a
+ * lock (reporters fire from a __gc): it writes with write(2).
+ */
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+void corral__reporter_init(corral_reporter *r, corral_context *c, const char *text, size_t len) {
+  r->armed = 1;
+  r->len = len;
+  memcpy(r->text, text, len);
+  queue_insert_tail(&c->reporters, &r->node);
+}
+
+/* Write it (once), if still armed. */
+static void fire(corral_reporter *r) {
+  if (!r->armed) return;
+  r->armed = 0;
+  ssize_t rc = write(2, r->text, r->len);
+  (void)rc;
+}
+
+void corral__reporter_disarm(corral_reporter *r) {
+  if (!r->armed) return;
+  r->armed = 0;
+  queue_remove(&r->node);
+}
+
+void corral__reporter_collected(corral_reporter *r) {
+  fire(r);
+  queue_remove(&r->node); /* (a no-op once disarmed: queue_remove unlinks for good) */
+}
+
+void corral__reporter_all(corral_context *c) {
+  for (queue *q = queue_head(&c->reporters); q != &c->reporters; q = q->next)
+    fire(queue_data(q, corral_reporter, node));
+}
