@@ -242,7 +242,8 @@ static void test_lua_oom(void) {
                "step()") == 0,
         "a state with corral on the failing allocator");
   lua_gc(L, LUA_GCCOLLECT, 0);
-  int codec0 = corral__codec_live(), handles0 = corral__handle_live(), futures0 = corral__future_live();
+  int codec0 = corral__codec_live(), handles0 = corral__handle_live(),
+      futures0 = corral__future_live();
   int raised = 0, clean = 1;
   for (long n = 1; n < 100000; n++) {
     lua_getglobal(L, "step");
@@ -262,9 +263,10 @@ static void test_lua_oom(void) {
     lua_gc(L, LUA_GCCOLLECT, 0);
     lua_gc(L, LUA_GCCOLLECT, 0);
     /* (the zone a decode keeps between decodes may have gone with its box) */
-    if (corral__codec_live() > codec0 || corral__handle_live() != handles0 || corral__future_live() != futures0) {
-      printf("# allocation %ld: codec %d/%d handles %d/%d futures %d/%d\n", n, corral__codec_live(), codec0,
-             corral__handle_live(), handles0, corral__future_live(), futures0);
+    if (corral__codec_live() > codec0 || corral__handle_live() != handles0 ||
+        corral__future_live() != futures0) {
+      printf("# allocation %ld: codec %d/%d handles %d/%d futures %d/%d\n", n, corral__codec_live(),
+             codec0, corral__handle_live(), handles0, corral__future_live(), futures0);
       clean = 0;
     }
     if (!hit) break;

@@ -51,8 +51,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   int top = lua_gettop(L);
-  int n =
-      corral__codec_decode(L, (const char *)data, size, NULL, FUZZ_FOREIGN ? CODEC_FOREIGN : CODEC_TRUSTED);
+  int n = corral__codec_decode(L, (const char *)data, size, NULL,
+                               FUZZ_FOREIGN ? CODEC_FOREIGN : CODEC_TRUSTED);
   if (lua_gettop(L) != top + (n < 0 ? 1 : n)) {
     fprintf(stderr, "decode left %d values for %d\n", lua_gettop(L) - top, n);
     abort();
