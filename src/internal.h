@@ -6,6 +6,9 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include <lauxlib.h>
+#include <lua.h>
+
 #include "corral.h"
 #include "queue.h"
 
@@ -352,23 +355,49 @@ void corral__worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, 
 /* Join the workers that stopped after their last handle went. */
 void corral__worker_reap(corral_runtime *rt);
 
-/* ---- lua_core.c -------------------------------------------------------- */
+/* ---- the Lua binding: lua_util.c, lua_future.c, lua_codec.c,
+ *      lua_worker.c, lua_loop.c, lua_core.c (bottom-up) ---------------- */
 
-/* corral_push_future / corral_to_future for corral's own use (the public
- * ones mark the future as one that host code may settle). */
-void corral__lcore_push_future(lua_State *L, corral_future *f);
-corral_future *corral__lcore_to_future(lua_State *L, int idx);
-/* Metatables and registry keys the codec shares with the binding. */
+/* Registry keys and metatables of the binding (the first five the codec
+ * reads too). */
 #define CFUTURE_MT  "corral.cfuture"
 #define REPORTER_MT "corral.reporter"
 #define WORKER_MT   "corral.worker"
 #define CREF_KEY    "corral.cref"
 #define IMPORT_KEY  "corral.import_worker"
-/* The context a lua_State runs in. */
+#define RUNTIME_KEY "corral.runtime"
+#define CONTEXT_KEY "corral.context"
+#define WRAP_KEY    "corral.wrap"
+#define DRIVE_KEY   "corral.drive"
+#define CALL_MT     "corral.call"
+
+/* lua_util.c: the runtime and context a lua_State runs in; a codec error as
+ * Lua results (nil, why); the CPU count (read once). */
+corral_runtime *corral__lua_rt(lua_State *L);
 corral_context *corral__ctx_of(lua_State *L);
+int corral__lua_codec_error(lua_State *L, const char *err);
+int corral__lua_ncpu(void);
+
+/* lua_future.c: C futures as Lua userdata; corral_push_future and
+ * corral_to_future for corral's own use (the public ones mark the future as
+ * one that host code may settle). */
+corral_future **corral__lua_cf_check(lua_State *L, int idx);
+void corral__lua_cf_push(lua_State *L, corral_future *f);
+void corral__lcore_push_future(lua_State *L, corral_future *f);
+corral_future *corral__lcore_to_future(lua_State *L, int idx);
+void corral__lua_future_open(lua_State *L);
+extern const luaL_Reg corral__lua_future_funcs[];
+
+/* lua_codec.c, lua_worker.c, lua_loop.c: their corral.core functions. */
+extern const luaL_Reg corral__lua_codec_funcs[];
+void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w));
+extern const luaL_Reg corral__lua_worker_funcs[];
+extern const luaL_Reg corral__lua_loop_funcs[];
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */
 int corral__lcore_drive(lua_State *L, int block);
-/* The body of a worker thread: its own lua_State on its own loop. */
+
+/* lua_core.c: the body of a worker thread: its own lua_State on its own
+ * loop. */
 void corral__lcore_worker_main(corral_worker *w);
 
 /* Private error codes, beside those of corral.h. */

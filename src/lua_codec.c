@@ -1,0 +1,82 @@
+/* lua_codec.c: the codec in Lua: encode, decode, and its test hooks. */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <luajit.h>
+#include <lualib.h>
+#include <msgpack.h>
+
+#include "internal.h"
+
+static int l_encode(lua_State *L) {
+  codec_opts o = {0};
+  size_t len;
+  char *buf = corral__codec_encode(L, 1, lua_gettop(L), &len, &o);
+  if (buf == NULL) return corral__lua_codec_error(L, o.err);
+  if (o.has_refs) { /* a string cannot hold references */
+    corral__codec_discard(buf, len);
+    free(buf);
+    return corral__lua_codec_error(L, "futures and workers cannot be encoded into a string");
+  }
+  lua_pushlstring(L, buf, len);
+  free(buf);
+  return 1;
+}
+
+/* Raise a CodecError (corral.errors) with the message on top of the stack. */
+static int raise_codec_error(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, "corral.errors");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "new");
+    lua_pushliteral(L, "CodecError");
+    lua_pushvalue(L, -5);
+    lua_pushnil(L);
+    lua_pushinteger(L, 2);
+    lua_call(L, 4, 1);
+  } else {
+    lua_pushvalue(L, -3);
+  }
+  return lua_error(L);
+}
+
+/* decode(s): the values of a MessagePack array from outside the process
+ * (foreign bytes); raises a CodecError when they cannot be decoded. */
+static int l_decode(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_settop(L, 1);
+  int n = corral__codec_decode(L, s, len, NULL, CODEC_FOREIGN);
+  if (n < 0) return raise_codec_error(L);
+  return n;
+}
+
+/* debug_counts(): live C objects, for leak specs: the codec's own blocks,
+ * futures, and handles issued. */
+static int l_debug_counts(lua_State *L) {
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, corral__codec_live());
+  lua_setfield(L, -2, "codec");
+  lua_pushinteger(L, corral__future_live());
+  lua_setfield(L, -2, "futures");
+  lua_pushinteger(L, corral__handle_live());
+  lua_setfield(L, -2, "handles");
+  return 1;
+}
+
+/* codec_fail_alloc(n): the codec's nth C allocation from now fails (0: none). */
+static int l_codec_fail_alloc(lua_State *L) {
+  corral__codec_fail_alloc((int)luaL_checkinteger(L, 1));
+  return 0;
+}
+
+const luaL_Reg corral__lua_codec_funcs[] = {{"encode", l_encode},
+                                            {"decode", l_decode},
+                                            {"debug_counts", l_debug_counts},
+                                            {"codec_fail_alloc", l_codec_fail_alloc},
+                                            {NULL, NULL}};

@@ -1,0 +1,60 @@
+/* lua_util.c: what every file of the binding shares: the runtime and
+ * context a lua_State belongs to, codec errors as Lua results, the CPU count. */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <luajit.h>
+#include <lualib.h>
+#include <msgpack.h>
+
+#include "internal.h"
+
+corral_runtime *corral__lua_rt(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
+  corral_runtime *rt = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return rt;
+}
+
+corral_runtime *corral_from_lua(lua_State *L) { return corral__lua_rt(L); }
+
+corral_context *corral__ctx_of(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
+  corral_context *c = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return c;
+}
+
+/* ======================================================================== */
+/* Codec                                                                     */
+/* ======================================================================== */
+
+int corral__lua_codec_error(lua_State *L, const char *err) {
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
+}
+
+/* The number of CPUs, read once (by the first state that loads corral, the
+ * home one): uv_cpu_info opens files under /proc, which worker threads had
+ * better not race with the descriptors libuv closes behind ThreadSanitizer. */
+static atomic_int ncpu_cached;
+
+int corral__lua_ncpu(void) {
+  int n = atomic_load(&ncpu_cached);
+  if (n > 0) return n;
+  uv_cpu_info_t *info;
+  int count;
+  n = 1;
+  if (uv_cpu_info(&info, &count) == 0) {
+    if (count > 0) n = count;
+    uv_free_cpu_info(info, count);
+  }
+  atomic_store(&ncpu_cached, n);
+  return n;
+}

@@ -1,0 +1,484 @@
+/* lua_worker.c: thread workers in Lua: handles (`corral.worker`), calls
+ * (`corral.call`), the default pool, and the worker side of a call. */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <luajit.h>
+#include <lualib.h>
+#include <msgpack.h>
+
+#include "internal.h"
+
+/* What runs on a worker's thread: handed by the module above (its worker
+ * main opens corral in the new state). */
+static void (*worker_body)(corral_worker *w);
+
+/* ======================================================================== */
+/* Workers                                                                   */
+/* ======================================================================== */
+
+static corral_worker *w_check(lua_State *L, int idx) {
+  return *(corral_worker **)luaL_checkudata(L, idx, WORKER_MT);
+}
+
+static void w_push(lua_State *L, corral_worker *w) {
+  corral_worker **p = lua_newuserdata(L, sizeof(corral_worker *));
+  *p = w;
+  luaL_getmetatable(L, WORKER_MT);
+  lua_setmetatable(L, -2);
+}
+
+static int w_gc(lua_State *L) {
+  corral_worker **p = lua_touserdata(L, 1);
+  corral_worker *w = *p;
+  *p = NULL;
+  if (w == NULL) return 0;
+  /* When this was the last handle, the worker stops once its calls are
+   * done: the home does it at its next drain (no lock in a __gc). */
+  corral__worker_drop_handle(w);
+  return 0;
+}
+
+/* A new Lua handle on w, taking a reference the caller holds. */
+static void w_push_handle(lua_State *L, corral_worker *w) {
+  atomic_fetch_add(&w->handles, 1);
+  w_push(L, w);
+}
+
+/* worker_start(name, cap, ...): a thread worker whose Lua main receives
+ * the other arguments (class, options, init arguments). Returns it, or nil
+ * and why it cannot start. */
+static int l_worker_start(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  lua_Number cap = luaL_checknumber(L, 2);
+  luaL_argcheck(L, cap >= 1 && cap <= 0x7fffffff, 2, "inbox bound out of range");
+  static const char *const lead[] = {"class", "options"};
+  codec_opts o = {0};
+  o.what = "init";
+  o.offset = 2;
+  o.lead = lead;
+  size_t len;
+  char *boot = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  if (boot == NULL) return corral__lua_codec_error(L, o.err);
+  int err;
+  corral_worker *w = corral__worker_start(corral__lua_rt(L), name, boot, len, o.has_refs, (int)cap,
+                                          worker_body, &err);
+  if (w == NULL) {
+    if (o.has_refs) corral__codec_discard(boot, len);
+    free(boot);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot start a thread for worker %s: %s", name,
+                    err == CORRAL_ENOMEM ? "out of memory" : uv_strerror(err));
+    return 2;
+  }
+  w_push(L, w); /* its handle was counted at birth */
+  return 1;
+}
+
+static corral_call *call_check(lua_State *L, int idx) {
+  corral_call *c = *(corral_call **)luaL_checkudata(L, idx, CALL_MT);
+  if (c == NULL) luaL_error(L, "corral: call already finished");
+  return c;
+}
+
+static void call_push(lua_State *L, corral_call *c) {
+  corral_call **p = lua_newuserdata(L, sizeof(corral_call *));
+  *p = c;
+  luaL_getmetatable(L, CALL_MT);
+  lua_setmetatable(L, -2);
+}
+
+static int call_gc(lua_State *L) {
+  corral_call **p = lua_touserdata(L, 1);
+  /* A call a worker took is its thread's until finished (it is cancelled
+   * there if the worker dies); one that never left its caller is freed
+   * here: memory and references only, no lock. */
+  if (*p != NULL && !(*p)->taken) corral__call_free(*p);
+  *p = NULL;
+  return 0;
+}
+
+static int push_status(lua_State *L, int rc) {
+  if (rc == 0)
+    lua_pushboolean(L, 1);
+  else
+    lua_pushstring(L, rc == CORRAL_EAGAIN ? "full" : rc == CORRAL_ECRASHED ? "crashed" : "closed");
+  return 1;
+}
+
+/* A push refused because the worker died: fail the call with its crash. */
+static void fail_crashed(corral_worker *w, corral_future *result) {
+  size_t len;
+  char *crash = corral__worker_crash_copy(w, &len);
+  if (crash != NULL)
+    corral__future_settle(result, CORRAL_FAILED, crash, len);
+  else
+    corral_future_set_error(result, "WorkerCrashed", "the worker died");
+}
+
+/* wcall(w, method, ...): encode the arguments (futures become inputs to
+ * unwrap) and queue the call. Returns the result's C future and its watch
+ * key (the caller's loop is told when it settles); or nil, "full", the
+ * result, a C future settled when the call moves into the inbox (the
+ * caller waits for it) and the key; or nil, "closed" (the caller fails it)
+ * / "crashed" (failed), the result, nil, key; or nil, "codec", why. */
+static int l_wcall(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  size_t mlen;
+  const char *method = luaL_checklstring(L, 2, &mlen);
+  codec_opts o = {0};
+  o.unwrap = 1;
+  if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
+  size_t len;
+  char *payload = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  if (payload == NULL) {
+    for (int i = 0; i < o.ndeps; i++)
+      corral_future_release(o.deps[i]);
+    free(o.deps);
+    lua_pushnil(L);
+    lua_pushliteral(L, "codec");
+    lua_pushstring(L, o.err);
+    return 3;
+  }
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
+  /* an input's failure is reported through this call */
+  for (int i = 0; i < o.ndeps; i++)
+    atomic_fetch_or(&o.deps[i]->flags, FUTURE_DEP);
+  corral_future *result = corral__future_new();
+  corral_call *c =
+      result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps)
+             : NULL;
+  if (c == NULL) {
+    if (o.has_refs) corral__codec_discard(payload, len);
+    free(payload);
+    for (int i = 0; i < o.ndeps; i++)
+      corral_future_release(o.deps[i]);
+    free(o.deps);
+    corral_future_release(result);
+    return luaL_error(L, "corral: out of memory");
+  }
+  corral_future_retain(result);
+  /* the caller's loop hears of the result through a watch made here */
+  if (corral__future_watch(result, corral__ctx_of(L), corral__ctx_post) < 0) {
+    corral__call_free(c);
+    return luaL_error(L, "corral: out of memory");
+  }
+  corral_future *accepted;
+  int rc = corral__worker_push(w, c, &accepted);
+  if (rc == 0) {
+    corral__lua_cf_push(L, result);
+    lua_pushlightuserdata(L, result);
+    return 2;
+  }
+  lua_pushnil(L);
+  if (rc == CORRAL_EAGAIN) { /* the worker holds it; the caller waits for room */
+    lua_pushliteral(L, "full");
+    corral__lua_cf_push(L, result);
+    corral__lua_cf_push(L, accepted);
+    lua_pushlightuserdata(L, result);
+    return 5;
+  }
+  corral__call_free(c); /* refused: still the caller's */
+  if (rc == CORRAL_ECRASHED) fail_crashed(w, result);
+  push_status(L, rc);
+  corral__lua_cf_push(L, result); /* its watch still waits: it fails */
+  lua_pushnil(L);
+  lua_pushlightuserdata(L, result);
+  return 5;
+}
+
+static int l_wactive(lua_State *L) {
+  lua_pushinteger(L, atomic_load(&w_check(L, 1)->active));
+  return 1;
+}
+
+/* wstop(w, drain): ask it to stop; returns the C future settled when its
+ * thread has ended. */
+static int l_wstop(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  corral__worker_stop(w, lua_toboolean(L, 2) ? WORKER_DRAIN : WORKER_CANCEL);
+  corral_future_retain(w->stopped);
+  corral__lua_cf_push(L, w->stopped);
+  return 1;
+}
+
+/* wis_self(w): whether w is the worker this code runs in. */
+static int l_wis_self(lua_State *L) {
+  lua_pushboolean(L, w_check(L, 1) == corral__ctx_of(L)->worker);
+  return 1;
+}
+
+static int l_wjoin(lua_State *L) {
+  corral__worker_join(w_check(L, 1));
+  return 0;
+}
+
+static int l_wname(lua_State *L) {
+  lua_pushstring(L, w_check(L, 1)->name);
+  return 1;
+}
+
+/* pool_set(w...): make these instances the process's default pool, unless
+ * one is set already (false). pool_get(): its instances (none: no pool). */
+static int l_pool_set(lua_State *L) {
+  corral_runtime *rt = corral__lua_rt(L);
+  int n = lua_gettop(L);
+  for (int i = 1; i <= n; i++)
+    w_check(L, i);
+  corral_worker **pool = calloc((size_t)(n > 0 ? n : 1), sizeof(void *));
+  if (pool == NULL) return luaL_error(L, "corral: out of memory");
+  for (int i = 0; i < n; i++)
+    pool[i] = w_check(L, i + 1);
+  int ok = 0;
+  uv_mutex_lock(&rt->wlock);
+  if (rt->pool == NULL) {
+    for (int i = 0; i < n; i++) {
+      corral__worker_retain(pool[i]);
+      atomic_fetch_add(&pool[i]->handles, 1); /* the runtime holds it open */
+    }
+    rt->pool = pool;
+    rt->npool = n;
+    ok = 1;
+  }
+  uv_mutex_unlock(&rt->wlock);
+  if (!ok) free(pool);
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+static int l_pool_get(lua_State *L) {
+  corral_runtime *rt = corral__lua_rt(L);
+  corral_worker *got[64], **ws = got;
+  uv_mutex_lock(&rt->wlock);
+  int n = rt->npool;
+  if (n > 64) ws = malloc(sizeof(void *) * (size_t)n);
+  if (ws == NULL) n = 0;
+  for (int i = 0; i < n; i++) {
+    ws[i] = rt->pool[i];
+    corral__worker_retain(ws[i]); /* the userdata's reference */
+  }
+  uv_mutex_unlock(&rt->wlock);
+  if (!lua_checkstack(L, n + 1)) {
+    for (int i = 0; i < n; i++)
+      corral__worker_release(ws[i]);
+    n = 0;
+  }
+  for (int i = 0; i < n; i++)
+    w_push_handle(L, ws[i]);
+  if (ws != got) free(ws);
+  return n;
+}
+
+/* ---- the worker's side ---------------------------------------------------- */
+
+static corral_worker *self_worker(lua_State *L) {
+  corral_worker *w = corral__ctx_of(L)->worker;
+  if (w == NULL) luaL_error(L, "corral: not a worker context");
+  return w;
+}
+
+/* inbox_take(t, max, at): put up to max calls in t[at+1..]; returns how
+ * many. */
+static int l_inbox_take(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  int max = (int)luaL_checkinteger(L, 2);
+  int at = (int)luaL_optinteger(L, 3, 0);
+  corral_worker *w = self_worker(L);
+  corral_call *calls[64];
+  if (max > 64) max = 64;
+  int n = corral__worker_take(w, calls, max);
+  for (int i = 0; i < n; i++) {
+    call_push(L, calls[i]);
+    lua_rawseti(L, 1, at + i + 1);
+  }
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+/* stopping(): how this worker is asked to stop (0 running, 1 drain, 2
+ * cancel, 3 crashed): an atomic read, no lock. */
+static int l_stopping(lua_State *L) {
+  lua_pushinteger(L, atomic_load(&self_worker(L)->stopping));
+  return 1;
+}
+
+/* worker_crash(err): this worker dies: err (encoded) fails its calls and
+ * every call made from now on. False (and nothing done) when err cannot
+ * travel; with `force`, a plain WorkerCrashed is sent instead. */
+static int l_worker_crash(lua_State *L) {
+  corral_worker *w = self_worker(L);
+  int force = lua_toboolean(L, 2);
+  lua_settop(L, 1);
+  codec_opts o = {0};
+  o.what = "error";
+  size_t len;
+  char *buf = corral__codec_encode(L, 1, 1, &len, &o);
+  if (buf == NULL || o.has_refs) {
+    if (buf != NULL) corral__codec_discard(buf, len);
+    free(buf);
+    if (!force) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    buf = corral__future_error_payload("WorkerCrashed", "the worker died", &len);
+  }
+  if (buf != NULL) corral__worker_crash(w, buf, len);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* call_info(call): the method's name and how many inputs it has. */
+static int l_call_info(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  lua_pushlstring(L, c->method, c->mlen);
+  lua_pushinteger(L, c->ndeps);
+  return 2;
+}
+
+/* call_start(call): the method starts: its future becomes RUNNING. False
+ * when it was cancelled (or settled) meanwhile: it must not run. */
+static int l_call_start(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  int ok = corral__future_start(c->result) == 0;
+  if (ok) corral__worker_set_current(self_worker(L), c->method, c->mlen);
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* call_suspend(call) / call_resume(call): the method waits / goes on. False
+ * when its caller cancelled it: the wait must raise CancelledError. */
+static int l_call_suspend(lua_State *L) {
+  lua_pushboolean(L, corral__future_suspend(call_check(L, 1)->result) == 0);
+  return 1;
+}
+
+static int l_call_resume(lua_State *L) {
+  lua_pushboolean(L, corral__future_resume(call_check(L, 1)->result) == 0);
+  return 1;
+}
+
+/* call_result(call): the call's own C future (to learn of a cancel). */
+static int l_call_result(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  corral_future_retain(c->result);
+  corral__lua_cf_push(L, c->result);
+  return 1;
+}
+
+/* call_deps(call): its inputs, as C futures. */
+static int l_call_deps(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  lua_createtable(L, c->ndeps, 0);
+  for (int i = 0; i < c->ndeps; i++) {
+    corral_future_retain(c->deps[i]);
+    corral__lua_cf_push(L, c->deps[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
+/* call_args(call): true and the decoded arguments, inputs in their places;
+ * or false and why they cannot be decoded here (a CodecError's message). */
+static int l_call_args(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  lua_settop(L, 1);
+  lua_pushboolean(L, 1);
+  codec_deps deps = {c->deps, c->ndeps};
+  int n = corral__codec_decode(L, c->payload, c->len, &deps, CODEC_TRUSTED | CODEC_AS_ARGS);
+  if (n < 0) {
+    lua_pushboolean(L, 0);
+    lua_replace(L, 2);
+    return 2;
+  }
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->decodes, 1, memory_order_relaxed);
+  /* the arguments live in Lua now: the encoded copy can go (a large
+   * argument is then held twice at most, not three times) */
+  if (c->payload_refs) corral__codec_discard(c->payload, c->len);
+  free(c->payload);
+  c->payload = NULL;
+  c->len = 0;
+  c->payload_refs = 0;
+  return n + 1;
+}
+
+/* The call has finished: count it and free it. */
+static void call_done(lua_State *L, corral_call **p) {
+  corral_worker *w = corral__ctx_of(L)->worker;
+  if (w != NULL) {
+    atomic_fetch_sub(&w->active, 1);
+    if (w->current[0] != '\0') corral__worker_set_current(w, "", 0);
+  }
+  if ((*p)->taken) queue_remove(&(*p)->node);
+  corral__call_free(*p);
+  *p = NULL;
+}
+
+/* call_finish(call, state, ...): settle the call's future with the values
+ * (state DONE) or the error (FAILED), encoded; or cancel it (CANCELLED);
+ * or, with no state, just let it go (it was settled by its caller).
+ * Returns true, or nil and why the values cannot travel (the call is then
+ * still open, to fail with that). */
+static int l_call_finish(lua_State *L) {
+  corral_call **p = (corral_call **)luaL_checkudata(L, 1, CALL_MT);
+  if (*p == NULL) return luaL_error(L, "corral: call already finished");
+  corral_future *f = (*p)->result;
+  if (lua_isnoneornil(L, 2)) {
+    /* nothing to settle */
+  } else if (lua_tointeger(L, 2) == CORRAL_CANCELLED) {
+    corral__future_settle(f, CORRAL_CANCELLED, NULL, 0);
+  } else {
+    int state = (int)luaL_checkinteger(L, 2);
+    codec_opts o = {0};
+    o.what = state == CORRAL_DONE ? "result" : "error";
+    if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096)
+      o.size_hint = lua_objlen(L, 3) + 64;
+    size_t len;
+    char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+    if (buf == NULL) return corral__lua_codec_error(L, o.err);
+    atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
+    corral__future_settle_refs(f, (corral_state)state, buf, len,
+                               o.has_refs ? corral__codec_discard : NULL);
+  }
+  call_done(L, p);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
+  worker_body = body;
+  luaL_newmetatable(L, WORKER_MT);
+  lua_pushcfunction(L, w_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, CALL_MT);
+  lua_pushcfunction(L, call_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+}
+
+const luaL_Reg corral__lua_worker_funcs[] = {{"worker_start", l_worker_start},
+                                             {"wcall", l_wcall},
+                                             {"wactive", l_wactive},
+                                             {"wstop", l_wstop},
+                                             {"wjoin", l_wjoin},
+                                             {"wis_self", l_wis_self},
+                                             {"wname", l_wname},
+                                             {"pool_set", l_pool_set},
+                                             {"pool_get", l_pool_get},
+                                             {"inbox_take", l_inbox_take},
+                                             {"stopping", l_stopping},
+                                             {"worker_crash", l_worker_crash},
+                                             {"call_start", l_call_start},
+                                             {"call_suspend", l_call_suspend},
+                                             {"call_resume", l_call_resume},
+                                             {"call_result", l_call_result},
+                                             {"call_info", l_call_info},
+                                             {"call_args", l_call_args},
+                                             {"call_deps", l_call_deps},
+                                             {"call_finish", l_call_finish},
+                                             {NULL, NULL}};
