@@ -45,6 +45,15 @@ static const corral__codec_iface codec_iface = {corral__lcore_push_future, corra
                                                 corral__worker_hold_handle,
                                                 corral__worker_drop_handle, corral__worker_release};
 
+/* registry[key] = package.loaded[module][field] */
+static void hook(lua_State *L, const char *module, const char *field, const char *key) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, module);
+  lua_getfield(L, -1, field);
+  lua_setfield(L, LUA_REGISTRYINDEX, key);
+  lua_pop(L, 2);
+}
+
 static int l_inject_fault(lua_State *L);
 static const luaL_Reg core_funcs[] = {{"inject_fault", l_inject_fault}, {NULL, NULL}};
 
@@ -90,21 +99,30 @@ int luaopen_corral(lua_State *L) {
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);
   luaL_register(L, NULL, core_funcs);
+  /* the constants the Lua half shares with C, from their one source */
+  static const struct {
+    const char *name;
+    int value;
+  } consts[] = {{"PENDING", CORRAL_PENDING},     {"RUNNING", CORRAL_RUNNING},
+                {"DONE", CORRAL_DONE},           {"FAILED", CORRAL_FAILED},
+                {"CANCELLED", CORRAL_CANCELLED}, {"STOP_DRAIN", WORKER_DRAIN},
+                {"STOP_CANCEL", WORKER_CANCEL},  {"STOP_CRASHED", WORKER_CRASHED}};
+  for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++) {
+    lua_pushinteger(L, consts[i].value);
+    lua_setfield(L, -2, consts[i].name);
+  }
   lua_setfield(L, -2, "corral.core");
   lua_pop(L, 2);
 
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral.init");
   lua_call(L, 1, 1);
-  /* The scheduler publishes its hooks for the C side. */
-  lua_getfield(L, -1, "_wrap");
-  lua_setfield(L, LUA_REGISTRYINDEX, WRAP_KEY);
-  lua_getfield(L, -1, "_drive");
-  lua_setfield(L, LUA_REGISTRYINDEX, DRIVE_KEY);
-  lua_getfield(L, -1, "_cref");
-  lua_setfield(L, LUA_REGISTRYINDEX, CREF_KEY);
-  lua_getfield(L, -1, "_import_worker");
-  lua_setfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
+  /* What the C side calls of the Lua half, from its private modules (the
+   * public corral table carries none of it). */
+  hook(L, "corral.future", "wrap", WRAP_KEY);
+  hook(L, "corral.sched", "drive", DRIVE_KEY);
+  hook(L, "corral.future", "cref", CREF_KEY);
+  hook(L, "corral.worker", "import", IMPORT_KEY);
   return 1;
 }
 

@@ -22,9 +22,11 @@ local WOKE, TIMEOUT, CANCEL, FOREVER = sched.WOKE, sched.TIMEOUT, sched.CANCEL, 
 local now = core.now
 local type, select, unpack, setmetatable, getmetatable = type, select, unpack, setmetatable, getmetatable
 
-local PENDING, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4
+local PENDING, RUNNING, DONE, FAILED, CANCELLED = core.PENDING, core.RUNNING, core.DONE, core.FAILED,
+  core.CANCELLED
 local S, N, V, W1 = F.S, F.N, F.V, F.W1
-local STATE_NAMES = { [0] = "pending", "running", "done", "failed", "cancelled" }
+local STATE_NAMES = { [PENDING] = "pending", [RUNNING] = "running", [DONE] = "done", [FAILED] = "failed",
+  [CANCELLED] = "cancelled" }
 
 local Future = {}
 Future.__index = Future

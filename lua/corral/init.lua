@@ -119,12 +119,4 @@ function corral.stats()
   return core.stats()
 end
 
--- Hooks for the C side (corral_push_future, corral_step, the codec).
-function corral._wrap(c)
-  return future.wrap(c)
-end
-corral._drive = sched.drive
-corral._cref = future.cref
-corral._import_worker = worker.import
-
 return corral

@@ -14,7 +14,7 @@ local future = require "corral.future"
 local task = require "corral.task"
 
 local DONE, FAILED, CANCELLED = future.DONE, future.FAILED, future.CANCELLED
-local DRAIN, CANCEL = 1, 2 -- how the worker is asked to stop (worker.c)
+local DRAIN, CANCEL = core.STOP_DRAIN, core.STOP_CANCEL -- how the worker is asked to stop
 local call_info, call_args, call_finish, call_start = core.call_info, core.call_args,
   core.call_finish, core.call_start
 local stopping = core.stopping
@@ -173,7 +173,7 @@ function serve(name, class, opts, self, init)
     local deps = core.call_deps(call)
     local own
     for i = 1, #deps do
-      local d = corral._wrap(deps[i])
+      local d = future.wrap(deps[i])
       if not d:done() then
         own = own or future.wrap(core.call_result(call), nil, nil, true)
         local ok = pcall(corral.wait, { d, own }, { return_when = "FIRST_COMPLETED" })

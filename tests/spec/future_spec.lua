@@ -49,6 +49,10 @@ describe("a future", function()
     assert.are.equal(e, f:exception())
   end)
 
+  it("leave the public corral table free of private hooks", function()
+    for k in pairs(corral) do assert.not_matches("^_", k) end
+  end)
+
   it("times out without changing the future", function()
     local f = corral.future()
     local t0 = corral.now()
