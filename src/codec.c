@@ -1542,13 +1542,9 @@ static int dec_worker(decoder *d, const msgpack_object *o) {
       return dec_fail(d, "a malformed worker handle (instance %u)", i - 1);
     corral_worker *w = corral__handle_get(get_be(a[i].via.ext.ptr, 8), HANDLE_WORKER);
     if (w == NULL) return dec_fail(d, "a stale or forged worker handle");
-    d->box->held_w = w; /* released by the box if the userdata cannot be made */
-    corral_worker **u = lua_newuserdata(L, sizeof(corral_worker *));
-    *u = w;                           /* the userdata's reference now */
-    atomic_fetch_add(&w->handles, 1); /* one more handle: see w_gc */
+    d->box->held_w = w;       /* released by the box if the userdata cannot be made */
+    iface->push_worker(L, w); /* a handle now, with the lookup's reference */
     d->box->held_w = NULL;
-    luaL_getmetatable(L, WORKER_MT);
-    lua_setmetatable(L, -2);
   }
   if (lua_pcall(L, (int)n - 1, 1, 0) != 0) {
     dec_fail(d, "a worker handle that cannot be rebuilt: %s", lua_tostring(L, -1));

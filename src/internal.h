@@ -247,6 +247,7 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
  * handles and references of worker instances. */
 typedef struct {
   void (*push_future)(lua_State *L, corral_future *f);
+  void (*push_worker)(lua_State *L, corral_worker *w); /* takes a reference */
   uint64_t (*worker_handle)(corral_worker *w);
   void (*worker_hold)(corral_worker *w);
   void (*worker_drop)(corral_worker *w);
@@ -376,6 +377,16 @@ void corral__worker_reap(corral_runtime *rt);
 corral_runtime *corral__lua_rt(lua_State *L);
 corral_context *corral__ctx_of(lua_State *L);
 int corral__lua_codec_error(lua_State *L, const char *err);
+/* A C object boxed in a Lua userdata with metatable `mt`: the pointer
+ * first (a box is also a `T **`), and a second word for its kind's use.
+ * Every corral userdata that holds a C object is one (futures, workers,
+ * calls). */
+typedef struct {
+  void *p;
+  void *aux;
+} corral__box;
+corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt);
+corral__box *corral__box_check(lua_State *L, int idx, const char *mt);
 int corral__lua_ncpu(void);
 
 /* lua_future.c: C futures as Lua userdata; corral_push_future and
@@ -391,6 +402,8 @@ extern const luaL_Reg corral__lua_future_funcs[];
 /* lua_codec.c, lua_worker.c, lua_loop.c: their corral.core functions. */
 extern const luaL_Reg corral__lua_codec_funcs[];
 void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w));
+/* A new Lua handle on w (counted), taking a reference the caller holds. */
+void corral__lua_worker_push(lua_State *L, corral_worker *w);
 extern const luaL_Reg corral__lua_worker_funcs[];
 extern const luaL_Reg corral__lua_loop_funcs[];
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */

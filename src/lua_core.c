@@ -41,9 +41,9 @@ static int preload_module(lua_State *L) {
   return luaL_error(L, "corral: no embedded module %s", name);
 }
 
-static const corral__codec_iface codec_iface = {corral__lcore_push_future, corral__worker_handle,
-                                                corral__worker_hold_handle,
-                                                corral__worker_drop_handle, corral__worker_release};
+static const corral__codec_iface codec_iface = {
+    corral__lcore_push_future,  corral__lua_worker_push,    corral__worker_handle,
+    corral__worker_hold_handle, corral__worker_drop_handle, corral__worker_release};
 
 /* registry[key] = package.loaded[module][field] */
 static void hook(lua_State *L, const char *module, const char *field, const char *key) {

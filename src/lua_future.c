@@ -19,37 +19,30 @@
 /* C futures                                                                 */
 /* ======================================================================== */
 
-/* A C future held by Lua. The owner is the C half of a Lua future of this
- * context (made by fnew): that Lua future is the only thing that can settle
- * it, so when it is collected while pending, nothing ever will. */
-typedef struct {
-  corral_future *f; /* first: a cfref is also a corral_future ** */
-  corral_context *owner;
-} cfref;
-
+/* A C future held by Lua: a box whose second word is its owner, the context
+ * of the Lua future whose C half it is (made by fnew): that Lua future is
+ * the only thing that can settle it, so when it is collected while pending,
+ * nothing ever will. */
 corral_future **corral__lua_cf_check(lua_State *L, int idx) {
-  return (corral_future **)luaL_checkudata(L, idx, CFUTURE_MT);
+  return (corral_future **)&corral__box_check(L, idx, CFUTURE_MT)->p;
 }
 
 static void cf_push_owned(lua_State *L, corral_future *f, corral_context *owner) {
-  cfref *p = lua_newuserdata(L, sizeof *p);
-  p->f = f;
-  p->owner = owner;
-  luaL_getmetatable(L, CFUTURE_MT);
-  lua_setmetatable(L, -2);
+  corral__box_push(L, f, owner, CFUTURE_MT);
 }
 
 void corral__lua_cf_push(lua_State *L, corral_future *f) { cf_push_owned(L, f, NULL); }
 
 static int cf_gc(lua_State *L) {
-  cfref *p = lua_touserdata(L, 1);
-  corral_future *f = p->f;
-  p->f = NULL;
+  corral__box *b = lua_touserdata(L, 1);
+  corral_future *f = b->p;
+  corral_context *owner = b->aux;
+  b->p = NULL;
   if (f == NULL) return 0;
   /* No lock here: an abandoned future is settled at the next drain. */
-  if (p->owner != NULL && corral_future_state(f) < CORRAL_DONE &&
+  if (owner != NULL && corral_future_state(f) < CORRAL_DONE &&
       !(atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->refs) > 1)
-    corral__ctx_defer(p->owner, f);
+    corral__ctx_defer(owner, f);
   else
     corral_future_release(f); /* atomic; frees without locking */
   return 0;

@@ -58,3 +58,16 @@ int corral__lua_ncpu(void) {
   atomic_store(&ncpu_cached, n);
   return n;
 }
+
+corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt) {
+  corral__box *b = lua_newuserdata(L, sizeof *b);
+  b->p = p;
+  b->aux = aux;
+  luaL_getmetatable(L, mt);
+  lua_setmetatable(L, -2);
+  return b;
+}
+
+corral__box *corral__box_check(lua_State *L, int idx, const char *mt) {
+  return luaL_checkudata(L, idx, mt);
+}

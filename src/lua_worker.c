@@ -23,15 +23,10 @@ static void (*worker_body)(corral_worker *w);
 /* ======================================================================== */
 
 static corral_worker *w_check(lua_State *L, int idx) {
-  return *(corral_worker **)luaL_checkudata(L, idx, WORKER_MT);
+  return corral__box_check(L, idx, WORKER_MT)->p;
 }
 
-static void w_push(lua_State *L, corral_worker *w) {
-  corral_worker **p = lua_newuserdata(L, sizeof(corral_worker *));
-  *p = w;
-  luaL_getmetatable(L, WORKER_MT);
-  lua_setmetatable(L, -2);
-}
+static void w_push(lua_State *L, corral_worker *w) { corral__box_push(L, w, NULL, WORKER_MT); }
 
 static int w_gc(lua_State *L) {
   corral_worker **p = lua_touserdata(L, 1);
@@ -45,7 +40,7 @@ static int w_gc(lua_State *L) {
 }
 
 /* A new Lua handle on w, taking a reference the caller holds. */
-static void w_push_handle(lua_State *L, corral_worker *w) {
+void corral__lua_worker_push(lua_State *L, corral_worker *w) {
   atomic_fetch_add(&w->handles, 1);
   w_push(L, w);
 }
@@ -81,17 +76,12 @@ static int l_worker_start(lua_State *L) {
 }
 
 static corral_call *call_check(lua_State *L, int idx) {
-  corral_call *c = *(corral_call **)luaL_checkudata(L, idx, CALL_MT);
+  corral_call *c = corral__box_check(L, idx, CALL_MT)->p;
   if (c == NULL) luaL_error(L, "corral: call already finished");
   return c;
 }
 
-static void call_push(lua_State *L, corral_call *c) {
-  corral_call **p = lua_newuserdata(L, sizeof(corral_call *));
-  *p = c;
-  luaL_getmetatable(L, CALL_MT);
-  lua_setmetatable(L, -2);
-}
+static void call_push(lua_State *L, corral_call *c) { corral__box_push(L, c, NULL, CALL_MT); }
 
 static int call_gc(lua_State *L) {
   corral_call **p = lua_touserdata(L, 1);
@@ -269,7 +259,7 @@ static int l_pool_get(lua_State *L) {
     n = 0;
   }
   for (int i = 0; i < n; i++)
-    w_push_handle(L, ws[i]);
+    corral__lua_worker_push(L, ws[i]);
   if (ws != got) free(ws);
   return n;
 }
@@ -424,7 +414,7 @@ static void call_done(lua_State *L, corral_call **p) {
  * Returns true, or nil and why the values cannot travel (the call is then
  * still open, to fail with that). */
 static int l_call_finish(lua_State *L) {
-  corral_call **p = (corral_call **)luaL_checkudata(L, 1, CALL_MT);
+  corral_call **p = (corral_call **)&corral__box_check(L, 1, CALL_MT)->p;
   if (*p == NULL) return luaL_error(L, "corral: call already finished");
   corral_future *f = (*p)->result;
   if (lua_isnoneornil(L, 2)) {
