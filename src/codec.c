@@ -349,8 +349,9 @@ typedef struct {
   char *data;
   size_t size, alloc;
   ebox *box;
-  int boxslot; /* stack index of the box (nil until made) */
-  int seen;    /* stack index of the table -> id map (nil until the first table) */
+  int boxslot;  /* stack index of the box (nil until made) */
+  int deferred; /* futures whose C half this encode made wait to be settled */
+  int seen;     /* stack index of the table -> id map (nil until the first table) */
   int nseen;
   int cfuncs; /* stack index of the C function -> path map (nil: not built) */
   int loaded; /* stack index of package.loaded (nil: not read yet) */
@@ -481,8 +482,8 @@ static int enc_seen(encoder *e, int idx) {
   lua_State *L = e->L;
   if (lua_isnil(L, e->seen)) {
     /* The first of this encode: take the map out of the registry, so that
-     * an encode nested in this one (settling a future's C half) or one cut
-     * short by an error never sees this one's tables. */
+     * an encode cut short by an error leaves no table of its own in the map
+     * the next one takes (encodes do not nest: see future_of). */
     reg_get(L, &SEEN_KEY);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
@@ -518,22 +519,25 @@ static int loaded_index(encoder *e) {
 
 /* The C half of a table whose metatable says __future: given by the
  * scheduler's cref, called protected (a table that only claims to be a
- * future may raise there). */
+ * future may raise there). A settled future whose C half is made here is
+ * settled after this encode (cref says so), never by an encode nested in
+ * this one. */
 static corral_future *future_of(encoder *e, int idx) {
   lua_State *L = e->L;
   lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
   lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != 0) {
+  lua_pushboolean(L, 1);
+  if (lua_pcall(L, 2, 2, 0) != 0) {
     lua_pop(L, 1);
     return NULL;
   }
-  corral_future **p = luaL_testudata(L, -1, CFUTURE_MT);
-  lua_pop(L, 1);
+  if (lua_toboolean(L, -1)) e->deferred = 1;
+  corral_future **p = luaL_testudata(L, -2, CFUTURE_MT);
+  lua_pop(L, 2);
   return p ? *p : NULL;
 }
 
 static int enc_future(encoder *e, int idx) {
-  lua_State *L = e->L;
   corral_future *f = future_of(e, idx);
   if (f == NULL)
     return enc_fail(e, "a table with a __future metatable that is not a corral future");
@@ -552,15 +556,9 @@ static int enc_future(encoder *e, int idx) {
     uint32_t i = (uint32_t)b->ndeps;
     b->deps[b->ndeps++] = f;
     PK(pack_ext_u(e, EXT_DEP, i, 4));
-    lua_pushliteral(L, "_dep");
-    lua_pushboolean(L, 1);
-    lua_rawset(L, idx);
-    /* failed already: its report goes with the call's failure instead */
-    lua_pushliteral(L, "_rep");
-    lua_rawget(L, idx);
-    corral_reporter *r = luaL_testudata(L, -1, REPORTER_MT);
-    if (r != NULL) corral__reporter_disarm(r);
-    lua_pop(L, 1);
+    /* its failure is reported through the call: its own reporter, tied to
+     * its C half, says nothing (FUTURE_DEP) */
+    atomic_fetch_or(&f->flags, FUTURE_DEP);
   } else {
     uint64_t h = corral__future_handle(f);
     if (h == 0) return enc_fail(e, "too many futures have crossed contexts (handle table full)");
@@ -860,6 +858,7 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
   e.L = L;
   e.o = o;
   e.box = NULL;
+  e.deferred = 0;
   e.nseen = 0;
   e.nframes = 0;
   e.data = e.local;
@@ -939,6 +938,12 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
       b->ndeps = b->capdeps = 0;
     }
     ebox_release(b, 1);
+  }
+  if (e.deferred) {
+    /* now, with this encode done and nothing of it held, settle the C
+     * halves it made (each settle is an encode of its own, not nested) */
+    lua_getfield(L, LUA_REGISTRYINDEX, FLUSH_KEY);
+    if (lua_pcall(L, 0, 0, 0) != 0) lua_pop(L, 1);
   }
   if (rc != 0) {
     o->has_refs = 0;

@@ -155,6 +155,8 @@ void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *m
 /* An unretrieved-error reporter (the binding makes it a Lua userdata of
  * sizeof(corral_reporter) + len bytes) armed with `text`, in c's list. */
 void corral__reporter_init(corral_reporter *r, corral_context *c, const char *text, size_t len);
+/* Tie r to its future's C half (retained). */
+void corral__reporter_attach(corral_reporter *r, corral_future *f);
 /* Its error was retrieved or handed on: it will say nothing. */
 void corral__reporter_disarm(corral_reporter *r);
 /* It is collected: it writes its text if still armed (from a __gc). */
@@ -178,6 +180,8 @@ void corral__signal_leave_worker(void *altstack);
 struct corral_reporter {
   queue node;
   int armed;
+  corral_future *f; /* its future's C half, if any (retained): an input of a
+                       call by now says nothing (the call reports it) */
   size_t len;
   char text[];
 };
@@ -366,6 +370,7 @@ void corral__worker_reap(corral_runtime *rt);
 #define WORKER_MT   "corral.worker"
 #define CREF_KEY    "corral.cref"
 #define IMPORT_KEY  "corral.import_worker"
+#define FLUSH_KEY   "corral.flush_crefs"
 #define RUNTIME_KEY "corral.runtime"
 #define CONTEXT_KEY "corral.context"
 #define WRAP_KEY    "corral.wrap"

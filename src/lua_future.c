@@ -134,17 +134,28 @@ static int l_fkey(lua_State *L) {
 /* Reporters of unretrieved errors                                           */
 /* ======================================================================== */
 
-/* reporter(text): a userdata that writes text to stderr when it is
- * collected (or at exit) unless disarmed first. Its __gc runs no Lua and
+/* reporter(text[, c]): a userdata that writes text to stderr when it is
+ * collected (or at exit) unless disarmed first (or c, its future's C half,
+ * has become an input of a call, which reports the failure instead). Its __gc runs no Lua and
  * takes no lock: it writes with write(2). */
 static int l_reporter(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
+  corral_future *f = lua_isnoneornil(L, 2) ? NULL : *corral__lua_cf_check(L, 2);
   corral_reporter *r = lua_newuserdata(L, sizeof *r + len);
   corral__reporter_init(r, corral__ctx_of(L), s, len);
+  if (f != NULL) corral__reporter_attach(r, f);
   luaL_getmetatable(L, REPORTER_MT);
   lua_setmetatable(L, -2);
   return 1;
+}
+
+/* reporter_attach(r, c): r reports the failure of the Lua future whose C
+ * half c was made after it failed. */
+static int l_reporter_attach(lua_State *L) {
+  corral_reporter *r = luaL_checkudata(L, 1, REPORTER_MT);
+  corral__reporter_attach(r, *corral__lua_cf_check(L, 2));
+  return 0;
 }
 
 static int l_disarm(lua_State *L) {
@@ -245,5 +256,6 @@ const luaL_Reg corral__lua_future_funcs[] = {{"fnew", l_fnew},
                                              {"fset_error", l_fset_error},
                                              {"fcancel", l_fcancel},
                                              {"reporter", l_reporter},
+                                             {"reporter_attach", l_reporter_attach},
                                              {"disarm", l_disarm},
                                              {NULL, NULL}};

@@ -136,9 +136,6 @@ static int l_wcall(lua_State *L) {
     return 3;
   }
   atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
-  /* an input's failure is reported through this call */
-  for (int i = 0; i < o.ndeps; i++)
-    atomic_fetch_or(&o.deps[i]->flags, FUTURE_DEP);
   corral_future *result = corral__future_new();
   corral_call *c =
       result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps)

@@ -10,15 +10,23 @@
 
 void corral__reporter_init(corral_reporter *r, corral_context *c, const char *text, size_t len) {
   r->armed = 1;
+  r->f = NULL;
   r->len = len;
   memcpy(r->text, text, len);
   queue_insert_tail(&c->reporters, &r->node);
 }
 
-/* Write it (once), if still armed. */
+void corral__reporter_attach(corral_reporter *r, corral_future *f) {
+  if (r->f != NULL) return;
+  corral_future_retain(f);
+  r->f = f;
+}
+
+/* Write it (once), if still armed and its future is no call's input. */
 static void fire(corral_reporter *r) {
   if (!r->armed) return;
   r->armed = 0;
+  if (r->f != NULL && (atomic_load(&r->f->flags) & FUTURE_DEP)) return;
   ssize_t rc = write(2, r->text, r->len);
   (void)rc;
 }
@@ -31,7 +39,9 @@ void corral__reporter_disarm(corral_reporter *r) {
 
 void corral__reporter_collected(corral_reporter *r) {
   fire(r);
-  queue_remove(&r->node); /* (a no-op once disarmed: queue_remove unlinks for good) */
+  queue_remove(&r->node);      /* (a no-op once disarmed: queue_remove unlinks for good) */
+  corral_future_release(r->f); /* atomic: no lock in a __gc */
+  r->f = NULL;
 }
 
 void corral__reporter_all(corral_context *c) {

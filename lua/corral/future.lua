@@ -64,7 +64,7 @@ function M.wrap(c, mt, key, quiet)
   local f = wrappers[k]
   if f then return f end
   f = M.new(c, mt)
-  if quiet then f._dep = true end
+  if quiet then f._quiet = true end
   wrappers[k] = f
   if key then
     sched.watched(f, key)
@@ -74,12 +74,19 @@ function M.wrap(c, mt, key, quiet)
   return f
 end
 
+-- Futures whose C half an encode made while they were settled already:
+-- settled when that encode is done (never by an encode nested in it).
+local unsettled = {}
+
 --- The C half of `f`, made (and brought to f's state) on first use. While
 -- it is pending this loop watches it: C code (a host, through
 -- `corral_to_future`) or another context may settle it, and `f` follows.
-function M.cref(f)
+-- `in_encode`: the codec asks, in the middle of an encode; a settled `f`'s
+-- C half is then settled by `flush_crefs` once that encode is done (the
+-- second result says so).
+function M.cref(f, in_encode)
   local c = f._c
-  if c then return c end
+  if c then return c, false end
   c = fnew()
   f._c = c
   wrappers[core.fkey(c)] = f
@@ -87,10 +94,23 @@ function M.cref(f)
   if s == RUNNING then
     core.fstart(c)
   elseif s >= DONE then
+    if f._rep then core.reporter_attach(f._rep, c) end
+    if in_encode then
+      unsettled[#unsettled + 1] = f
+      return c, true
+    end
     M.settle_c(c, s, f[N], f[V], f._e)
   end
   if s < DONE then sched.watch(f) end
-  return c
+  return c, false
+end
+
+--- Settle the C halves that encodes made of settled futures (see cref).
+function M.flush_crefs()
+  while #unsettled > 0 do
+    local f = table.remove(unsettled)
+    M.settle_c(f._c, f[S], f[N], f[V], f._e)
+  end
 end
 
 -- ======================================================================== --
@@ -190,7 +210,7 @@ local function settle(f, s, n, v, e, tb, external)
   if s == FAILED then
     f._tb = tb or rawget(e, "traceback")
     -- an input of another call hands its error on to that call's future
-    if not f._dep then f._rep = core.reporter(unretrieved_text(f, e, tb)) end
+    if not f._quiet then f._rep = core.reporter(unretrieved_text(f, e, tb), f._c) end
   end
   local x = f[W1]
   if x then
