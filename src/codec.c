@@ -570,52 +570,46 @@ static int enc_future(encoder *e, int idx) {
   return 0;
 }
 
-/* A worker handle: its `_export` (found raw in its metatable, called
- * protected) gives its options and its instances (corral.worker userdata);
- * they travel as handles. */
-static int enc_worker(encoder *e, int idx, int depth) {
+/* A string field of a map being packed. */
+static int pack_kv_str(encoder *e, const char *k, const char *v) {
+  size_t kl = strlen(k), vl = strlen(v);
+  return msgpack_pack_str(&e->pk, kl) || msgpack_pack_str_body(&e->pk, k, kl) ||
+         msgpack_pack_str(&e->pk, vl) || msgpack_pack_str_body(&e->pk, v, vl);
+}
+
+/* A worker handle: [WORKER, {name, balance, blocking}, INST...], read off
+ * its C half (`_c`, a corral.handle userdata) with no call into Lua; its
+ * instances travel as handles. */
+static int enc_worker(encoder *e, int idx) {
   lua_State *L = e->L;
-  int top = lua_gettop(L);
-  const char *fake = "a table with a __worker metatable that is not a worker handle";
-  lua_getmetatable(L, idx);
-  lua_pushliteral(L, "_export");
-  lua_rawget(L, -2);
-  lua_remove(L, -2);
-  if (!lua_isfunction(L, -1)) return enc_fail(e, fake);
-  lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 2, 0) != 0) {
-    lua_settop(L, top);
-    return enc_fail(e, fake);
-  }
-  if (lua_isnil(L, top + 1) && lua_isnil(L, top + 2)) {
-    lua_settop(L, top);
-    return enc_fail(e, "an async or sync worker lives in its context and cannot travel");
-  }
-  if (!lua_istable(L, top + 1) || !lua_istable(L, top + 2)) {
-    lua_settop(L, top);
-    return enc_fail(e, fake);
-  }
-  int n = (int)lua_objlen(L, top + 2);
-  if (n < 1) {
-    lua_settop(L, top);
-    return enc_fail(e, fake);
-  }
-  PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)n));
-  PK(pack_ext(e, EXT_WORKER, NULL, 0));
-  if (enc_value(e, top + 1, depth) != 0) return -1;
-  for (int i = 1; i <= n; i++) {
-    lua_rawgeti(L, top + 2, i);
-    corral_worker **p = luaL_testudata(L, -1, WORKER_MT);
+  lua_pushliteral(L, "_c");
+  lua_rawget(L, idx);
+  corral__handle *h = luaL_testudata(L, -1, HANDLE_MT);
+  lua_pop(L, 1); /* the handle table keeps it alive */
+  if (h == NULL) {
+    lua_pushliteral(L, "_mode");
+    lua_rawget(L, idx);
+    int local = lua_type(L, -1) == LUA_TSTRING;
     lua_pop(L, 1);
-    if (p == NULL || *p == NULL) return enc_fail(e, fake);
-    uint64_t h = iface->worker_handle(*p);
-    if (h == 0) return enc_fail(e, "too many workers have crossed contexts (handle table full)");
-    if (hold(e, *p, HANDLE_WORKER) != 0) return enc_oom(e);
-    iface->worker_hold(*p); /* a handle in flight: it keeps the worker running */
-    e->o->has_refs = 1;
-    PK(pack_ext_u(e, EXT_INST, h, 8));
+    return enc_fail(e, local ? "an async or sync worker lives in its context and cannot travel"
+                             : "a table with a __worker metatable that is not a worker handle");
   }
-  lua_settop(L, top);
+  PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)h->n));
+  PK(pack_ext(e, EXT_WORKER, NULL, 0));
+  PK(msgpack_pack_map(&e->pk, 3));
+  PK(pack_kv_str(e, "name", h->name));
+  PK(pack_kv_str(e, "balance", h->balance));
+  PK(msgpack_pack_str(&e->pk, 8));
+  PK(msgpack_pack_str_body(&e->pk, "blocking", 8));
+  PK(h->blocking ? msgpack_pack_true(&e->pk) : msgpack_pack_false(&e->pk));
+  for (int i = 0; i < h->n; i++) {
+    uint64_t hd = iface->worker_handle(h->insts[i]);
+    if (hd == 0) return enc_fail(e, "too many workers have crossed contexts (handle table full)");
+    if (hold(e, h->insts[i], HANDLE_WORKER) != 0) return enc_oom(e);
+    iface->worker_hold(h->insts[i]); /* a handle in flight: it keeps the worker running */
+    e->o->has_refs = 1;
+    PK(pack_ext_u(e, EXT_INST, hd, 8));
+  }
   return 0;
 }
 
@@ -633,7 +627,7 @@ static int enc_table(encoder *e, int idx, int depth) {
     int is_worker = lua_toboolean(L, -1);
     lua_pop(L, 3);
     if (is_future) return enc_future(e, idx);
-    if (is_worker) return enc_worker(e, idx, depth);
+    if (is_worker) return enc_worker(e, idx);
   }
   int seen = enc_seen(e, idx);
   if (seen != 0) return seen < 0 ? enc_oom(e) : 0;

@@ -371,6 +371,18 @@ void corral__worker_reap(corral_runtime *rt);
 #define CREF_KEY    "corral.cref"
 #define IMPORT_KEY  "corral.import_worker"
 #define FLUSH_KEY   "corral.flush_crefs"
+#define HANDLE_MT   "corral.handle"
+
+/* A thread worker handle as C sees it (the `_c` of a Lua handle): what the
+ * codec sends of it, with no call into Lua. Each instance is a counted
+ * handle on its worker. */
+typedef struct {
+  char name[64];
+  char balance[16];
+  int blocking;
+  int n;
+  corral_worker *insts[];
+} corral__handle;
 #define RUNTIME_KEY "corral.runtime"
 #define CONTEXT_KEY "corral.context"
 #define WRAP_KEY    "corral.wrap"

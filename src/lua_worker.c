@@ -436,7 +436,44 @@ static int l_call_finish(lua_State *L) {
   return 1;
 }
 
+/* ---- handles as C sees them --------------------------------------------- */
+
+static int handle_gc(lua_State *L) {
+  corral__handle *h = lua_touserdata(L, 1);
+  for (int i = 0; i < h->n; i++)
+    corral__worker_drop_handle(h->insts[i]); /* atomic: no lock in a __gc */
+  h->n = 0;
+  return 0;
+}
+
+/* handle_new(name, balance, blocking, w...): the C half of a thread worker
+ * handle over those instances (each counted as a handle). */
+static int l_handle_new(lua_State *L) {
+  int n = lua_gettop(L) - 3;
+  const char *name = luaL_checkstring(L, 1);
+  const char *balance = luaL_checkstring(L, 2);
+  for (int i = 0; i < n; i++)
+    w_check(L, 4 + i);
+  corral__handle *h = lua_newuserdata(L, sizeof *h + sizeof(corral_worker *) * (size_t)n);
+  snprintf(h->name, sizeof h->name, "%s", name);
+  snprintf(h->balance, sizeof h->balance, "%s", balance);
+  h->blocking = lua_toboolean(L, 3);
+  h->n = 0;
+  luaL_getmetatable(L, HANDLE_MT);
+  lua_setmetatable(L, -2);
+  for (int i = 0; i < n; i++) {
+    h->insts[i] = w_check(L, 4 + i);
+    corral__worker_hold_handle(h->insts[i]);
+    h->n = i + 1;
+  }
+  return 1;
+}
+
 void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
+  luaL_newmetatable(L, HANDLE_MT);
+  lua_pushcfunction(L, handle_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
   worker_body = body;
   luaL_newmetatable(L, WORKER_MT);
   lua_pushcfunction(L, w_gc);
@@ -448,7 +485,8 @@ void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
   lua_pop(L, 1);
 }
 
-const luaL_Reg corral__lua_worker_funcs[] = {{"worker_start", l_worker_start},
+const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},
+                                             {"worker_start", l_worker_start},
                                              {"wcall", l_wcall},
                                              {"wactive", l_wactive},
                                              {"wstop", l_wstop},

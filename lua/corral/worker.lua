@@ -420,23 +420,16 @@ function Handle:stop(opts)
   return not itself
 end
 
--- What the codec sends for a thread worker handle: its options and its
--- instances (their corral.worker userdata, which the codec sends as handles);
--- nothing for async and sync workers, which cannot travel.
-function Handle:_export()
-  if self._mode ~= "thread" then return nil end
-  local uds = {}
-  for i, inst in ipairs(self._insts) do uds[i] = inst.ud end
-  return { name = self._name, balance = self._balance, blocking = self._blocking }, uds
-end
-
 --- Rebuild a thread worker handle sent from another context: the options
--- and the instances' userdata, made by the codec from their handles.
+-- and the instances' userdata, made by the codec from their handles. (What
+-- the codec sends of a handle is its C half, `_c`.)
 function M.import(opts, ...)
   local insts = {}
   for i = 1, select("#", ...) do insts[i] = { ud = (select(i, ...)) } end
-  return setmetatable({ _name = opts.name, _mode = "thread", _balance = opts.balance or "round_robin",
-    _blocking = opts.blocking or false, _insts = insts, _rr = 0 }, Handle)
+  local balance, blocking = opts.balance or "round_robin", opts.blocking or false
+  return setmetatable({ _name = opts.name, _mode = "thread", _balance = balance,
+    _blocking = blocking, _insts = insts, _rr = 0,
+    _c = core.handle_new(opts.name, balance, blocking, ...) }, Handle)
 end
 
 --- Whether v is a worker handle.
@@ -525,6 +518,11 @@ function Class:init(...)
       end
     end
     h._insts[i] = inst
+  end
+  if mode == "thread" then
+    local uds = {}
+    for i, inst in ipairs(h._insts) do uds[i] = inst.ud end
+    h._c = core.handle_new(h._name, h._balance, h._blocking, unpack(uds))
   end
   return h
 end
