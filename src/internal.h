@@ -265,6 +265,24 @@ void corral__codec_discard(const char *data, size_t len);
 void corral__codec_fail_alloc(int nth);
 int corral__codec_live(void);
 
+/* ---- transport_thread.c ------------------------------------------------ */
+
+/* How the worker core reaches an instance's context. start: begin running
+ * w->tr_run in it, then w->tr_done (0, or an error code); wake: work or a
+ * stop was posted (called under the context's qlock); join: wait for its
+ * end. */
+typedef struct corral__transport {
+  const char *kind;
+  int (*start)(corral_worker *w);
+  void (*wake)(corral_worker *w, int pending);
+  void (*join)(corral_worker *w);
+} corral__transport;
+
+/* The context on a thread of this process. */
+extern const corral__transport corral__thread_transport;
+/* Tests: the next `threads` thread starts fail. */
+void corral__thread_inject(int threads);
+
 /* ---- worker.c ---------------------------------------------------------- */
 
 /* A call on its way to a worker instance. */
@@ -289,8 +307,10 @@ struct corral_worker {
   atomic_int refs;
   atomic_int handles; /* Lua handles on it, in every context: at 0 it stops */
   corral_runtime *rt;
-  corral_context ctx;             /* its loop runs on `thread` */
-  void (*body)(corral_worker *w); /* what runs on the thread (the binding's worker main) */
+  corral_context ctx;                 /* its loop runs on `thread` */
+  const struct corral__transport *tr; /* how the core reaches its context */
+  void (*tr_run)(corral_worker *w);   /* what its transport runs (the binding's main) */
+  void (*tr_done)(corral_worker *w);  /* the core's, when that has ended */
   uv_thread_t thread;
   int joined; /* under rt->wlock */
   char *boot; /* encoded {class, init args}: read once by the thread */
@@ -347,8 +367,7 @@ void corral__worker_current(corral_worker *w, char *out, size_t size);
  * Returns how many are still running (their threads are left behind). */
 int corral__worker_close_all(corral_runtime *rt, int fast, int *sig);
 void corral__worker_join(corral_worker *w);
-/* Tests: the next `threads` thread starts fail. */
-void corral__worker_inject(int threads);
+
 /* A handle on w (a Lua userdata or an encoded payload) is made / goes. When
  * the last goes the worker is an orphan: no lock is taken (this may run in
  * a __gc); the home stops it at its next drain (corral__worker_stop_orphans). */

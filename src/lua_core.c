@@ -217,7 +217,7 @@ static int l_inject_fault(lua_State *L) {
   const char *what = luaL_checkstring(L, 1);
   int n = (int)luaL_checkinteger(L, 2);
   if (strcmp(what, "thread") == 0)
-    corral__worker_inject(n);
+    corral__thread_inject(n);
   else if (strcmp(what, "state") == 0)
     atomic_store(&inject_state, n);
   else if (strcmp(what, "alloc") == 0)

@@ -1,5 +1,7 @@
-/* worker.c: thread worker instances: their threads, bounded inboxes, stop,
- * crash and join.
+/* worker.c: the worker core: calls, an instance's bounded inbox and its
+ * overflow, ordering, backpressure, stop, crash, handles and orphans, join.
+ * How an instance's context is reached is its transport's (beneath: today
+ * transport_thread.c).
  *
  * Lock order: rt->wlock, then a worker's ctx.qlock. Futures are never
  * settled under ctx.qlock (settling takes future->lock, then the watching
@@ -13,7 +15,7 @@
  * by the worker's Lua in batches (taken: still cancellable, the caller's
  * cancel settles its future and the worker skips it); started (RUNNING:
  * corral__future_start); finished by the worker settling its future. When the
- * thread ends, what it had taken and what is left in the inbox and the
+ * context ends, what it had taken and what is left in the inbox and the
  * overflow is cancelled (a stop) or failed with the crash error (it died).
  */
 #include <stdio.h>
@@ -85,11 +87,9 @@ static void settle_all(corral_worker *w, queue *q, const char *crash, size_t cra
   }
 }
 
-static void worker_thread(void *arg) {
-  corral_worker *w = arg;
-  void *altstack = corral__signal_enter_worker(w);
-  w->body(w); /* its context's main: returns when the worker has stopped, or died */
-  corral__signal_leave_worker(altstack);
+/* The instance's context has ended (its transport says so): whatever its
+ * Lua left unfinished is settled, and it counts as busy no more. */
+static void worker_ended(corral_worker *w) {
   /* Whatever its Lua left unfinished is cancelled (or failed, when it died),
    * and so is what is left in the inbox and the overflow (their callers are
    * let go); what comes is refused. */
@@ -115,16 +115,6 @@ static void worker_thread(void *arg) {
   if (atomic_fetch_sub(&rt->nbusy, 1) == 1) corral__ctx_wake_home(rt);
 }
 
-/* Faults to inject, for tests: how many of the next thread starts fail. */
-static atomic_int inject_thread;
-
-void corral__worker_inject(int threads) { atomic_store(&inject_thread, threads); }
-
-static int thread_create(uv_thread_t *t, void (*fn)(void *), void *arg) {
-  if (atomic_load(&inject_thread) > 0 && atomic_fetch_sub(&inject_thread, 1) > 0) return UV_EAGAIN;
-  return uv_thread_create(t, fn, arg);
-}
-
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
                                     int refs, int cap, void (*body)(corral_worker *w), int *err) {
   *err = CORRAL_ENOMEM;
@@ -136,7 +126,6 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
   atomic_init(&w->handles, 1);
   atomic_init(&w->stopping, WORKER_RUNNING);
   w->rt = rt;
-  w->body = body;
   w->boot = boot;
   w->bootlen = len;
   w->boot_refs = refs;
@@ -158,7 +147,10 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
   uv_mutex_lock(&rt->wlock);
   queue_insert_tail(&rt->workers, &w->rt_node);
   uv_mutex_unlock(&rt->wlock);
-  if ((rc = thread_create(&w->thread, worker_thread, w)) != 0) {
+  w->tr = &corral__thread_transport;
+  w->tr_run = body;
+  w->tr_done = worker_ended;
+  if ((rc = w->tr->start(w)) != 0) {
     uv_mutex_lock(&rt->wlock);
     queue_remove(&w->rt_node);
     w->joined = 1;
@@ -200,7 +192,7 @@ void corral__worker_stop_orphans(corral_runtime *rt, void (*stopping)(void *ud, 
       if (atomic_load(&w->stopping) == WORKER_RUNNING) {
         w->orphan_stop = 1;
         atomic_store(&w->stopping, WORKER_DRAIN);
-        if (!w->ctx.closed) corral__ctx_signal(&w->ctx, 0);
+        w->tr->wake(w, 0);
       }
       uv_mutex_unlock(&w->ctx.qlock);
       corral__worker_retain(w);
@@ -276,7 +268,7 @@ int corral__worker_push(corral_worker *w, corral_call *c, corral_future **accept
   queue_insert_tail(&w->inbox, &c->node);
   w->queued++;
   /* one wake-up per batch: a non-empty inbox has one on the way */
-  corral__ctx_signal(&w->ctx, pending);
+  w->tr->wake(w, pending);
   uv_mutex_unlock(&w->ctx.qlock);
   return 0;
 }
@@ -313,7 +305,7 @@ void corral__worker_stop(corral_worker *w, int how) {
   uv_mutex_lock(&w->ctx.qlock);
   if (atomic_load_explicit(&w->stopping, memory_order_relaxed) < how) {
     atomic_store(&w->stopping, how);
-    if (!w->ctx.closed) corral__ctx_signal(&w->ctx, 0);
+    w->tr->wake(w, 0);
   }
   uv_mutex_unlock(&w->ctx.qlock);
 }
@@ -367,7 +359,7 @@ void corral__worker_join(corral_worker *w) {
   if (!joined) queue_remove(&w->rt_node);
   uv_mutex_unlock(&rt->wlock);
   if (joined) return;
-  uv_thread_join(&w->thread);
+  w->tr->join(w);
   corral__worker_release(w); /* the runtime's reference */
 }
 
