@@ -1,0 +1,167 @@
+--- Worker handles: method stubs, balancing, the thread mode's calls, stop,
+-- and handles rebuilt in another context.
+-- @module corral.worker_handle
+local core = require "corral.core"
+local errors = require "corral.errors"
+local future = require "corral.future"
+local calls = require "corral.worker_call"
+local loc = require "corral.worker_local"
+
+local wrap = future.wrap
+local CallFuture, closed_future, call_future = calls.CallFuture, calls.closed_future, calls.call_future
+local select, type, ipairs, setmetatable = select, type, ipairs, setmetatable
+
+local M = {}
+
+local Handle = { __worker = true }
+local stubs = {} -- method name -> function(handle, ...)
+-- What a handle answers itself: a class cannot declare methods with these
+-- names (or names starting with "_").
+local RESERVED = { stop = true, init = false }
+
+local function pick(h)
+  local insts = h._insts
+  local n = #insts
+  if n == 1 then return insts[1] end
+  local b = h._balance
+  if b == "round_robin" then
+    local i = h._rr % n + 1
+    h._rr = i
+    return insts[i]
+  elseif b == "random" then
+    return insts[math.random(n)]
+  end
+  local best, load = insts[1], math.huge
+  for i = 1, n do
+    local inst = insts[i]
+    local a = inst.ud and core.wactive(inst.ud) or inst.active
+    if a < load then best, load = inst, a end
+  end
+  return best
+end
+
+-- ---- thread instances ------------------------------------------------------
+
+local function thread_call(h, inst, method, ...)
+  local c, why, rc, accepted, key = core.wcall(inst.ud, method, ...)
+  if c then return call_future(c, why) end
+  if why == "codec" then error(errors.codec(rc, 4), 4) end
+  local f = call_future(rc, key)
+  if why == "full" then
+    -- the worker holds the call, in order; this task waits until it moves
+    -- into the inbox (backpressure). A stop drains or cancels it as any.
+    local a = wrap(accepted)
+    local ok, e = pcall(a.result, a)
+    if not ok then
+      -- cancelled while waiting for room: the call never runs
+      core.fcancel(rc)
+      error(e, 0)
+    end
+  elseif why == "closed" then
+    core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method))
+  end
+  return f -- "crashed": failed with the worker's crash already
+end
+
+-- ---- async and sync instances (in the caller's context) ----------------------
+
+-- ---- calls -------------------------------------------------------------------
+
+local function call(h, method, ...)
+  local f
+  if h._stopped then
+    f = closed_future(h, method)
+  elseif h._mode == "thread" then
+    f = thread_call(h, pick(h), method, ...)
+  elseif h._mode == "async" then
+    f = loc.async_call(h, pick(h), method, ...)
+  else
+    f = loc.sync_call(h, pick(h), method, ...)
+  end
+  if h._blocking then return f:result() end
+  return f
+end
+
+Handle.__index = function(h, k)
+  local m = Handle[k]
+  if m ~= nil then return m end
+  if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
+  local stub = stubs[k]
+  if not stub then
+    local fname = "worker:" .. k
+    stub = function(self, ...)
+      if getmetatable(self) ~= Handle then
+        errors.check(false, fname, "self", "a worker (call it with ':')", self)
+      end
+      return call(self, k, ...)
+    end
+    stubs[k] = stub
+  end
+  rawset(h, k, stub) -- found directly next time
+  return stub
+end
+
+function Handle:__tostring()
+  return ("corral.worker(%s, %s, %d instance%s%s)"):format(self._name, self._mode, #self._insts,
+    #self._insts == 1 and "" or "s", self._stopped and ", stopped" or "")
+end
+
+local STOP_OPTIONS = { timeout = true, drain = true }
+
+--- Stop the worker. By default (`drain=true`) it finishes what is queued,
+-- then stops; `drain=false` cancels the queued calls and the running ones
+-- that are waiting (they get `CancelledError` where they wait). Calls made
+-- after stop fail with `ClosedError`. Waits up to `timeout` seconds (forever
+-- by default) for the instances to end: returns true when they have, false
+-- when the time ran out (they go on stopping in the background). Called
+-- from one of the worker's own methods, it does not wait for that instance
+-- (it stops once the call is done) and returns false.
+-- @tab[opt] opts `timeout`, `drain`
+function Handle:stop(opts)
+  opts = opts or {}
+  errors.check(type(opts) == "table", "worker:stop", "opts", "a table", opts)
+  errors.check_options("worker:stop", opts, STOP_OPTIONS)
+  future.check_timeout("worker:stop", opts.timeout)
+  local drain = opts.drain ~= false
+  local wait = require("corral.wait").wait
+  self._stopped = true
+  if self._mode ~= "thread" then
+    local idle, itself = loc.stop(self, drain)
+    local _, not_done = wait(idle, { timeout = opts.timeout })
+    return #not_done == 0 and not itself
+  end
+  -- a worker stopping itself (from one of its methods) stops once that
+  -- call is done: it cannot wait for that here, so it returns false
+  local stopped, others, itself = {}, {}, false
+  for _, inst in ipairs(self._insts) do
+    local f = wrap(core.wstop(inst.ud, drain))
+    if core.wis_self(inst.ud) then
+      itself = true
+    else
+      stopped[#stopped + 1], others[#others + 1] = f, inst
+    end
+  end
+  local _, not_done = wait(stopped, { timeout = opts.timeout })
+  if #not_done > 0 then return false end
+  for _, inst in ipairs(others) do core.wjoin(inst.ud) end
+  return not itself
+end
+
+--- Rebuild a thread worker handle sent from another context: the options
+-- and the instances' userdata, made by the codec from their handles. (What
+-- the codec sends of a handle is its C half, `_c`.)
+function M.import(opts, ...)
+  local insts = {}
+  for i = 1, select("#", ...) do insts[i] = { ud = (select(i, ...)) } end
+  local balance, blocking = opts.balance or "round_robin", opts.blocking or false
+  return setmetatable({ _name = opts.name, _mode = "thread", _balance = balance,
+    _blocking = blocking, _insts = insts, _rr = 0,
+    _c = core.handle_new(opts.name, balance, blocking, ...) }, Handle)
+end
+
+--- Whether v is a worker handle.
+function M.is_worker(v) return getmetatable(v) == Handle end
+
+
+M.Handle, M.RESERVED, M.CallFuture = Handle, RESERVED, CallFuture
+return M

@@ -1,0 +1,84 @@
+--- Worker options: the defaults (`corral.config`), their checks and bounds,
+-- and the size of the default pool.
+-- @module corral.worker_options
+local core = require "corral.core"
+local errors = require "corral.errors"
+
+local type, pairs = type, pairs
+
+local M = {}
+
+local MODES = { thread = true, async = true, sync = true }
+local BALANCE = { round_robin = true, least_active = true, random = true }
+-- Bounds: every thread costs a Lua state and two file descriptors; an inbox
+-- bound is a C int.
+local MAX_WORKERS, MAX_QUEUED, MAX_CONCURRENCY = 1024, 2 ^ 31 - 1, 2 ^ 31 - 1
+local RANGE = { workers = MAX_WORKERS, pool_size = MAX_WORKERS, max_queued = MAX_QUEUED,
+  max_concurrency = MAX_CONCURRENCY }
+
+local function whole(v, max)
+  return type(v) == "number" and v >= 1 and v <= max and v == math.floor(v)
+end
+
+local settings = {
+  mode = "thread", workers = 1, balance = "round_robin", max_queued = 256,
+  max_concurrency = 1, blocking = false,
+}
+
+-- The size of the default pool: from CORRAL_WORKERS, else one per CPU.
+local function pool_size()
+  if settings.pool_size then return settings.pool_size end
+  local env = os.getenv("CORRAL_WORKERS")
+  if env == nil or env == "" then return core.ncpu() end
+  local n = tonumber(env)
+  if not whole(n, MAX_WORKERS) then
+    errors.usage("corral", "the environment variable CORRAL_WORKERS must be a whole number from 1 to "
+      .. "%d (got %q)", MAX_WORKERS, env)
+  end
+  return n
+end
+
+local function check_options(fname, o)
+  errors.check(type(o) == "table", fname, "options", "a table", o)
+  for k, v in pairs(o) do
+    if k == "mode" then
+      errors.check(MODES[v], fname, "mode", '"thread", "async" or "sync"', v)
+    elseif k == "balance" then
+      errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
+    elseif RANGE[k] then
+      errors.check(whole(v, RANGE[k]), fname, k, ("a whole number from 1 to %d"):format(RANGE[k]), v)
+    elseif k == "blocking" then
+      errors.check(type(v) == "boolean", fname, k, "a boolean", v)
+    elseif k == "name" then
+      errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
+    else
+      errors.usage(fname, "unknown option '%s'", tostring(k))
+    end
+  end
+end
+
+--- Set process-wide defaults for worker options (`mode`, `workers`,
+-- `balance`, `max_queued`, `max_concurrency`, `blocking`) and the size of
+-- the default pool (`pool_size`, also from `CORRAL_WORKERS`). Workers
+-- started afterwards take these settings. Returns the settings in force.
+function M.config(t)
+  if t ~= nil then
+    check_options("corral.config", t)
+    errors.check(t.name == nil, "corral.config", "name", "not set here (name each class)", t.name)
+    if t.pool_size and core.pool_get() and t.pool_size ~= pool_size() then
+      errors.usage("corral.config", "the default pool already runs with %d workers: set pool_size "
+        .. "before the first submit or map", pool_size())
+    end
+    for k, v in pairs(t) do settings[k] = v end
+  end
+  local copy = {}
+  for k, v in pairs(settings) do copy[k] = v end
+  copy.pool_size = pool_size()
+  return copy
+end
+
+
+M.MODES, M.MAX_WORKERS, M.settings = MODES, MAX_WORKERS, settings
+M.whole, M.pool_size, M.check = whole, pool_size, check_options
+
+return M
