@@ -523,18 +523,10 @@ static int loaded_index(encoder *e) {
  * settled after this encode (cref says so), never by an encode nested in
  * this one. */
 static corral_future *future_of(encoder *e, int idx) {
-  lua_State *L = e->L;
-  lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
-  lua_pushvalue(L, idx);
-  lua_pushboolean(L, 1);
-  if (lua_pcall(L, 2, 2, 0) != 0) {
-    lua_pop(L, 1);
-    return NULL;
-  }
-  if (lua_toboolean(L, -1)) e->deferred = 1;
-  corral_future **p = luaL_testudata(L, -2, CFUTURE_MT);
-  lua_pop(L, 2);
-  return p ? *p : NULL;
+  int deferred = 0;
+  corral_future *f = iface->future_of(e->L, idx, &deferred);
+  if (deferred) e->deferred = 1;
+  return f;
 }
 
 static int enc_future(encoder *e, int idx) {
@@ -581,19 +573,11 @@ static int pack_kv_str(encoder *e, const char *k, const char *v) {
  * its C half (`_c`, a corral.handle userdata) with no call into Lua; its
  * instances travel as handles. */
 static int enc_worker(encoder *e, int idx) {
-  lua_State *L = e->L;
-  lua_pushliteral(L, "_c");
-  lua_rawget(L, idx);
-  corral__handle *h = luaL_testudata(L, -1, HANDLE_MT);
-  lua_pop(L, 1); /* the handle table keeps it alive */
-  if (h == NULL) {
-    lua_pushliteral(L, "_mode");
-    lua_rawget(L, idx);
-    int local = lua_type(L, -1) == LUA_TSTRING;
-    lua_pop(L, 1);
-    return enc_fail(e, local ? "an async or sync worker lives in its context and cannot travel"
-                             : "a table with a __worker metatable that is not a worker handle");
-  }
+  const corral__handle *h;
+  int kind = iface->handle_of(e->L, idx, &h);
+  if (kind <= 0)
+    return enc_fail(e, kind == 0 ? "an async or sync worker lives in its context and cannot travel"
+                                 : "a table with a __worker metatable that is not a worker handle");
   PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)h->n));
   PK(pack_ext(e, EXT_WORKER, NULL, 0));
   PK(msgpack_pack_map(&e->pk, 3));
@@ -936,8 +920,7 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
   if (e.deferred) {
     /* now, with this encode done and nothing of it held, settle the C
      * halves it made (each settle is an encode of its own, not nested) */
-    lua_getfield(L, LUA_REGISTRYINDEX, FLUSH_KEY);
-    if (lua_pcall(L, 0, 0, 0) != 0) lua_pop(L, 1);
+    iface->flush(L);
   }
   if (rc != 0) {
     o->has_refs = 0;
@@ -1533,8 +1516,7 @@ static int dec_worker(decoder *d, const msgpack_object *o) {
     return dec_fail(d, "a malformed worker handle (WORKER array)");
   if (!lua_checkstack(L, (int)n + 4)) return dec_fail(d, "a worker handle with too many instances");
   int top = lua_gettop(L);
-  lua_getfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
-  if (!lua_isfunction(L, -1)) return dec_fail(d, "worker handles cannot be rebuilt in this state");
+  if (!iface->push_import(L)) return dec_fail(d, "worker handles cannot be rebuilt in this state");
   if (dec_value(d, &a[1]) != 0) return -1;
   for (uint32_t i = 2; i < n; i++) {
     if (a[i].type != MSGPACK_OBJECT_EXT || a[i].via.ext.type != EXT_INST || a[i].via.ext.size != 8)

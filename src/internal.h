@@ -246,12 +246,33 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
  * futures; `trust` is CODEC_TRUSTED or CODEC_FOREIGN, or'ed with a
  * CODEC_AS_* name. Raises only when Lua runs out of memory. */
 int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust);
+/* A thread worker handle as C sees it (the `_c` of a Lua handle): what the
+ * codec sends of it, with no call into Lua. Each instance is a counted
+ * handle on its worker. */
+typedef struct {
+  char name[64];
+  char balance[16];
+  int blocking;
+  int n;
+  corral_worker *insts[];
+} corral__handle;
+
 /* What the codec needs of the layers above it, handed to it once (the
  * binding does, as it opens): making a Lua future of a C future, and the
  * handles and references of worker instances. */
 typedef struct {
   void (*push_future)(lua_State *L, corral_future *f);
   void (*push_worker)(lua_State *L, corral_worker *w); /* takes a reference */
+  /* The C half of the Lua future at idx (NULL: not one); *deferred when it
+   * was made settled, to settle by flush once the encode is done. */
+  corral_future *(*future_of)(lua_State *L, int idx, int *deferred);
+  void (*flush)(lua_State *L);
+  /* The C half of the worker handle at idx: 1, or 0 for an async or sync
+   * worker (no C half), -1 for a table that only claims to be one. */
+  int (*handle_of)(lua_State *L, int idx, const corral__handle **h);
+  /* Push the function that rebuilds a handle (options, instances...): 0
+   * when there is none. */
+  int (*push_import)(lua_State *L);
   uint64_t (*worker_handle)(corral_worker *w);
   void (*worker_hold)(corral_worker *w);
   void (*worker_drop)(corral_worker *w);
@@ -382,8 +403,8 @@ void corral__worker_reap(corral_runtime *rt);
 /* ---- the Lua binding: lua_util.c, lua_future.c, lua_codec.c,
  *      lua_worker.c, lua_loop.c, lua_core.c (bottom-up) ---------------- */
 
-/* Registry keys and metatables of the binding (the first five the codec
- * reads too). */
+/* Registry keys and metatables of the binding (the codec knows none of
+ * them: what it needs comes through its interface). */
 #define CFUTURE_MT  "corral.cfuture"
 #define REPORTER_MT "corral.reporter"
 #define WORKER_MT   "corral.worker"
@@ -392,16 +413,6 @@ void corral__worker_reap(corral_runtime *rt);
 #define FLUSH_KEY   "corral.flush_crefs"
 #define HANDLE_MT   "corral.handle"
 
-/* A thread worker handle as C sees it (the `_c` of a Lua handle): what the
- * codec sends of it, with no call into Lua. Each instance is a counted
- * handle on its worker. */
-typedef struct {
-  char name[64];
-  char balance[16];
-  int blocking;
-  int n;
-  corral_worker *insts[];
-} corral__handle;
 #define RUNTIME_KEY "corral.runtime"
 #define CONTEXT_KEY "corral.context"
 #define WRAP_KEY    "corral.wrap"
@@ -433,6 +444,8 @@ void corral__lua_cf_push(lua_State *L, corral_future *f);
 void corral__lcore_push_future(lua_State *L, corral_future *f);
 corral_future *corral__lcore_to_future(lua_State *L, int idx);
 void corral__lua_future_open(lua_State *L);
+corral_future *corral__lua_future_of(lua_State *L, int idx, int *deferred);
+void corral__lua_flush_crefs(lua_State *L);
 extern const luaL_Reg corral__lua_future_funcs[];
 
 /* lua_codec.c, lua_worker.c, lua_loop.c: their corral.core functions. */
@@ -440,6 +453,8 @@ extern const luaL_Reg corral__lua_codec_funcs[];
 void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w));
 /* A new Lua handle on w (counted), taking a reference the caller holds. */
 void corral__lua_worker_push(lua_State *L, corral_worker *w);
+int corral__lua_handle_of(lua_State *L, int idx, const corral__handle **h);
+int corral__lua_push_import(lua_State *L);
 extern const luaL_Reg corral__lua_worker_funcs[];
 extern const luaL_Reg corral__lua_loop_funcs[];
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */

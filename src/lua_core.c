@@ -42,8 +42,10 @@ static int preload_module(lua_State *L) {
 }
 
 static const corral__codec_iface codec_iface = {
-    corral__lcore_push_future,  corral__lua_worker_push,    corral__worker_handle,
-    corral__worker_hold_handle, corral__worker_drop_handle, corral__worker_release};
+    corral__lcore_push_future, corral__lua_worker_push,    corral__lua_future_of,
+    corral__lua_flush_crefs,   corral__lua_handle_of,      corral__lua_push_import,
+    corral__worker_handle,     corral__worker_hold_handle, corral__worker_drop_handle,
+    corral__worker_release};
 
 /* registry[key] = package.loaded[module][field] */
 static void hook(lua_State *L, const char *module, const char *field, const char *key) {

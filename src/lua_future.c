@@ -234,6 +234,28 @@ corral_future *corral__lcore_to_future(lua_State *L, int idx) {
   return p ? *p : NULL;
 }
 
+/* For the codec: the C half of the Lua future at idx (cref, protected: a
+ * table that only claims to be a future may raise there). */
+corral_future *corral__lua_future_of(lua_State *L, int idx, int *deferred) {
+  lua_getfield(L, LUA_REGISTRYINDEX, CREF_KEY);
+  lua_pushvalue(L, idx);
+  lua_pushboolean(L, 1);
+  if (lua_pcall(L, 2, 2, 0) != 0) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  *deferred = lua_toboolean(L, -1);
+  corral__box *b = luaL_testudata(L, -2, CFUTURE_MT);
+  lua_pop(L, 2);
+  return b != NULL ? b->p : NULL;
+}
+
+/* For the codec: settle the C halves an encode made of settled futures. */
+void corral__lua_flush_crefs(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, FLUSH_KEY);
+  if (lua_pcall(L, 0, 0, 0) != 0) lua_pop(L, 1);
+}
+
 void corral__lua_future_open(lua_State *L) {
   luaL_newmetatable(L, CFUTURE_MT);
   lua_pushcfunction(L, cf_gc);

@@ -469,6 +469,28 @@ static int l_handle_new(lua_State *L) {
   return 1;
 }
 
+/* For the codec: the C half of the worker handle at idx (see the iface). */
+int corral__lua_handle_of(lua_State *L, int idx, const corral__handle **h) {
+  lua_pushliteral(L, "_c");
+  lua_rawget(L, idx);
+  *h = luaL_testudata(L, -1, HANDLE_MT);
+  lua_pop(L, 1); /* the handle table keeps it alive */
+  if (*h != NULL) return 1;
+  lua_pushliteral(L, "_mode");
+  lua_rawget(L, idx);
+  int local = lua_type(L, -1) == LUA_TSTRING;
+  lua_pop(L, 1);
+  return local ? 0 : -1;
+}
+
+/* For the codec: push the function that rebuilds a handle. */
+int corral__lua_push_import(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
+  if (lua_isfunction(L, -1)) return 1;
+  lua_pop(L, 1);
+  return 0;
+}
+
 void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
   luaL_newmetatable(L, HANDLE_MT);
   lua_pushcfunction(L, handle_gc);
