@@ -28,7 +28,7 @@ for i, r in ipairs(results) do
 end
 print(("%d fetched, %d failed, in %.2f s (one at a time would take %.1f s)"):format(
   ok, #failed, corral.now() - t0, n * 0.08))
-for _, e in ipairs(failed) do print("  failed: " .. tostring(e)) end
+for _, e in ipairs(failed) do print("  failed: " .. e.message) end -- (tostring(e) adds the traceback)
 
 -- The first of several to answer wins; the rest are cancelled.
 local racers = {}
