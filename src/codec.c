@@ -862,12 +862,14 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
   e.loaded = top + 4;
   msgpack_packer_init(&e.pk, &e, enc_write);
   int rc = 0;
-  if (o->size_hint > sizeof e.local) { /* one allocation for a large string */
+  /* a large string first (a payload, a file's bytes): one allocation */
+  size_t first = n > 0 && lua_type(L, from) == LUA_TSTRING ? lua_objlen(L, from) : 0;
+  if (first > 4096) {
     ebox *b = need_box(&e);
-    char *d = cmalloc(o->size_hint);
+    char *d = cmalloc(first + 64);
     if (d != NULL) {
       b->buf = e.data = d;
-      e.alloc = o->size_hint;
+      e.alloc = first + 64;
     }
   }
   if (msgpack_pack_array(&e.pk, (size_t)n) != 0) rc = enc_oom(&e);
@@ -1754,4 +1756,9 @@ void corral__codec_discard(const char *data, size_t len) {
   msgpack_object o;
   if (unpack_one(z, data, len, &o, 0) == NULL) release_refs(&o);
   msgpack_zone_free(z);
+}
+
+void corral__codec_free(char *data, size_t len, int refs) {
+  if (refs) corral__codec_discard(data, len);
+  free(data);
 }

@@ -96,15 +96,7 @@ void corral_future_release(corral_future *f) {
 }
 
 uint64_t corral__future_handle(corral_future *f) {
-  uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
-  if (h != 0) return h;
-  h = corral__handle_new(f, HANDLE_FUTURE, &f->refs);
-  uint64_t none = 0;
-  if (h != 0 && !atomic_compare_exchange_strong(&f->handle, &none, h)) {
-    corral__handle_free(h); /* another thread issued one first */
-    h = none;
-  }
-  return h;
+  return corral__handle_of(&f->handle, f, HANDLE_FUTURE, &f->refs);
 }
 
 int corral__future_live(void) { return atomic_load_explicit(&live, memory_order_relaxed); }

@@ -54,7 +54,7 @@ static slot *slot_at(uint32_t i) {
 /* Issue and free                                                            */
 /* ======================================================================== */
 
-uint64_t corral__handle_new(void *obj, int kind, atomic_int *refs) {
+static uint64_t issue(void *obj, int kind, atomic_int *refs) {
   uv_once(&once, handle_init);
   uv_mutex_lock(&lock);
   unsigned total = nchunks * CHUNK_SIZE;
@@ -92,6 +92,18 @@ uint64_t corral__handle_new(void *obj, int kind, atomic_int *refs) {
   uint32_t gen = atomic_load(&s->gen);
   uv_mutex_unlock(&lock);
   return (uint64_t)gen << 32 | (uint64_t)(i + 1);
+}
+
+uint64_t corral__handle_of(_Atomic(uint64_t) *cell, void *obj, int kind, atomic_int *refs) {
+  uint64_t h = atomic_load_explicit(cell, memory_order_acquire);
+  if (h != 0) return h;
+  h = issue(obj, kind, refs);
+  uint64_t none = 0;
+  if (h != 0 && !atomic_compare_exchange_strong(cell, &none, h)) {
+    corral__handle_free(h); /* another thread issued one first */
+    h = none;
+  }
+  return h;
 }
 
 void corral__handle_free(uint64_t h) {

@@ -83,9 +83,9 @@ int corral__future_unwatch(corral_future *f, corral_watch *w);
 
 enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2 };
 
-/* Issue a handle for obj (whose reference count is *refs): never 0, but 0
- * when no slot can be had. */
-uint64_t corral__handle_new(void *obj, int kind, atomic_int *refs);
+/* The handle of obj (whose reference count is *refs), kept in *cell: issued
+ * on first use, once even when threads race; 0 when no slot can be had. */
+uint64_t corral__handle_of(_Atomic(uint64_t) *cell, void *obj, int kind, atomic_int *refs);
 /* The object's last reference went: its handle stops resolving. Lock-free. */
 void corral__handle_free(uint64_t h);
 /* The object of a live handle of that kind, retained; NULL for a stale,
@@ -213,7 +213,6 @@ typedef struct {
   corral_future **deps;    /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
   int has_refs;     /* out: the payload holds references (futures, workers) */
-  size_t size_hint; /* bytes to allocate up front */
   char err[512];    /* out: why encoding failed, with the value's path */
 } codec_opts;
 
@@ -281,6 +280,9 @@ typedef struct {
 void corral__codec_init(const corral__codec_iface *iface);
 /* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
 void corral__codec_discard(const char *data, size_t len);
+/* Free an encoded payload, first releasing its references when it holds
+ * some (`refs`, the encoder's has_refs). */
+void corral__codec_free(char *data, size_t len, int refs);
 /* Test hooks: make the nth C allocation of the codec from now fail (0: none);
  * count the codec's live C allocations. */
 void corral__codec_fail_alloc(int nth);
@@ -434,6 +436,8 @@ typedef struct {
 } corral__box;
 corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt);
 corral__box *corral__box_check(lua_State *L, int idx, const char *mt);
+/* Register the metatable `mt` of a box kind, its __gc being `gc`. */
+void corral__box_kind(lua_State *L, const char *mt, lua_CFunction gc);
 int corral__lua_ncpu(void);
 
 /* lua_future.c: C futures as Lua userdata; corral_push_future and
@@ -441,6 +445,10 @@ int corral__lua_ncpu(void);
  * one that host code may settle). */
 corral_future **corral__lua_cf_check(lua_State *L, int idx);
 void corral__lua_cf_push(lua_State *L, corral_future *f);
+/* Encode the values from stack index 3 on (the error, for a failure) and
+ * settle f in `state` with them: 1 settled, 0 settled already; -1, with nil
+ * and why they cannot travel pushed, when they cannot. */
+int corral__lua_settle_encoded(lua_State *L, corral_future *f, int state);
 void corral__lcore_push_future(lua_State *L, corral_future *f);
 corral_future *corral__lcore_to_future(lua_State *L, int idx);
 void corral__lua_future_open(lua_State *L);
@@ -463,6 +471,9 @@ int corral__lcore_drive(lua_State *L, int block);
 /* lua_core.c: the body of a worker thread: its own lua_State on its own
  * loop. */
 void corral__lcore_worker_main(corral_worker *w);
+/* A lua_CFunction: make corral loadable in this state (package.preload)
+ * and load it. */
+int corral__lcore_load(lua_State *L);
 
 /* Private error codes, beside those of corral.h. */
 #define CORRAL_EAGAIN   (-10)

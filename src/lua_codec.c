@@ -19,8 +19,7 @@ static int l_encode(lua_State *L) {
   char *buf = corral__codec_encode(L, 1, lua_gettop(L), &len, &o);
   if (buf == NULL) return corral__lua_codec_error(L, o.err);
   if (o.has_refs) { /* a string cannot hold references */
-    corral__codec_discard(buf, len);
-    free(buf);
+    corral__codec_free(buf, len, 1);
     return corral__lua_codec_error(L, "futures and workers cannot be encoded into a string");
   }
   lua_pushlstring(L, buf, len);

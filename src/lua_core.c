@@ -129,6 +129,17 @@ int luaopen_corral(lua_State *L) {
   return 1;
 }
 
+int corral__lcore_load(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_corral);
+  lua_setfield(L, -2, "corral");
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "corral");
+  lua_call(L, 1, 0);
+  return 0;
+}
+
 /* The worker's Lua main, under lua_cpcall from the very first allocation:
  * a failure (no memory, a value of the boot payload that cannot be rebuilt
  * here) is an error, not a panic. */
@@ -140,14 +151,8 @@ static int worker_boot(lua_State *L) {
   lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
   lua_pushlightuserdata(L, &w->ctx);
   lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, luaopen_corral);
-  lua_setfield(L, -2, "corral");
+  corral__lcore_load(L);
   lua_settop(L, 0);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "corral");
-  lua_call(L, 1, 0);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral.worker_main");
   lua_call(L, 1, 1);
@@ -160,8 +165,7 @@ static int worker_boot(lua_State *L) {
   int n = corral__codec_decode(L, w->boot, w->bootlen, NULL, CODEC_TRUSTED | CODEC_AS_INIT);
   if (n < 0) return lua_error(L);
   /* rebuilt: the payload's references (workers it names) go now */
-  if (w->boot_refs) corral__codec_discard(w->boot, w->bootlen);
-  free(w->boot);
+  corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   w->boot = NULL;
   w->bootlen = 0;
   w->boot_refs = 0;

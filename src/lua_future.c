@@ -168,22 +168,30 @@ static int reporter_gc(lua_State *L) {
   return 0;
 }
 
+int corral__lua_settle_encoded(lua_State *L, corral_future *f, int state) {
+  codec_opts o = {0};
+  o.what = state == CORRAL_DONE ? "result" : "error";
+  size_t len;
+  char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  if (buf == NULL) {
+    corral__lua_codec_error(L, o.err);
+    return -1;
+  }
+  atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
+  return corral__future_settle_refs(f, (corral_state)state, buf, len,
+                                    o.has_refs ? corral__codec_discard : NULL) == 0;
+}
+
 /* fsettle_encode(c, state, ...): encode the values (or, for a failure, the
  * error) and settle the C future with them. Returns true, false when it
  * was settled already, or nil and the reason they cannot travel. */
 static int l_fsettle_encode(lua_State *L) {
   corral_future *f = *corral__lua_cf_check(L, 1);
   int state = (int)luaL_checkinteger(L, 2);
-  codec_opts o = {0};
-  o.what = state == CORRAL_DONE ? "result" : "error";
-  if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
-  size_t len;
-  char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
-  if (buf == NULL) return corral__lua_codec_error(L, o.err);
-  atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
   atomic_fetch_or(&f->flags, FUTURE_SEEN);
-  lua_pushboolean(L, corral__future_settle_refs(f, (corral_state)state, buf, len,
-                                                o.has_refs ? corral__codec_discard : NULL) == 0);
+  int rc = corral__lua_settle_encoded(L, f, state);
+  if (rc < 0) return 2;
+  lua_pushboolean(L, rc);
   return 1;
 }
 
@@ -257,14 +265,8 @@ void corral__lua_flush_crefs(lua_State *L) {
 }
 
 void corral__lua_future_open(lua_State *L) {
-  luaL_newmetatable(L, CFUTURE_MT);
-  lua_pushcfunction(L, cf_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  luaL_newmetatable(L, REPORTER_MT);
-  lua_pushcfunction(L, reporter_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  corral__box_kind(L, CFUTURE_MT, cf_gc);
+  corral__box_kind(L, REPORTER_MT, reporter_gc);
 }
 
 const luaL_Reg corral__lua_future_funcs[] = {{"fnew", l_fnew},

@@ -71,3 +71,10 @@ corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt) 
 corral__box *corral__box_check(lua_State *L, int idx, const char *mt) {
   return luaL_checkudata(L, idx, mt);
 }
+
+void corral__box_kind(lua_State *L, const char *mt, lua_CFunction gc) {
+  luaL_newmetatable(L, mt);
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+}

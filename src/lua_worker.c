@@ -64,8 +64,7 @@ static int l_worker_start(lua_State *L) {
   corral_worker *w = corral__worker_start(corral__lua_rt(L), name, boot, len, o.has_refs, (int)cap,
                                           worker_body, &err);
   if (w == NULL) {
-    if (o.has_refs) corral__codec_discard(boot, len);
-    free(boot);
+    corral__codec_free(boot, len, o.has_refs);
     lua_pushnil(L);
     lua_pushfstring(L, "cannot start a thread for worker %s: %s", name,
                     err == CORRAL_ENOMEM ? "out of memory" : uv_strerror(err));
@@ -111,6 +110,13 @@ static void fail_crashed(corral_worker *w, corral_future *result) {
     corral_future_set_error(result, "WorkerCrashed", "the worker died");
 }
 
+/* Give back the inputs an encode collected. */
+static void drop_deps(codec_opts *o) {
+  for (int i = 0; i < o->ndeps; i++)
+    corral_future_release(o->deps[i]);
+  free(o->deps);
+}
+
 /* wcall(w, method, ...): encode the arguments (futures become inputs to
  * unwrap) and queue the call. Returns the result's C future and its watch
  * key (the caller's loop is told when it settles); or nil, "full", the
@@ -123,13 +129,10 @@ static int l_wcall(lua_State *L) {
   const char *method = luaL_checklstring(L, 2, &mlen);
   codec_opts o = {0};
   o.unwrap = 1;
-  if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096) o.size_hint = lua_objlen(L, 3) + 64;
   size_t len;
   char *payload = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (payload == NULL) {
-    for (int i = 0; i < o.ndeps; i++)
-      corral_future_release(o.deps[i]);
-    free(o.deps);
+    drop_deps(&o);
     lua_pushnil(L);
     lua_pushliteral(L, "codec");
     lua_pushstring(L, o.err);
@@ -141,11 +144,8 @@ static int l_wcall(lua_State *L) {
       result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps)
              : NULL;
   if (c == NULL) {
-    if (o.has_refs) corral__codec_discard(payload, len);
-    free(payload);
-    for (int i = 0; i < o.ndeps; i++)
-      corral_future_release(o.deps[i]);
-    free(o.deps);
+    corral__codec_free(payload, len, o.has_refs);
+    drop_deps(&o);
     corral_future_release(result);
     return luaL_error(L, "corral: out of memory");
   }
@@ -306,8 +306,7 @@ static int l_worker_crash(lua_State *L) {
   size_t len;
   char *buf = corral__codec_encode(L, 1, 1, &len, &o);
   if (buf == NULL || o.has_refs) {
-    if (buf != NULL) corral__codec_discard(buf, len);
-    free(buf);
+    corral__codec_free(buf, len, buf != NULL);
     if (!force) {
       lua_pushboolean(L, 0);
       return 1;
@@ -385,8 +384,7 @@ static int l_call_args(lua_State *L) {
   atomic_fetch_add_explicit(&corral__ctx_of(L)->decodes, 1, memory_order_relaxed);
   /* the arguments live in Lua now: the encoded copy can go (a large
    * argument is then held twice at most, not three times) */
-  if (c->payload_refs) corral__codec_discard(c->payload, c->len);
-  free(c->payload);
+  corral__codec_free(c->payload, c->len, c->payload_refs);
   c->payload = NULL;
   c->len = 0;
   c->payload_refs = 0;
@@ -420,16 +418,7 @@ static int l_call_finish(lua_State *L) {
     corral__future_settle(f, CORRAL_CANCELLED, NULL, 0);
   } else {
     int state = (int)luaL_checkinteger(L, 2);
-    codec_opts o = {0};
-    o.what = state == CORRAL_DONE ? "result" : "error";
-    if (lua_type(L, 3) == LUA_TSTRING && lua_objlen(L, 3) > 4096)
-      o.size_hint = lua_objlen(L, 3) + 64;
-    size_t len;
-    char *buf = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
-    if (buf == NULL) return corral__lua_codec_error(L, o.err);
-    atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
-    corral__future_settle_refs(f, (corral_state)state, buf, len,
-                               o.has_refs ? corral__codec_discard : NULL);
+    if (corral__lua_settle_encoded(L, f, state) < 0) return 2; /* nil, why */
   }
   call_done(L, p);
   lua_pushboolean(L, 1);
@@ -492,19 +481,10 @@ int corral__lua_push_import(lua_State *L) {
 }
 
 void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
-  luaL_newmetatable(L, HANDLE_MT);
-  lua_pushcfunction(L, handle_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  corral__box_kind(L, HANDLE_MT, handle_gc);
   worker_body = body;
-  luaL_newmetatable(L, WORKER_MT);
-  lua_pushcfunction(L, w_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  luaL_newmetatable(L, CALL_MT);
-  lua_pushcfunction(L, call_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  corral__box_kind(L, WORKER_MT, w_gc);
+  corral__box_kind(L, CALL_MT, call_gc);
 }
 
 const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},

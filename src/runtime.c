@@ -26,14 +26,7 @@ corral_runtime *corral_open(void) {
   lua_State *L = luaL_newstate();
   if (L == NULL) return NULL;
   luaL_openlibs(L);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, luaopen_corral);
-  lua_setfield(L, -2, "corral");
-  lua_pop(L, 2);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "corral");
-  if (lua_pcall(L, 1, 0, 0) != 0) {
+  if (lua_cpcall(L, corral__lcore_load, NULL) != 0) {
     fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
     lua_close(L);
     return NULL;

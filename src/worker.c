@@ -49,8 +49,7 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
 
 void corral__call_free(corral_call *c) {
   if (c == NULL) return;
-  if (c->payload_refs) corral__codec_discard(c->payload, c->len);
-  free(c->payload);
+  corral__codec_free(c->payload, c->len, c->payload_refs);
   for (int i = 0; i < c->ndeps; i++)
     corral_future_release(c->deps[i]);
   free(c->deps);
@@ -88,11 +87,10 @@ static void settle_all(corral_worker *w, queue *q, const char *crash, size_t cra
 }
 
 /* The instance's context has ended (its transport says so): whatever its
- * Lua left unfinished is settled, and it counts as busy no more. */
+ * Lua left unfinished is cancelled (or failed, when it died), and so is what
+ * is left in the inbox and the overflow (their callers are let go); what
+ * comes is refused; it counts as busy no more. */
 static void worker_ended(corral_worker *w) {
-  /* Whatever its Lua left unfinished is cancelled (or failed, when it died),
-   * and so is what is left in the inbox and the overflow (their callers are
-   * let go); what comes is refused. */
   corral__worker_stop(w, WORKER_CANCEL);
   queue left, over;
   uv_mutex_lock(&w->ctx.qlock);
@@ -211,15 +209,7 @@ void corral__worker_retain(corral_worker *w) {
 }
 
 uint64_t corral__worker_handle(corral_worker *w) {
-  uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
-  if (h != 0) return h;
-  h = corral__handle_new(w, HANDLE_WORKER, &w->refs);
-  uint64_t none = 0;
-  if (h != 0 && !atomic_compare_exchange_strong(&w->handle, &none, h)) {
-    corral__handle_free(h); /* another thread issued one first */
-    h = none;
-  }
-  return h;
+  return corral__handle_of(&w->handle, w, HANDLE_WORKER, &w->refs);
 }
 
 void corral__worker_release(corral_worker *w) {
@@ -230,8 +220,7 @@ void corral__worker_release(corral_worker *w) {
   uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
   if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
-  if (w->boot_refs) corral__codec_discard(w->boot, w->bootlen);
-  free(w->boot);
+  corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   free(w->crash);
   corral_future_release(w->stopped);
   free(w);

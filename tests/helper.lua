@@ -32,7 +32,9 @@ M.slurp = slurp
 function M.sh(cmd)
   local out, err = tmpname(), tmpname()
   local st = tmpname()
-  os.execute("(" .. cmd .. ") >" .. out .. " 2>" .. err .. "; echo $? >" .. st)
+  -- (the shell's own word on a crashed command, "Segmentation fault", goes
+  -- to err too, not to the test run's output)
+  os.execute("{ (" .. cmd .. ") >" .. out .. " 2>" .. err .. "; echo $? >" .. st .. "; } 2>>" .. err)
   local o, e, code = slurp(out), slurp(err), tonumber(slurp(st))
   os.remove(out); os.remove(err); os.remove(st)
   return o, e, code
@@ -98,6 +100,13 @@ function M.wait_until(cond, limit)
   while not cond() do
     if corral.now() > deadline then error("condition not met in time", 2) end
     corral.sleep(0.002)
+  end
+end
+
+--- How many handles the worker named `name` has (corral.stats), or nil.
+function M.handles(name)
+  for _, r in ipairs(require("corral").stats()) do
+    if r.name == name then return r.handles end
   end
 end
 

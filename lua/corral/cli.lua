@@ -12,7 +12,7 @@ local M = {}
 local USAGE = [==[
 usage: corral [options] [script [args...]]
   -e code   run the string `code`
-  -v        print versions (corral, LuaJIT, libuv) and exit
+  -v        print versions (corral, LuaJIT, libuv, msgpack-c) and exit
   -h        show this help
 With no script, runs standard input.]==]
 

@@ -146,6 +146,19 @@ function M.crashed(worker, why, cause, code, method)
   return e
 end
 
+--- The text of an error for a message: a `TaskError`'s own message, else
+-- `Kind: message` (a value that is no error object: its tostring).
+function M.text_of(e)
+  if is_error(e, "TaskError") then return safe_tostring(e.message) end
+  if is_error(e) then return e.kind .. ": " .. safe_tostring(e.message) end
+  return safe_tostring(e)
+end
+
+--- Worker `worker` died because its init raised `e`.
+function M.init_failed(worker, e)
+  return M.crashed(worker, "its init failed: " .. M.text_of(e), e, nil, "init")
+end
+
 --- Raise a UsageError that names the function and what was wrong.
 function M.usage(fname, fmt, ...)
   error(M.new("UsageError", fname .. ": " .. string.format(fmt, ...), nil, 3), 3)

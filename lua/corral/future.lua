@@ -229,6 +229,15 @@ local function settle(f, s, n, v, e, tb, external)
 end
 M.settle = settle
 
+--- Settle `f` as done with the values `...`; false when it was settled
+-- already.
+local function settle_values(f, ...)
+  local n = select("#", ...)
+  if n == 1 then return settle(f, DONE, 1, (...)) end
+  return settle(f, DONE, n, n > 1 and { n = n, ... } or false)
+end
+M.settle_values = settle_values
+
 --- Mark the error as seen: it will not be reported as unretrieved.
 local function retrieve(f)
   local r = f._rep
@@ -292,7 +301,7 @@ M.check_timeout = check_timeout
 --- Raise the error that a block token stands for (TIMEOUT, CANCEL, FOREVER).
 function M.raise_token(tok, what)
   if tok == TIMEOUT then
-    error(errors.new("TimeoutError", what .. " timed out", nil, 3), 3)
+    error(errors.timeout(what, 2), 3)
   elseif tok == CANCEL then
     error(errors.cancelled(), 3)
   elseif tok == FOREVER then
@@ -372,14 +381,7 @@ end
 
 --- Settle with results. Settling twice raises `UsageError`.
 function Future:set_result(...)
-  local n = select("#", ...)
-  local ok
-  if n == 1 then
-    ok = settle(self, DONE, 1, (...))
-  else
-    ok = settle(self, DONE, n, n > 1 and { n = n, ... } or false)
-  end
-  if not ok then
+  if not settle_values(self, ...) then
     errors.usage("future:set_result", "the future is already settled (%s)", STATE_NAMES[self[S]])
   end
 end

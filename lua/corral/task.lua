@@ -7,7 +7,7 @@ local sched = require "corral.sched"
 local future = require "corral.future"
 local F = require "corral.fields"
 
-local Future, settle = future.Future, future.settle
+local Future, settle, settle_values = future.Future, future.settle, future.settle_values
 local PENDING, RUNNING, DONE, CANCELLED = future.PENDING, future.RUNNING, future.DONE, future.CANCELLED
 local push, wake, on_error = sched.push, sched.wake, sched.on_error
 local WOKE, CANCEL = sched.WOKE, sched.CANCEL
@@ -31,12 +31,7 @@ local function finish(t, ok, ...)
   live = live - 1
   t[FN], t[A] = false, false
   if ok then
-    local n = select("#", ...)
-    if n == 1 then
-      settle(t, DONE, 1, (...))
-    else
-      settle(t, DONE, n, n > 1 and { n = n, ... } or false)
-    end
+    settle_values(t, ...)
   else
     local e = ...
     if is_error(e, "CancelledError") then

@@ -22,8 +22,7 @@ local S = require("corral.fields").S
 
 local DONE = future.DONE
 local Handle, RESERVED = handles.Handle, handles.RESERVED
-local settings, pool_size, whole, MODES, MAX_WORKERS = options.settings, options.pool_size, options.whole,
-  options.MODES, options.MAX_WORKERS
+local settings, pool_size = options.settings, options.pool_size
 local check_options = options.check
 local type, pairs, ipairs, setmetatable, unpack = type, pairs, ipairs, setmetatable, unpack
 
@@ -80,6 +79,13 @@ function Class:options(o)
   return setmetatable({ _methods = self._methods, _options = opts }, Class)
 end
 
+-- The C instances of a thread worker handle.
+local function instance_uds(h)
+  local uds = {}
+  for i, inst in ipairs(h._insts) do uds[i] = inst.ud end
+  return uds
+end
+
 local function opt(o, k)
   if o[k] ~= nil then return o[k] end
   return settings[k]
@@ -123,9 +129,7 @@ function Class:init(...)
     h._insts[i] = inst
   end
   if mode == "thread" then
-    local uds = {}
-    for i, inst in ipairs(h._insts) do uds[i] = inst.ud end
-    h._c = core.handle_new(h._name, h._balance, h._blocking, unpack(uds))
+    h._c = core.handle_new(h._name, h._balance, h._blocking, unpack(instance_uds(h)))
   end
   return h
 end
@@ -143,9 +147,7 @@ local function the_pool()
   local got = { core.pool_get() }
   if #got == 0 then
     local p = Runner:options { name = "pool", workers = pool_size() }:init()
-    local uds = {}
-    for i, inst in ipairs(p._insts) do uds[i] = inst.ud end
-    if core.pool_set(unpack(uds)) then
+    if core.pool_set(unpack(instance_uds(p))) then
       default_pool = p
       return p
     end
@@ -188,13 +190,7 @@ function M.map(fn, items, opts)
   errors.check(type(items) == "table", "corral.map", "items", "an array", items)
   errors.check(type(opts) == "table", "corral.map", "opts", "a table", opts)
   errors.check_options("corral.map", opts, MAP_OPTIONS)
-  if opts.workers ~= nil then
-    errors.check(whole(opts.workers, MAX_WORKERS), "corral.map", "workers",
-      ("a whole number from 1 to %d"):format(MAX_WORKERS), opts.workers)
-  end
-  if opts.mode ~= nil then
-    errors.check(MODES[opts.mode], "corral.map", "mode", '"thread", "async" or "sync"', opts.mode)
-  end
+  check_options("corral.map", { workers = opts.workers, mode = opts.mode })
   local pool, own = pool_for(opts)
   local n = #items
   local bound = math.max(4, 2 * #pool._insts * (pool._max_concurrency or 1))

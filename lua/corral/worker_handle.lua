@@ -8,7 +8,7 @@ local calls = require "corral.worker_call"
 local loc = require "corral.worker_local"
 
 local wrap = future.wrap
-local CallFuture, closed_future, call_future = calls.CallFuture, calls.closed_future, calls.call_future
+local closed_future, call_future = calls.closed_future, calls.call_future
 local select, type, ipairs, setmetatable = select, type, ipairs, setmetatable
 
 local M = {}
@@ -62,8 +62,6 @@ local function thread_call(h, inst, method, ...)
   end
   return f -- "crashed": failed with the worker's crash already
 end
-
--- ---- async and sync instances (in the caller's context) ----------------------
 
 -- ---- calls -------------------------------------------------------------------
 
@@ -162,6 +160,5 @@ end
 --- Whether v is a worker handle.
 function M.is_worker(v) return getmetatable(v) == Handle end
 
-
-M.Handle, M.RESERVED, M.CallFuture = Handle, RESERVED, CallFuture
+M.Handle, M.RESERVED = Handle, RESERVED
 return M

@@ -16,10 +16,6 @@ local select, type, pairs, ipairs, unpack = select, type, pairs, ipairs, unpack
 
 local M = {}
 
-local function init_failed(h, e)
-  return errors.crashed(h._name, "its init failed: " .. errors.safe_tostring(e), e, nil, "init")
-end
-
 -- Run one call inline (sync) or in its task (async): wait for its inputs,
 -- run the method, settle its future (unless cancelled meanwhile).
 local function run_local(h, inst, method, f, args)
@@ -46,12 +42,7 @@ local function run_local(h, inst, method, f, args)
   local function finish(done, ...)
     if f[S] >= DONE then return end -- cancelled while it ran
     if done then
-      local n = select("#", ...)
-      if n == 1 then
-        future.settle(f, DONE, 1, (...))
-      else
-        future.settle(f, DONE, n, n > 1 and { n = n, ... } or false)
-      end
+      future.settle_values(f, ...)
     else
       local e = ...
       if errors.is_error(e, "CancelledError") then
@@ -77,7 +68,7 @@ local function async_run(h, inst, item)
       if not ok then future.settle(f, future.CANCELLED, 0, false, errors.cancelled()) end
     end
     if ie ~= nil then
-      future.settle(f, future.FAILED, 0, false, init_failed(h, ie))
+      future.settle(f, future.FAILED, 0, false, errors.init_failed(h._name, ie))
     elseif f[S] < DONE then
       run_local(h, inst, item.method, f, item.args)
     end
@@ -132,7 +123,7 @@ end
 function M.sync_call(h, inst, method, ...)
   local f = future.new(nil, CallFuture)
   if inst.init_err ~= nil then
-    future.settle(f, future.FAILED, 0, false, init_failed(h, inst.init_err))
+    future.settle(f, future.FAILED, 0, false, errors.init_failed(h._name, inst.init_err))
     return f
   end
   run_local(h, inst, method, f, { n = select("#", ...), ... })

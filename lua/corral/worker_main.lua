@@ -59,12 +59,7 @@ function M.prepare()
   os.exit = worker_exit -- luacheck: ignore 122
 end
 
--- The text of an error for a message: a TaskError's own, else "Kind: text".
-local function text_of(e)
-  if errors.is_error(e, "TaskError") then return errors.safe_tostring(e.message) end
-  if errors.is_error(e) then return e.kind .. ": " .. errors.safe_tostring(e.message) end
-  return errors.safe_tostring(e)
-end
+local text_of = errors.text_of
 
 -- The worker dies with `err`: sent to its calls, its cause as text when it
 -- cannot travel.
@@ -279,7 +274,7 @@ function serve(name, class, opts, self, init)
     if not started and init:done() then
       local ie = init:exception()
       if ie ~= nil and not errors.is_error(ie, "CancelledError") then
-        crash = errors.crashed(name, "its init failed: " .. text_of(ie), ie, nil, "init")
+        crash = errors.init_failed(name, ie)
       elseif ie ~= nil then
         break -- stopped while init ran
       else

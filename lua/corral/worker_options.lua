@@ -77,8 +77,6 @@ function M.config(t)
   return copy
 end
 
-
-M.MODES, M.MAX_WORKERS, M.settings = MODES, MAX_WORKERS, settings
-M.whole, M.pool_size, M.check = whole, pool_size, check_options
+M.settings, M.pool_size, M.check = settings, pool_size, check_options
 
 return M

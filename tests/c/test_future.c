@@ -85,6 +85,16 @@ static void test_threads_settle(void) {
 
 /* ---- a foreign thread waits on a future that Lua settles ----------------- */
 
+/* A Lua future in the global f; its C half, retained (NULL when none). */
+static corral_future *global_lua_future(lua_State *L) {
+  run_lua(L, "f = require('corral').future()");
+  lua_getglobal(L, "f");
+  corral_future *f = corral_to_future(L, -1);
+  lua_pop(L, 1);
+  if (f != NULL) corral_future_retain(f);
+  return f;
+}
+
 typedef struct {
   corral_future *f;
   int rc;
@@ -101,12 +111,8 @@ static void *wait_foreign(void *arg) {
 static void test_foreign_wait(void) {
   corral_runtime *rt = corral_open();
   lua_State *L = corral_lua(rt);
-  run_lua(L, "f = require('corral').future()");
-  lua_getglobal(L, "f");
-  corral_future *f = corral_to_future(L, -1);
-  lua_pop(L, 1);
+  corral_future *f = global_lua_future(L);
   CHECK(f != NULL, "corral_to_future gives the C half of a Lua future");
-  corral_future_retain(f);
   waiter_arg w = {f, -99, CORRAL_PENDING};
   pthread_t th;
   pthread_create(&th, NULL, wait_foreign, &w);
@@ -159,11 +165,7 @@ static void *settle_from_thread(void *arg) {
 static void test_host_settles_lua_future(void) {
   corral_runtime *rt = corral_open();
   lua_State *L = corral_lua(rt);
-  run_lua(L, "f = require('corral').future()");
-  lua_getglobal(L, "f");
-  corral_future *f = corral_to_future(L, -1);
-  lua_pop(L, 1);
-  corral_future_retain(f);
+  corral_future *f = global_lua_future(L);
   pthread_t th;
   pthread_create(&th, NULL, settle_from_thread, f);
   int rc = run_lua(L, "assert(f:result(10) == 42)");

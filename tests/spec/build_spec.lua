@@ -27,6 +27,12 @@ describe("the build", function()
   end)
 
   it("exports from the corral binary no internal name of corral", function()
-    for _, name in ipairs(exported(h.bin)) do assert.not_matches("^corral__", name) end
+    local public = {}
+    for _, name in ipairs(exported(h.bin)) do
+      assert.not_matches("^corral__", name)
+      public[name] = true
+    end
+    -- (the list is read: the public names are in it)
+    assert.is_true(public.corral_open and public.luaopen_corral or false, "corral_open, luaopen_corral")
   end)
 end)

@@ -77,7 +77,8 @@ describe("handle counting", function()
       local Leaf = corral.worker { hi = function() return "hi" end }
       local m = Maker:init()
       local f = m:make(600)
-      while not f:done() do
+      local t0 = corral.now()
+      while not f:done() and corral.now() - t0 < 50 do
         -- drop handles here, so that the home looks for orphans at its drains
         local function drop() Leaf:init() end
         drop()
@@ -153,18 +154,25 @@ describe("a draining stop and callers waiting for room", function()
       local w = W:options { max_queued = 1, name = "drainer" }:init()
       local mark = os.tmpname(); os.remove(mark)
       local fs = { w:nap(0.1), w:nap(0, mark) } -- one running, one queued: full
-      local waiting = false
+      -- P runs on the next turn and, within that run, is left waiting for
+      -- room; S asks for the stop within its first run too
+      local waiting, asked = false, false
       local P = corral.spawn(function() waiting = true; fs[3] = w:nap(0) end)
-      while not waiting do corral.sleep(0.001) end
-      corral.sleep(0.01) -- P waits for room
-      local S = corral.spawn(function() return w:stop { timeout = 3 } end)
-      corral.sleep(0.001) -- the stop is asked
+      local S = corral.spawn(function() asked = true; return w:stop { timeout = 3 } end)
+      local t1 = corral.now()
+      while not (waiting and asked) and corral.now() - t1 < 5 do corral.sleep(0) end
       -- this task runs code (the loop does not turn) while the worker
       -- drains its two calls and parks: P's room came, P has not run yet
       local t0 = corral.now()
       while not io.open(mark) and corral.now() - t0 < 5 do end
+      local function parked() -- nothing in its inbox, nothing running (or ended)
+        for _, r in ipairs(corral.stats()) do
+          if r.name == "drainer" then return r.queued == 0 and r.running == nil end
+        end
+        return true
+      end
       t0 = corral.now()
-      while corral.now() - t0 < 0.2 do end
+      while not parked() and corral.now() - t0 < 5 do end
       os.remove(mark)
       P:cancel() -- P gives up: its call never goes
       print("stopped", S:result(5))
@@ -181,14 +189,17 @@ describe("a draining stop and callers waiting for room", function()
       local T = corral.worker { nap = function(_, s) corral.sleep(s) return s end }
       local C = corral.worker {
         fill = function(_, t)
-          corral.spawn(function() corral.sleep(0.05) os.exit(1) end)
-          return t:nap(0):result() -- waits for room when os.exit comes
+          -- runs once this task waits: for room, as the target is full
+          corral.spawn(function() os.exit(1) end)
+          return t:nap(0):result()
         end,
       }
       local t = T:options { max_queued = 1, name = "target" }:init()
-      local f1, f2 = t:nap(0.3), t:nap(0)
+      local gate = corral.future() -- holds the target's first call until the caller died
+      local f1, f2 = t:nap(gate), t:nap(0)
       local c = C:options { name = "caller" }:init()
       print(c:fill(t):exception(5).kind)
+      gate:set_result(0.3)
       print("stopped", t:stop { timeout = 3 })
       print(f1:result(), f2:result())
     ]])
@@ -202,8 +213,7 @@ describe("a draining stop and callers waiting for room", function()
     local w = W:options { max_queued = 1 }:init()
     local fs = {}
     local prod = corral.spawn(function() for i = 1, 3 do fs[i] = w:nap(0.2) end end)
-    wait_until(function() return fs[2] ~= nil end)
-    corral.sleep(0.02) -- the third call now waits for room
+    wait_until(function() return fs[2] ~= nil end) -- the third call now waits for room
     assert.is_nil(fs[3])
     assert.is_true(w:stop { drain = false, timeout = 5 })
     prod:result(5)
@@ -232,18 +242,22 @@ end)
 -- ========================================================================= --
 describe("cancel", function()
   it("a task whose cancel() returned true while its timeout was firing ends cancelled", function()
+    local t_waits, c_waits = false, false
     local t = corral.spawn(function()
       local f = corral.future()
+      t_waits = true
       local ok, e = pcall(f.result, f, 0.06) -- times out, or is cancelled
       if not ok and corral.is_error(e, "CancelledError") then error(e, 0) end
       return "went on"
     end)
     local said
     local c = corral.spawn(function()
+      c_waits = true
       corral.sleep(0.05)
       said = t:cancel() -- t was woken by its timeout in this same turn
     end)
-    corral.sleep(0.01) -- both wait now
+    -- a task runs from its flag to its wait without yielding: both wait now
+    h.wait_until(function() return t_waits and c_waits end, 5)
     local t0 = corral.now()
     while corral.now() - t0 < 0.2 do end -- both deadlines pass meanwhile
     c:result(5)
@@ -258,12 +272,13 @@ describe("cancel", function()
       nap = function(self, marker)
         local f = corral.future()
         corral.spawn(function()
-          corral.sleep(0.05) -- the method waits on f by now
+          -- (spawned: runs once the method waits on f)
           corral.spawn(function()
             coroutine.yield()            -- runs first on the next turn...
             io.open(marker, "w"):close() -- ...while the caller cancels
             local t0 = corral.now()
-            while corral.now() - t0 < 0.5 do end
+            while not io.open(marker .. ".cancelled") and corral.now() - t0 < 10 do end
+            os.remove(marker .. ".cancelled")
           end)
           corral.spawn(function() f:set_result(true) end) -- the method resumes after it
         end)
@@ -280,6 +295,7 @@ describe("cancel", function()
     wait_until(function() return exists(marker) end)
     os.remove(marker)
     assert.is_true(f:cancel())
+    io.open(marker .. ".cancelled", "w"):close()
     local got = w:cleanup():result(5)
     w:stop()
     assert.are.equal("false waited", got)

@@ -25,9 +25,10 @@ describe("tasks", function()
     end
     local ts = { corral.spawn(sleeper, "c", 0.03), corral.spawn(sleeper, "a", 0.01),
       corral.spawn(sleeper, "b", 0.02) }
-    corral.sleep(0) -- they start and sleep
-    local t = os.clock()
-    while os.clock() - t < 0.05 do end -- the loop is busy: all three fall due at once
+    corral.sleep(0) -- a turn: they start and sleep
+    for i = 1, 3 do assert.is_true(ts[i]:running()) end
+    local t = corral.now()
+    while corral.now() - t < 0.05 do end -- the loop is busy: all three fall due at once
     corral.gather(ts)
     assert.are.same({ "a", "b", "c" }, log)
   end)
