@@ -212,8 +212,8 @@ typedef struct {
   int unwrap;              /* futures become dependencies (DEP) rather than references */
   corral_future **deps;    /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
-  int has_refs;     /* out: the payload holds references (futures, workers) */
-  char err[512];    /* out: why encoding failed, with the value's path */
+  int has_refs;  /* out: the payload holds references (futures, workers) */
+  char err[512]; /* out: why encoding failed, with the value's path */
 } codec_opts;
 
 typedef struct {
