@@ -158,10 +158,6 @@ M.wake = wake
 local turn -- defined below
 local in_turn = false -- a turn is running: an outside waiter cannot drive another
 
--- A call's method is about to wait (w._call is set on the task that runs
--- it): the worker watches for a cancel by the caller (set by worker_main).
-M.on_call_wait = nil
-local call_suspend, call_resume = core.call_suspend, core.call_resume
 
 --- Block until woken or until `deadline` (a `now()` time, optional).
 -- Returns the token (WOKE, TIMEOUT, CANCEL, or FOREVER for an outside waiter
@@ -199,21 +195,27 @@ function M.block(w, deadline)
   -- A call's method waits: from now until it resumes, its caller may
   -- cancel it (false: the caller already did). Once the cancel has been
   -- delivered, its cleanup may wait like any task's.
-  local call = w._call
+  -- (w._call is set on the task that runs a call's method, w._ib to its
+  -- instance's inbox: see corral.worker_serve.)
+  local call, ib = w._call, nil
   if call and w._call_cancelled == call then call = nil end
   if call then
-    if not call_suspend(call) then
+    ib = w._ib
+    if not ib.suspend(call) then
       w._call_cancelled = call
       return CANCEL
     end
-    if w._cwatch ~= call then M.on_call_wait(w, call) end
+    if w._cwatch ~= call then
+      w._cwatch = call
+      ib.watch(w, call)
+    end
   end
   w._blocked, w._in_block = true, true
   local tm = deadline and timer_add(deadline, w)
   local tok, val = co_yield(BLOCKED)
   w._in_block = false
   if tm then timer_cancel(tm) end
-  if call and not call_resume(call) then
+  if call and not ib.resume(call) then
     w._cancel_req = false
     w._call_cancelled = call
     return CANCEL

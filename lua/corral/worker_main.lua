@@ -12,13 +12,13 @@ local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
 local task = require "corral.task"
+local serving = require "corral.worker_serve"
 
-local DONE, FAILED, CANCELLED = future.DONE, future.FAILED, future.CANCELLED
+local CANCELLED = future.CANCELLED
 local DRAIN, CANCEL = core.STOP_DRAIN, core.STOP_CANCEL -- how the worker is asked to stop
-local call_info, call_args, call_finish, call_start = core.call_info, core.call_args,
-  core.call_finish, core.call_start
+local call_info = core.call_info
 local stopping = core.stopping
-local xpcall, pcall, type = xpcall, pcall, type
+local pcall = pcall
 
 local M = {}
 
@@ -70,23 +70,6 @@ local function crash_with(err)
   end
 end
 
--- A method with its arguments decoded, inside the protection of xpcall.
--- Arguments that cannot be decoded here (a module this state cannot
--- require) fail the call with a CodecError, not the worker: call_args
--- returns false and why, and the error raised is marked as the decoder's.
-local decode_errors = setmetatable({}, { __mode = "k" })
-local function run(fn, self, ok, ...)
-  if not ok then
-    local e = errors.new("CodecError", ..., nil, false)
-    decode_errors[e] = true
-    error(e, 0)
-  end
-  return fn(self, ...)
-end
-local function apply(fn, self, call)
-  return run(fn, self, call_args(call))
-end
-
 -- What a call leaves (a large argument, its result) is garbage once the call
 -- is done; an idle worker allocates nothing, so its collector would not run
 -- and would keep it. After a call and before parking, collect when the heap
@@ -102,25 +85,37 @@ local function collect_if_grown()
   end
 end
 
-local function fail(call, err)
-  if call_finish(call, FAILED, err) == nil then
-    -- what it carries cannot travel: send its text instead
-    err.cause, err.value = errors.safe_tostring(err.cause), nil
-    call_finish(call, FAILED, err)
-  end
-end
-
--- The caller may cancel a call whose method waits: watch its future while
--- it runs, and deliver the cancel at the wait (see sched.block).
-sched.on_call_wait = function(t, call)
-  t._cwatch = call
-  local own = future.wrap(core.call_result(call), nil, nil, true)
-  future.add_waiter(own, function(f)
-    if t._call == call and t._call_cancelled ~= call and f[1] == CANCELLED then
-      sched.wake(t, sched.CANCEL)
-    end
-  end)
-end
+-- The thread worker's inbox (see corral.worker_serve): its calls are C
+-- objects, their arguments and results encoded.
+local function own(call) return future.wrap(core.call_result(call), nil, nil, true) end
+local inbox = {
+  take = core.inbox_take,
+  info = function(call)
+    local method, ndeps = call_info(call)
+    return method, ndeps > 0
+  end,
+  deps = function(call)
+    local deps = core.call_deps(call)
+    for i = 1, #deps do deps[i] = future.wrap(deps[i]) end
+    return deps
+  end,
+  own = own,
+  start = core.call_start,
+  args = core.call_args,
+  finish = core.call_finish,
+  suspend = core.call_suspend,
+  resume = core.call_resume,
+  -- the caller may cancel a call whose method waits: watch its future while
+  -- it runs, and deliver the cancel at the wait (see sched.block)
+  watch = function(t, call)
+    future.add_waiter(own(call), function(f)
+      if t._call == call and t._call_cancelled ~= call and f[1] == CANCELLED then
+        sched.wake(t, sched.CANCEL)
+      end
+    end)
+  end,
+  cancelling = function() return stopping() >= CANCEL end,
+}
 
 --- The worker died outside its main loop (its boot payload could not be
 -- rebuilt here, say, or it ran out of memory): fail its calls with
@@ -131,6 +126,10 @@ function M.died(name, e, booted)
 end
 
 local serve -- the worker's loop, below
+
+local function exited(name, method)
+  return errors.crashed(name, ("os.exit(%d) in %s"):format(exit_code, method), nil, exit_code, method)
+end
 
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
@@ -149,153 +148,56 @@ end
 -- Serve calls until stopped or dead: `self` is the instance's state, `init`
 -- its init task.
 function serve(name, class, opts, self, init)
-  local limit = opts.max_concurrency or 1
   -- calls taken from the inbox at once: no more than the inbox holds, so
   -- that at most 2 x max_queued calls wait for this worker in all
-  local batch = math.min(64, opts.max_queued or 64)
-  local buf, head, tail = {}, 1, 0 -- calls taken from the inbox, in order
-  local runners = 0                 -- runner tasks alive
-  local live = {}                   -- runner tasks, to cancel on stop
-  local crash                       -- the WorkerCrashed that ends the worker
-
-  local function exited(method)
-    return errors.crashed(name, ("os.exit(%d) in %s"):format(exit_code, method), nil, exit_code, method)
-  end
-
-  -- Wait for the call's inputs (or for its caller to cancel it). Returns an
-  -- error to fail the call with, CANCEL, or nil to run it.
-  local function inputs(call, method)
-    local deps = core.call_deps(call)
-    local own
-    for i = 1, #deps do
-      local d = future.wrap(deps[i])
-      if not d:done() then
-        own = own or future.wrap(core.call_result(call), nil, nil, true)
-        local ok = pcall(corral.wait, { d, own }, { return_when = "FIRST_COMPLETED" })
-        if not ok or own:done() then return CANCEL end
-      end
-      if d:cancelled() then return CANCEL end
-      local de = d:exception()
-      if de ~= nil then return errors.dependency(name, method, i, de) end
-    end
-  end
-
-  local function finish(call, method, ok, ...)
-    if exit_code then
-      crash = crash or exited(method)
-      return
-    end
-    if ok then
-      local done, why = call_finish(call, DONE, ...)
-      if done == nil then fail(call, errors.codec(why)) end
-    else
-      local err = ...
-      if errors.is_error(err, "CancelledError") then
-        call_finish(call, CANCELLED)
-      elseif decode_errors[err] then
-        err.message = ("%s:%s: %s"):format(name, method, err.message)
-        fail(call, err)
-      else
-        fail(call, errors.worker_error(name, method, err, sched.last_traceback()))
-      end
-    end
-  end
-
-  local function refill()
-    local n = core.inbox_take(buf, batch, tail)
-    tail = tail + n
-    return n
-  end
-
-  -- A runner: runs queued calls one after another until there are none.
-  local function runner()
-    local me = sched.current()
-    live[me] = true
-    while crash == nil do
-      if head > tail then
-        head, tail = 1, 0
-        if refill() == 0 then break end
-      end
-      local call = buf[head]
-      buf[head] = nil
-      head = head + 1
-      if stopping() >= CANCEL then
-        call_finish(call, CANCELLED)
-      else
-        local method, ndeps = call_info(call)
-        local err = ndeps > 0 and inputs(call, method) or nil
-        if err == CANCEL then
-          call_finish(call, CANCELLED)
-        elseif err then
-          fail(call, err)
-        elseif not call_start(call) then
-          call_finish(call) -- its caller cancelled it meanwhile
-        else
-          local fn = class[method]
-          if type(fn) ~= "function" then
-            fail(call, errors.worker_error(name, method, "no method '" .. method .. "'"))
-          else
-            me._call, me._method = call, method
-            finish(call, method, xpcall(apply, sched.on_error, fn, self, call))
-            me._call, me._method = nil, nil
-            collect_if_grown()
-          end
-        end
-      end
-    end
-    live[me] = nil
-    runners = runners - 1
+  local srv = serving.new(name, class, self, opts.max_concurrency or 1,
+    math.min(64, opts.max_queued or 64), inbox)
+  srv.after_call = collect_if_grown
+  -- after os.exit, a call's end is the worker's crash
+  srv.exited = function(method)
+    if not exit_code then return false end
+    srv.crash = srv.crash or exited(name, method)
+    return true
   end
 
   -- On each turn, once init has succeeded: start runners for new calls.
-  local started = false
   sched.on_wake = function()
-    if started and runners < limit then
-      if head > tail then
-        head, tail = 1, 0
-        refill()
-      end
-      while runners < limit and head <= tail do
-        runners = runners + 1
-        corral.spawn(runner)
-      end
-    end
+    srv:wake()
     core.set_tasks(task.live())
   end
   sched.before_park = collect_if_grown
   sched.keepalive = true
-  while crash == nil do
+  while srv.crash == nil do
     sched.turn(true)
     if exit_code then
-      crash = exited(exit_where)
+      srv.crash = exited(name, exit_where)
       break
     end
     local st = stopping()
-    if not started and init:done() then
+    if not srv.started and init:done() then
       local ie = init:exception()
       if ie ~= nil and not errors.is_error(ie, "CancelledError") then
-        crash = errors.init_failed(name, ie)
+        srv.crash = errors.init_failed(name, ie)
       elseif ie ~= nil then
         break -- stopped while init ran
       else
-        started = true
-        sched.on_wake()
+        srv.started = true
+        srv:wake()
       end
     end
     if st >= CANCEL then
       -- cancel what runs (at its waits); the runners cancel what they took,
       -- the thread what is left in the inbox
-      if not started then init:cancel() end
-      for t in pairs(live) do t:cancel() end
+      if not srv.started then init:cancel() end
+      srv:cancel()
       sched.keepalive = false
-      while (runners > 0 or not init:done()) and crash == nil and sched.turn(true) do end
+      while (srv.runners > 0 or not init:done()) and srv.crash == nil and sched.turn(true) do end
       break
-    elseif st == DRAIN and runners == 0 and head > tail then
+    elseif st == DRAIN and srv.runners == 0 and not srv:holds() then
       -- the end, unless calls remain (in the inbox, or waiting for room);
       -- with none, an init still running is not waited for
-      head, tail = 1, 0
-      if refill() == 0 then
-        if not started then
+      if srv:refill() == 0 then
+        if not srv.started then
           init:cancel()
           sched.keepalive = false
           while not init:done() and sched.turn(true) do end
@@ -306,7 +208,7 @@ function serve(name, class, opts, self, init)
   end
   sched.on_wake, sched.before_park = nil, nil
   sched.keepalive = false
-  if crash then crash_with(crash) end
+  if srv.crash then crash_with(srv.crash) end
   -- what is left (tasks, futures still pending) ends as its state closes
 end
 
