@@ -3,12 +3,10 @@
 -- plain tables, are replaced by their first results. (Thread workers do the
 -- same in the codec, without decoding in the caller.)
 -- @module corral.unwrap
-local errors = require "corral.errors"
 local future = require "corral.future"
-local F = require "corral.fields"
 
-local is_future, S = future.is_future, F.S
-local DONE, CANCELLED = future.DONE, future.CANCELLED
+local is_future = future.is_future
+local unpack = unpack
 
 local M = {}
 
@@ -49,23 +47,21 @@ local function replace(v, seen)
   return copy
 end
 
---- Wait for the futures in args[1..n]; returns the arguments with their
--- values in place, or nil, the error that should fail the call (the
--- upstream error, or `CancelledError`) and the input's position.
-function M.resolve(args, n)
-  local fs = {}
-  local seen = {}
+--- The futures among args[1..n] (at the top level or inside plain
+-- tables), in order: a call's inputs.
+function M.inputs(args, n)
+  local fs, seen = {}, {}
   for i = 1, n do find(args[i], fs, seen, 0) end
-  if #fs == 0 then return args end
-  for i = 1, #fs do
-    local f = fs[i]
-    if f[S] < DONE then f:exception() end -- waits; raises only if we are cancelled
-    if f[S] == CANCELLED then return nil, errors.cancelled("an input was cancelled") end
-    if f[S] ~= DONE then return nil, f:exception(), i end
-  end
-  local out, memo = { n = n }, {}
+  return fs
+end
+
+--- The arguments with the first results of their inputs (all done) in
+-- place.
+function M.values(args, n)
+  local memo = {}
+  local out = {}
   for i = 1, n do out[i] = replace(args[i], memo) end
-  return out
+  return unpack(out, 1, n)
 end
 
 return M

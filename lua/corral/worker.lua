@@ -13,9 +13,8 @@
 -- @module corral.worker
 local core = require "corral.core"
 local errors = require "corral.errors"
-local sched = require "corral.sched"
 local future = require "corral.future"
-local task = require "corral.task"
+local loc = require "corral.worker_local"
 local options = require "corral.worker_options"
 local handles = require "corral.worker_handle"
 local S = require("corral.fields").S
@@ -116,15 +115,8 @@ function Class:init(...)
         error(errors.codec(why, 2), 2)
       end
       inst = { ud = ud }
-    elseif mode == "async" then
-      inst = { self = {}, queue = {}, head = 1, tail = 0, running = 0, active = 0, tasks = {} }
-      if self._methods.init then inst.init = task.spawn(self._methods.init, inst.self, ...) end
     else
-      inst = { self = {}, active = 0 }
-      if self._methods.init then
-        local ok, e = xpcall(self._methods.init, sched.on_error, inst.self, ...)
-        if not ok then inst.init_err = errors.raised(e, sched.last_traceback()) end
-      end
+      inst = loc.new(h, name, mode == "async", ...)
     end
     h._insts[i] = inst
   end

@@ -2,6 +2,7 @@
 -- @module corral.worker_call
 local errors = require "corral.errors"
 local future = require "corral.future"
+local sched = require "corral.sched"
 local S = require("corral.fields").S
 
 local DONE = future.DONE
@@ -18,19 +19,24 @@ local function closed_future(h, method)
 end
 
 -- The futures of calls: tostring says "call". An async call's future knows
--- its task, so that cancelling the call stops it.
+-- its call (`_item`, see corral.worker_local), so that cancelling it stops
+-- the call as a thread worker's would: a call not started never runs; a
+-- running one is cancelled only where its method waits (it gets
+-- `CancelledError` there); one whose method is executing (cancelling its
+-- own future) is not, and cancel says false.
 local CallFuture = {}
 for k, v in pairs(future.Future) do CallFuture[k] = v end
 CallFuture.__index = CallFuture
 CallFuture._kind = "call"
 
 function CallFuture:cancel()
-  local t = self._task
-  if t == nil then return future.Future.cancel(self) end
-  if self[S] >= DONE then return false end
+  local call = self._item
+  if call == nil then return future.Future.cancel(self) end
+  local s = self[S]
+  if s >= DONE or (s == future.RUNNING and not call.suspended) then return false end
   future.settle(self, future.CANCELLED, 0, false, errors.cancelled())
-  -- a task that has not started yet sees its call cancelled and skips it
-  if t[S] == future.RUNNING then t:cancel() end
+  local t = call.runner
+  if s == future.RUNNING and t then sched.wake(t, sched.CANCEL) end
   return true
 end
 

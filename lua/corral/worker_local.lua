@@ -1,166 +1,264 @@
 --- Async and sync worker instances: they live in the caller's context (an
--- async call is a task there, a sync call runs inline), with the same
--- options, calls, unwrapping, errors and stop as thread workers.
+-- async instance's calls run on its runner tasks there, a sync call runs
+-- inline). Their calls are served by `corral.worker_serve`, as a thread
+-- worker's are; only the inbox differs: a Lua queue of calls whose
+-- arguments are the caller's own values (nothing is copied), bounded by
+-- `max_queued` as a thread worker's inbox is.
 -- @module corral.worker_local
 local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
 local task = require "corral.task"
 local unwrap = require "corral.unwrap"
+local serving = require "corral.worker_serve"
 local calls = require "corral.worker_call"
 local S = require("corral.fields").S
 
-local DONE = future.DONE
-local CallFuture, closed_future = calls.CallFuture, calls.closed_future
-local select, type, pairs, ipairs, unpack = select, type, pairs, ipairs, unpack
+local DONE, FAILED, CANCELLED, RUNNING = future.DONE, future.FAILED, future.CANCELLED, future.RUNNING
+local settle, settle_values = future.settle, future.settle_values
+local CallFuture = calls.CallFuture
+local select, ipairs = select, ipairs
 
 local M = {}
 
--- Run one call inline (sync) or in its task (async): wait for its inputs,
--- run the method, settle its future (unless cancelled meanwhile).
-local function run_local(h, inst, method, f, args)
-  local ok, resolved, err, input = pcall(unwrap.resolve, args, args.n)
-  if not ok then -- this task was cancelled while waiting for the inputs
-    future.settle(f, future.CANCELLED, 0, false, errors.cancelled())
-    return
-  end
-  if not resolved then
-    if errors.is_error(err, "CancelledError") then
-      future.settle(f, future.CANCELLED, 0, false, err)
-    else
-      future.settle(f, future.FAILED, 0, false, errors.dependency(h._name, method, input, err))
-    end
-    return
-  end
-  local fn = h._class[method]
-  if type(fn) ~= "function" then
-    future.settle(f, future.FAILED, 0, false, errors.worker_error(h._name, method,
-      "no method '" .. method .. "'"))
-    return
-  end
-  if f[S] < DONE then f[S] = future.RUNNING end
-  local function finish(done, ...)
-    if f[S] >= DONE then return end -- cancelled while it ran
-    if done then
-      future.settle_values(f, ...)
-    else
-      local e = ...
-      if errors.is_error(e, "CancelledError") then
-        future.settle(f, future.CANCELLED, 0, false, e)
-      else
-        future.settle(f, future.FAILED, 0, false, errors.worker_error(h._name, method, e,
-          sched.last_traceback()))
-      end
-    end
-  end
-  finish(xpcall(fn, sched.on_error, inst.self, unpack(resolved, 1, resolved.n)))
-end
+-- ======================================================================== --
+-- The inbox                                                                --
+-- ======================================================================== --
 
-local pump_async
+-- A call is a table: `method`, `args` (with `n`), `f` (its future, whose
+-- `_item` is the call), `inst`; `deps` once its inputs are found; `room`
+-- while its caller waits for room; `runner` and `suspended` while it runs.
 
-local function async_run(h, inst, item)
-  local f = item.f
-  if f[S] < DONE then
-    local ie
-    if inst.init then
-      local ok, e = pcall(inst.init.exception, inst.init)
-      ie = ok and e or nil
-      if not ok then future.settle(f, future.CANCELLED, 0, false, errors.cancelled()) end
-    end
-    if ie ~= nil then
-      future.settle(f, future.FAILED, 0, false, errors.init_failed(h._name, ie))
-    elseif f[S] < DONE then
-      run_local(h, inst, item.method, f, item.args)
-    end
-  end
-  f._task = nil
-  inst.tasks[item] = nil
-  inst.active = inst.active - 1
-  inst.running = inst.running - 1
-  pump_async(h, inst)
-end
-
-pump_async = function(h, inst)
-  while inst.running < h._max_concurrency and inst.head <= inst.tail do
-    local item = inst.queue[inst.head]
-    inst.queue[inst.head] = nil
-    inst.head = inst.head + 1
-    if item.f[S] >= DONE then -- cancelled while it was queued
-      inst.active = inst.active - 1
-    else
-      inst.running = inst.running + 1
-      local t = task.spawn(async_run, h, inst, item)
-      item.f._task = t
-      inst.tasks[item] = t
-    end
-  end
-  if inst.space and inst.tail - inst.head + 1 < h._max_queued then
-    local sp = inst.space
-    inst.space = nil
-    sp:set_result()
-  end
-  if inst.active == 0 and inst.idle then
+-- The instance is idle: its calls are done and its init has ended.
+local function check_idle(inst)
+  if inst.active == 0 and inst.idle and not (inst.init and not inst.init:done()) then
     local idle = inst.idle
     inst.idle = nil
     idle:set_result()
   end
 end
 
-function M.async_call(h, inst, method, ...)
-  while inst.tail - inst.head + 1 >= h._max_queued do
-    inst.space = inst.space or future.new()
-    inst.space:result()
-    if h._stopped then return closed_future(h, method) end
+-- The call leaves the instance (done, failed, cancelled or dropped).
+local function release(call)
+  if call.released then return end
+  call.released = true
+  local inst = call.inst
+  inst.active = inst.active - 1
+  check_idle(inst)
+end
+
+local function finish(call, state, ...)
+  local f = call.f
+  if state ~= nil and f[S] < DONE then
+    if state == DONE then
+      settle_values(f, ...)
+    elseif state == FAILED then
+      settle(f, FAILED, 0, false, (...))
+    else
+      settle(f, CANCELLED, 0, false, errors.cancelled())
+    end
   end
+  release(call)
+  return true
+end
+
+-- What every local instance's inbox does with a call.
+local per_call = {
+  info = function(call)
+    call.deps = unwrap.inputs(call.args, call.args.n)
+    return call.method, #call.deps > 0
+  end,
+  deps = function(call) return call.deps end,
+  own = function(call) return call.f end,
+  start = function(call)
+    local f = call.f
+    if f[S] >= DONE then return false end
+    f[S] = RUNNING
+    return true
+  end,
+  args = function(call)
+    local a = call.args
+    call.args = nil -- the call keeps nothing it does not need
+    if #call.deps == 0 then return true, unpack(a, 1, a.n) end
+    return true, unwrap.values(a, a.n)
+  end,
+  finish = finish,
+  suspend = function(call)
+    if call.f[S] >= DONE then return false end
+    call.suspended = true
+    return true
+  end,
+  resume = function(call)
+    call.suspended = false
+    return call.f[S] < DONE
+  end,
+  watch = function(t, call) call.runner = t end,
+}
+
+-- Grant room to the callers whose calls are now within the first
+-- `max_queued` of the queue.
+local function grant(inst)
+  local q, last = inst.queue, math.min(inst.qtail, inst.qhead + inst.max_queued - 1)
+  for i = inst.granted, last do
+    local call = q[i]
+    if call.room then
+      local room = call.room
+      call.room = nil
+      room:set_result()
+    end
+  end
+  if last + 1 > inst.granted then inst.granted = last + 1 end
+end
+
+local function inbox(inst)
+  local ib = { cancelling = function() return inst.cancelling end }
+  for k, v in pairs(per_call) do ib[k] = v end
+  ib.take = function(buf, n, at)
+    local q, k = inst.queue, 0
+    while k < n and inst.qhead <= inst.qtail do
+      k = k + 1
+      buf[at + k] = q[inst.qhead]
+      q[inst.qhead] = nil
+      inst.qhead = inst.qhead + 1
+    end
+    if inst.granted < inst.qhead then inst.granted = inst.qhead end
+    grant(inst)
+    return k
+  end
+  return ib
+end
+
+-- Every call the instance holds and has not started: failed with `err`, or
+-- cancelled; their callers waiting for room go.
+local function drop_all(inst, err)
+  local q = inst.queue
+  local list = inst.srv:drop_taken()
+  for i = inst.qhead, inst.qtail do list[#list + 1] = q[i] end
+  inst.queue, inst.qhead, inst.qtail, inst.granted = {}, 1, 0, 1
+  for _, call in ipairs(list) do
+    if call.room then
+      local room = call.room
+      call.room = nil
+      room:set_result()
+    end
+    if err then finish(call, FAILED, err) else finish(call, CANCELLED) end
+  end
+end
+
+-- ======================================================================== --
+-- Instances                                                                --
+-- ======================================================================== --
+
+--- A new async (`async` true) or sync instance of handle `h`, named `name`:
+-- `init(...)` runs first (as a task of its own for an async instance, and
+-- no call starts before it has ended; inline for a sync one).
+function M.new(h, name, async, ...)
+  local inst = { self = {}, active = 0, queue = {}, qhead = 1, qtail = 0, granted = 1,
+    max_queued = h._max_queued, cancelling = false }
+  local srv = serving.new(name, h._class, inst.self, h._max_concurrency or 1,
+    math.min(64, h._max_queued), inbox(inst))
+  inst.srv = srv
+  local init = h._class.init
+  if not async then
+    if init then
+      local ok, e = xpcall(init, sched.on_error, inst.self, ...)
+      if not ok then inst.crash = errors.init_failed(name, errors.raised(e, sched.last_traceback())) end
+    end
+    return inst
+  end
+  if not init then
+    srv.started = true
+    return inst
+  end
+  inst.init = task.spawn(init, inst.self, ...)
+  future.add_waiter(inst.init, function(t)
+    if t[S] == DONE then
+      srv.started = true
+      srv:wake()
+    else
+      local ok, e = pcall(t.exception, t)
+      if not ok or errors.is_error(e, "CancelledError") then
+        drop_all(inst) -- stopped while init ran
+      else
+        inst.crash = errors.init_failed(name, e)
+        drop_all(inst, inst.crash)
+      end
+    end
+    check_idle(inst)
+  end)
+  return inst
+end
+
+--- Call `method` on an async instance: the call joins its queue; when the
+-- queue is full, the caller waits for room (the call is the instance's from
+-- now on: a stop drains or cancels it like any other).
+function M.async_call(h, inst, method, ...)
   local f = future.new(nil, CallFuture)
-  inst.tail = inst.tail + 1
-  inst.queue[inst.tail] = { method = method, f = f, args = { n = select("#", ...), ... } }
+  if inst.crash then
+    settle(f, FAILED, 0, false, inst.crash)
+    return f
+  end
+  local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst }
+  f._item = call
   inst.active = inst.active + 1
-  pump_async(h, inst)
+  local q = inst.qtail + 1
+  inst.qtail, inst.queue[q] = q, call
+  if q - inst.qhead >= h._max_queued then
+    local room = future.new()
+    call.room = room
+    inst.srv:wake()
+    local ok, e = pcall(room.result, room)
+    if not ok then
+      -- cancelled while waiting for room: the call never runs
+      f:cancel()
+      error(e, 0)
+    end
+  else
+    if inst.granted <= q then inst.granted = q + 1 end
+    inst.srv:wake()
+  end
   return f
 end
 
-function M.sync_call(h, inst, method, ...)
+--- Call `method` on a sync instance: it runs now; its future is settled
+-- when this returns.
+function M.sync_call(_, inst, method, ...)
   local f = future.new(nil, CallFuture)
-  if inst.init_err ~= nil then
-    future.settle(f, future.FAILED, 0, false, errors.init_failed(h._name, inst.init_err))
+  if inst.crash then
+    settle(f, FAILED, 0, false, inst.crash)
     return f
   end
-  run_local(h, inst, method, f, { n = select("#", ...), ... })
+  local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst }
+  inst.active = inst.active + 1
+  serving.execute(inst.srv, call, nil)
   return f
 end
 
 --- Stop an async or sync handle's instances: with `drain` false, cancel
--- what is queued and running; let callers waiting for room go. Returns the
--- idle futures to wait for, and whether the caller is one of its own calls
--- (that instance is not waited for).
-function M.stop(self, drain)
-  -- called from one of its own calls: that instance is not waited for
+-- what is queued and running and let callers waiting for room go. Returns
+-- the idle futures to wait for, and whether the caller is one of its own
+-- calls (that instance is not waited for).
+function M.stop(h, drain)
   local me, itself = sched.current(), false
   local idle = {}
-  for _, inst in ipairs(self._insts) do
-    if self._mode == "async" then
-      if not drain then
-        for i = inst.head, inst.tail do
-          local item = inst.queue[i]
-          if item then item.f:cancel() end
-        end
-        for item in pairs(inst.tasks) do item.f:cancel() end
-      end
-      if inst.space then
-        local sp = inst.space
-        inst.space = nil
-        sp:set_result()
-      end
-      pump_async(self, inst)
-      local inside = false
-      for _, t in pairs(inst.tasks) do inside = inside or t == me end
-      if inside then
-        itself = true
-      elseif inst.active > 0 then
-        inst.idle = inst.idle or future.new()
-        idle[#idle + 1] = inst.idle
-      end
+  if h._mode ~= "async" then return idle, false end
+  for _, inst in ipairs(h._insts) do
+    local srv = inst.srv
+    local init_running = inst.init and not inst.init:done()
+    if not drain then
+      inst.cancelling = true
+      drop_all(inst)
+      srv:cancel()
+      if init_running then inst.init:cancel() end
+    elseif init_running and inst.active == 0 then
+      inst.init:cancel() -- nothing to run: init is not waited for
+    end
+    if srv:runs(me) then
+      itself = true
+    else
+      inst.idle = inst.idle or future.new()
+      idle[#idle + 1] = inst.idle
+      check_idle(inst)
     end
   end
   return idle, itself
