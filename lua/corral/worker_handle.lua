@@ -40,41 +40,39 @@ local function pick(h)
   return best
 end
 
--- ---- thread instances ------------------------------------------------------
+-- ---- calls -------------------------------------------------------------------
 
-local function thread_call(h, inst, method, ...)
+-- A call to a thread instance: encoded once and pushed on its C inbox.
+-- Returns its future, and a future to wait on when the inbox was full.
+local function thread_push(h, inst, method, ...)
   local c, why, rc, accepted, key = core.wcall(inst.ud, method, ...)
   if c then return call_future(c, why) end
   if why == "codec" then error(errors.codec(rc, 4), 4) end
   local f = call_future(rc, key)
-  if why == "full" then
-    -- the worker holds the call, in order; this task waits until it moves
-    -- into the inbox (backpressure). A stop drains or cancels it as any.
-    local a = wrap(accepted)
-    local ok, e = pcall(a.result, a)
-    if not ok then
-      -- cancelled while waiting for room: the call never runs
-      core.fcancel(rc)
-      error(e, 0)
-    end
-  elseif why == "closed" then
-    core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method))
-  end
+  if why == "full" then return f, wrap(accepted) end
+  if why == "closed" then core.fsettle_encode(rc, future.FAILED, errors.closed(h._name, method)) end
   return f -- "crashed": failed with the worker's crash already
 end
 
--- ---- calls -------------------------------------------------------------------
+local push = { thread = thread_push, async = loc.async_call, sync = loc.sync_call }
 
 local function call(h, method, ...)
   local f
   if h._stopped then
     f = closed_future(h, method)
-  elseif h._mode == "thread" then
-    f = thread_call(h, pick(h), method, ...)
-  elseif h._mode == "async" then
-    f = loc.async_call(h, pick(h), method, ...)
   else
-    f = loc.sync_call(h, pick(h), method, ...)
+    local room
+    f, room = push[h._mode](h, pick(h), method, ...)
+    if room then
+      -- the instance holds the call, in order; this task waits until it
+      -- moves into the inbox (backpressure). A stop drains or cancels it as
+      -- any other.
+      local ok, e = pcall(room.result, room)
+      if not ok then
+        f:cancel() -- cancelled while waiting for room: the call never runs
+        error(e, 0)
+      end
+    end
   end
   if h._blocking then return f:result() end
   return f
@@ -123,25 +121,27 @@ function Handle:stop(opts)
   local drain = opts.drain ~= false
   local wait = require("corral.wait").wait
   self._stopped = true
-  if self._mode ~= "thread" then
-    local idle, itself = loc.stop(self, drain)
-    local _, not_done = wait(idle, { timeout = opts.timeout })
-    return #not_done == 0 and not itself
-  end
   -- a worker stopping itself (from one of its methods) stops once that
   -- call is done: it cannot wait for that here, so it returns false
   local stopped, others, itself = {}, {}, false
   for _, inst in ipairs(self._insts) do
-    local f = wrap(core.wstop(inst.ud, drain))
-    if core.wis_self(inst.ud) then
-      itself = true
+    local f, inside
+    if inst.ud then
+      f, inside = wrap(core.wstop(inst.ud, drain)), core.wis_self(inst.ud)
     else
+      f, inside = loc.stop(self, inst, drain)
+    end
+    if inside then
+      itself = true
+    elseif f then
       stopped[#stopped + 1], others[#others + 1] = f, inst
     end
   end
   local _, not_done = wait(stopped, { timeout = opts.timeout })
   if #not_done > 0 then return false end
-  for _, inst in ipairs(others) do core.wjoin(inst.ud) end
+  for _, inst in ipairs(others) do
+    if inst.ud then core.wjoin(inst.ud) end
+  end
   return not itself
 end
 

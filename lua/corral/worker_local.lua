@@ -189,9 +189,10 @@ function M.new(h, name, async, ...)
   return inst
 end
 
---- Call `method` on an async instance: the call joins its queue; when the
--- queue is full, the caller waits for room (the call is the instance's from
--- now on: a stop drains or cancels it like any other).
+--- Call `method` on an async instance: the call joins its queue. Returns
+-- its future, and when the queue is full a future to wait on for room (the
+-- call is the instance's from now on: a stop drains or cancels it like any
+-- other).
 function M.async_call(h, inst, method, ...)
   local f = future.new(nil, CallFuture)
   if inst.crash then
@@ -203,20 +204,15 @@ function M.async_call(h, inst, method, ...)
   inst.active = inst.active + 1
   local q = inst.qtail + 1
   inst.qtail, inst.queue[q] = q, call
+  local room
   if q - inst.qhead >= h._max_queued then
-    local room = future.new()
+    room = future.new()
     call.room = room
-    inst.srv:wake()
-    local ok, e = pcall(room.result, room)
-    if not ok then
-      -- cancelled while waiting for room: the call never runs
-      f:cancel()
-      error(e, 0)
-    end
-  else
-    if inst.granted <= q then inst.granted = q + 1 end
-    inst.srv:wake()
+  elseif inst.granted <= q then
+    inst.granted = q + 1
   end
+  inst.srv:wake()
+  if room and room[S] < DONE then return f, room end
   return f
 end
 
@@ -234,34 +230,28 @@ function M.sync_call(_, inst, method, ...)
   return f
 end
 
---- Stop an async or sync handle's instances: with `drain` false, cancel
--- what is queued and running and let callers waiting for room go. Returns
--- the idle futures to wait for, and whether the caller is one of its own
--- calls (that instance is not waited for).
-function M.stop(h, drain)
-  local me, itself = sched.current(), false
-  local idle = {}
-  if h._mode ~= "async" then return idle, false end
-  for _, inst in ipairs(h._insts) do
-    local srv = inst.srv
-    local init_running = inst.init and not inst.init:done()
-    if not drain then
-      inst.cancelling = true
-      drop_all(inst)
-      srv:cancel()
-      if init_running then inst.init:cancel() end
-    elseif init_running and inst.active == 0 then
-      inst.init:cancel() -- nothing to run: init is not waited for
-    end
-    if srv:runs(me) then
-      itself = true
-    else
-      inst.idle = inst.idle or future.new()
-      idle[#idle + 1] = inst.idle
-      check_idle(inst)
-    end
+--- Stop instance `inst` of handle `h`: with `drain` false, cancel what it
+-- holds and runs, and let callers waiting for room go. Returns a future
+-- settled once it is idle (none for a sync instance, which holds nothing),
+-- and whether the caller is one of its own calls (it is then not waited
+-- for).
+function M.stop(h, inst, drain)
+  if h._mode ~= "async" then return nil, false end
+  local srv = inst.srv
+  local init_running = inst.init and not inst.init:done()
+  if not drain then
+    inst.cancelling = true
+    drop_all(inst)
+    srv:cancel()
+    if init_running then inst.init:cancel() end
+  elseif init_running and inst.active == 0 then
+    inst.init:cancel() -- nothing to run: init is not waited for
   end
-  return idle, itself
+  if srv:runs(sched.current()) then return nil, true end
+  inst.idle = inst.idle or future.new()
+  local idle = inst.idle
+  check_idle(inst)
+  return idle, false
 end
 
 return M
