@@ -49,10 +49,17 @@ end
 
 --- The futures among args[1..n] (at the top level or inside plain
 -- tables), in order: a call's inputs.
+local NONE = {} -- (never written to)
 function M.inputs(args, n)
-  local fs, seen = {}, {}
-  for i = 1, n do find(args[i], fs, seen, 0) end
-  return fs
+  for i = 1, n do
+    local v = args[i]
+    if type(v) == "table" and (getmetatable(v) == nil or is_future(v)) then
+      local fs, seen = {}, {}
+      for j = i, n do find(args[j], fs, seen, 0) end
+      return fs
+    end
+  end
+  return NONE -- no table, no future: the common case allocates nothing
 end
 
 --- The arguments with the first results of their inputs (all done) in
