@@ -255,20 +255,14 @@ static void put_field(const msgpack_object *o, const char *after) {
   say(after, strlen(after));
 }
 
-/* At close, with no Lua left to see it: a failed future that no Lua side
- * ever saw is reported from its payload (kind, message, traceback). */
-static void report_unseen(void *ud, corral_future *f) {
-  (void)ud;
-  if (corral_future_state(f) != CORRAL_FAILED ||
-      (atomic_load(&f->flags) & (FUTURE_DEP | FUTURE_SEEN)))
-    return;
+/* Write `head` and the error in an encoded payload (kind, message,
+ * traceback) to stderr. No Lua, no lock: a __gc may call it. */
+void corral__report_payload(const char *head, const char *payload, size_t len) {
   msgpack_unpacked u;
   msgpack_unpacked_init(&u);
   size_t off = 0;
-  const char *head = "corral: unretrieved error in a call: ";
   say(head, strlen(head));
-  if (f->payload != NULL &&
-      msgpack_unpack_next(&u, f->payload, f->len, &off) == MSGPACK_UNPACK_SUCCESS) {
+  if (payload != NULL && msgpack_unpack_next(&u, payload, len, &off) == MSGPACK_UNPACK_SUCCESS) {
     const msgpack_object *e = &u.data;
     if (e->type == MSGPACK_OBJECT_ARRAY && e->via.array.size > 0) e = &e->via.array.ptr[0];
     if (e->type == MSGPACK_OBJECT_STR) {
@@ -282,6 +276,16 @@ static void report_unseen(void *ud, corral_future *f) {
     say("(unreadable)\n", 13);
   }
   msgpack_unpacked_destroy(&u);
+}
+
+/* At close, with no Lua left to see it: a failed future that no Lua side
+ * ever saw is reported from its payload. */
+static void report_unseen(void *ud, corral_future *f) {
+  (void)ud;
+  if (corral_future_state(f) != CORRAL_FAILED ||
+      (atomic_load(&f->flags) & (FUTURE_DEP | FUTURE_SEEN)))
+    return;
+  corral__report_payload("corral: unretrieved error in a call: ", f->payload, f->len);
 }
 
 static void on_close_walk(uv_handle_t *h, void *arg) {

@@ -129,6 +129,9 @@ struct corral_context {
 int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L);
 /* Close the loop (from the thread that ran it); the lock too when asked. */
 void corral__ctx_close(corral_context *c, int destroy_lock);
+/* Write `head` and the error in an encoded payload to stderr (no Lua, no
+ * lock: a __gc may call it). */
+void corral__report_payload(const char *head, const char *payload, size_t len);
 /* Called by corral__future_settle with the watch already unlinked from its future. */
 void corral__ctx_post(corral_watch *w);
 /* Tell c that work was posted to it (call under c->qlock): wakes its loop
@@ -350,6 +353,7 @@ struct corral_worker {
   int booted;          /* its Lua main runs (the worker's thread only) */
   char *crash;         /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
+  atomic_int crash_carried; /* a call failed with it: its report is that call's */
   char current[64];         /* the method running now ("" when none), under ctx.qlock */
   atomic_int active;        /* calls queued or running */
   corral_future *stopped;   /* settled as the thread ends */

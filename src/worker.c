@@ -73,6 +73,7 @@ static void settle_all(corral_worker *w, queue *q, const char *crash, size_t cra
       c->accepted = NULL;
     }
     char *copy = crash != NULL ? malloc(crashlen) : NULL;
+    if (crash != NULL) atomic_store(&w->crash_carried, 1);
     if (copy != NULL) {
       memcpy(copy, crash, crashlen);
       corral__future_settle(c->result, CORRAL_FAILED, copy, crashlen);
@@ -221,6 +222,10 @@ void corral__worker_release(corral_worker *w) {
   if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
   corral__codec_free(w->boot, w->bootlen, w->boot_refs);
+  /* a crash no call carried (an init that failed before any call): nobody
+   * else will say it */
+  if (w->crash != NULL && !atomic_load(&w->crash_carried))
+    corral__report_payload("corral: unretrieved error: ", w->crash, w->crashlen);
   free(w->crash);
   corral_future_release(w->stopped);
   free(w);
@@ -317,6 +322,7 @@ char *corral__worker_crash_copy(corral_worker *w, size_t *len) {
   if (w->crash != NULL && (copy = malloc(w->crashlen)) != NULL) {
     memcpy(copy, w->crash, w->crashlen);
     *len = w->crashlen;
+    atomic_store(&w->crash_carried, 1);
   }
   uv_mutex_unlock(&w->ctx.qlock);
   return copy;

@@ -9,7 +9,7 @@ local F = require "corral.fields"
 
 local Future, settle, settle_values = future.Future, future.settle, future.settle_values
 local PENDING, RUNNING, DONE, CANCELLED = future.PENDING, future.RUNNING, future.DONE, future.CANCELLED
-local push, wake, on_error = sched.push, sched.wake, sched.on_error
+local push, wake, on_error, current = sched.push, sched.wake, sched.on_error, sched.current
 local WOKE, CANCEL = sched.WOKE, sched.CANCEL
 local fstart = core.fstart
 local xpcall, select, unpack, setmetatable = xpcall, select, unpack, setmetatable
@@ -77,6 +77,12 @@ function M.spawn(fn, ...)
   -- state, results, first waiter, function, arguments, coroutine (see
   -- corral.fields); the rest (_c, _e, _w, _blocked) only where needed
   local t = setmetatable({ PENDING, 0, false, false, fn, n, a, false }, Task)
+  -- a task spawned by a worker instance's code is that instance's
+  local cur = current()
+  if cur then
+    local inst = cur._inst
+    if inst then t._inst = inst end
+  end
   live = live + 1
   push(t, WOKE, nil)
   return t
@@ -112,6 +118,9 @@ function Task:cancel()
     -- it yielded by itself (coroutine.yield): corral cannot raise there
     return false
   end
+  -- (counted: a sync call that takes this cancel at one of its waits
+  -- passes it on to the task, see corral.worker_local)
+  self._ncancel = (self._ncancel or 0) + 1
   return true
 end
 

@@ -40,6 +40,14 @@ function CallFuture:cancel()
   return true
 end
 
+function CallFuture.set_result()
+  errors.usage("future:set_result", "a call's result is set by its worker")
+end
+
+function CallFuture.set_exception()
+  errors.usage("future:set_exception", "a call's error is set by its worker")
+end
+
 local wrap = future.wrap
 
 -- A call's future, already watched by this loop under `key`.

@@ -34,7 +34,8 @@ local function pick(h)
   local best, load = insts[1], math.huge
   for i = 1, n do
     local inst = insts[i]
-    local a = inst.ud and core.wactive(inst.ud) or inst.active
+    -- (an async or sync instance whose init failed takes no call)
+    local a = inst.ud and core.wactive(inst.ud) or (inst.crash and math.huge) or inst.active
     if a < load then best, load = inst, a end
   end
   return best

@@ -12,7 +12,8 @@ local task = require "corral.task"
 local unwrap = require "corral.unwrap"
 local serving = require "corral.worker_serve"
 local calls = require "corral.worker_call"
-local S = require("corral.fields").S
+local F = require "corral.fields"
+local S, CO = F.S, F.CO
 
 local DONE, FAILED, CANCELLED, RUNNING = future.DONE, future.FAILED, future.CANCELLED, future.RUNNING
 local settle, settle_values = future.settle, future.settle_values
@@ -45,6 +46,16 @@ local function release(call)
   local inst = call.inst
   inst.active = inst.active - 1
   check_idle(inst)
+end
+
+-- The instance's crash is carried by a call: the init's own failure is no
+-- longer reported by itself (the call's is).
+local function carry(inst)
+  local f = inst.init_failure
+  if f then
+    inst.init_failure = nil
+    future.retrieve(f)
+  end
 end
 
 local function finish(call, state, ...)
@@ -80,7 +91,7 @@ local per_call = {
     local a = call.args
     call.args = nil -- the call keeps nothing it does not need
     if #call.deps == 0 then return true, unpack(a, 1, a.n) end
-    return true, unwrap.values(a, a.n)
+    return true, unwrap.values(a, a.n, call.deps)
   end,
   finish = finish,
   suspend = function(call)
@@ -141,7 +152,12 @@ local function drop_all(inst, err)
       call.room = nil
       room:set_result()
     end
-    if err then finish(call, FAILED, err) else finish(call, CANCELLED) end
+    if err then
+      carry(inst)
+      finish(call, FAILED, err)
+    else
+      finish(call, CANCELLED)
+    end
   end
 end
 
@@ -151,38 +167,53 @@ end
 
 --- A new async (`async` true) or sync instance of handle `h`, named `name`:
 -- `init(...)` runs first (as a task of its own for an async instance, and
--- no call starts before it has ended; inline for a sync one).
+-- no call starts before it has ended; inline for a sync one). When it
+-- fails, every call fails with `WorkerCrashed`; its error is reported as
+-- unretrieved only when no call carries it.
 function M.new(h, name, async, ...)
   local inst = { self = {}, active = 0, queue = {}, qhead = 1, qtail = 0, granted = 1,
-    max_queued = h._max_queued, cancelling = false }
+    max_queued = h._max_queued, cancelling = false, stopping = false, running = 0, slots = {}, inline = {},
+    outside = 0 }
   local srv = serving.new(name, h._class, inst.self, h._max_concurrency or 1,
     math.min(64, h._max_queued), inbox(inst))
   inst.srv = srv
   local init = h._class.init
-  if not async then
-    if init then
-      local ok, e = xpcall(init, sched.on_error, inst.self, ...)
-      if not ok then inst.crash = errors.init_failed(name, errors.raised(e, sched.last_traceback())) end
-    end
-    return inst
-  end
   if not init then
     srv.started = true
     return inst
   end
-  inst.init = task.spawn(init, inst.self, ...)
-  future.add_waiter(inst.init, function(t)
-    if t[S] == DONE then
+  if not async then
+    local me = sched.current()
+    local inst0 = me and me._inst
+    if me then me._inst = srv else inst.outside = 1 end
+    local ok, e = xpcall(init, sched.on_error, inst.self, ...)
+    if me then me._inst = inst0 else inst.outside = 0 end
+    srv.started = true
+    if not ok then
+      local f = future.new()
+      settle(f, FAILED, 0, false, e, sched.last_traceback())
+      inst.init_failure = f
+      inst.crash = errors.init_failed(name, f._e)
+    end
+    return inst
+  end
+  local t = task.spawn(init, inst.self, ...)
+  t._inst, t._where = srv, "init"
+  inst.init = t
+  future.add_waiter(t, function()
+    local st = t[S]
+    if st == DONE then
       srv.started = true
       srv:wake()
+    elseif st == CANCELLED and inst.stopping then
+      drop_all(inst) -- stopped while init ran
     else
-      local ok, e = pcall(t.exception, t)
-      if not ok or errors.is_error(e, "CancelledError") then
-        drop_all(inst) -- stopped while init ran
-      else
-        inst.crash = errors.init_failed(name, e)
-        drop_all(inst, inst.crash)
-      end
+      -- (a CancelledError init raised by itself, with no stop asked, is a
+      -- failure like any; the task's own report stands until a call
+      -- carries it)
+      inst.init_failure = t
+      inst.crash = errors.init_failed(name, t._e or errors.cancelled())
+      drop_all(inst, inst.crash)
     end
     check_idle(inst)
   end)
@@ -196,6 +227,7 @@ end
 function M.async_call(h, inst, method, ...)
   local f = future.new(nil, CallFuture)
   if inst.crash then
+    carry(inst)
     settle(f, FAILED, 0, false, inst.crash)
     return f
   end
@@ -216,17 +248,60 @@ function M.async_call(h, inst, method, ...)
   return f
 end
 
---- Call `method` on a sync instance: it runs now; its future is settled
--- when this returns.
+-- The next caller waiting for a sync instance gets its turn.
+local function pass_turn(inst)
+  local slot = table.remove(inst.slots, 1)
+  if slot then slot:set_result() end
+end
+
+--- Call `method` on a sync instance: it runs now, on the caller's task
+-- (once fewer than `max_concurrency` of the instance's calls run: a caller
+-- waits for its turn, in order, unless it is inside one of them); its
+-- future is settled when this returns. A cancel of the caller's task that
+-- the method took at one of its waits is passed on to the caller.
 function M.sync_call(_, inst, method, ...)
   local f = future.new(nil, CallFuture)
   if inst.crash then
+    carry(inst)
     settle(f, FAILED, 0, false, inst.crash)
     return f
   end
+  local srv = inst.srv
+  local me = sched.current()
+  if me and me[CO] ~= coroutine.running() then me = nil end -- a coroutine of the code's own
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst }
+  f._item = call
   inst.active = inst.active + 1
-  serving.execute(inst.srv, call, nil)
+  if inst.running >= srv.limit and not srv:runs(me) then
+    local slot = future.new()
+    local slots = inst.slots
+    slots[#slots + 1] = slot
+    local ok, e = pcall(slot.result, slot)
+    if not ok then
+      -- cancelled while waiting for its turn: the call never runs
+      for i = 1, #slots do
+        if slots[i] == slot then
+          table.remove(slots, i)
+          break
+        end
+      end
+      finish(call, CANCELLED)
+      if slot[S] == DONE then pass_turn(inst) end -- the turn it was given goes on
+      error(e, 0)
+    end
+  end
+  inst.running = inst.running + 1
+  inst.inline[call] = true
+  local n0, inst0 = me and me._ncancel, me and me._inst
+  if me then me._inst = srv else inst.outside = inst.outside + 1 end
+  serving.execute(srv, call, me)
+  if me then me._inst = inst0 else inst.outside = inst.outside - 1 end
+  inst.inline[call] = nil
+  inst.running = inst.running - 1
+  pass_turn(inst)
+  if me and me._ncancel ~= n0 and f[S] == CANCELLED then
+    error(errors.cancelled(), 0) -- the caller's task was cancelled, not the call
+  end
   return f
 end
 
@@ -236,18 +311,31 @@ end
 -- and whether the caller is one of its own calls (it is then not waited
 -- for).
 function M.stop(h, inst, drain)
-  if h._mode ~= "async" then return nil, false end
   local srv = inst.srv
-  local init_running = inst.init and not inst.init:done()
+  local me = sched.current()
+  -- (outside any task, while a sync call runs outside any task, the caller
+  -- is that call: nothing else runs at the top level meanwhile)
+  local inside = srv:runs(me) or (me == nil and inst.outside and inst.outside > 0)
+  inst.stopping = true
   if not drain then
     inst.cancelling = true
-    drop_all(inst)
-    srv:cancel()
-    if init_running then inst.init:cancel() end
-  elseif init_running and inst.active == 0 then
-    inst.init:cancel() -- nothing to run: init is not waited for
+    if h._mode == "sync" then
+      for call in pairs(inst.inline) do call.f:cancel() end
+      local slots = inst.slots
+      inst.slots = {}
+      for _, slot in ipairs(slots) do slot:set_result() end -- (they cancel their call)
+    else
+      drop_all(inst)
+      srv:cancel()
+    end
   end
-  if srv:runs(sched.current()) then return nil, true end
+  -- an init still running is cancelled when the calls are, or when there
+  -- are none to run after it (unless init is the caller)
+  local init = inst.init
+  if init and not init:done() and not inside and (not drain or inst.active == 0) then
+    init:cancel()
+  end
+  if inside then return nil, true end
   inst.idle = inst.idle or future.new()
   local idle = inst.idle
   check_idle(inst)

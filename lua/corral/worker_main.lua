@@ -176,7 +176,9 @@ function serve(name, class, opts, self, init)
     local st = stopping()
     if not srv.started and init:done() then
       local ie = init:exception()
-      if ie ~= nil and not errors.is_error(ie, "CancelledError") then
+      if ie ~= nil and (st == 0 or not errors.is_error(ie, "CancelledError")) then
+        -- (a CancelledError init raised by itself, with no stop asked, is a
+        -- failure like any)
         srv.crash = errors.init_failed(name, ie)
       elseif ie ~= nil then
         break -- stopped while init ran

@@ -42,14 +42,18 @@ local CANCEL = {}
 
 -- Wait for the call's inputs (or for its caller to cancel it). Returns an
 -- error to fail the call with, CANCEL, or nil to run it.
+local wait
 local function inputs(srv, ib, call, method)
   local deps = ib.deps(call)
-  local own
+  -- a call its caller cancelled reads no input's error: the input's
+  -- failure stays its own, reported if nobody retrieves it
+  local own = ib.own(call)
+  if own:done() then return CANCEL end
+  wait = wait or require("corral.wait").wait
   for i = 1, #deps do
     local d = deps[i]
     if not d:done() then
-      own = own or ib.own(call)
-      local ok = pcall(require("corral.wait").wait, { d, own }, { return_when = "FIRST_COMPLETED" })
+      local ok = pcall(wait, { d, own }, { return_when = "FIRST_COMPLETED" })
       if not ok or own:done() then return CANCEL end
     end
     if d:cancelled() then return CANCEL end
@@ -121,9 +125,12 @@ local function execute(srv, call, me)
     if type(fn) ~= "function" then
       fail(ib, call, errors.worker_error(srv.name, method, "no method '" .. method .. "'"))
     elseif me then
+      -- (a sync call runs on its caller's task, which may be running a call
+      -- of its own: what the task had is put back)
+      local c0, ib0, m0 = me._call, me._ib, me._method
       me._call, me._ib, me._method = call, ib, method
       finish(srv, ib, call, method, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
-      me._call, me._ib, me._method = nil, nil, nil
+      me._call, me._ib, me._method = c0, ib0, m0
     else
       finish(srv, ib, call, method, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
     end
@@ -143,6 +150,7 @@ Server.__index = Server
 local function runner(srv)
   local me = sched.current()
   srv.live[me] = true
+  me._inst = srv -- (and so are the tasks its calls spawn: see Server:runs)
   while srv.crash == nil do
     if srv.head > srv.tail and srv:refill() == 0 then break end
     local call = srv.buf[srv.head]
@@ -191,8 +199,9 @@ function Server:cancel()
   for t in pairs(self.live) do t:cancel() end
 end
 
---- Whether task `t` is one of the runners.
-function Server:runs(t) return t ~= nil and self.live[t] == true end
+--- Whether task `t` is the instance's own: a runner, its init, a task
+-- they spawned (a task inherits `_inst` from the task that spawns it).
+function Server:runs(t) return t ~= nil and t._inst == self end
 
 --- A server: `name` (in errors), `class` (the methods), `self` (the
 -- instance's state), `limit` (max_concurrency), `batch` (calls taken at
