@@ -95,7 +95,7 @@ describe("review7: errors are never lost", function()
 end)
 
 describe("review7: init", function()
-  it("async: an init raising CancelledError by itself crashes the instance; later calls do not hang", function()
+  it("async: init raising CancelledError by itself crashes the instance; later calls do not hang", function()
     -- nobody stopped the worker: init waited on a future someone cancelled.
     -- The instance takes that for "stopped while init ran": the queued call
     -- is cancelled, srv.started stays false and inst.crash nil, so a call
