@@ -23,6 +23,11 @@ Task._kind = "task"
 
 local M = { Task = Task }
 local live = 0 -- tasks spawned and not finished
+local lineage = false -- tasks inherit `_inst` (see M.track_instances)
+
+--- From now on a task spawned by an async or sync instance's code belongs
+-- to that instance (its `_inst`), so that `stop` knows its own code.
+function M.track_instances() lineage = true end
 
 --- How many tasks have been spawned and have not finished.
 function M.live() return live end
@@ -77,11 +82,14 @@ function M.spawn(fn, ...)
   -- state, results, first waiter, function, arguments, coroutine (see
   -- corral.fields); the rest (_c, _e, _w, _blocked) only where needed
   local t = setmetatable({ PENDING, 0, false, false, fn, n, a, false }, Task)
-  -- a task spawned by a worker instance's code is that instance's
-  local cur = current()
-  if cur then
-    local inst = cur._inst
-    if inst then t._inst = inst end
+  -- a task spawned by a worker instance's code is that instance's (looked
+  -- at only once the context has async or sync instances)
+  if lineage then
+    local cur = current()
+    if cur then
+      local inst = rawget(cur, "_inst")
+      if inst then t._inst = inst end
+    end
   end
   live = live + 1
   push(t, WOKE, nil)

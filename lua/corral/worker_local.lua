@@ -77,7 +77,7 @@ end
 local per_call = {
   info = function(call)
     call.deps = unwrap.inputs(call.args, call.args.n)
-    return call.method, #call.deps > 0
+    return call.method, #call.deps
   end,
   deps = function(call) return call.deps end,
   own = function(call) return call.f end,
@@ -171,6 +171,7 @@ end
 -- fails, every call fails with `WorkerCrashed`; its error is reported as
 -- unretrieved only when no call carries it.
 function M.new(h, name, async, ...)
+  task.track_instances()
   local inst = { self = {}, active = 0, queue = {}, qhead = 1, qtail = 0, granted = 1,
     max_queued = h._max_queued, cancelling = false, stopping = false, running = 0, slots = {}, inline = {},
     outside = 0 }

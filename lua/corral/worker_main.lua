@@ -16,7 +16,6 @@ local serving = require "corral.worker_serve"
 
 local CANCELLED = future.CANCELLED
 local DRAIN, CANCEL = core.STOP_DRAIN, core.STOP_CANCEL -- how the worker is asked to stop
-local call_info = core.call_info
 local stopping = core.stopping
 local pcall = pcall
 
@@ -90,10 +89,7 @@ end
 local function own(call) return future.wrap(core.call_result(call), nil, nil, true) end
 local inbox = {
   take = core.inbox_take,
-  info = function(call)
-    local method, ndeps = call_info(call)
-    return method, ndeps > 0
-  end,
+  info = core.call_info,
   deps = function(call)
     local deps = core.call_deps(call)
     for i = 1, #deps do deps[i] = future.wrap(deps[i]) end

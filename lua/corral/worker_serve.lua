@@ -11,7 +11,7 @@
 --
 -- * `take(buf, n, tail)`: move up to `n` calls into `buf[tail+1...]`,
 --   return how many;
--- * `info(call)`: the method's name, and whether the call has inputs;
+-- * `info(call)`: the method's name, and how many inputs the call has;
 -- * `deps(call)`: its inputs (futures), in order; `own(call)`: its future;
 -- * `start(call)`: the method starts (false: its caller cancelled it);
 -- * `args(call)`: true and the arguments, or false and why they cannot be
@@ -112,8 +112,8 @@ local function execute(srv, call, me)
     ib.finish(call, CANCELLED)
     return
   end
-  local method, has_inputs = ib.info(call)
-  local err = has_inputs and inputs(srv, ib, call, method) or nil
+  local method, ninputs = ib.info(call)
+  local err = ninputs > 0 and inputs(srv, ib, call, method) or nil
   if err == CANCEL then
     ib.finish(call, CANCELLED)
   elseif err then
