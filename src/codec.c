@@ -321,7 +321,7 @@ static void ebox_release(ebox *b, int drop_refs) {
   b->held = NULL;
   b->nheld = b->capheld = 0;
   for (int i = 0; i < b->ndeps; i++)
-    corral_future_release(b->deps[i]);
+    corral__future_drop_dep(b->deps[i]);
   cfree(b->deps);
   b->deps = NULL;
   b->ndeps = b->capdeps = 0;
@@ -535,7 +535,7 @@ static int enc_future(encoder *e, int idx) {
     return enc_fail(e, "a table with a __future metatable that is not a corral future");
   codec_opts *o = e->o;
   if (o->unwrap) {
-    /* an input of a call: its failure is reported through that call */
+    /* an input of a call */
     ebox *b = need_box(e);
     if (b->ndeps == b->capdeps) {
       int cap = b->capdeps ? b->capdeps * 2 : 4;
@@ -544,13 +544,12 @@ static int enc_future(encoder *e, int idx) {
       b->deps = d;
       b->capdeps = cap;
     }
-    corral_future_retain(f);
+    /* while the call holds it, its failure is the call's to report: its own
+     * reporter, tied to its C half, says nothing */
+    corral__future_add_dep(f);
     uint32_t i = (uint32_t)b->ndeps;
     b->deps[b->ndeps++] = f;
     PK(pack_ext_u(e, EXT_DEP, i, 4));
-    /* its failure is reported through the call: its own reporter, tied to
-     * its C half, says nothing (FUTURE_DEP) */
-    atomic_fetch_or(&f->flags, FUTURE_DEP);
   } else {
     uint64_t h = corral__future_handle(f);
     if (h == 0) return enc_fail(e, "too many futures have crossed contexts (handle table full)");

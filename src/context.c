@@ -282,8 +282,8 @@ void corral__report_payload(const char *head, const char *payload, size_t len) {
  * ever saw is reported from its payload. */
 static void report_unseen(void *ud, corral_future *f) {
   (void)ud;
-  if (corral_future_state(f) != CORRAL_FAILED ||
-      (atomic_load(&f->flags) & (FUTURE_DEP | FUTURE_SEEN)))
+  if (corral_future_state(f) != CORRAL_FAILED || (atomic_load(&f->flags) & FUTURE_SEEN) ||
+      corral__future_reported_elsewhere(f))
     return;
   corral__report_payload("corral: unretrieved error in a call: ", f->payload, f->len);
 }

@@ -81,6 +81,23 @@ void corral_future_retain(corral_future *f) {
   atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
 }
 
+void corral__future_add_dep(corral_future *f) {
+  corral_future_retain(f);
+  atomic_fetch_add(&f->deps, 1);
+}
+
+void corral__future_drop_dep(corral_future *f) {
+  if (f == NULL) return;
+  atomic_fetch_sub(&f->deps, 1);
+  corral_future_release(f);
+}
+
+void corral__future_carried(corral_future *f) { atomic_fetch_or(&f->flags, FUTURE_DEP); }
+
+int corral__future_reported_elsewhere(corral_future *f) {
+  return (atomic_load(&f->flags) & FUTURE_DEP) || atomic_load(&f->deps) > 0;
+}
+
 void corral_future_release(corral_future *f) {
   if (f == NULL || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
   /* a host future dropped unsettled: no one can settle it any more */

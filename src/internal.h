@@ -27,7 +27,7 @@ typedef struct corral_watch {
 
 enum {
   FUTURE_HOST = 1, /* host C code may settle it (see future.c) */
-  FUTURE_DEP = 2,  /* an input of a call: its failure is reported through that call */
+  FUTURE_DEP = 2,  /* an input whose failure a call carried (a DependencyError) */
   FUTURE_SEEN = 4  /* settled from Lua: that side reports an unretrieved failure */
 };
 
@@ -35,6 +35,7 @@ struct corral_future {
   atomic_int refs;
   atomic_int state; /* corral_state; written under lock, read anywhere */
   atomic_int flags; /* FUTURE_* */
+  atomic_int deps;  /* calls that hold it as an input and have not ended */
   int suspended;    /* RUNNING, and its work waits: cancellable (under lock) */
   uv_mutex_t lock;
   corral_watch *watches;
@@ -65,6 +66,14 @@ int corral__future_trust(corral_future *f);
 uint64_t corral__future_handle(corral_future *f);
 /* Futures alive in the process (a debug counter for leak specs). */
 int corral__future_live(void);
+/* f becomes / is no more an input of a call (a reference comes / goes with
+ * it). While calls hold it, its failure is theirs to report; once one
+ * carried it (corral__future_carried), for good. */
+void corral__future_add_dep(corral_future *f);
+void corral__future_drop_dep(corral_future *f);
+void corral__future_carried(corral_future *f);
+/* Its failure is somebody else's to report (carried, or held by calls). */
+int corral__future_reported_elsewhere(corral_future *f);
 /* pending -> running; 0 when it took effect. */
 int corral__future_start(corral_future *f);
 /* The running work waits (cancellable) / goes on: 0 while still RUNNING,

@@ -113,7 +113,7 @@ static void fail_crashed(corral_worker *w, corral_future *result) {
 /* Give back the inputs an encode collected. */
 static void drop_deps(codec_opts *o) {
   for (int i = 0; i < o->ndeps; i++)
-    corral_future_release(o->deps[i]);
+    corral__future_drop_dep(o->deps[i]);
   free(o->deps);
 }
 
@@ -368,6 +368,15 @@ static int l_call_deps(lua_State *L) {
   return 1;
 }
 
+/* call_carried(call, i): the call fails with its input i's failure (a
+ * DependencyError): that input's own reporter says nothing, for good. */
+static int l_call_carried(lua_State *L) {
+  corral_call *c = call_check(L, 1);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  if (i >= 1 && i <= c->ndeps) corral__future_carried(c->deps[i - 1]);
+  return 0;
+}
+
 /* call_args(call): true and the decoded arguments, inputs in their places;
  * or false and why they cannot be decoded here (a CodecError's message). */
 static int l_call_args(lua_State *L) {
@@ -507,5 +516,6 @@ const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},
                                              {"call_info", l_call_info},
                                              {"call_args", l_call_args},
                                              {"call_deps", l_call_deps},
+                                             {"call_carried", l_call_carried},
                                              {"call_finish", l_call_finish},
                                              {NULL, NULL}};

@@ -22,11 +22,11 @@ void corral__reporter_attach(corral_reporter *r, corral_future *f) {
   r->f = f;
 }
 
-/* Write it (once), if still armed and its future is no call's input. */
+/* Write it (once), if still armed and its failure is not a call's to report. */
 static void fire(corral_reporter *r) {
   if (!r->armed) return;
   r->armed = 0;
-  if (r->f != NULL && (atomic_load(&r->f->flags) & FUTURE_DEP)) return;
+  if (r->f != NULL && corral__future_reported_elsewhere(r->f)) return;
   ssize_t rc = write(2, r->text, r->len);
   (void)rc;
 }

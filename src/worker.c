@@ -51,7 +51,7 @@ void corral__call_free(corral_call *c) {
   if (c == NULL) return;
   corral__codec_free(c->payload, c->len, c->payload_refs);
   for (int i = 0; i < c->ndeps; i++)
-    corral_future_release(c->deps[i]);
+    corral__future_drop_dep(c->deps[i]);
   free(c->deps);
   corral_future_release(c->result);
   free(c);

@@ -92,12 +92,15 @@ local inbox = {
   info = core.call_info,
   deps = function(call)
     local deps = core.call_deps(call)
-    for i = 1, #deps do deps[i] = future.wrap(deps[i]) end
+    -- (quiet: an input's failure is its caller's side to report, or the
+    -- call's once it carries it)
+    for i = 1, #deps do deps[i] = future.wrap(deps[i], nil, nil, true) end
     return deps
   end,
   own = own,
   start = core.call_start,
   args = core.call_args,
+  carried = core.call_carried,
   finish = core.call_finish,
   suspend = core.call_suspend,
   resume = core.call_resume,

@@ -21,7 +21,9 @@
 -- * `suspend(call)`, `resume(call)`: the method waits / goes on (false: its
 --   caller cancelled it), and `watch(task, call)`, called at its first wait
 --   (see `sched.block`);
--- * `cancelling()`: the instance is stopping and cancels what it has.
+-- * `cancelling()`: the instance is stopping and cancels what it has;
+-- * `carried(call, i)` (optional): the call fails with input i's failure,
+--   which is then the call's to report.
 -- @module corral.worker_serve
 local errors = require "corral.errors"
 local sched = require "corral.sched"
@@ -58,7 +60,10 @@ local function inputs(srv, ib, call, method)
     end
     if d:cancelled() then return CANCEL end
     local de = d:exception()
-    if de ~= nil then return errors.dependency(srv.name, method, i, de) end
+    if de ~= nil then
+      if ib.carried then ib.carried(call, i) end
+      return errors.dependency(srv.name, method, i, de)
+    end
   end
 end
 

@@ -40,9 +40,7 @@ describe("review7: errors are never lost", function()
     assert.matches("input%-boom", err)
   end)
 
-  -- known, not fixed: a thread call marks its inputs as carried when it is
-  -- encoded (see the note on issue 7)
-  pending("thread: a failed input is reported when the call taking it was cancelled before it ran", function()
+  it("thread: a failed input is reported when the call taking it was cancelled before it ran", function()
     -- (the same for thread workers: the input's failure is silenced once it
     -- is an input, and the input's taker is cancelled, so nobody reports it)
     local out, err, code = run([[
