@@ -37,7 +37,7 @@ local M = { Future = Future, PENDING = PENDING, RUNNING = RUNNING, DONE = DONE,
 --- Whether `v` is a corral future (or task).
 local function is_future(v)
   local mt = getmetatable(v)
-  return mt ~= nil and mt.__future == true
+  return type(mt) == "table" and rawget(mt, "__future") == true
 end
 M.is_future = is_future
 Future.__future = true

@@ -29,6 +29,10 @@ local lineage = false -- tasks inherit `_inst` (see M.track_instances)
 -- to that instance (its `_inst`), so that `stop` knows its own code.
 function M.track_instances() lineage = true end
 
+--- The `_inst` of tasks spawned outside any task (set while a sync call
+-- runs outside any task).
+M.outside = nil
+
 --- How many tasks have been spawned and have not finished.
 function M.live() return live end
 
@@ -86,10 +90,9 @@ function M.spawn(fn, ...)
   -- at only once the context has async or sync instances)
   if lineage then
     local cur = current()
-    if cur then
-      local inst = rawget(cur, "_inst")
-      if inst then t._inst = inst end
-    end
+    local inst
+    if cur then inst = rawget(cur, "_inst") else inst = M.outside end
+    if inst then t._inst = inst end
   end
   live = live + 1
   push(t, WOKE, nil)
@@ -102,7 +105,9 @@ local function callback_body(fn, f)
   local ok, e = xpcall(fn, on_error, f)
   if not ok then sched.report("error in a done callback", e, sched.last_traceback()) end
 end
-future.run_callback = function(fn, f) M.spawn(callback_body, fn, f) end
+-- (a callback is its registrant's code, not that of the instance whose
+-- runner settled the future)
+future.run_callback = function(fn, f) M.spawn(callback_body, fn, f)._inst = nil end
 
 --- Cancel the task: one that has not started never runs; a running one gets
 -- `CancelledError` at the corral wait where it is suspended, so its cleanup

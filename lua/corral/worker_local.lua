@@ -75,6 +75,7 @@ end
 
 -- What every local instance's inbox does with a call.
 local per_call = {
+  method_of = function(call) return call.method end,
   info = function(call)
     call.deps = unwrap.inputs(call.args, call.args.n)
     return call.method, #call.deps
@@ -91,7 +92,7 @@ local per_call = {
     local a = call.args
     call.args = nil -- the call keeps nothing it does not need
     if #call.deps == 0 then return true, unpack(a, 1, a.n) end
-    return true, unwrap.values(a, a.n, call.deps)
+    return true, unwrap.values(a, a.n)
   end,
   finish = finish,
   suspend = function(call)
@@ -162,6 +163,49 @@ local function drop_all(inst, err)
 end
 
 -- ======================================================================== --
+-- Sync calls: on their caller's task                                       --
+-- ======================================================================== --
+
+-- The caller's task (nil outside any task, or in a coroutine of the code's
+-- own) enters the instance's code: it is the instance's own (for `stop`)
+-- until `leave`. Returns the task and what to put back.
+local function enter(inst)
+  local me = sched.current()
+  if me and me[CO] ~= coroutine.running() then me = nil end
+  local link = { srv = inst.srv }
+  if me then
+    local saved = { inst = me._inst, ncancel = me._ncancel or 0, pending = me._cancel_req,
+      call = me._call, call_cancelled = me._call_cancelled }
+    link.up = saved.inst
+    me._inst = link
+    return me, saved
+  end
+  local saved = { outside = task.outside }
+  link.up = saved.outside
+  task.outside = link
+  inst.outside = inst.outside + 1
+  return nil, saved
+end
+
+local function leave(inst, me, saved)
+  if me then
+    me._inst = saved.inst
+  else
+    task.outside = saved.outside
+    inst.outside = inst.outside - 1
+  end
+end
+
+-- Whether the CancelledError that ended a sync call (or init) was a cancel
+-- of its caller: of the caller's task, or of the call that task runs.
+local function cancel_taken(me, saved)
+  if not me then return false end
+  if (me._ncancel or 0) ~= saved.ncancel or saved.pending then return true end
+  local c = saved.call
+  return c ~= nil and me._call_cancelled == c and saved.call_cancelled ~= c
+end
+
+-- ======================================================================== --
 -- Instances                                                                --
 -- ======================================================================== --
 
@@ -173,8 +217,7 @@ end
 function M.new(h, name, async, ...)
   task.track_instances()
   local inst = { self = {}, active = 0, queue = {}, qhead = 1, qtail = 0, granted = 1,
-    max_queued = h._max_queued, cancelling = false, stopping = false, running = 0, slots = {}, inline = {},
-    outside = 0 }
+    max_queued = h._max_queued, cancelling = false, stopping = false, inline = {}, outside = 0 }
   local srv = serving.new(name, h._class, inst.self, h._max_concurrency or 1,
     math.min(64, h._max_queued), inbox(inst))
   inst.srv = srv
@@ -184,12 +227,13 @@ function M.new(h, name, async, ...)
     return inst
   end
   if not async then
-    local me = sched.current()
-    local inst0 = me and me._inst
-    if me then me._inst = srv else inst.outside = 1 end
+    local me, saved = enter(inst)
     local ok, e = xpcall(init, sched.on_error, inst.self, ...)
-    if me then me._inst = inst0 else inst.outside = 0 end
+    leave(inst, me, saved)
     srv.started = true
+    if not ok and errors.is_error(e, "CancelledError") and cancel_taken(me, saved) then
+      error(e, 0) -- the creator's task was cancelled: init took it at a wait
+    end
     if not ok then
       local f = future.new()
       settle(f, FAILED, 0, false, e, sched.last_traceback())
@@ -199,14 +243,14 @@ function M.new(h, name, async, ...)
     return inst
   end
   local t = task.spawn(init, inst.self, ...)
-  t._inst, t._where = srv, "init"
+  t._inst, t._where = srv.link, "init"
   inst.init = t
   future.add_waiter(t, function()
     local st = t[S]
     if st == DONE then
       srv.started = true
       srv:wake()
-    elseif st == CANCELLED and inst.stopping then
+    elseif st == CANCELLED and inst.init_stopped then
       drop_all(inst) -- stopped while init ran
     else
       -- (a CancelledError init raised by itself, with no stop asked, is a
@@ -249,17 +293,11 @@ function M.async_call(h, inst, method, ...)
   return f
 end
 
--- The next caller waiting for a sync instance gets its turn.
-local function pass_turn(inst)
-  local slot = table.remove(inst.slots, 1)
-  if slot then slot:set_result() end
-end
-
---- Call `method` on a sync instance: it runs now, on the caller's task
--- (once fewer than `max_concurrency` of the instance's calls run: a caller
--- waits for its turn, in order, unless it is inside one of them); its
--- future is settled when this returns. A cancel of the caller's task that
--- the method took at one of its waits is passed on to the caller.
+--- Call `method` on a sync instance: it runs now, inline on the caller's
+-- task (`max_queued` and `max_concurrency` do not apply: each caller runs
+-- its call at once); its future is settled when this returns. A cancel of
+-- the caller (its task, or the call that task runs) that the method took at
+-- one of its waits is raised in the caller.
 function M.sync_call(_, inst, method, ...)
   local f = future.new(nil, CallFuture)
   if inst.crash then
@@ -267,41 +305,17 @@ function M.sync_call(_, inst, method, ...)
     settle(f, FAILED, 0, false, inst.crash)
     return f
   end
-  local srv = inst.srv
-  local me = sched.current()
-  if me and me[CO] ~= coroutine.running() then me = nil end -- a coroutine of the code's own
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst }
   f._item = call
   inst.active = inst.active + 1
-  if inst.running >= srv.limit and not srv:runs(me) then
-    local slot = future.new()
-    local slots = inst.slots
-    slots[#slots + 1] = slot
-    local ok, e = pcall(slot.result, slot)
-    if not ok then
-      -- cancelled while waiting for its turn: the call never runs
-      for i = 1, #slots do
-        if slots[i] == slot then
-          table.remove(slots, i)
-          break
-        end
-      end
-      finish(call, CANCELLED)
-      if slot[S] == DONE then pass_turn(inst) end -- the turn it was given goes on
-      error(e, 0)
-    end
-  end
-  inst.running = inst.running + 1
+  local me, saved = enter(inst)
+  call.task = me
   inst.inline[call] = true
-  local n0, inst0 = me and me._ncancel, me and me._inst
-  if me then me._inst = srv else inst.outside = inst.outside + 1 end
-  serving.execute(srv, call, me)
-  if me then me._inst = inst0 else inst.outside = inst.outside - 1 end
+  serving.execute(inst.srv, call, nil)
   inst.inline[call] = nil
-  inst.running = inst.running - 1
-  pass_turn(inst)
-  if me and me._ncancel ~= n0 and f[S] == CANCELLED then
-    error(errors.cancelled(), 0) -- the caller's task was cancelled, not the call
+  leave(inst, me, saved)
+  if f[S] == CANCELLED and not call.stopped and cancel_taken(me, saved) then
+    error(errors.cancelled(), 0)
   end
   return f
 end
@@ -321,10 +335,16 @@ function M.stop(h, inst, drain)
   if not drain then
     inst.cancelling = true
     if h._mode == "sync" then
-      for call in pairs(inst.inline) do call.f:cancel() end
-      local slots = inst.slots
-      inst.slots = {}
-      for _, slot in ipairs(slots) do slot:set_result() end -- (they cancel their call)
+      -- a sync call at a wait on its caller's task gets CancelledError there
+      -- (one made outside any task cannot be reached: it runs to its end)
+      for call in pairs(inst.inline) do
+        local t = call.task
+        if t and t._blocked and call.f[S] < DONE then
+          call.stopped = true
+          settle(call.f, CANCELLED, 0, false, errors.cancelled())
+          sched.wake(t, sched.CANCEL)
+        end
+      end
     else
       drop_all(inst)
       srv:cancel()
@@ -334,6 +354,7 @@ function M.stop(h, inst, drain)
   -- are none to run after it (unless init is the caller)
   local init = inst.init
   if init and not init:done() and not inside and (not drain or inst.active == 0) then
+    inst.init_stopped = true
     init:cancel()
   end
   if inside then return nil, true end

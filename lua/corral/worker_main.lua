@@ -90,6 +90,7 @@ local function own(call) return future.wrap(core.call_result(call), nil, nil, tr
 local inbox = {
   take = core.inbox_take,
   info = core.call_info,
+  method_of = function(call) return (core.call_info(call)) end,
   deps = function(call)
     local deps = core.call_deps(call)
     -- (quiet: an input's failure is its caller's side to report, or the
@@ -175,12 +176,10 @@ function serve(name, class, opts, self, init)
     local st = stopping()
     if not srv.started and init:done() then
       local ie = init:exception()
-      if ie ~= nil and (st == 0 or not errors.is_error(ie, "CancelledError")) then
-        -- (a CancelledError init raised by itself, with no stop asked, is a
-        -- failure like any)
+      if ie ~= nil then
+        -- (init ended by itself: a stop that cancels it ends this loop at
+        -- once, so a CancelledError here is init's own, a failure like any)
         srv.crash = errors.init_failed(name, ie)
-      elseif ie ~= nil then
-        break -- stopped while init ran
       else
         srv.started = true
         srv:wake()

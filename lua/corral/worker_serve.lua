@@ -22,6 +22,7 @@
 --   caller cancelled it), and `watch(task, call)`, called at its first wait
 --   (see `sched.block`);
 -- * `cancelling()`: the instance is stopping and cancels what it has;
+-- * `method_of(call)`: its method's name (for an error outside the method);
 -- * `carried(call, i)` (optional): the call fails with input i's failure,
 --   which is then the call's to report.
 -- @module corral.worker_serve
@@ -109,9 +110,9 @@ local function finish(srv, ib, call, method, ok, ...)
   end
 end
 
---- Run one call of `srv` on the task `me` (nil outside any task): wait for
--- its inputs, start it, run its method, settle its future.
-local function execute(srv, call, me)
+-- Run one call of `srv` on the task `me` (a runner; nil for a sync call):
+-- wait for its inputs, start it, run its method, settle its future.
+local function run_call(srv, call, me)
   local ib = srv.ib
   if ib.cancelling() then
     ib.finish(call, CANCELLED)
@@ -130,16 +131,25 @@ local function execute(srv, call, me)
     if type(fn) ~= "function" then
       fail(ib, call, errors.worker_error(srv.name, method, "no method '" .. method .. "'"))
     elseif me then
-      -- (a sync call runs on its caller's task, which may be running a call
-      -- of its own: what the task had is put back)
-      local c0, ib0, m0 = me._call, me._ib, me._method
       me._call, me._ib, me._method = call, ib, method
       finish(srv, ib, call, method, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
-      me._call, me._ib, me._method = c0, ib0, m0
+      me._call, me._ib, me._method = nil, nil, nil
     else
       finish(srv, ib, call, method, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
     end
     if srv.after_call then srv.after_call() end
+  end
+end
+--- Run one call of `srv` on the task `me` (a runner; nil for a sync call,
+-- which runs on its caller's task and leaves that task's call alone, so
+-- that a cancel of the call the caller itself runs reaches its waits). A
+-- failure outside the method (an argument that cannot be read) fails the
+-- call, not the runner.
+local function execute(srv, call, me)
+  local ok, e = pcall(run_call, srv, call, me)
+  if not ok then
+    if me then me._call, me._ib, me._method = nil, nil, nil end
+    fail(srv.ib, call, errors.worker_error(srv.name, srv.ib.method_of(call), e))
   end
 end
 M.execute = execute
@@ -155,7 +165,7 @@ Server.__index = Server
 local function runner(srv)
   local me = sched.current()
   srv.live[me] = true
-  me._inst = srv -- (and so are the tasks its calls spawn: see Server:runs)
+  me._inst = srv.link -- (and so are the tasks its calls spawn: see Server:runs)
   while srv.crash == nil do
     if srv.head > srv.tail and srv:refill() == 0 then break end
     local call = srv.buf[srv.head]
@@ -205,8 +215,17 @@ function Server:cancel()
 end
 
 --- Whether task `t` is the instance's own: a runner, its init, a task
--- they spawned (a task inherits `_inst` from the task that spawns it).
-function Server:runs(t) return t ~= nil and t._inst == self end
+-- running one of its sync calls, or a task they spawned. A task's `_inst`
+-- is a chain of links `{srv =, up =}` (a sync call adds one while it runs;
+-- a task inherits its spawner's, see corral.task).
+function Server:runs(t)
+  local x = t and t._inst
+  while x do
+    if x.srv == self then return true end
+    x = x.up
+  end
+  return false
+end
 
 --- A server: `name` (in errors), `class` (the methods), `self` (the
 -- instance's state), `limit` (max_concurrency), `batch` (calls taken at
@@ -214,8 +233,10 @@ function Server:runs(t) return t ~= nil and t._inst == self end
 -- run once true), `crash`, `exited(method)` (true: the call's end is not to
 -- be settled), `after_call()`, `on_idle()`.
 function M.new(name, class, self, limit, batch, ib)
-  return setmetatable({ name = name, class = class, self = self, limit = limit, batch = batch,
+  local srv = setmetatable({ name = name, class = class, self = self, limit = limit, batch = batch,
     ib = ib, buf = {}, head = 1, tail = 0, runners = 0, live = {}, started = false }, Server)
+  srv.link = { srv = srv }
+  return srv
 end
 
 return M

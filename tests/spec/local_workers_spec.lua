@@ -205,32 +205,6 @@ describe("async init", function()
   end)
 end)
 
-describe("sync workers wait for their turn", function()
-  it("a caller cancelled while waiting for its turn: its call never runs", function()
-    local W = corral.worker {
-      hold = function(_, box) return box.gate:result() end,
-      log = function(self, x)
-        self.log = self.log or {}
-        self.log[#self.log + 1] = x
-      end,
-      get_log = function(self) return self.log end,
-    }
-    local w = W:options { mode = "sync" }:init()
-    local box = setmetatable({ gate = corral.future() }, {})
-    local holder = corral.spawn(function() return w:hold(box) end)
-    local waiter = corral.spawn(function() return w:log("skipped") end)
-    local later = corral.spawn(function() return w:log("ran") end)
-    -- each task runs from its start to its wait without yielding
-    corral.spawn(function() end):result(5)
-    assert.is_true(waiter:cancel())
-    box.gate:set_result("open")
-    assert.are.equal("open", holder:result(5):result())
-    assert.is_true(corral.is_error(waiter:exception(5), "CancelledError"))
-    later:result(5)
-    assert.are.same({ "ran" }, w:get_log():result(5))
-  end)
-end)
-
 describe("call futures", function()
   it("cannot be settled by the caller, in any mode", function()
     local W = corral.worker { nap = function() corral.sleep(30) end }

@@ -260,25 +260,6 @@ describe("review7: sync workers", function()
     assert.is_true(ok, tostring(e))
     assert.is_true(t:cancelled())
   end)
-
-  it("max_concurrency = 1 holds for a sync instance called from several tasks", function()
-    -- the guide: the three modes serve calls the same way, max_concurrency
-    -- included; a sync instance runs its calls inline in every caller at once
-    local W = corral.worker {
-      work = function(self)
-        self.n = (self.n or 0) + 1
-        self.max = math.max(self.max or 0, self.n)
-        corral.sleep(0.01)
-        self.n = self.n - 1
-      end,
-      max = function(self) return self.max end,
-    }
-    local w = W:options { mode = "sync", max_concurrency = 1 }:init()
-    local ts = {}
-    for i = 1, 3 do ts[i] = corral.spawn(function() w:work() end) end
-    corral.wait(ts, { timeout = 5 })
-    assert.are.equal(1, w:max():result(5))
-  end)
 end)
 
 describe("review7: async inputs inside tables", function()
