@@ -99,7 +99,8 @@ function Class:init(...)
   local mode, n = opt(o, "mode"), opt(o, "workers")
   local h = setmetatable({ _name = o.name, _mode = mode, _balance = opt(o, "balance"),
     _blocking = opt(o, "blocking"), _max_queued = opt(o, "max_queued"),
-    _max_concurrency = opt(o, "max_concurrency"), _class = self._methods, _insts = {}, _rr = 0 }, Handle)
+    _max_concurrency = opt(o, "max_concurrency"), _class = self._methods, _insts = {}, _rr = 0,
+    _stopped = false }, Handle)
   for i = 1, n do
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name

@@ -79,21 +79,25 @@ local function call(h, method, ...)
   return f
 end
 
+-- The stub of method k: made once per name (a closure: kept out of
+-- __index, so that a lookup that misses can still be compiled).
+local function make_stub(k)
+  local fname = "worker:" .. k
+  local stub = function(self, ...)
+    if getmetatable(self) ~= Handle then
+      errors.check(false, fname, "self", "a worker (call it with ':')", self)
+    end
+    return call(self, k, ...)
+  end
+  stubs[k] = stub
+  return stub
+end
+
 Handle.__index = function(h, k)
   local m = Handle[k]
   if m ~= nil then return m end
   if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
-  local stub = stubs[k]
-  if not stub then
-    local fname = "worker:" .. k
-    stub = function(self, ...)
-      if getmetatable(self) ~= Handle then
-        errors.check(false, fname, "self", "a worker (call it with ':')", self)
-      end
-      return call(self, k, ...)
-    end
-    stubs[k] = stub
-  end
+  local stub = stubs[k] or make_stub(k)
   rawset(h, k, stub) -- found directly next time
   return stub
 end
@@ -154,7 +158,7 @@ function M.import(opts, ...)
   for i = 1, select("#", ...) do insts[i] = { ud = (select(i, ...)) } end
   local balance, blocking = opts.balance or "round_robin", opts.blocking or false
   return setmetatable({ _name = opts.name, _mode = "thread", _balance = balance,
-    _blocking = blocking, _insts = insts, _rr = 0,
+    _blocking = blocking, _insts = insts, _rr = 0, _stopped = false,
     _c = core.handle_new(opts.name, balance, blocking, ...) }, Handle)
 end
 

@@ -166,43 +166,28 @@ end
 -- Sync calls: on their caller's task                                       --
 -- ======================================================================== --
 
--- The caller's task (nil outside any task, or in a coroutine of the code's
--- own) enters the instance's code: it is the instance's own (for `stop`)
--- until `leave`. Returns the task and what to put back.
-local function enter(inst)
+-- The task a sync call (or init) runs on: the caller's (nil outside any
+-- task, or in a coroutine of the code's own).
+local function caller()
   local me = sched.current()
-  if me and me[CO] ~= coroutine.running() then me = nil end
-  local link = { srv = inst.srv }
-  if me then
-    local saved = { inst = me._inst, ncancel = me._ncancel or 0, pending = me._cancel_req,
-      call = me._call, call_cancelled = me._call_cancelled }
-    link.up = saved.inst
-    me._inst = link
-    return me, saved
-  end
-  local saved = { outside = task.outside }
-  link.up = saved.outside
-  task.outside = link
-  inst.outside = inst.outside + 1
-  return nil, saved
+  if me and me[CO] ~= coroutine.running() then return nil end
+  return me
 end
 
-local function leave(inst, me, saved)
-  if me then
-    me._inst = saved.inst
-  else
-    task.outside = saved.outside
-    inst.outside = inst.outside - 1
-  end
+-- The link that makes the caller the instance's own (for `stop`) while it
+-- runs the instance's code, on top of the caller's own chain `up`.
+local function link_on(srv, up)
+  if up == nil then return srv.link end
+  return { srv = srv, up = up }
 end
 
--- Whether the CancelledError that ended a sync call (or init) was a cancel
--- of its caller: of the caller's task, or of the call that task runs.
-local function cancel_taken(me, saved)
+-- Whether the CancelledError that ended a sync call (or init) on task `me`
+-- was a cancel of its caller: of the task (counted, or asked before the
+-- call), or of the call that task runs (`call`, cancelled during it).
+local function cancel_taken(me, ncancel, pending, call, call_cancelled)
   if not me then return false end
-  if (me._ncancel or 0) ~= saved.ncancel or saved.pending then return true end
-  local c = saved.call
-  return c ~= nil and me._call_cancelled == c and saved.call_cancelled ~= c
+  if (me._ncancel or 0) ~= ncancel or pending then return true end
+  return call ~= nil and me._call_cancelled == call and call_cancelled ~= call
 end
 
 -- ======================================================================== --
@@ -217,7 +202,8 @@ end
 function M.new(h, name, async, ...)
   task.track_instances()
   local inst = { self = {}, active = 0, queue = {}, qhead = 1, qtail = 0, granted = 1,
-    max_queued = h._max_queued, cancelling = false, stopping = false, inline = {}, outside = 0 }
+    max_queued = h._max_queued, cancelling = false, stopping = false, inline = {}, ninline = 0,
+    outside = 0 }
   local srv = serving.new(name, h._class, inst.self, h._max_concurrency or 1,
     math.min(64, h._max_queued), inbox(inst))
   inst.srv = srv
@@ -227,13 +213,24 @@ function M.new(h, name, async, ...)
     return inst
   end
   if not async then
-    local me, saved = enter(inst)
-    local ok, e = xpcall(init, sched.on_error, inst.self, ...)
-    leave(inst, me, saved)
-    srv.started = true
-    if not ok and errors.is_error(e, "CancelledError") and cancel_taken(me, saved) then
-      error(e, 0) -- the creator's task was cancelled: init took it at a wait
+    local me = caller()
+    local ok, e
+    if me then
+      local up, n0, pending, c0, cc0 = me._inst, me._ncancel or 0, me._cancel_req, me._call,
+        me._call_cancelled
+      me._inst = link_on(srv, up)
+      ok, e = xpcall(init, sched.on_error, inst.self, ...)
+      me._inst = up
+      if not ok and errors.is_error(e, "CancelledError") and cancel_taken(me, n0, pending, c0, cc0) then
+        error(e, 0) -- the creator's task was cancelled: init took it at a wait
+      end
+    else
+      local up = task.outside
+      task.outside, inst.outside = link_on(srv, up), inst.outside + 1
+      ok, e = xpcall(init, sched.on_error, inst.self, ...)
+      task.outside, inst.outside = up, inst.outside - 1
     end
+    srv.started = true
     if not ok then
       local f = future.new()
       settle(f, FAILED, 0, false, e, sched.last_traceback())
@@ -276,7 +273,9 @@ function M.async_call(h, inst, method, ...)
     settle(f, FAILED, 0, false, inst.crash)
     return f
   end
-  local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst }
+  -- (every field it will have, made at once: a table that grows rehashes)
+  local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
+    deps = false, released = false, room = false, runner = false, suspended = false }
   f._item = call
   inst.active = inst.active + 1
   local q = inst.qtail + 1
@@ -293,6 +292,14 @@ function M.async_call(h, inst, method, ...)
   return f
 end
 
+-- A sync call has ended: off the instance's list.
+local function unlist(inst, call)
+  local n, i = inst.ninline, call.slot
+  local last = inst.inline[n]
+  inst.inline[i], last.slot = last, i
+  inst.inline[n], inst.ninline = nil, n - 1
+end
+
 --- Call `method` on a sync instance: it runs now, inline on the caller's
 -- task (`max_queued` and `max_concurrency` do not apply: each caller runs
 -- its call at once); its future is settled when this returns. A cancel of
@@ -305,17 +312,32 @@ function M.sync_call(_, inst, method, ...)
     settle(f, FAILED, 0, false, inst.crash)
     return f
   end
-  local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst }
-  f._item = call
+  -- (its future has no `_item`: nobody holds it before it is settled, so
+  -- only a stop cancels it, through the call)
+  local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
+    deps = false, released = false, task = false, slot = 0, stopped = false }
   inst.active = inst.active + 1
-  local me, saved = enter(inst)
+  local srv = inst.srv
+  local me = caller()
   call.task = me
-  inst.inline[call] = true
-  serving.execute(inst.srv, call, nil)
-  inst.inline[call] = nil
-  leave(inst, me, saved)
-  if f[S] == CANCELLED and not call.stopped and cancel_taken(me, saved) then
-    error(errors.cancelled(), 0)
+  local n = inst.ninline + 1 -- (an array: a set of fresh keys would rehash)
+  inst.inline[n], inst.ninline, call.slot = call, n, n
+  if me then
+    local up, n0, pending, c0, cc0 = me._inst, me._ncancel or 0, me._cancel_req, me._call,
+      me._call_cancelled
+    me._inst = link_on(srv, up)
+    serving.execute(srv, call, nil)
+    me._inst = up
+    unlist(inst, call)
+    if f[S] == CANCELLED and not call.stopped and cancel_taken(me, n0, pending, c0, cc0) then
+      error(errors.cancelled(), 0)
+    end
+  else
+    local up = task.outside
+    task.outside, inst.outside = link_on(srv, up), inst.outside + 1
+    serving.execute(srv, call, nil)
+    task.outside, inst.outside = up, inst.outside - 1
+    unlist(inst, call)
   end
   return f
 end
@@ -337,7 +359,8 @@ function M.stop(h, inst, drain)
     if h._mode == "sync" then
       -- a sync call at a wait on its caller's task gets CancelledError there
       -- (one made outside any task cannot be reached: it runs to its end)
-      for call in pairs(inst.inline) do
+      for i = inst.ninline, 1, -1 do
+        local call = inst.inline[i]
         local t = call.task
         if t and t._blocked and call.f[S] < DONE then
           call.stopped = true

@@ -34,6 +34,20 @@ local function exit_hook() error(EXIT, 0) end
 -- os.exit runs, pcall or not) and the worker ends at its next turn. Where it
 -- cannot suspend (inside a C call, in a coroutine of the code's own), every
 -- further instruction of that coroutine and of its task raises.
+local current_srv -- the worker's server (see serve)
+
+local function exited(name, method)
+  return errors.crashed(name, ("os.exit(%d) in %s"):format(exit_code, method), nil, exit_code, method)
+end
+
+-- After os.exit, a call's end is the worker's crash (the server's
+-- `exited`, set only then: the calls before pay nothing for it).
+local function exited_call(method)
+  local srv = current_srv
+  srv.crash = srv.crash or exited(srv.name, method)
+  return true
+end
+
 local function worker_exit(code)
   if code == true or code == nil then code = 0 elseif code == false then code = 1 end
   local t = sched.current()
@@ -43,6 +57,7 @@ local function worker_exit(code)
       exit_code = 1
     end
     exit_code = math.floor(exit_code)
+    if current_srv then current_srv.exited = exited_call end
     exit_where = t and (t._method or t._where) or "a task it spawned"
   end
   sched.exiting = true
@@ -127,10 +142,6 @@ end
 
 local serve -- the worker's loop, below
 
-local function exited(name, method)
-  return errors.crashed(name, ("os.exit(%d) in %s"):format(exit_code, method), nil, exit_code, method)
-end
-
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
@@ -153,12 +164,8 @@ function serve(name, class, opts, self, init)
   local srv = serving.new(name, class, self, opts.max_concurrency or 1,
     math.min(64, opts.max_queued or 64), inbox)
   srv.after_call = collect_if_grown
-  -- after os.exit, a call's end is the worker's crash
-  srv.exited = function(method)
-    if not exit_code then return false end
-    srv.crash = srv.crash or exited(name, method)
-    return true
-  end
+  current_srv = srv
+  if exit_code then srv.exited = exited_call end
 
   -- On each turn, once init has succeeded: start runners for new calls.
   sched.on_wake = function()

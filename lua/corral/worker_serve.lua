@@ -93,7 +93,8 @@ local function fail(ib, call, err)
 end
 
 local function finish(srv, ib, call, method, ok, ...)
-  if srv.exited and srv.exited(method) then return end
+  local exited = srv.exited
+  if exited and exited(method) then return end
   if ok then
     local done, why = ib.finish(call, DONE, ...)
     if done == nil then fail(ib, call, errors.codec(why)) end
