@@ -41,9 +41,9 @@ end
 
 -- The call leaves the instance (done, failed, cancelled or dropped).
 local function release(call)
-  if call.released then return end
-  call.released = true
   local inst = call.inst
+  if not inst then return end
+  call.inst = false -- (released)
   inst.active = inst.active - 1
   check_idle(inst)
 end
@@ -275,7 +275,7 @@ function M.async_call(h, inst, method, ...)
   end
   -- (every field it will have, made at once: a table that grows rehashes)
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
-    deps = false, released = false, room = false, runner = false, suspended = false }
+    deps = false, room = false, runner = false, suspended = false }
   f._item = call
   inst.active = inst.active + 1
   local q = inst.qtail + 1
@@ -315,7 +315,7 @@ function M.sync_call(_, inst, method, ...)
   -- (its future has no `_item`: nobody holds it before it is settled, so
   -- only a stop cancels it, through the call)
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
-    deps = false, released = false, task = false, slot = 0, stopped = false }
+    deps = false, task = false, slot = 0 }
   inst.active = inst.active + 1
   local srv = inst.srv
   local me = caller()
@@ -329,7 +329,8 @@ function M.sync_call(_, inst, method, ...)
     serving.execute(srv, call, nil)
     me._inst = up
     unlist(inst, call)
-    if f[S] == CANCELLED and not call.stopped and cancel_taken(me, n0, pending, c0, cc0) then
+    -- (a call a stop cancelled has no task any more: see M.stop)
+    if f[S] == CANCELLED and call.task and cancel_taken(me, n0, pending, c0, cc0) then
       error(errors.cancelled(), 0)
     end
   else
@@ -363,7 +364,7 @@ function M.stop(h, inst, drain)
         local call = inst.inline[i]
         local t = call.task
         if t and t._blocked and call.f[S] < DONE then
-          call.stopped = true
+          call.task = false
           settle(call.f, CANCELLED, 0, false, errors.cancelled())
           sched.wake(t, sched.CANCEL)
         end
