@@ -470,9 +470,20 @@ static int pack_ext_u(encoder *e, int type, uint64_t v, int n) {
   return pack_ext(e, type, b, (size_t)n);
 }
 
+/* Whether x is an integer that a double holds exactly (|x| <= 2^53, not
+ * -0), and which: no floor(), no undefined conversion (NaN and the large
+ * fail the range test first). */
+static inline int exact_int(lua_Number x, int64_t *i) {
+  if (!(x >= -9007199254740992.0 && x <= 9007199254740992.0)) return 0;
+  int64_t v = (int64_t)x;
+  if ((lua_Number)v != x || (v == 0 && signbit(x))) return 0;
+  *i = v;
+  return 1;
+}
+
 static int enc_number(encoder *e, lua_Number x) {
-  if (x == floor(x) && fabs(x) <= 9007199254740992.0 && !(x == 0 && signbit(x)))
-    return msgpack_pack_int64(&e->pk, (int64_t)x);
+  int64_t i;
+  if (exact_int(x, &i)) return msgpack_pack_int64(&e->pk, i);
   return msgpack_pack_double(&e->pk, x);
 }
 
@@ -620,8 +631,10 @@ static int enc_table(encoder *e, int idx, int depth) {
   while (lua_next(L, idx)) {
     count++;
     if (array) {
-      lua_Number k = lua_type(L, -2) == LUA_TNUMBER ? lua_tonumber(L, -2) : 0;
-      if (k < 1 || k > (lua_Number)n || k != floor(k)) array = 0;
+      int64_t k;
+      if (lua_type(L, -2) != LUA_TNUMBER || !exact_int(lua_tonumber(L, -2), &k) || k < 1 ||
+          (uint64_t)k > n)
+        array = 0;
     }
     lua_pop(L, 1);
   }
@@ -629,11 +642,24 @@ static int enc_table(encoder *e, int idx, int depth) {
     PK(msgpack_pack_array(&e->pk, n));
     for (size_t i = 1; i <= n; i++) {
       lua_rawgeti(L, idx, (int)i);
-      at(e, (frame){.kind = AT_INDEX, .i = i});
-      int rc = enc_value(e, lua_gettop(L), depth + 1);
+      int rc;
+      /* numbers and strings, most of what arrays hold, go straight */
+      int t = lua_type(L, -1);
+      if (t == LUA_TNUMBER) {
+        rc = enc_number(e, lua_tonumber(L, -1)) != 0 ? enc_oom(e) : 0;
+      } else if (t == LUA_TSTRING) {
+        size_t len;
+        const char *str = lua_tolstring(L, -1, &len);
+        rc = msgpack_pack_str(&e->pk, len) != 0 || msgpack_pack_str_body(&e->pk, str, len) != 0
+                 ? enc_oom(e)
+                 : 0;
+      } else {
+        at(e, (frame){.kind = AT_INDEX, .i = i});
+        rc = enc_value(e, lua_gettop(L), depth + 1);
+        if (rc == 0) e->nframes--;
+      }
       lua_pop(L, 1);
       if (rc != 0) return rc;
-      e->nframes--;
     }
     return 0;
   }
