@@ -8,10 +8,10 @@ runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 corral = os.path.join(build, "bin", "corral")
 here = os.path.dirname(os.path.abspath(__file__))
 
-def measure(cmd):
+def measure(cmd, env=None):
     vals = []
     for _ in range(runs):
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         vals.append(float(out.split()[-1]))
     return statistics.median(vals)
 
@@ -39,14 +39,27 @@ row("CPU while waiting 1 s, 10k futures", ours, peer, "concurrent.futures.wait",
 ours = measure([corral, B("calls.lua"), "throughput", "200000"])
 peer = measure([sys.executable, B("calls_threadpool.py"), "throughput", "50000"])
 row("tiny calls to a pool of 2 threads", ours, peer, "ThreadPoolExecutor(2)", "calls/s", True)
-if subprocess.run(["luajit", "-e", "require 'luv'"], capture_output=True).returncode == 0:
-    luv = measure(["luajit", B("luv_queue_work.lua"), "200000"])
-    row("  same, against luv", ours, luv, "luv uv.queue_work", "calls/s", True)
+have_luv = subprocess.run(["luajit", "-e", "require 'luv'"], capture_output=True).returncode == 0
+# luv's pool gets the same 2 threads as corral's (its default is 4)
+luv_env = dict(os.environ, UV_THREADPOOL_SIZE="2")
+if have_luv:
+    luv = measure(["luajit", B("luv_queue_work.lua"), "200000"], luv_env)
+    row("  same, against luv (2 threads)", ours, luv, "luv uv.queue_work", "calls/s", True)
 else:
     print("  (lua-luv not installed: no queue_work comparison)")
+for k in (16, 256, 4096):
+    ours = measure([corral, B("window.lua"), str(k), "100000"])
+    if have_luv:
+        luv = measure(["luajit", B("luv_window.lua"), str(k), "100000"], luv_env)
+        row(f"  at most {k} in flight, in order", ours, luv, "luv queue_work, 2 threads", "calls/s", True)
+    else:
+        row(f"  at most {k} in flight, in order", ours, float("nan"), "(no luv)", "calls/s", True)
 ours = measure([corral, B("calls.lua"), "latency", "5000"])
 peer = measure([sys.executable, B("calls_threadpool.py"), "latency", "5000"])
 row("one call's round trip (median)", ours, peer, "ThreadPoolExecutor(2)", "us", False)
+ours = measure([corral, B("table.lua")])
+peer = measure([sys.executable, B("table_pickle.py")])
+row("100k-number table there and back", ours, peer, "pickle dumps+loads x2", "ms", False)
 ours = measure([corral, B("bigstring.lua")])
 peer = measure([sys.executable, B("bigstring_threadpool.py")])
 row("16 MiB string to a worker and back", ours, peer, "ThreadPool (no copy)", "MB/s", True)
