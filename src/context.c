@@ -13,6 +13,7 @@
  * any more: the home loop concludes that what it waits on can never settle.
  */
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -104,8 +105,17 @@ static inline void cpu_relax(void) {
 }
 
 /* Spin up to SPIN_NS (less when the timeout is shorter) for posted work.
- * Returns 1 when work came. */
+ * The home loop always does (it waits for replies); a worker only while
+ * fewer workers spin than there are CPUs besides the home's (more would
+ * only take the CPUs from the threads that have work). Returns 1 when work
+ * came. */
 static int spin(corral_context *c, int timeout_ms) {
+  atomic_int *nspin = c->worker != NULL ? &c->rt->nspin : NULL;
+  if (nspin != NULL &&
+      atomic_fetch_add_explicit(nspin, 1, memory_order_relaxed) >= c->rt->spin_max) {
+    atomic_fetch_sub_explicit(nspin, 1, memory_order_relaxed);
+    return atomic_load(&c->signal) != 0;
+  }
   uint64_t ns = SPIN_NS;
   if (timeout_ms > 0 && (uint64_t)timeout_ms * 1000000 < ns) ns = (uint64_t)timeout_ms * 1000000;
   atomic_store(&c->spinning, 1);
@@ -113,9 +123,14 @@ static int spin(corral_context *c, int timeout_ms) {
   int n = 0;
   while (!atomic_load_explicit(&c->signal, memory_order_relaxed)) {
     cpu_relax();
-    if (++n % 64 == 0 && uv_hrtime() >= end) break;
+    if (++n % 64 == 0) {
+      if (uv_hrtime() >= end) break;
+      /* a thread with work to do, if any waits for this CPU, gets it */
+      sched_yield();
+    }
   }
   atomic_store(&c->spinning, 0);
+  if (nspin != NULL) atomic_fetch_sub_explicit(nspin, 1, memory_order_relaxed);
   /* a poster that saw us spinning did not wake us: look once more */
   return atomic_load(&c->signal) != 0;
 }

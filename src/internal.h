@@ -204,6 +204,8 @@ struct corral_runtime {
   corral_context home;
   int owns_L;
   atomic_int nbusy;     /* worker contexts not parked idle (see context.c) */
+  atomic_int nspin;     /* worker loops spinning before they park (context.c) */
+  int spin_max;         /* at most this many at once: the CPUs but the home's */
   atomic_int orphans;   /* a worker lost its last handle: the home stops it */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;
