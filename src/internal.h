@@ -430,16 +430,16 @@ void corral__worker_reap(corral_runtime *rt);
 #define FLUSH_KEY   "corral.flush_crefs"
 #define HANDLE_MT   "corral.handle"
 
-#define RUNTIME_KEY "corral.runtime"
-#define CONTEXT_KEY "corral.context"
-#define WRAP_KEY    "corral.wrap"
-#define DRIVE_KEY   "corral.drive"
-#define CALL_MT     "corral.call"
+#define WRAP_KEY  "corral.wrap"
+#define DRIVE_KEY "corral.drive"
+#define CALL_MT   "corral.call"
 
 /* lua_util.c: the runtime and context a lua_State runs in; a codec error as
  * Lua results (nil, why); the CPU count (read once). */
 corral_runtime *corral__lua_rt(lua_State *L);
 corral_context *corral__ctx_of(lua_State *L);
+/* Note the runtime and the context the state L belongs to (its registry). */
+void corral__lua_set_home(lua_State *L, corral_runtime *rt, corral_context *c);
 int corral__lua_codec_error(lua_State *L, const char *err);
 /* A C object boxed in a Lua userdata with metatable `mt`: the pointer
  * first (a box is also a `T **`), and a second word for its kind's use.

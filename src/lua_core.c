@@ -77,10 +77,7 @@ int luaopen_corral(lua_State *L) {
     lua_getfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
     *(corral_runtime **)lua_touserdata(L, -1) = rt;
     lua_pop(L, 1);
-    lua_pushlightuserdata(L, rt);
-    lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
-    lua_pushlightuserdata(L, &rt->home);
-    lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
+    corral__lua_set_home(L, rt, &rt->home);
   }
 
   corral__lua_future_open(L);
@@ -147,10 +144,7 @@ static int worker_boot(lua_State *L) {
   corral_worker *w = lua_touserdata(L, 1);
   lua_settop(L, 0);
   luaL_openlibs(L);
-  lua_pushlightuserdata(L, w->rt);
-  lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
-  lua_pushlightuserdata(L, &w->ctx);
-  lua_setfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
+  corral__lua_set_home(L, w->rt, &w->ctx);
   corral__lcore_load(L);
   lua_settop(L, 0);
   lua_getglobal(L, "require");

@@ -14,21 +14,33 @@
 
 #include "internal.h"
 
-corral_runtime *corral__lua_rt(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, RUNTIME_KEY);
-  corral_runtime *rt = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return rt;
+/* The registry keys of the runtime and the context a state belongs to:
+ * addresses (a light userdata key is found without hashing a string, and
+ * these are read on every call). */
+static const char rt_key, ctx_key;
+
+void corral__lua_set_home(lua_State *L, corral_runtime *rt, corral_context *c) {
+  lua_pushlightuserdata(L, (void *)&rt_key);
+  lua_pushlightuserdata(L, rt);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, (void *)&ctx_key);
+  lua_pushlightuserdata(L, c);
+  lua_rawset(L, LUA_REGISTRYINDEX);
 }
+
+static void *reg_ptr(lua_State *L, const char *key) {
+  lua_pushlightuserdata(L, (void *)key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  void *p = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return p;
+}
+
+corral_runtime *corral__lua_rt(lua_State *L) { return reg_ptr(L, &rt_key); }
 
 corral_runtime *corral_from_lua(lua_State *L) { return corral__lua_rt(L); }
 
-corral_context *corral__ctx_of(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, CONTEXT_KEY);
-  corral_context *c = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return c;
-}
+corral_context *corral__ctx_of(lua_State *L) { return reg_ptr(L, &ctx_key); }
 
 /* ======================================================================== */
 /* Codec                                                                     */
