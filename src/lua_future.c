@@ -83,17 +83,18 @@ static int l_fstate(lua_State *L) {
   return 1;
 }
 
-/* The decoded payload of a settled C future: results as a table {n=...}; or
- * nil and why they cannot be decoded here (a CodecError's message). */
+/* The decoded payload of a settled C future: the number of results and
+ * the result itself (one), false (none) or a table {n=...} (more: the one
+ * case that makes a table); or nil and why they cannot be decoded here (a
+ * CodecError's message). */
 static int l_fvalues(lua_State *L) {
   corral_future *f = *corral__lua_cf_check(L, 1);
   const void *mp;
   size_t len;
   if (corral_future_payload(f, &mp, &len) != 0 || len == 0) {
-    lua_createtable(L, 0, 1);
     lua_pushinteger(L, 0);
-    lua_setfield(L, -2, "n");
-    return 1;
+    lua_pushboolean(L, 0);
+    return 2;
   }
   int base = lua_gettop(L);
   int n = corral__codec_decode(L, mp, len, NULL, corral__future_trust(f) | CODEC_AS_RESULT);
@@ -103,13 +104,23 @@ static int l_fvalues(lua_State *L) {
     return 2;
   }
   atomic_fetch_add_explicit(&corral__ctx_of(L)->decodes, 1, memory_order_relaxed);
+  if (n <= 1) {
+    lua_pushinteger(L, n);
+    if (n == 1)
+      lua_insert(L, -2);
+    else
+      lua_pushboolean(L, 0);
+    return 2;
+  }
   lua_createtable(L, n, 1);
   lua_insert(L, base + 1);
   for (int i = n; i >= 1; i--)
     lua_rawseti(L, base + 1, i);
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "n");
-  return 1;
+  lua_pushinteger(L, n);
+  lua_insert(L, base + 1);
+  return 2;
 }
 
 /* Register the home context's interest; returns the future's key, or false

@@ -257,9 +257,10 @@ function Future:_sync()
   if s == DONE then
     n = -1 -- still encoded: decoded where someone asks (see values)
   elseif s == FAILED then
-    local vs, why = core.fvalues(self._c)
-    if vs then
-      e = errors.adopt(vs[1])
+    local vn, ve = core.fvalues(self._c)
+    if vn then
+      if vn > 1 then ve = ve[1] elseif vn == 0 then ve = nil end
+      e = errors.adopt(ve)
     else
       e = errors.codec("the error of this future cannot be decoded here: " .. tostring(why))
     end
@@ -273,15 +274,13 @@ end
 -- that cannot be decoded here fail the future (in this context) with a
 -- CodecError: a decode failure is never a value.
 local function values(f)
-  local v, why = core.fvalues(f._c)
-  if not v then
+  local n, v = core.fvalues(f._c)
+  if not n then
     f[S], f[N], f[V] = FAILED, 0, false
-    f._e = errors.codec("the result cannot be decoded here: " .. tostring(why))
+    f._e = errors.codec("the result cannot be decoded here: " .. tostring(v))
     return nil
   end
-  local n = v.n
-  f[N] = n
-  if n == 1 then f[V] = v[1] elseif n == 0 then f[V] = false else f[V] = v end
+  f[N], f[V] = n, v -- (one value, false for none, or a table {n=...})
   return n
 end
 M.values = values
