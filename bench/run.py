@@ -54,6 +54,15 @@ for k in (16, 256, 4096):
         row(f"  at most {k} in flight, in order", ours, luv, "luv queue_work, 2 threads", "calls/s", True)
     else:
         row(f"  at most {k} in flight, in order", ours, float("nan"), "(no luv)", "calls/s", True)
+w2 = measure([corral, B("threads.lua"), "2"])
+w64 = measure([corral, B("threads.lua"), "64"])
+row("  a pool of 64 threads on these cores", w64, w2, "the same pool of 2", "calls/s", True)
+ours = measure([corral, B("start.lua")])
+if have_luv:
+    peer = measure(["luajit", B("luv_start.lua")])
+    row("worker start until its first answer", ours, peer, "luv new_thread + async", "us", False)
+else:
+    row("worker start until its first answer", ours, float("nan"), "(no luv)", "us", False)
 ours = measure([corral, B("calls.lua"), "latency", "5000"])
 peer = measure([sys.executable, B("calls_threadpool.py"), "latency", "5000"])
 row("one call's round trip (median)", ours, peer, "ThreadPoolExecutor(2)", "us", False)
