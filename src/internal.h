@@ -205,7 +205,7 @@ struct corral_runtime {
   int owns_L;
   atomic_int nbusy;     /* worker contexts not parked idle (see context.c) */
   atomic_int nspin;     /* worker loops spinning before they park (context.c) */
-  int spin_max;         /* at most this many at once: the CPUs but the home's */
+  int spin_max;         /* at most this many workers at once: the CPUs */
   atomic_int orphans;   /* a worker lost its last handle: the home stops it */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;

@@ -18,8 +18,7 @@ corral_runtime *corral__rt_create(lua_State *L, int owns_L) {
   queue_init(&rt->workers);
   atomic_init(&rt->nbusy, 0);
   atomic_init(&rt->nspin, 0);
-  unsigned ncpu = uv_available_parallelism();
-  rt->spin_max = (int)ncpu; /* (workers: see context.c) */
+  rt->spin_max = (int)uv_available_parallelism(); /* (workers: see context.c) */
   if (uv_mutex_init(&rt->wlock) != 0) {
     free(rt);
     return NULL;

@@ -262,7 +262,7 @@ function Future:_sync()
       if vn > 1 then ve = ve[1] elseif vn == 0 then ve = nil end
       e = errors.adopt(ve)
     else
-      e = errors.codec("the error of this future cannot be decoded here: " .. tostring(why))
+      e = errors.codec("the error of this future cannot be decoded here: " .. tostring(ve))
     end
   else
     e = errors.cancelled()

@@ -139,7 +139,8 @@ local function the_pool()
   if default_pool then return default_pool end
   local got = { core.pool_get() }
   if #got == 0 then
-    local p = Runner:options { name = "pool", workers = pool_size() }:init()
+    -- (its calls give futures whatever the settings say: blocking = false)
+    local p = Runner:options { name = "pool", workers = pool_size(), blocking = false }:init()
     if core.pool_set(unpack(instance_uds(p))) then
       default_pool = p
       return p
@@ -155,7 +156,7 @@ end
 local function pool_for(opts)
   if opts and (opts.workers or opts.mode) then
     return Runner:options { name = "map", workers = opts.workers or pool_size(),
-      mode = opts.mode or "thread" }:init(), true
+      mode = opts.mode or "thread", blocking = false }:init(), true
   end
   return the_pool(), false
 end
@@ -232,7 +233,13 @@ function M.map(fn, items, opts)
 
   if opts.iter then return step end
   local out = {}
-  for i, v in step do out[i] = v end
+  -- a pool of its own is stopped however this ends (with no items, or
+  -- with the first failure, which cancels the calls still queued)
+  local ok, e = pcall(function()
+    for i, v in step do out[i] = v end
+  end)
+  if own and not pool._stopped then pool:stop { drain = ok } end
+  if not ok then error(e, 0) end
   return out
 end
 

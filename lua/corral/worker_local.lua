@@ -178,6 +178,11 @@ end
 -- runs the instance's code, on top of the caller's own chain `up`.
 local function link_on(srv, up)
   if up == nil then return srv.link end
+  local x = up
+  while x do
+    if x.srv == srv then return up end -- (already there: the chain stays bounded)
+    x = x.up
+  end
   return { srv = srv, up = up }
 end
 
@@ -350,9 +355,10 @@ end
 -- for).
 function M.stop(h, inst, drain)
   local srv = inst.srv
-  local me = sched.current()
-  -- (outside any task, while a sync call runs outside any task, the caller
-  -- is that call: nothing else runs at the top level meanwhile)
+  local me = caller()
+  -- (outside any task (or in a coroutine of the code's own), while a sync
+  -- call runs there, the caller is that call: nothing else runs there
+  -- meanwhile)
   local inside = srv:runs(me) or (me == nil and inst.outside and inst.outside > 0)
   inst.stopping = true
   if not drain then
@@ -363,10 +369,16 @@ function M.stop(h, inst, drain)
       for i = inst.ninline, 1, -1 do
         local call = inst.inline[i]
         local t = call.task
-        if t and t._blocked and call.f[S] < DONE then
-          call.task = false
-          settle(call.f, CANCELLED, 0, false, errors.cancelled())
-          sched.wake(t, sched.CANCEL)
+        if t and call.f[S] < DONE then
+          if t._blocked or t._in_block then
+            call.task = false
+            settle(call.f, CANCELLED, 0, false, errors.cancelled())
+            -- at its wait; or, woken and not resumed yet, at the wait it
+            -- was woken from
+            if t._blocked then sched.wake(t, sched.CANCEL) else t._cancel_req = true end
+          elseif t == me then
+            t._cancel_req = true -- the caller's own call: at its next wait
+          end
         end
       end
     else
