@@ -267,17 +267,23 @@ function M.new(h, name, async, ...)
   return inst
 end
 
+-- A call's future; failed with the instance's crash (and true) when its
+-- init failed.
+local function call_future(inst)
+  local f = future.new(nil, CallFuture)
+  if not inst.crash then return f, false end
+  carry(inst)
+  settle(f, FAILED, 0, false, inst.crash)
+  return f, true
+end
+
 --- Call `method` on an async instance: the call joins its queue. Returns
 -- its future, and when the queue is full a future to wait on for room (the
 -- call is the instance's from now on: a stop drains or cancels it like any
 -- other).
 function M.async_call(h, inst, method, ...)
-  local f = future.new(nil, CallFuture)
-  if inst.crash then
-    carry(inst)
-    settle(f, FAILED, 0, false, inst.crash)
-    return f
-  end
+  local f, crashed = call_future(inst)
+  if crashed then return f end
   -- (every field it will have, made at once: a table that grows rehashes)
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
     deps = false, room = false, runner = false, suspended = false }
@@ -311,12 +317,8 @@ end
 -- the caller (its task, or the call that task runs) that the method took at
 -- one of its waits is raised in the caller.
 function M.sync_call(_, inst, method, ...)
-  local f = future.new(nil, CallFuture)
-  if inst.crash then
-    carry(inst)
-    settle(f, FAILED, 0, false, inst.crash)
-    return f
-  end
+  local f, crashed = call_future(inst)
+  if crashed then return f end
   -- (its future has no `_item`: nobody holds it before it is settled, so
   -- only a stop cancels it, through the call)
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
