@@ -121,7 +121,6 @@ int luaopen_corral(lua_State *L) {
   hook(L, "corral.future", "wrap", WRAP_KEY);
   hook(L, "corral.sched", "drive", DRIVE_KEY);
   hook(L, "corral.future", "cref", CREF_KEY);
-  hook(L, "corral.worker", "import", IMPORT_KEY);
   hook(L, "corral.future", "flush_crefs", FLUSH_KEY);
   return 1;
 }

@@ -481,12 +481,27 @@ int corral__lua_handle_of(lua_State *L, int idx, const corral__handle **h) {
   return local ? 0 : -1;
 }
 
-/* For the codec: push the function that rebuilds a handle. */
+/* For the codec: push the function that rebuilds a handle (corral.worker's
+ * import, the module loaded on first need). */
 int corral__lua_push_import(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
   if (lua_isfunction(L, -1)) return 1;
   lua_pop(L, 1);
-  return 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "corral.worker");
+  if (!lua_isfunction(L, -2) || lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_getfield(L, -1, "import");
+  lua_remove(L, -2);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
+  return 1;
 }
 
 void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {

@@ -96,20 +96,26 @@ function corral.exit(code)
   core.exit(code)
 end
 
-local worker = require "corral.worker"
+-- The worker module is loaded on first use (a worker thread that makes no
+-- worker of its own starts without it).
+local worker
+local function workers()
+  worker = worker or require "corral.worker"
+  return worker
+end
 
 --- Declare a worker class; see `corral.worker`.
 -- @function worker
-corral.worker = worker.worker
+function corral.worker(def) return workers().worker(def) end
 --- Set or read process-wide worker defaults; see `corral.worker.config`.
 -- @function config
-corral.config = worker.config
+corral.config = require("corral.worker_options").config
 --- Run a function on the default pool of thread workers.
 -- @function submit
-corral.submit = worker.submit
+function corral.submit(fn, ...) return workers().submit(fn, ...) end
 --- Apply a function to items on a pool, with backpressure.
 -- @function map
-corral.map = worker.map
+function corral.map(fn, items, opts) return workers().map(fn, items, opts) end
 
 --- Statistics per context: an array of rows `{name, tasks, queued, active,
 -- encodes, decodes}`, the home context (or, in a worker, the caller's
