@@ -481,6 +481,14 @@ static inline int exact_int(lua_Number x, int64_t *i) {
   return 1;
 }
 
+static int enc_string(encoder *e, int idx) {
+  size_t len;
+  const char *s = lua_tolstring(e->L, idx, &len);
+  PK(msgpack_pack_str(&e->pk, len));
+  PK(msgpack_pack_str_body(&e->pk, s, len));
+  return 0;
+}
+
 static int enc_number(encoder *e, lua_Number x) {
   int64_t i;
   if (exact_int(x, &i)) return msgpack_pack_int64(&e->pk, i);
@@ -648,11 +656,7 @@ static int enc_table(encoder *e, int idx, int depth) {
       if (t == LUA_TNUMBER) {
         rc = enc_number(e, lua_tonumber(L, -1)) != 0 ? enc_oom(e) : 0;
       } else if (t == LUA_TSTRING) {
-        size_t len;
-        const char *str = lua_tolstring(L, -1, &len);
-        rc = msgpack_pack_str(&e->pk, len) != 0 || msgpack_pack_str_body(&e->pk, str, len) != 0
-                 ? enc_oom(e)
-                 : 0;
+        rc = enc_string(e, lua_gettop(L));
       } else {
         at(e, (frame){.kind = AT_INDEX, .i = i});
         rc = enc_value(e, lua_gettop(L), depth + 1);
@@ -836,13 +840,7 @@ static int enc_value(encoder *e, int idx, int depth) {
     PK(lua_toboolean(L, idx) ? msgpack_pack_true(&e->pk) : msgpack_pack_false(&e->pk));
     return 0;
   case LUA_TNUMBER: PK(enc_number(e, lua_tonumber(L, idx))); return 0;
-  case LUA_TSTRING: {
-    size_t len;
-    const char *s = lua_tolstring(L, idx, &len);
-    PK(msgpack_pack_str(&e->pk, len));
-    PK(msgpack_pack_str_body(&e->pk, s, len));
-    return 0;
-  }
+  case LUA_TSTRING: return enc_string(e, idx);
   case LUA_TTABLE: return enc_table(e, idx, depth);
   case LUA_TFUNCTION: return enc_function(e, idx, depth);
   case LUA_TTHREAD: return enc_fail(e, "thread (a coroutine) cannot travel");

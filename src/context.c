@@ -106,9 +106,8 @@ static inline void cpu_relax(void) {
 
 /* Spin up to SPIN_NS (less when the timeout is shorter) for posted work.
  * The home loop always does (it waits for replies); a worker only while
- * fewer workers spin than there are CPUs (more would
- * only take the CPUs from the threads that have work). Returns 1 when work
- * came. */
+ * fewer workers spin than there are CPUs (more would only take the CPUs
+ * from the threads that have work). Returns 1 when work came. */
 static int spin(corral_context *c, int timeout_ms) {
   atomic_int *nspin = c->worker != NULL ? &c->rt->nspin : NULL;
   if (nspin != NULL &&

@@ -92,10 +92,10 @@ void corral__future_drop_dep(corral_future *f) {
   corral_future_release(f);
 }
 
-void corral__future_carried(corral_future *f) { atomic_fetch_or(&f->flags, FUTURE_DEP); }
+void corral__future_carried(corral_future *f) { atomic_fetch_or(&f->flags, FUTURE_CARRIED); }
 
 int corral__future_reported_elsewhere(corral_future *f) {
-  return (atomic_load(&f->flags) & FUTURE_DEP) || atomic_load(&f->deps) > 0;
+  return (atomic_load(&f->flags) & FUTURE_CARRIED) || atomic_load(&f->deps) > 0;
 }
 
 void corral_future_release(corral_future *f) {

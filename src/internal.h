@@ -26,9 +26,9 @@ typedef struct corral_watch {
 } corral_watch;
 
 enum {
-  FUTURE_HOST = 1, /* host C code may settle it (see future.c) */
-  FUTURE_DEP = 2,  /* an input whose failure a call carried (a DependencyError) */
-  FUTURE_SEEN = 4  /* settled from Lua: that side reports an unretrieved failure */
+  FUTURE_HOST = 1,    /* host C code may settle it (see future.c) */
+  FUTURE_CARRIED = 2, /* an input whose failure a call carried (a DependencyError) */
+  FUTURE_SEEN = 4     /* settled from Lua: that side reports an unretrieved failure */
 };
 
 struct corral_future {

@@ -107,18 +107,20 @@ local per_call = {
   watch = function(t, call) call.runner = t end,
 }
 
+-- The caller of `call`, if it waits for room, goes on.
+local function let_go(call)
+  local room = call.room
+  if room then
+    call.room = nil
+    room:set_result()
+  end
+end
+
 -- Grant room to the callers whose calls are now within the first
 -- `max_queued` of the queue.
 local function grant(inst)
   local q, last = inst.queue, math.min(inst.qtail, inst.qhead + inst.max_queued - 1)
-  for i = inst.granted, last do
-    local call = q[i]
-    if call.room then
-      local room = call.room
-      call.room = nil
-      room:set_result()
-    end
-  end
+  for i = inst.granted, last do let_go(q[i]) end
   if last + 1 > inst.granted then inst.granted = last + 1 end
 end
 
@@ -147,18 +149,10 @@ local function drop_all(inst, err)
   local list = inst.srv:drop_taken()
   for i = inst.qhead, inst.qtail do list[#list + 1] = q[i] end
   inst.queue, inst.qhead, inst.qtail, inst.granted = {}, 1, 0, 1
+  if err and #list > 0 then carry(inst) end
   for _, call in ipairs(list) do
-    if call.room then
-      local room = call.room
-      call.room = nil
-      room:set_result()
-    end
-    if err then
-      carry(inst)
-      finish(call, FAILED, err)
-    else
-      finish(call, CANCELLED)
-    end
+    let_go(call)
+    if err then finish(call, FAILED, err) else finish(call, CANCELLED) end
   end
 end
 
@@ -178,21 +172,32 @@ end
 -- runs the instance's code, on top of the caller's own chain `up`.
 local function link_on(srv, up)
   if up == nil then return srv.link end
-  local x = up
-  while x do
-    if x.srv == srv then return up end -- (already there: the chain stays bounded)
-    x = x.up
-  end
+  if serving.in_chain(up, srv) then return up end -- (already there: the chain stays bounded)
   return { srv = srv, up = up }
 end
 
--- Whether the CancelledError that ended a sync call (or init) on task `me`
--- was a cancel of its caller: of the task (counted, or asked before the
--- call), or of the call that task runs (`call`, cancelled during it).
-local function cancel_taken(me, ncancel, pending, call, call_cancelled)
-  if not me then return false end
-  if (me._ncancel or 0) ~= ncancel or pending then return true end
-  return call ~= nil and me._call_cancelled == call and call_cancelled ~= call
+-- Run fn(...) (which returns two values and does not raise) as the
+-- instance's own code on the caller's task `me` (nil: outside any task).
+-- Returns fn's values, and whether a cancel of the caller was taken
+-- meanwhile: of the task (counted, or asked before), or of the call that
+-- task runs (cancelled during it).
+local function inline(inst, me, fn, ...)
+  local srv = inst.srv
+  if not me then
+    local up = task.outside
+    task.outside, inst.outside = link_on(srv, up), inst.outside + 1
+    local a, b = fn(...)
+    task.outside, inst.outside = up, inst.outside - 1
+    return a, b, false
+  end
+  local up, n0, pending, c0, cc0 = me._inst, me._ncancel or 0, me._cancel_req, me._call,
+    me._call_cancelled
+  me._inst = link_on(srv, up)
+  local a, b = fn(...)
+  me._inst = up
+  local taken = (me._ncancel or 0) ~= n0 or pending
+    or (c0 ~= nil and me._call_cancelled == c0 and cc0 ~= c0)
+  return a, b, taken
 end
 
 -- ======================================================================== --
@@ -218,22 +223,9 @@ function M.new(h, name, async, ...)
     return inst
   end
   if not async then
-    local me = caller()
-    local ok, e
-    if me then
-      local up, n0, pending, c0, cc0 = me._inst, me._ncancel or 0, me._cancel_req, me._call,
-        me._call_cancelled
-      me._inst = link_on(srv, up)
-      ok, e = xpcall(init, sched.on_error, inst.self, ...)
-      me._inst = up
-      if not ok and errors.is_error(e, "CancelledError") and cancel_taken(me, n0, pending, c0, cc0) then
-        error(e, 0) -- the creator's task was cancelled: init took it at a wait
-      end
-    else
-      local up = task.outside
-      task.outside, inst.outside = link_on(srv, up), inst.outside + 1
-      ok, e = xpcall(init, sched.on_error, inst.self, ...)
-      task.outside, inst.outside = up, inst.outside - 1
+    local ok, e, taken = inline(inst, caller(), xpcall, init, sched.on_error, inst.self, ...)
+    if not ok and taken and errors.is_error(e, "CancelledError") then
+      error(e, 0) -- the creator's task was cancelled: init took it at a wait
     end
     srv.started = true
     if not ok then
@@ -324,44 +316,28 @@ function M.sync_call(_, inst, method, ...)
   local call = { method = method, args = { n = select("#", ...), ... }, f = f, inst = inst,
     deps = false, task = false, slot = 0 }
   inst.active = inst.active + 1
-  local srv = inst.srv
   local me = caller()
   call.task = me
   local n = inst.ninline + 1 -- (an array: a set of fresh keys would rehash)
   inst.inline[n], inst.ninline, call.slot = call, n, n
-  if me then
-    local up, n0, pending, c0, cc0 = me._inst, me._ncancel or 0, me._cancel_req, me._call,
-      me._call_cancelled
-    me._inst = link_on(srv, up)
-    serving.execute(srv, call, nil)
-    me._inst = up
-    unlist(inst, call)
-    -- (a call a stop cancelled has no task any more: see M.stop)
-    if f[S] == CANCELLED and call.task and cancel_taken(me, n0, pending, c0, cc0) then
-      error(errors.cancelled(), 0)
-    end
-  else
-    local up = task.outside
-    task.outside, inst.outside = link_on(srv, up), inst.outside + 1
-    serving.execute(srv, call, nil)
-    task.outside, inst.outside = up, inst.outside - 1
-    unlist(inst, call)
-  end
+  local _, _, taken = inline(inst, me, serving.execute, inst.srv, call, nil)
+  unlist(inst, call)
+  -- (a call a stop cancelled has no task any more: see M.stop)
+  if taken and f[S] == CANCELLED and call.task then error(errors.cancelled(), 0) end
   return f
 end
 
 --- Stop instance `inst` of handle `h`: with `drain` false, cancel what it
 -- holds and runs, and let callers waiting for room go. Returns a future
--- settled once it is idle (none for a sync instance, which holds nothing),
--- and whether the caller is one of its own calls (it is then not waited
--- for).
+-- settled once it is idle (its calls ended, its init too), and whether the
+-- caller is one of its own calls (it is then not waited for: no future).
 function M.stop(h, inst, drain)
   local srv = inst.srv
   local me = caller()
   -- (outside any task (or in a coroutine of the code's own), while a sync
   -- call runs there, the caller is that call: nothing else runs there
   -- meanwhile)
-  local inside = srv:runs(me) or (me == nil and inst.outside and inst.outside > 0)
+  local inside = srv:runs(me) or (me == nil and inst.outside > 0)
   inst.stopping = true
   if not drain then
     inst.cancelling = true

@@ -141,6 +141,7 @@ local function run_call(srv, call, me)
     if srv.after_call then srv.after_call() end
   end
 end
+
 --- Run one call of `srv` on the task `me` (a runner; nil for a sync call,
 -- which runs on its caller's task and leaves that task's call alone, so
 -- that a cancel of the call the caller itself runs reaches its waits). A
@@ -176,7 +177,6 @@ local function runner(srv)
   end
   srv.live[me] = nil
   srv.runners = srv.runners - 1
-  if srv.on_idle and srv.runners == 0 then srv.on_idle() end
 end
 
 --- Start runners for new calls, up to the limit (once `started`).
@@ -219,10 +219,12 @@ end
 -- running one of its sync calls, or a task they spawned. A task's `_inst`
 -- is a chain of links `{srv =, up =}` (a sync call adds one while it runs;
 -- a task inherits its spawner's, see corral.task).
-function Server:runs(t)
-  local x = t and t._inst
+function Server:runs(t) return t ~= nil and M.in_chain(t._inst, self) end
+
+--- Whether the chain of links `x` holds server `srv`.
+function M.in_chain(x, srv)
   while x do
-    if x.srv == self then return true end
+    if x.srv == srv then return true end
     x = x.up
   end
   return false
@@ -232,7 +234,7 @@ end
 -- instance's state), `limit` (max_concurrency), `batch` (calls taken at
 -- once), `ib` (the inbox, above). Fields a mode may set: `started` (calls
 -- run once true), `crash`, `exited(method)` (true: the call's end is not to
--- be settled), `after_call()`, `on_idle()`.
+-- be settled), `after_call()`.
 function M.new(name, class, self, limit, batch, ib)
   local srv = setmetatable({ name = name, class = class, self = self, limit = limit, batch = batch,
     ib = ib, buf = {}, head = 1, tail = 0, runners = 0, live = {}, started = false }, Server)

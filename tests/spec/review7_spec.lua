@@ -69,7 +69,8 @@ describe("review7: errors are never lost", function()
       local W = corral.worker { init = function() error("init-broke", 0) end,
         hi = function() return 1 end }
       local w = W:options { mode = "async" }:init()
-      corral.sleep(0.05)
+      -- init's task was spawned first: once this one has run, init has failed
+      corral.spawn(function() end):result()
       w:stop { timeout = 5 }
     ]])
     assert.are.equal(0, code, err)
@@ -82,8 +83,9 @@ describe("review7: errors are never lost", function()
         local corral = require "corral"
         local W = corral.worker { init = function() error("init-broke", 0) end,
           hi = function() return 1 end }
+        -- (init never waits: a thread worker runs it to its end before it
+        -- reads a stop; a sync one runs it inline)
         local w = W:options { mode = %q }:init()
-        corral.sleep(0.05)
         w:stop { timeout = 5 }
       ]]):format(mode))
       assert.are.equal(0, code, err)
@@ -131,7 +133,6 @@ describe("review7: init", function()
       local early = w:hi()
       local e1 = early:exception(5)
       print("early", e1 and e1.kind)
-      corral.sleep(0.1)
       local e2 = w:hi():exception(5)
       print("late", e2 and e2.kind)
       w:stop { timeout = 3 }
@@ -188,8 +189,7 @@ describe("review7: stop from the worker's own code", function()
       b2.w = w2
       local f = w2:hi()
       local t0 = corral.now()
-      f:exception(5)
-      corral.sleep(0.05)
+      f:exception(5) -- (w1's init, spawned before w2's, has ended by now)
       print("idle", got.idle)
       print("queued", got.queued, corral.now() - t0 < 0.5)
     ]], 20)

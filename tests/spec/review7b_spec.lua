@@ -42,9 +42,9 @@ describe("review7b: sync calls run inline", function()
   end)
 
   it("A -> B -> A through sync handles does not deadlock: the task is inside one of A's calls", function()
-    -- the guide: a caller waits for its turn "unless it is inside one of
-    -- them". The task is inside A's call, but `_inst` says B (the innermost
-    -- instance), so it waits for a turn that it holds itself, forever.
+    -- (found when sync calls waited for turns: a task inside A's call,
+    -- through B, waited for a turn it held itself. Sync calls are inline
+    -- now; this holds that calling back through sync handles completes.)
     local out, err = run([[
       local corral = require "corral"
       local A = corral.worker {
