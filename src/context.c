@@ -4,7 +4,8 @@
  * then the home context's qlock (a worker parking tells the home it may be
  * the last one awake; it takes the home's lock only after releasing its own).
  * The completion queue is the only state other threads touch; everything
- * else belongs to the loop's thread.
+ * else belongs to the loop's thread, the list of watches included (a watch
+ * is posted through its own `done` node, so posting never touches it).
  *
  * Idle accounting: a worker's context that parks with nothing to do (no
  * timer, nothing posted) counts itself out of rt->nbusy; whoever posts to it
@@ -73,8 +74,7 @@ void corral__ctx_post(corral_watch *w) {
   uv_mutex_lock(&c->qlock);
   /* one wake-up per batch: a non-empty queue already has one on the way */
   int pending = !queue_empty(&c->completed);
-  queue_remove(&w->node);
-  queue_insert_tail(&c->completed, &w->node);
+  queue_insert_tail(&c->completed, &w->done);
   corral__ctx_signal(c, pending);
   uv_mutex_unlock(&c->qlock);
 }
@@ -89,7 +89,8 @@ int corral__ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f),
   while (!queue_empty(&done)) {
     queue *q = queue_head(&done);
     queue_remove(q);
-    corral_watch *w = queue_data(q, corral_watch, node);
+    corral_watch *w = queue_data(q, corral_watch, done);
+    queue_remove(&w->node); /* out of `watching` (this thread's own) */
     if (fn != NULL) fn(ud, w->f);
     corral_future_release(w->f);
     free(w);
@@ -311,17 +312,11 @@ void corral__ctx_close(corral_context *c, int destroy_lock) {
   corral__signal_release(c);
   /* Withdraw every watch; one that a settle already took is being posted
    * and shows up in `completed`, which the drain frees. */
-  for (;;) {
-    uv_mutex_lock(&c->qlock);
-    if (queue_empty(&c->watching)) {
-      uv_mutex_unlock(&c->qlock);
-      break;
-    }
+  while (!queue_empty(&c->watching)) {
     corral_watch *w = queue_data(queue_head(&c->watching), corral_watch, node);
     corral_future *f = w->f;
     corral_future_retain(f);
-    uv_mutex_unlock(&c->qlock);
-    corral__future_unwatch(f, w);
+    corral__future_unwatch(f, w); /* takes it out of `watching` */
     corral_future_release(f);
   }
   corral__ctx_drain(c, c->worker == NULL ? report_unseen : NULL, NULL);

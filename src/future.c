@@ -296,10 +296,10 @@ int corral__future_watch(corral_future *f, corral_context *ctx, void (*post)(cor
   w->f = f;
   w->next = f->watches;
   f->watches = w;
-  uv_mutex_lock(&ctx->qlock);
-  queue_insert_tail(&ctx->watching, &w->node);
-  uv_mutex_unlock(&ctx->qlock);
   uv_mutex_unlock(&f->lock);
+  /* the context's own list: only its thread (this one) touches it, so a
+   * settle on another thread never waits for this loop's lock to post */
+  queue_insert_tail(&ctx->watching, &w->node);
   return 0;
 }
 
@@ -313,12 +313,10 @@ int corral__future_unwatch(corral_future *f, corral_watch *w) {
       break;
     }
   }
-  if (found) {
-    uv_mutex_lock(&w->ctx->qlock);
-    queue_remove(&w->node);
-    uv_mutex_unlock(&w->ctx->qlock);
-  }
   uv_mutex_unlock(&f->lock);
+  /* withdrawn either way (one a settle took is in `completed`: the drain
+   * frees it) */
+  queue_remove(&w->node);
   if (found) {
     free(w);
     corral_future_release(f);

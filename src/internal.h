@@ -22,7 +22,8 @@ typedef struct corral_watch {
   void (*post)(struct corral_watch *w); /* called by a settle: the context's own */
   corral_future *f;                     /* holds a reference */
   struct corral_watch *next;            /* in f->watches, under f->lock */
-  queue node;                           /* in ctx->watching or ctx->completed, under ctx->qlock */
+  queue node; /* in ctx->watching until drained or withdrawn: the context's own thread only */
+  queue done; /* in ctx->completed once its future settled, under ctx->qlock */
 } corral_watch;
 
 enum {
@@ -82,7 +83,8 @@ int corral__future_suspend(corral_future *f);
 int corral__future_resume(corral_future *f);
 /* Cancel under the cancel rule (future.c): 0 when it took effect. */
 int corral__future_cancel(corral_future *f);
-/* Register ctx's interest: 0 when registered, 1 when f is already settled. */
+/* Register ctx's interest: 0 when registered, 1 when f is already settled.
+ * Watch and unwatch run on ctx's own thread (its list of watches is its own). */
 int corral__future_watch(corral_future *f, corral_context *ctx, void (*post)(corral_watch *w));
 /* Drop ctx's watch on f if it is still registered: 1 when removed (the watch
  * is freed), 0 when a settle already took it. */
@@ -123,7 +125,7 @@ struct corral_context {
   uv_async_t async;
   uv_timer_t timer;
   uv_mutex_t qlock;
-  queue watching;            /* watches registered, future pending (under qlock) */
+  queue watching;            /* watches registered (the loop's own thread only: no lock) */
   queue completed;           /* watches whose future settled, to drain (under qlock) */
   queue reporters;           /* unretrieved errors, loop thread only */
   int closed;                /* the loop is closed: no more wake-ups (under qlock) */
@@ -365,7 +367,8 @@ struct corral_worker {
   char *crash;         /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
   atomic_int crash_carried; /* a call failed with it: its report is that call's */
-  char current[64];         /* the method running now ("" when none), under ctx.qlock */
+  uv_mutex_t curlock;       /* guards current only: never held with another lock */
+  char current[64];         /* the method running now ("" when none), under curlock */
   atomic_int active;        /* calls queued or running */
   corral_future *stopped;   /* settled as the thread ends */
   queue rt_node;            /* in rt->workers, under rt->wlock */

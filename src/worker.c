@@ -100,8 +100,8 @@ static void worker_ended(corral_worker *w) {
   w->queued = 0;
   const char *crash = w->crash;
   size_t crashlen = w->crashlen;
-  w->current[0] = '\0';
   uv_mutex_unlock(&w->ctx.qlock);
+  corral__worker_set_current(w, "", 0);
   settle_all(w, &w->taken, crash, crashlen);
   settle_all(w, &left, crash, crashlen);
   settle_all(w, &over, crash, crashlen);
@@ -134,7 +134,8 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
   queue_init(&w->overflow);
   snprintf(w->name, sizeof w->name, "%s", name);
   w->stopped = corral__future_new();
-  int rc = w->stopped == NULL ? CORRAL_ENOMEM : corral__ctx_init(&w->ctx, rt, NULL);
+  int rc = w->stopped == NULL ? CORRAL_ENOMEM : uv_mutex_init(&w->curlock);
+  if (rc == 0 && (rc = corral__ctx_init(&w->ctx, rt, NULL)) != 0) uv_mutex_destroy(&w->curlock);
   if (rc != 0) {
     corral_future_release(w->stopped);
     free(w);
@@ -156,6 +157,7 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
     uv_mutex_unlock(&rt->wlock);
     atomic_fetch_sub(&rt->nbusy, 1);
     corral__ctx_close(&w->ctx, 1);
+    uv_mutex_destroy(&w->curlock);
     corral_future_release(w->stopped);
     free(w);
     *err = rc;
@@ -221,6 +223,7 @@ void corral__worker_release(corral_worker *w) {
   uint64_t h = atomic_load_explicit(&w->handle, memory_order_acquire);
   if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
+  uv_mutex_destroy(&w->curlock);
   corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   /* a crash no call carried (an init that failed before any call): nobody
    * else will say it */
@@ -330,16 +333,16 @@ char *corral__worker_crash_copy(corral_worker *w, size_t *len) {
 
 void corral__worker_set_current(corral_worker *w, const char *method, size_t len) {
   if (len >= sizeof w->current) len = sizeof w->current - 1;
-  uv_mutex_lock(&w->ctx.qlock);
+  uv_mutex_lock(&w->curlock);
   memcpy(w->current, method, len);
   w->current[len] = '\0';
-  uv_mutex_unlock(&w->ctx.qlock);
+  uv_mutex_unlock(&w->curlock);
 }
 
 void corral__worker_current(corral_worker *w, char *out, size_t size) {
-  uv_mutex_lock(&w->ctx.qlock);
+  uv_mutex_lock(&w->curlock);
   snprintf(out, size, "%s", w->current);
-  uv_mutex_unlock(&w->ctx.qlock);
+  uv_mutex_unlock(&w->curlock);
 }
 
 /* ======================================================================== */

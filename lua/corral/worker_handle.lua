@@ -47,7 +47,10 @@ end
 -- Returns its future, and a future to wait on when the inbox was full.
 local function thread_push(h, inst, method, ...)
   local c, why, rc, accepted, key = core.wcall(inst.ud, method, ...)
-  if c then return call_future(c, why) end
+  if c then
+    local f = call_future(c, why)
+    return f
+  end
   if why == "codec" then error(errors.codec(rc, 4), 4) end
   local f = call_future(rc, key)
   if why == "full" then return f, wrap(accepted) end
