@@ -28,6 +28,23 @@ static void on_async(uv_async_t *h) { (void)h; /* the drain runs after uv_run */
  * timer left to end it. */
 static void on_timer(uv_timer_t *h) { uv_stop(h->loop); }
 
+/* The queue lock is held for a few list operations at a time, by a loop and
+ * the threads posting to it: where glibc offers it, a contended lock spins a
+ * little before it sleeps in the kernel (a futex round trip costs more than
+ * the wait). */
+static int qlock_init(uv_mutex_t *m) {
+#if defined(__GLIBC__) && defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP)
+  pthread_mutexattr_t a;
+  if (pthread_mutexattr_init(&a) != 0) return UV_ENOMEM;
+  pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ADAPTIVE_NP);
+  int rc = pthread_mutex_init(m, &a);
+  pthread_mutexattr_destroy(&a);
+  return -rc; /* (libuv's convention: a negated errno) */
+#else
+  return uv_mutex_init(m);
+#endif
+}
+
 int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   memset(c, 0, sizeof *c);
   c->rt = rt;
@@ -38,7 +55,7 @@ int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   c->deferred = NULL;
   int rc = uv_loop_init(&c->loop);
   if (rc != 0) return rc;
-  if ((rc = uv_mutex_init(&c->qlock)) != 0) goto fail_loop;
+  if ((rc = qlock_init(&c->qlock)) != 0) goto fail_loop;
   if ((rc = uv_async_init(&c->loop, &c->async, on_async)) != 0) goto fail_lock;
   uv_timer_init(&c->loop, &c->timer);
   uv_unref((uv_handle_t *)&c->timer);

@@ -430,6 +430,7 @@ void corral__worker_reap(corral_runtime *rt);
 #define WORKER_MT   "corral.worker"
 #define CREF_KEY    "corral.cref"
 #define IMPORT_KEY  "corral.import_worker"
+#define REQUIRE_KEY "corral.require" /* the require corral was loaded with */
 #define FLUSH_KEY   "corral.flush_crefs"
 #define HANDLE_MT   "corral.handle"
 

@@ -113,7 +113,11 @@ int luaopen_corral(lua_State *L) {
   lua_setfield(L, -2, "corral.core");
   lua_pop(L, 2);
 
+  /* the require the runtime was loaded with: a script may replace the
+   * global (a sandbox), and the codec still loads what it needs */
   lua_getglobal(L, "require");
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
   lua_pushliteral(L, "corral.init");
   lua_call(L, 1, 1);
   /* What the C side calls of the Lua half, from its private modules (the

@@ -481,18 +481,43 @@ int corral__lua_handle_of(lua_State *L, int idx, const corral__handle **h) {
   return local ? 0 : -1;
 }
 
-/* For the codec: push the function that rebuilds a handle (corral.worker's
- * import, the module loaded on first need). */
+/* require(name) with the require corral was loaded with as the global
+ * while corral's own modules load (their bodies say `require`): a script
+ * may have replaced or removed it (a sandbox). Only corral's code runs
+ * meanwhile. Pushes the module, or returns 0 (nothing pushed). */
+static void set_require(lua_State *L, int idx) {
+  lua_pushliteral(L, "require");
+  lua_pushvalue(L, idx);
+  lua_rawset(L, LUA_GLOBALSINDEX); /* raw: a strict _G may refuse a write */
+}
+
+static int require_own(lua_State *L, const char *name) {
+  int top = lua_gettop(L);
+  lua_pushliteral(L, "require");
+  lua_rawget(L, LUA_GLOBALSINDEX);                 /* top+1: the script's */
+  lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY); /* top+2: corral's */
+  int ok = lua_isfunction(L, top + 2);
+  if (ok) {
+    set_require(L, top + 2);
+    lua_pushstring(L, name);
+    ok = lua_pcall(L, 1, 1, 0) == 0 && lua_istable(L, -1); /* at top+2 */
+    set_require(L, top + 1);
+  }
+  if (!ok) {
+    lua_settop(L, top);
+    return 0;
+  }
+  lua_replace(L, top + 1);
+  return 1;
+}
+
+/* For the codec: push the function that rebuilds a handle (the import of
+ * corral.worker_handle, loaded on first need). */
 int corral__lua_push_import(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, IMPORT_KEY);
   if (lua_isfunction(L, -1)) return 1;
   lua_pop(L, 1);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "corral.worker");
-  if (!lua_isfunction(L, -2) || lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
-    lua_pop(L, 1);
-    return 0;
-  }
+  if (!require_own(L, "corral.worker_handle")) return 0;
   lua_getfield(L, -1, "import");
   lua_remove(L, -2);
   if (!lua_isfunction(L, -1)) {

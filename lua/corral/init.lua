@@ -7,6 +7,8 @@
 -- Every operation that waits suspends the calling task and lets the loop run
 -- others; called outside any task, it drives the loop until it can return.
 -- @module corral
+-- (the require corral was loaded with: a script may replace the global)
+local require = require
 local core = require "corral.core"
 local errors = require "corral.errors"
 local sched = require "corral.sched"

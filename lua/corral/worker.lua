@@ -11,6 +11,8 @@
 -- its state (`self`) lives in its own context. A pool is N instances behind
 -- one handle.
 -- @module corral.worker
+-- (the require corral was loaded with: a script may replace the global)
+local require = require
 local core = require "corral.core"
 local errors = require "corral.errors"
 local future = require "corral.future"

@@ -1,6 +1,8 @@
 --- Worker handles: method stubs, balancing, the thread mode's calls, stop,
 -- and handles rebuilt in another context.
 -- @module corral.worker_handle
+-- (the require corral was loaded with: a script may replace the global)
+local require = require
 local core = require "corral.core"
 local errors = require "corral.errors"
 local future = require "corral.future"

@@ -5,6 +5,8 @@
 -- when asked, and dies (failing its calls with `WorkerCrashed`) when its
 -- init fails or its code calls `os.exit`.
 -- @module corral.worker_main
+-- (the require corral was loaded with: a script may replace the global)
+local require = require
 local core = require "corral.core"
 local CO = require("corral.fields").CO
 local corral = require "corral"

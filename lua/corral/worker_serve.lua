@@ -26,6 +26,8 @@
 -- * `carried(call, i)` (optional): the call fails with input i's failure,
 --   which is then the call's to report.
 -- @module corral.worker_serve
+-- (the require corral was loaded with: a script may replace the global)
+local require = require
 local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
