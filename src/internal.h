@@ -217,6 +217,9 @@ struct corral_runtime {
 };
 
 corral_runtime *corral__rt_create(lua_State *L, int owns_L);
+/* The CPUs this process may use: its affinity, capped by its cgroup's
+ * quota (cpu.max); read once. */
+int corral__cpu_count(void);
 void corral__rt_destroy(corral_runtime *rt);
 
 /* ---- codec.c ----------------------------------------------------------- */
@@ -439,7 +442,7 @@ void corral__worker_reap(corral_runtime *rt);
 #define CALL_MT   "corral.call"
 
 /* lua_util.c: the runtime and context a lua_State runs in; a codec error as
- * Lua results (nil, why); the CPU count (read once). */
+ * Lua results (nil, why). (The CPU count is corral__cpu_count, in rt.c.) */
 corral_runtime *corral__lua_rt(lua_State *L);
 corral_context *corral__ctx_of(lua_State *L);
 /* Note the runtime and the context the state L belongs to (its registry). */
@@ -457,7 +460,6 @@ corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt);
 corral__box *corral__box_check(lua_State *L, int idx, const char *mt);
 /* Register the metatable `mt` of a box kind, its __gc being `gc`. */
 void corral__box_kind(lua_State *L, const char *mt, lua_CFunction gc);
-int corral__lua_ncpu(void);
 
 /* lua_future.c: C futures as Lua userdata; corral_push_future and
  * corral_to_future for corral's own use (the public ones mark the future as

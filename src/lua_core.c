@@ -73,7 +73,6 @@ int luaopen_corral(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
     rt = corral__rt_create(L, 0);
     if (rt == NULL) return luaL_error(L, "corral: cannot start the runtime");
-    corral__lua_ncpu(); /* read here, before any worker thread runs */
     lua_getfield(L, LUA_REGISTRYINDEX, "corral.sentinel");
     *(corral_runtime **)lua_touserdata(L, -1) = rt;
     lua_pop(L, 1);

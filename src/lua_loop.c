@@ -202,7 +202,7 @@ static int l_stats(lua_State *L) {
 }
 
 static int l_ncpu(lua_State *L) {
-  lua_pushinteger(L, corral__lua_ncpu());
+  lua_pushinteger(L, corral__cpu_count());
   return 1;
 }
 

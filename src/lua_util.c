@@ -52,25 +52,6 @@ int corral__lua_codec_error(lua_State *L, const char *err) {
   return 2;
 }
 
-/* The number of CPUs, read once (by the first state that loads corral, the
- * home one): uv_cpu_info opens files under /proc, which worker threads had
- * better not race with the descriptors libuv closes behind ThreadSanitizer. */
-static atomic_int ncpu_cached;
-
-int corral__lua_ncpu(void) {
-  int n = atomic_load(&ncpu_cached);
-  if (n > 0) return n;
-  uv_cpu_info_t *info;
-  int count;
-  n = 1;
-  if (uv_cpu_info(&info, &count) == 0) {
-    if (count > 0) n = count;
-    uv_free_cpu_info(info, count);
-  }
-  atomic_store(&ncpu_cached, n);
-  return n;
-}
-
 corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt) {
   corral__box *b = lua_newuserdata(L, sizeof *b);
   b->p = p;

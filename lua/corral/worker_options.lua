@@ -25,7 +25,8 @@ local settings = {
   max_concurrency = 1, blocking = false,
 }
 
--- The size of the default pool: from CORRAL_WORKERS, else one per CPU.
+-- The size of the default pool: from CORRAL_WORKERS, else one per CPU this
+-- process may use (affinity, capped by its cgroup's quota).
 local function pool_size()
   if settings.pool_size then return settings.pool_size end
   local env = os.getenv("CORRAL_WORKERS")

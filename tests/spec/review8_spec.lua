@@ -502,3 +502,16 @@ describe("review8: many workers on 2 cores (the spin budget)", function()
     assert.is_true(ticking ~= nil and ticking < 0.3, out .. err) -- (20 ms measured)
   end)
 end)
+
+describe("review8: the CPU count", function()
+  it("follows the process's affinity: one CPU allowed, a default pool of one", function()
+    local out, err = h.corral([[
+      local corral = require "corral"
+      print("pool " .. corral.config().pool_size)
+      print("answer " .. corral.submit(function(x) return x + 1 end, 1):result(10))
+    ]], "", "taskset -c 0 ")
+    assert.matches("pool 1\n", out, 1, true)
+    assert.matches("answer 2", out, 1, true)
+    assert.are.equal("", err)
+  end)
+end)
