@@ -108,9 +108,10 @@ int corral__ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f),
     queue_remove(q);
     corral_watch *w = queue_data(q, corral_watch, done);
     queue_remove(&w->node); /* out of `watching` (this thread's own) */
-    if (fn != NULL) fn(ud, w->f);
-    corral_future_release(w->f);
-    free(w);
+    corral_future *f = w->f;
+    if (fn != NULL) fn(ud, f);
+    corral__watch_free(w); /* (it may live in f: freed first) */
+    corral_future_release(f);
     n++;
   }
   return n;

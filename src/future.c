@@ -282,13 +282,22 @@ int corral_future_payload(corral_future *f, const void **mp, size_t *len) {
 /* ======================================================================== */
 
 int corral__future_watch(corral_future *f, corral_context *ctx, void (*post)(corral_watch *w)) {
-  corral_watch *w = malloc(sizeof *w);
-  if (w == NULL) return CORRAL_ENOMEM;
   uv_mutex_lock(&f->lock);
   if (atomic_load_explicit(&f->state, memory_order_relaxed) >= CORRAL_DONE) {
     uv_mutex_unlock(&f->lock);
-    free(w);
     return 1;
+  }
+  /* the first watch is the future's own slot (most futures have one
+   * watcher: no allocation); it serves once */
+  corral_watch *w = &f->first;
+  if (f->first_used) {
+    w = malloc(sizeof *w);
+  } else {
+    f->first_used = 1;
+  }
+  if (w == NULL) {
+    uv_mutex_unlock(&f->lock);
+    return CORRAL_ENOMEM;
   }
   corral_future_retain(f);
   w->ctx = ctx;
@@ -318,10 +327,14 @@ int corral__future_unwatch(corral_future *f, corral_watch *w) {
    * frees it) */
   queue_remove(&w->node);
   if (found) {
-    free(w);
+    corral__watch_free(w);
     corral_future_release(f);
   }
   return found;
+}
+
+void corral__watch_free(corral_watch *w) {
+  if (w != &w->f->first) free(w);
 }
 
 int corral_future_wait(corral_future *f, double timeout) {

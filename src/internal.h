@@ -45,6 +45,8 @@ struct corral_future {
   void (*discard)(const char *payload, size_t len); /* gives back what the payload holds */
   int payload_foreign;      /* the payload came from a C host: decoded as foreign bytes */
   _Atomic(uint64_t) handle; /* its handle once it crossed contexts (handle.c), or 0 */
+  int first_used;           /* `first` was given to a watch (under lock; once) */
+  corral_watch first;       /* the first watch's memory: most futures have one */
 };
 
 /* A new pending future that only corral settles. */
@@ -89,6 +91,9 @@ int corral__future_watch(corral_future *f, corral_context *ctx, void (*post)(cor
 /* Drop ctx's watch on f if it is still registered: 1 when removed (the watch
  * is freed), 0 when a settle already took it. */
 int corral__future_unwatch(corral_future *f, corral_watch *w);
+/* Free a watch taken out of every list (before its future's reference goes:
+ * the first watch lives in the future). */
+void corral__watch_free(corral_watch *w);
 
 /* ---- handle.c ---------------------------------------------------------- */
 
@@ -332,7 +337,8 @@ typedef struct corral_call {
   queue node;            /* in the inbox, then in the worker's `taken` until finished */
   int taken;             /* owned by its worker's `taken` list, not by a userdata */
   corral_future *result; /* retained */
-  char *payload;         /* encoded arguments */
+  char *payload;         /* encoded arguments (inside this block when payload_inline) */
+  int payload_inline;
   size_t len;
   int payload_refs;
   int ndeps;
@@ -382,6 +388,8 @@ struct corral_worker {
 corral_call *corral__call_new(const char *method, size_t mlen, corral_future *result, char *payload,
                               size_t len, int refs, corral_future **deps, int ndeps);
 void corral__call_free(corral_call *c);
+/* The arguments are decoded: give back their bytes and what they hold. */
+void corral__call_drop_payload(corral_call *c);
 /* Start a thread worker; NULL with *err set (a CORRAL_E* or libuv code). */
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
                                     int refs, int cap, void (*body)(corral_worker *w), int *err);

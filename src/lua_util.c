@@ -52,17 +52,40 @@ int corral__lua_codec_error(lua_State *L, const char *err) {
   return 2;
 }
 
+/* Push the metatable named mt, found under the address of the name (a
+ * boxed value is made and checked on every call: no string is interned and
+ * hashed for it). The first use of an address copies the registry's entry
+ * under the name. */
+static void push_mt(lua_State *L, const char *mt) {
+  lua_pushlightuserdata(L, (void *)mt);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_istable(L, -1)) return;
+  lua_pop(L, 1);
+  luaL_getmetatable(L, mt);
+  if (!lua_istable(L, -1)) return;
+  lua_pushlightuserdata(L, (void *)mt);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
 corral__box *corral__box_push(lua_State *L, void *p, void *aux, const char *mt) {
   corral__box *b = lua_newuserdata(L, sizeof *b);
   b->p = p;
   b->aux = aux;
-  luaL_getmetatable(L, mt);
+  push_mt(L, mt);
   lua_setmetatable(L, -2);
   return b;
 }
 
 corral__box *corral__box_check(lua_State *L, int idx, const char *mt) {
-  return luaL_checkudata(L, idx, mt);
+  void *p = lua_touserdata(L, idx);
+  if (p != NULL && lua_getmetatable(L, idx)) {
+    push_mt(L, mt);
+    int same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (same) return p;
+  }
+  return luaL_checkudata(L, idx, mt); /* raises, naming what it wanted */
 }
 
 void corral__box_kind(lua_State *L, const char *mt, lua_CFunction gc) {

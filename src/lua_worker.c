@@ -138,7 +138,8 @@ static int l_wcall(lua_State *L) {
     lua_pushstring(L, o.err);
     return 3;
   }
-  atomic_fetch_add_explicit(&corral__ctx_of(L)->encodes, 1, memory_order_relaxed);
+  corral_context *ctx = corral__ctx_of(L);
+  atomic_fetch_add_explicit(&ctx->encodes, 1, memory_order_relaxed);
   corral_future *result = corral__future_new();
   corral_call *c =
       result ? corral__call_new(method, mlen, result, payload, len, o.has_refs, o.deps, o.ndeps)
@@ -151,7 +152,7 @@ static int l_wcall(lua_State *L) {
   }
   corral_future_retain(result);
   /* the caller's loop hears of the result through a watch made here */
-  if (corral__future_watch(result, corral__ctx_of(L), corral__ctx_post) < 0) {
+  if (corral__future_watch(result, ctx, corral__ctx_post) < 0) {
     corral__call_free(c);
     return luaL_error(L, "corral: out of memory");
   }
@@ -393,10 +394,7 @@ static int l_call_args(lua_State *L) {
   atomic_fetch_add_explicit(&corral__ctx_of(L)->decodes, 1, memory_order_relaxed);
   /* the arguments live in Lua now: the encoded copy can go (a large
    * argument is then held twice at most, not three times) */
-  corral__codec_free(c->payload, c->len, c->payload_refs);
-  c->payload = NULL;
-  c->len = 0;
-  c->payload_refs = 0;
+  corral__call_drop_payload(c);
   return n + 1;
 }
 

@@ -28,15 +28,27 @@
 /* Calls                                                                     */
 /* ======================================================================== */
 
+/* Arguments up to this size travel inside the call's own block (one
+ * allocation per call, freed by the worker, instead of two). */
+#define CALL_INLINE_MAX 512
+
 corral_call *corral__call_new(const char *method, size_t mlen, corral_future *result, char *payload,
                               size_t len, int refs, corral_future **deps, int ndeps) {
-  corral_call *c = malloc(sizeof *c + mlen + 1);
+  int inl = len <= CALL_INLINE_MAX;
+  corral_call *c = malloc(sizeof *c + mlen + 1 + (inl ? len : 0));
   if (c == NULL) return NULL;
   memcpy(c->method, method, mlen);
   c->method[mlen] = '\0';
   c->mlen = mlen;
   c->result = result;
-  c->payload = payload;
+  c->payload_inline = inl;
+  if (inl) { /* (the references it holds are the copy's now) */
+    c->payload = c->method + mlen + 1;
+    memcpy(c->payload, payload, len);
+    free(payload);
+  } else {
+    c->payload = payload;
+  }
   c->len = len;
   c->payload_refs = refs;
   c->deps = deps;
@@ -47,9 +59,20 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
   return c;
 }
 
+void corral__call_drop_payload(corral_call *c) {
+  if (c->payload_inline) {
+    if (c->payload != NULL && c->payload_refs) corral__codec_discard(c->payload, c->len);
+  } else {
+    corral__codec_free(c->payload, c->len, c->payload_refs);
+  }
+  c->payload = NULL;
+  c->len = 0;
+  c->payload_refs = 0;
+}
+
 void corral__call_free(corral_call *c) {
   if (c == NULL) return;
-  corral__codec_free(c->payload, c->len, c->payload_refs);
+  corral__call_drop_payload(c);
   for (int i = 0; i < c->ndeps; i++)
     corral__future_drop_dep(c->deps[i]);
   free(c->deps);

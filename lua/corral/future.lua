@@ -45,8 +45,9 @@ Future.__future = true
 --- A new pending future, over `c` (a C future) when given, with metatable
 -- `mt` (default: Future).
 function M.new(c, mt)
-  local f = setmetatable({ PENDING, 0, false, false }, mt or Future)
-  if c then f._c = c end
+  -- (`_c` in the constructor: its slot is made with the table, not by a
+  -- resize; and no tail call into setmetatable, which stops a trace)
+  local f = setmetatable({ PENDING, 0, false, false, _c = c }, mt or Future)
   return f
 end
 
@@ -60,9 +61,13 @@ local wrappers = setmetatable({}, { __mode = "v" })
 -- `quiet`: its failure is reported elsewhere (a worker watching its own
 -- call's future), never as unretrieved here.
 function M.wrap(c, mt, key, quiet)
-  local k = key or core.fkey(c)
-  local f = wrappers[k]
-  if f then return f end
+  local k, f = key, nil
+  -- (a C future watched in C just now, `key` given, is new to this context)
+  if not k then
+    k = core.fkey(c)
+    f = wrappers[k]
+    if f then return f end
+  end
   f = M.new(c, mt)
   if quiet then f._quiet = true end
   wrappers[k] = f
