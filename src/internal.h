@@ -216,9 +216,12 @@ struct corral_runtime {
   atomic_int orphans;   /* a worker lost its last handle: the home stops it */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;
-  int exit_fast;    /* closing after an error or a signal: cancel, do not drain */
-  uv_mutex_t wlock; /* guards workers */
-  queue workers;    /* every worker instance started, until joined */
+  int exit_fast;        /* closing after an error or a signal: cancel, do not drain */
+  uv_mutex_t wlock;     /* guards workers, spare, no_spare, closing */
+  queue workers;        /* every worker instance started, until joined */
+  corral_worker *spare; /* a worker started ahead, for the next start (worker.c) */
+  int no_spare;         /* spares are off */
+  int closing;          /* no more spares: the runtime closes */
 };
 
 corral_runtime *corral__rt_create(lua_State *L, int owns_L);
@@ -329,6 +332,7 @@ typedef struct corral__transport {
 extern const corral__transport corral__thread_transport;
 /* Tests: the next `threads` thread starts fail. */
 void corral__thread_inject(int threads);
+int corral__thread_inject_pending(void);
 
 /* ---- worker.c ---------------------------------------------------------- */
 
@@ -368,12 +372,14 @@ struct corral_worker {
   /* under ctx.qlock */
   queue inbox;
   int queued, cap;
-  queue overflow;      /* calls whose callers wait for room, in order */
-  atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
-  int orphan_stop;     /* stopped because its last handle went (under ctx.qlock) */
-  int orphan_seen;     /* the home's orphan sweep took it (under rt->wlock) */
-  int booted;          /* its Lua main runs (the worker's thread only) */
-  char *crash;         /* why it died (an encoded error), set before CRASHED */
+  queue overflow;       /* calls whose callers wait for room, in order */
+  atomic_int stopping;  /* WORKER_*: written under ctx.qlock, read anywhere */
+  int orphan_stop;      /* stopped because its last handle went (under ctx.qlock) */
+  int orphan_seen;      /* the home's orphan sweep took it (under rt->wlock) */
+  int booted;           /* its Lua main runs (the worker's thread only) */
+  int spare;            /* SPARE_*: a worker started ahead (see worker.c), under ctx.qlock */
+  uv_cond_t spare_cond; /* a spare waits on it, under ctx.qlock */
+  char *crash;          /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
   atomic_int crash_carried; /* a call failed with it: its report is that call's */
   uv_mutex_t curlock;       /* guards current only: never held with another lock */
@@ -390,9 +396,24 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
 void corral__call_free(corral_call *c);
 /* The arguments are decoded: give back their bytes and what they hold. */
 void corral__call_drop_payload(corral_call *c);
-/* Start a thread worker; NULL with *err set (a CORRAL_E* or libuv code). */
+/* Start a thread worker (the runtime's spare when it has one); NULL with
+ * *err set (a CORRAL_E* or libuv code). */
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
                                     int refs, int cap, void (*body)(corral_worker *w), int *err);
+/* A worker's state: 0 a worker; SPARE_* one started ahead (worker.c). */
+enum { SPARE_NONE = 0, SPARE_WAITING, SPARE_TAKEN, SPARE_QUIT };
+/* Start the runtime's spare (running `body`) unless it has one, or spares
+ * are off, or it closes. */
+void corral__worker_make_spare(corral_runtime *rt, void (*body)(corral_worker *w));
+/* On a worker's thread, once its Lua state is ready: wait until this spare
+ * is taken (1; at once for a worker started cold) or told to end (0). */
+int corral__worker_await(corral_worker *w);
+/* End the spare w: told, joined, released. */
+void corral__worker_end_spare(corral_worker *w);
+/* End the runtime's spare if it has one; `for_good`: it will make no more. */
+void corral__worker_drop_spare(corral_runtime *rt, int for_good);
+/* Spares on (the default) or off (the one there is ends). */
+void corral__worker_spares(corral_runtime *rt, int on);
 void corral__worker_retain(corral_worker *w);
 void corral__worker_release(corral_worker *w);
 /* w's handle, issued on first use (0 when the handle table is full). */
@@ -500,6 +521,8 @@ int corral__lcore_drive(lua_State *L, int block);
 /* lua_core.c: the body of a worker thread: its own lua_State on its own
  * loop. */
 void corral__lcore_worker_main(corral_worker *w);
+/* Faults injected for tests and not met yet (no spare is made meanwhile). */
+int corral__lcore_faults_pending(void);
 /* A lua_CFunction: make corral loadable in this state (package.preload)
  * and load it. */
 int corral__lcore_load(lua_State *L);

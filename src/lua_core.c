@@ -59,7 +59,13 @@ static void hook(lua_State *L, const char *module, const char *field, const char
 static int l_inject_fault(lua_State *L);
 static const luaL_Reg core_funcs[] = {{"inject_fault", l_inject_fault}, {NULL, NULL}};
 
-int luaopen_corral(lua_State *L) {
+/* The runtime and `corral.core` in this state, once: what a worker's main
+ * needs (the public `corral` table is loaded when its code asks for it). */
+static int open_core(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
+  int done = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  if (done) return 0;
   corral__codec_init(&codec_iface);
   corral_runtime *rt = corral__lua_rt(L);
   if (rt == NULL) {
@@ -109,6 +115,17 @@ int luaopen_corral(lua_State *L) {
     lua_pushinteger(L, consts[i].value);
     lua_setfield(L, -2, consts[i].name);
   }
+  /* Every Lua state corral runs prints whole lines: several threads
+   * printing at once never mix their lines. (A print of the script's own,
+   * a Lua function, is left alone.) */
+  lua_pushliteral(L, "print");
+  lua_rawget(L, LUA_GLOBALSINDEX);
+  if (lua_iscfunction(L, -1)) {
+    lua_pushliteral(L, "print");
+    lua_getfield(L, -3, "print");
+    lua_rawset(L, LUA_GLOBALSINDEX);
+  }
+  lua_pop(L, 1);
   lua_setfield(L, -2, "corral.core");
   lua_pop(L, 2);
 
@@ -117,37 +134,55 @@ int luaopen_corral(lua_State *L) {
   lua_getglobal(L, "require");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
-  lua_pushliteral(L, "corral.init");
-  lua_call(L, 1, 1);
+  lua_pushliteral(L, "corral.future"); /* (and the scheduler) */
+  lua_call(L, 1, 0);
   /* What the C side calls of the Lua half, from its private modules (the
    * public corral table carries none of it). */
   hook(L, "corral.future", "wrap", WRAP_KEY);
   hook(L, "corral.sched", "drive", DRIVE_KEY);
   hook(L, "corral.future", "cref", CREF_KEY);
   hook(L, "corral.future", "flush_crefs", FLUSH_KEY);
+  return 0;
+}
+
+int luaopen_corral(lua_State *L) {
+  open_core(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
+  lua_pushliteral(L, "corral.init");
+  lua_call(L, 1, 1);
   return 1;
 }
 
-int corral__lcore_load(lua_State *L) {
+/* package.preload.corral, for a state made by corral (the runner's, a
+ * worker's): its code requires "corral" as any other. */
+static void preload_corral(lua_State *L) {
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, luaopen_corral);
   lua_setfield(L, -2, "corral");
+  lua_pop(L, 2);
+}
+
+int corral__lcore_load(lua_State *L) {
+  preload_corral(L);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral");
   lua_call(L, 1, 0);
   return 0;
 }
 
-/* The worker's Lua main, under lua_cpcall from the very first allocation:
- * a failure (no memory, a value of the boot payload that cannot be rebuilt
- * here) is an error, not a panic. */
-static int worker_boot(lua_State *L) {
+/* The worker's Lua main, in two steps under lua_cpcall from the very first
+ * allocation (a failure, no memory or a value of the boot payload that
+ * cannot be rebuilt here, is an error, not a panic): the state made ready
+ * for any class (a spare stops there until a start takes it), then the
+ * class and its init arguments rebuilt and run. */
+static int worker_prepare(lua_State *L) {
   corral_worker *w = lua_touserdata(L, 1);
   lua_settop(L, 0);
   luaL_openlibs(L);
   corral__lua_set_home(L, w->rt, &w->ctx);
-  corral__lcore_load(L);
+  preload_corral(L);
+  open_core(L); /* not the public table: loaded if its code asks */
   lua_settop(L, 0);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral.worker_main");
@@ -156,6 +191,14 @@ static int worker_boot(lua_State *L) {
    * class, options and init arguments are rebuilt here */
   lua_getfield(L, -1, "prepare");
   lua_call(L, 0, 0);
+  return 0;
+}
+
+static int worker_boot(lua_State *L) {
+  corral_worker *w = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, "corral.worker_main");
   lua_getfield(L, -1, "run");
   lua_pushstring(L, w->name);
   int n = corral__codec_decode(L, w->boot, w->bootlen, NULL, CODEC_TRUSTED | CODEC_AS_INIT);
@@ -218,6 +261,8 @@ static atomic_int inject_state, inject_alloc;
 static int l_inject_fault(lua_State *L) {
   const char *what = luaL_checkstring(L, 1);
   int n = (int)luaL_checkinteger(L, 2);
+  /* a spare made before would meet none of them: it goes */
+  corral__worker_drop_spare(corral__lua_rt(L), 0);
   if (strcmp(what, "thread") == 0)
     corral__thread_inject(n);
   else if (strcmp(what, "state") == 0)
@@ -227,6 +272,11 @@ static int l_inject_fault(lua_State *L) {
   else
     return luaL_argerror(L, 1, "\"thread\", \"state\" or \"alloc\"");
   return 0;
+}
+
+int corral__lcore_faults_pending(void) {
+  return atomic_load(&inject_state) > 0 || atomic_load(&inject_alloc) > 0 ||
+         corral__thread_inject_pending();
 }
 
 /* An allocator that refuses to grow after `*left` more allocations. */
@@ -246,6 +296,7 @@ void corral__lcore_worker_main(corral_worker *w) {
   lua_State *L = fail ? NULL : after > 0 ? lua_newstate(failing_alloc, &left) : luaL_newstate();
   left = after; /* LuaJIT cannot fail inside lua_newstate itself: count from here */
   if (L == NULL) {
+    if (!corral__worker_await(w)) return; /* a spare no start took */
     size_t len;
     char *payload = corral__future_error_payload(
         "WorkerCrashed", "the worker died: no memory for its Lua state", &len);
@@ -253,7 +304,9 @@ void corral__lcore_worker_main(corral_worker *w) {
     return;
   }
   w->ctx.L = L;
-  if (lua_cpcall(L, worker_boot, w) != 0) boot_failed(L, w);
+  int failed = lua_cpcall(L, worker_prepare, w) != 0;
+  /* a spare waits here for a start; what failed is said when one takes it */
+  if (corral__worker_await(w) && (failed || lua_cpcall(L, worker_boot, w) != 0)) boot_failed(L, w);
   lua_close(L);
   w->ctx.L = NULL;
   /* its Lua futures that were still pending can never settle now */

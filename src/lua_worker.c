@@ -71,7 +71,16 @@ static int l_worker_start(lua_State *L) {
     return 2;
   }
   w_push(L, w); /* its handle was counted at birth */
+  /* the next start takes a state made ahead (none while tests inject
+   * faults: they are meant for the next start) */
+  if (!corral__lcore_faults_pending()) corral__worker_make_spare(corral__lua_rt(L), worker_body);
   return 1;
+}
+
+/* spares(on): keep a worker state started ahead for the next start. */
+static int l_spares(lua_State *L) {
+  corral__worker_spares(corral__lua_rt(L), lua_toboolean(L, 1));
+  return 0;
 }
 
 static corral_call *call_check(lua_State *L, int idx) {
@@ -537,6 +546,7 @@ void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
 const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},
                                              {"worker_start", l_worker_start},
                                              {"wcall", l_wcall},
+                                             {"spares", l_spares},
                                              {"wactive", l_wactive},
                                              {"wstop", l_wstop},
                                              {"wjoin", l_wjoin},

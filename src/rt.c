@@ -76,6 +76,7 @@ void corral__rt_destroy(corral_runtime *rt) {
   corral__ctx_run_deferred(&rt->home, "CancelledError",
                            "abandoned: the runtime closed before it settled");
   /* no thread outlives the runtime, unless it runs code that never waits */
+  corral__worker_drop_spare(rt, 1);
   uv_mutex_lock(&rt->wlock);
   corral_worker **pool = rt->pool;
   int npool = rt->npool;

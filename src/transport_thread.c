@@ -14,6 +14,8 @@ static atomic_int inject_threads;
 
 void corral__thread_inject(int threads) { atomic_store(&inject_threads, threads); }
 
+int corral__thread_inject_pending(void) { return atomic_load(&inject_threads) > 0; }
+
 /* The thread: fatal signals name the worker while `run` (the core's) runs. */
 static void thread_main(void *arg) {
   corral_worker *w = arg;

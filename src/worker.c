@@ -137,28 +137,28 @@ static void worker_ended(corral_worker *w) {
   if (atomic_fetch_sub(&rt->nbusy, 1) == 1) corral__ctx_wake_home(rt);
 }
 
-corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
-                                    int refs, int cap, void (*body)(corral_worker *w), int *err) {
+/* A worker's memory and context, its thread not started: one reference
+ * (the caller's), no handle, not one of the runtime's workers yet. */
+static corral_worker *worker_new(corral_runtime *rt, const char *name, int *err) {
   *err = CORRAL_ENOMEM;
   corral_worker *w = calloc(1, sizeof *w);
   if (w == NULL) return NULL;
-  atomic_init(&w->refs, 2); /* the caller's and the runtime's (until joined) */
-  /* the caller's handle, counted from the start: an orphan sweep running
-   * meanwhile must not take a worker being born for one */
-  atomic_init(&w->handles, 1);
+  atomic_init(&w->refs, 1);
+  atomic_init(&w->handles, 0);
   atomic_init(&w->stopping, WORKER_RUNNING);
   w->rt = rt;
-  w->boot = boot;
-  w->bootlen = len;
-  w->boot_refs = refs;
   queue_init(&w->taken);
-  w->cap = cap > 0 ? cap : 1;
+  w->cap = 1;
   queue_init(&w->inbox);
   queue_init(&w->overflow);
   snprintf(w->name, sizeof w->name, "%s", name);
   w->stopped = corral__future_new();
   int rc = w->stopped == NULL ? CORRAL_ENOMEM : uv_mutex_init(&w->curlock);
-  if (rc == 0 && (rc = corral__ctx_init(&w->ctx, rt, NULL)) != 0) uv_mutex_destroy(&w->curlock);
+  if (rc == 0 && (rc = uv_cond_init(&w->spare_cond)) != 0) uv_mutex_destroy(&w->curlock);
+  if (rc == 0 && (rc = corral__ctx_init(&w->ctx, rt, NULL)) != 0) {
+    uv_cond_destroy(&w->spare_cond);
+    uv_mutex_destroy(&w->curlock);
+  }
   if (rc != 0) {
     corral_future_release(w->stopped);
     free(w);
@@ -166,27 +166,161 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
     return NULL;
   }
   w->ctx.worker = w;
-  atomic_fetch_add(&rt->nbusy, 1); /* busy while it boots */
+  w->tr = &corral__thread_transport;
+  return w;
+}
+
+/* Free a worker whose thread never ran. */
+static void worker_free_unstarted(corral_worker *w) {
+  corral__ctx_close(&w->ctx, 1);
+  uv_cond_destroy(&w->spare_cond);
+  uv_mutex_destroy(&w->curlock);
+  corral_future_release(w->stopped);
+  free(w);
+}
+
+/* Make w one of the runtime's workers, with its class and init arguments
+ * (`boot`) and its inbox bound: it counts as busy (it boots), the caller's
+ * handle is counted from the start (an orphan sweep running meanwhile must
+ * not take a worker being born for one), and the runtime holds a reference
+ * until it is joined. */
+static void worker_enlist(corral_worker *w, const char *name, char *boot, size_t len, int refs,
+                          int cap) {
+  corral_runtime *rt = w->rt;
+  snprintf(w->name, sizeof w->name, "%s", name);
+  w->boot = boot;
+  w->bootlen = len;
+  w->boot_refs = refs;
+  w->cap = cap > 0 ? cap : 1;
+  atomic_fetch_add(&w->refs, 1);
+  atomic_store(&w->handles, 1);
+  atomic_fetch_add(&rt->nbusy, 1);
   uv_mutex_lock(&rt->wlock);
   queue_insert_tail(&rt->workers, &w->rt_node);
   uv_mutex_unlock(&rt->wlock);
-  w->tr = &corral__thread_transport;
+}
+
+static corral_worker *take_spare(corral_runtime *rt);
+
+corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
+                                    int refs, int cap, void (*body)(corral_worker *w), int *err) {
+  corral_worker *w = take_spare(rt);
+  if (w != NULL) { /* booted ahead: it gets its class and goes on */
+    worker_enlist(w, name, boot, len, refs, cap);
+    uv_mutex_lock(&w->ctx.qlock);
+    w->tr_done = worker_ended;
+    w->spare = SPARE_TAKEN;
+    uv_cond_signal(&w->spare_cond);
+    uv_mutex_unlock(&w->ctx.qlock);
+    return w;
+  }
+  if ((w = worker_new(rt, name, err)) == NULL) return NULL;
+  worker_enlist(w, name, boot, len, refs, cap);
   w->tr_run = body;
   w->tr_done = worker_ended;
-  if ((rc = w->tr->start(w)) != 0) {
+  int rc = w->tr->start(w);
+  if (rc != 0) {
     uv_mutex_lock(&rt->wlock);
     queue_remove(&w->rt_node);
     w->joined = 1;
     uv_mutex_unlock(&rt->wlock);
     atomic_fetch_sub(&rt->nbusy, 1);
-    corral__ctx_close(&w->ctx, 1);
-    uv_mutex_destroy(&w->curlock);
-    corral_future_release(w->stopped);
-    free(w);
+    w->boot = NULL; /* still the caller's */
+    worker_free_unstarted(w);
     *err = rc;
     return NULL;
   }
   return w;
+}
+
+/* ======================================================================== */
+/* The spare                                                                 */
+/* ======================================================================== */
+
+/* A runtime keeps one worker thread started ahead, its Lua state made and
+ * corral loaded (the binding's main runs up to the class, then waits in
+ * corral__worker_await): the next worker start takes it, and only the
+ * class, the init arguments and the first call are left to do. It is not
+ * one of the runtime's workers until taken (no handle, not busy, not in the
+ * list the sweeps and the close walk); what it does meanwhile is its own.
+ * Its state: SPARE_WAITING until taken (SPARE_TAKEN) or told to end
+ * (SPARE_QUIT), under ctx.qlock. */
+
+/* A spare's thread ends without having been taken. */
+static void spare_ended(corral_worker *w) {
+  corral__ctx_close(&w->ctx, 0);
+  corral__future_settle(w->stopped, CORRAL_DONE, NULL, 0);
+}
+
+int corral__worker_await(corral_worker *w) {
+  uv_mutex_lock(&w->ctx.qlock);
+  while (w->spare == SPARE_WAITING)
+    uv_cond_wait(&w->spare_cond, &w->ctx.qlock);
+  int taken = w->spare != SPARE_QUIT;
+  uv_mutex_unlock(&w->ctx.qlock);
+  return taken;
+}
+
+/* The runtime's spare, if it has one (the caller's reference now). */
+static corral_worker *take_spare(corral_runtime *rt) {
+  uv_mutex_lock(&rt->wlock);
+  corral_worker *w = rt->spare;
+  rt->spare = NULL;
+  uv_mutex_unlock(&rt->wlock);
+  return w;
+}
+
+void corral__worker_make_spare(corral_runtime *rt, void (*body)(corral_worker *w)) {
+  uv_mutex_lock(&rt->wlock);
+  int wanted = rt->spare == NULL && !rt->no_spare && !rt->closing;
+  uv_mutex_unlock(&rt->wlock);
+  if (!wanted) return;
+  int err;
+  corral_worker *w = worker_new(rt, "spare", &err);
+  if (w == NULL) return; /* none: the next start is a cold one */
+  w->spare = SPARE_WAITING;
+  w->tr_run = body;
+  w->tr_done = spare_ended;
+  if (w->tr->start(w) != 0) {
+    worker_free_unstarted(w);
+    return;
+  }
+  uv_mutex_lock(&rt->wlock);
+  corral_worker *old = rt->spare;
+  if (old == NULL && !rt->no_spare && !rt->closing) {
+    rt->spare = w;
+    w = NULL;
+  }
+  uv_mutex_unlock(&rt->wlock);
+  if (w != NULL) corral__worker_end_spare(w); /* another was made meanwhile */
+}
+
+void corral__worker_end_spare(corral_worker *w) {
+  uv_mutex_lock(&w->ctx.qlock);
+  w->spare = SPARE_QUIT;
+  uv_cond_signal(&w->spare_cond);
+  uv_mutex_unlock(&w->ctx.qlock);
+  w->tr->join(w);
+  /* it never served: a failure of its own start is nobody's error */
+  free(w->crash);
+  w->crash = NULL;
+  corral__worker_release(w);
+}
+
+void corral__worker_drop_spare(corral_runtime *rt, int for_good) {
+  uv_mutex_lock(&rt->wlock);
+  corral_worker *w = rt->spare;
+  rt->spare = NULL;
+  if (for_good) rt->closing = 1;
+  uv_mutex_unlock(&rt->wlock);
+  if (w != NULL) corral__worker_end_spare(w);
+}
+
+void corral__worker_spares(corral_runtime *rt, int on) {
+  uv_mutex_lock(&rt->wlock);
+  rt->no_spare = !on;
+  uv_mutex_unlock(&rt->wlock);
+  if (!on) corral__worker_drop_spare(rt, 0);
 }
 
 void corral__worker_hold_handle(corral_worker *w) {
@@ -247,6 +381,7 @@ void corral__worker_release(corral_worker *w) {
   if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   uv_mutex_destroy(&w->ctx.qlock);
   uv_mutex_destroy(&w->curlock);
+  uv_cond_destroy(&w->spare_cond);
   corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   /* a crash no call carried (an init that failed before any call): nobody
    * else will say it */

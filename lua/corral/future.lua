@@ -61,7 +61,7 @@ local wrappers = setmetatable({}, { __mode = "v" })
 -- `quiet`: its failure is reported elsewhere (a worker watching its own
 -- call's future), never as unretrieved here.
 function M.wrap(c, mt, key, quiet)
-  local k, f = key, nil
+  local k, f = key
   -- (a C future watched in C just now, `key` given, is new to this context)
   if not k then
     k = core.fkey(c)

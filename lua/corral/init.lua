@@ -81,12 +81,6 @@ function corral.run()
   sched.drive(true)
 end
 
--- Every Lua state corral runs prints whole lines: several threads printing
--- at once never mix their lines.
-if type(print) == "function" and debug.getinfo(print, "S").what == "C" then
-  rawset(_G, "print", core.print)
-end
-
 --- End the process at once with `code` (0 to 255; true is 0, false is 1),
 -- after reporting unretrieved errors. In a thread worker it ends that
 -- worker, as `os.exit` does there: its calls fail with `WorkerCrashed`.

@@ -9,7 +9,6 @@
 local require = require
 local core = require "corral.core"
 local CO = require("corral.fields").CO
-local corral = require "corral"
 local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
@@ -151,7 +150,7 @@ function M.run(name, class, opts, ...)
   local self = {}
   -- init runs first, as a task of its own; no call starts before it ends.
   -- (A tail call: this frame, which holds the init arguments, goes.)
-  local init = corral.spawn(function(...)
+  local init = task.spawn(function(...)
     if class.init then class.init(self, ...) end
   end, ...)
   init._where = "init"

@@ -22,7 +22,7 @@ end
 
 local settings = {
   mode = "thread", workers = 1, balance = "round_robin", max_queued = 256,
-  max_concurrency = 1, blocking = false,
+  max_concurrency = 1, blocking = false, spare_worker = true,
 }
 
 -- The size of the default pool: from CORRAL_WORKERS, else one per CPU this
@@ -48,7 +48,7 @@ local function check_options(fname, o)
       errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
     elseif RANGE[k] then
       errors.check(whole(v, RANGE[k]), fname, k, ("a whole number from 1 to %d"):format(RANGE[k]), v)
-    elseif k == "blocking" then
+    elseif k == "blocking" or (k == "spare_worker" and fname == "corral.config") then
       errors.check(type(v) == "boolean", fname, k, "a boolean", v)
     elseif k == "name" then
       errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
@@ -59,9 +59,12 @@ local function check_options(fname, o)
 end
 
 --- Set process-wide defaults for worker options (`mode`, `workers`,
--- `balance`, `max_queued`, `max_concurrency`, `blocking`) and the size of
--- the default pool (`pool_size`, also from `CORRAL_WORKERS`). Workers
--- started afterwards take these settings. Returns the settings in force.
+-- `balance`, `max_queued`, `max_concurrency`, `blocking`), the size of
+-- the default pool (`pool_size`, also from `CORRAL_WORKERS`) and
+-- `spare_worker` (true: once a thread worker has started, one more thread
+-- is kept started ahead, its Lua state ready, for the next start; false:
+-- none, and the one there is ends). Workers started afterwards take these
+-- settings. Returns the settings in force.
 function M.config(t)
   if t ~= nil then
     check_options("corral.config", t)
@@ -71,6 +74,7 @@ function M.config(t)
         .. "before the first submit or map", pool_size())
     end
     for k, v in pairs(t) do settings[k] = v end
+    if t.spare_worker ~= nil then core.spares(t.spare_worker) end
   end
   local copy = {}
   for k, v in pairs(settings) do copy[k] = v end
