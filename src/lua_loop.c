@@ -190,8 +190,8 @@ static int l_stats(lua_State *L) {
     char running[64];
     uv_mutex_lock(&w->ctx.qlock);
     int queued = w->queued;
-    snprintf(running, sizeof running, "%s", w->current);
     uv_mutex_unlock(&w->ctx.qlock);
+    corral__worker_current(w, running, sizeof running);
     stats_row(L, &w->ctx, w->name, queued, atomic_load(&w->active), running);
     lua_pushinteger(L, atomic_load(&w->handles));
     lua_setfield(L, -2, "handles");
