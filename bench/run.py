@@ -58,11 +58,11 @@ w2 = measure([corral, B("threads.lua"), "2"])
 w64 = measure([corral, B("threads.lua"), "64"])
 row("  a pool of 64 threads on these cores", w64, w2, "the same pool of 2", "calls/s", True)
 ours = measure([corral, B("start.lua")])
-if have_luv:
-    peer = measure(["luajit", B("luv_start.lua")])
-    row("worker start until its first answer", ours, peer, "luv new_thread + async", "us", False)
-else:
-    row("worker start until its first answer", ours, float("nan"), "(no luv)", "us", False)
+cold = measure([corral, B("start.lua"), "50", "cold"])
+peer = measure(["luajit", B("luv_start.lua")]) if have_luv else float("nan")
+peer_name = "luv new_thread + async" if have_luv else "(no luv)"
+row("worker start until its first answer", ours, peer, peer_name, "us", False)
+row("  same, without the spare (cold)", cold, peer, peer_name, "us", False)
 ours = measure([corral, B("calls.lua"), "latency", "5000"])
 peer = measure([sys.executable, B("calls_threadpool.py"), "latency", "5000"])
 row("one call's round trip (median)", ours, peer, "ThreadPoolExecutor(2)", "us", False)
