@@ -220,6 +220,7 @@ struct corral_runtime {
   uv_mutex_t wlock;     /* guards workers, spare, no_spare, closing */
   queue workers;        /* every worker instance started, until joined */
   corral_worker *spare; /* a worker started ahead, for the next start (worker.c) */
+  int spare_pid;        /* the process that made it (a forked child has not its thread) */
   int no_spare;         /* spares are off */
   int closing;          /* no more spares: the runtime closes */
 };
@@ -396,10 +397,11 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
 void corral__call_free(corral_call *c);
 /* The arguments are decoded: give back their bytes and what they hold. */
 void corral__call_drop_payload(corral_call *c);
-/* Start a thread worker (the runtime's spare when it has one); NULL with
- * *err set (a CORRAL_E* or libuv code). */
+/* Start a thread worker (the runtime's spare when it has one and `spare`);
+ * NULL with *err set (a CORRAL_E* or libuv code). */
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
-                                    int refs, int cap, void (*body)(corral_worker *w), int *err);
+                                    int refs, int cap, void (*body)(corral_worker *w), int spare,
+                                    int *err);
 /* A worker's state: 0 a worker; SPARE_* one started ahead (worker.c). */
 enum { SPARE_NONE = 0, SPARE_WAITING, SPARE_TAKEN, SPARE_QUIT };
 /* Start the runtime's spare (running `body`) unless it has one, or spares

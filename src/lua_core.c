@@ -209,7 +209,16 @@ static int worker_boot(lua_State *L) {
   w->bootlen = 0;
   w->boot_refs = 0;
   w->booted = 1;
-  lua_call(L, n + 1, 0);
+  if (lua_pcall(L, n + 1, 0, 0) != 0) {
+    /* what it raised, as text (an error object, a table, says what it is
+     * through tostring), while this is still protected */
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      lua_getglobal(L, "tostring");
+      lua_insert(L, -2);
+      lua_call(L, 1, 1);
+    }
+    return lua_error(L);
+  }
   return 0;
 }
 
@@ -234,7 +243,8 @@ static int boot_died(lua_State *L) {
 }
 
 /* The worker died before or outside its Lua main: a WorkerCrashed built by
- * the errors module when it can be loaded, by C otherwise. */
+ * the errors module when it can be loaded, by C otherwise. (What was raised
+ * is text here: see worker_boot.) */
 static void boot_failed(lua_State *L, corral_worker *w) {
   char why[400];
   snprintf(why, sizeof why, "%s",

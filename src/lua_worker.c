@@ -16,7 +16,8 @@
 
 /* What runs on a worker's thread: handed by the module above (its worker
  * main opens corral in the new state). */
-static void (*worker_body)(corral_worker *w);
+/* (every state's opening sets it, to the same function) */
+static void (*_Atomic worker_body)(corral_worker *w);
 
 /* ======================================================================== */
 /* Workers                                                                   */
@@ -61,8 +62,11 @@ static int l_worker_start(lua_State *L) {
   char *boot = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (boot == NULL) return corral__lua_codec_error(L, o.err);
   int err;
+  /* the home's starts take and make the spare: a thread inherits its
+   * maker's affinity, priority and signal mask, and a worker's are its own */
+  int home = corral__ctx_of(L)->worker == NULL;
   corral_worker *w = corral__worker_start(corral__lua_rt(L), name, boot, len, o.has_refs, (int)cap,
-                                          worker_body, &err);
+                                          worker_body, home, &err);
   if (w == NULL) {
     corral__codec_free(boot, len, o.has_refs);
     lua_pushnil(L);
@@ -73,7 +77,8 @@ static int l_worker_start(lua_State *L) {
   w_push(L, w); /* its handle was counted at birth */
   /* the next start takes a state made ahead (none while tests inject
    * faults: they are meant for the next start) */
-  if (!corral__lcore_faults_pending()) corral__worker_make_spare(corral__lua_rt(L), worker_body);
+  if (home && !corral__lcore_faults_pending())
+    corral__worker_make_spare(corral__lua_rt(L), worker_body);
   return 1;
 }
 

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -203,8 +204,9 @@ static void worker_enlist(corral_worker *w, const char *name, char *boot, size_t
 static corral_worker *take_spare(corral_runtime *rt);
 
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
-                                    int refs, int cap, void (*body)(corral_worker *w), int *err) {
-  corral_worker *w = take_spare(rt);
+                                    int refs, int cap, void (*body)(corral_worker *w), int spare,
+                                    int *err) {
+  corral_worker *w = spare ? take_spare(rt) : NULL;
   if (w != NULL) { /* booted ahead: it gets its class and goes on */
     worker_enlist(w, name, boot, len, refs, cap);
     uv_mutex_lock(&w->ctx.qlock);
@@ -266,6 +268,7 @@ static corral_worker *take_spare(corral_runtime *rt) {
   uv_mutex_lock(&rt->wlock);
   corral_worker *w = rt->spare;
   rt->spare = NULL;
+  if (w != NULL && rt->spare_pid != getpid()) w = NULL; /* a forked child's: not there */
   uv_mutex_unlock(&rt->wlock);
   return w;
 }
@@ -289,6 +292,7 @@ void corral__worker_make_spare(corral_runtime *rt, void (*body)(corral_worker *w
   corral_worker *old = rt->spare;
   if (old == NULL && !rt->no_spare && !rt->closing) {
     rt->spare = w;
+    rt->spare_pid = getpid();
     w = NULL;
   }
   uv_mutex_unlock(&rt->wlock);
@@ -312,8 +316,10 @@ void corral__worker_drop_spare(corral_runtime *rt, int for_good) {
   corral_worker *w = rt->spare;
   rt->spare = NULL;
   if (for_good) rt->closing = 1;
+  /* in a child forked since, the spare's thread is not there: forgotten */
+  int here = w != NULL && rt->spare_pid == getpid();
   uv_mutex_unlock(&rt->wlock);
-  if (w != NULL) corral__worker_end_spare(w);
+  if (here) corral__worker_end_spare(w);
 }
 
 void corral__worker_spares(corral_runtime *rt, int on) {

@@ -146,7 +146,7 @@ local serve -- the worker's loop, below
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
-  if opts.settings then require("corral.worker_options").config(opts.settings) end
+  if opts.settings then require("corral.worker_options").adopt(opts.settings) end
   local self = {}
   -- init runs first, as a task of its own; no call starts before it ends.
   -- (A tail call: this frame, which holds the init arguments, goes.)

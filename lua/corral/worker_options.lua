@@ -82,6 +82,13 @@ function M.config(t)
   return copy
 end
 
+--- A worker's state takes its starter's settings as they are: no checks
+-- (they were made where they were set) and nothing done to the runtime
+-- (spare_worker is the runtime's, set by whoever calls config).
+function M.adopt(t)
+  for k, v in pairs(t) do settings[k] = v end
+end
+
 M.settings, M.pool_size, M.check = settings, pool_size, check_options
 
 return M
