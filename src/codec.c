@@ -549,6 +549,9 @@ static corral_future *future_of(encoder *e, int idx) {
 }
 
 static int enc_future(encoder *e, int idx) {
+  /* (before its C half is made: a future that stays in Lua makes none) */
+  if (e->o->no_refs)
+    return enc_fail(e, "a future cannot be encoded into bytes (it lives in this process)");
   corral_future *f = future_of(e, idx);
   if (f == NULL)
     return enc_fail(e, "a table with a __future metatable that is not a corral future");
@@ -596,6 +599,8 @@ static int enc_worker(encoder *e, int idx) {
   if (kind <= 0)
     return enc_fail(e, kind == 0 ? "an async or sync worker lives in its context and cannot travel"
                                  : "a table with a __worker metatable that is not a worker handle");
+  if (e->o->no_refs)
+    return enc_fail(e, "a worker cannot be encoded into bytes (it lives in this process)");
   PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)h->n));
   PK(pack_ext(e, EXT_WORKER, NULL, 0));
   PK(msgpack_pack_map(&e->pk, 3));
@@ -895,7 +900,7 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
       e.alloc = first + 64;
     }
   }
-  if (msgpack_pack_array(&e.pk, (size_t)n) != 0) rc = enc_oom(&e);
+  if (!o->bare && msgpack_pack_array(&e.pk, (size_t)n) != 0) rc = enc_oom(&e);
   const char *what = o->what ? o->what : "args";
   for (int i = 0; i < n && rc == 0; i++) {
     e.nframes = 0;
@@ -1251,7 +1256,12 @@ static int dec_fail(decoder *d, const char *fmt, ...) {
   for (int i = 0; i < n; i++) {
     dframe *f = &d->path->f[i];
     switch (f->kind) {
-    case DF_ARG: pb_add(pb, "%s[%u]", f->name, f->i); break;
+    case DF_ARG:
+      if (f->i == 0)
+        pb_add(pb, "%s", f->name);
+      else
+        pb_add(pb, "%s[%u]", f->name, f->i);
+      break;
     case DF_INDEX: pb_add(pb, "[%u]", f->i); break;
     case DF_KEY: pb_object_key(pb, f->key); break;
     case DF_UPVALUE: pb_add(pb, "<upvalue %s>", f->name); break;
@@ -1665,6 +1675,7 @@ static int dec_first_of(decoder *d, corral_future *f) {
 int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust) {
   static const char *const names[] = {"value", "args", "result", "init"};
   const char *what = names[(trust >> 4) & 3];
+  int one = (trust & CODEC_ONE) != 0;
   trust &= 15;
   int base = lua_gettop(L);
   lua_checkstack(L, 8);
@@ -1702,9 +1713,10 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
   char err[512];
   int n = 0;
   if (why == NULL) {
-    uint32_t count = root.type == MSGPACK_OBJECT_ARRAY ? root.via.array.size : 1;
+    int several = root.type == MSGPACK_OBJECT_ARRAY && !one;
+    uint32_t count = several ? root.via.array.size : 1;
     n = count > 1000000 ? 1000000 : (int)count;
-    if (root.type == MSGPACK_OBJECT_ARRAY && (count > 1000000 || !lua_checkstack(L, n + 16))) {
+    if (several && (count > 1000000 || !lua_checkstack(L, n + 16))) {
       snprintf(err, sizeof err, "%u values are too many to receive at once (the Lua stack is full)",
                count);
       why = err;
@@ -1714,9 +1726,11 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
     decoder d = {L, box, 0, 0, deps, trust, 0, &path, err, sizeof err};
     lua_pushnil(L); /* the refs table, made with the first table */
     d.refs = lua_gettop(L);
+    int several = root.type == MSGPACK_OBJECT_ARRAY && !one;
     for (int i = 0; i < n; i++) {
-      at_dec(&d, (dframe){.kind = DF_ARG, .i = (uint32_t)i + 1, .name = what});
-      if (dec_value(&d, root.type == MSGPACK_OBJECT_ARRAY ? &root.via.array.ptr[i] : &root) != 0) {
+      /* (one value is named alone: "value.a[2]") */
+      at_dec(&d, (dframe){.kind = DF_ARG, .i = one ? 0 : (uint32_t)i + 1, .name = what});
+      if (dec_value(&d, several ? &root.via.array.ptr[i] : &root) != 0) {
         why = err;
         break;
       }

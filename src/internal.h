@@ -240,6 +240,8 @@ typedef struct {
   int unwrap;              /* futures become dependencies (DEP) rather than references */
   corral_future **deps;    /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
+  int bare;      /* one value, no array around it (corral.encode: plain MessagePack) */
+  int no_refs;   /* bytes for outside the process: a future or a worker is an error */
   int has_refs;  /* out: the payload holds references (futures, workers) */
   char err[512]; /* out: why encoding failed, with the value's path */
 } codec_opts;
@@ -260,7 +262,8 @@ enum {
   CODEC_AS_VALUES = 0,
   CODEC_AS_ARGS = 1 << 4,
   CODEC_AS_RESULT = 2 << 4,
-  CODEC_AS_INIT = 3 << 4
+  CODEC_AS_INIT = 3 << 4,
+  CODEC_ONE = 1 << 6 /* the payload is one value, an array too (corral.decode) */
 };
 
 /* Encode the n values at L[from..] as a MessagePack array into a malloc'd
@@ -379,6 +382,7 @@ struct corral_worker {
   int orphan_seen;      /* the home's orphan sweep took it (under rt->wlock) */
   int booted;           /* its Lua main runs (the worker's thread only) */
   int spare;            /* SPARE_*: a worker started ahead (see worker.c), under ctx.qlock */
+  int spare_let_go;     /* told to end and not joined: it frees itself (under ctx.qlock) */
   uv_cond_t spare_cond; /* a spare waits on it, under ctx.qlock */
   char *crash;          /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
@@ -410,8 +414,9 @@ void corral__worker_make_spare(corral_runtime *rt, void (*body)(corral_worker *w
 /* On a worker's thread, once its Lua state is ready: wait until this spare
  * is taken (1; at once for a worker started cold) or told to end (0). */
 int corral__worker_await(corral_worker *w);
-/* End the spare w: told, joined, released. */
-void corral__worker_end_spare(corral_worker *w);
+/* End the spare w: told, then joined and released; or, `let_go`, left to
+ * end and free itself (detached: a process ending at once). */
+void corral__worker_end_spare(corral_worker *w, int let_go);
 /* End the runtime's spare if it has one; `for_good`: it will make no more. */
 void corral__worker_drop_spare(corral_runtime *rt, int for_good);
 /* Spares on (the default) or off (the one there is ends). */

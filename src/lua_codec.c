@@ -15,13 +15,10 @@
 
 static int l_encode(lua_State *L) {
   codec_opts o = {0};
+  o.no_refs = 1; /* a string cannot hold references */
   size_t len;
   char *buf = corral__codec_encode(L, 1, lua_gettop(L), &len, &o);
   if (buf == NULL) return corral__lua_codec_error(L, o.err);
-  if (o.has_refs) { /* a string cannot hold references */
-    corral__codec_free(buf, len, 1);
-    return corral__lua_codec_error(L, "futures and workers cannot be encoded into a string");
-  }
   lua_pushlstring(L, buf, len);
   free(buf);
   return 1;
@@ -55,6 +52,39 @@ static int l_decode(lua_State *L) {
   return n;
 }
 
+/* encode_value(v): plain MessagePack of one value (corral.encode), or nil
+ * and why (its path named "value"). */
+static int l_encode_value(lua_State *L) {
+  static const char *const lead[] = {"value"};
+  lua_settop(L, 1);
+  codec_opts o = {0};
+  o.bare = 1;
+  o.no_refs = 1;
+  o.offset = 1;
+  o.lead = lead;
+  size_t len;
+  char *buf = corral__codec_encode(L, 1, 1, &len, &o);
+  if (buf == NULL) return corral__lua_codec_error(L, o.err);
+  lua_pushlstring(L, buf, len);
+  free(buf);
+  return 1;
+}
+
+/* decode_value(s, code): the one value of s (corral.decode), bytes from
+ * outside the process: plain values, shared and cyclic tables, loaded
+ * modules and timestamps; with `code`, also functions this process encoded
+ * (the trusted path checks each one's mark, made with the process's key).
+ * Raises a CodecError naming where. */
+static int l_decode_value(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  int code = lua_toboolean(L, 2);
+  lua_settop(L, 1);
+  int n = corral__codec_decode(L, s, len, NULL, (code ? CODEC_TRUSTED : CODEC_FOREIGN) | CODEC_ONE);
+  if (n < 0) return raise_codec_error(L);
+  return n;
+}
+
 /* debug_counts(): live C objects, for leak specs: the codec's own blocks,
  * futures, and handles issued. */
 static int l_debug_counts(lua_State *L) {
@@ -76,6 +106,8 @@ static int l_codec_fail_alloc(lua_State *L) {
 
 const luaL_Reg corral__lua_codec_funcs[] = {{"encode", l_encode},
                                             {"decode", l_decode},
+                                            {"encode_value", l_encode_value},
+                                            {"decode_value", l_decode_value},
                                             {"debug_counts", l_debug_counts},
                                             {"codec_fail_alloc", l_codec_fail_alloc},
                                             {NULL, NULL}};

@@ -248,10 +248,19 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
  * Its state: SPARE_WAITING until taken (SPARE_TAKEN) or told to end
  * (SPARE_QUIT), under ctx.qlock. */
 
-/* A spare's thread ends without having been taken. */
+/* A spare's thread ends without having been taken; one let go (not to be
+ * joined) gives the last reference itself. */
 static void spare_ended(corral_worker *w) {
   corral__ctx_close(&w->ctx, 0);
   corral__future_settle(w->stopped, CORRAL_DONE, NULL, 0);
+  uv_mutex_lock(&w->ctx.qlock);
+  int let_go = w->spare_let_go;
+  uv_mutex_unlock(&w->ctx.qlock);
+  if (let_go) {
+    free(w->crash); /* it never served: its failure is nobody's error */
+    w->crash = NULL;
+    corral__worker_release(w);
+  }
 }
 
 int corral__worker_await(corral_worker *w) {
@@ -296,14 +305,20 @@ void corral__worker_make_spare(corral_runtime *rt, void (*body)(corral_worker *w
     w = NULL;
   }
   uv_mutex_unlock(&rt->wlock);
-  if (w != NULL) corral__worker_end_spare(w); /* another was made meanwhile */
+  if (w != NULL) corral__worker_end_spare(w, 0); /* another was made meanwhile */
 }
 
-void corral__worker_end_spare(corral_worker *w) {
+void corral__worker_end_spare(corral_worker *w, int let_go) {
+  uv_thread_t thread = w->thread; /* (a spare let go may be freed at once) */
   uv_mutex_lock(&w->ctx.qlock);
   w->spare = SPARE_QUIT;
+  w->spare_let_go = let_go;
   uv_cond_signal(&w->spare_cond);
   uv_mutex_unlock(&w->ctx.qlock);
+  if (let_go) {
+    pthread_detach(thread);
+    return;
+  }
   w->tr->join(w);
   /* it never served: a failure of its own start is nobody's error */
   free(w->crash);
@@ -318,8 +333,11 @@ void corral__worker_drop_spare(corral_runtime *rt, int for_good) {
   if (for_good) rt->closing = 1;
   /* in a child forked since, the spare's thread is not there: forgotten */
   int here = w != NULL && rt->spare_pid == getpid();
+  /* a runner ending after a signal or an error does not wait for it: a
+   * second Ctrl-C ends the process at once, even while it would join */
+  int let_go = for_good && rt->exit_fast;
   uv_mutex_unlock(&rt->wlock);
-  if (here) corral__worker_end_spare(w);
+  if (here) corral__worker_end_spare(w, let_go);
 }
 
 void corral__worker_spares(corral_runtime *rt, int on) {

@@ -59,6 +59,44 @@ corral.as_completed = wait.as_completed
 --- Names for `wait`'s `return_when`.
 corral.ReturnWhen = wait.ReturnWhen
 
+--- Encode one value as MessagePack bytes, by the rules of a call's
+-- arguments: numbers, strings, booleans, nil, tables (shared and cyclic
+-- ones kept), functions as bytecode with their upvalues, loaded modules
+-- and their C functions by name. Without functions or shared tables the
+-- bytes are plain MessagePack that any library reads. Raises a `CodecError`
+-- naming the path of what cannot be encoded (`value.a[2]: ...`): a
+-- coroutine, a userdata, a future or a worker (they live in this process).
+-- @param value the value
+-- @treturn string the bytes
+function corral.encode(value)
+  local s, why = core.encode_value(value)
+  if not s then error(errors.codec(why, 2), 2) end
+  return s
+end
+
+local DECODE_OPTIONS = { code = true }
+
+--- Decode the one value of MessagePack bytes (from `corral.encode`, or
+-- from any MessagePack library). The bytes are untrusted: malformed ones
+-- raise a `CodecError` naming where (`value.a[2]: ...`), and they never
+-- run code or reach into this process: a function is refused unless
+-- `opts.code` is true, and even then only one this very process encoded is
+-- loaded (its bytecode carries a mark made with the process's random key);
+-- futures and workers are always refused. An extension
+-- type it does not know is refused; MessagePack's timestamp becomes
+-- `{sec =, nsec =}`, binary a string.
+-- @string bytes the bytes
+-- @tab[opt] opts `code`
+-- @return the value
+function corral.decode(bytes, opts)
+  errors.check(type(bytes) == "string", "corral.decode", "bytes", "a string", bytes)
+  if opts ~= nil then
+    errors.check(type(opts) == "table", "corral.decode", "opts", "a table", opts)
+    errors.check_options("corral.decode", opts, DECODE_OPTIONS)
+  end
+  return core.decode_value(bytes, opts ~= nil and opts.code == true)
+end
+
 --- Whether `v` is a corral future.
 -- @function is_future
 corral.is_future = future.is_future
