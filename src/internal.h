@@ -528,8 +528,9 @@ int corral__lcore_drive(lua_State *L, int block);
 /* lua_core.c: the body of a worker thread: its own lua_State on its own
  * loop. */
 void corral__lcore_worker_main(corral_worker *w);
-/* Faults injected for tests and not met yet (no spare is made meanwhile). */
-int corral__lcore_faults_pending(void);
+/* Tests: worker Lua states that cannot be made, and after how many
+ * allocations the next one runs out of memory (set by inject_fault). */
+extern atomic_int corral__inject_state, corral__inject_alloc;
 /* A lua_CFunction: make corral loadable in this state (package.preload)
  * and load it. */
 int corral__lcore_load(lua_State *L);

@@ -262,7 +262,6 @@ static void boot_failed(lua_State *L, corral_worker *w) {
 
 /* Tests: how many of the next worker Lua states cannot be made, and after
  * how many allocations the next one runs out of memory. */
-static atomic_int inject_state, inject_alloc;
 
 /* inject_fault(what, n): the next n thread starts ("thread") or worker Lua
  * states ("state") fail, or the next worker's Lua state runs out of memory
@@ -276,17 +275,12 @@ static int l_inject_fault(lua_State *L) {
   if (strcmp(what, "thread") == 0)
     corral__thread_inject(n);
   else if (strcmp(what, "state") == 0)
-    atomic_store(&inject_state, n);
+    atomic_store(&corral__inject_state, n);
   else if (strcmp(what, "alloc") == 0)
-    atomic_store(&inject_alloc, n);
+    atomic_store(&corral__inject_alloc, n);
   else
     return luaL_argerror(L, 1, "\"thread\", \"state\" or \"alloc\"");
   return 0;
-}
-
-int corral__lcore_faults_pending(void) {
-  return atomic_load(&inject_state) > 0 || atomic_load(&inject_alloc) > 0 ||
-         corral__thread_inject_pending();
 }
 
 /* An allocator that refuses to grow after `*left` more allocations. */
@@ -301,8 +295,9 @@ static void *failing_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 void corral__lcore_worker_main(corral_worker *w) {
-  int fail = atomic_load(&inject_state) > 0 && atomic_fetch_sub(&inject_state, 1) > 0;
-  int after = atomic_exchange(&inject_alloc, 0), left = INT_MAX;
+  int fail =
+      atomic_load(&corral__inject_state) > 0 && atomic_fetch_sub(&corral__inject_state, 1) > 0;
+  int after = atomic_exchange(&corral__inject_alloc, 0), left = INT_MAX;
   lua_State *L = fail ? NULL : after > 0 ? lua_newstate(failing_alloc, &left) : luaL_newstate();
   left = after; /* LuaJIT cannot fail inside lua_newstate itself: count from here */
   if (L == NULL) {

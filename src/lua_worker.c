@@ -49,6 +49,15 @@ void corral__lua_worker_push(lua_State *L, corral_worker *w) {
 /* worker_start(name, cap, ...): a thread worker whose Lua main receives
  * the other arguments (class, options, init arguments). Returns it, or nil
  * and why it cannot start. */
+atomic_int corral__inject_state, corral__inject_alloc; /* (lua_core.c's inject_fault sets them) */
+
+/* Faults injected for tests and not met yet: no spare is made meanwhile
+ * (they are meant for the next start). */
+static int faults_pending(void) {
+  return atomic_load(&corral__inject_state) > 0 || atomic_load(&corral__inject_alloc) > 0 ||
+         corral__thread_inject_pending();
+}
+
 static int l_worker_start(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   lua_Number cap = luaL_checknumber(L, 2);
@@ -77,8 +86,7 @@ static int l_worker_start(lua_State *L) {
   w_push(L, w); /* its handle was counted at birth */
   /* the next start takes a state made ahead (none while tests inject
    * faults: they are meant for the next start) */
-  if (home && !corral__lcore_faults_pending())
-    corral__worker_make_spare(corral__lua_rt(L), worker_body);
+  if (home && !faults_pending()) corral__worker_make_spare(corral__lua_rt(L), worker_body);
   return 1;
 }
 
