@@ -202,6 +202,18 @@ static void mac_init(void) {
   mac_k1 = b;
 }
 
+void corral__codec_key(uint64_t *k0, uint64_t *k1) {
+  uv_once(&mac_once, mac_init);
+  *k0 = mac_k0;
+  *k1 = mac_k1;
+}
+
+void corral__codec_set_key(uint64_t k0, uint64_t k1) {
+  uv_once(&mac_once, mac_init);
+  mac_k0 = k0;
+  mac_k1 = k1;
+}
+
 static uint64_t mac(const char *data, size_t len) {
   uv_once(&mac_once, mac_init);
   const unsigned char *in = (const unsigned char *)data;
@@ -601,6 +613,8 @@ static int enc_worker(encoder *e, int idx) {
                                  : "a table with a __worker metatable that is not a worker handle");
   if (e->o->no_refs)
     return enc_fail(e, "a worker cannot be encoded into bytes (it lives in this process)");
+  if (e->o->no_handles)
+    return enc_fail(e, "a worker handle cannot be sent to a process worker (not yet)");
   PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)h->n));
   PK(pack_ext(e, EXT_WORKER, NULL, 0));
   PK(msgpack_pack_map(&e->pk, 3));
@@ -1361,6 +1375,11 @@ static int dec_timestamp(decoder *d, const char *p, uint32_t n) {
 
 static int dec_first_of(decoder *d, corral_future *f);
 
+/* Where untrusted bytes came from, for errors. */
+static const char *elsewhere(const decoder *d) {
+  return d->trust == CODEC_PEER ? "another process" : "outside the process";
+}
+
 static int dec_ext(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
   const char *p = o->via.ext.ptr;
@@ -1380,7 +1399,7 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
   }
   case EXT_DEP: {
     if (!trusted)
-      return dec_fail(d, "extension 2 (DEP): a dependency cannot come from outside the process");
+      return dec_fail(d, "extension 2 (DEP): a dependency cannot come from %s", elsewhere(d));
     if (n != 4) return dec_fail(d, "extension 2 (DEP) with a %u-byte body", n);
     uint64_t i = get_be(p, 4);
     if (d->deps == NULL || i >= (uint64_t)d->deps->n)
@@ -1390,7 +1409,7 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
   }
   case EXT_FUTURE: {
     if (!trusted)
-      return dec_fail(d, "extension 3 (FUTURE): a future cannot come from outside the process");
+      return dec_fail(d, "extension 3 (FUTURE): a future cannot come from %s", elsewhere(d));
     if (n != 8) return dec_fail(d, "extension 3 (FUTURE) with a %u-byte body", n);
     corral_future *f = corral__handle_get(get_be(p, 8), HANDLE_FUTURE);
     if (f == NULL) return dec_fail(d, "extension 3 (FUTURE): a stale or forged future handle");
@@ -1442,7 +1461,7 @@ static int dec_function(decoder *d, const msgpack_object *o) {
   lua_State *L = d->L;
   const msgpack_object *a = o->via.array.ptr;
   uint32_t n = o->via.array.size;
-  if (d->trust != CODEC_TRUSTED)
+  if (d->trust == CODEC_FOREIGN)
     return dec_fail(d, "a function cannot come from outside the process (no bytecode from bytes "
                        "the runtime did not make)");
   if (n < 2 || a[0].via.ext.size != 9 || a[1].type != MSGPACK_OBJECT_BIN)

@@ -175,7 +175,7 @@ static int settle(corral_future *f, int state, char *payload, size_t len,
   f->discard = discard;
   if (atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)
     atomic_fetch_sub(&host_pending, 1);
-  f->payload_foreign = foreign;
+  f->payload_trust = foreign;
   corral_watch *w = f->watches;
   f->watches = NULL;
   atomic_store_explicit(&f->state, state, memory_order_seq_cst);
@@ -217,7 +217,7 @@ int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
     memcpy(copy, mp, len);
   }
   /* the host's own MessagePack: decoded as foreign bytes */
-  return settle(f, CORRAL_DONE, copy, len, NULL, 0, 1);
+  return settle(f, CORRAL_DONE, copy, len, NULL, 0, CODEC_FOREIGN);
 }
 
 /* An error travels as a MessagePack map {kind=..., message=...}. */
@@ -265,8 +265,10 @@ int corral_future_cancel(corral_future *f) {
   return corral__future_cancel(f);
 }
 
-int corral__future_trust(corral_future *f) {
-  return f->payload_foreign ? CODEC_FOREIGN : CODEC_TRUSTED;
+int corral__future_trust(corral_future *f) { return f->payload_trust; }
+
+int corral__future_settle_peer(corral_future *f, corral_state state, char *payload, size_t len) {
+  return settle(f, state, payload, len, NULL, 0, CODEC_PEER);
 }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {

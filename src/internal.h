@@ -43,7 +43,8 @@ struct corral_future {
   char *payload; /* encoded results or error (malloc'd), set once when settled */
   size_t len;
   void (*discard)(const char *payload, size_t len); /* gives back what the payload holds */
-  int payload_foreign;      /* the payload came from a C host: decoded as foreign bytes */
+  int payload_trust; /* CODEC_*: how its payload is decoded (a C host's: foreign; a child's: peer)
+                      */
   _Atomic(uint64_t) handle; /* its handle once it crossed contexts (handle.c), or 0 */
   int first_used;           /* `first` was given to a watch (under lock; once) */
   corral_watch first;       /* the first watch's memory: most futures have one */
@@ -63,8 +64,10 @@ int corral__future_settle(corral_future *f, corral_state state, char *payload, s
 /* The same, for a payload from corral__codec_encode that holds references. */
 int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len,
                                void (*discard)(const char *payload, size_t len));
-/* The trust to decode f's payload with (CODEC_TRUSTED or CODEC_FOREIGN). */
+/* The trust to decode f's payload with (CODEC_TRUSTED, _FOREIGN or _PEER). */
 int corral__future_trust(corral_future *f);
+/* Settle f with a payload a process worker sent (decoded as CODEC_PEER). */
+int corral__future_settle_peer(corral_future *f, corral_state state, char *payload, size_t len);
 /* f's handle, issued on first use (0 when the handle table is full). */
 uint64_t corral__future_handle(corral_future *f);
 /* Futures alive in the process (a debug counter for leak specs). */
@@ -240,10 +243,11 @@ typedef struct {
   int unwrap;              /* futures become dependencies (DEP) rather than references */
   corral_future **deps;    /* with unwrap: the futures found, retained (malloc'd) */
   int ndeps, capdeps;
-  int bare;      /* one value, no array around it (corral.encode: plain MessagePack) */
-  int no_refs;   /* bytes for outside the process: a future or a worker is an error */
-  int has_refs;  /* out: the payload holds references (futures, workers) */
-  char err[512]; /* out: why encoding failed, with the value's path */
+  int bare;       /* one value, no array around it (corral.encode: plain MessagePack) */
+  int no_refs;    /* bytes for outside the process: a future or a worker is an error */
+  int no_handles; /* for another process: a worker handle is an error (futures are inputs) */
+  int has_refs;   /* out: the payload holds references (futures, workers) */
+  char err[512];  /* out: why encoding failed, with the value's path */
 } codec_opts;
 
 typedef struct {
@@ -256,7 +260,10 @@ typedef struct {
  * dependencies are taken, after checking. Foreign: from anywhere else (a
  * string given to core.decode, a result a C host settled): plain values,
  * loaded modules and timestamps only. */
-enum { CODEC_TRUSTED = 0, CODEC_FOREIGN = 1 };
+enum { CODEC_TRUSTED = 0, CODEC_FOREIGN = 1, CODEC_PEER = 2 };
+/* CODEC_PEER: bytes from a process worker of this program (the same key):
+ * functions it made load, but no reference to a live object (futures,
+ * workers, inputs) is followed: those are the other process's. */
 /* Or'ed into corral__codec_decode's trust: how errors name the values. */
 enum {
   CODEC_AS_VALUES = 0,
@@ -276,6 +283,10 @@ char *corral__codec_encode(lua_State *L, int from, int n, size_t *len, codec_opt
  * futures; `trust` is CODEC_TRUSTED or CODEC_FOREIGN, or'ed with a
  * CODEC_AS_* name. Raises only when Lua runs out of memory. */
 int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps *deps, int trust);
+/* The process's key for the marks on bytecode; a process worker takes its
+ * parent's (set before any thread encodes or decodes). */
+void corral__codec_key(uint64_t *k0, uint64_t *k1);
+void corral__codec_set_key(uint64_t k0, uint64_t k1);
 /* A thread worker handle as C sees it (the `_c` of a Lua handle): what the
  * codec sends of it, with no call into Lua. Each instance is a counted
  * handle on its worker. */
@@ -338,6 +349,17 @@ extern const corral__transport corral__thread_transport;
 void corral__thread_inject(int threads);
 int corral__thread_inject_pending(void);
 
+/* ---- process.c --------------------------------------------------------- */
+
+/* A process worker's body (its transport thread runs it): the proxy
+ * between its inbox and its child process. */
+void corral__process_main(corral_worker *w);
+/* The program a child is started with (argv, NULL-terminated; copied). */
+void corral__process_program(const char *const *argv);
+/* In a child started so: serve the parent on descriptor fd, the instance
+ * running as a thread worker (`body`) of rt. Never returns. */
+int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker *w));
+
 /* ---- worker.c ---------------------------------------------------------- */
 
 /* A call on its way to a worker instance. */
@@ -347,6 +369,8 @@ typedef struct corral_call {
   corral_future *result; /* retained */
   char *payload;         /* encoded arguments (inside this block when payload_inline) */
   int payload_inline;
+  uint64_t wire_id; /* a process worker's: its number on the wire, and */
+  int wire_state;   /* WIRE_*: where it is (the proxy's thread only) */
   size_t len;
   int payload_refs;
   int ndeps;
@@ -376,13 +400,15 @@ struct corral_worker {
   /* under ctx.qlock */
   queue inbox;
   int queued, cap;
-  queue overflow;       /* calls whose callers wait for room, in order */
-  atomic_int stopping;  /* WORKER_*: written under ctx.qlock, read anywhere */
-  int orphan_stop;      /* stopped because its last handle went (under ctx.qlock) */
-  int orphan_seen;      /* the home's orphan sweep took it (under rt->wlock) */
-  int booted;           /* its Lua main runs (the worker's thread only) */
-  int spare;            /* SPARE_*: a worker started ahead (see worker.c), under ctx.qlock */
-  int spare_let_go;     /* told to end and not joined: it frees itself (under ctx.qlock) */
+  queue overflow;      /* calls whose callers wait for room, in order */
+  atomic_int stopping; /* WORKER_*: written under ctx.qlock, read anywhere */
+  int orphan_stop;     /* stopped because its last handle went (under ctx.qlock) */
+  int orphan_seen;     /* the home's orphan sweep took it (under rt->wlock) */
+  int booted;          /* its Lua main runs (the worker's thread only) */
+  int spare;           /* SPARE_*: a worker started ahead (see worker.c), under ctx.qlock */
+  int spare_let_go;    /* told to end and not joined: it frees itself (under ctx.qlock) */
+  int process;         /* its instance runs in a child process (process.c): how many of its calls it
+                        * runs at once (max_concurrency); 0 for a thread worker. Set at start. */
   uv_cond_t spare_cond; /* a spare waits on it, under ctx.qlock */
   char *crash;          /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
@@ -405,7 +431,7 @@ void corral__call_drop_payload(corral_call *c);
  * NULL with *err set (a CORRAL_E* or libuv code). */
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
                                     int refs, int cap, void (*body)(corral_worker *w), int spare,
-                                    int *err);
+                                    int process, int *err);
 /* A worker's state: 0 a worker; SPARE_* one started ahead (worker.c). */
 enum { SPARE_NONE = 0, SPARE_WAITING, SPARE_TAKEN, SPARE_QUIT };
 /* Start the runtime's spare (running `body`) unless it has one, or spares

@@ -1,5 +1,6 @@
 /* lua_worker.c: thread workers in Lua: handles (`corral.worker`), calls
  * (`corral.call`), the default pool, and the worker side of a call. */
+#include <dlfcn.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,24 +59,30 @@ static int faults_pending(void) {
          corral__thread_inject_pending();
 }
 
+/* worker_start(name, cap, process, class, options, init args...): a thread
+ * worker (process 0), or a process worker running `process` calls at once;
+ * its handle, or nil and why (a CodecError's message, or the start's). */
 static int l_worker_start(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   lua_Number cap = luaL_checknumber(L, 2);
   luaL_argcheck(L, cap >= 1 && cap <= 0x7fffffff, 2, "inbox bound out of range");
+  int process = (int)luaL_checkinteger(L, 3);
   static const char *const lead[] = {"class", "options"};
   codec_opts o = {0};
   o.what = "init";
   o.offset = 2;
   o.lead = lead;
+  o.no_handles = process > 0;
   size_t len;
-  char *boot = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
+  char *boot = corral__codec_encode(L, 4, lua_gettop(L) - 3, &len, &o);
   if (boot == NULL) return corral__lua_codec_error(L, o.err);
   int err;
   /* the home's starts take and make the spare: a thread inherits its
    * maker's affinity, priority and signal mask, and a worker's are its own */
-  int home = corral__ctx_of(L)->worker == NULL;
-  corral_worker *w = corral__worker_start(corral__lua_rt(L), name, boot, len, o.has_refs, (int)cap,
-                                          worker_body, home, &err);
+  int home = corral__ctx_of(L)->worker == NULL && process == 0;
+  corral_worker *w =
+      corral__worker_start(corral__lua_rt(L), name, boot, len, o.has_refs, (int)cap,
+                           process ? corral__process_main : worker_body, home, process, &err);
   if (w == NULL) {
     corral__codec_free(boot, len, o.has_refs);
     lua_pushnil(L);
@@ -88,6 +95,45 @@ static int l_worker_start(lua_State *L) {
    * faults: they are meant for the next start) */
   if (home && !faults_pending()) corral__worker_make_spare(corral__lua_rt(L), worker_body);
   return 1;
+}
+
+/* process_child(fd): this process is a process worker; serve the parent on
+ * fd. Never returns. */
+static int l_process_child(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  corral__process_child(corral__lua_rt(L), fd, worker_body);
+  return 0;
+}
+
+/* The program a process worker's child runs: this executable with -e when
+ * corral is built into it (the corral runner); when corral is a module
+ * loaded by LuaJIT, luajit (this one, or the one on PATH) told where the
+ * module is. */
+static void find_program(void) {
+  static char exe[4096], code[4600];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  exe[n > 0 ? n : 0] = '\0';
+  Dl_info info;
+  const char *argv[4] = {exe, "-e", code, NULL};
+  const char *lib = dladdr((void *)&l_process_child, &info) ? info.dli_fname : NULL;
+  if (lib != NULL && strstr(lib, ".so") != NULL) {
+    char dir[4096];
+    if (realpath(lib, dir) == NULL) snprintf(dir, sizeof dir, "%s", lib);
+    char *slash = strrchr(dir, '/');
+    if (slash != NULL)
+      *slash = '\0';
+    else
+      snprintf(dir, sizeof dir, ".");
+    const char *base = strrchr(exe, '/');
+    if (base == NULL || strstr(base, "luajit") == NULL) argv[0] = "luajit";
+    snprintf(code, sizeof code,
+             "package.cpath = [==[%s/?.so;]==] .. package.cpath; require 'corral'; "
+             "require('corral.core').process_child(3)",
+             dir);
+  } else {
+    snprintf(code, sizeof code, "require('corral.core').process_child(3)");
+  }
+  corral__process_program(argv);
 }
 
 /* spares(on): keep a worker state started ahead for the next start. */
@@ -151,6 +197,7 @@ static int l_wcall(lua_State *L) {
   const char *method = luaL_checklstring(L, 2, &mlen);
   codec_opts o = {0};
   o.unwrap = 1;
+  o.no_handles = w->process > 0; /* (another process has not its handles) */
   size_t len;
   char *payload = corral__codec_encode(L, 3, lua_gettop(L) - 2, &len, &o);
   if (payload == NULL) {
@@ -554,12 +601,15 @@ void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
   worker_body = body;
   corral__box_kind(L, WORKER_MT, w_gc);
   corral__box_kind(L, CALL_MT, call_gc);
+  static uv_once_t once = UV_ONCE_INIT;
+  uv_once(&once, find_program);
 }
 
 const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},
                                              {"worker_start", l_worker_start},
                                              {"wcall", l_wcall},
                                              {"spares", l_spares},
+                                             {"process_child", l_process_child},
                                              {"wactive", l_wactive},
                                              {"wstop", l_wstop},
                                              {"wjoin", l_wjoin},

@@ -56,6 +56,8 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
   c->ndeps = ndeps;
   c->taken = 0;
   c->accepted = NULL;
+  c->wire_id = 0;
+  c->wire_state = 0;
   queue_init(&c->node);
   return c;
 }
@@ -205,8 +207,8 @@ static corral_worker *take_spare(corral_runtime *rt);
 
 corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *boot, size_t len,
                                     int refs, int cap, void (*body)(corral_worker *w), int spare,
-                                    int *err) {
-  corral_worker *w = spare ? take_spare(rt) : NULL;
+                                    int process, int *err) {
+  corral_worker *w = spare && !process ? take_spare(rt) : NULL;
   if (w != NULL) { /* booted ahead: it gets its class and goes on */
     worker_enlist(w, name, boot, len, refs, cap);
     uv_mutex_lock(&w->ctx.qlock);
@@ -218,6 +220,7 @@ corral_worker *corral__worker_start(corral_runtime *rt, const char *name, char *
   }
   if ((w = worker_new(rt, name, err)) == NULL) return NULL;
   worker_enlist(w, name, boot, len, refs, cap);
+  w->process = process;
   w->tr_run = body;
   w->tr_done = worker_ended;
   int rc = w->tr->start(w);

@@ -106,10 +106,11 @@ function Class:init(...)
   for i = 1, n do
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name
-    if mode == "thread" then
+    if mode == "thread" or mode == "process" then
       local boot = { max_concurrency = h._max_concurrency, max_queued = h._max_queued,
         settings = settings }
-      local ud, why = core.worker_start(name, h._max_queued, self._methods, boot, ...)
+      local process = mode == "process" and h._max_concurrency or 0
+      local ud, why = core.worker_start(name, h._max_queued, process, self._methods, boot, ...)
       if not ud then
         h:stop { drain = false }
         if why:find("^cannot start a thread") then
@@ -123,7 +124,7 @@ function Class:init(...)
     end
     h._insts[i] = inst
   end
-  if mode == "thread" then
+  if mode == "thread" or mode == "process" then
     h._c = core.handle_new(h._name, h._balance, h._blocking, unpack(instance_uds(h)))
   end
   return h

@@ -60,7 +60,9 @@ local function thread_push(h, inst, method, ...)
   return f -- "crashed": failed with the worker's crash already
 end
 
-local push = { thread = thread_push, async = loc.async_call, sync = loc.sync_call }
+-- (a process instance has the same C inbox: its proxy takes from it)
+local push = { thread = thread_push, process = thread_push, async = loc.async_call,
+  sync = loc.sync_call }
 
 local function call(h, method, ...)
   local f

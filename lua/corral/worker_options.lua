@@ -8,7 +8,7 @@ local type, pairs = type, pairs
 
 local M = {}
 
-local MODES = { thread = true, async = true, sync = true }
+local MODES = { thread = true, process = true, async = true, sync = true }
 local BALANCE = { round_robin = true, least_active = true, random = true }
 -- Bounds: every thread costs a Lua state and two file descriptors; an inbox
 -- bound is a C int.
@@ -43,7 +43,7 @@ local function check_options(fname, o)
   errors.check(type(o) == "table", fname, "options", "a table", o)
   for k, v in pairs(o) do
     if k == "mode" then
-      errors.check(MODES[v], fname, "mode", '"thread", "async" or "sync"', v)
+      errors.check(MODES[v], fname, "mode", '"thread", "process", "async" or "sync"', v)
     elseif k == "balance" then
       errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
     elseif RANGE[k] then

@@ -1,0 +1,736 @@
+/* process.c: process workers: an instance that runs in a child process.
+ *
+ * In the parent, a process worker is a worker of the core (its inbox,
+ * overflow, backpressure, stop and crash are worker.c's) whose context is a
+ * proxy loop on a thread of this process: it takes calls from the inbox,
+ * sends them to the child as frames once their inputs have settled, and
+ * settles their futures with the results the child sends back. In the
+ * child, a pump does the other half: it starts the instance as a thread
+ * worker of the child's own runtime (so that it serves calls exactly as a
+ * thread worker does) and moves calls and results between the socket and
+ * that worker.
+ *
+ * Frames, both ways, on a socketpair: a 4-byte big-endian length, then a
+ * type byte and the fields below (integers big-endian, bytes as a 4-byte
+ * length and the bytes):
+ *   BOOT   parent -> child: key k0 (8), k1 (8), inbox bound (4), name, boot
+ *   CALL   parent -> child: id (8), method, arguments, inputs (4: count),
+ *          each input a state (1) and its encoded result
+ *   RESULT child -> parent: id (8), state (1), encoded values or error
+ * The parent closes its end to stop the child (it drains its calls first),
+ * or kills it. What a child sends is untrusted: a frame that does not parse
+ * ends it with a clear error; its results decode as CODEC_PEER (functions
+ * made with the shared key load; references to live objects are refused).
+ *
+ * A call handed to the child is RUNNING (cancel says false): the proxy
+ * hands it over only when the child has a free runner for it
+ * (max_concurrency), so it starts at once there.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4 };
+enum { WIRE_NONE = 0, WIRE_WAITING = 1, WIRE_SENT = 2 };
+#define FRAME_MAX (1u << 30) /* a frame longer than this is refused */
+
+/* ======================================================================== */
+/* Frames                                                                    */
+/* ======================================================================== */
+
+typedef struct {
+  char *p;
+  size_t len, cap;
+  int failed;
+} wbuf;
+
+static void w_need(wbuf *b, size_t n) {
+  if (b->failed || b->len + n <= b->cap) return;
+  size_t cap = b->cap ? b->cap : 64;
+  while (cap < b->len + n)
+    cap *= 2;
+  char *p = realloc(b->p, cap);
+  if (p == NULL) {
+    b->failed = 1;
+    return;
+  }
+  b->p = p;
+  b->cap = cap;
+}
+
+static void w_uint(wbuf *b, uint64_t v, int n) {
+  w_need(b, (size_t)n);
+  if (b->failed) return;
+  for (int i = n - 1; i >= 0; i--)
+    b->p[b->len++] = (char)((v >> (8 * i)) & 0xff);
+}
+
+static void w_bytes(wbuf *b, const void *s, size_t n) {
+  w_uint(b, n, 4);
+  w_need(b, n);
+  if (b->failed || n == 0) return;
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+}
+
+/* Start a frame of `type`; frame_end writes its length. */
+static void frame_begin(wbuf *b, int type) {
+  w_uint(b, 0, 4);
+  w_uint(b, (uint64_t)type, 1);
+}
+
+static void frame_end(wbuf *b) {
+  if (b->failed) return;
+  size_t n = b->len - 4;
+  for (int i = 0; i < 4; i++)
+    b->p[i] = (char)((n >> (8 * (3 - i))) & 0xff);
+}
+
+/* A frame being read: every read is checked against what is left. */
+typedef struct {
+  const unsigned char *p;
+  size_t left;
+  int bad;
+} rcur;
+
+static uint64_t r_uint(rcur *c, int n) {
+  if (c->bad || c->left < (size_t)n) {
+    c->bad = 1;
+    return 0;
+  }
+  uint64_t v = 0;
+  for (int i = 0; i < n; i++)
+    v = v << 8 | c->p[i];
+  c->p += n;
+  c->left -= (size_t)n;
+  return v;
+}
+
+static const char *r_bytes(rcur *c, size_t *n) {
+  *n = (size_t)r_uint(c, 4);
+  if (c->bad || c->left < *n) {
+    c->bad = 1;
+    *n = 0;
+    return NULL;
+  }
+  const char *s = (const char *)c->p;
+  c->p += *n;
+  c->left -= *n;
+  return s;
+}
+
+static char *dup_bytes(const char *s, size_t n) {
+  char *d = malloc(n ? n : 1);
+  if (d != NULL && n > 0) memcpy(d, s, n);
+  return d;
+}
+
+/* Reassembly of frames from a stream. */
+typedef struct {
+  char *p;
+  size_t len, cap;
+} rbuf;
+
+/* Append what was read; returns -1 when out of memory. */
+static int rbuf_add(rbuf *r, const char *s, size_t n) {
+  if (r->len + n > r->cap) {
+    size_t cap = r->cap ? r->cap : 4096;
+    while (cap < r->len + n)
+      cap *= 2;
+    char *p = realloc(r->p, cap);
+    if (p == NULL) return -1;
+    r->p = p;
+    r->cap = cap;
+  }
+  memcpy(r->p + r->len, s, n);
+  r->len += n;
+  return 0;
+}
+
+/* Call fn on each whole frame in r (its body, after the length); keeps
+ * what is left. Returns 0, or why the stream is bad (a length over the
+ * bound), or fn's refusal. */
+static const char *rbuf_frames(rbuf *r, const char *(*fn)(void *ud, rcur *c), void *ud) {
+  size_t off = 0;
+  const char *why = NULL;
+  while (why == NULL && r->len - off >= 4) {
+    const unsigned char *h = (const unsigned char *)r->p + off;
+    uint32_t n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+    if (n == 0 || n > FRAME_MAX) {
+      why = "a frame with a bad length";
+      break;
+    }
+    if (r->len - off - 4 < n) break;
+    rcur c = {h + 4, n, 0};
+    why = fn(ud, &c);
+    off += 4 + (size_t)n;
+  }
+  memmove(r->p, r->p + off, r->len - off);
+  r->len -= off;
+  return why;
+}
+
+/* ======================================================================== */
+/* Writing on a stream                                                       */
+/* ======================================================================== */
+
+typedef struct {
+  uv_write_t req;
+  char *p;
+} wreq;
+
+static void on_written(uv_write_t *req, int status) {
+  (void)status; /* a broken pipe shows up as the child's exit */
+  wreq *r = (wreq *)req;
+  free(r->p);
+  free(r);
+}
+
+/* Send the frame in b (taken). 0, or -1 when it could not be queued. */
+static int send_frame(uv_stream_t *s, wbuf *b) {
+  if (b->failed) {
+    free(b->p);
+    return -1;
+  }
+  frame_end(b);
+  wreq *r = malloc(sizeof *r);
+  if (r == NULL) {
+    free(b->p);
+    return -1;
+  }
+  r->p = b->p;
+  uv_buf_t buf = uv_buf_init(b->p, (unsigned)b->len);
+  if (uv_write(&r->req, s, &buf, 1, on_written) != 0) {
+    free(r->p);
+    free(r);
+    return -1;
+  }
+  return 0;
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)h;
+  (void)suggested;
+  static _Thread_local char chunk[65536];
+  *buf = uv_buf_init(chunk, sizeof chunk);
+}
+
+/* ======================================================================== */
+/* The parent's proxy                                                        */
+/* ======================================================================== */
+
+/* How the child program is started (set by the binding, see
+ * corral__process_program). */
+static char *program[8];
+
+typedef struct {
+  corral_worker *w;
+  uv_loop_t *loop;
+  uv_process_t proc;
+  uv_pipe_t sock;
+  rbuf in;
+  int spawned, exited, eof, killed, shut, handles;
+  int64_t status;
+  int signal;
+  uint64_t next_id;
+  int inflight, window;
+  char why[200]; /* set when the child sent what does not parse */
+} proxy;
+
+static void kill_child(proxy *p) {
+  if (p->spawned && !p->exited && !p->killed) {
+    p->killed = 1;
+    uv_process_kill(&p->proc, SIGKILL);
+  }
+}
+
+/* The child broke the protocol: it ends, and the worker with this error. */
+static void bad_child(proxy *p, const char *why) {
+  if (p->why[0] == '\0') snprintf(p->why, sizeof p->why, "%s", why);
+  kill_child(p);
+}
+
+/* The call is done here: counted, out of `taken`, freed. */
+static void call_done(corral_worker *w, corral_call *c) {
+  atomic_fetch_sub(&w->active, 1);
+  queue_remove(&c->node);
+  corral__call_free(c);
+}
+
+static corral_call *sent_call(corral_worker *w, uint64_t id) {
+  for (queue *q = queue_head(&w->taken); q != &w->taken; q = q->next) {
+    corral_call *c = queue_data(q, corral_call, node);
+    if (c->wire_state == WIRE_SENT && c->wire_id == id) return c;
+  }
+  return NULL;
+}
+
+static const char *on_result(void *ud, rcur *c) {
+  proxy *p = ud;
+  int type = (int)r_uint(c, 1);
+  if (type != F_RESULT) return "a frame of an unknown type";
+  uint64_t id = r_uint(c, 8);
+  int state = (int)r_uint(c, 1);
+  size_t n;
+  const char *s = r_bytes(c, &n);
+  if (c->bad || c->left != 0) return "a malformed RESULT frame";
+  if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED)
+    return "a RESULT frame with a bad state";
+  corral_call *call = sent_call(p->w, id);
+  if (call == NULL) return "a RESULT frame for no call it was given";
+  char *payload = n > 0 ? dup_bytes(s, n) : NULL;
+  if (n > 0 && payload == NULL) {
+    corral_future_set_error(call->result, "WorkerCrashed", "out of memory for a result");
+  } else {
+    corral__future_settle_peer(call->result, state, payload, n);
+  }
+  p->inflight--;
+  call_done(p->w, call);
+  return NULL;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  proxy *p = s->data;
+  if (nread < 0) {
+    p->eof = 1; /* the child's end closed: its exit tells the rest */
+    uv_read_stop(s);
+    return;
+  }
+  if (nread == 0) return;
+  if (rbuf_add(&p->in, buf->base, (size_t)nread) != 0) {
+    bad_child(p, "out of memory reading its frames");
+    return;
+  }
+  const char *why = rbuf_frames(&p->in, on_result, p);
+  if (why != NULL) bad_child(p, why);
+}
+
+static void on_child_exit(uv_process_t *proc, int64_t status, int sig) {
+  proxy *p = proc->data;
+  p->exited = 1;
+  p->status = status;
+  p->signal = sig;
+}
+
+static void on_closed(uv_handle_t *h) {
+  proxy *p = h->data;
+  p->handles--;
+}
+
+/* Every input of c has settled (watching those that have not). */
+static int inputs_ready(proxy *p, corral_call *c) {
+  int ready = 1;
+  for (int i = 0; i < c->ndeps; i++) {
+    if (corral_future_state(c->deps[i]) >= CORRAL_DONE) continue;
+    ready = 0;
+    /* the loop hears when it settles (a watch made once: WIRE_WAITING
+     * calls are watched on their first look) */
+    if (c->wire_id == 0) corral__future_watch(c->deps[i], &p->w->ctx, corral__ctx_post);
+  }
+  return ready;
+}
+
+static void send_call(proxy *p, corral_call *c) {
+  wbuf b = {0};
+  frame_begin(&b, F_CALL);
+  w_uint(&b, c->wire_id, 8);
+  w_bytes(&b, c->method, c->mlen);
+  w_bytes(&b, c->payload, c->len);
+  w_uint(&b, (uint64_t)c->ndeps, 4);
+  for (int i = 0; i < c->ndeps; i++) {
+    const void *mp = NULL;
+    size_t n = 0;
+    corral_future_payload(c->deps[i], &mp, &n);
+    w_uint(&b, (uint64_t)corral_future_state(c->deps[i]), 1);
+    w_bytes(&b, mp, n);
+  }
+  if (send_frame((uv_stream_t *)&p->sock, &b) != 0) {
+    corral_future_set_error(c->result, "WorkerCrashed", "out of memory sending a call");
+    call_done(p->w, c);
+    return;
+  }
+  c->wire_state = WIRE_SENT;
+  p->inflight++;
+}
+
+/* Hand calls to the child while it has free runners. */
+static void pump_calls(proxy *p) {
+  corral_worker *w = p->w;
+  int st = atomic_load(&w->stopping);
+  if (st >= WORKER_CANCEL) {
+    kill_child(p);
+    return;
+  }
+  corral_call *got[64];
+  int room = p->window - p->inflight;
+  for (queue *q = queue_head(&w->taken); q != &w->taken; q = q->next)
+    if (queue_data(q, corral_call, node)->wire_state == WIRE_WAITING) room--;
+  if (room > 64) room = 64;
+  if (room > 0) {
+    int n = corral__worker_take(w, got, room);
+    for (int i = 0; i < n; i++)
+      got[i]->wire_state = WIRE_WAITING;
+  }
+  /* in order: the first waiting calls go first */
+  queue *q = queue_head(&w->taken);
+  while (q != &w->taken && p->inflight < p->window) {
+    corral_call *c = queue_data(q, corral_call, node);
+    q = q->next;
+    if (c->wire_state != WIRE_WAITING) continue;
+    if (corral_future_state(c->result) >= CORRAL_DONE) { /* its caller cancelled it */
+      call_done(w, c);
+      continue;
+    }
+    int ready = inputs_ready(p, c);
+    if (c->wire_id == 0) c->wire_id = ++p->next_id; /* (watched now) */
+    if (!ready) break;                              /* calls start in order */
+    if (corral__future_start(c->result) != 0) {     /* cancelled meanwhile */
+      call_done(w, c);
+      continue;
+    }
+    send_call(p, c);
+  }
+  /* stopping with nothing left: the child drains and ends */
+  uv_mutex_lock(&w->ctx.qlock);
+  int empty = w->queued == 0 && queue_empty(&w->overflow);
+  uv_mutex_unlock(&w->ctx.qlock);
+  if (st == WORKER_DRAIN && empty && queue_empty(&w->taken) && !p->shut) {
+    p->shut = 1;
+    uv_read_stop((uv_stream_t *)&p->sock); /* (nothing more can come: all is answered) */
+    uv_close((uv_handle_t *)&p->sock, on_closed);
+  }
+}
+
+/* The crash error of a child that ended on its own. */
+static void child_ended(proxy *p) {
+  corral_worker *w = p->w;
+  int st = atomic_load(&w->stopping);
+  if (p->why[0] == '\0' && p->killed && st >= WORKER_CANCEL) return; /* we ended it */
+  if (p->why[0] == '\0' && !p->killed && p->status == 0 && p->signal == 0 && p->shut) return;
+  char msg[400];
+  if (p->why[0] != '\0')
+    snprintf(msg, sizeof msg, "worker %s crashed: its process sent %s", w->name, p->why);
+  else if (p->signal != 0)
+    snprintf(msg, sizeof msg, "worker %s crashed: its process was killed by signal %d (%s)",
+             w->name, p->signal, strsignal(p->signal));
+  else
+    snprintf(msg, sizeof msg, "worker %s crashed: its process exited with status %lld", w->name,
+             (long long)p->status);
+  size_t len;
+  char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
+  if (payload != NULL) corral__worker_crash(w, payload, len);
+}
+
+static int spawn_child(proxy *p) {
+  corral_worker *w = p->w;
+  int sv[2];
+  if (program[0] == NULL) return UV_ENOENT;
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return UV_EMFILE;
+  char env_pid[64];
+  snprintf(env_pid, sizeof env_pid, "CORRAL_PARENT_PID=%ld", (long)getpid());
+  extern char **environ;
+  int nenv = 0;
+  while (environ[nenv] != NULL)
+    nenv++;
+  char **env = malloc(sizeof(char *) * (size_t)(nenv + 2));
+  if (env == NULL) {
+    close(sv[0]);
+    close(sv[1]);
+    return UV_ENOMEM;
+  }
+  int k = 0;
+  for (int i = 0; i < nenv; i++)
+    if (strncmp(environ[i], "CORRAL_PARENT_PID=", 18) != 0) env[k++] = environ[i];
+  env[k++] = env_pid;
+  env[k] = NULL;
+  uv_stdio_container_t stdio[4];
+  stdio[0].flags = UV_IGNORE;
+  stdio[1].flags = UV_INHERIT_FD;
+  stdio[1].data.fd = 1;
+  stdio[2].flags = UV_INHERIT_FD;
+  stdio[2].data.fd = 2;
+  stdio[3].flags = UV_INHERIT_FD;
+  stdio[3].data.fd = sv[1];
+  uv_process_options_t o;
+  memset(&o, 0, sizeof o);
+  o.file = program[0];
+  o.args = program;
+  o.env = env;
+  o.exit_cb = on_child_exit;
+  o.stdio = stdio;
+  o.stdio_count = 4;
+  p->proc.data = p;
+  int rc = uv_spawn(p->loop, &p->proc, &o);
+  free(env);
+  close(sv[1]);
+  if (rc != 0) {
+    close(sv[0]);
+    uv_close((uv_handle_t *)&p->proc, NULL);
+    return rc;
+  }
+  p->spawned = 1;
+  p->proc.data = p;
+  p->handles++;
+  uv_pipe_init(p->loop, &p->sock, 0);
+  p->sock.data = p;
+  uv_pipe_open(&p->sock, sv[0]);
+  p->handles++;
+  /* its class, its init arguments and the key its bytecode is marked with */
+  uint64_t k0, k1;
+  corral__codec_key(&k0, &k1);
+  wbuf b = {0};
+  frame_begin(&b, F_BOOT);
+  w_uint(&b, k0, 8);
+  w_uint(&b, k1, 8);
+  w_uint(&b, (uint64_t)w->cap, 4);
+  w_bytes(&b, w->name, strlen(w->name));
+  w_bytes(&b, w->boot, w->bootlen);
+  if (send_frame((uv_stream_t *)&p->sock, &b) != 0) return UV_ENOMEM;
+  uv_read_start((uv_stream_t *)&p->sock, on_alloc, on_read);
+  return 0;
+}
+
+/* A write to a child that has died fails with EPIPE on this thread rather
+ * than raising SIGPIPE in the whole process (a synchronous signal goes to
+ * the thread that wrote; blocked there, it stays pending and harmless). */
+static void block_sigpipe(void) {
+  sigset_t s;
+  sigemptyset(&s);
+  sigaddset(&s, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &s, NULL);
+}
+
+void corral__process_main(corral_worker *w) {
+  block_sigpipe();
+  proxy *p = calloc(1, sizeof *p);
+  if (p == NULL) {
+    size_t len;
+    char *payload = corral__future_error_payload(
+        "WorkerCrashed", "the worker died: no memory for its process", &len);
+    if (payload != NULL) corral__worker_crash(w, payload, len);
+    return;
+  }
+  p->w = w;
+  p->loop = &w->ctx.loop;
+  p->window = w->process; /* (max_concurrency: see corral__process_start) */
+  int rc = spawn_child(p);
+  if (rc != 0) {
+    char msg[300];
+    snprintf(msg, sizeof msg, "worker %s could not start its process (%s): %s", w->name,
+             program[0] ? program[0] : "no program", uv_strerror(rc));
+    size_t len;
+    char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
+    if (payload != NULL) corral__worker_crash(w, payload, len);
+    if (p->spawned) kill_child(p);
+  }
+  /* the boot payload is the child's now */
+  corral__codec_free(w->boot, w->bootlen, w->boot_refs);
+  w->boot = NULL;
+  w->bootlen = 0;
+  /* until it has ended and what it sent before is read */
+  while (p->spawned && !(p->exited && (p->eof || p->shut || p->killed))) {
+    if (!p->exited) pump_calls(p);
+    corral__ctx_drain(&w->ctx, NULL, NULL); /* inputs that settled: looked at next turn */
+    uv_run(p->loop, UV_RUN_ONCE);
+  }
+  if (p->spawned) child_ended(p);
+  if (p->spawned) {
+    if (!p->shut) uv_close((uv_handle_t *)&p->sock, on_closed);
+    uv_close((uv_handle_t *)&p->proc, on_closed);
+    while (p->handles > 0)
+      uv_run(p->loop, UV_RUN_ONCE);
+  }
+  free(p->in.p);
+  free(p);
+}
+
+void corral__process_program(const char *const *argv) {
+  for (int i = 0; i < 7 && argv[i] != NULL; i++)
+    program[i] = strdup(argv[i]);
+}
+
+/* ======================================================================== */
+/* The child's pump                                                          */
+/* ======================================================================== */
+
+typedef struct {
+  corral_runtime *rt;
+  corral_worker *inner; /* the instance, a thread worker of this runtime */
+  void (*body)(corral_worker *w);
+  uv_pipe_t sock;
+  rbuf in;
+  int eof, booted, stopping;
+  /* the calls handed to the inner worker: result future -> id */
+  corral_future **fs;
+  uint64_t *ids;
+  int n, cap;
+} pump;
+
+static void child_fail(const char *why) {
+  fprintf(stderr, "corral: process worker: %s\n", why);
+  _exit(70);
+}
+
+static const char *on_boot(pump *c, rcur *r) {
+  uint64_t k0 = r_uint(r, 8), k1 = r_uint(r, 8);
+  int cap = (int)r_uint(r, 4);
+  size_t nlen, blen;
+  const char *name = r_bytes(r, &nlen);
+  const char *boot = r_bytes(r, &blen);
+  if (r->bad || r->left != 0 || nlen >= 64) return "a malformed BOOT frame";
+  corral__codec_set_key(k0, k1);
+  char nm[64];
+  memcpy(nm, name, nlen);
+  nm[nlen] = '\0';
+  char *b = dup_bytes(boot, blen);
+  int err;
+  c->inner = b ? corral__worker_start(c->rt, nm, b, blen, 0, cap, c->body, 0, 0, &err) : NULL;
+  if (c->inner == NULL) return "its worker thread could not start";
+  c->booted = 1;
+  return NULL;
+}
+
+static const char *on_call(pump *c, rcur *r) {
+  uint64_t id = r_uint(r, 8);
+  size_t mlen, plen;
+  const char *method = r_bytes(r, &mlen);
+  const char *payload = r_bytes(r, &plen);
+  uint32_t ndeps = (uint32_t)r_uint(r, 4);
+  if (r->bad || ndeps > r->left / 5) return "a malformed CALL frame";
+  corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
+  if (ndeps && deps == NULL) return "out of memory";
+  for (uint32_t i = 0; i < ndeps; i++) {
+    int st = (int)r_uint(r, 1);
+    size_t n;
+    const char *s = r_bytes(r, &n);
+    deps[i] = corral__future_new();
+    if (deps[i] == NULL) return "out of memory";
+    /* (an input is counted as one a call holds, as the caller's side does) */
+    atomic_fetch_add(&deps[i]->deps, 1);
+    if (r->bad) continue;
+    corral__future_settle_peer(deps[i],
+                               st >= CORRAL_DONE && st <= CORRAL_CANCELLED ? st : CORRAL_FAILED,
+                               n ? dup_bytes(s, n) : NULL, n);
+  }
+  if (r->bad || r->left != 0) return "a malformed CALL frame";
+  corral_future *result = corral__future_new();
+  char *args = dup_bytes(payload, plen);
+  corral_call *call = result && args
+                          ? corral__call_new(method, mlen, result, args, plen, 0, deps, (int)ndeps)
+                          : NULL;
+  if (call == NULL) return "out of memory";
+  corral_future_retain(result);
+  if (c->n == c->cap) {
+    int cap = c->cap ? c->cap * 2 : 64;
+    corral_future **fs = realloc(c->fs, sizeof *fs * (size_t)cap);
+    uint64_t *ids = fs ? realloc(c->ids, sizeof *ids * (size_t)cap) : NULL;
+    if (fs) c->fs = fs;
+    if (ids == NULL) return "out of memory";
+    c->ids = ids;
+    c->cap = cap;
+  }
+  c->fs[c->n] = result;
+  c->ids[c->n] = id;
+  c->n++;
+  corral__future_watch(result, &c->rt->home, corral__ctx_post);
+  corral_future *accepted = NULL;
+  int rc = corral__worker_push(c->inner, call, &accepted);
+  if (rc == CORRAL_EAGAIN) {
+    corral_future_release(accepted); /* it waits in the overflow, in order */
+  } else if (rc != 0) {
+    corral__call_free(call);
+    corral_future_set_error(result, "WorkerCrashed", "the worker is not running");
+  }
+  return NULL;
+}
+
+static const char *on_frame(void *ud, rcur *r) {
+  pump *c = ud;
+  int type = (int)r_uint(r, 1);
+  if (!c->booted) return type == F_BOOT ? on_boot(c, r) : "a first frame that is not BOOT";
+  if (type == F_CALL) return on_call(c, r);
+  return "a frame of an unknown type";
+}
+
+static void child_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  pump *c = s->data;
+  if (nread < 0) {
+    c->eof = 1;
+    uv_read_stop(s);
+    return;
+  }
+  if (nread == 0) return;
+  if (rbuf_add(&c->in, buf->base, (size_t)nread) != 0) child_fail("out of memory");
+  const char *why = rbuf_frames(&c->in, on_frame, c);
+  if (why != NULL) child_fail(why);
+}
+
+/* A call's result settled: sent to the parent. */
+static void send_result(void *ud, corral_future *f) {
+  pump *c = ud;
+  for (int i = 0; i < c->n; i++) {
+    if (c->fs[i] != f) continue;
+    const void *mp = NULL;
+    size_t n = 0;
+    corral_future_payload(f, &mp, &n);
+    wbuf b = {0};
+    frame_begin(&b, F_RESULT);
+    w_uint(&b, c->ids[i], 8);
+    w_uint(&b, (uint64_t)corral_future_state(f), 1);
+    w_bytes(&b, mp, n);
+    if (send_frame((uv_stream_t *)&c->sock, &b) != 0) child_fail("out of memory");
+    corral_future_release(f);
+    c->fs[i] = c->fs[c->n - 1];
+    c->ids[i] = c->ids[c->n - 1];
+    c->n--;
+    return;
+  }
+}
+
+int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker *w)) {
+  /* it never outlives its parent */
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  block_sigpipe();
+  const char *ppid = getenv("CORRAL_PARENT_PID");
+  if (ppid != NULL && (long)getppid() != atol(ppid)) _exit(70);
+  pump c;
+  memset(&c, 0, sizeof c);
+  c.rt = rt;
+  c.body = body;
+  uv_loop_t *loop = &rt->home.loop;
+  uv_pipe_init(loop, &c.sock, 0);
+  c.sock.data = &c;
+  if (uv_pipe_open(&c.sock, fd) != 0) child_fail("no socket to its parent");
+  uv_read_start((uv_stream_t *)&c.sock, on_alloc, child_read);
+  for (;;) {
+    corral__ctx_drain(&rt->home, send_result, &c);
+    if (c.eof && !c.stopping) {
+      /* the parent closed its end: what is queued is served, then it ends */
+      if (c.inner == NULL) break;
+      c.stopping = 1;
+      corral__worker_stop(c.inner, WORKER_DRAIN);
+    }
+    if (c.stopping && corral_future_state(c.inner->stopped) >= CORRAL_DONE && c.n == 0) break;
+    if (c.inner != NULL && corral_future_state(c.inner->stopped) >= CORRAL_DONE && c.n == 0 &&
+        !c.stopping) {
+      /* the instance died (os.exit, out of memory): so does the process */
+      break;
+    }
+    uv_run(loop, UV_RUN_ONCE);
+  }
+  int code = 0;
+  if (c.inner != NULL) {
+    if (atomic_load(&c.inner->stopping) == WORKER_CRASHED && !c.stopping) code = 1;
+    corral__worker_join(c.inner);
+  }
+  uv_close((uv_handle_t *)&c.sock, NULL);
+  uv_run(loop, UV_RUN_NOWAIT);
+  fflush(NULL);
+  _exit(code);
+}
