@@ -438,16 +438,28 @@ static int spawn_child(proxy *p) {
   int nenv = 0;
   while (environ[nenv] != NULL)
     nenv++;
-  char **env = malloc(sizeof(char *) * (size_t)(nenv + 2));
+  char **env = malloc(sizeof(char *) * (size_t)(nenv + 3));
   if (env == NULL) {
     close(sv[0]);
     close(sv[1]);
     return UV_ENOMEM;
   }
-  int k = 0;
-  for (int i = 0; i < nenv; i++)
-    if (strncmp(environ[i], "CORRAL_PARENT_PID=", 18) != 0) env[k++] = environ[i];
+  int k = 0, preload = 0;
+  for (int i = 0; i < nenv; i++) {
+    if (strncmp(environ[i], "CORRAL_PARENT_PID=", 18) == 0) continue;
+    preload |= strncmp(environ[i], "LD_PRELOAD=", 11) == 0;
+    env[k++] = environ[i];
+  }
   env[k++] = env_pid;
+  /* CORRAL_PRELOAD (the test suite's sanitizer runtime, which its own
+   * process took out of LD_PRELOAD for the shells it starts): the child
+   * preloads it */
+  char env_preload[4200];
+  const char *cp = getenv("CORRAL_PRELOAD");
+  if (!preload && cp != NULL && *cp != '\0' && strlen(cp) < 4000) {
+    snprintf(env_preload, sizeof env_preload, "LD_PRELOAD=%s", cp);
+    env[k++] = env_preload;
+  }
   env[k] = NULL;
   uv_stdio_container_t stdio[4];
   stdio[0].flags = UV_IGNORE;
