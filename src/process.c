@@ -22,9 +22,10 @@
  * ends it with a clear error; its results decode as CODEC_PEER (functions
  * made with the shared key load; references to live objects are refused).
  *
- * A call handed to the child is RUNNING (cancel says false): the proxy
- * hands it over only when the child has a free runner for it
- * (max_concurrency), so it starts at once there.
+ * A call handed to the child is RUNNING here (cancel says false, and it
+ * runs): the proxy hands over as many as the child has runners
+ * (max_concurrency) and PIPELINE more, so that the child never waits for
+ * the next call; the calls beyond stay in the inbox, cancellable.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -39,6 +40,7 @@
 enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4 };
 enum { WIRE_NONE = 0, WIRE_WAITING = 1, WIRE_SENT = 2 };
 #define FRAME_MAX (1u << 30) /* a frame longer than this is refused */
+#define PIPELINE  16         /* calls handed to a child beyond its free runners */
 
 /* ======================================================================== */
 /* Frames                                                                    */
@@ -359,7 +361,7 @@ static void send_call(proxy *p, corral_call *c) {
   p->inflight++;
 }
 
-/* Hand calls to the child while it has free runners. */
+/* Hand calls to the child while it has free runners, and PIPELINE more. */
 static void pump_calls(proxy *p) {
   corral_worker *w = p->w;
   int st = atomic_load(&w->stopping);
@@ -530,7 +532,7 @@ void corral__process_main(corral_worker *w) {
   }
   p->w = w;
   p->loop = &w->ctx.loop;
-  p->window = w->process; /* (max_concurrency: see corral__process_start) */
+  p->window = w->process + PIPELINE;
   int rc = spawn_child(p);
   if (rc != 0) {
     char msg[300];
