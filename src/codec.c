@@ -561,6 +561,9 @@ static corral_future *future_of(encoder *e, int idx) {
 }
 
 static int enc_future(encoder *e, int idx) {
+  if (e->o->no_handles && !e->o->unwrap)
+    return enc_fail(e, "a future cannot be an init argument of a process worker (pass it to a "
+                       "method: it is then an input)");
   /* (before its C half is made: a future that stays in Lua makes none) */
   if (e->o->no_refs)
     return enc_fail(e, "a future cannot be encoded into bytes (it lives in this process)");

@@ -73,14 +73,15 @@ static int l_encode_value(lua_State *L) {
 /* decode_value(s, code): the one value of s (corral.decode), bytes from
  * outside the process: plain values, shared and cyclic tables, loaded
  * modules and timestamps; with `code`, also functions this process encoded
- * (the trusted path checks each one's mark, made with the process's key).
+ * (CODEC_PEER: each one's mark is checked against the process's key; no
+ * reference to a live object is followed).
  * Raises a CodecError naming where. */
 static int l_decode_value(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   int code = lua_toboolean(L, 2);
   lua_settop(L, 1);
-  int n = corral__codec_decode(L, s, len, NULL, (code ? CODEC_TRUSTED : CODEC_FOREIGN) | CODEC_ONE);
+  int n = corral__codec_decode(L, s, len, NULL, (code ? CODEC_PEER : CODEC_FOREIGN) | CODEC_ONE);
   if (n < 0) return raise_codec_error(L);
   return n;
 }

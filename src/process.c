@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -196,7 +197,7 @@ static void on_written(uv_write_t *req, int status) {
 
 /* Send the frame in b (taken). 0, or -1 when it could not be queued. */
 static int send_frame(uv_stream_t *s, wbuf *b) {
-  if (b->failed) {
+  if (b->failed || b->len - 4 > FRAME_MAX) {
     free(b->p);
     return -1;
   }
@@ -238,6 +239,7 @@ typedef struct {
   uv_pipe_t sock;
   rbuf in;
   int spawned, exited, eof, killed, shut, handles;
+  unsigned events; /* reads from the socket */
   int64_t status;
   int signal;
   uint64_t next_id;
@@ -305,6 +307,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   if (nread == 0) return;
+  p->events++;
   if (rbuf_add(&p->in, buf->base, (size_t)nread) != 0) {
     bad_child(p, "out of memory reading its frames");
     return;
@@ -330,10 +333,12 @@ static int inputs_ready(proxy *p, corral_call *c) {
   int ready = 1;
   for (int i = 0; i < c->ndeps; i++) {
     if (corral_future_state(c->deps[i]) >= CORRAL_DONE) continue;
-    ready = 0;
     /* the loop hears when it settles (a watch made once: WIRE_WAITING
-     * calls are watched on their first look) */
-    if (c->wire_id == 0) corral__future_watch(c->deps[i], &p->w->ctx, corral__ctx_post);
+     * calls are watched on their first look); one that settled since the
+     * look above makes no watch, and is ready */
+    if (c->wire_id == 0 && corral__future_watch(c->deps[i], &p->w->ctx, corral__ctx_post) == 1)
+      continue;
+    ready = 0;
   }
   return ready;
 }
@@ -353,7 +358,10 @@ static void send_call(proxy *p, corral_call *c) {
     w_bytes(&b, mp, n);
   }
   if (send_frame((uv_stream_t *)&p->sock, &b) != 0) {
-    corral_future_set_error(c->result, "WorkerCrashed", "out of memory sending a call");
+    corral_future_set_error(c->result, "CodecError",
+                            b.failed ? "out of memory sending a call to a process worker"
+                                     : "a call's arguments and inputs over 1 GiB cannot go to a "
+                                       "process worker");
     call_done(p->w, c);
     return;
   }
@@ -547,11 +555,19 @@ void corral__process_main(corral_worker *w) {
   corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   w->boot = NULL;
   w->bootlen = 0;
-  /* until it has ended and what it sent before is read */
-  while (p->spawned && !(p->exited && (p->eof || p->shut || p->killed))) {
-    if (!p->exited) pump_calls(p);
+  while (p->spawned && !p->exited) {
+    pump_calls(p);
     corral__ctx_drain(&w->ctx, NULL, NULL); /* inputs that settled: looked at next turn */
-    uv_run(p->loop, UV_RUN_ONCE);
+    if (p->inflight > 0 || p->shut || p->killed)
+      uv_run(p->loop, UV_RUN_ONCE); /* the child works, or is ending: busy */
+    else
+      corral__ctx_poll(&w->ctx, -1); /* nothing handed over: counted idle while it waits */
+  }
+  /* it has ended: what it sent before is read (all of it is in the socket
+   * already; a descendant that kept its end open is not waited for) */
+  for (unsigned before = ~0u; p->spawned && !p->eof && !p->shut && before != p->events;) {
+    before = p->events;
+    uv_run(p->loop, UV_RUN_NOWAIT);
   }
   if (p->spawned) child_ended(p);
   if (p->spawned) {
@@ -698,7 +714,19 @@ static void send_result(void *ud, corral_future *f) {
     w_uint(&b, c->ids[i], 8);
     w_uint(&b, (uint64_t)corral_future_state(f), 1);
     w_bytes(&b, mp, n);
-    if (send_frame((uv_stream_t *)&c->sock, &b) != 0) child_fail("out of memory");
+    if (send_frame((uv_stream_t *)&c->sock, &b) != 0) {
+      /* too large (or no memory): the caller gets why instead */
+      static const char big[] = "a result over 1 GiB cannot come back from a process worker";
+      size_t elen;
+      char *e = corral__future_error_payload("CodecError", big, &elen);
+      wbuf eb = {0};
+      frame_begin(&eb, F_RESULT);
+      w_uint(&eb, c->ids[i], 8);
+      w_uint(&eb, CORRAL_FAILED, 1);
+      w_bytes(&eb, e, e ? elen : 0);
+      free(e);
+      if (send_frame((uv_stream_t *)&c->sock, &eb) != 0) child_fail("out of memory");
+    }
     corral_future_release(f);
     c->fs[i] = c->fs[c->n - 1];
     c->ids[i] = c->ids[c->n - 1];
@@ -708,8 +736,9 @@ static void send_result(void *ud, corral_future *f) {
 }
 
 int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker *w)) {
-  /* it never outlives its parent */
+  /* it never outlives its parent; what it starts does not get the socket */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
   block_sigpipe();
   const char *ppid = getenv("CORRAL_PARENT_PID");
   if (ppid != NULL && (long)getppid() != atol(ppid)) _exit(70);
