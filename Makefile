@@ -56,7 +56,7 @@ BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
 LIBSO := $(BUILD)/lib/corral.so
 
-.PHONY: all test test-asan test-tsan check-layers fuzz fuzz-targets bench demo lint format install clean docs
+.PHONY: all test soak test-asan test-tsan check-layers fuzz fuzz-targets bench demo lint format install clean docs
 
 all: $(BIN) $(LIBA) $(LIBSO)
 
@@ -98,6 +98,12 @@ $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 BUSTED := luajit /usr/bin/busted
 test: all $(CTESTS)
 	CORRAL_BUILD=$(BUILD) $(TEST_ENV) scripts/run-tests $(BUILD)
+
+# The long runs, not in CI: the process chaos test with 5,000 calls (the
+# suite runs 1,500).
+soak: all
+	CORRAL_BUILD=$(BUILD) CORRAL_CHAOS_CALLS=5000 LUA_CPATH="$(BUILD)/lib/?.so;;" luajit /usr/bin/busted \
+	  --no-auto-insulate --lpath="tests/?.lua" --filter="under a killer" tests/spec/process_spec.lua
 
 test-asan:
 	$(MAKE) test BUILD=build/asan SAN=address,undefined OPT="-O1 -g" \

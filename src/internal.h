@@ -354,6 +354,10 @@ int corral__thread_inject_pending(void);
 /* A process worker's body (its transport thread runs it): the proxy
  * between its inbox and its child process. */
 void corral__process_main(corral_worker *w);
+/* A process worker's policy when its child dies: start another up to
+ * restart_limit times (after `backoff` seconds, doubling), and run the
+ * calls it had again up to `retries` times each. */
+void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries);
 /* The program a child is started with (argv, NULL-terminated; copied). */
 void corral__process_program(const char *const *argv);
 /* In a child started so: serve the parent on descriptor fd, the instance
@@ -371,6 +375,7 @@ typedef struct corral_call {
   int payload_inline;
   uint64_t wire_id; /* a process worker's: its number on the wire, and */
   int wire_state;   /* WIRE_*: where it is (the proxy's thread only) */
+  int tries;        /* times it was run again after its process died */
   size_t len;
   int payload_refs;
   int ndeps;
@@ -409,8 +414,10 @@ struct corral_worker {
   int spare_let_go;    /* told to end and not joined: it frees itself (under ctx.qlock) */
   int process;         /* its instance runs in a child process (process.c): how many of its calls it
                         * runs at once (max_concurrency); 0 for a thread worker. Set at start. */
-  uv_cond_t spare_cond; /* a spare waits on it, under ctx.qlock */
-  char *crash;          /* why it died (an encoded error), set before CRASHED */
+  int restart_limit, retries;  /* a process worker's restarts and re-runs (under ctx.qlock) */
+  uint64_t restart_backoff_ms; /* the wait before the first restart (doubling; ctx.qlock) */
+  uv_cond_t spare_cond;        /* a spare waits on it, under ctx.qlock */
+  char *crash;                 /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;
   atomic_int crash_carried; /* a call failed with it: its report is that call's */
   uv_mutex_t curlock;       /* guards current only: never held with another lock */

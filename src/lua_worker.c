@@ -97,6 +97,15 @@ static int l_worker_start(lua_State *L) {
   return 1;
 }
 
+/* process_policy(w, restart_limit, backoff, retries): what w does when its
+ * child process dies. */
+static int l_process_policy(lua_State *L) {
+  corral_worker *w = w_check(L, 1);
+  corral__process_policy(w, (int)luaL_checkinteger(L, 2), luaL_checknumber(L, 3),
+                         (int)luaL_checkinteger(L, 4));
+  return 0;
+}
+
 /* process_child(fd): this process is a process worker; serve the parent on
  * fd. Never returns. */
 static int l_process_child(lua_State *L) {
@@ -610,6 +619,7 @@ const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},
                                              {"wcall", l_wcall},
                                              {"spares", l_spares},
                                              {"process_child", l_process_child},
+                                             {"process_policy", l_process_policy},
                                              {"wactive", l_wactive},
                                              {"wstop", l_wstop},
                                              {"wjoin", l_wjoin},

@@ -239,6 +239,7 @@ typedef struct {
   uv_pipe_t sock;
   rbuf in;
   int spawned, exited, eof, killed, shut, handles;
+  int restarts;    /* children started after the first died */
   unsigned events; /* reads from the socket */
   int64_t status;
   int signal;
@@ -398,9 +399,9 @@ static void pump_calls(proxy *p) {
       continue;
     }
     int ready = inputs_ready(p, c);
-    if (c->wire_id == 0) c->wire_id = ++p->next_id; /* (watched now) */
-    if (!ready) break;                              /* calls start in order */
-    if (corral__future_start(c->result) != 0) {     /* cancelled meanwhile */
+    if (c->wire_id == 0) c->wire_id = ++p->next_id;              /* (watched now) */
+    if (!ready) break;                                           /* calls start in order */
+    if (c->tries == 0 && corral__future_start(c->result) != 0) { /* cancelled meanwhile */
       call_done(w, c);
       continue;
     }
@@ -418,20 +419,31 @@ static void pump_calls(proxy *p) {
 }
 
 /* The crash error of a child that ended on its own. */
+/* Whether the child's end was ours (a stop), not a crash. */
+static int ended_by_us(proxy *p) {
+  int st = atomic_load(&p->w->stopping);
+  if (p->why[0] == '\0' && p->killed && st >= WORKER_CANCEL) return 1;
+  return p->why[0] == '\0' && !p->killed && p->status == 0 && p->signal == 0 && p->shut;
+}
+
+/* Why the child ended, as the message of a WorkerCrashed. */
+static void crash_message(proxy *p, char *msg, size_t size) {
+  const char *name = p->w->name;
+  if (p->why[0] != '\0')
+    snprintf(msg, size, "worker %s crashed: its process sent %s", name, p->why);
+  else if (p->signal != 0)
+    snprintf(msg, size, "worker %s crashed: its process was killed by signal %d (%s)", name,
+             p->signal, strsignal(p->signal));
+  else
+    snprintf(msg, size, "worker %s crashed: its process exited with status %lld", name,
+             (long long)p->status);
+}
+
 static void child_ended(proxy *p) {
   corral_worker *w = p->w;
-  int st = atomic_load(&w->stopping);
-  if (p->why[0] == '\0' && p->killed && st >= WORKER_CANCEL) return; /* we ended it */
-  if (p->why[0] == '\0' && !p->killed && p->status == 0 && p->signal == 0 && p->shut) return;
+  if (ended_by_us(p)) return;
   char msg[400];
-  if (p->why[0] != '\0')
-    snprintf(msg, sizeof msg, "worker %s crashed: its process sent %s", w->name, p->why);
-  else if (p->signal != 0)
-    snprintf(msg, sizeof msg, "worker %s crashed: its process was killed by signal %d (%s)",
-             w->name, p->signal, strsignal(p->signal));
-  else
-    snprintf(msg, sizeof msg, "worker %s crashed: its process exited with status %lld", w->name,
-             (long long)p->status);
+  crash_message(p, msg, sizeof msg);
   size_t len;
   char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
   if (payload != NULL) corral__worker_crash(w, payload, len);
@@ -528,6 +540,62 @@ static void block_sigpipe(void) {
   pthread_sigmask(SIG_BLOCK, &s, NULL);
 }
 
+/* The child died while the instance runs: start another (restart policy,
+ * under the worker's lock: set by corral__process_policy). The calls it
+ * had are run again (up to `retries` times each) or fail with why it died;
+ * the calls still in the inbox go to the new one. 0: no restart. */
+static int restart(proxy *p) {
+  corral_worker *w = p->w;
+  uv_mutex_lock(&w->ctx.qlock);
+  int limit = w->restart_limit, retries = w->retries;
+  uint64_t backoff_ms = w->restart_backoff_ms;
+  uv_mutex_unlock(&w->ctx.qlock);
+  if (atomic_load(&w->stopping) != WORKER_RUNNING || ended_by_us(p) || p->restarts >= limit)
+    return 0;
+  p->restarts++;
+  char msg[400];
+  crash_message(p, msg, sizeof msg);
+  queue *q = queue_head(&w->taken);
+  while (q != &w->taken) {
+    corral_call *c = queue_data(q, corral_call, node);
+    q = q->next;
+    if (c->wire_state != WIRE_SENT) continue;
+    if (c->tries < retries && corral_future_state(c->result) < CORRAL_DONE) {
+      c->tries++;
+      c->wire_state = WIRE_WAITING; /* (its inputs are settled: sent first, in order) */
+      continue;
+    }
+    corral_future_set_error(c->result, "WorkerCrashed", msg);
+    call_done(w, c);
+  }
+  p->inflight = 0;
+  /* the old child's handles go; the new one starts after the back-off
+   * (doubling with each restart in a row, at most 10 s), unless a stop
+   * comes meanwhile */
+  if (!p->shut) uv_close((uv_handle_t *)&p->sock, on_closed);
+  uv_close((uv_handle_t *)&p->proc, on_closed);
+  while (p->handles > 0)
+    uv_run(p->loop, UV_RUN_ONCE);
+  uint64_t delay = backoff_ms << (p->restarts - 1 < 16 ? p->restarts - 1 : 16);
+  if (delay > 10000) delay = 10000;
+  for (uint64_t end = uv_hrtime() + delay * 1000000; uv_hrtime() < end;) {
+    if (atomic_load(&w->stopping) != WORKER_RUNNING) return 0;
+    uv_sleep(5);
+  }
+  p->in.len = 0;
+  p->spawned = p->exited = p->eof = p->killed = p->shut = 0;
+  p->why[0] = '\0';
+  return spawn_child(p) == 0;
+}
+
+void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries) {
+  uv_mutex_lock(&w->ctx.qlock);
+  w->restart_limit = restart_limit;
+  w->restart_backoff_ms = backoff > 0 ? (uint64_t)(backoff * 1000) : 0;
+  w->retries = retries;
+  uv_mutex_unlock(&w->ctx.qlock);
+}
+
 void corral__process_main(corral_worker *w) {
   block_sigpipe();
   proxy *p = calloc(1, sizeof *p);
@@ -551,23 +619,23 @@ void corral__process_main(corral_worker *w) {
     if (payload != NULL) corral__worker_crash(w, payload, len);
     if (p->spawned) kill_child(p);
   }
-  /* the boot payload is the child's now */
-  corral__codec_free(w->boot, w->bootlen, w->boot_refs);
-  w->boot = NULL;
-  w->bootlen = 0;
-  while (p->spawned && !p->exited) {
-    pump_calls(p);
-    corral__ctx_drain(&w->ctx, NULL, NULL); /* inputs that settled: looked at next turn */
-    if (p->inflight > 0 || p->shut || p->killed)
-      uv_run(p->loop, UV_RUN_ONCE); /* the child works, or is ending: busy */
-    else
-      corral__ctx_poll(&w->ctx, -1); /* nothing handed over: counted idle while it waits */
-  }
-  /* it has ended: what it sent before is read (all of it is in the socket
-   * already; a descendant that kept its end open is not waited for) */
-  for (unsigned before = ~0u; p->spawned && !p->eof && !p->shut && before != p->events;) {
-    before = p->events;
-    uv_run(p->loop, UV_RUN_NOWAIT);
+  /* (the boot payload stays: a restarted child gets it again) */
+  for (;;) {
+    while (p->spawned && !p->exited) {
+      pump_calls(p);
+      corral__ctx_drain(&w->ctx, NULL, NULL); /* inputs that settled: looked at next turn */
+      if (p->inflight > 0 || p->shut || p->killed)
+        uv_run(p->loop, UV_RUN_ONCE); /* the child works, or is ending: busy */
+      else
+        corral__ctx_poll(&w->ctx, -1); /* nothing handed over: counted idle while it waits */
+    }
+    /* it has ended: what it sent before is read (all of it is in the socket
+     * already; a descendant that kept its end open is not waited for) */
+    for (unsigned before = ~0u; p->spawned && !p->eof && !p->shut && before != p->events;) {
+      before = p->events;
+      uv_run(p->loop, UV_RUN_NOWAIT);
+    }
+    if (!p->spawned || !restart(p)) break;
   }
   if (p->spawned) child_ended(p);
   if (p->spawned) {
@@ -576,6 +644,9 @@ void corral__process_main(corral_worker *w) {
     while (p->handles > 0)
       uv_run(p->loop, UV_RUN_ONCE);
   }
+  corral__codec_free(w->boot, w->bootlen, w->boot_refs);
+  w->boot = NULL;
+  w->bootlen = 0;
   free(p->in.p);
   free(p);
 }
@@ -674,8 +745,18 @@ static const char *on_call(pump *c, rcur *r) {
   if (rc == CORRAL_EAGAIN) {
     corral_future_release(accepted); /* it waits in the overflow, in order */
   } else if (rc != 0) {
+    /* the instance has died and this process is ending: no answer, so
+     * that the parent sees the call as one its process died with (run
+     * again on the next one, with retries) */
     corral__call_free(call);
-    corral_future_set_error(result, "WorkerCrashed", "the worker is not running");
+    for (int i = 0; i < c->n; i++)
+      if (c->fs[i] == result) {
+        c->fs[i] = c->fs[--c->n];
+        c->ids[i] = c->ids[c->n];
+        break;
+      }
+    corral__future_settle(result, CORRAL_CANCELLED, NULL, 0);
+    corral_future_release(result);
   }
   return NULL;
 }

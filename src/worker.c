@@ -58,6 +58,7 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
   c->accepted = NULL;
   c->wire_id = 0;
   c->wire_state = 0;
+  c->tries = 0;
   queue_init(&c->node);
   return c;
 }

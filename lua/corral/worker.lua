@@ -71,7 +71,10 @@ function M.worker(def)
 end
 
 --- A class with other options: `mode`, `workers`, `balance`, `max_queued`,
--- `max_concurrency`, `blocking`, `name`.
+-- `max_concurrency`, `blocking`, `name`; for process workers `restart`
+-- (start another process when one dies: default true for a pool),
+-- `restart_limit` (5), `restart_backoff` (0.1 s, doubling) and `retries`
+-- (how many times a call whose process died is run again: 0).
 function Class:options(o)
   check_options("Class:options", o)
   local opts = {}
@@ -119,6 +122,15 @@ function Class:init(...)
         error(errors.codec(why, 2), 2)
       end
       inst = { ud = ud }
+      if process > 0 then
+        -- when its process dies: a pool replaces it, a single instance only
+        -- with restart = true; the calls it had run again up to `retries`
+        local again = o.restart
+        if again == nil then again = settings.restart end
+        if again == nil then again = n > 1 end
+        core.process_policy(ud, again and (opt(o, "restart_limit") or 5) or 0,
+          opt(o, "restart_backoff") or 0.1, opt(o, "retries") or 0)
+      end
     else
       inst = loc.new(h, name, mode == "async", ...)
     end

@@ -48,8 +48,14 @@ local function check_options(fname, o)
       errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
     elseif RANGE[k] then
       errors.check(whole(v, RANGE[k]), fname, k, ("a whole number from 1 to %d"):format(RANGE[k]), v)
-    elseif k == "blocking" or (k == "spare_worker" and fname == "corral.config") then
+    elseif k == "blocking" or k == "restart" or (k == "spare_worker" and fname == "corral.config") then
       errors.check(type(v) == "boolean", fname, k, "a boolean", v)
+    elseif k == "restart_limit" or k == "retries" then
+      errors.check(type(v) == "number" and v >= 0 and v <= 1e6 and v == math.floor(v), fname, k,
+        "a whole number from 0 to 1000000", v)
+    elseif k == "restart_backoff" then
+      errors.check(type(v) == "number" and v >= 0 and v <= 3600, fname, k,
+        "a number of seconds from 0 to 3600", v)
     elseif k == "name" then
       errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
     else

@@ -230,3 +230,117 @@ describe("process workers from stock luajit", function()
     assert.matches("42\n", out, 1, true)
   end)
 end)
+
+describe("a process worker's restarts", function()
+  it("restart = true starts another process; retries runs the call that was running again", function()
+    local out, err, code = run(PID .. [[
+      local corral = require "corral"
+      local W = corral.worker {
+        pid = function() local f = require "ffi"; pcall(f.cdef, "int getpid(void);"); return f.C.getpid() end,
+        nap = function(_, s) require("corral").sleep(s) return "slept" end,
+        sq = function(_, x) return x * x end,
+      }
+      local w = W:options { mode = "process", restart = true, retries = 1, name = "phoenix" }:init()
+      local pid = w:pid():result(10)
+      local f = w:nap(0.3)
+      while not f:running() do corral.sleep(0.001) end
+      ffi.C.kill(pid, 9)
+      print("retried", f:result(10))
+      local pid2 = w:pid():result(10)
+      print("another process", pid2 ~= pid)
+      w:stop()
+      -- without retries the running call fails, and the instance serves on
+      local v = W:options { mode = "process", restart = true, name = "phoenix2" }:init()
+      pid = v:pid():result(10)
+      local g = v:nap(30)
+      while not g:running() do corral.sleep(0.001) end
+      ffi.C.kill(pid, 9)
+      local ok, e = pcall(g.result, g, 10)
+      print("failed", ok, e.kind, e.message)
+      print("serves", v:sq(7):result(10))
+      v:stop()
+    ]])
+    assert.are.equal(0, code, err)
+    assert.matches("retried\tslept\nanother process\ttrue\n", out, 1, true)
+    assert.matches("failed\tfalse\tWorkerCrashed\tworker phoenix2 crashed: its process was killed by "
+      .. "signal 9",
+      out, 1, true)
+    assert.matches("serves\t49\n", out, 1, true)
+  end)
+
+  it("restarts at most restart_limit times, then its calls fail", function()
+    local out, err, code = run([[
+      local corral = require "corral"
+      local W = corral.worker { die = function() os.exit(5) end, sq = function(_, x) return x * x end }
+      local w = W:options { mode = "process", restart = true, restart_limit = 2, restart_backoff = 0,
+        retries = 1,
+        name = "mortal" }:init()
+      for i = 1, 3 do
+        assert(w:sq(i):result(10) == i * i) -- (a process of its own each time)
+        local ok, e = pcall(function() return w:die():result(10) end)
+        print("die", i, ok, e.kind)
+      end
+      local ok, e = pcall(function() return w:sq(3):result(10) end)
+      print("after", ok, e.kind)
+      w:stop()
+    ]])
+    assert.are.equal(0, code, err)
+    for i = 1, 3 do assert.matches("die\t" .. i .. "\tfalse\tWorkerCrashed\n", out, 1, true) end
+    assert.matches("after\tfalse\tWorkerCrashed\n", out, 1, true)
+  end)
+
+  -- The chaos test of the issue, shortened for the suite (make soak runs
+  -- the long one): a pool of 4 while a killer ends a random worker every
+  -- 50 ms. Every future settles; every result is right; with retries every
+  -- call succeeds.
+  it("a pool of 4 under a killer: every call settles, and with retries every one succeeds", function()
+    local out, err, code = run(PID .. [[
+      local corral = require "corral"
+      local N = tonumber(os.getenv("CORRAL_CHAOS_CALLS")) or 1500
+      local W = corral.worker {
+        sq = function(_, x) local t = os.clock() + 0.001; while os.clock() < t do end; return x * x end,
+      }
+      local pool = W:options { mode = "process", workers = 4, retries = 20, restart_limit = 1000,
+        restart_backoff = 0 }:init()
+      -- the workers' processes: the children of this process's threads
+      pcall(ffi.cdef, "int getpid(void);")
+      local function children()
+        local pids = {}
+        local p = io.popen("cat /proc/" .. ffi.C.getpid() .. "/task/*/children 2>/dev/null")
+        for pid in p:read("*a"):gmatch("%d+") do
+          local f = io.open("/proc/" .. pid .. "/cmdline")
+          local cmd = f and f:read("*a") or ""
+          if f then f:close() end
+          if cmd:find("process_child", 1, true) then pids[#pids + 1] = tonumber(pid) end
+        end
+        p:close()
+        return pids
+      end
+      local stop = false
+      local killer = corral.spawn(function()
+        local kills = 0
+        while not stop do
+          corral.sleep(0.05)
+          local pids = children()
+          if #pids > 0 and not stop then
+            ffi.C.kill(pids[math.random(#pids)], 9)
+            kills = kills + 1
+          end
+        end
+        return kills
+      end)
+      local fs = {}
+      for i = 1, N do fs[i] = pool:sq(i) end
+      local bad = 0
+      for i = 1, N do
+        local ok, v = pcall(fs[i].result, fs[i], 60)
+        if not ok or v ~= i * i then bad = bad + 1 end
+      end
+      stop = true
+      print("bad", bad, "kills", killer:result(10) > 0)
+      pool:stop()
+    ]], 120)
+    assert.are.equal(0, code, err)
+    assert.matches("bad\t0\tkills\ttrue\n", out, 1, true)
+  end)
+end)
