@@ -1817,6 +1817,31 @@ void corral__codec_discard(const char *data, size_t len) {
   msgpack_zone_free(z);
 }
 
+int corral__codec_error_message(const char *data, size_t len, char *out, size_t size) {
+  if (data == NULL || len == 0 || size == 0) return 0;
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) return 0;
+  msgpack_object o;
+  int found = 0;
+  int ok = unpack_one(z, data, len, &o, 0) == NULL;
+  /* (an error a worker raised travels as the values of a payload: [map]) */
+  if (ok && o.type == MSGPACK_OBJECT_ARRAY && o.via.array.size == 1) o = o.via.array.ptr[0];
+  if (ok && o.type == MSGPACK_OBJECT_MAP) {
+    for (uint32_t i = 0; i < o.via.map.size && !found; i++) {
+      const msgpack_object *k = &o.via.map.ptr[i].key, *v = &o.via.map.ptr[i].val;
+      if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == 7 &&
+          memcmp(k->via.str.ptr, "message", 7) == 0 && v->type == MSGPACK_OBJECT_STR) {
+        size_t n = v->via.str.size < size - 1 ? v->via.str.size : size - 1;
+        memcpy(out, v->via.str.ptr, n);
+        out[n] = '\0';
+        found = 1;
+      }
+    }
+  }
+  msgpack_zone_free(z);
+  return found;
+}
+
 void corral__codec_free(char *data, size_t len, int refs) {
   if (refs) corral__codec_discard(data, len);
   free(data);

@@ -225,6 +225,7 @@ struct corral_runtime {
   corral_worker *spare; /* a worker started ahead, for the next start (worker.c) */
   int spare_pid;        /* the process that made it (a forked child has not its thread) */
   int no_spare;         /* spares are off */
+  int child;            /* this runtime serves a process worker's parent (process.c) */
   int closing;          /* no more spares: the runtime closes */
 };
 
@@ -325,6 +326,9 @@ void corral__codec_discard(const char *data, size_t len);
 /* Free an encoded payload, first releasing its references when it holds
  * some (`refs`, the encoder's has_refs). */
 void corral__codec_free(char *data, size_t len, int refs);
+/* The `message` of an encoded error (a map), as text: 1 when found. Reads
+ * untrusted bytes: nothing else of them is used. */
+int corral__codec_error_message(const char *data, size_t len, char *out, size_t size);
 /* Test hooks: make the nth C allocation of the codec from now fail (0: none);
  * count the codec's live C allocations. */
 void corral__codec_fail_alloc(int nth);
@@ -376,6 +380,7 @@ typedef struct corral_call {
   uint64_t wire_id; /* a process worker's: its number on the wire, and */
   int wire_state;   /* WIRE_*: where it is (the proxy's thread only) */
   int tries;        /* times it was run again after its process died */
+  int unsent;       /* handed to a process that died before it started: sent again as new */
   size_t len;
   int payload_refs;
   int ndeps;

@@ -258,8 +258,14 @@ static int l_wcall(lua_State *L) {
   return 5;
 }
 
+/* wactive(w): its calls queued or running (huge when it is dead: a pool
+ * gives it no call while another can take it). */
 static int l_wactive(lua_State *L) {
-  lua_pushinteger(L, atomic_load(&w_check(L, 1)->active));
+  corral_worker *w = w_check(L, 1);
+  if (atomic_load(&w->stopping) == WORKER_CRASHED)
+    lua_pushnumber(L, 1e300);
+  else
+    lua_pushinteger(L, atomic_load(&w->active));
   return 1;
 }
 

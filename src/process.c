@@ -232,14 +232,30 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
  * corral__process_program). */
 static char *program[8];
 
+/* A child's stdout or stderr, when this process's is not a terminal: read
+ * here and written out a whole line at a time, prefixed with the worker's
+ * name, so that the lines of several workers never mix and say whose they
+ * are. (On a terminal the child writes to it directly.) */
 typedef struct {
+  uv_pipe_t pipe;
+  struct proxy *p;
+  int fd; /* this process's: 1 or 2 */
+  int open;
+  rbuf line; /* a line not ended yet */
+} outlet;
+
+typedef struct proxy {
   corral_worker *w;
   uv_loop_t *loop;
   uv_process_t proc;
+  outlet out[2]; /* its stdout and stderr, when they are read here */
   uv_pipe_t sock;
   rbuf in;
   int spawned, exited, eof, killed, shut, handles;
   int restarts;    /* children started after the first died */
+  int in_row;      /* restarts since a call was last answered (the back-off doubles) */
+  int dying;       /* its instance died: the process is ending, nothing more is sent */
+  char died[300];  /* why, as its child said (a WorkerCrashed's message), or "" */
   unsigned events; /* reads from the socket */
   int64_t status;
   int signal;
@@ -285,10 +301,21 @@ static const char *on_result(void *ud, rcur *c) {
   size_t n;
   const char *s = r_bytes(c, &n);
   if (c->bad || c->left != 0) return "a malformed RESULT frame";
-  if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED)
+  if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED &&
+      state != CORRAL_PENDING)
     return "a RESULT frame with a bad state";
   corral_call *call = sent_call(p->w, id);
   if (call == NULL) return "a RESULT frame for no call it was given";
+  if (state == CORRAL_PENDING) { /* it never ran there: the next process gets it */
+    /* (the payload, if any, says why its instance died: kept, as text) */
+    if (n > 0 && !corral__codec_error_message(s, n, p->died, sizeof p->died))
+      return "a RESULT frame with a bad state";
+    call->wire_state = WIRE_WAITING;
+    call->unsent = 1;
+    p->inflight--;
+    p->dying = 1; /* (its instance died: it is given nothing more) */
+    return NULL;
+  }
   char *payload = n > 0 ? dup_bytes(s, n) : NULL;
   if (n > 0 && payload == NULL) {
     corral_future_set_error(call->result, "WorkerCrashed", "out of memory for a result");
@@ -296,6 +323,7 @@ static const char *on_result(void *ud, rcur *c) {
     corral__future_settle_peer(call->result, state, payload, n);
   }
   p->inflight--;
+  p->in_row = 0; /* it serves: the next restart waits the first back-off again */
   call_done(p->w, call);
   return NULL;
 }
@@ -327,6 +355,64 @@ static void on_child_exit(uv_process_t *proc, int64_t status, int sig) {
 static void on_closed(uv_handle_t *h) {
   proxy *p = h->data;
   p->handles--;
+}
+
+static void write_all(int fd, const char *s, size_t n) {
+  while (n > 0) {
+    ssize_t k = write(fd, s, n);
+    if (k <= 0) return;
+    s += k;
+    n -= (size_t)k;
+  }
+}
+
+/* Write the whole lines of o (all of it with `all`), each prefixed. */
+static void outlet_lines(outlet *o, int all) {
+  const char *name = o->p->w->name;
+  size_t nlen = strlen(name), off = 0;
+  while (off < o->line.len) {
+    char *nl = memchr(o->line.p + off, '\n', o->line.len - off);
+    if (nl == NULL && !all) break;
+    size_t n = nl ? (size_t)(nl - (o->line.p + off)) : o->line.len - off;
+    char stackbuf[1024];
+    size_t total = nlen + 3 + n + 1;
+    char *b = total <= sizeof stackbuf ? stackbuf : malloc(total);
+    if (b != NULL) {
+      b[0] = '[';
+      memcpy(b + 1, name, nlen);
+      b[nlen + 1] = ']';
+      b[nlen + 2] = ' ';
+      memcpy(b + nlen + 3, o->line.p + off, n);
+      b[total - 1] = '\n';
+      write_all(o->fd, b, total); /* one write: whole lines never mix */
+      if (b != stackbuf) free(b);
+    }
+    off += n + (nl ? 1 : 0);
+  }
+  memmove(o->line.p, o->line.p + off, o->line.len - off);
+  o->line.len -= off;
+}
+
+static void on_outlet_closed(uv_handle_t *h) {
+  outlet *o = h->data;
+  o->p->handles--;
+}
+
+static void outlet_close(outlet *o) {
+  if (!o->open) return;
+  o->open = 0;
+  outlet_lines(o, 1);
+  uv_close((uv_handle_t *)&o->pipe, on_outlet_closed);
+}
+
+static void on_output(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  outlet *o = s->data;
+  if (nread < 0) {
+    outlet_close(o);
+    return;
+  }
+  o->p->events++;
+  if (nread > 0 && rbuf_add(&o->line, buf->base, (size_t)nread) == 0) outlet_lines(o, 0);
 }
 
 /* Every input of c has settled (watching those that have not). */
@@ -378,6 +464,7 @@ static void pump_calls(proxy *p) {
     kill_child(p);
     return;
   }
+  if (p->dying) return; /* (the calls wait for the next process) */
   corral_call *got[64];
   int room = p->window - p->inflight;
   for (queue *q = queue_head(&w->taken); q != &w->taken; q = q->next)
@@ -399,9 +486,9 @@ static void pump_calls(proxy *p) {
       continue;
     }
     int ready = inputs_ready(p, c);
-    if (c->wire_id == 0) c->wire_id = ++p->next_id;              /* (watched now) */
-    if (!ready) break;                                           /* calls start in order */
-    if (c->tries == 0 && corral__future_start(c->result) != 0) { /* cancelled meanwhile */
+    if (c->wire_id == 0) c->wire_id = ++p->next_id; /* (watched now) */
+    if (!ready) break;                              /* calls start in order */
+    if (c->tries == 0 && !c->unsent && corral__future_start(c->result) != 0) { /* cancelled */
       call_done(w, c);
       continue;
     }
@@ -429,7 +516,9 @@ static int ended_by_us(proxy *p) {
 /* Why the child ended, as the message of a WorkerCrashed. */
 static void crash_message(proxy *p, char *msg, size_t size) {
   const char *name = p->w->name;
-  if (p->why[0] != '\0')
+  if (p->died[0] != '\0') /* its instance died first, and the child said why */
+    snprintf(msg, size, "%s", p->died);
+  else if (p->why[0] != '\0')
     snprintf(msg, size, "worker %s crashed: its process sent %s", name, p->why);
   else if (p->signal != 0)
     snprintf(msg, size, "worker %s crashed: its process was killed by signal %d (%s)", name,
@@ -485,10 +574,23 @@ static int spawn_child(proxy *p) {
   env[k] = NULL;
   uv_stdio_container_t stdio[4];
   stdio[0].flags = UV_IGNORE;
-  stdio[1].flags = UV_INHERIT_FD;
-  stdio[1].data.fd = 1;
-  stdio[2].flags = UV_INHERIT_FD;
-  stdio[2].data.fd = 2;
+  for (int i = 0; i < 2; i++) {
+    outlet *o = &p->out[i];
+    o->p = p;
+    o->fd = 1 + i;
+    o->line.len = 0;
+    if (isatty(o->fd)) {
+      stdio[1 + i].flags = UV_INHERIT_FD;
+      stdio[1 + i].data.fd = o->fd;
+    } else {
+      uv_pipe_init(p->loop, &o->pipe, 0);
+      o->pipe.data = o;
+      o->open = 1;
+      p->handles++;
+      stdio[1 + i].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+      stdio[1 + i].data.stream = (uv_stream_t *)&o->pipe;
+    }
+  }
   stdio[3].flags = UV_INHERIT_FD;
   stdio[3].data.fd = sv[1];
   uv_process_options_t o;
@@ -506,8 +608,12 @@ static int spawn_child(proxy *p) {
   if (rc != 0) {
     close(sv[0]);
     uv_close((uv_handle_t *)&p->proc, NULL);
+    for (int i = 0; i < 2; i++)
+      outlet_close(&p->out[i]);
     return rc;
   }
+  for (int i = 0; i < 2; i++)
+    if (p->out[i].open) uv_read_start((uv_stream_t *)&p->out[i].pipe, on_alloc, on_output);
   p->spawned = 1;
   p->proc.data = p;
   p->handles++;
@@ -553,13 +659,23 @@ static int restart(proxy *p) {
   if (atomic_load(&w->stopping) != WORKER_RUNNING || ended_by_us(p) || p->restarts >= limit)
     return 0;
   p->restarts++;
+  p->in_row++;
   char msg[400];
   crash_message(p, msg, sizeof msg);
+  /* calls start in order there, at most max_concurrency at once: of the
+   * calls it still had, in the order they were handed over, only the first
+   * ones can have started; the others go to the next process as they are */
+  int may_have_run = w->process;
   queue *q = queue_head(&w->taken);
   while (q != &w->taken) {
     corral_call *c = queue_data(q, corral_call, node);
     q = q->next;
     if (c->wire_state != WIRE_SENT) continue;
+    if (may_have_run-- <= 0) {
+      c->wire_state = WIRE_WAITING;
+      c->unsent = 1;
+      continue;
+    }
     if (c->tries < retries && corral_future_state(c->result) < CORRAL_DONE) {
       c->tries++;
       c->wire_state = WIRE_WAITING; /* (its inputs are settled: sent first, in order) */
@@ -576,16 +692,30 @@ static int restart(proxy *p) {
   uv_close((uv_handle_t *)&p->proc, on_closed);
   while (p->handles > 0)
     uv_run(p->loop, UV_RUN_ONCE);
-  uint64_t delay = backoff_ms << (p->restarts - 1 < 16 ? p->restarts - 1 : 16);
+  uint64_t delay = backoff_ms << (p->in_row - 1 < 16 ? p->in_row - 1 : 16);
   if (delay > 10000) delay = 10000;
+  /* (from here its handles are closed: spawned says so to the caller) */
+  p->spawned = 0;
   for (uint64_t end = uv_hrtime() + delay * 1000000; uv_hrtime() < end;) {
-    if (atomic_load(&w->stopping) != WORKER_RUNNING) return 0;
+    if (atomic_load(&w->stopping) != WORKER_RUNNING) return 0; /* a stop: what is left is its */
     uv_sleep(5);
   }
   p->in.len = 0;
-  p->spawned = p->exited = p->eof = p->killed = p->shut = 0;
+  p->exited = p->eof = p->killed = p->shut = p->dying = 0;
+  p->died[0] = '\0';
   p->why[0] = '\0';
-  return spawn_child(p) == 0;
+  int rc = spawn_child(p);
+  if (rc == 0) return 1;
+  if (p->spawned) { /* spawned, but the BOOT frame could not be sent */
+    kill_child(p);
+    return 1; /* (its exit is seen as any other's) */
+  }
+  snprintf(msg, sizeof msg, "worker %s crashed: its process died and another could not start: %s",
+           w->name, uv_strerror(rc));
+  size_t len;
+  char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
+  if (payload != NULL) corral__worker_crash(w, payload, len);
+  return 0;
 }
 
 void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries) {
@@ -629,12 +759,15 @@ void corral__process_main(corral_worker *w) {
       else
         corral__ctx_poll(&w->ctx, -1); /* nothing handed over: counted idle while it waits */
     }
-    /* it has ended: what it sent before is read (all of it is in the socket
-     * already; a descendant that kept its end open is not waited for) */
-    for (unsigned before = ~0u; p->spawned && !p->eof && !p->shut && before != p->events;) {
+    /* it has ended: what it sent and wrote before is read (all of it is in
+     * the socket and the pipes already; a descendant that kept one open is
+     * not waited for) */
+    for (unsigned before = ~0u; p->spawned && before != p->events;) {
       before = p->events;
       uv_run(p->loop, UV_RUN_NOWAIT);
     }
+    for (int i = 0; i < 2; i++)
+      outlet_close(&p->out[i]);
     if (!p->spawned || !restart(p)) break;
   }
   if (p->spawned) child_ended(p);
@@ -648,6 +781,8 @@ void corral__process_main(corral_worker *w) {
   w->boot = NULL;
   w->bootlen = 0;
   free(p->in.p);
+  free(p->out[0].line.p);
+  free(p->out[1].line.p);
   free(p);
 }
 
@@ -782,19 +917,33 @@ static void child_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   if (why != NULL) child_fail(why);
 }
 
-/* A call's result settled: sent to the parent. */
+/* A call's result settled: sent to the parent. One that the instance's
+ * death cancelled before it started (os.exit, out of memory) goes back as
+ * PENDING, for the next process. */
 static void send_result(void *ud, corral_future *f) {
   pump *c = ud;
   for (int i = 0; i < c->n; i++) {
     if (c->fs[i] != f) continue;
     const void *mp = NULL;
     size_t n = 0;
-    corral_future_payload(f, &mp, &n);
+    int state = corral_future_state(f);
+    char *why = NULL;
+    /* (in a child, the calls a dead instance had not started are settled
+     * cancelled: see worker.c's settle_all; they go back with why it died) */
+    if (state == CORRAL_CANCELLED && atomic_load(&c->inner->stopping) == WORKER_CRASHED) {
+      state = CORRAL_PENDING;
+      why = corral__worker_crash_copy(c->inner, &n);
+      mp = why;
+      if (why == NULL) n = 0;
+    } else {
+      corral_future_payload(f, &mp, &n);
+    }
     wbuf b = {0};
     frame_begin(&b, F_RESULT);
     w_uint(&b, c->ids[i], 8);
-    w_uint(&b, (uint64_t)corral_future_state(f), 1);
+    w_uint(&b, (uint64_t)state, 1);
     w_bytes(&b, mp, n);
+    free(why);
     if (send_frame((uv_stream_t *)&c->sock, &b) != 0) {
       /* too large (or no memory): the caller gets why instead */
       static const char big[] = "a result over 1 GiB cannot come back from a process worker";
@@ -826,6 +975,7 @@ int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker
   pump c;
   memset(&c, 0, sizeof c);
   c.rt = rt;
+  rt->child = 1;
   c.body = body;
   uv_loop_t *loop = &rt->home.loop;
   uv_pipe_init(loop, &c.sock, 0);

@@ -59,6 +59,7 @@ corral_call *corral__call_new(const char *method, size_t mlen, corral_future *re
   c->wire_id = 0;
   c->wire_state = 0;
   c->tries = 0;
+  c->unsent = 0;
   queue_init(&c->node);
   return c;
 }
@@ -99,12 +100,16 @@ static void settle_all(corral_worker *w, queue *q, const char *crash, size_t cra
       corral_future_release(c->accepted);
       c->accepted = NULL;
     }
-    char *copy = crash != NULL ? malloc(crashlen) : NULL;
-    if (crash != NULL) atomic_store(&w->crash_carried, 1);
+    /* in a process worker's child, a call that had not started when its
+     * instance died is cancelled: the parent gives it to the next process */
+    const char *why = crash;
+    if (why != NULL && w->rt->child && corral_future_state(c->result) == CORRAL_PENDING) why = NULL;
+    char *copy = why != NULL ? malloc(crashlen) : NULL;
+    if (why != NULL) atomic_store(&w->crash_carried, 1);
     if (copy != NULL) {
-      memcpy(copy, crash, crashlen);
+      memcpy(copy, why, crashlen);
       corral__future_settle(c->result, CORRAL_FAILED, copy, crashlen);
-    } else if (crash != NULL) {
+    } else if (why != NULL) {
       corral_future_set_error(c->result, "WorkerCrashed", "the worker died (out of memory)");
     } else {
       corral__future_settle(c->result, CORRAL_CANCELLED, NULL, 0);

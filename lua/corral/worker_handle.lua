@@ -21,17 +21,25 @@ local stubs = {} -- method name -> function(handle, ...)
 -- names (or names starting with "_").
 local RESERVED = { stop = true, init = false }
 
+-- (an instance dead for good, a process worker past its restarts, takes
+-- no call while another instance can)
+local function dead(inst)
+  return inst.ud ~= nil and core.wactive(inst.ud) >= 1e300
+end
+
 local function pick(h)
   local insts = h._insts
   local n = #insts
   if n == 1 then return insts[1] end
   local b = h._balance
-  if b == "round_robin" then
-    local i = h._rr % n + 1
+  if b == "round_robin" or b == "random" then
+    local i = b == "random" and math.random(n) or h._rr % n + 1
+    for _ = 1, n do
+      if not dead(insts[i]) then break end
+      i = i % n + 1
+    end
     h._rr = i
     return insts[i]
-  elseif b == "random" then
-    return insts[math.random(n)]
   end
   local best, load = insts[1], math.huge
   for i = 1, n do

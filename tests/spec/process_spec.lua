@@ -344,3 +344,35 @@ describe("a process worker's restarts", function()
     assert.matches("bad\t0\tkills\ttrue\n", out, 1, true)
   end)
 end)
+
+describe("a process worker's output", function()
+  it("reaches the parent's stdout and stderr a whole line at a time, prefixed with its name", function()
+    local out, err, code = run([[
+      local corral = require "corral"
+      local W = corral.worker { say = function(_, tag)
+        for i = 1, 500 do print(tag, i, ("x"):rep(40)) end
+        io.stderr:write("done " .. tag .. "\n")
+        io.write("no newline at the end")
+        return true
+      end }
+      local a = W:options { mode = "process", name = "alpha" }:init()
+      local b = W:options { mode = "process", name = "beta" }:init()
+      corral.gather { a:say("A"), b:say("B") }
+      a:stop() b:stop()
+    ]])
+    assert.are.equal(0, code, err)
+    local n = 0
+    for line in out:gmatch("[^\n]*\n") do
+      if not line:find("no newline", 1, true) then
+        n = n + 1
+        local name, tag = line:match("^%[(%a+)%] (%u)\t%d+\t" .. ("x"):rep(40) .. "\n$")
+        assert.is_true(name ~= nil, line)
+        assert.are.equal(name == "alpha" and "A" or "B", tag)
+      end
+    end
+    assert.are.equal(1000, n)
+    assert.matches("[alpha] no newline at the end\n", out, 1, true)
+    assert.matches("[alpha] done A\n", err, 1, true)
+    assert.matches("[beta] done B\n", err, 1, true)
+  end)
+end)
