@@ -174,7 +174,7 @@ static const char *rbuf_frames(rbuf *r, const char *(*fn)(void *ud, rcur *c), vo
     why = fn(ud, &c);
     off += 4 + (size_t)n;
   }
-  memmove(r->p, r->p + off, r->len - off);
+  if (off > 0) memmove(r->p, r->p + off, r->len - off);
   r->len -= off;
   return why;
 }
@@ -389,7 +389,7 @@ static void outlet_lines(outlet *o, int all) {
     }
     off += n + (nl ? 1 : 0);
   }
-  memmove(o->line.p, o->line.p + off, o->line.len - off);
+  if (off > 0) memmove(o->line.p, o->line.p + off, o->line.len - off);
   o->line.len -= off;
 }
 

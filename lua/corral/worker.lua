@@ -71,7 +71,8 @@ function M.worker(def)
 end
 
 --- A class with other options: `mode`, `workers`, `balance`, `max_queued`,
--- `max_concurrency`, `blocking`, `name`; for process workers `restart`
+-- `max_concurrency`, `blocking`, `name`; for process workers only (a
+-- thread worker ignores them) `restart`
 -- (start another process when one dies: default true for a pool),
 -- `restart_limit` (5), `restart_backoff` (0.1 s, doubling) and `retries`
 -- (how many times a call whose process died is run again: 0).

@@ -54,8 +54,8 @@ local function check_options(fname, o)
       errors.check(type(v) == "number" and v >= 0 and v <= 1e6 and v == math.floor(v), fname, k,
         "a whole number from 0 to 1000000", v)
     elseif k == "restart_backoff" then
-      errors.check(type(v) == "number" and v >= 0 and v <= 3600, fname, k,
-        "a number of seconds from 0 to 3600", v)
+      errors.check(type(v) == "number" and v >= 0 and v <= 10, fname, k,
+        "a number of seconds from 0 to 10 (the longest wait)", v)
     elseif k == "name" then
       errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
     else
