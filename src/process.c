@@ -880,18 +880,10 @@ static const char *on_call(pump *c, rcur *r) {
   if (rc == CORRAL_EAGAIN) {
     corral_future_release(accepted); /* it waits in the overflow, in order */
   } else if (rc != 0) {
-    /* the instance has died and this process is ending: no answer, so
-     * that the parent sees the call as one its process died with (run
-     * again on the next one, with retries) */
+    /* the instance has died and this process is ending: the call goes back
+     * unstarted (send_result answers PENDING, with why it died) */
     corral__call_free(call);
-    for (int i = 0; i < c->n; i++)
-      if (c->fs[i] == result) {
-        c->fs[i] = c->fs[--c->n];
-        c->ids[i] = c->ids[c->n];
-        break;
-      }
     corral__future_settle(result, CORRAL_CANCELLED, NULL, 0);
-    corral_future_release(result);
   }
   return NULL;
 }
