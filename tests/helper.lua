@@ -110,6 +110,32 @@ function M.handles(name)
   end
 end
 
+--- Whether the process pid is gone: reaped (a zombie still has its /proc
+-- entry).
+function M.gone(pid)
+  return not M.exists("/proc/" .. pid .. "/status")
+end
+
+--- Lua for a script (prefix it): `ffi` with getpid and kill, and
+-- `children()`, the pids of this process's process workers (the children
+-- of its threads that serve as one).
+M.WORKER_CHILDREN = [[
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int getpid(void); int kill(int, int);")
+  local function children()
+    local pids = {}
+    local p = io.popen("cat /proc/" .. ffi.C.getpid() .. "/task/*/children 2>/dev/null")
+    for pid in p:read("*a"):gmatch("%d+") do
+      local f = io.open("/proc/" .. pid .. "/cmdline")
+      local cmd = f and f:read("*a") or ""
+      if f then f:close() end
+      if cmd:find("process_child", 1, true) then pids[#pids + 1] = tonumber(pid) end
+    end
+    p:close()
+    return pids
+  end
+]]
+
 --- Whether a file exists.
 function M.exists(path)
   local f = io.open(path, "r")

@@ -7,10 +7,7 @@ local function run(code, limit)
   return h.run(code, limit or 60)
 end
 
-local function gone(pid)
-  -- (a zombie still has its /proc entry: gone means reaped)
-  return not h.exists("/proc/" .. pid .. "/status")
-end
+local gone = h.gone
 
 local PID = [[
   local ffi = require "ffi"
@@ -294,7 +291,7 @@ describe("a process worker's restarts", function()
   -- 50 ms. Every future settles; every result is right; with retries every
   -- call succeeds.
   it("a pool of 4 under a killer: every call settles, and with retries every one succeeds", function()
-    local out, err, code = run(PID .. [[
+    local out, err, code = run(h.WORKER_CHILDREN .. [[
       local corral = require "corral"
       local N = tonumber(os.getenv("CORRAL_CHAOS_CALLS")) or 1500
       local W = corral.worker {
@@ -302,20 +299,6 @@ describe("a process worker's restarts", function()
       }
       local pool = W:options { mode = "process", workers = 4, retries = 20, restart_limit = 1000,
         restart_backoff = 0 }:init()
-      -- the workers' processes: the children of this process's threads
-      pcall(ffi.cdef, "int getpid(void);")
-      local function children()
-        local pids = {}
-        local p = io.popen("cat /proc/" .. ffi.C.getpid() .. "/task/*/children 2>/dev/null")
-        for pid in p:read("*a"):gmatch("%d+") do
-          local f = io.open("/proc/" .. pid .. "/cmdline")
-          local cmd = f and f:read("*a") or ""
-          if f then f:close() end
-          if cmd:find("process_child", 1, true) then pids[#pids + 1] = tonumber(pid) end
-        end
-        p:close()
-        return pids
-      end
       local stop = false
       local killer = corral.spawn(function()
         local kills = 0

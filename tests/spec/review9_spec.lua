@@ -10,10 +10,7 @@ local function run(code, limit)
   return h.run(code, limit or 60)
 end
 
--- (a zombie still has its /proc entry: gone means reaped)
-local function gone(pid)
-  return not h.exists("/proc/" .. pid .. "/status")
-end
+local gone = h.gone
 
 -- Not running any more: reaped, or a zombie of someone else's (a child whose
 -- parent exited is init's to reap).

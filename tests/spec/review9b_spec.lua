@@ -11,22 +11,8 @@ end
 
 -- What every script starts with: ffi, the pids of this process's worker
 -- children, a bounded wait, a directory for run counts.
-local PRE = [[
+local PRE = h.WORKER_CHILDREN .. [[
   local corral = require "corral"
-  local ffi = require "ffi"
-  pcall(ffi.cdef, "int getpid(void); int kill(int, int);")
-  local function children()
-    local pids = {}
-    local p = io.popen("cat /proc/" .. ffi.C.getpid() .. "/task/*/children 2>/dev/null")
-    for pid in p:read("*a"):gmatch("%d+") do
-      local f = io.open("/proc/" .. pid .. "/cmdline")
-      local cmd = f and f:read("*a") or ""
-      if f then f:close() end
-      if cmd:find("process_child", 1, true) then pids[#pids + 1] = tonumber(pid) end
-    end
-    p:close()
-    return pids
-  end
   local function gone(pid)
     local f = io.open("/proc/" .. pid .. "/status")
     if f then f:close() end
