@@ -474,6 +474,8 @@ void corral__worker_stop(corral_worker *w, int how);
 /* The worker's thread is about to end because it died: `payload` (an
  * encoded error, taken) fails what it had and what comes. */
 void corral__worker_crash(corral_worker *w, char *payload, size_t len);
+/* The same, with a WorkerCrashed saying `message`. */
+void corral__worker_crash_text(corral_worker *w, const char *message);
 /* A copy of the crash payload (NULL when it did not crash). */
 char *corral__worker_crash_copy(corral_worker *w, size_t *len);
 /* The method the worker runs now, for reports ("" when none). */

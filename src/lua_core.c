@@ -255,9 +255,7 @@ static void boot_failed(lua_State *L, corral_worker *w) {
   char msg[512];
   snprintf(msg, sizeof msg, "worker %s crashed: %s: %s", w->name,
            w->booted ? "it failed" : "it could not start", why);
-  size_t len;
-  char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
-  if (payload != NULL) corral__worker_crash(w, payload, len);
+  corral__worker_crash_text(w, msg);
 }
 
 /* Tests: how many of the next worker Lua states cannot be made, and after
@@ -302,10 +300,7 @@ void corral__lcore_worker_main(corral_worker *w) {
   left = after; /* LuaJIT cannot fail inside lua_newstate itself: count from here */
   if (L == NULL) {
     if (!corral__worker_await(w)) return; /* a spare no start took */
-    size_t len;
-    char *payload = corral__future_error_payload(
-        "WorkerCrashed", "the worker died: no memory for its Lua state", &len);
-    if (payload != NULL) corral__worker_crash(w, payload, len);
+    corral__worker_crash_text(w, "the worker died: no memory for its Lua state");
     return;
   }
   w->ctx.L = L;

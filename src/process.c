@@ -533,9 +533,7 @@ static void child_ended(proxy *p) {
   if (ended_by_us(p)) return;
   char msg[400];
   crash_message(p, msg, sizeof msg);
-  size_t len;
-  char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
-  if (payload != NULL) corral__worker_crash(w, payload, len);
+  corral__worker_crash_text(w, msg);
 }
 
 static int spawn_child(proxy *p) {
@@ -712,9 +710,7 @@ static int restart(proxy *p) {
   }
   snprintf(msg, sizeof msg, "worker %s crashed: its process died and another could not start: %s",
            w->name, uv_strerror(rc));
-  size_t len;
-  char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
-  if (payload != NULL) corral__worker_crash(w, payload, len);
+  corral__worker_crash_text(w, msg);
   return 0;
 }
 
@@ -730,10 +726,7 @@ void corral__process_main(corral_worker *w) {
   block_sigpipe();
   proxy *p = calloc(1, sizeof *p);
   if (p == NULL) {
-    size_t len;
-    char *payload = corral__future_error_payload(
-        "WorkerCrashed", "the worker died: no memory for its process", &len);
-    if (payload != NULL) corral__worker_crash(w, payload, len);
+    corral__worker_crash_text(w, "the worker died: no memory for its process");
     return;
   }
   p->w = w;
@@ -744,9 +737,7 @@ void corral__process_main(corral_worker *w) {
     char msg[300];
     snprintf(msg, sizeof msg, "worker %s could not start its process (%s): %s", w->name,
              program[0] ? program[0] : "no program", uv_strerror(rc));
-    size_t len;
-    char *payload = corral__future_error_payload("WorkerCrashed", msg, &len);
-    if (payload != NULL) corral__worker_crash(w, payload, len);
+    corral__worker_crash_text(w, msg);
     if (p->spawned) kill_child(p);
   }
   /* (the boot payload stays: a restarted child gets it again) */

@@ -510,6 +510,12 @@ void corral__worker_crash(corral_worker *w, char *payload, size_t len) {
   corral__worker_stop(w, WORKER_CRASHED);
 }
 
+void corral__worker_crash_text(corral_worker *w, const char *message) {
+  size_t len;
+  char *payload = corral__future_error_payload("WorkerCrashed", message, &len);
+  if (payload != NULL) corral__worker_crash(w, payload, len);
+}
+
 char *corral__worker_crash_copy(corral_worker *w, size_t *len) {
   char *copy = NULL;
   uv_mutex_lock(&w->ctx.qlock);

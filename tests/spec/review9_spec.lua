@@ -407,7 +407,12 @@ describe("review9: cancel", function()
     os.remove(path)
     local input = corral.future()
     local f = w:touch(path, input)
-    corral.sleep(0.05) -- (let the proxy take it: it waits for its input there)
+    -- the proxy has taken it out of the inbox: it waits for its input there
+    h.wait_until(function()
+      for _, r in ipairs(corral.stats()) do
+        if r.name == "canceller2" then return r.queued == 0 end
+      end
+    end, 20)
     assert.is_true(f:cancel())
     input:set_result(1)
     assert.are.equal(4, w:sq(2):result(20))
@@ -574,7 +579,7 @@ describe("review9: a child that dies", function()
     local running, queued = w:nap(60), w:sq(3)
     h.wait_until(function() return running:running() end, 20)
     local stopped = corral.spawn(function() return w:stop { timeout = 30 } end)
-    corral.sleep(0.05)
+    corral.spawn(function() end):result() -- (the stop has begun: it runs first)
     ffi.C.kill(pid, 9)
     assert.is_true(stopped:result(30))
     assert.is_true(corral.is_error(running:exception(), "WorkerCrashed"))
@@ -612,7 +617,7 @@ describe("review9: stops and orphans under load", function()
     for _ = 1, 4 do pids[pool:pid():result(20)] = true end
     local fs = {}
     for i = 1, 200 do fs[i] = i % 10 == 0 and pool:nap(30) or pool:sq(i) end
-    corral.sleep(0.05)
+    h.wait_until(function() return fs[10]:running() end, 20) -- (under load when it stops)
     assert.is_true(pool:stop { drain = false, timeout = 20 })
     for i, f in ipairs(fs) do
       assert.is_true(f:done(), "call " .. i)
@@ -730,8 +735,9 @@ describe("review9: the runtime closing", function()
       local pids = {}
       for i = 1, 4 do pids[i] = pool:pid():result(10) end
       save(pids)
-      for i = 1, 4 do pool:spin() end
-      corral.sleep(0.1)
+      local spins = {}
+      for i = 1, 4 do spins[i] = pool:spin() end
+      while not (spins[1]:running() and spins[2]:running()) do corral.sleep(0.001) end
       error("boom")
     ]])
     assert.are.equal(1, code, err)
@@ -747,8 +753,9 @@ describe("review9: the runtime closing", function()
       local pids = {}
       for i = 1, 4 do pids[i] = pool:pid():result(10) end
       save(pids)
-      for i = 1, 4 do pool:spin() end
-      corral.sleep(0.1)
+      local spins = {}
+      for i = 1, 4 do spins[i] = pool:spin() end
+      while not (spins[1]:running() and spins[2]:running()) do corral.sleep(0.001) end
       corral.exit(3)
     ]])
     assert.are.equal(3, code, err)
