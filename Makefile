@@ -47,7 +47,7 @@ ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
 ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
 ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
-SRCS := src/handle.c src/future.c src/signal.c src/context.c src/reporter.c src/codec.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_future.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
+SRCS := src/handle.c src/future.c src/signal.c src/context.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_future.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
@@ -64,7 +64,7 @@ $(BUILD)/obj/lua_modules.h: $(LUA) scripts/embed-lua
 	@mkdir -p $(dir $@)
 	scripts/embed-lua $@ $(LUA)
 
-$(BUILD)/obj/%.o: src/%.c src/internal.h src/queue.h include/corral.h
+$(BUILD)/obj/%.o: src/%.c src/internal.h src/queue.h src/frame.h include/corral.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 

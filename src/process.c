@@ -36,147 +36,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "frame.h"
 #include "internal.h"
 
 enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4 };
 enum { WIRE_NONE = 0, WIRE_WAITING = 1, WIRE_SENT = 2 };
-#define FRAME_MAX (1u << 30) /* a frame longer than this is refused */
-#define PIPELINE  16         /* calls handed to a child beyond its free runners */
-
-/* ======================================================================== */
-/* Frames                                                                    */
-/* ======================================================================== */
-
-typedef struct {
-  char *p;
-  size_t len, cap;
-  int failed;
-} wbuf;
-
-static void w_need(wbuf *b, size_t n) {
-  if (b->failed || b->len + n <= b->cap) return;
-  size_t cap = b->cap ? b->cap : 64;
-  while (cap < b->len + n)
-    cap *= 2;
-  char *p = realloc(b->p, cap);
-  if (p == NULL) {
-    b->failed = 1;
-    return;
-  }
-  b->p = p;
-  b->cap = cap;
-}
-
-static void w_uint(wbuf *b, uint64_t v, int n) {
-  w_need(b, (size_t)n);
-  if (b->failed) return;
-  for (int i = n - 1; i >= 0; i--)
-    b->p[b->len++] = (char)((v >> (8 * i)) & 0xff);
-}
-
-static void w_bytes(wbuf *b, const void *s, size_t n) {
-  w_uint(b, n, 4);
-  w_need(b, n);
-  if (b->failed || n == 0) return;
-  memcpy(b->p + b->len, s, n);
-  b->len += n;
-}
-
-/* Start a frame of `type`; frame_end writes its length. */
-static void frame_begin(wbuf *b, int type) {
-  w_uint(b, 0, 4);
-  w_uint(b, (uint64_t)type, 1);
-}
-
-static void frame_end(wbuf *b) {
-  if (b->failed) return;
-  size_t n = b->len - 4;
-  for (int i = 0; i < 4; i++)
-    b->p[i] = (char)((n >> (8 * (3 - i))) & 0xff);
-}
-
-/* A frame being read: every read is checked against what is left. */
-typedef struct {
-  const unsigned char *p;
-  size_t left;
-  int bad;
-} rcur;
-
-static uint64_t r_uint(rcur *c, int n) {
-  if (c->bad || c->left < (size_t)n) {
-    c->bad = 1;
-    return 0;
-  }
-  uint64_t v = 0;
-  for (int i = 0; i < n; i++)
-    v = v << 8 | c->p[i];
-  c->p += n;
-  c->left -= (size_t)n;
-  return v;
-}
-
-static const char *r_bytes(rcur *c, size_t *n) {
-  *n = (size_t)r_uint(c, 4);
-  if (c->bad || c->left < *n) {
-    c->bad = 1;
-    *n = 0;
-    return NULL;
-  }
-  const char *s = (const char *)c->p;
-  c->p += *n;
-  c->left -= *n;
-  return s;
-}
+#define PIPELINE 16 /* calls handed to a child beyond its free runners */
 
 static char *dup_bytes(const char *s, size_t n) {
   char *d = malloc(n ? n : 1);
   if (d != NULL && n > 0) memcpy(d, s, n);
   return d;
-}
-
-/* Reassembly of frames from a stream. */
-typedef struct {
-  char *p;
-  size_t len, cap;
-} rbuf;
-
-/* Append what was read; returns -1 when out of memory. */
-static int rbuf_add(rbuf *r, const char *s, size_t n) {
-  if (r->len + n > r->cap) {
-    size_t cap = r->cap ? r->cap : 4096;
-    while (cap < r->len + n)
-      cap *= 2;
-    char *p = realloc(r->p, cap);
-    if (p == NULL) return -1;
-    r->p = p;
-    r->cap = cap;
-  }
-  memcpy(r->p + r->len, s, n);
-  r->len += n;
-  return 0;
-}
-
-/* Call fn on each whole frame in r (its body, after the length); keeps
- * what is left. Returns 0, or why the stream is bad (a length over the
- * bound), or fn's refusal. */
-static const char *rbuf_frames(rbuf *r, const char *(*fn)(void *ud, rcur *c), void *ud) {
-  size_t off = 0;
-  const char *why = NULL;
-  while (why == NULL && r->len - off >= 4) {
-    const unsigned char *h = (const unsigned char *)r->p + off;
-    uint32_t n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
-    if (n == 0 || n > FRAME_MAX) {
-      why = "a frame with a bad length";
-      break;
-    }
-    if (r->len - off - 4 < n) break;
-    rcur c = {h + 4, n, 0};
-    why = fn(ud, &c);
-    off += 4 + (size_t)n;
-  }
-  if (off > 0) memmove(r->p, r->p + off, r->len - off);
-  r->len -= off;
-  return why;
 }
 
 /* ======================================================================== */
@@ -201,7 +71,7 @@ static int send_frame(uv_stream_t *s, wbuf *b) {
     free(b->p);
     return -1;
   }
-  frame_end(b);
+  corral__frame_end(b);
   wreq *r = malloc(sizeof *r);
   if (r == NULL) {
     free(b->p);
@@ -294,12 +164,12 @@ static corral_call *sent_call(corral_worker *w, uint64_t id) {
 
 static const char *on_result(void *ud, rcur *c) {
   proxy *p = ud;
-  int type = (int)r_uint(c, 1);
+  int type = (int)corral__r_uint(c, 1);
   if (type != F_RESULT) return "a frame of an unknown type";
-  uint64_t id = r_uint(c, 8);
-  int state = (int)r_uint(c, 1);
+  uint64_t id = corral__r_uint(c, 8);
+  int state = (int)corral__r_uint(c, 1);
   size_t n;
-  const char *s = r_bytes(c, &n);
+  const char *s = corral__r_bytes(c, &n);
   if (c->bad || c->left != 0) return "a malformed RESULT frame";
   if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED &&
       state != CORRAL_PENDING)
@@ -337,11 +207,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   if (nread == 0) return;
   p->events++;
-  if (rbuf_add(&p->in, buf->base, (size_t)nread) != 0) {
+  if (corral__rbuf_add(&p->in, buf->base, (size_t)nread) != 0) {
     bad_child(p, "out of memory reading its frames");
     return;
   }
-  const char *why = rbuf_frames(&p->in, on_result, p);
+  const char *why = corral__rbuf_frames(&p->in, on_result, p);
   if (why != NULL) bad_child(p, why);
 }
 
@@ -412,7 +282,7 @@ static void on_output(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   o->p->events++;
-  if (nread > 0 && rbuf_add(&o->line, buf->base, (size_t)nread) == 0) outlet_lines(o, 0);
+  if (nread > 0 && corral__rbuf_add(&o->line, buf->base, (size_t)nread) == 0) outlet_lines(o, 0);
 }
 
 /* Every input of c has settled (watching those that have not). */
@@ -432,17 +302,17 @@ static int inputs_ready(proxy *p, corral_call *c) {
 
 static void send_call(proxy *p, corral_call *c) {
   wbuf b = {0};
-  frame_begin(&b, F_CALL);
-  w_uint(&b, c->wire_id, 8);
-  w_bytes(&b, c->method, c->mlen);
-  w_bytes(&b, c->payload, c->len);
-  w_uint(&b, (uint64_t)c->ndeps, 4);
+  corral__frame_begin(&b, F_CALL);
+  corral__w_uint(&b, c->wire_id, 8);
+  corral__w_bytes(&b, c->method, c->mlen);
+  corral__w_bytes(&b, c->payload, c->len);
+  corral__w_uint(&b, (uint64_t)c->ndeps, 4);
   for (int i = 0; i < c->ndeps; i++) {
     const void *mp = NULL;
     size_t n = 0;
     corral_future_payload(c->deps[i], &mp, &n);
-    w_uint(&b, (uint64_t)corral_future_state(c->deps[i]), 1);
-    w_bytes(&b, mp, n);
+    corral__w_uint(&b, (uint64_t)corral_future_state(c->deps[i]), 1);
+    corral__w_bytes(&b, mp, n);
   }
   if (send_frame((uv_stream_t *)&p->sock, &b) != 0) {
     corral_future_set_error(c->result, "CodecError",
@@ -623,12 +493,12 @@ static int spawn_child(proxy *p) {
   uint64_t k0, k1;
   corral__codec_key(&k0, &k1);
   wbuf b = {0};
-  frame_begin(&b, F_BOOT);
-  w_uint(&b, k0, 8);
-  w_uint(&b, k1, 8);
-  w_uint(&b, (uint64_t)w->cap, 4);
-  w_bytes(&b, w->name, strlen(w->name));
-  w_bytes(&b, w->boot, w->bootlen);
+  corral__frame_begin(&b, F_BOOT);
+  corral__w_uint(&b, k0, 8);
+  corral__w_uint(&b, k1, 8);
+  corral__w_uint(&b, (uint64_t)w->cap, 4);
+  corral__w_bytes(&b, w->name, strlen(w->name));
+  corral__w_bytes(&b, w->boot, w->bootlen);
   if (send_frame((uv_stream_t *)&p->sock, &b) != 0) return UV_ENOMEM;
   uv_read_start((uv_stream_t *)&p->sock, on_alloc, on_read);
   return 0;
@@ -805,11 +675,11 @@ static void child_fail(const char *why) {
 }
 
 static const char *on_boot(pump *c, rcur *r) {
-  uint64_t k0 = r_uint(r, 8), k1 = r_uint(r, 8);
-  int cap = (int)r_uint(r, 4);
+  uint64_t k0 = corral__r_uint(r, 8), k1 = corral__r_uint(r, 8);
+  int cap = (int)corral__r_uint(r, 4);
   size_t nlen, blen;
-  const char *name = r_bytes(r, &nlen);
-  const char *boot = r_bytes(r, &blen);
+  const char *name = corral__r_bytes(r, &nlen);
+  const char *boot = corral__r_bytes(r, &blen);
   if (r->bad || r->left != 0 || nlen >= 64) return "a malformed BOOT frame";
   corral__codec_set_key(k0, k1);
   char nm[64];
@@ -824,18 +694,18 @@ static const char *on_boot(pump *c, rcur *r) {
 }
 
 static const char *on_call(pump *c, rcur *r) {
-  uint64_t id = r_uint(r, 8);
+  uint64_t id = corral__r_uint(r, 8);
   size_t mlen, plen;
-  const char *method = r_bytes(r, &mlen);
-  const char *payload = r_bytes(r, &plen);
-  uint32_t ndeps = (uint32_t)r_uint(r, 4);
+  const char *method = corral__r_bytes(r, &mlen);
+  const char *payload = corral__r_bytes(r, &plen);
+  uint32_t ndeps = (uint32_t)corral__r_uint(r, 4);
   if (r->bad || ndeps > r->left / 5) return "a malformed CALL frame";
   corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
   if (ndeps && deps == NULL) return "out of memory";
   for (uint32_t i = 0; i < ndeps; i++) {
-    int st = (int)r_uint(r, 1);
+    int st = (int)corral__r_uint(r, 1);
     size_t n;
-    const char *s = r_bytes(r, &n);
+    const char *s = corral__r_bytes(r, &n);
     deps[i] = corral__future_new();
     if (deps[i] == NULL) return "out of memory";
     /* (an input is counted as one a call holds, as the caller's side does) */
@@ -881,7 +751,7 @@ static const char *on_call(pump *c, rcur *r) {
 
 static const char *on_frame(void *ud, rcur *r) {
   pump *c = ud;
-  int type = (int)r_uint(r, 1);
+  int type = (int)corral__r_uint(r, 1);
   if (!c->booted) return type == F_BOOT ? on_boot(c, r) : "a first frame that is not BOOT";
   if (type == F_CALL) return on_call(c, r);
   return "a frame of an unknown type";
@@ -895,8 +765,8 @@ static void child_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   if (nread == 0) return;
-  if (rbuf_add(&c->in, buf->base, (size_t)nread) != 0) child_fail("out of memory");
-  const char *why = rbuf_frames(&c->in, on_frame, c);
+  if (corral__rbuf_add(&c->in, buf->base, (size_t)nread) != 0) child_fail("out of memory");
+  const char *why = corral__rbuf_frames(&c->in, on_frame, c);
   if (why != NULL) child_fail(why);
 }
 
@@ -922,10 +792,10 @@ static void send_result(void *ud, corral_future *f) {
       corral_future_payload(f, &mp, &n);
     }
     wbuf b = {0};
-    frame_begin(&b, F_RESULT);
-    w_uint(&b, c->ids[i], 8);
-    w_uint(&b, (uint64_t)state, 1);
-    w_bytes(&b, mp, n);
+    corral__frame_begin(&b, F_RESULT);
+    corral__w_uint(&b, c->ids[i], 8);
+    corral__w_uint(&b, (uint64_t)state, 1);
+    corral__w_bytes(&b, mp, n);
     free(why);
     if (send_frame((uv_stream_t *)&c->sock, &b) != 0) {
       /* too large (or no memory): the caller gets why instead */
@@ -933,10 +803,10 @@ static void send_result(void *ud, corral_future *f) {
       size_t elen;
       char *e = corral__future_error_payload("CodecError", big, &elen);
       wbuf eb = {0};
-      frame_begin(&eb, F_RESULT);
-      w_uint(&eb, c->ids[i], 8);
-      w_uint(&eb, CORRAL_FAILED, 1);
-      w_bytes(&eb, e, e ? elen : 0);
+      corral__frame_begin(&eb, F_RESULT);
+      corral__w_uint(&eb, c->ids[i], 8);
+      corral__w_uint(&eb, CORRAL_FAILED, 1);
+      corral__w_bytes(&eb, e, e ? elen : 0);
       free(e);
       if (send_frame((uv_stream_t *)&c->sock, &eb) != 0) child_fail("out of memory");
     }
