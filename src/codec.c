@@ -605,7 +605,7 @@ static int pack_kv_str(encoder *e, const char *k, const char *v) {
          msgpack_pack_str(&e->pk, vl) || msgpack_pack_str_body(&e->pk, v, vl);
 }
 
-/* A worker handle: [WORKER, {name, balance, blocking}, INST...], read off
+/* A worker handle: [WORKER, {name, balance, blocking, timeout}, INST...], read off
  * its C half (`_c`, a corral.handle userdata) with no call into Lua; its
  * instances travel as handles. */
 static int enc_worker(encoder *e, int idx) {
@@ -620,8 +620,13 @@ static int enc_worker(encoder *e, int idx) {
     return enc_fail(e, "a worker handle cannot be sent to a process worker (not yet)");
   PK(msgpack_pack_array(&e->pk, (size_t)2 + (size_t)h->n));
   PK(pack_ext(e, EXT_WORKER, NULL, 0));
-  PK(msgpack_pack_map(&e->pk, 3));
+  PK(msgpack_pack_map(&e->pk, h->timeout > 0 ? 4 : 3));
   PK(pack_kv_str(e, "name", h->name));
+  if (h->timeout > 0) {
+    PK(msgpack_pack_str(&e->pk, 7));
+    PK(msgpack_pack_str_body(&e->pk, "timeout", 7));
+    PK(msgpack_pack_double(&e->pk, h->timeout));
+  }
   PK(pack_kv_str(e, "balance", h->balance));
   PK(msgpack_pack_str(&e->pk, 8));
   PK(msgpack_pack_str_body(&e->pk, "blocking", 8));

@@ -6,8 +6,10 @@
  *
  * Cancel rule: a PENDING future can always be cancelled; a RUNNING one only
  * while its work is suspended at a wait (`corral__future_suspend`), where the worker
- * will see the cancel when it resumes (`corral__future_resume`). Cancelling work that
- * is executing is refused (CORRAL_ESTATE), as uv_cancel refuses with EBUSY.
+ * will see the cancel when it resumes (`corral__future_resume`), or when its work
+ * can be stopped from outside (FUTURE_HARD: a process worker's call, whose process
+ * is ended if it does not stop by itself). Cancelling other work that is executing
+ * is refused (CORRAL_ESTATE), as uv_cancel refuses with EBUSY.
  *
  * Host futures: a future that C code outside corral may settle (made by
  * corral_future_new, or handed to C through corral_to_future /
@@ -164,7 +166,9 @@ static int settle(corral_future *f, int state, char *payload, size_t len,
                   void (*discard)(const char *, size_t), int cancel, int foreign) {
   uv_mutex_lock(&f->lock);
   int s = atomic_load_explicit(&f->state, memory_order_relaxed);
-  if (s >= CORRAL_DONE || (cancel && s == CORRAL_RUNNING && !f->suspended)) {
+  if (s >= CORRAL_DONE ||
+      (cancel && s == CORRAL_RUNNING && !f->suspended &&
+       !(atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HARD))) {
     uv_mutex_unlock(&f->lock);
     if (discard != NULL) discard(payload, len);
     free(payload);

@@ -29,7 +29,9 @@ typedef struct corral_watch {
 enum {
   FUTURE_HOST = 1,    /* host C code may settle it (see future.c) */
   FUTURE_CARRIED = 2, /* an input whose failure a call carried (a DependencyError) */
-  FUTURE_SEEN = 4     /* settled from Lua: that side reports an unretrieved failure */
+  FUTURE_SEEN = 4,    /* settled from Lua: that side reports an unretrieved failure */
+  FUTURE_HARD = 8     /* its work can be stopped while it runs (a process worker's call):
+                       * a cancel takes effect while RUNNING too (see future.c) */
 };
 
 struct corral_future {
@@ -295,6 +297,7 @@ typedef struct {
   char name[64];
   char balance[16];
   int blocking;
+  double timeout; /* each call's time limit in seconds, or 0 */
   int n;
   corral_worker *insts[];
 } corral__handle;
@@ -361,7 +364,8 @@ void corral__process_main(corral_worker *w);
 /* A process worker's policy when its child dies: start another up to
  * restart_limit times (after `backoff` seconds, doubling), and run the
  * calls it had again up to `retries` times each. */
-void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries);
+void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries,
+                            double cancel_grace);
 /* The program a child is started with (argv, NULL-terminated; copied). */
 void corral__process_program(const char *const *argv);
 /* In a child started so: serve the parent on descriptor fd, the instance
@@ -377,10 +381,12 @@ typedef struct corral_call {
   corral_future *result; /* retained */
   char *payload;         /* encoded arguments (inside this block when payload_inline) */
   int payload_inline;
-  uint64_t wire_id; /* a process worker's: its number on the wire, and */
-  int wire_state;   /* WIRE_*: where it is (the proxy's thread only) */
-  int tries;        /* times it was run again after its process died */
-  int unsent;       /* handed to a process that died before it started: sent again as new */
+  uint64_t wire_id;   /* a process worker's: its number on the wire, and */
+  int wire_state;     /* WIRE_*: where it is (the proxy's thread only) */
+  int tries;          /* times it was run again after its process died */
+  int unsent;         /* handed to a process that died before it started: sent again as new */
+  uint64_t cancel_at; /* a process worker's call cancelled while handed over: when its
+                       * grace ends (uv_hrtime), or 0 */
   size_t len;
   int payload_refs;
   int ndeps;
@@ -421,6 +427,7 @@ struct corral_worker {
                         * runs at once (max_concurrency); 0 for a thread worker. Set at start. */
   int restart_limit, retries;  /* a process worker's restarts and re-runs (under ctx.qlock) */
   uint64_t restart_backoff_ms; /* the wait before the first restart (doubling; ctx.qlock) */
+  uint64_t cancel_grace_ms;    /* how long a cancelled call may run on (process; ctx.qlock) */
   uv_cond_t spare_cond;        /* a spare waits on it, under ctx.qlock */
   char *crash;                 /* why it died (an encoded error), set before CRASHED */
   size_t crashlen;

@@ -78,6 +78,22 @@ static int l_fcancel(lua_State *L) {
   return 1;
 }
 
+/* fexpire(c, message): a call's time limit passed: fail it with a
+ * TimeoutError unless it has settled, even while it runs (its worker sees
+ * a settled call as a cancelled one at its next wait; a process worker's
+ * proxy stops it, see process.c). True when it took effect. */
+static int l_fexpire(lua_State *L) {
+  corral_future *f = *corral__lua_cf_check(L, 1);
+  const char *msg = luaL_checkstring(L, 2);
+  size_t n;
+  char *payload = corral__future_error_payload("TimeoutError", msg, &n);
+  if (payload == NULL) return luaL_error(L, "out of memory");
+  int ok = corral__future_settle(f, CORRAL_FAILED, payload, n) == 0;
+  if (ok) atomic_fetch_or(&f->flags, FUTURE_SEEN);
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
 static int l_fstate(lua_State *L) {
   lua_pushinteger(L, corral_future_state(*corral__lua_cf_check(L, 1)));
   return 1;
@@ -290,6 +306,7 @@ const luaL_Reg corral__lua_future_funcs[] = {{"fnew", l_fnew},
                                              {"fsettle_encode", l_fsettle_encode},
                                              {"fset_error", l_fset_error},
                                              {"fcancel", l_fcancel},
+                                             {"fexpire", l_fexpire},
                                              {"reporter", l_reporter},
                                              {"reporter_attach", l_reporter_attach},
                                              {"disarm", l_disarm},

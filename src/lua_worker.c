@@ -97,12 +97,13 @@ static int l_worker_start(lua_State *L) {
   return 1;
 }
 
-/* process_policy(w, restart_limit, backoff, retries): what w does when its
- * child process dies. */
+/* process_policy(w, restart_limit, backoff, retries, cancel_grace): what w
+ * does when its child process dies, and how long a cancelled call may run
+ * on there. */
 static int l_process_policy(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   corral__process_policy(w, (int)luaL_checkinteger(L, 2), luaL_checknumber(L, 3),
-                         (int)luaL_checkinteger(L, 4));
+                         (int)luaL_checkinteger(L, 4), luaL_checknumber(L, 5));
   return 0;
 }
 
@@ -526,23 +527,25 @@ static int handle_gc(lua_State *L) {
   return 0;
 }
 
-/* handle_new(name, balance, blocking, w...): the C half of a thread worker
- * handle over those instances (each counted as a handle). */
+/* handle_new(name, balance, blocking, timeout, w...): the C half of a
+ * thread worker handle over those instances (each counted as a handle). */
 static int l_handle_new(lua_State *L) {
-  int n = lua_gettop(L) - 3;
+  int n = lua_gettop(L) - 4;
   const char *name = luaL_checkstring(L, 1);
   const char *balance = luaL_checkstring(L, 2);
+  double timeout = luaL_optnumber(L, 4, 0);
   for (int i = 0; i < n; i++)
-    w_check(L, 4 + i);
+    w_check(L, 5 + i);
   corral__handle *h = lua_newuserdata(L, sizeof *h + sizeof(corral_worker *) * (size_t)n);
   snprintf(h->name, sizeof h->name, "%s", name);
   snprintf(h->balance, sizeof h->balance, "%s", balance);
   h->blocking = lua_toboolean(L, 3);
+  h->timeout = timeout > 0 ? timeout : 0;
   h->n = 0;
   luaL_getmetatable(L, HANDLE_MT);
   lua_setmetatable(L, -2);
   for (int i = 0; i < n; i++) {
-    h->insts[i] = w_check(L, 4 + i);
+    h->insts[i] = w_check(L, 5 + i);
     corral__worker_hold_handle(h->insts[i]);
     h->n = i + 1;
   }

@@ -17,15 +17,20 @@
  *   CALL   parent -> child: id (8), method, arguments, inputs (4: count),
  *          each input a state (1) and its encoded result
  *   RESULT child -> parent: id (8), state (1), encoded values or error
+ *   CANCEL parent -> child: id (8): its caller cancelled it (or its time
+ *          limit passed); the child cancels it where it waits
  * The parent closes its end to stop the child (it drains its calls first),
  * or kills it. What a child sends is untrusted: a frame that does not parse
  * ends it with a clear error; its results decode as CODEC_PEER (functions
  * made with the shared key load; references to live objects are refused).
  *
- * A call handed to the child is RUNNING here (cancel says false, and it
- * runs): the proxy hands over as many as the child has runners
- * (max_concurrency) and PIPELINE more, so that the child never waits for
- * the next call; the calls beyond stay in the inbox, cancellable.
+ * A call handed to the child is RUNNING here: the proxy hands over as many
+ * as the child has runners (max_concurrency) and PIPELINE more, so that the
+ * child never waits for the next call; the calls beyond stay in the inbox.
+ * A call handed over can still be cancelled (FUTURE_HARD): its future is
+ * cancelled at once, the child is sent CANCEL, and when no RESULT has come
+ * for it within the worker's cancel_grace, the process is killed and
+ * replaced (a runaway loop runs no hook and reaches no wait).
  */
 #include <signal.h>
 #include <stdio.h>
@@ -39,7 +44,7 @@
 #include "frame.h"
 #include "internal.h"
 
-enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4 };
+enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4, F_CANCEL = 5 };
 enum { WIRE_NONE = 0, WIRE_WAITING = 1, WIRE_SENT = 2 };
 #define PIPELINE 16 /* calls handed to a child beyond its free runners */
 
@@ -131,7 +136,9 @@ typedef struct proxy {
   int signal;
   uint64_t next_id;
   int inflight, window;
-  char why[200]; /* set when the child sent what does not parse */
+  uv_timer_t grace; /* the next end of a cancelled call's grace */
+  int cancel_kill;  /* the child was killed to stop a cancelled call */
+  char why[200];    /* set when the child sent what does not parse */
 } proxy;
 
 static void kill_child(proxy *p) {
@@ -323,7 +330,75 @@ static void send_call(proxy *p, corral_call *c) {
     return;
   }
   c->wire_state = WIRE_SENT;
+  c->cancel_at = 0;
   p->inflight++;
+  /* this loop hears of a cancel (settled already: seen next turn) */
+  if (c->tries == 0 && !c->unsent) corral__future_watch(c->result, &p->w->ctx, corral__ctx_post);
+}
+
+/* ======================================================================== */
+/* Cancelling calls handed over                                              */
+/* ======================================================================== */
+
+/* The earliest end of a grace still running, or 0. */
+static uint64_t next_grace(proxy *p) {
+  uint64_t first = 0;
+  for (queue *q = queue_head(&p->w->taken); q != &p->w->taken; q = q->next) {
+    corral_call *c = queue_data(q, corral_call, node);
+    if (c->wire_state == WIRE_SENT && c->cancel_at != 0 && (first == 0 || c->cancel_at < first))
+      first = c->cancel_at;
+  }
+  return first;
+}
+
+static void on_grace(uv_timer_t *t);
+
+static void arm_grace(proxy *p) {
+  uint64_t first = next_grace(p), now = uv_hrtime();
+  if (first == 0) {
+    uv_timer_stop(&p->grace);
+    return;
+  }
+  uv_timer_start(&p->grace, on_grace, first > now ? (first - now + 999999) / 1000000 : 0, 0);
+}
+
+/* A cancelled call's grace ended and no RESULT came for it: it does not
+ * stop by itself (it runs no wait), so its process is ended; the restart
+ * replaces it (see restart). */
+static void on_grace(uv_timer_t *t) {
+  proxy *p = t->data;
+  uint64_t first = next_grace(p);
+  if (first == 0) return;
+  if (first > uv_hrtime()) {
+    arm_grace(p);
+    return;
+  }
+  p->cancel_kill = 1;
+  kill_child(p);
+}
+
+/* Calls handed over whose future settled here (a cancel, a time limit):
+ * the child is told, and their grace starts. */
+static void cancel_calls(proxy *p) {
+  corral_worker *w = p->w;
+  int sent = 0;
+  /* the last first: a call that has not started there is cancelled before
+   * a cancel ahead of it frees a runner that would start it */
+  for (queue *q = w->taken.prev; q != &w->taken; q = q->prev) {
+    corral_call *c = queue_data(q, corral_call, node);
+    if (c->wire_state != WIRE_SENT || c->cancel_at != 0) continue;
+    if (corral_future_state(c->result) < CORRAL_DONE) continue;
+    uv_mutex_lock(&w->ctx.qlock);
+    uint64_t grace = w->cancel_grace_ms;
+    uv_mutex_unlock(&w->ctx.qlock);
+    c->cancel_at = uv_hrtime() + grace * 1000000 + 1;
+    wbuf b = {0};
+    corral__frame_begin(&b, F_CANCEL);
+    corral__w_uint(&b, c->wire_id, 8);
+    send_frame((uv_stream_t *)&p->sock, &b); /* (a child gone: its exit tells) */
+    sent = 1;
+  }
+  if (sent) arm_grace(p);
 }
 
 /* Hand calls to the child while it has free runners, and PIPELINE more. */
@@ -334,6 +409,7 @@ static void pump_calls(proxy *p) {
     kill_child(p);
     return;
   }
+  if (p->inflight > 0 && !p->killed) cancel_calls(p);
   if (p->dying) return; /* (the calls wait for the next process) */
   corral_call *got[64];
   int room = p->window - p->inflight;
@@ -358,9 +434,13 @@ static void pump_calls(proxy *p) {
     int ready = inputs_ready(p, c);
     if (c->wire_id == 0) c->wire_id = ++p->next_id; /* (watched now) */
     if (!ready) break;                              /* calls start in order */
-    if (c->tries == 0 && !c->unsent && corral__future_start(c->result) != 0) { /* cancelled */
-      call_done(w, c);
-      continue;
+    if (c->tries == 0 && !c->unsent) {
+      /* RUNNING from here, and a cancel still stops it (see cancel_calls) */
+      atomic_fetch_or(&c->result->flags, FUTURE_HARD);
+      if (corral__future_start(c->result) != 0) { /* cancelled */
+        call_done(w, c);
+        continue;
+      }
     }
     send_call(p, c);
   }
@@ -524,12 +604,27 @@ static int restart(proxy *p) {
   int limit = w->restart_limit, retries = w->retries;
   uint64_t backoff_ms = w->restart_backoff_ms;
   uv_mutex_unlock(&w->ctx.qlock);
-  if (atomic_load(&w->stopping) != WORKER_RUNNING || ended_by_us(p) || p->restarts >= limit)
+  /* a child killed to stop a cancelled call is replaced whatever the
+   * policy (the instance did not fail: a call was stopped), at once */
+  int cancel_kill = p->cancel_kill && p->killed && p->why[0] == '\0' && p->died[0] == '\0';
+  p->cancel_kill = 0;
+  uv_timer_stop(&p->grace);
+  int st = atomic_load(&w->stopping);
+  if (cancel_kill ? st > WORKER_DRAIN
+                  : st != WORKER_RUNNING || ended_by_us(p) || p->restarts >= limit)
     return 0;
-  p->restarts++;
-  p->in_row++;
+  if (!cancel_kill) {
+    p->restarts++;
+    p->in_row++;
+  }
   char msg[400];
-  crash_message(p, msg, sizeof msg);
+  if (cancel_kill)
+    snprintf(msg, sizeof msg,
+             "worker %s crashed: its process was ended to stop a cancelled call that did not "
+             "stop within cancel_grace",
+             w->name);
+  else
+    crash_message(p, msg, sizeof msg);
   /* calls start in order there, at most max_concurrency at once: of the
    * calls it still had, in the order they were handed over, only the first
    * ones can have started; the others go to the next process as they are */
@@ -539,7 +634,12 @@ static int restart(proxy *p) {
     corral_call *c = queue_data(q, corral_call, node);
     q = q->next;
     if (c->wire_state != WIRE_SENT) continue;
-    if (may_have_run-- <= 0) {
+    int started = may_have_run-- > 0;
+    if (corral_future_state(c->result) >= CORRAL_DONE) { /* cancelled, or timed out */
+      call_done(w, c);
+      continue;
+    }
+    if (!started) {
       c->wire_state = WIRE_WAITING;
       c->unsent = 1;
       continue;
@@ -561,11 +661,12 @@ static int restart(proxy *p) {
   while (p->handles > 0)
     uv_run(p->loop, UV_RUN_ONCE);
   uint64_t delay = backoff_ms << (p->in_row - 1 < 16 ? p->in_row - 1 : 16);
-  if (delay > 10000) delay = 10000;
+  if (delay > 10000 || cancel_kill) delay = cancel_kill ? 0 : 10000;
   /* (from here its handles are closed: spawned says so to the caller) */
   p->spawned = 0;
   for (uint64_t end = uv_hrtime() + delay * 1000000; uv_hrtime() < end;) {
-    if (atomic_load(&w->stopping) != WORKER_RUNNING) return 0; /* a stop: what is left is its */
+    if (atomic_load(&w->stopping) > (cancel_kill ? WORKER_DRAIN : WORKER_RUNNING))
+      return 0; /* a stop: what is left is its */
     uv_sleep(5);
   }
   p->in.len = 0;
@@ -584,8 +685,10 @@ static int restart(proxy *p) {
   return 0;
 }
 
-void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries) {
+void corral__process_policy(corral_worker *w, int restart_limit, double backoff, int retries,
+                            double cancel_grace) {
   uv_mutex_lock(&w->ctx.qlock);
+  w->cancel_grace_ms = cancel_grace > 0 ? (uint64_t)(cancel_grace * 1000) : 0;
   w->restart_limit = restart_limit;
   w->restart_backoff_ms = backoff > 0 ? (uint64_t)(backoff * 1000) : 0;
   w->retries = retries;
@@ -602,6 +705,8 @@ void corral__process_main(corral_worker *w) {
   p->w = w;
   p->loop = &w->ctx.loop;
   p->window = w->process + PIPELINE;
+  uv_timer_init(p->loop, &p->grace);
+  p->grace.data = p;
   int rc = spawn_child(p);
   if (rc != 0) {
     char msg[300];
@@ -638,6 +743,10 @@ void corral__process_main(corral_worker *w) {
     while (p->handles > 0)
       uv_run(p->loop, UV_RUN_ONCE);
   }
+  uv_close((uv_handle_t *)&p->grace, on_closed);
+  p->handles++;
+  while (p->handles > 0)
+    uv_run(p->loop, UV_RUN_ONCE);
   corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   w->boot = NULL;
   w->bootlen = 0;
@@ -749,11 +858,23 @@ static const char *on_call(pump *c, rcur *r) {
   return NULL;
 }
 
+/* The parent cancelled a call: cancelled here where it waits, or not
+ * started (one that runs on is the parent's to stop). One answered
+ * already is not here any more. */
+static const char *on_cancel(pump *c, rcur *r) {
+  uint64_t id = corral__r_uint(r, 8);
+  if (r->bad || r->left != 0) return "a malformed CANCEL frame";
+  for (int i = 0; i < c->n; i++)
+    if (c->ids[i] == id) corral__future_cancel(c->fs[i]);
+  return NULL;
+}
+
 static const char *on_frame(void *ud, rcur *r) {
   pump *c = ud;
   int type = (int)corral__r_uint(r, 1);
   if (!c->booted) return type == F_BOOT ? on_boot(c, r) : "a first frame that is not BOOT";
   if (type == F_CALL) return on_call(c, r);
+  if (type == F_CANCEL) return on_cancel(c, r);
   return "a frame of an unknown type";
 }
 

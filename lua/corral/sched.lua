@@ -118,6 +118,12 @@ local function heap_pop()
   return top
 end
 
+--- Call `fn` on this loop (as a callback) at `when`, a `now()` time. Returns
+-- the timer, for `cancel_timer`. A live timer keeps the loop running.
+function M.at(when, fn) return timer_add(when, fn) end
+M.cancel_timer = timer_cancel
+M.now = now
+
 -- The earliest live deadline, dropping cancelled timers from the top.
 local function next_deadline()
   while heap_n > 0 and heap[1].w == nil do heap_pop() end
@@ -442,7 +448,7 @@ function turn_body(block, until_deadline)
       local w = e.w
       if w then
         timer_cancel(e)
-        wake(w, TIMEOUT)
+        if type(w) == "function" then push(w, TIMEOUT) else wake(w, TIMEOUT) end
       end
     end
   end

@@ -105,8 +105,8 @@ function Class:init(...)
   local mode, n = opt(o, "mode"), opt(o, "workers")
   local h = setmetatable({ _name = o.name, _mode = mode, _balance = opt(o, "balance"),
     _blocking = opt(o, "blocking"), _max_queued = opt(o, "max_queued"),
-    _max_concurrency = opt(o, "max_concurrency"), _class = self._methods, _insts = {}, _rr = 0,
-    _stopped = false }, Handle)
+    _max_concurrency = opt(o, "max_concurrency"), _timeout = opt(o, "timeout") or false,
+    _class = self._methods, _insts = {}, _rr = 0, _stopped = false }, Handle)
   for i = 1, n do
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name
@@ -130,7 +130,7 @@ function Class:init(...)
         if again == nil then again = settings.restart end
         if again == nil then again = n > 1 end
         core.process_policy(ud, again and (opt(o, "restart_limit") or 5) or 0,
-          opt(o, "restart_backoff") or 0.1, opt(o, "retries") or 0)
+          opt(o, "restart_backoff") or 0.1, opt(o, "retries") or 0, opt(o, "cancel_grace") or 1)
       end
     else
       inst = loc.new(h, name, mode == "async", ...)
@@ -138,7 +138,8 @@ function Class:init(...)
     h._insts[i] = inst
   end
   if mode == "thread" or mode == "process" then
-    h._c = core.handle_new(h._name, h._balance, h._blocking, unpack(instance_uds(h)))
+    h._c = core.handle_new(h._name, h._balance, h._blocking, h._timeout or 0,
+      unpack(instance_uds(h)))
   end
   return h
 end

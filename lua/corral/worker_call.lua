@@ -5,7 +5,9 @@ local future = require "corral.future"
 local sched = require "corral.sched"
 local S = require("corral.fields").S
 
-local DONE = future.DONE
+local core = require "corral.core"
+
+local DONE, RUNNING, FAILED = future.DONE, future.RUNNING, future.FAILED
 local pairs = pairs
 
 local M = {}
@@ -53,6 +55,37 @@ local wrap = future.wrap
 -- A call's future, already watched by this loop under `key`.
 local function call_future(c, key)
   return wrap(c, CallFuture, key)
+end
+
+-- A call's time limit passed: its future fails with TimeoutError unless it
+-- has settled, and its call is stopped as a cancel stops it, except that a
+-- thread worker's call that is executing is not waited for (it goes on
+-- until its next wait, where it gets CancelledError, or until it returns;
+-- its result is dropped). A process worker's proxy ends its process when
+-- it does not stop within `cancel_grace` (see src/process.c).
+local function expire(f, msg, runner)
+  local s = f[S]
+  if s >= DONE then return end
+  local e = errors.new("TimeoutError", msg, nil, false)
+  local c = f._c
+  if c then
+    if core.fexpire(c, msg) then future.settle(f, FAILED, 0, false, e, nil, true) end
+    return
+  end
+  future.settle(f, FAILED, 0, false, e)
+  local call = f._item
+  local t = runner or (call and call.runner)
+  if s == RUNNING and t then sched.wake(t, sched.CANCEL) end
+end
+
+--- Arm the time limit of the call future `f` (the worker option
+-- `timeout`: `seconds` from the call). `runner`: the task that runs it
+-- inline (a sync call), else nil.
+function M.arm(f, seconds, name, method, runner)
+  if f[S] >= DONE then return end
+  local msg = ("call %s:%s timed out after %g s"):format(name, method, seconds)
+  local tm = sched.at(sched.now() + seconds, function() expire(f, msg, runner) end)
+  f:add_done_callback(function() sched.cancel_timer(tm) end)
 end
 
 M.CallFuture, M.closed_future, M.call_future = CallFuture, closed_future, call_future

@@ -79,6 +79,8 @@ local function call(h, method, ...)
   else
     local room
     f, room = push[h._mode](h, pick(h), method, ...)
+    local limit = h._timeout
+    if limit and h._mode ~= "sync" then calls.arm(f, limit, h._name, method) end
     if room then
       -- the instance holds the call, in order; this task waits until it
       -- moves into the inbox (backpressure). A stop drains or cancels it as
@@ -172,9 +174,10 @@ function M.import(opts, ...)
   local insts = {}
   for i = 1, select("#", ...) do insts[i] = { ud = (select(i, ...)) } end
   local balance, blocking = opts.balance or "round_robin", opts.blocking or false
+  local timeout = type(opts.timeout) == "number" and opts.timeout > 0 and opts.timeout or false
   return setmetatable({ _name = opts.name, _mode = "thread", _balance = balance,
-    _blocking = blocking, _insts = insts, _rr = 0, _stopped = false,
-    _c = core.handle_new(opts.name, balance, blocking, ...) }, Handle)
+    _blocking = blocking, _timeout = timeout, _insts = insts, _rr = 0, _stopped = false,
+    _c = core.handle_new(opts.name, balance, blocking, timeout or 0, ...) }, Handle)
 end
 
 --- Whether v is a worker handle.

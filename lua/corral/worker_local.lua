@@ -308,7 +308,7 @@ end
 -- its call at once); its future is settled when this returns. A cancel of
 -- the caller (its task, or the call that task runs) that the method took at
 -- one of its waits is raised in the caller.
-function M.sync_call(_, inst, method, ...)
+function M.sync_call(h, inst, method, ...)
   local f, crashed = call_future(inst)
   if crashed then return f end
   -- (its future has no `_item`: nobody holds it before it is settled, so
@@ -318,6 +318,7 @@ function M.sync_call(_, inst, method, ...)
   inst.active = inst.active + 1
   local me = caller()
   call.task = me
+  if h._timeout then calls.arm(f, h._timeout, h._name, method, me) end
   local n = inst.ninline + 1 -- (an array: a set of fresh keys would rehash)
   inst.inline[n], inst.ninline, call.slot = call, n, n
   local _, _, taken = inline(inst, me, serving.execute, inst.srv, call, nil)

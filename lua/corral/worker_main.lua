@@ -15,7 +15,7 @@ local future = require "corral.future"
 local task = require "corral.task"
 local serving = require "corral.worker_serve"
 
-local CANCELLED = future.CANCELLED
+local DONE = future.DONE
 local DRAIN, CANCEL = core.STOP_DRAIN, core.STOP_CANCEL -- how the worker is asked to stop
 local stopping = core.stopping
 local pcall = pcall
@@ -121,11 +121,13 @@ local inbox = {
   finish = core.call_finish,
   suspend = core.call_suspend,
   resume = core.call_resume,
-  -- the caller may cancel a call whose method waits: watch its future while
-  -- it runs, and deliver the cancel at the wait (see sched.block)
+  -- the caller may cancel a call whose method waits (or its time limit
+  -- pass): watch its future while it runs, and deliver the cancel at the
+  -- wait (see sched.block). (Settled while the method still runs, it was
+  -- settled by the caller's side: the worker settles it once it has ended.)
   watch = function(t, call)
     future.add_waiter(own(call), function(f)
-      if t._call == call and t._call_cancelled ~= call and f[1] == CANCELLED then
+      if t._call == call and t._call_cancelled ~= call and f[1] >= DONE then
         sched.wake(t, sched.CANCEL)
       end
     end)

@@ -53,6 +53,12 @@ local function check_options(fname, o)
     elseif k == "restart_limit" or k == "retries" then
       errors.check(type(v) == "number" and v >= 0 and v <= 1e6 and v == math.floor(v), fname, k,
         "a whole number from 0 to 1000000", v)
+    elseif k == "timeout" then
+      errors.check(type(v) == "number" and v > 0 and v < 1e9, fname, k,
+        "a number of seconds > 0", v)
+    elseif k == "cancel_grace" then
+      errors.check(type(v) == "number" and v >= 0 and v <= 3600, fname, k,
+        "a number of seconds from 0 to 3600", v)
     elseif k == "restart_backoff" then
       errors.check(type(v) == "number" and v >= 0 and v <= 10, fname, k,
         "a number of seconds from 0 to 10 (the longest wait)", v)
