@@ -7,7 +7,8 @@
 #   make bench      benchmarks beside their Python peers
 #   make demo       run examples/fanout.lua
 #   make check-layers  no file of src/ calls a layer above it
-#   make fuzz       libFuzzer targets of the decoder (clang), FUZZ_SECONDS each
+#   make fuzz       libFuzzer targets of the frame reader and the decoder (clang),
+#                   FUZZ_TIME seconds each (600), corpus in tests/fuzz/<target>/
 #   make lint       luacheck, clang-tidy, clang-format check
 #   make docs       the API reference (LDoc) in build/docs
 #   make install    PREFIX=/usr/local DESTDIR= : binary, library, header, module, corral.pc
@@ -22,7 +23,7 @@ PKGS   := luajit libuv msgpack
 # The README's commands (demo, test and the sanitizer runs), bench and fuzz
 # install what is missing first; plain `make` never installs anything, and
 # says which command does when a header is missing.
-ifneq ($(filter demo test test-asan test-tsan bench fuzz,$(MAKECMDGOALS)),)
+ifneq ($(filter demo test test-asan test-tsan bench fuzz fuzz-build,$(MAKECMDGOALS)),)
 DEPS := $(shell scripts/install-deps >&2 && echo ok)
 endif
 ifeq ($(filter clean format,$(MAKECMDGOALS)),)
@@ -47,7 +48,7 @@ ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
 ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
 ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
-SRCS := src/handle.c src/future.c src/signal.c src/context.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_future.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
+SRCS := src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_future.c src/lua_buffer.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
@@ -56,7 +57,7 @@ BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
 LIBSO := $(BUILD)/lib/corral.so
 
-.PHONY: all test soak test-asan test-tsan check-layers fuzz fuzz-targets bench demo lint format install clean docs
+.PHONY: all test soak test-asan test-tsan check-layers fuzz fuzz-build fuzz-targets bench demo lint format install clean docs
 
 all: $(BIN) $(LIBA) $(LIBSO)
 
@@ -120,21 +121,39 @@ check-layers: all
 
 # ---- fuzzing ----------------------------------------------------------------
 
-# The decoder on arbitrary bytes, trusted and foreign (tests/fuzz/): built
-# with clang, libFuzzer, ASan and UBSan in build/fuzz; each target runs
-# FUZZ_SECONDS from its kept corpus (tests/fuzz/corpus/), which is merged back
-# minimised. clang comes from install-deps only when fuzzing.
-FUZZ_SECONDS ?= 600
-fuzz:
+# libFuzzer targets (tests/fuzz/), built with clang, ASan and UBSan in
+# build/fuzz (the objects of src/ with -fsanitize=fuzzer-no-link,...):
+#   frames  the frame reader of process workers on a stream cut into reads
+#           where the input says, each frame read as process.c reads it
+#           (RESULT on the parent's side, BOOT and CALL on the child's) and
+#           its payload decoded (a child's results as CODEC_PEER)
+#   decode  the decoder alone, at each trust that takes bytes from outside
+#           (foreign and peer, as values and as corral.decode's one value),
+#           and trusted
+# `make fuzz` runs each for FUZZ_TIME seconds on its corpus, tests/fuzz/<target>/
+# (kept in git: new inputs are written there, then it is minimised with
+# -merge=1), with the seeds that build/fuzz/bin/fuzz-seeds writes. Crashes go
+# to build/fuzz/crashes/. `make fuzz FUZZ_TIME=30` for a short run;
+# `make fuzz-build` only builds. clang comes from install-deps only here.
+FUZZ_TIME    ?= 600
+FUZZ_TARGETS := frames decode
+FUZZ_SAN     := fuzzer-no-link,address,undefined
+fuzz: fuzz-build
+	scripts/run-fuzz build/fuzz $(FUZZ_TIME) $(FUZZ_TARGETS)
+
+fuzz-build:
 	CORRAL_FUZZ_DEPS=1 scripts/install-deps
-	$(MAKE) fuzz-targets BUILD=build/fuzz CC=clang SAN=fuzzer-no-link,address,undefined OPT="-O1 -g"
-	scripts/run-fuzz build/fuzz $(FUZZ_SECONDS)
+	$(MAKE) fuzz-targets BUILD=build/fuzz CC=clang SAN=$(FUZZ_SAN) OPT="-O1 -g"
 
-fuzz-targets: $(BUILD)/fuzz_trusted $(BUILD)/fuzz_foreign
+fuzz-targets: $(FUZZ_TARGETS:%=$(BUILD)/bin/fuzz-%) $(BUILD)/bin/fuzz-seeds
 
-$(BUILD)/fuzz_%: tests/fuzz/fuzz_decode.c $(LIBA)
-	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer,address,undefined -DFUZZ_FOREIGN=$(if $(filter foreign,$*),1,0) \
-	  -o $@ $< $(LIBA) $(ALL_LDLIBS)
+$(BUILD)/bin/fuzz-seeds: tests/fuzz/seeds.c tests/fuzz/fuzz.h $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(ALL_LDFLAGS) -o $@ $< $(LIBA) $(ALL_LDLIBS)
+
+$(BUILD)/bin/fuzz-%: tests/fuzz/%.c tests/fuzz/fuzz.h $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer,address,undefined -o $@ $< $(LIBA) $(ALL_LDLIBS)
 
 # ---- the rest --------------------------------------------------------------
 
@@ -148,14 +167,14 @@ bench: all
 lint:
 	$(MAKE) all BUILD=build/lint WERROR=-Werror
 	luacheck lua tests bench examples
-	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h
+	clang-format --dry-run --Werror src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h tests/fuzz/*.c tests/fuzz/*.h
 	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE -Iinclude -Isrc -I$(BUILD)/obj $(shell pkg-config --cflags $(PKGS))
 
 docs:
 	ldoc -q .
 
 format:
-	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h
+	clang-format -i src/*.c src/*.h include/*.h tests/c/*.c tests/c/*.h tests/fuzz/*.c tests/fuzz/*.h
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \

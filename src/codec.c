@@ -84,8 +84,16 @@ enum {
   EXT_CFUNC,
   EXT_FUNC,
   EXT_WORKER,
-  EXT_INST
+  EXT_INST,
+  EXT_BUFFER, /* a buffer shared by reference: its handle (8) */
+  EXT_BYTES   /* a buffer's bytes, for another process or for bytes out */
 };
+
+/* In a process worker's child, buffers go out as their bytes: what it
+ * encodes goes to the parent, which has not its handles. */
+static int buffers_as_bytes;
+
+void corral__codec_buffers_as_bytes(void) { buffers_as_bytes = 1; }
 
 /* A function's environment, in its FUNC mark. */
 enum { ENV_GLOBALS = 0, ENV_TABLE = 1, ENV_OVERLAY = 2 };
@@ -313,7 +321,7 @@ typedef struct {
   char *buf;
   struct held {
     void *p;
-    int kind; /* HANDLE_FUTURE or HANDLE_WORKER */
+    int kind; /* HANDLE_FUTURE, HANDLE_WORKER or HANDLE_BUFFER */
   } * held;
   int nheld, capheld;
   corral_future **deps;
@@ -326,6 +334,8 @@ static void ebox_release(ebox *b, int drop_refs) {
   for (int i = 0; drop_refs && i < b->nheld; i++) {
     if (b->held[i].kind == HANDLE_FUTURE)
       corral_future_release(b->held[i].p);
+    else if (b->held[i].kind == HANDLE_BUFFER)
+      corral__buffer_release(b->held[i].p);
     else
       iface->worker_drop(b->held[i].p);
   }
@@ -859,6 +869,26 @@ static int enc_function(encoder *e, int idx, int depth) {
   return 0;
 }
 
+/* A buffer: by reference (its handle) within the process, from then on
+ * immutable; its bytes for another process or for bytes out. */
+static int enc_buffer(encoder *e, corral_buffer *b) {
+  codec_opts *o = e->o;
+  if (o->no_refs || o->no_handles || buffers_as_bytes) {
+    if (b->len > 0xffffffffu) return enc_fail(e, "a buffer over 4 GiB cannot travel as bytes");
+    PK(msgpack_pack_ext(&e->pk, b->len, EXT_BYTES));
+    PK(msgpack_pack_ext_body(&e->pk, b->data, b->len));
+    return 0;
+  }
+  uint64_t h = corral__buffer_handle(b);
+  if (h == 0) return enc_fail(e, "too many buffers have crossed contexts (handle table full)");
+  if (hold(e, b, HANDLE_BUFFER) != 0) return enc_oom(e);
+  atomic_store(&b->shared, 1);
+  corral__buffer_retain(b); /* owned by the payload: see corral__codec_discard */
+  o->has_refs = 1;
+  PK(pack_ext_u(e, EXT_BUFFER, h, 8));
+  return 0;
+}
+
 static int enc_value(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   switch (lua_type(L, idx)) {
@@ -872,7 +902,11 @@ static int enc_value(encoder *e, int idx, int depth) {
   case LUA_TFUNCTION: return enc_function(e, idx, depth);
   case LUA_TTHREAD: return enc_fail(e, "thread (a coroutine) cannot travel");
   case LUA_TLIGHTUSERDATA: return enc_fail(e, "lightuserdata cannot travel");
-  case LUA_TUSERDATA: return enc_fail(e, "userdata that is not corral's cannot travel");
+  case LUA_TUSERDATA: {
+    corral_buffer **u = luaL_testudata(L, idx, CORRAL_BUFFER_MT);
+    if (u == NULL || *u == NULL) return enc_fail(e, "userdata that is not corral's cannot travel");
+    return enc_buffer(e, *u);
+  }
   default: {
     char why[64];
     snprintf(why, sizeof why, "%s cannot travel", luaL_typename(L, idx));
@@ -1304,6 +1338,8 @@ static const char *ext_name(int type) {
   case EXT_FUNC: return "FUNC";
   case EXT_WORKER: return "WORKER";
   case EXT_INST: return "INST";
+  case EXT_BUFFER: return "BUFFER";
+  case EXT_BYTES: return "BYTES";
   default: return "unknown";
   }
 }
@@ -1428,6 +1464,28 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     return 0;
   }
   case EXT_MODULE: return push_module(d, p, n, "extension 4 (MODULE)");
+  case EXT_BUFFER: {
+    if (!trusted)
+      return dec_fail(d, "extension 9 (BUFFER): a buffer reference cannot come from %s",
+                      elsewhere(d));
+    if (n != 8) return dec_fail(d, "extension 9 (BUFFER) with a %u-byte body", n);
+    if (iface->push_buffer_slot == NULL)
+      return dec_fail(d, "extension 9 (BUFFER): no buffers here");
+    corral_buffer **slot = iface->push_buffer_slot(L);
+    *slot = corral__handle_get(get_be(p, 8), HANDLE_BUFFER); /* the lookup's reference */
+    if (*slot == NULL) return dec_fail(d, "extension 9 (BUFFER): a stale or forged buffer handle");
+    return 0;
+  }
+  case EXT_BYTES: {
+    /* bytes: from anywhere, a new buffer holding a copy */
+    if (iface->push_buffer_slot == NULL)
+      return dec_fail(d, "extension 10 (BYTES): no buffers here");
+    corral_buffer **slot = iface->push_buffer_slot(L);
+    *slot = corral__buffer_new(n);
+    if (*slot == NULL) return dec_fail(d, "extension 10 (BYTES): no memory for %u bytes", n);
+    if (n > 0) memcpy((*slot)->data, p, n);
+    return 0;
+  }
   case EXT_CFUNC: {
     const char *dot = NULL;
     for (uint32_t i = 0; i < n; i++)
@@ -1791,6 +1849,10 @@ static void release_refs(const msgpack_object *o) {
       corral_future *f = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_FUTURE);
       corral_future_release(f); /* the lookup's */
       corral_future_release(f); /* the payload's */
+    } else if (o->via.ext.type == EXT_BUFFER) {
+      corral_buffer *b = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_BUFFER);
+      corral__buffer_release(b); /* the lookup's */
+      corral__buffer_release(b); /* the payload's */
     } else if (o->via.ext.type == EXT_INST) {
       corral_worker *w = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
       if (w != NULL) {

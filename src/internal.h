@@ -102,7 +102,7 @@ void corral__watch_free(corral_watch *w);
 
 /* ---- handle.c ---------------------------------------------------------- */
 
-enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2 };
+enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2, HANDLE_BUFFER = 3 };
 
 /* The handle of obj (whose reference count is *refs), kept in *cell: issued
  * on first use, once even when threads race; 0 when no slot can be had. */
@@ -114,6 +114,30 @@ void corral__handle_free(uint64_t h);
 void *corral__handle_get(uint64_t h, int kind);
 /* Slots in use (a debug counter). */
 int corral__handle_live(void);
+
+/* ---- buffer.c ---------------------------------------------------------- */
+
+/* Bytes shared by reference (corral.buffer): writable until `shared`. */
+typedef struct corral_buffer {
+  atomic_int refs;
+  atomic_int shared; /* it has crossed to another context: immutable */
+  _Atomic(uint64_t) handle;
+  size_t len;
+  unsigned char *data;
+  int fd; /* the memfd it is mapped from (MAP_SHARED), or -1 (heap) */
+} corral_buffer;
+
+/* A zeroed buffer of len bytes (one reference), or NULL. */
+corral_buffer *corral__buffer_new(size_t len);
+/* A read-only buffer over len bytes of the memfd fd (taken; a peer's: the
+ * file must hold len bytes), or NULL (fd left open). */
+corral_buffer *corral__buffer_map(int fd, size_t len);
+void corral__buffer_retain(corral_buffer *b);
+/* Lock-free: a __gc may drop the last reference. */
+void corral__buffer_release(corral_buffer *b);
+uint64_t corral__buffer_handle(corral_buffer *b);
+int corral__buffer_live(void);
+#define CORRAL_BUFFER_MT "corral.buffer"
 
 /* ---- context.c --------------------------------------------------------- */
 
@@ -322,8 +346,14 @@ typedef struct {
   void (*worker_hold)(corral_worker *w);
   void (*worker_drop)(corral_worker *w);
   void (*worker_release)(corral_worker *w);
+  /* Push an empty buffer userdata (may raise: nothing is held yet) and
+   * return its slot, for the decoder to fill with a reference. NULL in
+   * the iface: this state decodes no buffers. */
+  corral_buffer **(*push_buffer_slot)(lua_State *L);
 } corral__codec_iface;
 void corral__codec_init(const corral__codec_iface *iface);
+/* This process is a process worker's child: buffers leave it as bytes. */
+void corral__codec_buffers_as_bytes(void);
 /* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
 void corral__codec_discard(const char *data, size_t len);
 /* Free an encoded payload, first releasing its references when it holds
@@ -559,6 +589,9 @@ void corral__lua_future_open(lua_State *L);
 corral_future *corral__lua_future_of(lua_State *L, int idx, int *deferred);
 void corral__lua_flush_crefs(lua_State *L);
 extern const luaL_Reg corral__lua_future_funcs[];
+extern const luaL_Reg corral__lua_buffer_funcs[];
+void corral__lua_buffer_open(lua_State *L);
+corral_buffer **corral__lua_buffer_slot(lua_State *L);
 
 /* lua_codec.c, lua_worker.c, lua_loop.c: their corral.core functions. */
 extern const luaL_Reg corral__lua_codec_funcs[];

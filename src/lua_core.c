@@ -45,7 +45,7 @@ static const corral__codec_iface codec_iface = {
     corral__lcore_push_future, corral__lua_worker_push,    corral__lua_future_of,
     corral__lua_flush_crefs,   corral__lua_handle_of,      corral__lua_push_import,
     corral__worker_handle,     corral__worker_hold_handle, corral__worker_drop_handle,
-    corral__worker_release};
+    corral__worker_release,    corral__lua_buffer_slot};
 
 /* registry[key] = package.loaded[module][field] */
 static void hook(lua_State *L, const char *module, const char *field, const char *key) {
@@ -86,6 +86,7 @@ static int open_core(lua_State *L) {
   }
 
   corral__lua_future_open(L);
+  corral__lua_buffer_open(L);
   corral__lua_worker_open(L, corral__lcore_worker_main);
 
   /* package.preload[name] for each embedded Lua module */
@@ -99,6 +100,7 @@ static int open_core(lua_State *L) {
   lua_getfield(L, -1, "loaded");
   lua_newtable(L);
   luaL_register(L, NULL, corral__lua_future_funcs);
+  luaL_register(L, NULL, corral__lua_buffer_funcs);
   luaL_register(L, NULL, corral__lua_codec_funcs);
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);
@@ -135,6 +137,9 @@ static int open_core(lua_State *L) {
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
   lua_pushliteral(L, "corral.future"); /* (and the scheduler) */
+  lua_call(L, 1, 0);
+  lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
+  lua_pushliteral(L, "corral.buffer"); /* (the methods of buffers, in every state) */
   lua_call(L, 1, 0);
   /* What the C side calls of the Lua half, from its private modules (the
    * public corral table carries none of it). */

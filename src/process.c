@@ -791,6 +791,7 @@ static const char *on_boot(pump *c, rcur *r) {
   const char *boot = corral__r_bytes(r, &blen);
   if (r->bad || r->left != 0 || nlen >= 64) return "a malformed BOOT frame";
   corral__codec_set_key(k0, k1);
+  corral__codec_buffers_as_bytes();
   char nm[64];
   memcpy(nm, name, nlen);
   nm[nlen] = '\0';

@@ -33,6 +33,15 @@ function corral.future()
   return future.new()
 end
 
+--- Bytes shared by reference: `corral.buffer(string)` or
+-- `corral.buffer(size)`; see `corral.buffer`.
+-- @function buffer
+corral.buffer = require("corral.buffer").new
+
+--- Whether `v` is a buffer.
+-- @function is_buffer
+corral.is_buffer = require("corral.buffer").is
+
 --- Monotonic time in seconds.
 -- @function now
 corral.now = core.now
