@@ -61,7 +61,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -86,7 +88,13 @@ enum {
   EXT_WORKER,
   EXT_INST,
   EXT_BUFFER, /* a buffer shared by reference: its handle (8) */
-  EXT_BYTES   /* a buffer's bytes, for another process or for bytes out */
+  EXT_BYTES,  /* a buffer's bytes, for another process or for bytes out */
+  /* a buffer in shared memory, to another process: its handle in the
+   * process that encoded it (8) and its length (8), on the wire only; and
+   * the same once its descriptor came over the socket (process.c): the
+   * descriptor here (8), its length (8) */
+  EXT_SHM = CODEC_SHM_REF,
+  EXT_SHMFD = CODEC_SHM_FD
 };
 
 /* In a process worker's child, buffers go out as their bytes: what it
@@ -873,7 +881,24 @@ static int enc_function(encoder *e, int idx, int depth) {
  * immutable; its bytes for another process or for bytes out. */
 static int enc_buffer(encoder *e, corral_buffer *b) {
   codec_opts *o = e->o;
-  if (o->no_refs || o->no_handles || buffers_as_bytes) {
+  int other = o->no_handles || buffers_as_bytes; /* for another process */
+  if (other && !o->no_refs && b->fd >= 0) {
+    /* in shared memory: its descriptor goes over the socket (process.c) */
+    uint64_t h = corral__buffer_handle(b);
+    if (h == 0) return enc_fail(e, "too many buffers have crossed contexts (handle table full)");
+    if (hold(e, b, HANDLE_BUFFER) != 0) return enc_oom(e);
+    atomic_store(&b->shared, 1);
+    corral__buffer_retain(b); /* owned by the payload: see corral__codec_discard */
+    o->has_refs = 1;
+    unsigned char body[16];
+    for (int i = 0; i < 8; i++) {
+      body[i] = (unsigned char)(h >> (56 - 8 * i));
+      body[8 + i] = (unsigned char)((uint64_t)b->len >> (56 - 8 * i));
+    }
+    PK(pack_ext(e, EXT_SHM, body, sizeof body));
+    return 0;
+  }
+  if (o->no_refs || other) {
     if (b->len > 0xffffffffu) return enc_fail(e, "a buffer over 4 GiB cannot travel as bytes");
     PK(msgpack_pack_ext(&e->pk, b->len, EXT_BYTES));
     PK(msgpack_pack_ext_body(&e->pk, b->data, b->len));
@@ -1260,6 +1285,7 @@ typedef struct decoder {
   int nrefs;
   codec_deps *deps;
   int trust;
+  int shm; /* SHMFD extensions may be read (CODEC_SHM) */
   int failed;
   struct dpath *path; /* where the decoder is, made into text on failure */
   char *err;          /* the message, when failed */
@@ -1340,6 +1366,8 @@ static const char *ext_name(int type) {
   case EXT_INST: return "INST";
   case EXT_BUFFER: return "BUFFER";
   case EXT_BYTES: return "BYTES";
+  case EXT_SHM: return "SHM";
+  case EXT_SHMFD: return "SHMFD";
   default: return "unknown";
   }
 }
@@ -1474,6 +1502,28 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     corral_buffer **slot = iface->push_buffer_slot(L);
     *slot = corral__handle_get(get_be(p, 8), HANDLE_BUFFER); /* the lookup's reference */
     if (*slot == NULL) return dec_fail(d, "extension 9 (BUFFER): a stale or forged buffer handle");
+    return 0;
+  }
+  case EXT_SHM: return dec_fail(d, "extension 11 (SHM) out of its place");
+  case EXT_SHMFD: {
+    if (!trusted && !d->shm)
+      return dec_fail(d, "extension 12 (SHMFD) cannot come from %s", elsewhere(d));
+    if (n != 16) return dec_fail(d, "extension 12 (SHMFD) with a %u-byte body", n);
+    if (iface->push_buffer_slot == NULL)
+      return dec_fail(d, "extension 12 (SHMFD): no buffers here");
+    uint64_t fd = get_be(p, 8), blen = get_be(p + 8, 8);
+    corral_buffer **slot = iface->push_buffer_slot(L);
+    int dfd = fd <= INT32_MAX ? fcntl((int)fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (dfd < 0 || blen > SIZE_MAX) {
+      if (dfd >= 0) close(dfd);
+      return dec_fail(d, "extension 12 (SHMFD): no such descriptor");
+    }
+    *slot = corral__buffer_map(dfd, (size_t)blen); /* (a descriptor of its own) */
+    if (*slot == NULL) {
+      close(dfd);
+      return dec_fail(d, "extension 12 (SHMFD): cannot map %llu bytes of shared memory",
+                      (unsigned long long)blen);
+    }
     return 0;
   }
   case EXT_BYTES: {
@@ -1738,7 +1788,8 @@ static int dec_first_of(decoder *d, corral_future *f) {
   if (why != NULL) return dec_fail(d, "the input's payload: %s", why);
   decoder sub = *d;
   sub.deps = NULL;
-  sub.trust = corral__future_trust(f);
+  sub.trust = corral__future_trust(f) & 15;
+  sub.shm = (corral__future_trust(f) & CODEC_SHM) != 0;
   sub.nrefs = 0;
   lua_pushnil(L);
   sub.refs = lua_gettop(L);
@@ -1761,6 +1812,7 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
   static const char *const names[] = {"value", "args", "result", "init"};
   const char *what = names[(trust >> 4) & 3];
   int one = (trust & CODEC_ONE) != 0;
+  int shm = (trust & CODEC_SHM) != 0;
   trust &= 15;
   int base = lua_gettop(L);
   lua_checkstack(L, 8);
@@ -1808,7 +1860,7 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
     }
   }
   if (why == NULL) {
-    decoder d = {L, box, 0, 0, deps, trust, 0, &path, err, sizeof err};
+    decoder d = {L, box, 0, 0, deps, trust, shm, 0, &path, err, sizeof err};
     lua_pushnil(L); /* the refs table, made with the first table */
     d.refs = lua_gettop(L);
     int several = root.type == MSGPACK_OBJECT_ARRAY && !one;
@@ -1844,6 +1896,18 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
 static void release_refs(const msgpack_object *o) {
   switch (o->type) {
   case MSGPACK_OBJECT_EXT:
+    if (o->via.ext.size == 16 && o->via.ext.type == EXT_SHMFD) {
+      uint64_t fd = get_be(o->via.ext.ptr, 8); /* (a descriptor this process put there) */
+      if (fd <= INT32_MAX) close((int)fd);
+      break;
+    }
+    if (o->via.ext.size == 16 && o->via.ext.type == EXT_SHM) {
+      /* (a payload this process encoded: the handle is its own) */
+      corral_buffer *b = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_BUFFER);
+      corral__buffer_release(b); /* the lookup's */
+      corral__buffer_release(b); /* the payload's */
+      break;
+    }
     if (o->via.ext.size != 8) break;
     if (o->via.ext.type == EXT_FUTURE) {
       corral_future *f = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_FUTURE);
@@ -1873,6 +1937,42 @@ static void release_refs(const msgpack_object *o) {
     break;
   default: break;
   }
+}
+
+static int shm_walk(const msgpack_object *o, int (*fn)(void *, unsigned char *, int), void *ud) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_EXT:
+    if (o->via.ext.type == EXT_SHM || o->via.ext.type == EXT_SHMFD) {
+      if (o->via.ext.size != 16) return -1;
+      return fn(ud, (unsigned char *)(uintptr_t)o->via.ext.ptr, o->via.ext.type);
+    }
+    return 0;
+  case MSGPACK_OBJECT_ARRAY:
+    for (uint32_t i = 0; i < o->via.array.size; i++) {
+      int rc = shm_walk(&o->via.array.ptr[i], fn, ud);
+      if (rc != 0) return rc;
+    }
+    return 0;
+  case MSGPACK_OBJECT_MAP:
+    for (uint32_t i = 0; i < o->via.map.size; i++) {
+      int rc = shm_walk(&o->via.map.ptr[i].key, fn, ud);
+      if (rc == 0) rc = shm_walk(&o->via.map.ptr[i].val, fn, ud);
+      if (rc != 0) return rc;
+    }
+    return 0;
+  default: return 0;
+  }
+}
+
+int corral__codec_shm_each(char *data, size_t len,
+                           int (*fn)(void *ud, unsigned char *body, int type), void *ud) {
+  if (data == NULL || len == 0) return 0;
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) return -1;
+  msgpack_object o;
+  int rc = unpack_one(z, data, len, &o, 0) == NULL ? shm_walk(&o, fn, ud) : -1;
+  msgpack_zone_free(z);
+  return rc;
 }
 
 void corral__codec_discard(const char *data, size_t len) {

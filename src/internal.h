@@ -70,6 +70,9 @@ int corral__future_settle_refs(corral_future *f, corral_state state, char *paylo
 int corral__future_trust(corral_future *f);
 /* Settle f with a payload a process worker sent (decoded as CODEC_PEER). */
 int corral__future_settle_peer(corral_future *f, corral_state state, char *payload, size_t len);
+/* The same, for a payload whose SHM extensions this process rewrote with
+ * descriptors of its own (CODEC_PEER | CODEC_SHM): they close with it. */
+int corral__future_settle_peer_shm(corral_future *f, corral_state state, char *payload, size_t len);
 /* f's handle, issued on first use (0 when the handle table is full). */
 uint64_t corral__future_handle(corral_future *f);
 /* Futures alive in the process (a debug counter for leak specs). */
@@ -297,8 +300,17 @@ enum {
   CODEC_AS_ARGS = 1 << 4,
   CODEC_AS_RESULT = 2 << 4,
   CODEC_AS_INIT = 3 << 4,
-  CODEC_ONE = 1 << 6 /* the payload is one value, an array too (corral.decode) */
+  CODEC_ONE = 1 << 6, /* the payload is one value, an array too (corral.decode) */
+  CODEC_SHM = 1 << 7  /* it may hold SHMFD extensions: descriptors that came over a process
+                       * worker's socket, put there by this process (see process.c) */
 };
+/* The SHM extensions of a payload (buffers in shared memory, to or from a
+ * process worker), in order: fn(ud, body, type) for each, `body` the 16
+ * bytes of it (writable: the caller owns the bytes) and body[-1] its type.
+ * 0, -1 when the bytes do not parse, or fn's nonzero answer. */
+enum { CODEC_SHM_REF = 11, CODEC_SHM_FD = 12 };
+int corral__codec_shm_each(char *data, size_t len,
+                           int (*fn)(void *ud, unsigned char *body, int type), void *ud);
 
 /* Encode the n values at L[from..] as a MessagePack array into a malloc'd
  * buffer. On failure returns NULL (o->err says why). Raises only when Lua

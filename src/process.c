@@ -14,9 +14,17 @@
  * type byte and the fields below (integers big-endian, bytes as a 4-byte
  * length and the bytes):
  *   BOOT   parent -> child: key k0 (8), k1 (8), inbox bound (4), name, boot
- *   CALL   parent -> child: id (8), method, arguments, inputs (4: count),
- *          each input a state (1) and its encoded result
+ *   CALL   parent -> child: id (8), flags (1), method, arguments, inputs
+ *          (4: count), each input a state (1) and its encoded result
  *   RESULT child -> parent: id (8), state (1), encoded values or error
+ * Buffers in shared memory (a memfd) travel as SHM extensions in the
+ * payloads, and their descriptors on a second socket (SOCK_SEQPACKET, the
+ * child's descriptor 4), one per message, sent before the frame that names
+ * them: a payload that holds any says so (flags bit 0 for the arguments,
+ * bit 7 of an input's or a result's state), and the reader takes one
+ * descriptor for each, in order, and writes it into the extension
+ * (SHMFD). An SHMFD from the other side is refused: only this process
+ * writes them.
  *   CANCEL parent -> child: id (8): its caller cancelled it (or its time
  *          limit passed); the child cancels it where it waits
  * The parent closes its end to stop the child (it drains its calls first),
@@ -37,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <errno.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -52,6 +61,149 @@ static char *dup_bytes(const char *s, size_t n) {
   char *d = malloc(n ? n : 1);
   if (d != NULL && n > 0) memcpy(d, s, n);
   return d;
+}
+
+/* ======================================================================== */
+/* Descriptors of shared buffers                                             */
+/* ======================================================================== */
+
+static int send_fd(int ch, int fd) {
+  char byte = 0;
+  struct iovec iov = {&byte, 1};
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(sizeof(int))];
+  } u;
+  memset(&u, 0, sizeof u);
+  struct msghdr m;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = &iov;
+  m.msg_iovlen = 1;
+  m.msg_control = u.buf;
+  m.msg_controllen = sizeof u.buf;
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+  ssize_t k;
+  do
+    k = sendmsg(ch, &m, MSG_NOSIGNAL);
+  while (k < 0 && errno == EINTR);
+  return k == 1 ? 0 : -1;
+}
+
+/* The next descriptor the other side sent (it was sent before the frame
+ * that names it: there, or the peer lied), or -1. */
+static int recv_fd(int ch) {
+  char byte;
+  struct iovec iov = {&byte, 1};
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(sizeof(int) * 4)];
+  } u;
+  struct msghdr m;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = &iov;
+  m.msg_iovlen = 1;
+  m.msg_control = u.buf;
+  m.msg_controllen = sizeof u.buf;
+  ssize_t k;
+  do
+    k = recvmsg(ch, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  while (k < 0 && errno == EINTR);
+  if (k != 1) return -1;
+  int fd = -1;
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm != NULL; cm = CMSG_NXTHDR(&m, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    for (int i = 0; i < n; i++) {
+      int got;
+      memcpy(&got, CMSG_DATA(cm) + sizeof(int) * (size_t)i, sizeof got);
+      if (fd < 0)
+        fd = got;
+      else
+        close(got); /* (one per message: more is the peer's mistake) */
+    }
+  }
+  if (m.msg_flags & MSG_CTRUNC) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+static uint64_t be64(const unsigned char *p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++)
+    v = v << 8 | p[i];
+  return v;
+}
+
+/* Sending a payload's SHM extensions: the descriptor of each. */
+typedef struct {
+  int ch, n;
+} shm_out;
+
+static int send_shm(void *ud, unsigned char *body, int type) {
+  shm_out *s = ud;
+  if (type == CODEC_SHM_FD) { /* (a result of another process worker, forwarded) */
+    uint64_t fd = be64(body);
+    if (fd > INT32_MAX || send_fd(s->ch, (int)fd) != 0) return 2;
+  } else {
+    corral_buffer *b = corral__handle_get(be64(body), HANDLE_BUFFER);
+    int rc = b != NULL ? send_fd(s->ch, b->fd) : -1;
+    corral__buffer_release(b);
+    if (rc != 0) return 2;
+  }
+  s->n++;
+  return 0;
+}
+
+/* Send the descriptors of the SHM extensions in p: how many (0 for none),
+ * or -1 when one could not be sent. */
+static int send_shms(int ch, const char *p, size_t n) {
+  shm_out s = {ch, 0};
+  return corral__codec_shm_each((char *)(uintptr_t)p, n, send_shm, &s) == 0 ? s.n : -1;
+}
+
+/* Receiving: each SHM extension gets the next descriptor (kept in fds, to
+ * close on failure) and becomes an SHMFD. `from_peer`: an SHMFD is refused
+ * (only this process writes them). */
+typedef struct {
+  int ch, from_peer, n, cap;
+  int *fds;
+} shm_in;
+
+static int take_shm(void *ud, unsigned char *body, int type) {
+  shm_in *s = ud;
+  if (type == CODEC_SHM_FD && s->from_peer) return 1;
+  if (s->n == s->cap) {
+    int cap = s->cap ? s->cap * 2 : 8;
+    int *fds = realloc(s->fds, sizeof(int) * (size_t)cap);
+    if (fds == NULL) return 2;
+    s->fds = fds;
+    s->cap = cap;
+  }
+  int fd = recv_fd(s->ch);
+  if (fd < 0) return 3;
+  s->fds[s->n++] = fd;
+  for (int i = 0; i < 8; i++)
+    body[i] = (unsigned char)((uint64_t)fd >> (56 - 8 * i));
+  body[-1] = (unsigned char)CODEC_SHM_FD;
+  return 0;
+}
+
+/* Rewrite the SHM extensions of p (a copy this process owns) with the
+ * descriptors that came on ch. 0, or -1 (the descriptors taken are closed). */
+static int take_shms(int ch, char *p, size_t n, int from_peer) {
+  shm_in s = {ch, from_peer, 0, 0, NULL};
+  int rc = corral__codec_shm_each(p, n, take_shm, &s);
+  if (rc != 0)
+    for (int i = 0; i < s.n; i++)
+      close(s.fds[i]);
+  free(s.fds);
+  return rc == 0 ? 0 : -1;
 }
 
 /* ======================================================================== */
@@ -125,6 +277,7 @@ typedef struct proxy {
   uv_process_t proc;
   outlet out[2]; /* its stdout and stderr, when they are read here */
   uv_pipe_t sock;
+  int fdch; /* the socket for descriptors of shared buffers (ours), or -1 */
   rbuf in;
   int spawned, exited, eof, killed, shut, handles;
   int restarts;    /* children started after the first died */
@@ -146,6 +299,13 @@ static void kill_child(proxy *p) {
     p->killed = 1;
     uv_process_kill(&p->proc, SIGKILL);
   }
+}
+
+/* The socket of descriptors goes with its child (what is still in it is
+ * closed by the kernel). */
+static void close_fdch(proxy *p) {
+  if (p->fdch >= 0) close(p->fdch);
+  p->fdch = -1;
 }
 
 /* The child broke the protocol: it ends, and the worker with this error. */
@@ -175,9 +335,12 @@ static const char *on_result(void *ud, rcur *c) {
   if (type != F_RESULT) return "a frame of an unknown type";
   uint64_t id = corral__r_uint(c, 8);
   int state = (int)corral__r_uint(c, 1);
+  int shm = state & 0x80; /* it names buffers in shared memory */
+  state &= 0x7f;
   size_t n;
   const char *s = corral__r_bytes(c, &n);
   if (c->bad || c->left != 0) return "a malformed RESULT frame";
+  if (shm && (state == CORRAL_PENDING || n == 0)) return "a RESULT frame with a bad state";
   if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED &&
       state != CORRAL_PENDING)
     return "a RESULT frame with a bad state";
@@ -196,6 +359,12 @@ static const char *on_result(void *ud, rcur *c) {
   char *payload = n > 0 ? dup_bytes(s, n) : NULL;
   if (n > 0 && payload == NULL) {
     corral_future_set_error(call->result, "WorkerCrashed", "out of memory for a result");
+  } else if (shm) {
+    if (take_shms(p->fdch, payload, n, 1) != 0) {
+      free(payload);
+      return "a RESULT frame whose shared buffers did not come (or were forged)";
+    }
+    corral__future_settle_peer_shm(call->result, state, payload, n);
   } else {
     corral__future_settle_peer(call->result, state, payload, n);
   }
@@ -309,23 +478,36 @@ static int inputs_ready(proxy *p, corral_call *c) {
 
 static void send_call(proxy *p, corral_call *c) {
   wbuf b = {0};
+  /* the descriptors of its buffers in shared memory go first */
+  int shm = c->payload_refs ? send_shms(p->fdch, c->payload, c->len) : 0;
+  int sent = shm > 0 ? shm : 0;
   corral__frame_begin(&b, F_CALL);
   corral__w_uint(&b, c->wire_id, 8);
+  corral__w_uint(&b, shm > 0, 1);
   corral__w_bytes(&b, c->method, c->mlen);
   corral__w_bytes(&b, c->payload, c->len);
   corral__w_uint(&b, (uint64_t)c->ndeps, 4);
-  for (int i = 0; i < c->ndeps; i++) {
+  for (int i = 0; i < c->ndeps && shm >= 0; i++) {
     const void *mp = NULL;
     size_t n = 0;
     corral_future_payload(c->deps[i], &mp, &n);
-    corral__w_uint(&b, (uint64_t)corral_future_state(c->deps[i]), 1);
+    int dshm = corral__future_trust(c->deps[i]) & CODEC_SHM ? send_shms(p->fdch, mp, n) : 0;
+    if (dshm < 0) shm = -1;
+    if (dshm > 0) sent += dshm;
+    corral__w_uint(&b, (uint64_t)corral_future_state(c->deps[i]) | (dshm > 0 ? 0x80 : 0), 1);
     corral__w_bytes(&b, mp, n);
   }
-  if (send_frame((uv_stream_t *)&p->sock, &b) != 0) {
+  if (shm < 0 || send_frame((uv_stream_t *)&p->sock, &b) != 0) {
+    if (shm < 0) free(b.p);
+    /* descriptors it will not take are in its socket: the two are out of
+     * step, and the child ends (its calls go as in a crash) */
+    if (sent > 0 || shm < 0) kill_child(p);
     corral_future_set_error(c->result, "CodecError",
-                            b.failed ? "out of memory sending a call to a process worker"
-                                     : "a call's arguments and inputs over 1 GiB cannot go to a "
-                                       "process worker");
+                            shm < 0    ? "a buffer in shared memory could not be sent to a process "
+                                         "worker (its socket failed)"
+                            : b.failed ? "out of memory sending a call to a process worker"
+                                       : "a call's arguments and inputs over 1 GiB cannot go to a "
+                                         "process worker");
     call_done(p->w, c);
     return;
   }
@@ -491,6 +673,12 @@ static int spawn_child(proxy *p) {
   int sv[2];
   if (program[0] == NULL) return UV_ENOENT;
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return UV_EMFILE;
+  int fv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fv) != 0) {
+    close(sv[0]);
+    close(sv[1]);
+    return UV_EMFILE;
+  }
   char env_pid[64];
   snprintf(env_pid, sizeof env_pid, "CORRAL_PARENT_PID=%ld", (long)getpid());
   extern char **environ;
@@ -501,6 +689,8 @@ static int spawn_child(proxy *p) {
   if (env == NULL) {
     close(sv[0]);
     close(sv[1]);
+    close(fv[0]);
+    close(fv[1]);
     return UV_ENOMEM;
   }
   int k = 0, preload = 0;
@@ -520,7 +710,7 @@ static int spawn_child(proxy *p) {
     env[k++] = env_preload;
   }
   env[k] = NULL;
-  uv_stdio_container_t stdio[4];
+  uv_stdio_container_t stdio[5];
   stdio[0].flags = UV_IGNORE;
   for (int i = 0; i < 2; i++) {
     outlet *o = &p->out[i];
@@ -541,6 +731,8 @@ static int spawn_child(proxy *p) {
   }
   stdio[3].flags = UV_INHERIT_FD;
   stdio[3].data.fd = sv[1];
+  stdio[4].flags = UV_INHERIT_FD;
+  stdio[4].data.fd = fv[1];
   uv_process_options_t o;
   memset(&o, 0, sizeof o);
   o.file = program[0];
@@ -548,13 +740,15 @@ static int spawn_child(proxy *p) {
   o.env = env;
   o.exit_cb = on_child_exit;
   o.stdio = stdio;
-  o.stdio_count = 4;
+  o.stdio_count = 5;
   p->proc.data = p;
   int rc = uv_spawn(p->loop, &p->proc, &o);
   free(env);
   close(sv[1]);
+  close(fv[1]);
   if (rc != 0) {
     close(sv[0]);
+    close(fv[0]);
     uv_close((uv_handle_t *)&p->proc, NULL);
     for (int i = 0; i < 2; i++)
       outlet_close(&p->out[i]);
@@ -569,6 +763,7 @@ static int spawn_child(proxy *p) {
   p->sock.data = p;
   uv_pipe_open(&p->sock, sv[0]);
   p->handles++;
+  p->fdch = fv[0];
   /* its class, its init arguments and the key its bytecode is marked with */
   uint64_t k0, k1;
   corral__codec_key(&k0, &k1);
@@ -660,6 +855,7 @@ static int restart(proxy *p) {
   uv_close((uv_handle_t *)&p->proc, on_closed);
   while (p->handles > 0)
     uv_run(p->loop, UV_RUN_ONCE);
+  close_fdch(p);
   uint64_t delay = backoff_ms << (p->in_row - 1 < 16 ? p->in_row - 1 : 16);
   if (delay > 10000 || cancel_kill) delay = cancel_kill ? 0 : 10000;
   /* (from here its handles are closed: spawned says so to the caller) */
@@ -703,6 +899,7 @@ void corral__process_main(corral_worker *w) {
     return;
   }
   p->w = w;
+  p->fdch = -1;
   p->loop = &w->ctx.loop;
   p->window = w->process + PIPELINE;
   uv_timer_init(p->loop, &p->grace);
@@ -750,6 +947,7 @@ void corral__process_main(corral_worker *w) {
   corral__codec_free(w->boot, w->bootlen, w->boot_refs);
   w->boot = NULL;
   w->bootlen = 0;
+  close_fdch(p);
   free(p->in.p);
   free(p->out[0].line.p);
   free(p->out[1].line.p);
@@ -770,6 +968,7 @@ typedef struct {
   corral_worker *inner; /* the instance, a thread worker of this runtime */
   void (*body)(corral_worker *w);
   uv_pipe_t sock;
+  int fdch; /* descriptors of shared buffers, both ways (descriptor 4) */
   rbuf in;
   int eof, booted, stopping;
   /* the calls handed to the inner worker: result future -> id */
@@ -805,11 +1004,12 @@ static const char *on_boot(pump *c, rcur *r) {
 
 static const char *on_call(pump *c, rcur *r) {
   uint64_t id = corral__r_uint(r, 8);
+  int flags = (int)corral__r_uint(r, 1);
   size_t mlen, plen;
   const char *method = corral__r_bytes(r, &mlen);
   const char *payload = corral__r_bytes(r, &plen);
   uint32_t ndeps = (uint32_t)corral__r_uint(r, 4);
-  if (r->bad || ndeps > r->left / 5) return "a malformed CALL frame";
+  if (r->bad || ndeps > r->left / 5 || (flags & ~1)) return "a malformed CALL frame";
   corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
   if (ndeps && deps == NULL) return "out of memory";
   for (uint32_t i = 0; i < ndeps; i++) {
@@ -821,16 +1021,28 @@ static const char *on_call(pump *c, rcur *r) {
     /* (an input is counted as one a call holds, as the caller's side does) */
     atomic_fetch_add(&deps[i]->deps, 1);
     if (r->bad) continue;
-    corral__future_settle_peer(deps[i],
-                               st >= CORRAL_DONE && st <= CORRAL_CANCELLED ? st : CORRAL_FAILED,
-                               n ? dup_bytes(s, n) : NULL, n);
+    int shm = st & 0x80;
+    st &= 0x7f;
+    st = st >= CORRAL_DONE && st <= CORRAL_CANCELLED ? st : CORRAL_FAILED;
+    char *bytes = n ? dup_bytes(s, n) : NULL;
+    if (shm && (bytes == NULL || take_shms(c->fdch, bytes, n, 0) != 0)) {
+      free(bytes);
+      return "a CALL frame whose shared buffers did not come";
+    }
+    if (shm)
+      corral__future_settle_peer_shm(deps[i], st, bytes, n);
+    else
+      corral__future_settle_peer(deps[i], st, bytes, n);
   }
   if (r->bad || r->left != 0) return "a malformed CALL frame";
   corral_future *result = corral__future_new();
   char *args = dup_bytes(payload, plen);
-  corral_call *call = result && args
-                          ? corral__call_new(method, mlen, result, args, plen, 0, deps, (int)ndeps)
-                          : NULL;
+  if ((flags & 1) && (args == NULL || take_shms(c->fdch, args, plen, 0) != 0))
+    return "a CALL frame whose shared buffers did not come";
+  /* (its descriptors close with its arguments: see corral__call_drop_payload) */
+  corral_call *call = result && args ? corral__call_new(method, mlen, result, args, plen, flags & 1,
+                                                        deps, (int)ndeps)
+                                     : NULL;
   if (call == NULL) return "out of memory";
   corral_future_retain(result);
   if (c->n == c->cap) {
@@ -913,13 +1125,19 @@ static void send_result(void *ud, corral_future *f) {
     } else {
       corral_future_payload(f, &mp, &n);
     }
+    /* the descriptors of its buffers in shared memory go first (a payload
+     * with references has a discard: see corral__future_settle_refs) */
+    int shm = f->discard != NULL && why == NULL ? send_shms(c->fdch, mp, n) : 0;
+    if (shm < 0) child_fail("the socket of shared buffers failed");
     wbuf b = {0};
     corral__frame_begin(&b, F_RESULT);
     corral__w_uint(&b, c->ids[i], 8);
-    corral__w_uint(&b, (uint64_t)state, 1);
+    corral__w_uint(&b, (uint64_t)state | (shm > 0 ? 0x80 : 0), 1);
     corral__w_bytes(&b, mp, n);
     free(why);
     if (send_frame((uv_stream_t *)&c->sock, &b) != 0) {
+      /* (its descriptors are on their way: the sockets would be out of step) */
+      if (shm > 0) child_fail("a result with shared buffers could not be sent");
       /* too large (or no memory): the caller gets why instead */
       static const char big[] = "a result over 1 GiB cannot come back from a process worker";
       size_t elen;
@@ -945,11 +1163,13 @@ int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   fcntl(fd, F_SETFD, FD_CLOEXEC);
   block_sigpipe();
+  fcntl(fd + 1, F_SETFD, FD_CLOEXEC);
   const char *ppid = getenv("CORRAL_PARENT_PID");
   if (ppid != NULL && (long)getppid() != atol(ppid)) _exit(70);
   pump c;
   memset(&c, 0, sizeof c);
   c.rt = rt;
+  c.fdch = fd + 1;
   rt->child = 1;
   c.body = body;
   uv_loop_t *loop = &rt->home.loop;
