@@ -1,10 +1,31 @@
 -- Process workers (mode = "process"): tiny calls to a pool of 2 submitted at
 -- once (calls/s), one call's round trip (median, us), or a worker's start
--- until its first answer (median, ms). Usage: process.lua throughput|latency|start [N]
+-- until its first answer (median, ms), or a 64 MiB buffer to a worker and
+-- back (median, ms). Usage: process.lua throughput|latency|start|big [N]
 local corral = require "corral"
 local mode = arg[1] or "throughput"
 local N = tonumber(arg[2])
-local W = corral.worker { inc = function(_, x) return x + 1 end }
+local W = corral.worker { inc = function(_, x) return x + 1 end, echo = function(_, b) return b end }
+
+if mode == "big" then
+  N = N or 20
+  local w = W:options { mode = "process" }:init()
+  local buf = corral.buffer(64 * 1024 * 1024)
+  local p = buf:wptr()
+  for i = 0, #buf - 1, 4096 do p[i] = i % 256 end
+  w:echo(buf):result()
+  local d = {}
+  for i = 1, N do
+    local t0 = corral.now()
+    local back = w:echo(buf):result()
+    d[i] = corral.now() - t0
+    assert(#back == #buf)
+  end
+  table.sort(d)
+  print(("big_ms %.3f"):format(d[math.floor(N / 2) + 1] * 1e3))
+  w:stop()
+  return
+end
 
 if mode == "start" then
   N = N or 20

@@ -1,15 +1,31 @@
 """The peer of process.lua: ProcessPoolExecutor(2) with the same tiny calls:
 throughput (calls/s), round trip (median, us), or start until the first
-answer (median, ms). Usage: process_pool.py throughput|latency|start [N]"""
+answer (median, ms), or 64 MiB of bytes to a worker and back (median, ms).
+Usage: process_pool.py throughput|latency|start|big [N]"""
 import statistics, sys, time
 from concurrent.futures import ProcessPoolExecutor
 
 def inc(x):
     return x + 1
 
+def echo(b):
+    return b
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "throughput"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    if mode == "big":
+        n = n or 5
+        data = bytes(range(256)) * (64 * 1024 * 4)
+        d = []
+        with ProcessPoolExecutor(1) as ex:
+            ex.submit(inc, 1).result()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                assert len(ex.submit(echo, data).result()) == len(data)
+                d.append(time.perf_counter() - t0)
+        print("big_ms %.3f" % (statistics.median(d) * 1e3))
+        return
     if mode == "start":
         n = n or 10
         d = []
