@@ -856,8 +856,9 @@ static int restart(proxy *p) {
   while (p->handles > 0)
     uv_run(p->loop, UV_RUN_ONCE);
   close_fdch(p);
-  uint64_t delay = backoff_ms << (p->in_row - 1 < 16 ? p->in_row - 1 : 16);
-  if (delay > 10000 || cancel_kill) delay = cancel_kill ? 0 : 10000;
+  /* (a cancel's restart is not in the row: no back-off) */
+  uint64_t delay = cancel_kill ? 0 : backoff_ms << (p->in_row - 1 < 16 ? p->in_row - 1 : 16);
+  if (delay > 10000) delay = 10000;
   /* (from here its handles are closed: spawned says so to the caller) */
   p->spawned = 0;
   for (uint64_t end = uv_hrtime() + delay * 1000000; uv_hrtime() < end;) {
