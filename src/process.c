@@ -383,6 +383,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   if (nread == 0) return;
   p->events++;
+  if (p->why[0] != '\0') return; /* judged bad: nothing more it sends is read */
   if (corral__rbuf_add(&p->in, buf->base, (size_t)nread) != 0) {
     bad_child(p, "out of memory reading its frames");
     return;

@@ -81,6 +81,40 @@ describe("review9: frames a child forges", function()
     w:stop()
   end)
 
+  it("after a bad frame nothing more it sends is read: a good RESULT behind it settles nothing", function()
+    local w = forger("f6")
+    local f = w:raw(be(5, 4) .. "\9abcd" .. result_frame(1, DONE, "\145\42"), "sleep")
+    crashed_with(f, "a frame of an unknown type")
+    w:stop()
+  end)
+
+  it("shared buffers: a RESULT that names some without sending them, or forges SHMFD, ends it", function()
+    -- (fixext 16 of type 11 (SHM) or 12 (SHMFD) in a one-value array)
+    for _, case in ipairs {
+      { result_frame(1, DONE + 0x80, "\145\216\11" .. ("\0"):rep(16)), "did not come" },
+      { result_frame(1, DONE + 0x80, "\145\216\12" .. ("\0"):rep(16)), "did not come" },
+      { result_frame(1, DONE + 0x80, "\145\1"), "did not come" }, -- (flagged, names none: fine)
+    } do
+      local w = forger("f7")
+      local f = w:raw(case[1], "sleep")
+      if case[1]:sub(-2) == "\145\1" then
+        assert.are.equal(1, f:result(20))
+      else
+        crashed_with(f, case[2])
+      end
+      w:stop()
+    end
+    -- an SHMFD without the flag is refused by the decoder: a CodecError, not a descriptor
+    local w = forger("f8")
+    local f = w:raw(result_frame(1, DONE, "\145\216\12" .. ("\0"):rep(7) .. "\1" .. ("\0"):rep(8)),
+      "sleep")
+    local ok, e = pcall(f.result, f, 20)
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(e, "CodecError"), tostring(e))
+    assert.matches("SHMFD", e.message)
+    w:stop()
+  end)
+
   it("a forged RESULT for its own call settles it; the real one after is refused", function()
     local w = forger("f2")
     -- (the first call of a fresh worker is number 1 on the wire)
