@@ -1587,14 +1587,14 @@ static int dec_function(decoder *d, const msgpack_object *o) {
   if (envkind > ENV_OVERLAY || n < up0) return dec_fail(d, "a malformed function (FUNC array)");
   const char *code = a[1].via.bin.ptr;
   size_t clen = a[1].via.bin.size;
-  /* cached only when every upvalue is a plain value, a module or a C
-   * function, and the environment the globals: such a closure is the same
-   * whatever call it came with */
+  /* cached only when every upvalue is a module or a C function, and the
+   * environment the globals: such a closure is the same whatever call it
+   * came with. (Not with a plain value: the closure may assign it, and
+   * each decode must give a closure of its own, as a copy would be.) */
   int cacheable = envkind == ENV_GLOBALS;
   for (uint32_t i = up0; i < n && cacheable; i++) {
-    if (a[i].type == MSGPACK_OBJECT_ARRAY || a[i].type == MSGPACK_OBJECT_MAP) cacheable = 0;
-    if (a[i].type == MSGPACK_OBJECT_EXT && a[i].via.ext.type != EXT_MODULE &&
-        a[i].via.ext.type != EXT_CFUNC)
+    if (a[i].type != MSGPACK_OBJECT_EXT ||
+        (a[i].via.ext.type != EXT_MODULE && a[i].via.ext.type != EXT_CFUNC))
       cacheable = 0;
   }
   int key = 0;
