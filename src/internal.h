@@ -255,6 +255,7 @@ struct corral_runtime {
   int spare_pid;        /* the process that made it (a forked child has not its thread) */
   int no_spare;         /* spares are off */
   int child;            /* this runtime serves a process worker's parent (process.c) */
+  atomic_int exit_code; /* a worker's os.exit(n) here: n + 1, or 0 (the child exits with n) */
   int closing;          /* no more spares: the runtime closes */
 };
 

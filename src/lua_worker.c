@@ -100,6 +100,16 @@ static int l_worker_start(lua_State *L) {
 /* process_policy(w, restart_limit, backoff, retries, cancel_grace): what w
  * does when its child process dies, and how long a cancelled call may run
  * on there. */
+/* exit_code(n): a worker of this runtime called os.exit(n): in a process
+ * worker's child, the process ends with n (the first one counts). */
+static int l_exit_code(lua_State *L) {
+  corral_runtime *rt = corral__lua_rt(L);
+  int n = (int)luaL_checkinteger(L, 1) & 0xff;
+  int none = 0;
+  if (rt != NULL) atomic_compare_exchange_strong(&rt->exit_code, &none, n + 1);
+  return 0;
+}
+
 static int l_process_policy(lua_State *L) {
   corral_worker *w = w_check(L, 1);
   corral__process_policy(w, (int)luaL_checkinteger(L, 2), luaL_checknumber(L, 3),
@@ -624,6 +634,7 @@ void corral__lua_worker_open(lua_State *L, void (*body)(corral_worker *w)) {
 }
 
 const luaL_Reg corral__lua_worker_funcs[] = {{"handle_new", l_handle_new},
+                                             {"exit_code", l_exit_code},
                                              {"worker_start", l_worker_start},
                                              {"wcall", l_wcall},
                                              {"spares", l_spares},

@@ -1197,7 +1197,10 @@ int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker
   }
   int code = 0;
   if (c.inner != NULL) {
-    if (atomic_load(&c.inner->stopping) == WORKER_CRASHED && !c.stopping) code = 1;
+    if (atomic_load(&c.inner->stopping) == WORKER_CRASHED && !c.stopping) {
+      int x = atomic_load(&rt->exit_code); /* os.exit(n) in a method: n */
+      code = x > 0 ? x - 1 : 1;
+    }
     corral__worker_join(c.inner);
   }
   uv_close((uv_handle_t *)&c.sock, NULL);

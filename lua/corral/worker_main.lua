@@ -58,6 +58,7 @@ local function worker_exit(code)
       exit_code = 1
     end
     exit_code = math.floor(exit_code)
+    core.exit_code(exit_code)
     if current_srv then current_srv.exited = exited_call end
     exit_where = t and (t._method or t._where) or "a task it spawned"
   end

@@ -141,6 +141,32 @@ describe("when a process worker dies", function()
     assert.matches("\nfalse\tWorkerCrashed\n", out, 1, true)
   end)
 
+  it("os.exit(n) in a method ends its process with status n", function()
+    local W = corral.worker { exit = function(_, c) os.exit(c) end, sq = function(_, x) return x * x end,
+      pid = function()
+        local f = require "ffi"
+        pcall(f.cdef, "int getpid(void);")
+        return f.C.getpid()
+      end }
+    local w = W:options { mode = "process", name = "exit7" }:init()
+    local pid = w:pid():result(20)
+    local ok, e = pcall(function() return w:exit(7):result(20) end)
+    assert.is_false(ok)
+    assert.matches("os.exit(7) in exit", tostring(e), 1, true)
+    -- (the calls after it fail with how its process ended: once it has, no
+    -- call of ours reached it)
+    h.wait_until(function() return gone(pid) end, 20)
+    local msg
+    h.wait_until(function()
+      local ok2, e2 = pcall(function() return w:sq(2):result(20) end)
+      assert.is_false(ok2)
+      msg = tostring(e2)
+      return msg:find("exited with status", 1, true) ~= nil
+    end, 20)
+    assert.matches("its process exited with status 7", msg, 1, true)
+    w:stop()
+  end)
+
   it("SIGKILL or a crash in C code fails the running call with the signal, and nothing hangs", function()
     local out, err, code = run(PID .. [[
       local corral = require "corral"
