@@ -256,7 +256,11 @@ struct corral_runtime {
   int no_spare;         /* spares are off */
   int child;            /* this runtime serves a process worker's parent (process.c) */
   atomic_int exit_code; /* a worker's os.exit(n) here: n + 1, or 0 (the child exits with n) */
-  int closing;          /* no more spares: the runtime closes */
+  /* in a process worker's child: the ring the parent reads to learn which
+   * calls started (shared memory; see process.c), and its size - 1 */
+  _Atomic(uint64_t) *start_ring;
+  uint64_t ring_mask;
+  int closing; /* no more spares: the runtime closes */
 };
 
 corral_runtime *corral__rt_create(lua_State *L, int owns_L);

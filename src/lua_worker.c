@@ -427,7 +427,16 @@ static int l_call_info(lua_State *L) {
 static int l_call_start(lua_State *L) {
   corral_call *c = call_check(L, 1);
   int ok = corral__future_start(c->result) == 0;
-  if (ok) corral__worker_set_current(self_worker(L), c->method, c->mlen);
+  if (ok) {
+    corral_worker *w = self_worker(L);
+    corral__worker_set_current(w, c->method, c->mlen);
+    /* in a process worker's child: the parent learns it started, in shared
+     * memory that outlives this process (before the method runs) */
+    corral_runtime *rt = w ? w->rt : NULL;
+    if (rt != NULL && rt->start_ring != NULL && c->wire_id != 0)
+      atomic_store_explicit(&rt->start_ring[c->wire_id & rt->ring_mask], c->wire_id,
+                            memory_order_release);
+  }
   lua_pushboolean(L, ok);
   return 1;
 }

@@ -13,7 +13,8 @@
  * Frames, both ways, on a socketpair: a 4-byte big-endian length, then a
  * type byte and the fields below (integers big-endian, bytes as a 4-byte
  * length and the bytes):
- *   BOOT   parent -> child: key k0 (8), k1 (8), inbox bound (4), name, boot
+ *   BOOT   parent -> child: key k0 (8), k1 (8), inbox bound (4), slots of
+ *          the ring of started calls (4: 0 for none), name, boot
  *   CALL   parent -> child: id (8), flags (1), method, arguments, inputs
  *          (4: count), each input a state (1) and its encoded result
  *   RESULT child -> parent: id (8), state (1), encoded values or error
@@ -27,6 +28,11 @@
  * writes them.
  *   CANCEL parent -> child: id (8): its caller cancelled it (or its time
  *          limit passed); the child cancels it where it waits
+ * Which calls a child started, the parent reads after its death in a ring
+ * in shared memory (a memfd, its descriptor sent before BOOT): the child
+ * writes a call's id at id & mask as the call starts, before its method
+ * runs; the parent hands over no more calls than the ring has slots, so a
+ * slot holding the id means that call started, exactly.
  * The parent closes its end to stop the child (it drains its calls first),
  * or kills it. What a child sends is untrusted: a frame that does not parse
  * ends it with a clear error; its results decode as CODEC_PEER (functions
@@ -46,6 +52,7 @@
 #include <string.h>
 #include <fcntl.h>
 #include <errno.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -289,9 +296,12 @@ typedef struct proxy {
   int signal;
   uint64_t next_id;
   int inflight, window;
-  uv_timer_t grace; /* the next end of a cancelled call's grace */
-  int cancel_kill;  /* the child was killed to stop a cancelled call */
-  char why[200];    /* set when the child sent what does not parse */
+  uv_timer_t grace;        /* the next end of a cancelled call's grace */
+  _Atomic(uint64_t) *ring; /* the calls the child started (see the top), or NULL */
+  uint64_t ring_n;
+  int ring_fd;
+  int cancel_kill; /* the child was killed to stop a cancelled call */
+  char why[200];   /* set when the child sent what does not parse */
 } proxy;
 
 static void kill_child(proxy *p) {
@@ -769,15 +779,42 @@ static int spawn_child(proxy *p) {
   uint64_t k0, k1;
   corral__codec_key(&k0, &k1);
   wbuf b = {0};
+  /* (the ring's descriptor first: the child takes it with BOOT) */
+  int ring = p->ring != NULL && send_fd(p->fdch, p->ring_fd) == 0;
   corral__frame_begin(&b, F_BOOT);
   corral__w_uint(&b, k0, 8);
   corral__w_uint(&b, k1, 8);
   corral__w_uint(&b, (uint64_t)w->cap, 4);
+  corral__w_uint(&b, ring ? p->ring_n : 0, 4);
   corral__w_bytes(&b, w->name, strlen(w->name));
   corral__w_bytes(&b, w->boot, w->bootlen);
   if (send_frame((uv_stream_t *)&p->sock, &b) != 0) return UV_ENOMEM;
   uv_read_start((uv_stream_t *)&p->sock, on_alloc, on_read);
   return 0;
+}
+
+#define RING_MAX (1u << 20) /* slots: 8 MiB */
+
+/* The ring of started calls (see the top): twice the window, a power of
+ * two; the window is cut to it. Without memory for it, none (the order of
+ * calls says which may have started). */
+static void make_ring(proxy *p) {
+  uint64_t n = 64;
+  while (n < 2 * (uint64_t)p->window && n < RING_MAX)
+    n *= 2;
+  if ((uint64_t)p->window > n) p->window = (int)n;
+  p->ring_fd = memfd_create("corral.starts", MFD_CLOEXEC);
+  if (p->ring_fd < 0) return;
+  void *m = MAP_FAILED;
+  if (ftruncate(p->ring_fd, (off_t)(n * sizeof *p->ring)) == 0)
+    m = mmap(NULL, n * sizeof *p->ring, PROT_READ | PROT_WRITE, MAP_SHARED, p->ring_fd, 0);
+  if (m == MAP_FAILED) {
+    close(p->ring_fd);
+    p->ring_fd = -1;
+    return;
+  }
+  p->ring = m;
+  p->ring_n = n;
 }
 
 /* A write to a child that has died fails with EPIPE on this thread rather
@@ -821,9 +858,10 @@ static int restart(proxy *p) {
              w->name);
   else
     crash_message(p, msg, sizeof msg);
-  /* calls start in order there, at most max_concurrency at once: of the
-   * calls it still had, in the order they were handed over, only the first
-   * ones can have started; the others go to the next process as they are */
+  /* which of the calls it still had started there: the ring says exactly;
+   * without it, calls start in order, at most max_concurrency at once, so
+   * only the first ones handed over can have started. The others go to the
+   * next process as they are. */
   int may_have_run = w->process;
   queue *q = queue_head(&w->taken);
   while (q != &w->taken) {
@@ -831,6 +869,9 @@ static int restart(proxy *p) {
     q = q->next;
     if (c->wire_state != WIRE_SENT) continue;
     int started = may_have_run-- > 0;
+    if (p->ring != NULL)
+      started = atomic_load_explicit(&p->ring[c->wire_id & (p->ring_n - 1)],
+                                     memory_order_acquire) == c->wire_id;
     if (corral_future_state(c->result) >= CORRAL_DONE) { /* cancelled, or timed out */
       call_done(w, c);
       continue;
@@ -868,6 +909,9 @@ static int restart(proxy *p) {
     uv_sleep(5);
   }
   p->in.len = 0;
+  if (p->ring != NULL) /* (the ids of this child's calls only) */
+    for (uint64_t i = 0; i < p->ring_n; i++)
+      atomic_store_explicit(&p->ring[i], 0, memory_order_relaxed);
   p->exited = p->eof = p->killed = p->shut = p->dying = 0;
   p->died[0] = '\0';
   p->why[0] = '\0';
@@ -904,6 +948,7 @@ void corral__process_main(corral_worker *w) {
   p->fdch = -1;
   p->loop = &w->ctx.loop;
   p->window = w->process + PIPELINE;
+  make_ring(p);
   uv_timer_init(p->loop, &p->grace);
   p->grace.data = p;
   int rc = spawn_child(p);
@@ -950,6 +995,10 @@ void corral__process_main(corral_worker *w) {
   w->boot = NULL;
   w->bootlen = 0;
   close_fdch(p);
+  if (p->ring != NULL) {
+    munmap((void *)p->ring, p->ring_n * sizeof *p->ring);
+    close(p->ring_fd);
+  }
   free(p->in.p);
   free(p->out[0].line.p);
   free(p->out[1].line.p);
@@ -987,10 +1036,22 @@ static void child_fail(const char *why) {
 static const char *on_boot(pump *c, rcur *r) {
   uint64_t k0 = corral__r_uint(r, 8), k1 = corral__r_uint(r, 8);
   int cap = (int)corral__r_uint(r, 4);
+  uint64_t ring_n = corral__r_uint(r, 4);
   size_t nlen, blen;
   const char *name = corral__r_bytes(r, &nlen);
   const char *boot = corral__r_bytes(r, &blen);
-  if (r->bad || r->left != 0 || nlen >= 64) return "a malformed BOOT frame";
+  if (r->bad || r->left != 0 || nlen >= 64 || ring_n > RING_MAX || (ring_n & (ring_n - 1)))
+    return "a malformed BOOT frame";
+  if (ring_n > 0) {
+    int fd = recv_fd(c->fdch);
+    void *m = fd >= 0
+                  ? mmap(NULL, ring_n * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                  : MAP_FAILED;
+    if (fd >= 0) close(fd);
+    if (m == MAP_FAILED) return "no ring of started calls";
+    c->rt->ring_mask = ring_n - 1;
+    c->rt->start_ring = m;
+  }
   corral__codec_set_key(k0, k1);
   corral__codec_buffers_as_bytes();
   char nm[64];
@@ -1046,6 +1107,7 @@ static const char *on_call(pump *c, rcur *r) {
                                                         deps, (int)ndeps)
                                      : NULL;
   if (call == NULL) return "out of memory";
+  call->wire_id = id; /* (written in the ring as it starts: see the top) */
   corral_future_retain(result);
   if (c->n == c->cap) {
     int cap = c->cap ? c->cap * 2 : 64;
