@@ -605,6 +605,9 @@ static void pump_calls(proxy *p) {
   if (p->inflight > 0 && !p->killed) cancel_calls(p);
   if (p->dying) return; /* (the calls wait for the next process) */
   corral_call *got[64];
+  int dropped;
+again:
+  dropped = 0;
   int room = p->window - p->inflight;
   for (queue *q = queue_head(&w->taken); q != &w->taken; q = q->next)
     if (queue_data(q, corral_call, node)->wire_state == WIRE_WAITING) room--;
@@ -622,6 +625,7 @@ static void pump_calls(proxy *p) {
     if (c->wire_state != WIRE_WAITING) continue;
     if (corral_future_state(c->result) >= CORRAL_DONE) { /* its caller cancelled it */
       call_done(w, c);
+      dropped++;
       continue;
     }
     int ready = inputs_ready(p, c);
@@ -632,11 +636,15 @@ static void pump_calls(proxy *p) {
       atomic_fetch_or(&c->result->flags, FUTURE_HARD);
       if (corral__future_start(c->result) != 0) { /* cancelled */
         call_done(w, c);
+        dropped++;
         continue;
       }
     }
     send_call(p, c);
   }
+  /* calls dropped made room: take more now (the inbox's wake-up for them
+   * has come and gone; without this the loop would wait with calls queued) */
+  if (dropped > 0 && p->inflight < p->window && !p->killed) goto again;
   /* stopping with nothing left: the child drains and ends */
   uv_mutex_lock(&w->ctx.qlock);
   int empty = w->queued == 0 && queue_empty(&w->overflow);

@@ -64,6 +64,7 @@ end
 -- its result is dropped). A process worker's proxy ends its process when
 -- it does not stop within `cancel_grace` (see src/process.c).
 local function expire(f, msg, runner)
+  if type(msg) ~= "string" then msg = f._limit_msg end
   local s = f[S]
   if s >= DONE then return end
   local e = errors.new("TimeoutError", msg, nil, false)
@@ -84,9 +85,14 @@ end
 function M.arm(f, seconds, name, method, runner)
   if f[S] >= DONE then return end
   local msg = ("call %s:%s timed out after %g s"):format(name, method, seconds)
+  f._limit_msg = msg
   local tm = sched.at(sched.now() + seconds, function() expire(f, msg, runner) end)
   f:add_done_callback(function() sched.cancel_timer(tm) end)
 end
+
+--- The time limit of `f` (armed) has passed: fail it now (its timer may
+-- not have fired yet).
+M.expire = expire
 
 M.CallFuture, M.closed_future, M.call_future = CallFuture, closed_future, call_future
 return M

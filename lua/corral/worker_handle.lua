@@ -10,6 +10,7 @@ local calls = require "corral.worker_call"
 local loc = require "corral.worker_local"
 
 local wrap = future.wrap
+local now, S, DONE = core.now, require("corral.fields").S, future.DONE
 local closed_future, call_future = calls.closed_future, calls.call_future
 local select, type, ipairs, setmetatable = select, type, ipairs, setmetatable
 
@@ -80,13 +81,19 @@ local function call(h, method, ...)
     local room
     f, room = push[h._mode](h, pick(h), method, ...)
     local limit = h._timeout
+    local t0 = limit and room and now()
     if limit and h._mode ~= "sync" then calls.arm(f, limit, h._name, method) end
     if room then
       -- the instance holds the call, in order; this task waits until it
-      -- moves into the inbox (backpressure). A stop drains or cancels it as
-      -- any other.
-      local ok, e = pcall(room.result, room)
+      -- moves into the inbox (backpressure), at most until the call's time
+      -- limit (the call has then failed: its future says so). A stop
+      -- drains or cancels it as any other.
+      local ok, e = pcall(room.result, room, limit and math.max(0, t0 + limit - now()))
       if not ok then
+        if limit and errors.is_error(e, "TimeoutError") and room[S] < DONE then
+          calls.expire(f)
+          return f
+        end
         f:cancel() -- cancelled while waiting for room: the call never runs
         error(e, 0)
       end

@@ -490,7 +490,7 @@ describe("review10: time limits and hard cancels", function()
     os.remove(path)
   end)
 
-  defect("a timeout releases a caller waiting for room in a full inbox at the limit", function()
+  it("a timeout releases a caller waiting for room in a full inbox at the limit", function()
     -- the caller stays blocked in w:sq(2) (backpressure) until the runaway
     -- call ends, although its call timed out long before: "the caller never
     -- waits longer" does not hold
@@ -533,7 +533,7 @@ describe("review10: a process worker's proxy and cancelled calls in its inbox", 
     w:stop()
   end)
 
-  defect("a process worker serves a call made after 1,000 cancelled ones", function()
+  it("a process worker serves a call made after 1,000 cancelled ones", function()
     -- pump_calls takes at most `room` calls a pass, drops the cancelled
     -- ones, and does not take again: the proxy idles (ctx_poll -1) with
     -- calls in the inbox; the new call is never sent
@@ -547,7 +547,7 @@ describe("review10: a process worker's proxy and cancelled calls in its inbox", 
     w:stop { drain = false }
   end)
 
-  defect("rounds of calls under a tiny time limit never hang a process worker", function()
+  it("rounds of calls under a tiny time limit never hang a process worker", function()
     -- the same lost wake-up, through timeouts: the inbox fills with calls
     -- that timed out, the caller waits for room (with no limit) and the
     -- proxy idles: the script hangs in round 2 to 8
