@@ -88,7 +88,7 @@ local function call(h, method, ...)
       -- moves into the inbox (backpressure), at most until the call's time
       -- limit (the call has then failed: its future says so). A stop
       -- drains or cancels it as any other.
-      local ok, e = pcall(room.result, room, limit and math.max(0, t0 + limit - now()))
+      local ok, e = pcall(room.result, room, limit and math.max(0, t0 + limit - now()) or nil)
       if not ok then
         if limit and errors.is_error(e, "TimeoutError") and room[S] < DONE then
           calls.expire(f)
