@@ -97,12 +97,6 @@ enum {
   EXT_SHMFD = CODEC_SHM_FD
 };
 
-/* In a process worker's child, buffers go out as their bytes: what it
- * encodes goes to the parent, which has not its handles. */
-static int buffers_as_bytes;
-
-void corral__codec_buffers_as_bytes(void) { buffers_as_bytes = 1; }
-
 /* A function's environment, in its FUNC mark. */
 enum { ENV_GLOBALS = 0, ENV_TABLE = 1, ENV_OVERLAY = 2 };
 
@@ -881,8 +875,8 @@ static int enc_function(encoder *e, int idx, int depth) {
  * immutable; its bytes for another process or for bytes out. */
 static int enc_buffer(encoder *e, corral_buffer *b) {
   codec_opts *o = e->o;
-  int other = o->no_handles || buffers_as_bytes; /* for another process */
-  if (other && !o->no_refs && b->fd >= 0) {
+  int other = o->no_handles; /* for another process */
+  if (other && !o->no_refs && !o->no_shm && corral__buffer_seal(b) == 0) {
     /* in shared memory: its descriptor goes over the socket (process.c) */
     uint64_t h = corral__buffer_handle(b);
     if (h == 0) return enc_fail(e, "too many buffers have crossed contexts (handle table full)");
@@ -1962,6 +1956,111 @@ static int shm_walk(const msgpack_object *o, int (*fn)(void *, unsigned char *, 
     return 0;
   default: return 0;
   }
+}
+
+/* A repack's buffers in shared memory, retained for the copy (released if
+ * it fails). */
+typedef struct {
+  corral_buffer **held;
+  int n, cap;
+} repacked;
+
+static int repack(msgpack_packer *pk, const msgpack_object *o, repacked *r) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_ARRAY:
+    if (msgpack_pack_array(pk, o->via.array.size) != 0) return -1;
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      if (repack(pk, &o->via.array.ptr[i], r) != 0) return -1;
+    return 0;
+  case MSGPACK_OBJECT_MAP:
+    if (msgpack_pack_map(pk, o->via.map.size) != 0) return -1;
+    for (uint32_t i = 0; i < o->via.map.size; i++)
+      if (repack(pk, &o->via.map.ptr[i].key, r) != 0 || repack(pk, &o->via.map.ptr[i].val, r) != 0)
+        return -1;
+    return 0;
+  case MSGPACK_OBJECT_EXT:
+    if (o->via.ext.type == EXT_BUFFER && o->via.ext.size == 8) {
+      uint64_t h = get_be(o->via.ext.ptr, 8);
+      corral_buffer *b = corral__handle_get(h, HANDLE_BUFFER);
+      if (b == NULL) return -1;
+      int rc;
+      if (corral__buffer_seal(b) == 0) {
+        if (r->n == r->cap) {
+          int cap = r->cap ? r->cap * 2 : 8;
+          corral_buffer **held = realloc(r->held, sizeof *held * (size_t)cap);
+          if (held == NULL) {
+            corral__buffer_release(b);
+            return -1;
+          }
+          r->held = held;
+          r->cap = cap;
+        }
+        r->held[r->n++] = b; /* the lookup's reference is the copy's */
+        unsigned char body[16];
+        for (int i = 0; i < 8; i++) {
+          body[i] = (unsigned char)(h >> (56 - 8 * i));
+          body[8 + i] = (unsigned char)((uint64_t)b->len >> (56 - 8 * i));
+        }
+        return msgpack_pack_ext(pk, 16, EXT_SHM) || msgpack_pack_ext_body(pk, body, 16) ? -1 : 0;
+      } else {
+        rc = b->len > 0xffffffffu || msgpack_pack_ext(pk, b->len, EXT_BYTES) ||
+             msgpack_pack_ext_body(pk, b->data, b->len);
+      }
+      corral__buffer_release(b);
+      return rc ? -1 : 0;
+    }
+    return msgpack_pack_object(pk, *o);
+  default: return msgpack_pack_object(pk, *o);
+  }
+}
+
+static int has_buffer(const msgpack_object *o) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_EXT: return o->via.ext.type == EXT_BUFFER;
+  case MSGPACK_OBJECT_ARRAY:
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      if (has_buffer(&o->via.array.ptr[i])) return 1;
+    return 0;
+  case MSGPACK_OBJECT_MAP:
+    for (uint32_t i = 0; i < o->via.map.size; i++)
+      if (has_buffer(&o->via.map.ptr[i].key) || has_buffer(&o->via.map.ptr[i].val)) return 1;
+    return 0;
+  default: return 0;
+  }
+}
+
+char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *failed) {
+  *failed = 0;
+  *out = 0;
+  if (p == NULL || n == 0) return NULL;
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) {
+    *failed = 1;
+    return NULL;
+  }
+  msgpack_object o;
+  char *copy = NULL;
+  if (unpack_one(z, p, n, &o, 0) != NULL) {
+    *failed = 1;
+  } else if (has_buffer(&o)) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    repacked r = {NULL, 0, 0};
+    if (repack(&pk, &o, &r) != 0) {
+      for (int i = 0; i < r.n; i++)
+        corral__buffer_release(r.held[i]);
+      msgpack_sbuffer_destroy(&sb);
+      *failed = 1;
+    } else {
+      copy = sb.data;
+      *out = sb.size;
+    }
+    free(r.held);
+  }
+  msgpack_zone_free(z);
+  return copy;
 }
 
 int corral__codec_shm_each(char *data, size_t len,

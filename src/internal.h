@@ -124,6 +124,7 @@ int corral__handle_live(void);
 typedef struct corral_buffer {
   atomic_int refs;
   atomic_int shared; /* it has crossed to another context: immutable */
+  atomic_int sealed; /* its memfd: 0 not yet, 1 being sealed, 2 sealed, 3 could not be */
   _Atomic(uint64_t) handle;
   size_t len;
   unsigned char *data;
@@ -135,6 +136,9 @@ corral_buffer *corral__buffer_new(size_t len);
 /* A read-only buffer over len bytes of the memfd fd (taken; a peer's: the
  * file must hold len bytes), or NULL (fd left open). */
 corral_buffer *corral__buffer_map(int fd, size_t len);
+/* Seal its memfd (once; read-only from then on, in every process): 0, or
+ * -1 (a heap buffer, or the seals failed). */
+int corral__buffer_seal(corral_buffer *b);
 void corral__buffer_retain(corral_buffer *b);
 /* Lock-free: a __gc may drop the last reference. */
 void corral__buffer_release(corral_buffer *b);
@@ -281,6 +285,7 @@ typedef struct {
   int bare;       /* one value, no array around it (corral.encode: plain MessagePack) */
   int no_refs;    /* bytes for outside the process: a future or a worker is an error */
   int no_handles; /* for another process: a worker handle is an error (futures are inputs) */
+  int no_shm;     /* buffers as their bytes, never by descriptor (a boot payload) */
   int has_refs;   /* out: the payload holds references (futures, workers) */
   char err[512];  /* out: why encoding failed, with the value's path */
 } codec_opts;
@@ -369,8 +374,11 @@ typedef struct {
   corral_buffer **(*push_buffer_slot)(lua_State *L);
 } corral__codec_iface;
 void corral__codec_init(const corral__codec_iface *iface);
-/* This process is a process worker's child: buffers leave it as bytes. */
-void corral__codec_buffers_as_bytes(void);
+/* A copy of the payload p (n bytes, encoded here) fit for another process:
+ * each BUFFER extension becomes SHM (a buffer in shared memory, sealed,
+ * retained by the copy: release with corral__codec_discard) or BYTES.
+ * NULL when p holds no buffer (send it as it is), or on failure (*failed). */
+char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *failed);
 /* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
 void corral__codec_discard(const char *data, size_t len);
 /* Free an encoded payload, first releasing its references when it holds

@@ -73,6 +73,7 @@ static int l_worker_start(lua_State *L) {
   o.offset = 2;
   o.lead = lead;
   o.no_handles = process > 0;
+  o.no_shm = 1; /* (BOOT carries no descriptors: init's buffers go as bytes) */
   size_t len;
   char *boot = corral__codec_encode(L, 4, lua_gettop(L) - 3, &len, &o);
   if (boot == NULL) return corral__lua_codec_error(L, o.err);

@@ -74,40 +74,56 @@ static char *dup_bytes(const char *s, size_t n) {
 /* Descriptors of shared buffers                                             */
 /* ======================================================================== */
 
-static int send_fd(int ch, int fd) {
-  char byte = 0;
-  struct iovec iov = {&byte, 1};
-  union {
-    struct cmsghdr h;
-    char buf[CMSG_SPACE(sizeof(int))];
-  } u;
-  memset(&u, 0, sizeof u);
-  struct msghdr m;
-  memset(&m, 0, sizeof m);
-  m.msg_iov = &iov;
-  m.msg_iovlen = 1;
-  m.msg_control = u.buf;
-  m.msg_controllen = sizeof u.buf;
-  struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-  ssize_t k;
-  do
-    k = sendmsg(ch, &m, MSG_NOSIGNAL);
-  while (k < 0 && errno == EINTR);
-  return k == 1 ? 0 : -1;
+#define FDS_PER_MESSAGE 253 /* SCM_MAX_FD */
+
+/* Send n descriptors on ch, up to FDS_PER_MESSAGE a message; never
+ * blocks (a full socket is a failure: the caller ends the child). */
+static int send_fds(int ch, const int *fds, int n) {
+  for (int off = 0; off < n; off += FDS_PER_MESSAGE) {
+    int k = n - off < FDS_PER_MESSAGE ? n - off : FDS_PER_MESSAGE;
+    char byte = 0;
+    struct iovec iov = {&byte, 1};
+    union {
+      struct cmsghdr h;
+      char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MESSAGE)];
+    } u;
+    memset(&u, 0, sizeof u);
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = u.buf;
+    m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)k);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)k);
+    memcpy(CMSG_DATA(cm), fds + off, sizeof(int) * (size_t)k);
+    ssize_t r;
+    do
+      r = sendmsg(ch, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (r < 0 && errno == EINTR);
+    if (r != 1) return -1;
+  }
+  return 0;
 }
 
-/* The next descriptor the other side sent (it was sent before the frame
- * that names it: there, or the peer lied), or -1. */
-static int recv_fd(int ch) {
+static int send_fd(int ch, int fd) { return send_fds(ch, &fd, 1); }
+
+/* Descriptors received and not taken yet, in order. */
+typedef struct {
+  int *fds;
+  int head, n, cap;
+} fdq;
+
+/* Receive the next message of descriptors into q (they were sent before
+ * the frame that names them: there, or the peer lied): how many, or -1. */
+static int fdq_fill(int ch, fdq *q) {
   char byte;
   struct iovec iov = {&byte, 1};
   union {
     struct cmsghdr h;
-    char buf[CMSG_SPACE(sizeof(int) * 4)];
+    char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MESSAGE)];
   } u;
   struct msghdr m;
   memset(&m, 0, sizeof m);
@@ -120,24 +136,50 @@ static int recv_fd(int ch) {
     k = recvmsg(ch, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
   while (k < 0 && errno == EINTR);
   if (k != 1) return -1;
-  int fd = -1;
+  int got = 0, bad = (m.msg_flags & MSG_CTRUNC) != 0;
   for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm != NULL; cm = CMSG_NXTHDR(&m, cm)) {
     if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
     int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
     for (int i = 0; i < n; i++) {
-      int got;
-      memcpy(&got, CMSG_DATA(cm) + sizeof(int) * (size_t)i, sizeof got);
-      if (fd < 0)
-        fd = got;
-      else
-        close(got); /* (one per message: more is the peer's mistake) */
+      int fd;
+      memcpy(&fd, CMSG_DATA(cm) + sizeof(int) * (size_t)i, sizeof fd);
+      if (!bad && q->head + q->n == q->cap) {
+        if (q->head > 0) {
+          memmove(q->fds, q->fds + q->head, sizeof(int) * (size_t)q->n);
+          q->head = 0;
+        } else {
+          int cap = q->cap ? q->cap * 2 : 16;
+          int *fds = realloc(q->fds, sizeof(int) * (size_t)cap);
+          if (fds == NULL)
+            bad = 1;
+          else {
+            q->fds = fds;
+            q->cap = cap;
+          }
+        }
+      }
+      if (bad) {
+        close(fd);
+        continue;
+      }
+      q->fds[q->head + q->n++] = fd;
+      got++;
     }
   }
-  if (m.msg_flags & MSG_CTRUNC) {
-    if (fd >= 0) close(fd);
-    return -1;
-  }
-  return fd;
+  return bad ? -1 : got;
+}
+
+static int fdq_take(int ch, fdq *q) {
+  if (q->n == 0 && fdq_fill(ch, q) <= 0) return -1;
+  q->n--;
+  return q->fds[q->head++];
+}
+
+/* What is left goes (the child went, or the stream is out of step). */
+static void fdq_clear(fdq *q) {
+  for (int i = 0; i < q->n; i++)
+    close(q->fds[q->head + i]);
+  q->head = q->n = 0;
 }
 
 static uint64_t be64(const unsigned char *p) {
@@ -147,31 +189,45 @@ static uint64_t be64(const unsigned char *p) {
   return v;
 }
 
-/* Sending a payload's SHM extensions: the descriptor of each. */
+/* Sending a payload's SHM extensions: the descriptor of each (the payload
+ * keeps each open meanwhile). */
 typedef struct {
-  int ch, n;
+  int *fds;
+  int n, cap;
 } shm_out;
 
 static int send_shm(void *ud, unsigned char *body, int type) {
   shm_out *s = ud;
+  int fd;
   if (type == CODEC_SHM_FD) { /* (a result of another process worker, forwarded) */
-    uint64_t fd = be64(body);
-    if (fd > INT32_MAX || send_fd(s->ch, (int)fd) != 0) return 2;
+    uint64_t v = be64(body);
+    if (v > INT32_MAX) return 2;
+    fd = (int)v;
   } else {
     corral_buffer *b = corral__handle_get(be64(body), HANDLE_BUFFER);
-    int rc = b != NULL ? send_fd(s->ch, b->fd) : -1;
-    corral__buffer_release(b);
-    if (rc != 0) return 2;
+    if (b == NULL) return 2;
+    fd = b->fd;
+    corral__buffer_release(b); /* (the payload holds it) */
   }
-  s->n++;
+  if (s->n == s->cap) {
+    int cap = s->cap ? s->cap * 2 : 16;
+    int *fds = realloc(s->fds, sizeof(int) * (size_t)cap);
+    if (fds == NULL) return 2;
+    s->fds = fds;
+    s->cap = cap;
+  }
+  s->fds[s->n++] = fd;
   return 0;
 }
 
 /* Send the descriptors of the SHM extensions in p: how many (0 for none),
- * or -1 when one could not be sent. */
+ * or -1 when they could not be sent. */
 static int send_shms(int ch, const char *p, size_t n) {
-  shm_out s = {ch, 0};
-  return corral__codec_shm_each((char *)(uintptr_t)p, n, send_shm, &s) == 0 ? s.n : -1;
+  shm_out s = {NULL, 0, 0};
+  int rc = corral__codec_shm_each((char *)(uintptr_t)p, n, send_shm, &s);
+  if (rc == 0 && s.n > 0 && send_fds(ch, s.fds, s.n) != 0) rc = -1;
+  free(s.fds);
+  return rc == 0 ? s.n : -1;
 }
 
 /* Receiving: each SHM extension gets the next descriptor (kept in fds, to
@@ -180,6 +236,7 @@ static int send_shms(int ch, const char *p, size_t n) {
 typedef struct {
   int ch, from_peer, n, cap;
   int *fds;
+  fdq *q;
 } shm_in;
 
 static int take_shm(void *ud, unsigned char *body, int type) {
@@ -192,7 +249,7 @@ static int take_shm(void *ud, unsigned char *body, int type) {
     s->fds = fds;
     s->cap = cap;
   }
-  int fd = recv_fd(s->ch);
+  int fd = fdq_take(s->ch, s->q);
   if (fd < 0) return 3;
   s->fds[s->n++] = fd;
   for (int i = 0; i < 8; i++)
@@ -203,8 +260,8 @@ static int take_shm(void *ud, unsigned char *body, int type) {
 
 /* Rewrite the SHM extensions of p (a copy this process owns) with the
  * descriptors that came on ch. 0, or -1 (the descriptors taken are closed). */
-static int take_shms(int ch, char *p, size_t n, int from_peer) {
-  shm_in s = {ch, from_peer, 0, 0, NULL};
+static int take_shms(int ch, fdq *q, char *p, size_t n, int from_peer) {
+  shm_in s = {ch, from_peer, 0, 0, NULL, q};
   int rc = corral__codec_shm_each(p, n, take_shm, &s);
   if (rc != 0)
     for (int i = 0; i < s.n; i++)
@@ -285,6 +342,7 @@ typedef struct proxy {
   outlet out[2]; /* its stdout and stderr, when they are read here */
   uv_pipe_t sock;
   int fdch; /* the socket for descriptors of shared buffers (ours), or -1 */
+  fdq fds;  /* descriptors it sent, not taken yet */
   rbuf in;
   int spawned, exited, eof, killed, shut, handles;
   int restarts;    /* children started after the first died */
@@ -316,6 +374,7 @@ static void kill_child(proxy *p) {
 static void close_fdch(proxy *p) {
   if (p->fdch >= 0) close(p->fdch);
   p->fdch = -1;
+  fdq_clear(&p->fds);
 }
 
 /* The child broke the protocol: it ends, and the worker with this error. */
@@ -370,7 +429,7 @@ static const char *on_result(void *ud, rcur *c) {
   if (n > 0 && payload == NULL) {
     corral_future_set_error(call->result, "WorkerCrashed", "out of memory for a result");
   } else if (shm) {
-    if (take_shms(p->fdch, payload, n, 1) != 0) {
+    if (take_shms(p->fdch, &p->fds, payload, n, 1) != 0) {
       free(payload);
       return "a RESULT frame whose shared buffers did not come (or were forged)";
     }
@@ -501,12 +560,32 @@ static void send_call(proxy *p, corral_call *c) {
   for (int i = 0; i < c->ndeps && shm >= 0; i++) {
     const void *mp = NULL;
     size_t n = 0;
-    corral_future_payload(c->deps[i], &mp, &n);
-    int dshm = corral__future_trust(c->deps[i]) & CODEC_SHM ? send_shms(p->fdch, mp, n) : 0;
+    corral_future *d = c->deps[i];
+    corral_future_payload(d, &mp, &n);
+    /* an input made in this process may hold buffers by handle: a copy
+     * with them fit for the child */
+    char *fit = NULL;
+    size_t fitn = 0;
+    if (corral__future_trust(d) == CODEC_TRUSTED && d->discard != NULL) {
+      int failed;
+      fit = corral__codec_for_process(mp, n, &fitn, &failed);
+      if (failed) shm = -1;
+      if (fit != NULL) {
+        mp = fit;
+        n = fitn;
+      }
+    }
+    int dshm = shm < 0                                                ? -1
+               : fit != NULL || (corral__future_trust(d) & CODEC_SHM) ? send_shms(p->fdch, mp, n)
+                                                                      : 0;
     if (dshm < 0) shm = -1;
     if (dshm > 0) sent += dshm;
-    corral__w_uint(&b, (uint64_t)corral_future_state(c->deps[i]) | (dshm > 0 ? 0x80 : 0), 1);
+    corral__w_uint(&b, (uint64_t)corral_future_state(d) | (dshm > 0 ? 0x80 : 0), 1);
     corral__w_bytes(&b, mp, n);
+    if (fit != NULL) {
+      corral__codec_discard(fit, fitn);
+      free(fit);
+    }
   }
   if (shm < 0 || send_frame((uv_stream_t *)&p->sock, &b) != 0) {
     if (shm < 0) free(b.p);
@@ -1003,6 +1082,7 @@ void corral__process_main(corral_worker *w) {
   w->boot = NULL;
   w->bootlen = 0;
   close_fdch(p);
+  free(p->fds.fds);
   if (p->ring != NULL) {
     munmap((void *)p->ring, p->ring_n * sizeof *p->ring);
     close(p->ring_fd);
@@ -1028,6 +1108,7 @@ typedef struct {
   void (*body)(corral_worker *w);
   uv_pipe_t sock;
   int fdch; /* descriptors of shared buffers, both ways (descriptor 4) */
+  fdq fds;  /* descriptors the parent sent, not taken yet */
   rbuf in;
   int eof, booted, stopping;
   /* the calls handed to the inner worker: result future -> id */
@@ -1051,7 +1132,7 @@ static const char *on_boot(pump *c, rcur *r) {
   if (r->bad || r->left != 0 || nlen >= 64 || ring_n > RING_MAX || (ring_n & (ring_n - 1)))
     return "a malformed BOOT frame";
   if (ring_n > 0) {
-    int fd = recv_fd(c->fdch);
+    int fd = fdq_take(c->fdch, &c->fds);
     void *m = fd >= 0
                   ? mmap(NULL, ring_n * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
                   : MAP_FAILED;
@@ -1061,7 +1142,6 @@ static const char *on_boot(pump *c, rcur *r) {
     c->rt->start_ring = m;
   }
   corral__codec_set_key(k0, k1);
-  corral__codec_buffers_as_bytes();
   char nm[64];
   memcpy(nm, name, nlen);
   nm[nlen] = '\0';
@@ -1096,7 +1176,7 @@ static const char *on_call(pump *c, rcur *r) {
     st &= 0x7f;
     st = st >= CORRAL_DONE && st <= CORRAL_CANCELLED ? st : CORRAL_FAILED;
     char *bytes = n ? dup_bytes(s, n) : NULL;
-    if (shm && (bytes == NULL || take_shms(c->fdch, bytes, n, 0) != 0)) {
+    if (shm && (bytes == NULL || take_shms(c->fdch, &c->fds, bytes, n, 0) != 0)) {
       free(bytes);
       return "a CALL frame whose shared buffers did not come";
     }
@@ -1108,7 +1188,7 @@ static const char *on_call(pump *c, rcur *r) {
   if (r->bad || r->left != 0) return "a malformed CALL frame";
   corral_future *result = corral__future_new();
   char *args = dup_bytes(payload, plen);
-  if ((flags & 1) && (args == NULL || take_shms(c->fdch, args, plen, 0) != 0))
+  if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0))
     return "a CALL frame whose shared buffers did not come";
   /* (its descriptors close with its arguments: see corral__call_drop_payload) */
   corral_call *call = result && args ? corral__call_new(method, mlen, result, args, plen, flags & 1,
@@ -1197,8 +1277,20 @@ static void send_result(void *ud, corral_future *f) {
     } else {
       corral_future_payload(f, &mp, &n);
     }
-    /* the descriptors of its buffers in shared memory go first (a payload
-     * with references has a discard: see corral__future_settle_refs) */
+    /* its buffers made fit for the parent (a payload with references has a
+     * discard: see corral__future_settle_refs), and the descriptors of
+     * those in shared memory sent first */
+    char *fit = NULL;
+    size_t fitn = 0;
+    if (f->discard != NULL && why == NULL) {
+      int failed;
+      fit = corral__codec_for_process(mp, n, &fitn, &failed);
+      if (failed) child_fail("a result's buffers could not be made ready for the parent");
+      if (fit != NULL) {
+        mp = fit;
+        n = fitn;
+      }
+    }
     int shm = f->discard != NULL && why == NULL ? send_shms(c->fdch, mp, n) : 0;
     if (shm < 0) child_fail("the socket of shared buffers failed");
     wbuf b = {0};
@@ -1207,6 +1299,10 @@ static void send_result(void *ud, corral_future *f) {
     corral__w_uint(&b, (uint64_t)state | (shm > 0 ? 0x80 : 0), 1);
     corral__w_bytes(&b, mp, n);
     free(why);
+    if (fit != NULL) { /* (copied into the frame; its descriptors are sent) */
+      corral__codec_discard(fit, fitn);
+      free(fit);
+    }
     if (send_frame((uv_stream_t *)&c->sock, &b) != 0) {
       /* (its descriptors are on their way: the sockets would be out of step) */
       if (shm > 0) child_fail("a result with shared buffers could not be sent");

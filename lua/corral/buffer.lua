@@ -76,7 +76,9 @@ local function writable(b, fname)
 end
 
 --- Its bytes as an FFI `uint8_t *` to fill it, while it is writable (not
--- shared yet): raises `UsageError` once it is.
+-- shared yet): raises `UsageError` once it is. Do not keep the pointer:
+-- once the buffer has gone to a process worker, its memory is read-only
+-- and a write through it faults.
 function Buffer:wptr()
   self_check(self, "buffer:wptr")
   writable(self, "buffer:wptr")
