@@ -120,3 +120,63 @@ const char *corral__rbuf_frames(rbuf *r, const char *(*fn)(void *ud, rcur *c), v
   r->len -= off;
   return why;
 }
+
+/* ======================================================================== */
+/* The fields of each frame                                                  */
+/* ======================================================================== */
+
+const char *corral__frame_result(rcur *c, frame_result *out) {
+  out->id = corral__r_uint(c, 8);
+  int state = (int)corral__r_uint(c, 1);
+  out->shm = (state & FRAME_SHM) != 0;
+  out->state = state & ~FRAME_SHM;
+  out->payload = corral__r_bytes(c, &out->len);
+  if (c->bad || c->left != 0) return "a malformed RESULT frame";
+  if (out->shm && (out->state == FRAME_PENDING || out->len == 0))
+    return "a RESULT frame with a bad state";
+  if (out->state != FRAME_DONE && out->state != FRAME_FAILED && out->state != FRAME_CANCELLED &&
+      out->state != FRAME_PENDING)
+    return "a RESULT frame with a bad state";
+  return NULL;
+}
+
+const char *corral__frame_boot(rcur *c, frame_boot *out) {
+  out->k0 = corral__r_uint(c, 8);
+  out->k1 = corral__r_uint(c, 8);
+  out->cap = (int)corral__r_uint(c, 4);
+  out->ring_n = corral__r_uint(c, 4);
+  out->name = corral__r_bytes(c, &out->nlen);
+  out->boot = corral__r_bytes(c, &out->blen);
+  if (c->bad || c->left != 0 || out->nlen >= 64 || out->ring_n > RING_MAX ||
+      (out->ring_n & (out->ring_n - 1)))
+    return "a malformed BOOT frame";
+  return NULL;
+}
+
+const char *corral__frame_call(rcur *c, frame_call *out) {
+  out->id = corral__r_uint(c, 8);
+  out->flags = (int)corral__r_uint(c, 1);
+  out->method = corral__r_bytes(c, &out->mlen);
+  out->payload = corral__r_bytes(c, &out->plen);
+  out->ndeps = (uint32_t)corral__r_uint(c, 4);
+  /* (each input takes 5 bytes at least: a bound on their count) */
+  if (c->bad || out->ndeps > c->left / 5 || (out->flags & ~1)) return "a malformed CALL frame";
+  return NULL;
+}
+
+void corral__frame_input(rcur *c, frame_input *out) {
+  int st = (int)corral__r_uint(c, 1);
+  out->bytes = corral__r_bytes(c, &out->n);
+  out->shm = (st & FRAME_SHM) != 0;
+  st &= ~FRAME_SHM;
+  out->state = st >= FRAME_DONE && st <= FRAME_CANCELLED ? st : FRAME_FAILED;
+}
+
+const char *corral__frame_done(rcur *c, const char *why) {
+  return c->bad || c->left != 0 ? why : NULL;
+}
+
+const char *corral__frame_cancel(rcur *c, uint64_t *id) {
+  *id = corral__r_uint(c, 8);
+  return corral__frame_done(c, "a malformed CANCEL frame");
+}

@@ -60,7 +60,6 @@
 #include "frame.h"
 #include "internal.h"
 
-enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4, F_CANCEL = 5 };
 enum { WIRE_NONE = 0, WIRE_WAITING = 1, WIRE_SENT = 2 };
 #define PIPELINE 16 /* calls handed to a child beyond its free runners */
 
@@ -402,17 +401,13 @@ static const char *on_result(void *ud, rcur *c) {
   proxy *p = ud;
   int type = (int)corral__r_uint(c, 1);
   if (type != F_RESULT) return "a frame of an unknown type";
-  uint64_t id = corral__r_uint(c, 8);
-  int state = (int)corral__r_uint(c, 1);
-  int shm = state & 0x80; /* it names buffers in shared memory */
-  state &= 0x7f;
-  size_t n;
-  const char *s = corral__r_bytes(c, &n);
-  if (c->bad || c->left != 0) return "a malformed RESULT frame";
-  if (shm && (state == CORRAL_PENDING || n == 0)) return "a RESULT frame with a bad state";
-  if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED &&
-      state != CORRAL_PENDING)
-    return "a RESULT frame with a bad state";
+  frame_result fr;
+  const char *bad = corral__frame_result(c, &fr);
+  if (bad != NULL) return bad;
+  uint64_t id = fr.id;
+  int state = fr.state, shm = fr.shm;
+  size_t n = fr.len;
+  const char *s = fr.payload;
   corral_call *call = sent_call(p->w, id);
   if (call == NULL) return "a RESULT frame for no call it was given";
   if (state == CORRAL_PENDING) { /* it never ran there: the next process gets it */
@@ -580,7 +575,7 @@ static void send_call(proxy *p, corral_call *c) {
                                                                       : 0;
     if (dshm < 0) shm = -1;
     if (dshm > 0) sent += dshm;
-    corral__w_uint(&b, (uint64_t)corral_future_state(d) | (dshm > 0 ? 0x80 : 0), 1);
+    corral__w_uint(&b, (uint64_t)corral_future_state(d) | (dshm > 0 ? FRAME_SHM : 0), 1);
     corral__w_bytes(&b, mp, n);
     if (fit != NULL) {
       corral__codec_discard(fit, fitn);
@@ -880,8 +875,6 @@ static int spawn_child(proxy *p) {
   return 0;
 }
 
-#define RING_MAX (1u << 20) /* slots: 8 MiB */
-
 /* The ring of started calls (see the top): twice the window, a power of
  * two; the window is cut to it. Without memory for it, none (the order of
  * calls says which may have started). */
@@ -1123,14 +1116,13 @@ static void child_fail(const char *why) {
 }
 
 static const char *on_boot(pump *c, rcur *r) {
-  uint64_t k0 = corral__r_uint(r, 8), k1 = corral__r_uint(r, 8);
-  int cap = (int)corral__r_uint(r, 4);
-  uint64_t ring_n = corral__r_uint(r, 4);
-  size_t nlen, blen;
-  const char *name = corral__r_bytes(r, &nlen);
-  const char *boot = corral__r_bytes(r, &blen);
-  if (r->bad || r->left != 0 || nlen >= 64 || ring_n > RING_MAX || (ring_n & (ring_n - 1)))
-    return "a malformed BOOT frame";
+  frame_boot fb;
+  const char *bad = corral__frame_boot(r, &fb);
+  if (bad != NULL) return bad;
+  uint64_t k0 = fb.k0, k1 = fb.k1, ring_n = fb.ring_n;
+  int cap = fb.cap;
+  size_t nlen = fb.nlen, blen = fb.blen;
+  const char *name = fb.name, *boot = fb.boot;
   if (ring_n > 0) {
     int fd = fdq_take(c->fdch, &c->fds);
     void *m = fd >= 0
@@ -1154,27 +1146,27 @@ static const char *on_boot(pump *c, rcur *r) {
 }
 
 static const char *on_call(pump *c, rcur *r) {
-  uint64_t id = corral__r_uint(r, 8);
-  int flags = (int)corral__r_uint(r, 1);
-  size_t mlen, plen;
-  const char *method = corral__r_bytes(r, &mlen);
-  const char *payload = corral__r_bytes(r, &plen);
-  uint32_t ndeps = (uint32_t)corral__r_uint(r, 4);
-  if (r->bad || ndeps > r->left / 5 || (flags & ~1)) return "a malformed CALL frame";
+  frame_call fc;
+  const char *bad = corral__frame_call(r, &fc);
+  if (bad != NULL) return bad;
+  uint64_t id = fc.id;
+  int flags = fc.flags;
+  size_t mlen = fc.mlen, plen = fc.plen;
+  const char *method = fc.method, *payload = fc.payload;
+  uint32_t ndeps = fc.ndeps;
   corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
   if (ndeps && deps == NULL) return "out of memory";
   for (uint32_t i = 0; i < ndeps; i++) {
-    int st = (int)corral__r_uint(r, 1);
-    size_t n;
-    const char *s = corral__r_bytes(r, &n);
+    frame_input in;
+    corral__frame_input(r, &in);
+    int st = in.state, shm = in.shm;
+    size_t n = in.n;
+    const char *s = in.bytes;
     deps[i] = corral__future_new();
     if (deps[i] == NULL) return "out of memory";
     /* (an input is counted as one a call holds, as the caller's side does) */
     atomic_fetch_add(&deps[i]->deps, 1);
     if (r->bad) continue;
-    int shm = st & 0x80;
-    st &= 0x7f;
-    st = st >= CORRAL_DONE && st <= CORRAL_CANCELLED ? st : CORRAL_FAILED;
     char *bytes = n ? dup_bytes(s, n) : NULL;
     if (shm && (bytes == NULL || take_shms(c->fdch, &c->fds, bytes, n, 0) != 0)) {
       free(bytes);
@@ -1185,7 +1177,7 @@ static const char *on_call(pump *c, rcur *r) {
     else
       corral__future_settle_peer(deps[i], st, bytes, n);
   }
-  if (r->bad || r->left != 0) return "a malformed CALL frame";
+  if (corral__frame_done(r, "a malformed CALL frame") != NULL) return "a malformed CALL frame";
   corral_future *result = corral__future_new();
   char *args = dup_bytes(payload, plen);
   if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0))
@@ -1227,8 +1219,9 @@ static const char *on_call(pump *c, rcur *r) {
  * started (one that runs on is the parent's to stop). One answered
  * already is not here any more. */
 static const char *on_cancel(pump *c, rcur *r) {
-  uint64_t id = corral__r_uint(r, 8);
-  if (r->bad || r->left != 0) return "a malformed CANCEL frame";
+  uint64_t id;
+  const char *bad = corral__frame_cancel(r, &id);
+  if (bad != NULL) return bad;
   for (int i = 0; i < c->n; i++)
     if (c->ids[i] == id) corral__future_cancel(c->fs[i]);
   return NULL;
@@ -1296,7 +1289,7 @@ static void send_result(void *ud, corral_future *f) {
     wbuf b = {0};
     corral__frame_begin(&b, F_RESULT);
     corral__w_uint(&b, c->ids[i], 8);
-    corral__w_uint(&b, (uint64_t)state | (shm > 0 ? 0x80 : 0), 1);
+    corral__w_uint(&b, (uint64_t)state | (shm > 0 ? FRAME_SHM : 0), 1);
     corral__w_bytes(&b, mp, n);
     free(why);
     if (fit != NULL) { /* (copied into the frame; its descriptors are sent) */

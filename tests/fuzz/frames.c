@@ -10,8 +10,12 @@
  * BOOT frame, then CALL and CANCEL frames, as on_boot, on_call and on_cancel
  * do: the inputs of a call are settled as a peer's, and its arguments
  * decoded trusted with them (the parent is the child's trusted side; DEP
- * reaches the inputs' peer bytes). The fields of a frame are read here as process.c reads them
- * (that file runs a loop and a worker, not to be fuzzed whole): kept in step with it by hand.
+ * reaches the inputs' peer bytes). The fields of a frame are read by
+ * frame.c's corral__frame_* functions, the ones process.c reads them with
+ * (that file runs a loop and a worker, not to be fuzzed whole). Descriptors
+ * of shared buffers (a flag in a state) are not fuzzed here: a flagged
+ * payload is decoded as the reader would before taking them (SHM
+ * extensions refused).
  *
  * Checked: the reader gives the same frames, and the same verdict, whether
  * the stream arrives whole or in pieces; nothing reads past a frame (ASan);
@@ -26,7 +30,6 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4, F_CANCEL = 5 }; /* process.c's */
 #define SENT_CALLS 8 /* ids 1..8 are calls "given" to the child */
 
 static lua_State *L;
@@ -63,14 +66,13 @@ static void decode(const char *s, size_t n, codec_deps *deps, int trust) {
 /* process.c's on_result, but for settling a call: its payload decoded as the
  * caller would. */
 static const char *on_result(reader *r, rcur *c) {
-  uint64_t id = corral__r_uint(c, 8);
-  int state = (int)corral__r_uint(c, 1);
-  size_t n;
-  const char *s = corral__r_bytes(c, &n);
-  if (c->bad || c->left != 0) return "a malformed RESULT frame";
-  if (state != CORRAL_DONE && state != CORRAL_FAILED && state != CORRAL_CANCELLED &&
-      state != CORRAL_PENDING)
-    return "a RESULT frame with a bad state";
+  frame_result fr;
+  const char *bad = corral__frame_result(c, &fr);
+  if (bad != NULL) return bad;
+  uint64_t id = fr.id;
+  int state = fr.state;
+  size_t n = fr.len;
+  const char *s = fr.payload;
   if (id == 0 || id > SENT_CALLS) return "a RESULT frame for no call it was given";
   if (state == CORRAL_PENDING) {
     char died[300];
@@ -85,13 +87,11 @@ static const char *on_result(reader *r, rcur *c) {
 
 /* process.c's on_boot, without starting the worker (nor taking the key). */
 static const char *on_boot(reader *r, rcur *c) {
-  (void)corral__r_uint(c, 8);
-  (void)corral__r_uint(c, 8);
-  (void)corral__r_uint(c, 4);
-  size_t nlen, blen;
-  const char *name = corral__r_bytes(c, &nlen);
-  const char *boot = corral__r_bytes(c, &blen);
-  if (c->bad || c->left != 0 || nlen >= 64) return "a malformed BOOT frame";
+  frame_boot fb;
+  const char *bad = corral__frame_boot(c, &fb);
+  if (bad != NULL) return bad;
+  size_t nlen = fb.nlen, blen = fb.blen;
+  const char *name = fb.name, *boot = fb.boot;
   char nm[64];
   memcpy(nm, name, nlen);
   nm[nlen] = '\0';
@@ -102,20 +102,21 @@ static const char *on_boot(reader *r, rcur *c) {
 
 /* process.c's on_call, with its arguments decoded as the worker would. */
 static const char *on_call(reader *r, rcur *c) {
-  (void)corral__r_uint(c, 8);
-  size_t mlen, plen;
-  const char *method = corral__r_bytes(c, &mlen);
-  const char *payload = corral__r_bytes(c, &plen);
-  uint32_t ndeps = (uint32_t)corral__r_uint(c, 4);
-  (void)method;
-  if (c->bad || ndeps > c->left / 5) return "a malformed CALL frame";
+  frame_call fc;
+  const char *bad = corral__frame_call(c, &fc);
+  if (bad != NULL) return bad;
+  size_t plen = fc.plen;
+  const char *payload = fc.payload;
+  uint32_t ndeps = fc.ndeps;
   corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
   if (ndeps && deps == NULL) return "out of memory";
   uint32_t made = 0;
   for (uint32_t i = 0; i < ndeps; i++) {
-    int st = (int)corral__r_uint(c, 1);
-    size_t n;
-    const char *s = corral__r_bytes(c, &n);
+    frame_input in;
+    corral__frame_input(c, &in);
+    int st = in.state;
+    size_t n = in.n;
+    const char *s = in.bytes;
     deps[i] = corral__future_new();
     if (deps[i] == NULL) abort();
     made++;
@@ -126,11 +127,10 @@ static const char *on_call(reader *r, rcur *c) {
       if (p == NULL) abort();
       memcpy(p, s, n);
     }
-    corral__future_settle_peer(
-        deps[i], st >= CORRAL_DONE && st <= CORRAL_CANCELLED ? st : CORRAL_FAILED, p, n);
+    corral__future_settle_peer(deps[i], st, p, n);
   }
   const char *why = NULL;
-  if (c->bad || c->left != 0) {
+  if (corral__frame_done(c, "a malformed CALL frame") != NULL) {
     why = "a malformed CALL frame";
   } else if (r->decode) {
     codec_deps d = {deps, (int)ndeps};
@@ -153,9 +153,9 @@ static const char *on_frame(void *ud, rcur *c) {
   if (!r->child) return type == F_RESULT ? on_result(r, c) : "a frame of an unknown type";
   if (!r->booted) return type == F_BOOT ? on_boot(r, c) : "a first frame that is not BOOT";
   if (type == F_CALL) return on_call(r, c);
-  if (type == F_CANCEL) { /* process.c's on_cancel: the id of a call it was given */
-    (void)corral__r_uint(c, 8);
-    return c->bad || c->left != 0 ? "a malformed CANCEL frame" : NULL;
+  if (type == F_CANCEL) {
+    uint64_t id;
+    return corral__frame_cancel(c, &id);
   }
   return "a frame of an unknown type";
 }

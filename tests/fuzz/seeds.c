@@ -88,6 +88,7 @@ static void boot_frame(wbuf *b, const char *p, size_t n) {
   corral__w_uint(&f, FUZZ_K0, 8);
   corral__w_uint(&f, FUZZ_K1, 8);
   corral__w_uint(&f, 64, 4);
+  corral__w_uint(&f, 0, 4); /* (no ring of started calls) */
   corral__w_bytes(&f, "w", 1);
   corral__w_bytes(&f, p, n);
   corral__frame_end(&f);
@@ -103,6 +104,7 @@ static void call_frame(wbuf *b, uint64_t id, const char *args, size_t alen, cons
   wbuf f = {0};
   corral__frame_begin(&f, 2);
   corral__w_uint(&f, id, 8);
+  corral__w_uint(&f, 0, 1); /* flags: no buffers in shared memory */
   corral__w_bytes(&f, "echo", 4);
   corral__w_bytes(&f, args, alen);
   corral__w_uint(&f, 2, 4);
