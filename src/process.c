@@ -220,13 +220,14 @@ static int send_shm(void *ud, unsigned char *body, int type) {
 }
 
 /* Send the descriptors of the SHM extensions in p: how many (0 for none),
- * or -1 when they could not be sent. */
+ * -1 when p's buffers could not be read, or -2 when the socket failed (the
+ * child is gone, or the socket is full). */
 static int send_shms(int ch, const char *p, size_t n) {
   shm_out s = {NULL, 0, 0};
-  int rc = corral__codec_shm_each((char *)(uintptr_t)p, n, send_shm, &s);
-  if (rc == 0 && s.n > 0 && send_fds(ch, s.fds, s.n) != 0) rc = -1;
+  int rc = corral__codec_shm_each((char *)(uintptr_t)p, n, send_shm, &s) == 0 ? 0 : -1;
+  if (rc == 0 && s.n > 0 && send_fds(ch, s.fds, s.n) != 0) rc = -2;
   free(s.fds);
-  return rc == 0 ? s.n : -1;
+  return rc == 0 ? s.n : rc;
 }
 
 /* Receiving: each SHM extension gets the next descriptor (kept in fds, to
@@ -541,7 +542,9 @@ static int inputs_ready(proxy *p, corral_call *c) {
   return ready;
 }
 
-static void send_call(proxy *p, corral_call *c) {
+/* Hand c to the child: 0, -1 when it failed (its future says why), or 1
+ * when the child is going (the call waits for the next one, unstarted). */
+static int send_call(proxy *p, corral_call *c) {
   wbuf b = {0};
   /* the descriptors of its buffers in shared memory go first */
   int shm = c->payload_refs ? send_shms(p->fdch, c->payload, c->len) : 0;
@@ -573,7 +576,7 @@ static void send_call(proxy *p, corral_call *c) {
     int dshm = shm < 0                                                ? -1
                : fit != NULL || (corral__future_trust(d) & CODEC_SHM) ? send_shms(p->fdch, mp, n)
                                                                       : 0;
-    if (dshm < 0) shm = -1;
+    if (dshm < 0) shm = dshm;
     if (dshm > 0) sent += dshm;
     corral__w_uint(&b, (uint64_t)corral_future_state(d) | (dshm > 0 ? FRAME_SHM : 0), 1);
     corral__w_bytes(&b, mp, n);
@@ -582,6 +585,17 @@ static void send_call(proxy *p, corral_call *c) {
       free(fit);
     }
   }
+  if (shm == -2) {
+    /* the socket failed: the child is dying (or stuck): it ends, and the
+     * call, not started there, goes to the next one (a restart) or fails
+     * with the crash, as the calls queued behind it */
+    free(b.p);
+    kill_child(p);
+    p->dying = 1;
+    if (c->tries == 0 && !c->unsent) corral__future_watch(c->result, &p->w->ctx, corral__ctx_post);
+    c->unsent = 1; /* (RUNNING already: sent again as new) */
+    return 1;
+  }
   if (shm < 0 || send_frame((uv_stream_t *)&p->sock, &b) != 0) {
     if (shm < 0) free(b.p);
     /* descriptors it will not take are in its socket: the two are out of
@@ -589,18 +603,19 @@ static void send_call(proxy *p, corral_call *c) {
     if (sent > 0 || shm < 0) kill_child(p);
     corral_future_set_error(c->result, "CodecError",
                             shm < 0    ? "a buffer in shared memory could not be sent to a process "
-                                         "worker (its socket failed)"
+                                         "worker (it is gone from this process)"
                             : b.failed ? "out of memory sending a call to a process worker"
                                        : "a call's arguments and inputs over 1 GiB cannot go to a "
                                          "process worker");
     call_done(p->w, c);
-    return;
+    return -1;
   }
   c->wire_state = WIRE_SENT;
   c->cancel_at = 0;
   p->inflight++;
   /* this loop hears of a cancel (settled already: seen next turn) */
   if (c->tries == 0 && !c->unsent) corral__future_watch(c->result, &p->w->ctx, corral__ctx_post);
+  return 0;
 }
 
 /* ======================================================================== */
@@ -714,7 +729,7 @@ again:
         continue;
       }
     }
-    send_call(p, c);
+    if (send_call(p, c) > 0) return; /* (the child is going: nothing more now) */
   }
   /* calls dropped made room: take more now (the inbox's wake-up for them
    * has come and gone; without this the loop would wait with calls queued) */
@@ -883,10 +898,13 @@ static void make_ring(proxy *p) {
   while (n < 2 * (uint64_t)p->window && n < RING_MAX)
     n *= 2;
   if ((uint64_t)p->window > n) p->window = (int)n;
-  p->ring_fd = memfd_create("corral.starts", MFD_CLOEXEC);
+  p->ring_fd = memfd_create("corral.starts", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (p->ring_fd < 0) return;
   void *m = MAP_FAILED;
-  if (ftruncate(p->ring_fd, (off_t)(n * sizeof *p->ring)) == 0)
+  /* (sealed at its size: a child cannot shrink it under the parent's
+   * mapping, a SIGBUS here) */
+  if (ftruncate(p->ring_fd, (off_t)(n * sizeof *p->ring)) == 0 &&
+      fcntl(p->ring_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0)
     m = mmap(NULL, n * sizeof *p->ring, PROT_READ | PROT_WRITE, MAP_SHARED, p->ring_fd, 0);
   if (m == MAP_FAILED) {
     close(p->ring_fd);
@@ -1154,6 +1172,11 @@ static const char *on_call(pump *c, rcur *r) {
   size_t mlen = fc.mlen, plen = fc.plen;
   const char *method = fc.method, *payload = fc.payload;
   uint32_t ndeps = fc.ndeps;
+  /* the arguments' descriptors came first (send_call's order), then the
+   * inputs', each in its order */
+  char *args = dup_bytes(payload, plen);
+  if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0))
+    return "a CALL frame whose shared buffers did not come";
   corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
   if (ndeps && deps == NULL) return "out of memory";
   for (uint32_t i = 0; i < ndeps; i++) {
@@ -1179,9 +1202,6 @@ static const char *on_call(pump *c, rcur *r) {
   }
   if (corral__frame_done(r, "a malformed CALL frame") != NULL) return "a malformed CALL frame";
   corral_future *result = corral__future_new();
-  char *args = dup_bytes(payload, plen);
-  if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0))
-    return "a CALL frame whose shared buffers did not come";
   /* (its descriptors close with its arguments: see corral__call_drop_payload) */
   corral_call *call = result && args ? corral__call_new(method, mlen, result, args, plen, flags & 1,
                                                         deps, (int)ndeps)
