@@ -22,7 +22,7 @@
 
 #include "internal.h"
 
-#define SHM_MIN (64 * 1024) /* from this size a buffer lives in a memfd */
+#define SHM_MIN ((size_t)64 * 1024) /* from this size a buffer lives in a memfd */
 
 static atomic_int live; /* buffers alive, for leak specs */
 

@@ -271,6 +271,7 @@ static void pb_add(pathbuf *pb, const char *fmt, ...) {
   if (pb->nseg >= (int)(sizeof pb->end / sizeof pb->end[0]) || pb->n >= sizeof pb->buf - 1) return;
   va_list ap;
   va_start(ap, fmt);
+  // NOLINTNEXTLINE(clang-analyzer-valist.Uninitialized): va_start is just above
   int w = vsnprintf(pb->buf + pb->n, sizeof pb->buf - pb->n, fmt, ap);
   va_end(ap);
   if (w < 0) w = 0;
@@ -1323,6 +1324,7 @@ static int dec_fail(decoder *d, const char *fmt, ...) {
   char why[256];
   va_list ap;
   va_start(ap, fmt);
+  // NOLINTNEXTLINE(clang-analyzer-valist.Uninitialized): va_start is just above
   vsnprintf(why, sizeof why, fmt, ap);
   va_end(ap);
   pathbuf *pb = &(pathbuf){.n = 0};
@@ -1938,7 +1940,7 @@ static int shm_walk(const msgpack_object *o, int (*fn)(void *, unsigned char *, 
   case MSGPACK_OBJECT_EXT:
     if (o->via.ext.type == EXT_SHM || o->via.ext.type == EXT_SHMFD) {
       if (o->via.ext.size != 16) return -1;
-      return fn(ud, (unsigned char *)(uintptr_t)o->via.ext.ptr, o->via.ext.type);
+      return fn(ud, (unsigned char *)o->via.ext.ptr, o->via.ext.type);
     }
     return 0;
   case MSGPACK_OBJECT_ARRAY:
@@ -1987,7 +1989,7 @@ static int repack(msgpack_packer *pk, const msgpack_object *o, repacked *r) {
       if (corral__buffer_seal(b) == 0) {
         if (r->n == r->cap) {
           int cap = r->cap ? r->cap * 2 : 8;
-          corral_buffer **held = realloc(r->held, sizeof *held * (size_t)cap);
+          corral_buffer **held = realloc(r->held, sizeof(corral_buffer *) * (size_t)cap);
           if (held == NULL) {
             corral__buffer_release(b);
             return -1;

@@ -31,7 +31,7 @@ static int buffer_tostring(lua_State *L) {
 
 /* For the codec: an empty buffer userdata on the stack, its slot. */
 corral_buffer **corral__lua_buffer_slot(lua_State *L) {
-  corral_buffer **u = lua_newuserdata(L, sizeof *u);
+  corral_buffer **u = lua_newuserdata(L, sizeof(corral_buffer *));
   *u = NULL;
   luaL_getmetatable(L, CORRAL_BUFFER_MT);
   lua_setmetatable(L, -2);

@@ -224,7 +224,7 @@ static int send_shm(void *ud, unsigned char *body, int type) {
  * child is gone, or the socket is full). */
 static int send_shms(int ch, const char *p, size_t n) {
   shm_out s = {NULL, 0, 0};
-  int rc = corral__codec_shm_each((char *)(uintptr_t)p, n, send_shm, &s) == 0 ? 0 : -1;
+  int rc = corral__codec_shm_each((char *)p, n, send_shm, &s) == 0 ? 0 : -1;
   if (rc == 0 && s.n > 0 && send_fds(ch, s.fds, s.n) != 0) rc = -2;
   free(s.fds);
   return rc == 0 ? s.n : rc;
@@ -491,6 +491,7 @@ static void outlet_lines(outlet *o, int all) {
     char *b = total <= sizeof stackbuf ? stackbuf : malloc(total);
     if (b != NULL) {
       b[0] = '[';
+      // NOLINTNEXTLINE(bugprone-not-null-terminated-result): bytes to write(), not a string
       memcpy(b + 1, name, nlen);
       b[nlen + 1] = ']';
       b[nlen + 2] = ' ';
@@ -1175,10 +1176,16 @@ static const char *on_call(pump *c, rcur *r) {
   /* the arguments' descriptors came first (send_call's order), then the
    * inputs', each in its order */
   char *args = dup_bytes(payload, plen);
-  if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0))
+  if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0)) {
+    free(args);
     return "a CALL frame whose shared buffers did not come";
-  corral_future **deps = ndeps ? calloc(ndeps, sizeof *deps) : NULL;
-  if (ndeps && deps == NULL) return "out of memory";
+  }
+  const char *why = NULL; /* (a failure ends this process: see child_fail) */
+  corral_future **deps = ndeps ? calloc(ndeps, sizeof(corral_future *)) : NULL;
+  if (ndeps && deps == NULL) {
+    free(args);
+    return "out of memory";
+  }
   for (uint32_t i = 0; i < ndeps; i++) {
     frame_input in;
     corral__frame_input(r, &in);
@@ -1186,32 +1193,40 @@ static const char *on_call(pump *c, rcur *r) {
     size_t n = in.n;
     const char *s = in.bytes;
     deps[i] = corral__future_new();
-    if (deps[i] == NULL) return "out of memory";
+    if (deps[i] == NULL) {
+      why = "out of memory";
+      goto fail;
+    }
     /* (an input is counted as one a call holds, as the caller's side does) */
     atomic_fetch_add(&deps[i]->deps, 1);
     if (r->bad) continue;
     char *bytes = n ? dup_bytes(s, n) : NULL;
     if (shm && (bytes == NULL || take_shms(c->fdch, &c->fds, bytes, n, 0) != 0)) {
       free(bytes);
-      return "a CALL frame whose shared buffers did not come";
+      why = "a CALL frame whose shared buffers did not come";
+      goto fail;
     }
     if (shm)
       corral__future_settle_peer_shm(deps[i], st, bytes, n);
     else
       corral__future_settle_peer(deps[i], st, bytes, n);
   }
-  if (corral__frame_done(r, "a malformed CALL frame") != NULL) return "a malformed CALL frame";
-  corral_future *result = corral__future_new();
+  why = corral__frame_done(r, "a malformed CALL frame");
+  corral_future *result = why == NULL ? corral__future_new() : NULL;
   /* (its descriptors close with its arguments: see corral__call_drop_payload) */
   corral_call *call = result && args ? corral__call_new(method, mlen, result, args, plen, flags & 1,
                                                         deps, (int)ndeps)
                                      : NULL;
-  if (call == NULL) return "out of memory";
+  if (call == NULL) {
+    corral_future_release(result);
+    if (why == NULL) why = "out of memory";
+    goto fail;
+  }
   call->wire_id = id; /* (written in the ring as it starts: see the top) */
   corral_future_retain(result);
   if (c->n == c->cap) {
     int cap = c->cap ? c->cap * 2 : 64;
-    corral_future **fs = realloc(c->fs, sizeof *fs * (size_t)cap);
+    corral_future **fs = realloc(c->fs, sizeof(corral_future *) * (size_t)cap);
     uint64_t *ids = fs ? realloc(c->ids, sizeof *ids * (size_t)cap) : NULL;
     if (fs) c->fs = fs;
     if (ids == NULL) return "out of memory";
@@ -1233,6 +1248,12 @@ static const char *on_call(pump *c, rcur *r) {
     corral__future_settle(result, CORRAL_CANCELLED, NULL, 0);
   }
   return NULL;
+fail:
+  for (uint32_t i = 0; i < ndeps; i++)
+    corral_future_release(deps[i]);
+  free(deps);
+  free(args);
+  return why;
 }
 
 /* The parent cancelled a call: cancelled here where it waits, or not

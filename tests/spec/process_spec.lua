@@ -313,8 +313,9 @@ describe("a process worker's restarts", function()
   end)
 
   -- The chaos test of the issue (5,000 calls; make soak runs 50,000): a
-  -- pool of 4 while a killer ends a random worker every 50 ms. Every future settles; every result is right; with retries every
-  -- call succeeds.
+  -- pool of 4 while a killer ends a random worker every 50 ms. Every
+  -- future settles; every result is right; with retries every call
+  -- succeeds.
   it("a pool of 4 under a killer: every call settles, and with retries every one succeeds", function()
     local out, err, code = run(h.WORKER_CHILDREN .. [[
       local corral = require "corral"
