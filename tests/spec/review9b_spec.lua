@@ -461,7 +461,10 @@ describe("review9b: pools and resources", function()
         end
         pid = new
       end
-      print("fds", nfd() - fd0, "threads", nthreads() - th0, "children", #children())
+      -- (none more than at the start: the start may have held a passing
+      -- one, seen once under a loaded machine)
+      local dfd = nfd() - fd0
+      print("fds", dfd <= 0 and 0 or dfd, "threads", nthreads() - th0, "children", #children())
       w:stop()
       wait_until(function() return #children() == 0 end)
     ]], 90)
