@@ -275,9 +275,9 @@ int corral__future_settle_peer(corral_future *f, corral_state state, char *paylo
   return settle(f, state, payload, len, NULL, 0, CODEC_PEER);
 }
 
-int corral__future_settle_peer_shm(corral_future *f, corral_state state, char *payload,
-                                   size_t len) {
-  return settle(f, state, payload, len, corral__codec_discard, 0, CODEC_PEER | CODEC_SHM);
+int corral__future_settle_peer_shm(corral_future *f, corral_state state, char *payload, size_t len,
+                                   void (*discard)(const char *payload, size_t len)) {
+  return settle(f, state, payload, len, discard, 0, CODEC_PEER | CODEC_SHM);
 }
 
 int corral_future_payload(corral_future *f, const void **mp, size_t *len) {

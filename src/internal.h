@@ -71,8 +71,10 @@ int corral__future_trust(corral_future *f);
 /* Settle f with a payload a process worker sent (decoded as CODEC_PEER). */
 int corral__future_settle_peer(corral_future *f, corral_state state, char *payload, size_t len);
 /* The same, for a payload whose SHM extensions this process rewrote with
- * descriptors of its own (CODEC_PEER | CODEC_SHM): they close with it. */
-int corral__future_settle_peer_shm(corral_future *f, corral_state state, char *payload, size_t len);
+ * descriptors of its own (CODEC_PEER | CODEC_SHM): `discard` (the codec's,
+ * handed down: a lower layer) closes them with it. */
+int corral__future_settle_peer_shm(corral_future *f, corral_state state, char *payload, size_t len,
+                                   void (*discard)(const char *payload, size_t len));
 /* f's handle, issued on first use (0 when the handle table is full). */
 uint64_t corral__future_handle(corral_future *f);
 /* Futures alive in the process (a debug counter for leak specs). */

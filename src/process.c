@@ -429,7 +429,7 @@ static const char *on_result(void *ud, rcur *c) {
       free(payload);
       return "a RESULT frame whose shared buffers did not come (or were forged)";
     }
-    corral__future_settle_peer_shm(call->result, state, payload, n);
+    corral__future_settle_peer_shm(call->result, state, payload, n, corral__codec_discard);
   } else {
     corral__future_settle_peer(call->result, state, payload, n);
   }
@@ -1207,7 +1207,7 @@ static const char *on_call(pump *c, rcur *r) {
       goto fail;
     }
     if (shm)
-      corral__future_settle_peer_shm(deps[i], st, bytes, n);
+      corral__future_settle_peer_shm(deps[i], st, bytes, n, corral__codec_discard);
     else
       corral__future_settle_peer(deps[i], st, bytes, n);
   }
