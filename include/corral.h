@@ -99,8 +99,10 @@ CORRAL_API int corral_future_set_result(corral_future *f, const void *mp, size_t
 /* Settle as failed with an error of the given kind and message. */
 CORRAL_API int corral_future_set_error(corral_future *f, const char *kind, const char *message);
 /* Cancel a future that is pending, or running but suspended at a wait (a
- * call whose method waits: it gets CancelledError there). CORRAL_ESTATE
- * when it is settled, or running code (which cannot be interrupted). */
+ * call whose method waits: it gets CancelledError there), or a process
+ * worker's call (stopped there, or its process ended after cancel_grace).
+ * CORRAL_ESTATE when it is settled, or running code in this process (which
+ * cannot be interrupted). */
 CORRAL_API int corral_future_cancel(corral_future *f);
 /* Block the calling (non-loop) thread until the future settles or the timeout
  * (seconds; negative for none) passes: 0 or CORRAL_ETIMEDOUT. */
