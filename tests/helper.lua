@@ -168,4 +168,46 @@ function M.capture_stderr(fn, ...)
   return table.concat(got)
 end
 
+--- n as k bytes, big-endian.
+function M.be(n, k)
+  local t = {}
+  for i = k, 1, -1 do
+    t[i] = string.char(n % 256)
+    n = math.floor(n / 256)
+  end
+  return table.concat(t)
+end
+
+--- A RESULT frame as process.c writes it: length, type (4), id, state,
+-- payload.
+function M.result_frame(id, state, payload)
+  local be = M.be
+  local body = "\4" .. be(id, 8) .. string.char(state) .. be(#payload, 4) .. payload
+  return be(#body, 4) .. body
+end
+
+--- The memfd descriptors (buffers in shared memory) this process holds.
+function M.memfds()
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int getpid(void);")
+  local p = io.popen("ls -l /proc/" .. ffi.C.getpid() .. "/fd 2>/dev/null | grep -c memfd")
+  local n = tonumber(p:read("*a"))
+  p:close()
+  return n
+end
+
+--- Wait (bounded) until the buffers alive and the memfd descriptors of this
+-- process are back to at most live0 and fd0 (buffers of earlier specs may
+-- have been collected meanwhile), collecting garbage; then assert it.
+function M.buffers_back(live0, fd0)
+  local core = require "corral.core"
+  M.wait_until(function()
+    collectgarbage()
+    collectgarbage()
+    return core.buffer_live() <= live0 and M.memfds() <= fd0
+  end, 30)
+  assert(core.buffer_live() <= live0, "buffers left alive")
+  assert(M.memfds() <= fd0, "memfd descriptors left open")
+end
+
 return M

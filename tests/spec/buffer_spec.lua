@@ -136,15 +136,7 @@ describe("corral.buffer", function()
 end)
 
 describe("a buffer and a process worker", function()
-  -- (the descriptors of shared memory this process holds: mapped or not)
-  local function fds()
-    pcall(ffi.cdef, "int getpid(void);")
-    local p = io.popen("ls -l /proc/" .. ffi.C.getpid() .. "/fd /proc/" .. ffi.C.getpid()
-      .. "/map_files 2>/dev/null | grep -c memfd")
-    local n = tonumber(p:read("*a"))
-    p:close()
-    return n
-  end
+  local fds = h.memfds
 
   local P = corral.worker {
     sum = function(_, b)

@@ -14,41 +14,15 @@ local now = corral.now
 
 pcall(ffi.cdef, "int getpid(void);")
 
--- (the memfd descriptors of this process)
-local function memfds()
-  local p = io.popen("ls -l /proc/" .. ffi.C.getpid() .. "/fd 2>/dev/null | grep -c memfd")
-  local n = tonumber(p:read("*a"))
-  p:close()
-  return n
-end
+local memfds = h.memfds
 
-local function settle_gc(live0, fd0)
-  h.wait_until(function()
-    collectgarbage()
-    collectgarbage()
-    return core.buffer_live() <= live0 and memfds() <= fd0
-  end, 30)
-  -- (at most: buffers of earlier specs may have been collected meanwhile)
-  assert.is_true(core.buffer_live() <= live0)
-  assert.is_true(memfds() <= fd0)
-end
+local settle_gc = h.buffers_back
 
--- n as k bytes, big-endian
-local function be(n, k)
-  local t = {}
-  for i = k, 1, -1 do
-    t[i] = string.char(n % 256)
-    n = math.floor(n / 256)
-  end
-  return table.concat(t)
-end
+local be = h.be
 
-local RESULT, DONE = 4, 2
+local DONE = 2
 
-local function result_frame(id, state, payload)
-  local body = string.char(RESULT) .. be(id, 8) .. string.char(state) .. be(#payload, 4) .. payload
-  return be(#body, 4) .. body
-end
+local result_frame = h.result_frame
 
 -- an SHM (11) or SHMFD (12) extension: fixext 16
 local function shm_ext(type, a, len)

@@ -13,23 +13,9 @@ local h = require "helper"
 
 pcall(ffi.cdef, "int getpid(void);")
 
--- (the memfd descriptors of this process)
-local function memfds()
-  local p = io.popen("ls -l /proc/" .. ffi.C.getpid() .. "/fd 2>/dev/null | grep -c memfd")
-  local n = tonumber(p:read("*a"))
-  p:close()
-  return n
-end
+local memfds = h.memfds
 
-local function settle_gc(live0, fd0)
-  h.wait_until(function()
-    collectgarbage()
-    collectgarbage()
-    return core.buffer_live() <= live0 and memfds() <= fd0
-  end, 30)
-  assert.is_true(core.buffer_live() <= live0)
-  assert.is_true(memfds() <= fd0)
-end
+local settle_gc = h.buffers_back
 
 local P = corral.worker {
   echo = function(_, x) return x end,

@@ -20,22 +20,11 @@ local function dead(pid)
 end
 
 -- n as k bytes, big-endian
-local function be(n, k)
-  local t = {}
-  for i = k, 1, -1 do
-    t[i] = string.char(n % 256)
-    n = math.floor(n / 256)
-  end
-  return table.concat(t)
-end
+local be = h.be
 
-local RESULT, DONE, FAILED, CANCELLED = 4, 2, 3, 1 + 3
+local DONE, FAILED, CANCELLED = 2, 3, 1 + 3
 
--- A RESULT frame as process.c writes it: length, type, id, state, payload.
-local function result_frame(id, state, payload)
-  local body = string.char(RESULT) .. be(id, 8) .. string.char(state) .. be(#payload, 4) .. payload
-  return be(#body, 4) .. body
-end
+local result_frame = h.result_frame
 
 -- A worker whose methods write raw bytes to their process's end of the
 -- socket to the parent (descriptor 3).
