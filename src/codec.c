@@ -87,8 +87,9 @@ enum {
   EXT_FUNC,
   EXT_WORKER,
   EXT_INST,
-  EXT_BUFFER, /* a buffer shared by reference: its handle (8) */
-  EXT_BYTES,  /* a buffer's bytes, for another process or for bytes out */
+  EXT_BUFFER,    /* a buffer shared by reference: its handle (8) */
+  EXT_BYTES,     /* a buffer's bytes, for another process or for bytes out */
+  EXT_SYNC = 13, /* a channel or sync primitive shared by reference: its handle (8) */
   /* a buffer in shared memory, to another process: its handle in the
    * process that encoded it (8) and its length (8), on the wire only; and
    * the same once its descriptor came over the socket (process.c): the
@@ -339,6 +340,8 @@ static void ebox_release(ebox *b, int drop_refs) {
       corral_future_release(b->held[i].p);
     else if (b->held[i].kind == HANDLE_BUFFER)
       corral__buffer_release(b->held[i].p);
+    else if (b->held[i].kind == HANDLE_SYNC)
+      corral__sync_release(b->held[i].p);
     else
       iface->worker_drop(b->held[i].p);
   }
@@ -909,6 +912,23 @@ static int enc_buffer(encoder *e, corral_buffer *b) {
   return 0;
 }
 
+/* A channel or sync primitive: by reference (its handle) within the process. */
+static int enc_sync(encoder *e, corral_sync *s) {
+  codec_opts *o = e->o;
+  if (o->no_refs)
+    return enc_fail(e, "a channel or sync primitive cannot be encoded as bytes (it lives in this "
+                       "process)");
+  if (o->no_handles)
+    return enc_fail(e, "a channel or sync primitive cannot cross to a process worker");
+  uint64_t h = corral__sync_handle(s);
+  if (h == 0) return enc_fail(e, "too many sync objects have crossed contexts (handle table full)");
+  if (hold(e, s, HANDLE_SYNC) != 0) return enc_oom(e);
+  corral__sync_retain(s); /* owned by the payload: see corral__codec_discard */
+  o->has_refs = 1;
+  PK(pack_ext_u(e, EXT_SYNC, h, 8));
+  return 0;
+}
+
 static int enc_value(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   switch (lua_type(L, idx)) {
@@ -924,8 +944,10 @@ static int enc_value(encoder *e, int idx, int depth) {
   case LUA_TLIGHTUSERDATA: return enc_fail(e, "lightuserdata cannot travel");
   case LUA_TUSERDATA: {
     corral_buffer **u = luaL_testudata(L, idx, CORRAL_BUFFER_MT);
-    if (u == NULL || *u == NULL) return enc_fail(e, "userdata that is not corral's cannot travel");
-    return enc_buffer(e, *u);
+    if (u != NULL && *u != NULL) return enc_buffer(e, *u);
+    corral_sync *s = iface->sync_of != NULL ? iface->sync_of(L, idx) : NULL;
+    if (s != NULL) return enc_sync(e, s);
+    return enc_fail(e, "userdata that is not corral's cannot travel");
   }
   default: {
     char why[64];
@@ -1364,6 +1386,7 @@ static const char *ext_name(int type) {
   case EXT_BYTES: return "BYTES";
   case EXT_SHM: return "SHM";
   case EXT_SHMFD: return "SHMFD";
+  case EXT_SYNC: return "SYNC";
   default: return "unknown";
   }
 }
@@ -1498,6 +1521,17 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     corral_buffer **slot = iface->push_buffer_slot(L);
     *slot = corral__handle_get(get_be(p, 8), HANDLE_BUFFER); /* the lookup's reference */
     if (*slot == NULL) return dec_fail(d, "extension 9 (BUFFER): a stale or forged buffer handle");
+    return 0;
+  }
+  case EXT_SYNC: {
+    if (!trusted)
+      return dec_fail(d, "extension 13 (SYNC): a channel or sync primitive cannot come from %s",
+                      elsewhere(d));
+    if (n != 8) return dec_fail(d, "extension 13 (SYNC) with a %u-byte body", n);
+    if (iface->push_sync == NULL) return dec_fail(d, "extension 13 (SYNC): none here");
+    corral_sync *s = corral__handle_get(get_be(p, 8), HANDLE_SYNC); /* the lookup's reference */
+    if (s == NULL) return dec_fail(d, "extension 13 (SYNC): a stale or forged handle");
+    iface->push_sync(L, s);
     return 0;
   }
   case EXT_SHM: return dec_fail(d, "extension 11 (SHM) out of its place");
@@ -1913,6 +1947,10 @@ static void release_refs(const msgpack_object *o) {
       corral_buffer *b = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_BUFFER);
       corral__buffer_release(b); /* the lookup's */
       corral__buffer_release(b); /* the payload's */
+    } else if (o->via.ext.type == EXT_SYNC) {
+      corral_sync *s = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_SYNC);
+      corral__sync_release(s); /* the lookup's */
+      corral__sync_release(s); /* the payload's */
     } else if (o->via.ext.type == EXT_INST) {
       corral_worker *w = corral__handle_get(get_be(o->via.ext.ptr, 8), HANDLE_WORKER);
       if (w != NULL) {

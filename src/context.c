@@ -51,6 +51,8 @@ int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   c->L = L;
   queue_init(&c->watching);
   queue_init(&c->completed);
+  queue_init(&c->posted);
+  queue_init(&c->live);
   queue_init(&c->reporters);
   c->deferred = NULL;
   int rc = uv_loop_init(&c->loop);
@@ -112,6 +114,41 @@ int corral__ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f),
     if (fn != NULL) fn(ud, f);
     corral__watch_free(w); /* (it may live in f: freed first) */
     corral_future_release(f);
+    n++;
+  }
+  return n;
+}
+
+void corral__ctx_post_item(corral_context *c, corral_post *p) {
+  uv_mutex_lock(&c->qlock);
+  int pending = !queue_empty(&c->completed) || !queue_empty(&c->posted);
+  queue_insert_tail(&c->posted, &p->node);
+  p->posted = 1;
+  corral__ctx_signal(c, pending);
+  uv_mutex_unlock(&c->qlock);
+}
+
+void corral__ctx_unpost(corral_context *c, corral_post *p) {
+  uv_mutex_lock(&c->qlock);
+  if (p->posted) {
+    queue_remove(&p->node);
+    p->posted = 0;
+  }
+  uv_mutex_unlock(&c->qlock);
+}
+
+int corral__ctx_drain_posts(corral_context *c, void (*fn)(void *ud, corral_post *p), void *ud) {
+  queue done;
+  uv_mutex_lock(&c->qlock);
+  queue_move(&c->posted, &done);
+  for (queue *q = queue_head(&done); q != &done; q = q->next)
+    queue_data(q, corral_post, node)->posted = 0;
+  uv_mutex_unlock(&c->qlock);
+  int n = 0;
+  while (!queue_empty(&done)) {
+    queue *q = queue_head(&done);
+    queue_remove(q);
+    fn(ud, queue_data(q, corral_post, node));
     n++;
   }
   return n;
@@ -228,7 +265,7 @@ int corral__ctx_quiescent(corral_context *c) {
   corral_runtime *rt = c->rt;
   if (corral__future_host_pending() != 0) return 0;
   uv_mutex_lock(&c->qlock);
-  int empty = queue_empty(&c->completed);
+  int empty = queue_empty(&c->completed) && queue_empty(&c->posted);
   uv_mutex_unlock(&c->qlock);
   if (!empty || c->deferred != NULL) return 0;
   if (atomic_load(&rt->nbusy) == 0) return 1;
@@ -338,6 +375,11 @@ void corral__ctx_close(corral_context *c, int destroy_lock) {
     corral_future_release(f);
   }
   corral__ctx_drain(c, c->worker == NULL ? report_unseen : NULL, NULL);
+  /* what its Lua side held of sync primitives: withdrawn, grants given back */
+  while (!queue_empty(&c->live)) {
+    corral_post *p = queue_data(queue_head(&c->live), corral_post, live);
+    p->drop(p); /* (takes it out of `live` and `posted`) */
+  }
   while (!queue_empty(&c->reporters))
     queue_remove(queue_head(&c->reporters));
   uv_mutex_lock(&c->qlock);

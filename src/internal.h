@@ -107,7 +107,7 @@ void corral__watch_free(corral_watch *w);
 
 /* ---- handle.c ---------------------------------------------------------- */
 
-enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2, HANDLE_BUFFER = 3 };
+enum { HANDLE_FUTURE = 1, HANDLE_WORKER = 2, HANDLE_BUFFER = 3, HANDLE_SYNC = 4 };
 
 /* The handle of obj (whose reference count is *refs), kept in *cell: issued
  * on first use, once even when threads race; 0 when no slot can be had. */
@@ -160,6 +160,17 @@ typedef struct corral_deferred {
   struct corral_deferred *next;
 } corral_deferred;
 
+/* A wake-up posted to a context by something other than a future (a sync
+ * primitive granting a waiter: sync.c). Its owner links it in the context's
+ * `live` list while the context's Lua side holds it; `drop` gives it back
+ * when the context closes with it still there. */
+typedef struct corral_post {
+  queue node;                          /* in ctx->posted while posted (under ctx->qlock) */
+  queue live;                          /* in ctx->live (the loop's own thread only) */
+  int posted;                          /* under ctx->qlock */
+  void (*drop)(struct corral_post *p); /* the context closes: withdraw and free it */
+} corral_post;
+
 struct corral_context {
   corral_runtime *rt;
   lua_State *L;
@@ -170,6 +181,8 @@ struct corral_context {
   uv_mutex_t qlock;
   queue watching;            /* watches registered (the loop's own thread only: no lock) */
   queue completed;           /* watches whose future settled, to drain (under qlock) */
+  queue posted;              /* corral_posts to drain (under qlock) */
+  queue live;                /* corral_posts its Lua side holds (loop thread only) */
   queue reporters;           /* unretrieved errors, loop thread only */
   int closed;                /* the loop is closed: no more wake-ups (under qlock) */
   int idle;                  /* a worker parked with nothing to do (under qlock; see context.c) */
@@ -195,6 +208,12 @@ void corral__ctx_signal(corral_context *c, int pending);
 void corral__ctx_poll(corral_context *c, int timeout_ms);
 /* Take every completed watch; calls fn for each, then frees the watch. */
 int corral__ctx_drain(corral_context *c, void (*fn)(void *ud, corral_future *f), void *ud);
+/* Post p to c (any thread): drained by corral__ctx_drain_posts. */
+void corral__ctx_post_item(corral_context *c, corral_post *p);
+/* Take p back if still posted (c's own thread). */
+void corral__ctx_unpost(corral_context *c, corral_post *p);
+/* Take every posted item: fn(ud, p) for each (c's own thread). */
+int corral__ctx_drain_posts(corral_context *c, void (*fn)(void *ud, corral_post *p), void *ud);
 /* Wake the home loop (a worker may have been the last one awake). */
 void corral__ctx_wake_home(corral_runtime *rt);
 /* 1 when nothing in the process can make progress (every worker parked
@@ -206,6 +225,133 @@ int corral__ctx_quiescent(corral_context *c);
  * `kind` and `message`. */
 void corral__ctx_defer(corral_context *c, corral_future *f);
 void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *message);
+
+/* ---- sync.c ------------------------------------------------------------ */
+
+/* Kinds of sync object, and the operations that wait on one. */
+enum {
+  SYNC_CHANNEL = 1,
+  SYNC_QUEUE,
+  SYNC_SEMAPHORE,
+  SYNC_LOCK,
+  SYNC_EVENT,
+  SYNC_CONDITION,
+  SYNC_BARRIER
+};
+enum {
+  SYNC_OP_PUT = 1,
+  SYNC_OP_GET,
+  SYNC_OP_ACQUIRE,
+  SYNC_OP_EVENT,
+  SYNC_OP_NOTIFY,
+  SYNC_OP_BARRIER,
+  SYNC_OP_JOIN
+};
+/* Where a wait is: queued, or granted (done), or failed (closed, broken),
+ * or gone (withdrawn, or its select won elsewhere); NOMEM: no memory. */
+enum { SYNC_QUEUED = 0, SYNC_GRANTED, SYNC_CLOSED, SYNC_BROKEN, SYNC_GONE, SYNC_NOMEM };
+#define SYNC_SELECT_MAX 64
+#define SYNC_WOKEN_MAX  32
+
+/* An encoded value, and how to give back what it holds (NULL: nothing). */
+typedef struct {
+  char *p;
+  size_t len;
+  void (*discard)(const char *p, size_t len);
+} sync_item;
+
+typedef struct corral_sync {
+  atomic_int refs;
+  _Atomic(uint64_t) handle;
+  uv_mutex_t lock;
+  int kind;
+  long cap;   /* channel/queue: capacity (-1 none); barrier: parties */
+  long value; /* semaphore/lock: permits; event: set; barrier: arrived */
+  int closed; /* channel: closed; barrier: broken */
+  long unfinished, generation;
+  sync_item *ring; /* channel/queue values, rhead.. (rcount of rcap) */
+  long rhead, rcount, rcap;
+  queue waiters, putters, joiners; /* FIFO, of corral_sync_waiter */
+  struct corral_sync *lock_of;     /* a condition's lock (retained) */
+} corral_sync;
+
+typedef struct {
+  atomic_int won; /* the index (from 1) of the case that won, or 0 */
+  atomic_int refs;
+} corral_sync_sel;
+
+typedef struct corral_sync_waiter {
+  corral_post post; /* first: its context's wake-up */
+  queue node;       /* in a queue of s while `queued` (under s->lock) */
+  int queued;
+  corral_sync *s; /* retained */
+  corral_context *ctx;
+  corral_sync_sel *sel; /* of a select (retained), or NULL */
+  int sel_idx;
+  int op, state;
+  long n, ival, gen;
+  sync_item val; /* a putter's value; a granted getter's */
+} corral_sync_waiter;
+
+/* One case of a wait: the object, the operation, its value (a put's:
+ * taken when done; a get's: filled) and count (an acquire's). */
+typedef struct {
+  corral_sync *s;
+  int op;
+  long n, ival;
+  sync_item val;
+} sync_case;
+
+/* Waiters of the caller's own context (`self`) that a grant woke: the
+ * caller wakes them (more than fit are posted). */
+typedef struct {
+  corral_context *self;
+  int n;
+  corral_sync_waiter *w[SYNC_WOKEN_MAX];
+} sync_woken;
+
+typedef struct {
+  long count, unfinished, waiting, putting, cap;
+  int closed;
+} sync_info;
+
+corral_sync *corral__sync_new(int kind, long cap);
+void corral__sync_retain(corral_sync *s);
+/* Lock-free until the last reference goes: a __gc may call it. */
+void corral__sync_release(corral_sync *s);
+uint64_t corral__sync_handle(corral_sync *s);
+int corral__sync_live(void);
+int corral__sync_waiters_live(void);
+/* Do one of n cases now (the first ready, in the order given; `wait` 2: the
+ * records are one select even when n is 1): returns its
+ * state (GRANTED, CLOSED, BROKEN) with *which its index; or, none ready,
+ * SYNC_QUEUED: with `wait`, recs[i] is the waiter queued for each case
+ * (one select), which the caller must finish; or SYNC_NOMEM. */
+int corral__sync_select(sync_case *cases, int n, int wait, corral_context *ctx, sync_woken *k,
+                        int *which, corral_sync_waiter **recs);
+/* End w's wait (its context's thread): its state (GRANTED, CLOSED, BROKEN,
+ * GONE: withdrawn if it was still queued). A granted value goes to *out,
+ * or, `abandon`, back to where it came from (a value to the channel's head,
+ * permits to the semaphore). w is freed. */
+int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long *ival,
+                        sync_woken *k);
+/* The case (from 1) that won w's select, or 1 for a lone wait (0: none yet). */
+int corral__sync_won(corral_sync_waiter *w);
+/* Win w's select for something else (a future): 1 when it did. */
+int corral__sync_claim_other(corral_sync_waiter *w, int idx);
+/* Close a channel (break a barrier): 1 when it was open. */
+int corral__sync_close(corral_sync *s, sync_woken *k);
+/* Give back n permits: -1 for a lock that is not held. */
+int corral__sync_release_permits(corral_sync *s, long n, sync_woken *k);
+/* Set (waking every waiter) or clear an event. */
+void corral__sync_set(corral_sync *s, int on, sync_woken *k);
+/* Wake up to n waiters of a condition: how many. */
+long corral__sync_notify(corral_sync *s, long n, sync_woken *k);
+/* A queue's task is done: -1 when none was unfinished. */
+int corral__sync_task_done(corral_sync *s, sync_woken *k);
+/* A barrier back to its first state (its waiters fail as broken). */
+void corral__sync_reset(corral_sync *s, sync_woken *k);
+void corral__sync_state(corral_sync *s, sync_info *out);
 
 /* ---- reporter.c -------------------------------------------------------- */
 
@@ -374,6 +520,10 @@ typedef struct {
    * return its slot, for the decoder to fill with a reference. NULL in
    * the iface: this state decodes no buffers. */
   corral_buffer **(*push_buffer_slot)(lua_State *L);
+  /* The C object of the sync userdata at idx (NULL: not one); push a new
+   * userdata on s (taking a reference). */
+  corral_sync *(*sync_of)(lua_State *L, int idx);
+  void (*push_sync)(lua_State *L, corral_sync *s);
 } corral__codec_iface;
 void corral__codec_init(const corral__codec_iface *iface);
 /* A copy of the payload p (n bytes, encoded here) fit for another process:
@@ -618,6 +768,10 @@ void corral__lua_flush_crefs(lua_State *L);
 extern const luaL_Reg corral__lua_future_funcs[];
 extern const luaL_Reg corral__lua_buffer_funcs[];
 void corral__lua_buffer_open(lua_State *L);
+extern const luaL_Reg corral__lua_sync_funcs[];
+void corral__lua_sync_open(lua_State *L);
+corral_sync *corral__lua_sync_of(lua_State *L, int idx);
+void corral__lua_sync_push(lua_State *L, corral_sync *s);
 corral_buffer **corral__lua_buffer_slot(lua_State *L);
 
 /* lua_codec.c, lua_worker.c, lua_loop.c: their corral.core functions. */

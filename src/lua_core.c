@@ -45,7 +45,8 @@ static const corral__codec_iface codec_iface = {
     corral__lcore_push_future, corral__lua_worker_push,    corral__lua_future_of,
     corral__lua_flush_crefs,   corral__lua_handle_of,      corral__lua_push_import,
     corral__worker_handle,     corral__worker_hold_handle, corral__worker_drop_handle,
-    corral__worker_release,    corral__lua_buffer_slot};
+    corral__worker_release,    corral__lua_buffer_slot,    corral__lua_sync_of,
+    corral__lua_sync_push};
 
 /* registry[key] = package.loaded[module][field] */
 static void hook(lua_State *L, const char *module, const char *field, const char *key) {
@@ -87,6 +88,7 @@ static int open_core(lua_State *L) {
 
   corral__lua_future_open(L);
   corral__lua_buffer_open(L);
+  corral__lua_sync_open(L);
   corral__lua_worker_open(L, corral__lcore_worker_main);
 
   /* package.preload[name] for each embedded Lua module */
@@ -101,6 +103,7 @@ static int open_core(lua_State *L) {
   lua_newtable(L);
   luaL_register(L, NULL, corral__lua_future_funcs);
   luaL_register(L, NULL, corral__lua_buffer_funcs);
+  luaL_register(L, NULL, corral__lua_sync_funcs);
   luaL_register(L, NULL, corral__lua_codec_funcs);
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);

@@ -29,6 +29,12 @@ static void drain_one(void *ud, corral_future *f) {
   lua_rawseti(d->L, 1, ++d->n);
 }
 
+static void drain_post(void *ud, corral_post *p) {
+  drain_ud *d = ud;
+  lua_pushlightuserdata(d->L, p);
+  lua_rawseti(d->L, 1, ++d->n);
+}
+
 static void push_stopping(void *ud, corral_worker *w) {
   lua_State *L = ud;
   corral_future_retain(w->stopped);
@@ -57,6 +63,7 @@ static int l_drain(lua_State *L) {
   }
   drain_ud d = {L, 0};
   corral__ctx_drain(c, drain_one, &d);
+  corral__ctx_drain_posts(c, drain_post, &d);
   lua_pushinteger(L, d.n);
   lua_pushinteger(L, c->worker == NULL ? corral__signal_take_stop() : 0);
   if (stopping)

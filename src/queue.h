@@ -22,6 +22,13 @@ static inline void queue_insert_tail(queue *h, queue *q) {
   h->prev = q;
 }
 
+static inline void queue_insert_head(queue *h, queue *q) {
+  q->next = h->next;
+  q->prev = h;
+  q->next->prev = q;
+  h->next = q;
+}
+
 static inline void queue_remove(queue *q) {
   q->prev->next = q->next;
   q->next->prev = q->prev;

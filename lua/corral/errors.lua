@@ -19,7 +19,7 @@ M.Error = Error
 M.KINDS = {
   WorkerError = true, TimeoutError = true, CancelledError = true,
   DependencyError = true, WorkerCrashed = true, CodecError = true,
-  ClosedError = true, UsageError = true, TaskError = true,
+  ClosedError = true, UsageError = true, TaskError = true, BrokenBarrierError = true,
 }
 
 -- tostring that survives a raising __tostring.

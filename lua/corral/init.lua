@@ -42,6 +42,30 @@ corral.buffer = require("corral.buffer").new
 -- @function is_buffer
 corral.is_buffer = require("corral.buffer").is
 
+-- Channels and sync primitives are loaded on first use.
+local sync
+local function syncs()
+  sync = sync or require "corral.sync"
+  return sync
+end
+
+--- A channel of `capacity` values (0: unbuffered); see `corral.sync`.
+function corral.channel(capacity) return syncs().channel(capacity) end
+--- A queue with `task_done` and `join` (asyncio.Queue); see `corral.sync`.
+function corral.queue(maxsize) return syncs().queue(maxsize) end
+--- A lock; see `corral.sync`.
+function corral.lock() return syncs().lock() end
+--- A semaphore of `n` permits; see `corral.sync`.
+function corral.semaphore(n) return syncs().semaphore(n) end
+--- An event; see `corral.sync`.
+function corral.event() return syncs().event() end
+--- A condition over a lock; see `corral.sync`.
+function corral.condition(lock) return syncs().condition(lock) end
+--- A barrier of `n` parties; see `corral.sync`.
+function corral.barrier(n) return syncs().barrier(n) end
+--- Wait on several channel operations and futures, do one; see `corral.sync`.
+function corral.select(cases, opts) return syncs().select(cases, opts) end
+
 --- Monotonic time in seconds.
 -- @function now
 corral.now = core.now

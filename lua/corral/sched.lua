@@ -259,6 +259,35 @@ function M.watched(f, key)
   ext_pending = ext_pending + 1
 end
 
+-- Waiters of sync primitives (corral.sync): a grant from another context
+-- is posted to this loop under the waiter record's key.
+local posts = {}
+
+--- Wake `w` when the grant of the record `key` is posted to this loop.
+function M.expect(key, w)
+  posts[key] = w
+  ext_pending = ext_pending + 1
+end
+
+--- Forget a record (its wait ended): true when it was still expected.
+local function unexpect(key)
+  if posts[key] == nil then return false end
+  posts[key] = nil
+  ext_pending = ext_pending - 1
+  return true
+end
+M.unexpect = unexpect
+
+--- A record was granted in this very context: wake its waiter now.
+function M.wake_key(key)
+  local w = posts[key]
+  if w ~= nil then
+    posts[key] = nil
+    ext_pending = ext_pending - 1
+    wake(w, WOKE, key)
+  end
+end
+
 M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
 M.exiting = false -- a worker's code called os.exit: the worker is ending
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
@@ -437,6 +466,13 @@ function turn_body(block, until_deadline)
       watched[key] = nil
       ext_pending = ext_pending - 1
       f:_sync()
+    else
+      local w = posts[key]
+      if w ~= nil then
+        posts[key] = nil
+        ext_pending = ext_pending - 1
+        wake(w, WOKE, key)
+      end
     end
   end
   if sig ~= 0 and M.on_signal then M.on_signal(sig) end
