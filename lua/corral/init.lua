@@ -66,6 +66,21 @@ function corral.barrier(n) return syncs().barrier(n) end
 --- Wait on several channel operations and futures, do one; see `corral.sync`.
 function corral.select(cases, opts) return syncs().select(cases, opts) end
 
+local scope = require "corral.scope"
+--- Run `body(s)`, whose tasks (`s:spawn`) all end before it returns; see
+-- `corral.scope`.
+-- @function scope
+corral.scope = scope.scope
+--- Start `n` copies of `fn`; returns a waiter; see `corral.scope`.
+-- @function concurrently
+corral.concurrently = scope.concurrently
+--- Run `fn(...)` with a time limit; see `corral.scope`.
+-- @function timeout
+corral.timeout = scope.timeout
+--- Run `fn(...)` so that cancelling the caller does not cancel it.
+-- @function shield
+corral.shield = scope.shield
+
 --- Monotonic time in seconds.
 -- @function now
 corral.now = core.now

@@ -397,6 +397,7 @@ M.wind_down = nil
 local wind_since = nil
 
 local turn_body
+local busy_turns = 0 -- turns in a row that had work ready (they poll every 16th)
 
 --- One turn of the loop: poll for events (blocking, when `block` and there is
 -- nothing ready, until the next timer or `until_deadline`), deliver
@@ -449,7 +450,13 @@ function turn_body(block, until_deadline)
     end
     poll(timeout)
   elseif ext_pending > 0 then
-    poll(0)
+    -- work is ready: completions are drained below without polling; the
+    -- loop's other events are looked at every few turns
+    busy_turns = busy_turns + 1
+    if busy_turns >= 16 then
+      busy_turns = 0
+      poll(0)
+    end
   end
   local n, sig, stopping = drain(dbuf)
   if stopping then

@@ -177,6 +177,7 @@ local function pool_for(opts)
   end
   return the_pool(), false
 end
+M.pool_for = pool_for
 
 --- Run `fn(...)` on the default pool of thread workers (one per CPU, started
 -- on first use); returns its future. `fn` travels as bytecode with its
