@@ -145,9 +145,22 @@ local function finish(self)
   end
 end
 
---- Cancel every copy still running and wait until all have ended.
+--- Cancel every copy still running and wait until all have ended. (A
+-- copy in a thread worker that is executing, not waiting, when it is
+-- cancelled is cancelled again until it reaches a wait: one that never
+-- waits is waited for.)
 function Waiter:stop()
-  for i = 1, #self._fs do self._fs[i]:cancel() end
+  local delay = 0.001
+  while true do
+    local left = {}
+    for i = 1, #self._fs do
+      local f = self._fs[i]
+      if not f:done() and not f:cancel() then left[#left + 1] = f end
+    end
+    if #left == 0 then break end
+    pcall(wait.wait, left, { timeout = delay })
+    delay = math.min(delay * 2, 0.05)
+  end
   settle_all(self._fs, function() end)
   finish(self)
 end
@@ -250,14 +263,11 @@ function M.timeout(seconds, fn, ...)
     settle_all({ t }, function() end)
     error(e, 0)
   end
-  if not t:done() then
-    t:cancel()
+  if not t:done() and t:cancel() then
+    -- (however fn ends now, even swallowing the cancel, its time ran out)
     settle_all({ t }, function() end)
-    -- (it may have ended by itself meanwhile: then its results stand)
-    if t:cancelled() then
-      error(errors.new("TimeoutError", ("corral.timeout: timed out after %g s"):format(seconds),
-        nil, 2), 2)
-    end
+    error(errors.new("TimeoutError", ("corral.timeout: timed out after %g s"):format(seconds),
+      nil, 2), 2)
   end
   return t:result()
 end
