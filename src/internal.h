@@ -249,15 +249,32 @@ enum {
 };
 /* Where a wait is: queued, or granted (done), or failed (closed, broken),
  * or gone (withdrawn, or its select won elsewhere); NOMEM: no memory. */
-enum { SYNC_QUEUED = 0, SYNC_GRANTED, SYNC_CLOSED, SYNC_BROKEN, SYNC_GONE, SYNC_NOMEM };
+enum {
+  SYNC_QUEUED = 0,
+  SYNC_GRANTED,
+  SYNC_CLOSED,
+  SYNC_BROKEN,
+  SYNC_GONE,
+  SYNC_NOMEM,
+  SYNC_UNREADABLE /* (to Lua: a value got that cannot be decoded here) */
+};
 #define SYNC_SELECT_MAX 64
 #define SYNC_WOKEN_MAX  32
 
-/* An encoded value, and how to give back what it holds (NULL: nothing). */
+/* A value in a channel: encoded (p, len, and how to give back what it
+ * holds: NULL for nothing), or, p NULL, a scalar held as it is (`tag`: a
+ * boolean, a number, a string of up to SYNC_SMALL bytes): most values
+ * sent through channels cost no codec and no allocation. */
+#define SYNC_SMALL 22
+enum { SYNC_ITEM_NONE = 0, SYNC_ITEM_FALSE, SYNC_ITEM_TRUE, SYNC_ITEM_NUMBER, SYNC_ITEM_STRING };
 typedef struct {
   char *p;
   size_t len;
   void (*discard)(const char *p, size_t len);
+  double num;
+  int trust; /* how its bytes decode: CODEC_TRUSTED, or CODEC_PEER (a child's) */
+  unsigned char tag, slen;
+  char small[SYNC_SMALL];
 } sync_item;
 
 typedef struct corral_sync {

@@ -17,14 +17,19 @@ static const char *const kind_mt[] = {
     "corral.lock", "corral.event",   "corral.condition", "corral.barrier"};
 #define NKINDS ((int)(sizeof kind_mt / sizeof kind_mt[0]))
 
+/* A sync userdata: the object and a mark. Only C makes userdata with
+ * contents, and only this file makes ones of this size with this mark. */
+#define SYNC_MARK 0x636f7272616c5359ull /* "corralSY" */
+typedef struct {
+  corral_sync *s;
+  uint64_t mark;
+} sync_box;
+
 /* The C object of a sync userdata at idx of any kind, or NULL. */
 corral_sync *corral__lua_sync_of(lua_State *L, int idx) {
-  corral_sync **u = lua_touserdata(L, idx);
-  if (u == NULL || !lua_getmetatable(L, idx)) return NULL;
-  lua_getfield(L, -1, "__corral_sync");
-  int ok = lua_toboolean(L, -1);
-  lua_pop(L, 2);
-  return ok ? *u : NULL;
+  if (lua_type(L, idx) != LUA_TUSERDATA || lua_objlen(L, idx) != sizeof(sync_box)) return NULL;
+  sync_box *b = lua_touserdata(L, idx);
+  return b->mark == SYNC_MARK ? b->s : NULL;
 }
 
 static corral_sync *check(lua_State *L, int idx) {
@@ -35,17 +40,19 @@ static corral_sync *check(lua_State *L, int idx) {
 
 /* Push a new userdata on s (taking a reference the caller holds). */
 void corral__lua_sync_push(lua_State *L, corral_sync *s) {
-  corral_sync **u = lua_newuserdata(L, sizeof(corral_sync *));
-  *u = s;
+  sync_box *u = lua_newuserdata(L, sizeof(sync_box));
+  u->s = s;
+  u->mark = SYNC_MARK;
   luaL_getmetatable(L, kind_mt[s->kind]);
   lua_setmetatable(L, -2);
 }
 
 /* (no lock, no Lua: an atomic release, perhaps a free) */
 static int sync_gc(lua_State *L) {
-  corral_sync **u = lua_touserdata(L, 1);
-  corral__sync_release(*u);
-  *u = NULL;
+  sync_box *u = lua_touserdata(L, 1);
+  corral__sync_release(u->s);
+  u->s = NULL;
+  u->mark = 0;
   return 0;
 }
 
@@ -68,6 +75,22 @@ static void woken_init(lua_State *L, sync_woken *k) {
 
 /* Encode the value at idx as a channel's item: 1, or 0 with nil, why pushed. */
 static int encode_item(lua_State *L, int idx, sync_item *it) {
+  switch (lua_type(L, idx)) {
+  case LUA_TBOOLEAN: it->tag = lua_toboolean(L, idx) ? SYNC_ITEM_TRUE : SYNC_ITEM_FALSE; return 1;
+  case LUA_TNUMBER:
+    it->tag = SYNC_ITEM_NUMBER;
+    it->num = lua_tonumber(L, idx);
+    return 1;
+  case LUA_TSTRING: {
+    size_t n;
+    const char *str = lua_tolstring(L, idx, &n);
+    if (n > SYNC_SMALL) break;
+    memcpy(it->small, str, n);
+    it->slen = (unsigned char)n;
+    it->tag = SYNC_ITEM_STRING;
+    return 1;
+  }
+  }
   codec_opts o;
   memset(&o, 0, sizeof o);
   o.what = "value";
@@ -82,24 +105,34 @@ static int encode_item(lua_State *L, int idx, sync_item *it) {
 }
 
 static void item_drop(sync_item *it) {
+  it->tag = SYNC_ITEM_NONE;
   if (it->p == NULL) return;
   corral__codec_free(it->p, it->len, it->discard != NULL);
   it->p = NULL;
 }
 
-/* Push the value of an item and free it (it is ours). */
-static void push_item(lua_State *L, sync_item *it) {
+/* Push the value of an item and free it (it is ours): 1, or 0 with why it
+ * cannot be decoded here pushed instead (the value is dropped). */
+static int push_item(lua_State *L, sync_item *it) {
   if (it->p == NULL) {
-    lua_pushnil(L);
-    return;
+    switch (it->tag) {
+    case SYNC_ITEM_FALSE: lua_pushboolean(L, 0); break;
+    case SYNC_ITEM_TRUE: lua_pushboolean(L, 1); break;
+    case SYNC_ITEM_NUMBER: lua_pushnumber(L, it->num); break;
+    case SYNC_ITEM_STRING: lua_pushlstring(L, it->small, it->slen); break;
+    default: lua_pushnil(L);
+    }
+    it->tag = SYNC_ITEM_NONE;
+    return 1;
   }
-  int n = corral__codec_decode(L, it->p, it->len, NULL, CODEC_TRUSTED | CODEC_AS_VALUES);
+  int n = corral__codec_decode(L, it->p, it->len, NULL, it->trust | CODEC_AS_VALUES);
   item_drop(it);
-  if (n < 0) lua_error(L);
+  if (n < 0) return 0;
   if (n == 0)
     lua_pushnil(L);
   else if (n > 1)
     lua_pop(L, n - 1);
+  return 1;
 }
 
 /* ======================================================================== */
@@ -153,7 +186,8 @@ static int l_sync_info(lua_State *L) {
   lua_pushnumber(L, (lua_Number)i.waiting);
   lua_pushnumber(L, (lua_Number)i.putting);
   lua_pushnumber(L, (lua_Number)i.cap);
-  return 6;
+  lua_pushinteger(L, atomic_load(&check(L, 1)->refs)); /* (for leak specs) */
+  return 7;
 }
 
 /* sync_count(s): a channel's values, a semaphore's permits. */
@@ -206,18 +240,22 @@ static int l_sync_select(lua_State *L) {
     if (i != which || cases[i].op != SYNC_OP_GET) item_drop(&cases[i].val);
   int nk = push_woken(L, &k);
   if (rc == SYNC_NOMEM) return luaL_error(L, "corral: not enough memory");
-  lua_pushinteger(L, rc);
   if (rc == SYNC_QUEUED && wait) {
+    lua_pushinteger(L, rc);
     luaL_checkstack(L, n, "too many cases");
     for (int i = 0; i < n; i++)
       lua_pushlightuserdata(L, recs[i]);
     return 1 + n;
   }
-  lua_pushinteger(L, which + 1);
+  int ok = 1;
   if (which >= 0 && cases[which].op == SYNC_OP_GET && rc == SYNC_GRANTED)
-    push_item(L, &cases[which].val);
+    ok = push_item(L, &cases[which].val);
   else
     lua_pushnumber(L, which >= 0 ? (lua_Number)cases[which].ival : 0);
+  /* (a value that cannot be decoded: SYNC_UNREADABLE, and why) */
+  lua_pushinteger(L, ok ? rc : SYNC_UNREADABLE);
+  lua_pushinteger(L, which + 1);
+  lua_pushvalue(L, -3);
   lua_pushinteger(L, nk);
   return 4;
 }
@@ -230,17 +268,20 @@ static int l_sync_finish(lua_State *L) {
   int abandon = lua_toboolean(L, 2);
   sync_woken k;
   woken_init(L, &k);
-  sync_item it = {NULL, 0, NULL};
+  sync_item it;
+  memset(&it, 0, sizeof it);
   long ival = 0;
   int op = w->op;
   int won = corral__sync_won(w);
   int st = corral__sync_finish(w, abandon, &it, &ival, &k);
   int nk = push_woken(L, &k);
-  lua_pushinteger(L, st);
+  int ok = 1;
   if (op == SYNC_OP_GET && st == SYNC_GRANTED && !abandon)
-    push_item(L, &it);
+    ok = push_item(L, &it);
   else
     lua_pushnumber(L, (lua_Number)ival);
+  lua_pushinteger(L, ok ? st : SYNC_UNREADABLE);
+  lua_insert(L, -2);
   lua_pushinteger(L, won);
   lua_pushinteger(L, nk);
   return 4;
@@ -367,8 +408,6 @@ void corral__lua_sync_open(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushstring(L, kind_mt[k]);
     lua_setfield(L, -2, "__name");
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "__corral_sync");
     lua_pushinteger(L, k);
     lua_setfield(L, -2, "__kind");
     lua_pushcfunction(L, lazy_index);

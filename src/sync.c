@@ -47,11 +47,14 @@ corral_sync *corral__sync_new(int kind, long cap) {
 void corral__sync_retain(corral_sync *s) { atomic_fetch_add(&s->refs, 1); }
 
 static void item_free(sync_item *it) {
+  it->tag = SYNC_ITEM_NONE;
   if (it->p == NULL) return;
   if (it->discard != NULL) it->discard(it->p, it->len);
   free(it->p);
   it->p = NULL;
 }
+
+static int item_held(const sync_item *it) { return it->p != NULL || it->tag != SYNC_ITEM_NONE; }
 
 /* Lock-free until the last reference: a __gc may drop one. */
 void corral__sync_release(corral_sync *s) {
@@ -278,12 +281,15 @@ static int try_case(sync_case *c, sync_woken *k) {
   case SYNC_OP_NOTIFY: return SYNC_QUEUED; /* a condition's wait always waits */
   case SYNC_OP_BARRIER: {
     if (s->closed) return SYNC_BROKEN;
-    c->ival = s->value;
     if (s->value + 1 < s->cap) return SYNC_QUEUED;
-    /* the last to arrive: every waiter passes */
+    /* the last to arrive: every waiter passes, numbered in arrival order */
     corral_sync_waiter *w;
-    while ((w = first_claimed(&s->waiters)) != NULL)
+    long i = 0;
+    while ((w = first_claimed(&s->waiters)) != NULL) {
+      w->ival = i++;
       wake(w, SYNC_GRANTED, k);
+    }
+    c->ival = i;
     s->value = 0;
     s->generation++;
     return SYNC_GRANTED;
@@ -328,7 +334,7 @@ int corral__sync_select(sync_case *cases, int n, int wait, corral_context *ctx, 
   if (n < 1 || n > SYNC_SELECT_MAX) return SYNC_NOMEM;
   for (int i = 0; i < n; i++)
     locks[nl++] = cases[i].s;
-  qsort(locks, (size_t)nl, sizeof locks[0], addr_cmp);
+  if (nl > 1) qsort(locks, (size_t)nl, sizeof locks[0], addr_cmp);
   int u = 0;
   for (int i = 0; i < nl; i++)
     if (u == 0 || locks[u - 1] != locks[i]) locks[u++] = locks[i];
@@ -485,7 +491,7 @@ void corral__sync_state(corral_sync *s, sync_info *out) {
  * held). */
 static void undo(corral_sync_waiter *w, sync_woken *k) {
   corral_sync *s = w->s;
-  if (w->op == SYNC_OP_GET && w->val.p != NULL) {
+  if (w->op == SYNC_OP_GET && item_held(&w->val)) {
     corral_sync_waiter *g = first_claimed(&s->waiters);
     if (g != NULL) {
       g->val = w->val;

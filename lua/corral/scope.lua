@@ -69,7 +69,7 @@ function Scope:spawn(fn, ...)
   if self._closed then errors.usage("scope:spawn", "the scope has ended") end
   local t = task.spawn(fn, ...)
   self._tasks[#self._tasks + 1] = t
-  if self._failure ~= nil then t:cancel() end
+  if self._failure ~= nil or self._cancelled then t:cancel() end
   future.add_waiter(t, function(f) on_child_done(self, f) end)
   return t
 end
@@ -91,7 +91,7 @@ function M.scope(body, ...)
   local s = setmetatable({ _tasks = {}, _others = {} }, Scope)
   local ok, e = pcall(body, s, ...)
   if not ok then
-    if s._failure == nil then s._failure = e end
+    if s._failure == nil then s._failure = e else s._others[#s._others + 1] = e end
     cancel_all(s)
   end
   -- (tasks spawned by tasks of the scope while it waits are waited for too)
@@ -100,7 +100,7 @@ function M.scope(body, ...)
   while n < #s._tasks do
     n = #s._tasks
     local list = { unpack(s._tasks, 1, n) }
-    if settle_all(list, function() cancel_all(s) end) then cancelled = true end
+    if settle_all(list, function() s._cancelled = true; cancel_all(s) end) then cancelled = true end
   end
   s._closed = true
   if s._failure ~= nil then
@@ -190,6 +190,12 @@ function Waiter:wait(opts)
         if not f:cancelled() and f:exception() ~= nil then
           local e = f:exception()
           self:stop()
+          -- the other failures are retrieved here (none is reported as lost)
+          local others = {}
+          for _, x in ipairs(self:exceptions()) do
+            if x ~= e then others[#others + 1] = x end
+          end
+          if #others > 0 and type(e) == "table" then rawset(e, "others", others) end
           error(e, 0)
         end
       end

@@ -35,7 +35,7 @@ local M = {}
 -- Kinds and operations, as sync.c numbers them.
 local CHANNEL, QUEUE, SEMAPHORE, LOCK, EVENT, CONDITION, BARRIER = 1, 2, 3, 4, 5, 6, 7
 local PUT, GET, ACQUIRE, EVENT_WAIT, NOTIFY, BARRIER_WAIT, JOIN = 1, 2, 3, 4, 5, 6, 7
-local QUEUED, GRANTED, CLOSED, BROKEN = 0, 1, 2, 3
+local QUEUED, GRANTED, CLOSED, BROKEN, UNREADABLE = 0, 1, 2, 3, 6
 local KIND_NAME = { "channel", "queue", "semaphore", "lock", "event", "condition", "barrier" }
 
 local woken = {}
@@ -63,6 +63,13 @@ end
 -- Operations whose grant is given back when its waiter does not take it.
 local UNDOABLE = { [GET] = true, [ACQUIRE] = true }
 
+-- A value got that cannot be decoded here (a module it names is not
+-- loaded, say): it is dropped, and the getter gets a CodecError.
+local function unreadable(fname, why, level)
+  error(errors.codec(fname .. ": the value got cannot be decoded here (it is dropped): "
+    .. tostring(why), level + 1), level + 1)
+end
+
 --- Do `op` on `s`, waiting when it cannot happen now. Returns the state
 -- (GRANTED, CLOSED, BROKEN) and the value (a get's) or index (a
 -- barrier's); raises TimeoutError or CancelledError (`soft`: returns
@@ -72,6 +79,7 @@ local function wait_op(fname, s, op, x, timeout, soft)
   if st == nil then error(errors.codec(fname .. ": " .. rec, 3), 3) end
   if st ~= QUEUED then
     if nk > 0 then wake_woken(nk) end
+    if st == UNREADABLE then unreadable(fname, v, 3) end
     return st, v
   end
   local w = waiter()
@@ -81,6 +89,7 @@ local function wait_op(fname, s, op, x, timeout, soft)
   local abandon = tok ~= WOKE
   local st2, v2, _, nk2 = c_finish(rec, abandon and UNDOABLE[op] == true)
   if nk2 > 0 then wake_woken(nk2) end
+  if st2 == UNREADABLE then unreadable(fname, v2, 3) end
   if tok ~= WOKE then
     if st2 == GRANTED and not UNDOABLE[op] then
       -- it happened (a put went, the event was set): the cancel comes
@@ -161,6 +170,7 @@ function Channel:try_get()
   self_check(self, CHANNEL, "channel:try_get")
   local st, _, v, nk = c_select(false, 1, self, GET)
   if nk > 0 then wake_woken(nk) end
+  if st == UNREADABLE then unreadable("channel:try_get", v, 1) end
   if st == GRANTED then return v end
   return nil, st == CLOSED and "closed" or "empty"
 end
@@ -235,6 +245,7 @@ function Queue:get_nowait()
   self_check(self, QUEUE, "queue:get_nowait")
   local st, _, v, nk = c_select(false, 1, self, GET)
   if nk > 0 then wake_woken(nk) end
+  if st == UNREADABLE then unreadable("queue:get_nowait", v, 1) end
   if st == GRANTED then return v end
   return nil
 end
@@ -388,8 +399,10 @@ function Condition:locked() return lock_of(self):locked() end
 function Condition:with(fn, ...) return lock_of(self):with(fn, ...) end
 
 --- Release the lock, wait for a notify, take the lock again (also when
--- cancelled, before `CancelledError` is raised). True when notified, false
--- when `timeout` seconds passed first. The lock must be held.
+-- cancelled, before `CancelledError` is raised: a cancel that came while
+-- it waited, or while it took the lock back, is raised even when it was
+-- notified). True when notified, false when `timeout` seconds passed
+-- first. The lock must be held.
 function Condition:wait(timeout)
   self_check(self, CONDITION, "condition:wait")
   check_timeout("condition:wait", timeout)
@@ -412,11 +425,8 @@ function Condition:wait(timeout)
     if not errors.is_error(e, "CancelledError") then error(e, 0) end
     cancelled = true
   end
-  if st2 == GRANTED then
-    if cancelled then w._cancel_req = true end
-    return true
-  end
   if cancelled then error(errors.cancelled(), 2) end
+  if st2 == GRANTED then return true end
   if tok ~= WOKE and tok ~= TIMEOUT then future.raise_token(tok, "condition:wait") end
   return false
 end
@@ -548,6 +558,7 @@ function M.select(cases, opts)
   end
   local function outcome(i, st, v)
     local c = cases[i]
+    if st == UNREADABLE then unreadable("corral.select", v, 2) end
     if st == CLOSED then
       if c[2] == "put" then error(closed_error("corral.select", 3), 3) end
       return i, nil, "closed"
@@ -615,6 +626,7 @@ function M.select(cases, opts)
     local st, v, won, nk = c_finish(rec, false)
     if nk > 0 then wake_woken(nk) end
     if won == k then result_i, result_st, result_v = map[k], st, v end
+    -- (an unreadable value is raised once every record is finished)
   end
   if gave_up then
     if tok == TIMEOUT then return nil, "timeout" end
