@@ -87,9 +87,11 @@ enum {
   EXT_FUNC,
   EXT_WORKER,
   EXT_INST,
-  EXT_BUFFER,    /* a buffer shared by reference: its handle (8) */
-  EXT_BYTES,     /* a buffer's bytes, for another process or for bytes out */
-  EXT_SYNC = 13, /* a channel or sync primitive shared by reference: its handle (8) */
+  EXT_BUFFER,     /* a buffer shared by reference: its handle (8) */
+  EXT_BYTES,      /* a buffer's bytes, for another process or for bytes out */
+  EXT_SYNC = 13,  /* a channel or sync primitive shared by reference: its handle (8) */
+  EXT_RSYNC = 14, /* one of the parent process's (in a child): its handle there (8), kind
+                   * (1), and a condition's lock's handle (8, or 0) */
   /* a buffer in shared memory, to another process: its handle in the
    * process that encoded it (8) and its length (8), on the wire only; and
    * the same once its descriptor came over the socket (process.c): the
@@ -918,8 +920,11 @@ static int enc_sync(encoder *e, corral_sync *s) {
   if (o->no_refs)
     return enc_fail(e, "a channel or sync primitive cannot be encoded as bytes (it lives in this "
                        "process)");
-  if (o->no_handles)
-    return enc_fail(e, "a channel or sync primitive cannot cross to a process worker");
+  /* (for a process worker too: its proxy makes it an RSYNC, see
+   * corral__codec_syncs_for_child; one of a parent's cannot go further) */
+  if (s->remote != 0)
+    return enc_fail(e, "a channel or sync primitive of the parent process cannot leave this "
+                       "process worker");
   uint64_t h = corral__sync_handle(s);
   if (h == 0) return enc_fail(e, "too many sync objects have crossed contexts (handle table full)");
   if (hold(e, s, HANDLE_SYNC) != 0) return enc_oom(e);
@@ -1387,6 +1392,7 @@ static const char *ext_name(int type) {
   case EXT_SHM: return "SHM";
   case EXT_SHMFD: return "SHMFD";
   case EXT_SYNC: return "SYNC";
+  case EXT_RSYNC: return "RSYNC";
   default: return "unknown";
   }
 }
@@ -1531,6 +1537,30 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     if (iface->push_sync == NULL) return dec_fail(d, "extension 13 (SYNC): none here");
     corral_sync *s = corral__handle_get(get_be(p, 8), HANDLE_SYNC); /* the lookup's reference */
     if (s == NULL) return dec_fail(d, "extension 13 (SYNC): a stale or forged handle");
+    iface->push_sync(L, s);
+    return 0;
+  }
+  case EXT_RSYNC: {
+    if (!trusted)
+      return dec_fail(d, "extension 14 (RSYNC): a channel or sync primitive cannot come from %s",
+                      elsewhere(d));
+    if (n != 17) return dec_fail(d, "extension 14 (RSYNC) with a %u-byte body", n);
+    if (iface->push_sync == NULL) return dec_fail(d, "extension 14 (RSYNC): none here");
+    uint64_t h = get_be(p, 8), lh = get_be(p + 9, 8);
+    int kind = (unsigned char)p[8];
+    if (h == 0 || kind < SYNC_CHANNEL || kind > SYNC_BARRIER ||
+        (kind == SYNC_CONDITION) != (lh != 0))
+      return dec_fail(d, "extension 14 (RSYNC): a malformed body");
+    corral_sync *s = corral__sync_new(kind, 0);
+    corral_sync *lk = lh != 0 ? corral__sync_new(SYNC_LOCK, 0) : NULL;
+    if (s == NULL || (lh != 0 && lk == NULL)) {
+      corral__sync_release(s);
+      corral__sync_release(lk);
+      return dec_fail(d, "extension 14 (RSYNC): no memory");
+    }
+    s->remote = h;
+    if (lk != NULL) lk->remote = lh;
+    s->lock_of = lk;
     iface->push_sync(L, s);
     return 0;
   }
@@ -2098,6 +2128,102 @@ char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *faile
       *out = sb.size;
     }
     free(r.held);
+  }
+  msgpack_zone_free(z);
+  return copy;
+}
+
+/* ---- sync objects for a child process ---------------------------------- */
+
+typedef struct {
+  int (*keep)(void *ud, corral_sync *s);
+  void *ud;
+  int found;
+} rsync_ctx;
+
+static int has_sync(const msgpack_object *o) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_EXT: return o->via.ext.type == EXT_SYNC;
+  case MSGPACK_OBJECT_ARRAY:
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      if (has_sync(&o->via.array.ptr[i])) return 1;
+    return 0;
+  case MSGPACK_OBJECT_MAP:
+    for (uint32_t i = 0; i < o->via.map.size; i++)
+      if (has_sync(&o->via.map.ptr[i].key) || has_sync(&o->via.map.ptr[i].val)) return 1;
+    return 0;
+  default: return 0;
+  }
+}
+
+static int repack_syncs(msgpack_packer *pk, const msgpack_object *o, rsync_ctx *r) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_ARRAY:
+    if (msgpack_pack_array(pk, o->via.array.size) != 0) return -1;
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      if (repack_syncs(pk, &o->via.array.ptr[i], r) != 0) return -1;
+    return 0;
+  case MSGPACK_OBJECT_MAP:
+    if (msgpack_pack_map(pk, o->via.map.size) != 0) return -1;
+    for (uint32_t i = 0; i < o->via.map.size; i++)
+      if (repack_syncs(pk, &o->via.map.ptr[i].key, r) != 0 ||
+          repack_syncs(pk, &o->via.map.ptr[i].val, r) != 0)
+        return -1;
+    return 0;
+  case MSGPACK_OBJECT_EXT:
+    if (o->via.ext.type == EXT_SYNC && o->via.ext.size == 8) {
+      uint64_t h = get_be(o->via.ext.ptr, 8);
+      corral_sync *s = corral__handle_get(h, HANDLE_SYNC);
+      if (s == NULL) return -1;
+      uint64_t lh = 0;
+      if (s->lock_of != NULL) {
+        lh = corral__sync_handle(s->lock_of);
+        corral__sync_retain(s->lock_of);
+        if (lh == 0 || r->keep(r->ud, s->lock_of) != 0) {
+          corral__sync_release(s);
+          return -1;
+        }
+      }
+      int kind = s->kind;
+      if (r->keep(r->ud, s) != 0) return -1; /* (it takes the lookup's reference) */
+      unsigned char body[17];
+      put_be(body, h, 8);
+      body[8] = (unsigned char)kind;
+      put_be(body + 9, lh, 8);
+      r->found++;
+      return msgpack_pack_ext(pk, 17, EXT_RSYNC) || msgpack_pack_ext_body(pk, body, 17) ? -1 : 0;
+    }
+    return msgpack_pack_object(pk, *o);
+  default: return msgpack_pack_object(pk, *o);
+  }
+}
+
+char *corral__codec_syncs_for_child(const char *p, size_t n, size_t *out,
+                                    int (*keep)(void *ud, corral_sync *s), void *ud, int *failed) {
+  *failed = 0;
+  if (p == NULL || n == 0) return NULL;
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) {
+    *failed = 1;
+    return NULL;
+  }
+  msgpack_object o;
+  char *copy = NULL;
+  if (unpack_one(z, p, n, &o, 0) != NULL) {
+    *failed = 1;
+  } else if (has_sync(&o)) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    rsync_ctx r = {keep, ud, 0};
+    if (repack_syncs(&pk, &o, &r) != 0) {
+      msgpack_sbuffer_destroy(&sb);
+      *failed = 1;
+    } else {
+      copy = sb.data;
+      *out = sb.size;
+    }
   }
   msgpack_zone_free(z);
   return copy;

@@ -180,3 +180,54 @@ const char *corral__frame_cancel(rcur *c, uint64_t *id) {
   *id = corral__r_uint(c, 8);
   return corral__frame_done(c, "a malformed CANCEL frame");
 }
+
+/* ======================================================================== */
+/* Sync operations of a child on its parent's objects                       */
+/* ======================================================================== */
+
+void corral__w_value(wbuf *b, const frame_value *v) {
+  corral__w_uint(b, (uint64_t)v->tag, 1);
+  if (v->tag == FV_NUMBER) {
+    uint64_t u;
+    memcpy(&u, &v->num, sizeof u);
+    corral__w_uint(b, u, 8);
+  } else if (v->tag == FV_STRING || v->tag == FV_ENCODED) {
+    corral__w_bytes(b, v->bytes, v->n);
+  }
+}
+
+void corral__r_value(rcur *c, frame_value *out) {
+  memset(out, 0, sizeof *out);
+  out->tag = (int)corral__r_uint(c, 1);
+  if (out->tag == FV_NUMBER) {
+    uint64_t u = corral__r_uint(c, 8);
+    memcpy(&out->num, &u, sizeof u);
+  } else if (out->tag == FV_STRING || out->tag == FV_ENCODED) {
+    out->bytes = corral__r_bytes(c, &out->n);
+  } else if (out->tag > FV_ENCODED) {
+    c->bad = 1;
+  }
+}
+
+const char *corral__frame_sync(rcur *c, frame_sync *out) {
+  out->id = corral__r_uint(c, 8);
+  out->handle = corral__r_uint(c, 8);
+  out->op = (int)corral__r_uint(c, 1);
+  out->n = (int64_t)corral__r_uint(c, 8);
+  corral__r_value(c, &out->v);
+  return corral__frame_done(c, "a malformed SYNC frame");
+}
+
+const char *corral__frame_sync_reply(rcur *c, frame_sync_reply *out) {
+  out->id = corral__r_uint(c, 8);
+  out->state = (int)corral__r_uint(c, 1);
+  out->ival = (int64_t)corral__r_uint(c, 8);
+  out->count = (int64_t)corral__r_uint(c, 8);
+  out->closed = (int)corral__r_uint(c, 1);
+  out->unfinished = (int64_t)corral__r_uint(c, 8);
+  out->waiting = (int64_t)corral__r_uint(c, 8);
+  out->putting = (int64_t)corral__r_uint(c, 8);
+  out->cap = (int64_t)corral__r_uint(c, 8);
+  corral__r_value(c, &out->v);
+  return corral__frame_done(c, "a malformed SYNC_REPLY frame");
+}

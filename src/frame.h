@@ -10,7 +10,15 @@
 #define FRAME_SHM 0x80       /* a state's bit: the payload names buffers in shared memory */
 
 /* The frames (process.c says what each carries). */
-enum { F_BOOT = 1, F_CALL = 2, F_RESULT = 4, F_CANCEL = 5 };
+enum {
+  F_BOOT = 1,
+  F_CALL = 2,
+  F_RESULT = 4,
+  F_CANCEL = 5,
+  F_SYNC = 6,
+  F_SYNC_CANCEL = 7,
+  F_SYNC_REPLY = 8
+};
 /* (the states, as corral.h numbers them: checked here without it) */
 enum { FRAME_PENDING = 0, FRAME_DONE = 2, FRAME_FAILED = 3, FRAME_CANCELLED = 4 };
 
@@ -72,6 +80,39 @@ void corral__frame_input(rcur *c, frame_input *out);
 const char *corral__frame_done(rcur *c, const char *why);
 
 const char *corral__frame_cancel(rcur *c, uint64_t *id);
+
+/* A value in a SYNC or SYNC_REPLY frame: a tag (1), then a number (8,
+ * IEEE 754 big-endian) or bytes (a string, or an encoded payload). */
+enum { FV_NONE = 0, FV_FALSE, FV_TRUE, FV_NUMBER, FV_STRING, FV_ENCODED };
+typedef struct {
+  int tag;
+  double num;
+  const char *bytes;
+  size_t n;
+} frame_value;
+void corral__w_value(wbuf *b, const frame_value *v);
+void corral__r_value(rcur *c, frame_value *out);
+
+/* SYNC, child -> parent: an operation on a sync object of the parent's
+ * (process.c): id (8), the object's handle (8), op (1), n (8, signed), value. */
+typedef struct {
+  uint64_t id, handle;
+  int op;
+  int64_t n;
+  frame_value v;
+} frame_sync;
+const char *corral__frame_sync(rcur *c, frame_sync *out);
+
+/* SYNC_REPLY, parent -> child: id (8), state (1), ival (8), then the
+ * object's count (8), closed (1), unfinished, waiting, putting, cap (8
+ * each, signed), value. */
+typedef struct {
+  uint64_t id;
+  int state, closed;
+  int64_t ival, count, unfinished, waiting, putting, cap;
+  frame_value v;
+} frame_sync_reply;
+const char *corral__frame_sync_reply(rcur *c, frame_sync_reply *out);
 
 void corral__w_uint(wbuf *b, uint64_t v, int n);
 void corral__w_bytes(wbuf *b, const void *s, size_t n);

@@ -290,6 +290,7 @@ typedef struct corral_sync {
   long rhead, rcount, rcap;
   queue waiters, putters, joiners; /* FIFO, of corral_sync_waiter */
   struct corral_sync *lock_of;     /* a condition's lock (retained) */
+  uint64_t remote; /* in a process worker: the parent's object, its handle there (0: ours) */
 } corral_sync;
 
 typedef struct {
@@ -308,7 +309,31 @@ typedef struct corral_sync_waiter {
   int op, state;
   long n, ival, gen;
   sync_item val; /* a putter's value; a granted getter's */
+  /* a wait on a parent's object (s->remote): its request, carried by the
+   * child's pump (process.c), under s->lock */
+  int rstate;    /* SYNC_R_* */
+  int abandoned; /* its task gave up: the pump frees it */
+  uint64_t wire_id;
+  long info[6]; /* the reply's count, closed, unfinished, waiting, putting, cap */
 } corral_sync_waiter;
+
+/* Where a remote wait is: posted to the pump, sent, answered; or given up
+ * once sent (a CANCEL to send), or answered but not taken (an UNDO). */
+enum { SYNC_R_NONE = 0, SYNC_R_TO_PUMP, SYNC_R_SENT, SYNC_R_DONE, SYNC_R_CANCEL, SYNC_R_UNDO };
+/* Operations of a child on a parent's object, beside the waiting ones. */
+enum {
+  SYNC_OP_TRY_PUT = 16,
+  SYNC_OP_TRY_GET,
+  SYNC_OP_CLOSE,
+  SYNC_OP_RELEASE,
+  SYNC_OP_SET,
+  SYNC_OP_NOTIFY_N,
+  SYNC_OP_TASK_DONE,
+  SYNC_OP_RESET,
+  SYNC_OP_INFO,
+  SYNC_OP_UNDO_GET,
+  SYNC_OP_UNDO_ACQUIRE
+};
 
 /* One case of a wait: the object, the operation, its value (a put's:
  * taken when done; a get's: filled) and count (an acquire's). */
@@ -350,8 +375,17 @@ int corral__sync_select(sync_case *cases, int n, int wait, corral_context *ctx, 
  * GONE: withdrawn if it was still queued). A granted value goes to *out,
  * or, `abandon`, back to where it came from (a value to the channel's head,
  * permits to the semaphore). w is freed. */
-int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long *ival,
+int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long *ival, long *info,
                         sync_woken *k);
+/* In a process worker: start op on the parent's object s (the value v is
+ * taken): a record posted to the pump (ctx's runtime's home), or NULL. */
+corral_sync_waiter *corral__sync_remote_start(corral_sync *s, corral_context *ctx, int op, long n,
+                                              sync_item *v);
+/* Free a record the pump owns (given up, or an UNDO sent). */
+void corral__sync_waiter_free(corral_sync_waiter *w);
+/* Put a value back at the head of a channel (a get that could not be
+ * delivered): to its first waiting getter, or into the ring. */
+void corral__sync_putback(corral_sync *s, sync_item *v);
 /* The case (from 1) that won w's select, or 1 for a lone wait (0: none yet). */
 int corral__sync_won(corral_sync_waiter *w);
 /* Win w's select for something else (a future): 1 when it did. */
@@ -548,6 +582,13 @@ void corral__codec_init(const corral__codec_iface *iface);
  * retained by the copy: release with corral__codec_discard) or BYTES.
  * NULL when p holds no buffer (send it as it is), or on failure (*failed). */
 char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *failed);
+/* A copy of the payload p (encoded here) for a child process: each SYNC
+ * extension becomes RSYNC (the object's handle here, which the child sends
+ * back in its SYNC frames), after keep(ud, s) took a reference to it (0,
+ * or -1: refused). NULL when p holds none (send it as it is), or on
+ * failure (*failed). */
+char *corral__codec_syncs_for_child(const char *p, size_t n, size_t *out,
+                                    int (*keep)(void *ud, corral_sync *s), void *ud, int *failed);
 /* Release the references an encoded payload holds. Takes no lock, runs no Lua. */
 void corral__codec_discard(const char *data, size_t len);
 /* Free an encoded payload, first releasing its references when it holds

@@ -12,10 +12,24 @@
 
 #include "internal.h"
 
-static const char *const kind_mt[] = {
-    NULL,          "corral.channel", "corral.queue",     "corral.semaphore",
-    "corral.lock", "corral.event",   "corral.condition", "corral.barrier"};
-#define NKINDS ((int)(sizeof kind_mt / sizeof kind_mt[0]))
+/* Metatables by kind: ours, then (from 8 on) a parent's, in a process worker. */
+static const char *const kind_mt[] = {NULL,
+                                      "corral.channel",
+                                      "corral.queue",
+                                      "corral.semaphore",
+                                      "corral.lock",
+                                      "corral.event",
+                                      "corral.condition",
+                                      "corral.barrier",
+                                      "corral.rchannel",
+                                      "corral.rqueue",
+                                      "corral.rsemaphore",
+                                      "corral.rlock",
+                                      "corral.revent",
+                                      "corral.rcondition",
+                                      "corral.rbarrier"};
+#define NKINDS    ((int)(sizeof kind_mt / sizeof kind_mt[0]))
+#define REMOTE_MT 7 /* kind_mt[kind + REMOTE_MT]: a parent's object */
 
 /* A sync userdata: the object and a mark. Only C makes userdata with
  * contents, and only this file makes ones of this size with this mark. */
@@ -43,7 +57,7 @@ void corral__lua_sync_push(lua_State *L, corral_sync *s) {
   sync_box *u = lua_newuserdata(L, sizeof(sync_box));
   u->s = s;
   u->mark = SYNC_MARK;
-  luaL_getmetatable(L, kind_mt[s->kind]);
+  luaL_getmetatable(L, kind_mt[s->kind + (s->remote != 0 ? REMOTE_MT : 0)]);
   lua_setmetatable(L, -2);
 }
 
@@ -73,8 +87,9 @@ static void woken_init(lua_State *L, sync_woken *k) {
   k->n = 0;
 }
 
-/* Encode the value at idx as a channel's item: 1, or 0 with nil, why pushed. */
-static int encode_item(lua_State *L, int idx, sync_item *it) {
+/* Encode the value at idx as a channel's item (`bytes`: for another
+ * process, as bytes: no references): 1, or 0 with nil, why pushed. */
+static int encode_item_as(lua_State *L, int idx, sync_item *it, int bytes) {
   switch (lua_type(L, idx)) {
   case LUA_TBOOLEAN: it->tag = lua_toboolean(L, idx) ? SYNC_ITEM_TRUE : SYNC_ITEM_FALSE; return 1;
   case LUA_TNUMBER:
@@ -94,6 +109,7 @@ static int encode_item(lua_State *L, int idx, sync_item *it) {
   codec_opts o;
   memset(&o, 0, sizeof o);
   o.what = "value";
+  o.no_refs = bytes;
   it->p = corral__codec_encode(L, idx, 1, &it->len, &o);
   if (it->p == NULL) {
     lua_pushnil(L);
@@ -102,6 +118,10 @@ static int encode_item(lua_State *L, int idx, sync_item *it) {
   }
   it->discard = o.has_refs ? corral__codec_discard : NULL;
   return 1;
+}
+
+static int encode_item(lua_State *L, int idx, sync_item *it) {
+  return encode_item_as(L, idx, it, 0);
 }
 
 static void item_drop(sync_item *it) {
@@ -142,7 +162,7 @@ static int push_item(lua_State *L, sync_item *it) {
 /* sync_new(kind, cap[, lock]): a new object (a condition takes its lock). */
 static int l_sync_new(lua_State *L) {
   int kind = (int)luaL_checkinteger(L, 1);
-  if (kind < 1 || kind >= NKINDS) return luaL_argerror(L, 1, "no such kind");
+  if (kind < SYNC_CHANNEL || kind > SYNC_BARRIER) return luaL_argerror(L, 1, "no such kind");
   corral_sync *lk = NULL;
   if (kind == SYNC_CONDITION) {
     lk = check(L, 3);
@@ -168,12 +188,14 @@ static int l_sync_lock_of(lua_State *L) {
   return 1;
 }
 
-/* sync_kind(x): the kind of a sync object, or nil. */
+/* sync_kind(x): the kind of a sync object (or nil), and whether it is the
+ * parent process's. */
 static int l_sync_kind(lua_State *L) {
   corral_sync *s = corral__lua_sync_of(L, 1);
   if (s == NULL) return 0;
   lua_pushinteger(L, s->kind);
-  return 1;
+  lua_pushboolean(L, s->remote != 0);
+  return 2;
 }
 
 /* sync_info(s): count, closed, unfinished, waiters, putters. */
@@ -220,6 +242,7 @@ static int l_sync_select(lua_State *L) {
   for (int i = 0; i < n; i++) {
     int b = 3 + 3 * i;
     cases[i].s = check(L, b);
+    if (cases[i].s->remote != 0) return luaL_argerror(L, b, "an object of this process");
     cases[i].op = (int)luaL_checkinteger(L, b + 1);
     if (cases[i].op == SYNC_OP_ACQUIRE) cases[i].n = (long)luaL_checknumber(L, b + 2);
   }
@@ -261,7 +284,9 @@ static int l_sync_select(lua_State *L) {
 }
 
 /* sync_finish(rec, abandon): end a wait: state, value (a granted get's) or
- * ival, the case that won its select (0 none), and the woken count. */
+ * ival, the case that won its select (0 none), the woken count; for a
+ * parent's object also the reply's count, closed, unfinished, waiting,
+ * putting and cap. */
 static int l_sync_finish(lua_State *L) {
   corral_sync_waiter *w = lua_touserdata(L, 1);
   if (w == NULL) return luaL_argerror(L, 1, "a waiter record");
@@ -270,21 +295,44 @@ static int l_sync_finish(lua_State *L) {
   woken_init(L, &k);
   sync_item it;
   memset(&it, 0, sizeof it);
-  long ival = 0;
-  int op = w->op;
+  long ival = 0, info[6];
+  int op = w->op, remote = w->s->remote != 0;
   int won = corral__sync_won(w);
-  int st = corral__sync_finish(w, abandon, &it, &ival, &k);
+  int st = corral__sync_finish(w, abandon, &it, &ival, info, &k);
   int nk = push_woken(L, &k);
   int ok = 1;
-  if (op == SYNC_OP_GET && st == SYNC_GRANTED && !abandon)
+  if ((op == SYNC_OP_GET || op == SYNC_OP_TRY_GET) && st == SYNC_GRANTED && !abandon)
     ok = push_item(L, &it);
   else
     lua_pushnumber(L, (lua_Number)ival);
+  item_drop(&it);
   lua_pushinteger(L, ok ? st : SYNC_UNREADABLE);
   lua_insert(L, -2);
   lua_pushinteger(L, won);
   lua_pushinteger(L, nk);
-  return 4;
+  if (!remote) return 4;
+  lua_pushnumber(L, (lua_Number)info[0]);
+  lua_pushboolean(L, info[1] != 0);
+  for (int i = 2; i < 6; i++)
+    lua_pushnumber(L, (lua_Number)info[i]);
+  return 10;
+}
+
+/* sync_remote(s, op, n, value): start op on a parent's object (in a
+ * process worker): its record, or nil, why (the value cannot travel). */
+static int l_sync_remote(lua_State *L) {
+  corral_sync *s = check(L, 1);
+  if (s->remote == 0) return luaL_argerror(L, 1, "an object of the parent process");
+  int op = (int)luaL_checkinteger(L, 2);
+  long n = (long)luaL_optnumber(L, 3, 0);
+  sync_item it;
+  memset(&it, 0, sizeof it);
+  if (!lua_isnoneornil(L, 4) && !encode_item_as(L, 4, &it, 1)) return 2;
+  corral_sync_waiter *w = corral__sync_remote_start(s, corral__ctx_of(L), op, n, &it);
+  item_drop(&it);
+  if (w == NULL) return luaL_error(L, "corral: not enough memory");
+  lua_pushlightuserdata(L, w);
+  return 1;
 }
 
 /* sync_claim(rec, idx): win rec's select for case idx (a future): bool. */
@@ -376,9 +424,9 @@ static int l_sync_open(lua_State *L) {
     luaL_getmetatable(L, kind_mt[k]);
     lua_getfield(L, 1, kind_mt[k] + 7); /* (after "corral.") */
     lua_setfield(L, -2, "__index");
-    lua_getfield(L, 1, "__tostring");
+    lua_getfield(L, 1, k > REMOTE_MT ? "__rtostring" : "__tostring");
     lua_setfield(L, -2, "__tostring");
-    lua_getfield(L, 1, "__len");
+    lua_getfield(L, 1, k > REMOTE_MT ? "__rlen" : "__len");
     lua_setfield(L, -2, "__len");
     lua_pop(L, 1);
   }
@@ -416,13 +464,22 @@ void corral__lua_sync_open(lua_State *L) {
   }
 }
 
-const luaL_Reg corral__lua_sync_funcs[] = {
-    {"sync_new", l_sync_new},         {"sync_lock_of", l_sync_lock_of},
-    {"sync_kind", l_sync_kind},       {"sync_info", l_sync_info},
-    {"sync_count", l_sync_count},     {"sync_select", l_sync_select},
-    {"sync_finish", l_sync_finish},   {"sync_claim", l_sync_claim},
-    {"sync_won", l_sync_won},         {"sync_close", l_sync_close},
-    {"sync_release", l_sync_release}, {"sync_set", l_sync_set},
-    {"sync_notify", l_sync_notify},   {"sync_task_done", l_sync_task_done},
-    {"sync_reset", l_sync_reset},     {"sync_live", l_sync_live},
-    {"sync_open", l_sync_open},       {NULL, NULL}};
+const luaL_Reg corral__lua_sync_funcs[] = {{"sync_new", l_sync_new},
+                                           {"sync_lock_of", l_sync_lock_of},
+                                           {"sync_kind", l_sync_kind},
+                                           {"sync_info", l_sync_info},
+                                           {"sync_count", l_sync_count},
+                                           {"sync_select", l_sync_select},
+                                           {"sync_finish", l_sync_finish},
+                                           {"sync_remote", l_sync_remote},
+                                           {"sync_claim", l_sync_claim},
+                                           {"sync_won", l_sync_won},
+                                           {"sync_close", l_sync_close},
+                                           {"sync_release", l_sync_release},
+                                           {"sync_set", l_sync_set},
+                                           {"sync_notify", l_sync_notify},
+                                           {"sync_task_done", l_sync_task_done},
+                                           {"sync_reset", l_sync_reset},
+                                           {"sync_live", l_sync_live},
+                                           {"sync_open", l_sync_open},
+                                           {NULL, NULL}};

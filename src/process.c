@@ -28,6 +28,17 @@
  * writes them.
  *   CANCEL parent -> child: id (8): its caller cancelled it (or its time
  *          limit passed); the child cancels it where it waits
+ *   SYNC   child -> parent: id (8), handle (8), op (1), n (8), value: an
+ *          operation on one of the parent's channels or sync primitives
+ *          that a call gave the child (an RSYNC extension names it by its
+ *          handle here; one it was not given is refused)
+ *   SYNC_CANCEL child -> parent: id (8): the waiting task gave up
+ *   SYNC_REPLY  parent -> child: id (8), state, its index and the object's
+ *          state, value (frame.h): a SYNC done (or given up)
+ * The parent waits on the child's behalf (its proxy's context holds the
+ * waiter records), so a child's task waits on a parent's channel as a
+ * thread worker's does; a value granted to a request the child gave up on
+ * comes back as an UNDO (a SYNC of op UNDO_GET or UNDO_ACQUIRE, id 0).
  * Which calls a child started, the parent reads after its death in a ring
  * in shared memory (a memfd, its descriptor sent before BOOT): the child
  * writes a call's id at id & mask as the call starts, before its method
@@ -360,6 +371,15 @@ typedef struct proxy {
   int ring_fd;
   int cancel_kill; /* the child was killed to stop a cancelled call */
   char why[200];   /* set when the child sent what does not parse */
+  /* the sync objects calls gave the child (retained), and the child's SYNC
+   * requests that wait here (id -> waiter record of this context) */
+  corral_sync **caps;
+  int ncaps, capcaps;
+  struct psync {
+    uint64_t id;
+    corral_sync_waiter *rec;
+  } * psync;
+  int npsync, cappsync;
 } proxy;
 
 static void kill_child(proxy *p) {
@@ -398,9 +418,288 @@ static corral_call *sent_call(corral_worker *w, uint64_t id) {
   return NULL;
 }
 
+/* ======================================================================== */
+/* A child's operations on the parent's sync objects                         */
+/* ======================================================================== */
+
+/* A sync object a call gives the child: kept (retained) while the proxy
+ * lives, the handle it is known by there. Takes the caller's reference. */
+static int keep_sync(void *ud, corral_sync *s) {
+  proxy *p = ud;
+  for (int i = 0; i < p->ncaps; i++)
+    if (p->caps[i] == s) {
+      corral__sync_release(s);
+      return 0;
+    }
+  if (p->ncaps == p->capcaps) {
+    int cap = p->capcaps ? p->capcaps * 2 : 8;
+    corral_sync **c = realloc(p->caps, sizeof *c * (size_t)cap);
+    if (c == NULL) {
+      corral__sync_release(s);
+      return -1;
+    }
+    p->caps = c;
+    p->capcaps = cap;
+  }
+  p->caps[p->ncaps++] = s;
+  return 0;
+}
+
+static corral_sync *cap_of(proxy *p, uint64_t h) {
+  for (int i = 0; i < p->ncaps; i++)
+    if (atomic_load(&p->caps[i]->handle) == h) return p->caps[i];
+  return NULL;
+}
+
+/* Which operations each kind takes from a child. */
+static int op_fits(int kind, int op) {
+  switch (op) {
+  case SYNC_OP_PUT:
+  case SYNC_OP_GET:
+  case SYNC_OP_TRY_PUT:
+  case SYNC_OP_TRY_GET:
+  case SYNC_OP_UNDO_GET: return kind == SYNC_CHANNEL || kind == SYNC_QUEUE;
+  case SYNC_OP_CLOSE: return kind == SYNC_CHANNEL || kind == SYNC_BARRIER;
+  case SYNC_OP_JOIN:
+  case SYNC_OP_TASK_DONE: return kind == SYNC_QUEUE;
+  case SYNC_OP_ACQUIRE:
+  case SYNC_OP_RELEASE:
+  case SYNC_OP_UNDO_ACQUIRE: return kind == SYNC_LOCK || kind == SYNC_SEMAPHORE;
+  case SYNC_OP_EVENT:
+  case SYNC_OP_SET: return kind == SYNC_EVENT;
+  case SYNC_OP_NOTIFY:
+  case SYNC_OP_NOTIFY_N: return kind == SYNC_CONDITION;
+  case SYNC_OP_BARRIER:
+  case SYNC_OP_RESET: return kind == SYNC_BARRIER;
+  case SYNC_OP_INFO: return 1;
+  default: return 0;
+  }
+}
+
+/* A frame's value as a channel's item (the child's bytes decode as a
+ * peer's): 0, or -1 when malformed (or no memory). */
+static int item_of(const frame_value *v, sync_item *it) {
+  memset(it, 0, sizeof *it);
+  switch (v->tag) {
+  case FV_NONE: return 0;
+  case FV_FALSE: it->tag = SYNC_ITEM_FALSE; return 0;
+  case FV_TRUE: it->tag = SYNC_ITEM_TRUE; return 0;
+  case FV_NUMBER:
+    it->tag = SYNC_ITEM_NUMBER;
+    it->num = v->num;
+    return 0;
+  case FV_STRING:
+    if (v->n > SYNC_SMALL) return -1;
+    memcpy(it->small, v->bytes, v->n);
+    it->slen = (unsigned char)v->n;
+    it->tag = SYNC_ITEM_STRING;
+    return 0;
+  case FV_ENCODED:
+    if (v->n == 0) return -1;
+    it->p = dup_bytes(v->bytes, v->n);
+    if (it->p == NULL) return -1;
+    it->len = v->n;
+    it->trust = CODEC_PEER;
+    return 0;
+  default: return -1;
+  }
+}
+
+static void free_item(sync_item *it) {
+  if (it->p != NULL) corral__codec_free(it->p, it->len, it->discard != NULL);
+  memset(it, 0, sizeof *it);
+}
+
+/* An item as a frame's value (it must hold no reference: 0, else -1). */
+static int value_of(const sync_item *it, frame_value *v) {
+  memset(v, 0, sizeof *v);
+  if (it == NULL) return 0;
+  if (it->p != NULL) {
+    if (it->discard != NULL) return -1;
+    v->tag = FV_ENCODED;
+    v->bytes = it->p;
+    v->n = it->len;
+    return 0;
+  }
+  switch (it->tag) {
+  case SYNC_ITEM_FALSE: v->tag = FV_FALSE; break;
+  case SYNC_ITEM_TRUE: v->tag = FV_TRUE; break;
+  case SYNC_ITEM_NUMBER:
+    v->tag = FV_NUMBER;
+    v->num = it->num;
+    break;
+  case SYNC_ITEM_STRING:
+    v->tag = FV_STRING;
+    v->bytes = it->small;
+    v->n = it->slen;
+    break;
+  default: break;
+  }
+  return 0;
+}
+
+/* Answer the child's request `id` with `state` (and a got value: one that
+ * holds references cannot go to the child: it goes back to the channel's
+ * head, and the child's get fails). */
+static void sync_reply(proxy *p, uint64_t id, int state, long ival, sync_item *v, corral_sync *s) {
+  frame_value fv;
+  if (value_of(v, &fv) != 0) {
+    corral__sync_putback(s, v);
+    memset(&fv, 0, sizeof fv);
+    state = SYNC_UNREADABLE;
+  }
+  sync_info in;
+  corral__sync_state(s, &in);
+  wbuf b = {0};
+  corral__frame_begin(&b, F_SYNC_REPLY);
+  corral__w_uint(&b, id, 8);
+  corral__w_uint(&b, (uint64_t)state, 1);
+  corral__w_uint(&b, (uint64_t)(int64_t)ival, 8);
+  corral__w_uint(&b, (uint64_t)(int64_t)in.count, 8);
+  corral__w_uint(&b, (uint64_t)(in.closed != 0), 1);
+  corral__w_uint(&b, (uint64_t)(int64_t)in.unfinished, 8);
+  corral__w_uint(&b, (uint64_t)(int64_t)in.waiting, 8);
+  corral__w_uint(&b, (uint64_t)(int64_t)in.putting, 8);
+  corral__w_uint(&b, (uint64_t)(int64_t)in.cap, 8);
+  corral__w_value(&b, &fv);
+  if (v != NULL) free_item(v);
+  if (send_frame((uv_stream_t *)&p->sock, &b) != 0) kill_child(p); /* (out of memory) */
+}
+
+static const char *on_sync(proxy *p, rcur *c) {
+  frame_sync fs;
+  const char *bad = corral__frame_sync(c, &fs);
+  if (bad != NULL) return bad;
+  corral_sync *s = cap_of(p, fs.handle);
+  if (s == NULL) return "a SYNC frame for an object it was not given";
+  if (!op_fits(s->kind, fs.op)) return "a SYNC frame with an operation its object does not have";
+  if (fs.n < 0 || fs.n > (int64_t)1 << 40) return "a SYNC frame with a bad count";
+  long n = (long)fs.n;
+  sync_case cs;
+  memset(&cs, 0, sizeof cs);
+  if (item_of(&fs.v, &cs.val) != 0) return "a SYNC frame with a malformed value";
+  int put = fs.op == SYNC_OP_PUT || fs.op == SYNC_OP_TRY_PUT || fs.op == SYNC_OP_UNDO_GET;
+  if (put != (cs.val.p != NULL || cs.val.tag != SYNC_ITEM_NONE)) {
+    free_item(&cs.val);
+    return "a SYNC frame whose value does not fit its operation";
+  }
+  int rc = SYNC_GRANTED, which;
+  long ival = 0;
+  corral_sync_waiter *rec = NULL;
+  switch (fs.op) {
+  case SYNC_OP_TRY_PUT:
+  case SYNC_OP_TRY_GET:
+  case SYNC_OP_PUT:
+  case SYNC_OP_GET:
+  case SYNC_OP_ACQUIRE:
+  case SYNC_OP_EVENT:
+  case SYNC_OP_NOTIFY:
+  case SYNC_OP_BARRIER:
+  case SYNC_OP_JOIN: {
+    int wait = fs.op < SYNC_OP_TRY_PUT;
+    cs.s = s;
+    cs.op = fs.op == SYNC_OP_TRY_PUT ? SYNC_OP_PUT : fs.op == SYNC_OP_TRY_GET ? SYNC_OP_GET : fs.op;
+    cs.n = n < 1 ? 1 : n;
+    rc = corral__sync_select(&cs, 1, wait, &p->w->ctx, NULL, &which, &rec);
+    if (rc == SYNC_NOMEM) {
+      free_item(&cs.val);
+      return "out of memory";
+    }
+    if (rc == SYNC_QUEUED && wait) {
+      if (p->npsync == p->cappsync) {
+        int cap = p->cappsync ? p->cappsync * 2 : 16;
+        struct psync *ps = realloc(p->psync, sizeof *ps * (size_t)cap);
+        if (ps == NULL) {
+          corral__sync_finish(rec, 1, NULL, NULL, NULL, NULL);
+          return "out of memory";
+        }
+        p->psync = ps;
+        p->cappsync = cap;
+      }
+      p->psync[p->npsync].id = fs.id;
+      p->psync[p->npsync].rec = rec;
+      p->npsync++;
+      return NULL;
+    }
+    ival = cs.ival;
+    if (cs.op == SYNC_OP_GET && rc == SYNC_GRANTED) {
+      sync_reply(p, fs.id, rc, ival, &cs.val, s);
+      return NULL;
+    }
+    free_item(&cs.val); /* (a put that did not happen) */
+    break;
+  }
+  case SYNC_OP_CLOSE: rc = corral__sync_close(s, NULL) ? SYNC_GRANTED : SYNC_GONE; break;
+  case SYNC_OP_RELEASE:
+    rc = corral__sync_release_permits(s, n < 1 ? 1 : n, NULL) == 0 ? SYNC_GRANTED : SYNC_GONE;
+    break;
+  case SYNC_OP_SET: corral__sync_set(s, n != 0, NULL); break;
+  case SYNC_OP_NOTIFY_N: ival = corral__sync_notify(s, n, NULL); break;
+  case SYNC_OP_TASK_DONE:
+    rc = corral__sync_task_done(s, NULL) == 0 ? SYNC_GRANTED : SYNC_GONE;
+    break;
+  case SYNC_OP_RESET: corral__sync_reset(s, NULL); break;
+  case SYNC_OP_INFO: break;
+  case SYNC_OP_UNDO_GET: corral__sync_putback(s, &cs.val); return NULL;
+  case SYNC_OP_UNDO_ACQUIRE: corral__sync_release_permits(s, n < 1 ? 1 : n, NULL); return NULL;
+  }
+  sync_reply(p, fs.id, rc, ival, NULL, s);
+  return NULL;
+}
+
+/* A request of the child that waited here was granted: answered. */
+static void on_sync_post(void *ud, corral_post *post) {
+  proxy *p = ud;
+  corral_sync_waiter *rec = (corral_sync_waiter *)post;
+  for (int i = 0; i < p->npsync; i++) {
+    if (p->psync[i].rec != rec) continue;
+    uint64_t id = p->psync[i].id;
+    p->psync[i] = p->psync[--p->npsync];
+    corral_sync *s = rec->s;
+    corral__sync_retain(s);
+    int op = rec->op;
+    sync_item it;
+    memset(&it, 0, sizeof it);
+    long ival = 0;
+    int st = corral__sync_finish(rec, 0, &it, &ival, NULL, NULL);
+    sync_reply(p, id, st, ival, op == SYNC_OP_GET ? &it : NULL, s);
+    free_item(&it);
+    corral__sync_release(s);
+    return;
+  }
+}
+
+static const char *on_sync_cancel(proxy *p, rcur *c) {
+  uint64_t id;
+  const char *bad = corral__frame_cancel(c, &id);
+  if (bad != NULL) return bad;
+  for (int i = 0; i < p->npsync; i++) {
+    if (p->psync[i].id != id) continue;
+    corral_sync_waiter *rec = p->psync[i].rec;
+    p->psync[i] = p->psync[--p->npsync];
+    corral_sync *s = rec->s;
+    corral__sync_retain(s);
+    corral__sync_finish(rec, 1, NULL, NULL, NULL, NULL);
+    sync_reply(p, id, SYNC_GONE, 0, NULL, s);
+    corral__sync_release(s);
+    break;
+  }
+  return NULL;
+}
+
+/* The child is gone: what it waited for here is withdrawn. */
+static void drop_syncs(proxy *p) {
+  while (p->npsync > 0) {
+    corral_sync_waiter *rec = p->psync[--p->npsync].rec;
+    corral__sync_finish(rec, 1, NULL, NULL, NULL, NULL);
+  }
+}
+
 static const char *on_result(void *ud, rcur *c) {
   proxy *p = ud;
   int type = (int)corral__r_uint(c, 1);
+  if (type == F_SYNC) return on_sync(p, c);
+  if (type == F_SYNC_CANCEL) return on_sync_cancel(p, c);
   if (type != F_RESULT) return "a frame of an unknown type";
   frame_result fr;
   const char *bad = corral__frame_result(c, &fr);
@@ -554,7 +853,15 @@ static int send_call(proxy *p, corral_call *c) {
   corral__w_uint(&b, c->wire_id, 8);
   corral__w_uint(&b, shm > 0, 1);
   corral__w_bytes(&b, c->method, c->mlen);
-  corral__w_bytes(&b, c->payload, c->len);
+  /* its channels and sync primitives: named by handle, kept here */
+  size_t rn = 0;
+  int rfail = 0;
+  char *rs = c->payload_refs
+                 ? corral__codec_syncs_for_child(c->payload, c->len, &rn, keep_sync, p, &rfail)
+                 : NULL;
+  if (rfail) shm = -3;
+  corral__w_bytes(&b, rs != NULL ? rs : c->payload, rs != NULL ? rn : c->len);
+  free(rs);
   corral__w_uint(&b, (uint64_t)c->ndeps, 4);
   for (int i = 0; i < c->ndeps && shm >= 0; i++) {
     const void *mp = NULL;
@@ -580,7 +887,14 @@ static int send_call(proxy *p, corral_call *c) {
     if (dshm < 0) shm = dshm;
     if (dshm > 0) sent += dshm;
     corral__w_uint(&b, (uint64_t)corral_future_state(d) | (dshm > 0 ? FRAME_SHM : 0), 1);
-    corral__w_bytes(&b, mp, n);
+    char *rsd = NULL;
+    size_t rsn = 0;
+    if (shm >= 0 && d->discard != NULL && corral__future_trust(d) == CODEC_TRUSTED) {
+      rsd = corral__codec_syncs_for_child(mp, n, &rsn, keep_sync, p, &rfail);
+      if (rfail) shm = -3;
+    }
+    corral__w_bytes(&b, rsd != NULL ? rsd : mp, rsd != NULL ? rsn : n);
+    free(rsd);
     if (fit != NULL) {
       corral__codec_discard(fit, fitn);
       free(fit);
@@ -601,9 +915,11 @@ static int send_call(proxy *p, corral_call *c) {
     if (shm < 0) free(b.p);
     /* descriptors it will not take are in its socket: the two are out of
      * step, and the child ends (its calls go as in a crash) */
-    if (sent > 0 || shm < 0) kill_child(p);
+    if (sent > 0 || (shm < 0 && shm != -3)) kill_child(p);
     corral_future_set_error(c->result, "CodecError",
-                            shm < 0    ? "a buffer in shared memory could not be sent to a process "
+                            shm == -3  ? "a channel or sync primitive could not be given to a "
+                                         "process worker (it is gone, or one of a parent's)"
+                            : shm < 0  ? "a buffer in shared memory could not be sent to a process "
                                          "worker (it is gone from this process)"
                             : b.failed ? "out of memory sending a call to a process worker"
                                        : "a call's arguments and inputs over 1 GiB cannot go to a "
@@ -1063,6 +1379,7 @@ void corral__process_main(corral_worker *w) {
     while (p->spawned && !p->exited) {
       pump_calls(p);
       corral__ctx_drain(&w->ctx, NULL, NULL); /* inputs that settled: looked at next turn */
+      corral__ctx_drain_posts(&w->ctx, on_sync_post, p); /* the child's waits, granted */
       if (p->inflight > 0 || p->shut || p->killed)
         uv_run(p->loop, UV_RUN_ONCE); /* the child works, or is ending: busy */
       else
@@ -1077,6 +1394,7 @@ void corral__process_main(corral_worker *w) {
     }
     for (int i = 0; i < 2; i++)
       outlet_close(&p->out[i]);
+    drop_syncs(p); /* (what it waited for here: a new child knows nothing of it) */
     if (!p->spawned || !restart(p)) break;
   }
   if (p->spawned) child_ended(p);
@@ -1099,6 +1417,11 @@ void corral__process_main(corral_worker *w) {
     munmap((void *)p->ring, p->ring_n * sizeof *p->ring);
     close(p->ring_fd);
   }
+  drop_syncs(p);
+  free(p->psync);
+  for (int i = 0; i < p->ncaps; i++)
+    corral__sync_release(p->caps[i]);
+  free(p->caps);
   free(p->in.p);
   free(p->out[0].line.p);
   free(p->out[1].line.p);
@@ -1127,6 +1450,10 @@ typedef struct {
   corral_future **fs;
   uint64_t *ids;
   int n, cap;
+  /* requests on the parent's sync objects, sent and not answered */
+  corral_sync_waiter **reqs;
+  int nreqs, capreqs;
+  uint64_t next_req;
 } pump;
 
 static void child_fail(const char *why) {
@@ -1268,12 +1595,110 @@ static const char *on_cancel(pump *c, rcur *r) {
   return NULL;
 }
 
+/* A request on a parent's sync object, or its cancel or undo, to send. */
+static void send_sync(pump *c, uint64_t id, corral_sync_waiter *rec, int op) {
+  frame_value fv;
+  value_of(&rec->val, &fv); /* (a child's values are bytes: no references) */
+  wbuf b = {0};
+  corral__frame_begin(&b, F_SYNC);
+  corral__w_uint(&b, id, 8);
+  corral__w_uint(&b, rec->s->remote, 8);
+  corral__w_uint(&b, (uint64_t)op, 1);
+  corral__w_uint(&b, (uint64_t)(int64_t)rec->n, 8);
+  corral__w_value(&b, &fv);
+  if (send_frame((uv_stream_t *)&c->sock, &b) != 0) child_fail("out of memory");
+}
+
+static void on_sync_out(void *ud, corral_post *post) {
+  pump *c = ud;
+  corral_sync_waiter *rec = (corral_sync_waiter *)post;
+  corral_sync *s = rec->s;
+  uv_mutex_lock(&s->lock);
+  int st = rec->rstate, gone = rec->abandoned;
+  if (st == SYNC_R_TO_PUMP && !gone) {
+    rec->rstate = SYNC_R_SENT;
+    rec->wire_id = ++c->next_req;
+  }
+  uv_mutex_unlock(&s->lock);
+  if (st == SYNC_R_TO_PUMP) {
+    if (gone) { /* given up before it went */
+      corral__sync_waiter_free(rec);
+      return;
+    }
+    if (c->nreqs == c->capreqs) {
+      int cap = c->capreqs ? c->capreqs * 2 : 16;
+      corral_sync_waiter **r = realloc(c->reqs, sizeof *r * (size_t)cap);
+      if (r == NULL) child_fail("out of memory");
+      c->reqs = r;
+      c->capreqs = cap;
+    }
+    c->reqs[c->nreqs++] = rec;
+    send_sync(c, rec->wire_id, rec, rec->op);
+    free_item(&rec->val);
+  } else if (st == SYNC_R_CANCEL) {
+    wbuf b = {0};
+    corral__frame_begin(&b, F_SYNC_CANCEL);
+    corral__w_uint(&b, rec->wire_id, 8);
+    if (send_frame((uv_stream_t *)&c->sock, &b) != 0) child_fail("out of memory");
+  } else if (st == SYNC_R_UNDO) { /* a grant its task did not take: back */
+    send_sync(c, 0, rec, rec->op == SYNC_OP_GET ? SYNC_OP_UNDO_GET : SYNC_OP_UNDO_ACQUIRE);
+    corral__sync_waiter_free(rec);
+  }
+}
+
+static const char *on_sync_reply(pump *c, rcur *r) {
+  frame_sync_reply fr;
+  const char *bad = corral__frame_sync_reply(r, &fr);
+  if (bad != NULL) return bad;
+  corral_sync_waiter *rec = NULL;
+  for (int i = 0; i < c->nreqs; i++)
+    if (c->reqs[i]->wire_id == fr.id) {
+      rec = c->reqs[i];
+      c->reqs[i] = c->reqs[--c->nreqs];
+      break;
+    }
+  if (rec == NULL) return "a SYNC_REPLY for no request";
+  sync_item it;
+  if (item_of(&fr.v, &it) != 0) return "a SYNC_REPLY with a malformed value";
+  corral_sync *s = rec->s;
+  uv_mutex_lock(&s->lock);
+  if (rec->abandoned) {
+    uv_mutex_unlock(&s->lock);
+    /* its task gave up: a value or permits granted meanwhile go back */
+    int op = rec->op;
+    if (fr.state == SYNC_GRANTED && (op == SYNC_OP_GET || op == SYNC_OP_ACQUIRE)) {
+      free_item(&rec->val);
+      rec->val = it;
+      send_sync(c, 0, rec, op == SYNC_OP_GET ? SYNC_OP_UNDO_GET : SYNC_OP_UNDO_ACQUIRE);
+    } else {
+      free_item(&it);
+    }
+    corral__sync_waiter_free(rec);
+    return NULL;
+  }
+  rec->state = fr.state;
+  rec->ival = (long)fr.ival;
+  rec->info[0] = (long)fr.count;
+  rec->info[1] = fr.closed;
+  rec->info[2] = (long)fr.unfinished;
+  rec->info[3] = (long)fr.waiting;
+  rec->info[4] = (long)fr.putting;
+  rec->info[5] = (long)fr.cap;
+  free_item(&rec->val);
+  rec->val = it;
+  rec->rstate = SYNC_R_DONE;
+  corral__ctx_post_item(rec->ctx, &rec->post); /* (under the lock: see sync.c) */
+  uv_mutex_unlock(&s->lock);
+  return NULL;
+}
+
 static const char *on_frame(void *ud, rcur *r) {
   pump *c = ud;
   int type = (int)corral__r_uint(r, 1);
   if (!c->booted) return type == F_BOOT ? on_boot(c, r) : "a first frame that is not BOOT";
   if (type == F_CALL) return on_call(c, r);
   if (type == F_CANCEL) return on_cancel(c, r);
+  if (type == F_SYNC_REPLY) return on_sync_reply(c, r);
   return "a frame of an unknown type";
 }
 
@@ -1381,6 +1806,7 @@ int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker
   uv_read_start((uv_stream_t *)&c.sock, on_alloc, child_read);
   for (;;) {
     corral__ctx_drain(&rt->home, send_result, &c);
+    corral__ctx_drain_posts(&rt->home, on_sync_out, &c);
     if (c.eof && !c.stopping) {
       /* the parent closed its end: what is queued is served, then it ends */
       if (c.inner == NULL) break;

@@ -516,9 +516,47 @@ static void undo(corral_sync_waiter *w, sync_woken *k) {
   }
 }
 
-int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long *ival,
+/* The end of a wait on a parent's object (see corral__sync_remote_start). */
+static int finish_remote(corral_sync_waiter *w, int abandon, sync_item *out, long *ival,
+                         long *info) {
+  corral_sync *s = w->s;
+  int keep = 0, st;
+  uv_mutex_lock(&s->lock);
+  if (w->rstate == SYNC_R_DONE) {
+    corral__ctx_unpost(w->ctx, &w->post); /* (the reply's wake-up, if not drained) */
+    st = w->state;
+    if (abandon && st == SYNC_GRANTED && (w->op == SYNC_OP_GET || w->op == SYNC_OP_ACQUIRE)) {
+      w->rstate = SYNC_R_UNDO; /* the pump gives it back */
+      keep = 1;
+      st = SYNC_GONE;
+      corral__ctx_post_item(&w->ctx->rt->home, &w->post);
+    }
+  } else {
+    st = SYNC_GONE;
+    keep = 1;
+    w->abandoned = 1;
+    if (w->rstate == SYNC_R_SENT) { /* (not sent yet: the pump drops it) */
+      w->rstate = SYNC_R_CANCEL;
+      corral__ctx_post_item(&w->ctx->rt->home, &w->post);
+    }
+  }
+  uv_mutex_unlock(&s->lock);
+  queue_remove(&w->post.live);
+  if (ival != NULL) *ival = w->ival;
+  if (info != NULL) memcpy(info, w->info, sizeof w->info);
+  if (keep) return st;
+  if (st == SYNC_GRANTED && out != NULL) {
+    *out = w->val;
+    memset(&w->val, 0, sizeof w->val);
+  }
+  waiter_free(w);
+  return st;
+}
+
+int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long *ival, long *info,
                         sync_woken *k) {
   corral_sync *s = w->s;
+  if (s->remote != 0) return finish_remote(w, abandon, out, ival, info);
   uv_mutex_lock(&s->lock);
   int state = w->state;
   if (w->queued) {
@@ -537,13 +575,44 @@ int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long
     memset(&w->val, 0, sizeof w->val);
   }
   if (ival != NULL) *ival = w->ival;
+  if (info != NULL) memset(info, 0, sizeof w->info);
   waiter_free(w);
   return state;
 }
 
+corral_sync_waiter *corral__sync_remote_start(corral_sync *s, corral_context *ctx, int op, long n,
+                                              sync_item *v) {
+  corral_sync_waiter *w = waiter_new(s, ctx, op, n, NULL, 0);
+  if (w == NULL) return NULL;
+  if (v != NULL) {
+    w->val = *v;
+    memset(v, 0, sizeof *v);
+  }
+  uv_mutex_lock(&s->lock);
+  w->rstate = SYNC_R_TO_PUMP;
+  corral__ctx_post_item(&ctx->rt->home, &w->post);
+  uv_mutex_unlock(&s->lock);
+  return w;
+}
+
+void corral__sync_waiter_free(corral_sync_waiter *w) { waiter_free(w); }
+
+void corral__sync_putback(corral_sync *s, sync_item *v) {
+  uv_mutex_lock(&s->lock);
+  corral_sync_waiter *g = first_claimed(&s->waiters);
+  if (g != NULL) {
+    g->val = *v;
+    memset(v, 0, sizeof *v);
+    wake(g, SYNC_GRANTED, NULL);
+  } else if (ring_push(s, v, 1) != 0) {
+    item_free(v);
+  }
+  uv_mutex_unlock(&s->lock);
+}
+
 /* The context closes with w alive: withdrawn, or its grant given back. */
 static void waiter_drop(corral_post *p) {
-  corral__sync_finish((corral_sync_waiter *)p, 1, NULL, NULL, NULL);
+  corral__sync_finish((corral_sync_waiter *)p, 1, NULL, NULL, NULL, NULL);
 }
 
 int corral__sync_won(corral_sync_waiter *w) {

@@ -408,8 +408,15 @@ function Condition:wait(timeout)
   check_timeout("condition:wait", timeout)
   local lock = lock_of(self)
   if not lock:locked() then errors.usage("condition:wait", "the lock is not held") end
-  local st, rec = c_select(true, 1, self, NOTIFY, 0)
-  if st ~= QUEUED then error("corral: internal: a condition's wait did not queue") end
+  local _, remote = c_kind(self)
+  local rec
+  if remote then
+    rec = core.sync_remote(self, NOTIFY, 0)
+  else
+    local st
+    st, rec = c_select(true, 1, self, NOTIFY, 0)
+    if st ~= QUEUED then error("corral: internal: a condition's wait did not queue") end
+  end
   local w = waiter()
   expect(rec, w)
   lock:release()
@@ -535,8 +542,12 @@ function M.select(cases, opts)
     if future.is_future(x) then
       order[i] = i
     else
-      errors.check(c_kind(x) == CHANNEL, "corral.select", "cases[" .. i .. "][1]",
-        "a channel or a future", x)
+      local k, remote = c_kind(x)
+      errors.check(k == CHANNEL, "corral.select", "cases[" .. i .. "][1]", "a channel or a future", x)
+      if remote then
+        errors.usage("corral.select", "cases[%d]: a channel of the parent process cannot be "
+          .. "selected on in a process worker (use its get or put)", i)
+      end
       errors.check(OPS[c[2]] ~= nil, "corral.select", "cases[" .. i .. "][2]", '"get" or "put"', c[2])
       if c[2] == "put" and c[3] == nil then
         errors.usage("corral.select", "cases[%d]: a channel carries values: nil cannot be put", i)
@@ -638,6 +649,172 @@ function M.select(cases, opts)
 end
 
 -- ======================================================================== --
+-- The parent's objects, in a process worker                                --
+-- ======================================================================== --
+
+-- In a process worker, an object that a call gave it is the parent's: each
+-- operation is a request to the parent, which waits on the worker's behalf
+-- and answers. Every method is then a wait (a short one for those that
+-- never wait in the parent). Values go as bytes: no futures, buffers or
+-- channels inside them.
+local TRY_PUT, TRY_GET, CLOSE, RELEASE, SET, NOTIFY_N, TASK_DONE, RESET, INFO =
+  16, 17, 18, 19, 20, 21, 22, 23, 24
+local c_remote = core.sync_remote
+
+local function rop(fname, s, op, n, v, timeout, soft)
+  local rec, why = c_remote(s, op, n, v)
+  if rec == nil then error(errors.codec(fname .. ": " .. tostring(why), 3), 3) end
+  local w = waiter()
+  expect(rec, w)
+  local tok = block(w, timeout and now() + timeout)
+  unexpect(rec)
+  local st, v2, _, _, count, closed, unfinished, waiting, putting, cap = c_finish(rec, tok ~= WOKE)
+  if st == UNREADABLE then
+    error(errors.codec(fname .. ": the value cannot come to this process worker (it holds a "
+      .. "future, a buffer or a channel, or cannot be decoded here); it stays in the channel", 3), 3)
+  end
+  if tok ~= WOKE then
+    if st == GRANTED and not UNDOABLE[op] then
+      if tok == CANCEL then w._cancel_req = true end
+      return st, v2, count, closed, unfinished, waiting, putting, cap
+    end
+    if tok == TIMEOUT and soft then return false end
+    future.raise_token(tok, fname)
+  end
+  return st, v2, count, closed, unfinished, waiting, putting, cap
+end
+
+local function rinfo(self)
+  local _, _, count, closed, unfinished, waiting, putting, cap = rop("corral.sync", self, INFO, 0)
+  return count, closed, unfinished, waiting, putting, cap
+end
+
+local RChannel, RQueue, RLock, RSemaphore, REvent, RCondition, RBarrier = {}, {}, {}, {}, {}, {}, {}
+
+function RChannel:put(v, timeout)
+  if v == nil then errors.usage("channel:put", "a channel carries values: nil cannot be put") end
+  check_timeout("channel:put", timeout)
+  if rop("channel:put", self, PUT, 0, v, timeout) == CLOSED then error(closed_error("channel:put", 2), 2) end
+  return true
+end
+function RChannel:get(timeout)
+  check_timeout("channel:get", timeout)
+  local st, v = rop("channel:get", self, GET, 0, nil, timeout)
+  if st == CLOSED then return nil, "closed" end
+  return v
+end
+function RChannel:try_put(v)
+  if v == nil then errors.usage("channel:try_put", "a channel carries values: nil cannot be put") end
+  local st = rop("channel:try_put", self, TRY_PUT, 0, v)
+  if st == CLOSED then error(closed_error("channel:try_put", 2), 2) end
+  return st == GRANTED
+end
+function RChannel:try_get()
+  local st, v = rop("channel:try_get", self, TRY_GET, 0)
+  if st == GRANTED then return v end
+  return nil, st == CLOSED and "closed" or "empty"
+end
+function RChannel:close() return rop("channel:close", self, CLOSE, 0) == GRANTED end
+function RChannel:closed() return (select(2, rinfo(self))) end
+RChannel.iter = Channel.iter
+
+function RQueue:put(v, timeout)
+  if v == nil then errors.usage("queue:put", "a queue carries values: nil cannot be put") end
+  check_timeout("queue:put", timeout)
+  rop("queue:put", self, PUT, 0, v, timeout)
+  return true
+end
+function RQueue:get(timeout)
+  check_timeout("queue:get", timeout)
+  return (select(2, rop("queue:get", self, GET, 0, nil, timeout)))
+end
+function RQueue:put_nowait(v)
+  if v == nil then errors.usage("queue:put_nowait", "a queue carries values: nil cannot be put") end
+  return rop("queue:put_nowait", self, TRY_PUT, 0, v) == GRANTED
+end
+function RQueue:get_nowait()
+  local st, v = rop("queue:get_nowait", self, TRY_GET, 0)
+  if st == GRANTED then return v end
+  return nil
+end
+function RQueue:task_done()
+  if rop("queue:task_done", self, TASK_DONE, 0) ~= GRANTED then
+    errors.usage("queue:task_done", "called more times than there were values put")
+  end
+end
+function RQueue:join(timeout)
+  check_timeout("queue:join", timeout)
+  rop("queue:join", self, JOIN, 0, nil, timeout)
+  return true
+end
+function RQueue:qsize() return (rinfo(self)) end
+function RQueue:empty() return rinfo(self) == 0 end
+function RQueue:maxsize()
+  local cap = select(6, rinfo(self))
+  return cap > 0 and cap or 0
+end
+function RQueue:full()
+  local count, _, _, _, _, cap = rinfo(self)
+  return cap > 0 and count >= cap
+end
+
+local function racquire(self, fname, timeout)
+  check_timeout(fname, timeout)
+  return rop(fname, self, ACQUIRE, 1, nil, timeout, true) == GRANTED
+end
+function RLock:acquire(timeout) return racquire(self, "lock:acquire", timeout) end
+function RLock:release()
+  if rop("lock:release", self, RELEASE, 1) ~= GRANTED then
+    errors.usage("lock:release", "the lock is not locked")
+  end
+end
+function RLock:locked() return rinfo(self) == 0 end
+function RLock:with(fn, ...) return with(self, "lock:with", fn, ...) end
+function RSemaphore:acquire(timeout) return racquire(self, "semaphore:acquire", timeout) end
+function RSemaphore:release(n)
+  n = n or 1
+  errors.check(type(n) == "number" and n >= 1 and n == floor(n), "semaphore:release", "n",
+    "a whole number >= 1", n)
+  rop("semaphore:release", self, RELEASE, n)
+end
+function RSemaphore:value() return (rinfo(self)) end
+function RSemaphore:locked() return rinfo(self) == 0 end
+function RSemaphore:with(fn, ...) return with(self, "semaphore:with", fn, ...) end
+
+function REvent:set() rop("event:set", self, SET, 1) end
+function REvent:clear() rop("event:clear", self, SET, 0) end
+function REvent:is_set() return rinfo(self) ~= 0 end
+function REvent:wait(timeout)
+  check_timeout("event:wait", timeout)
+  return rop("event:wait", self, EVENT_WAIT, 0, nil, timeout, true) == GRANTED
+end
+
+for _, k in ipairs({ "lock", "acquire", "release", "locked", "with", "wait", "wait_for", "notify_all" }) do
+  RCondition[k] = Condition[k]
+end
+function RCondition:notify(n)
+  n = n or 1
+  errors.check(type(n) == "number" and n >= 0, "condition:notify", "n", "a number >= 0", n)
+  if not lock_of(self):locked() then errors.usage("condition:notify", "the lock is not held") end
+  return (select(2, rop("condition:notify", self, NOTIFY_N, floor(math.min(n, 2 ^ 31)))))
+end
+
+function RBarrier:wait(timeout)
+  check_timeout("barrier:wait", timeout)
+  local ok, st, v = pcall(rop, "barrier:wait", self, BARRIER_WAIT, 0, nil, timeout)
+  if not ok then
+    if errors.is_error(st, "TimeoutError") then rop("barrier:abort", self, CLOSE, 0) end
+    error(st, 0)
+  end
+  if st == BROKEN then error(broken_error("barrier:wait", 2), 2) end
+  return v
+end
+function RBarrier:abort() rop("barrier:abort", self, CLOSE, 0) end
+function RBarrier:reset() rop("barrier:reset", self, RESET, 0) end
+function RBarrier:broken() return (select(2, rinfo(self))) end
+function RBarrier:n_waiting() return (rinfo(self)) end
+
+-- ======================================================================== --
 -- Printing and the methods of every state                                  --
 -- ======================================================================== --
 
@@ -666,7 +843,11 @@ end
 core.sync_open({
   channel = Channel, queue = Queue, lock = Lock, semaphore = Semaphore, event = Event,
   condition = Condition, barrier = Barrier,
+  rchannel = RChannel, rqueue = RQueue, rlock = RLock, rsemaphore = RSemaphore, revent = REvent,
+  rcondition = RCondition, rbarrier = RBarrier,
   __tostring = tostr, __len = function(x) return c_count(x) end,
+  __rtostring = function(x) return ("<%s of the parent process>"):format(KIND_NAME[c_kind(x)]) end,
+  __rlen = function(x) return (rinfo(x)) end,
 }, woken)
 
 --- The kind of a sync object ("channel", "lock", ...), or nil.
