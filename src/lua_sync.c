@@ -59,6 +59,20 @@ void corral__lua_sync_push(lua_State *L, corral_sync *s) {
   u->mark = SYNC_MARK;
   luaL_getmetatable(L, kind_mt[s->kind + (s->remote != 0 ? REMOTE_MT : 0)]);
   lua_setmetatable(L, -2);
+  if (s->remote != 0) {
+    /* a parent's object: its methods wait (a request to the parent), also
+     * # and tostring: corral.sync is loaded now, so that none of them is
+     * first reached through a C function (a wait cannot yield across one) */
+    luaL_getmetatable(L, kind_mt[s->kind + REMOTE_MT]);
+    lua_getfield(L, -1, "__index");
+    int lazy = lua_iscfunction(L, -1);
+    lua_pop(L, 2);
+    if (lazy) {
+      lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
+      lua_pushliteral(L, "corral.sync");
+      lua_call(L, 1, 0);
+    }
+  }
 }
 
 /* (no lock, no Lua: an atomic release, perhaps a free) */
@@ -449,6 +463,21 @@ static int lazy_index(lua_State *L) {
   return 1;
 }
 
+/* The same for # and tostring: load, then call the metamethod set now. */
+static int lazy_meta(lua_State *L, const char *name) {
+  lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
+  lua_pushliteral(L, "corral.sync");
+  lua_call(L, 1, 0);
+  if (!lua_getmetatable(L, 1)) return 0;
+  lua_getfield(L, -1, name);
+  if (lua_iscfunction(L, -1)) return 0; /* (not replaced) */
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 1);
+  return 1;
+}
+static int lazy_len(lua_State *L) { return lazy_meta(L, "__len"); }
+static int lazy_tostring(lua_State *L) { return lazy_meta(L, "__tostring"); }
+
 void corral__lua_sync_open(lua_State *L) {
   for (int k = 1; k < NKINDS; k++) {
     luaL_newmetatable(L, kind_mt[k]);
@@ -460,6 +489,10 @@ void corral__lua_sync_open(lua_State *L) {
     lua_setfield(L, -2, "__kind");
     lua_pushcfunction(L, lazy_index);
     lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, lazy_len);
+    lua_setfield(L, -2, "__len");
+    lua_pushcfunction(L, lazy_tostring);
+    lua_setfield(L, -2, "__tostring");
     lua_pop(L, 1);
   }
 }

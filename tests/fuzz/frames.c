@@ -150,12 +150,26 @@ static const char *on_frame(void *ud, rcur *c) {
   r->sum = (r->sum ^ c->left) * 0x100000001b3ULL;
   r->frames++;
   int type = (int)corral__r_uint(c, 1);
-  if (!r->child) return type == F_RESULT ? on_result(r, c) : "a frame of an unknown type";
+  if (!r->child) {
+    if (type == F_SYNC) {
+      frame_sync fs;
+      return corral__frame_sync(c, &fs);
+    }
+    if (type == F_SYNC_CANCEL) {
+      uint64_t id;
+      return corral__frame_cancel(c, &id);
+    }
+    return type == F_RESULT ? on_result(r, c) : "a frame of an unknown type";
+  }
   if (!r->booted) return type == F_BOOT ? on_boot(r, c) : "a first frame that is not BOOT";
   if (type == F_CALL) return on_call(r, c);
   if (type == F_CANCEL) {
     uint64_t id;
     return corral__frame_cancel(c, &id);
+  }
+  if (type == F_SYNC_REPLY) {
+    frame_sync_reply fr;
+    return corral__frame_sync_reply(c, &fr);
   }
   return "a frame of an unknown type";
 }
