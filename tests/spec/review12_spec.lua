@@ -4,7 +4,6 @@
 -- are kept as regression tests.
 local corral = require "corral"
 local sync = require "corral.sync"
-local core = require "corral.core"
 local h = require "helper"
 
 local function live()
@@ -19,7 +18,9 @@ local function settle()
 end
 
 describe("review12 (defects found, fixed)", function()
-  it("a get whose value fails to decode still wakes the putter it took it from (no stranded task, no leaked record)", function()
+  it("a get whose value fails to decode still wakes the putter it took it from "
+    .. "(no stranded task, no leaked record)",
+    function()
     -- a C function travels as its path in a loaded module; once the module
     -- is gone the value no longer decodes
     local it = ("a"):gmatch("a")
@@ -101,7 +102,8 @@ describe("review12 (defects found, fixed)", function()
     assert.equal(objects0, (live()))
   end)
 
-  it("condition:wait cancelled while it takes the lock back raises CancelledError (the cancel is not lost)", function()
+  it("condition:wait cancelled while it takes the lock back raises CancelledError (the cancel is not lost)",
+    function()
     local c = corral.condition()
     local T = corral.spawn(function()
       -- (the lock is held again when CancelledError comes: `with` releases it)
@@ -170,7 +172,8 @@ describe("review12 (defects found, fixed)", function()
     assert.matches("body", all)
   end)
 
-  it("concurrently(...):wait{fail_hard=true} leaves no unretrieved error behind (no reports on stderr)", function()
+  it("concurrently(...):wait{fail_hard=true} leaves no unretrieved error behind (no reports on stderr)",
+    function()
     local out, err, code = h.run([[
       local corral = require "corral"
       local w = corral.concurrently(3, function() error("each fails") end)
@@ -184,7 +187,8 @@ describe("review12 (defects found, fixed)", function()
 end)
 
 describe("review12 holds up", function()
-  it("a thread worker that dies (os.exit) after a lock and a value were granted to it gives both back", function()
+  it("a thread worker that dies (os.exit) after a lock and a value were granted to it gives both back",
+    function()
     local W = corral.worker {
       take = function(_, l, ch, ready)
         local c = require "corral"
@@ -261,7 +265,8 @@ describe("review12 holds up", function()
     assert.equal(0, select(2, live()))
   end)
 
-  it("a lock hammered by 4 threads with timeouts and cancelled waiters: no lost update, left unlocked", function()
+  it("a lock hammered by 4 threads with timeouts and cancelled waiters: no lost update, left unlocked",
+    function()
     local W = corral.worker {
       bump = function(_, lock, box, n)
         local c = require "corral"
@@ -310,12 +315,18 @@ describe("review12 holds up", function()
     local j, w = s1:result(2)
     assert.is_not_nil(i2)
     -- one put and one get happened between them
-    if i2 == 1 then assert.same({ 2, 2 }, { j, w }) else assert.same({ 1, true }, { j, w }); assert.equal(1, v2) end
+    if i2 == 1 then
+      assert.same({ 2, 2 }, { j, w })
+    else
+      assert.same({ 1, true }, { j, w })
+      assert.equal(1, v2)
+    end
     assert.same({ nil, "empty" }, { ch:try_get() })
     assert.equal(0, select(2, live()))
   end)
 
-  it("a select cancelled after a case was granted returns it and takes the cancel at the next wait", function()
+  it("a select cancelled after a case was granted returns it and takes the cancel at the next wait",
+    function()
     local ch = corral.channel(0)
     local t = corral.spawn(function()
       local i, v = corral.select({ { ch, "get" }, { corral.channel(0), "get" } })

@@ -118,7 +118,8 @@ describe("sync primitives with a process worker", function()
     pool:stop()
   end)
 
-  it("a child's get waits in the parent until a value comes, and its timeout ends the wait cleanly", function()
+  it("a child's get waits in the parent until a value comes, and its timeout ends the wait cleanly",
+    function()
     local ch = corral.channel(0)
     local f = w:get(ch)
     h.wait_until(function() return waiting(ch) > 0 end)

@@ -46,7 +46,8 @@ describe("channel", function()
     assert.same({ "other ran", "put returned" }, order)
   end)
 
-  it("a bounded channel makes the producer wait (backpressure) and holds no more than its capacity", function()
+  it("a bounded channel makes the producer wait (backpressure) and holds no more than its capacity",
+    function()
     local ch = corral.channel(4)
     local produced = 0
     local p = corral.spawn(function()
@@ -77,7 +78,9 @@ describe("channel", function()
     assert.same({ nil, "closed" }, { ch:try_get() })
   end)
 
-  it("close: puts raise ClosedError, values already in it can still be got, waiting getters get nil, 'closed'", function()
+  it("close: puts raise ClosedError, values already in it can still be got, "
+    .. "waiting getters get nil, 'closed'",
+    function()
     local ch = corral.channel(3)
     ch:put("a")
     ch:put("b")
