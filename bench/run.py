@@ -84,3 +84,18 @@ row("  64 MiB there and back (buffer / bytes)", ours, peer, "ProcessPoolExecutor
 ours = measure([corral, B("bigstring.lua")])
 peer = measure([sys.executable, B("bigstring_threadpool.py")])
 row("16 MiB string to a worker and back", ours, peer, "ThreadPool (no copy)", "MB/s", True)
+ours = measure([corral, B("channels.lua"), "local", "200000"])
+peer = measure([sys.executable, B("channels_python.py"), "local", "50000"])
+row("channel ping-pong, 2 tasks", ours, peer, "asyncio.Queue(1)", "us/trip", False)
+go = shutil.which("go")
+if go:
+    g = measure([go, "run", B("channels.go"), "1000000"])
+    row("  same, against Go", ours, g, "Go unbuffered chan", "us/trip", False)
+else:
+    print("  (go not installed: no Go channel comparison)")
+ours = measure([corral, B("channels.lua"), "threads", "50000"])
+peer = measure([sys.executable, B("channels_python.py"), "threads", "20000"])
+row("channel ping-pong, 2 threads", ours, peer, "queue.Queue(1), 2 threads", "us/trip", False)
+ours = measure([corral, B("channels.lua"), "throughput", "1000000"])
+peer = measure([sys.executable, B("channels_python.py"), "throughput", "300000"])
+row("1M small values through a channel", ours, peer, "asyncio.Queue(1024)", "values/s", True)

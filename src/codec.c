@@ -915,7 +915,7 @@ static int enc_buffer(encoder *e, corral_buffer *b) {
 }
 
 /* A channel or sync primitive: by reference (its handle) within the process. */
-static int enc_sync(encoder *e, corral_sync *s) {
+static int enc_sync(encoder *e, corral_sync *s, int idx) {
   codec_opts *o = e->o;
   if (o->no_refs)
     return enc_fail(e, "a channel or sync primitive cannot be encoded as bytes (it lives in this "
@@ -925,6 +925,8 @@ static int enc_sync(encoder *e, corral_sync *s) {
   if (s->remote != 0)
     return enc_fail(e, "a channel or sync primitive of the parent process cannot leave this "
                        "process worker");
+  if (s->lua_local && iface->sync_share != NULL)
+    iface->sync_share(e->L, idx); /* (its values move to the C object: no encode in it) */
   uint64_t h = corral__sync_handle(s);
   if (h == 0) return enc_fail(e, "too many sync objects have crossed contexts (handle table full)");
   if (hold(e, s, HANDLE_SYNC) != 0) return enc_oom(e);
@@ -951,7 +953,7 @@ static int enc_value(encoder *e, int idx, int depth) {
     corral_buffer **u = luaL_testudata(L, idx, CORRAL_BUFFER_MT);
     if (u != NULL && *u != NULL) return enc_buffer(e, *u);
     corral_sync *s = iface->sync_of != NULL ? iface->sync_of(L, idx) : NULL;
-    if (s != NULL) return enc_sync(e, s);
+    if (s != NULL) return enc_sync(e, s, idx);
     return enc_fail(e, "userdata that is not corral's cannot travel");
   }
   default: {

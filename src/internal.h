@@ -291,6 +291,8 @@ typedef struct corral_sync {
   queue waiters, putters, joiners; /* FIFO, of corral_sync_waiter */
   struct corral_sync *lock_of;     /* a condition's lock (retained) */
   uint64_t remote; /* in a process worker: the parent's object, its handle there (0: ours) */
+  int lua_local;   /* a channel still kept by the Lua side of the context that made it (never
+                    * shared: its values and waiters are there); the encoder hands it over */
 } corral_sync;
 
 typedef struct {
@@ -386,6 +388,9 @@ void corral__sync_waiter_free(corral_sync_waiter *w);
 /* Put a value back at the head of a channel (a get that could not be
  * delivered): to its first waiting getter, or into the ring. */
 void corral__sync_putback(corral_sync *s, sync_item *v);
+/* Put v at the tail of the ring whatever the capacity (a channel's values
+ * moving from its Lua side): 0, or -1 (no memory: v is kept). */
+int corral__sync_adopt(corral_sync *s, sync_item *v);
 /* The case (from 1) that won w's select, or 1 for a lone wait (0: none yet). */
 int corral__sync_won(corral_sync_waiter *w);
 /* Win w's select for something else (a future): 1 when it did. */
@@ -575,6 +580,9 @@ typedef struct {
    * userdata on s (taking a reference). */
   corral_sync *(*sync_of)(lua_State *L, int idx);
   void (*push_sync)(lua_State *L, corral_sync *s);
+  /* A channel of this context's Lua side (lua_local) leaves it: its values
+   * and waiters move to the C object (runs corral's Lua; encodes nothing). */
+  void (*sync_share)(lua_State *L, int idx);
 } corral__codec_iface;
 void corral__codec_init(const corral__codec_iface *iface);
 /* A copy of the payload p (n bytes, encoded here) fit for another process:
@@ -830,6 +838,7 @@ extern const luaL_Reg corral__lua_sync_funcs[];
 void corral__lua_sync_open(lua_State *L);
 corral_sync *corral__lua_sync_of(lua_State *L, int idx);
 void corral__lua_sync_push(lua_State *L, corral_sync *s);
+void corral__lua_sync_share(lua_State *L, int idx);
 corral_buffer **corral__lua_buffer_slot(lua_State *L);
 
 /* lua_codec.c, lua_worker.c, lua_loop.c: their corral.core functions. */

@@ -46,7 +46,7 @@ static const corral__codec_iface codec_iface = {
     corral__lua_flush_crefs,   corral__lua_handle_of,      corral__lua_push_import,
     corral__worker_handle,     corral__worker_hold_handle, corral__worker_drop_handle,
     corral__worker_release,    corral__lua_buffer_slot,    corral__lua_sync_of,
-    corral__lua_sync_push};
+    corral__lua_sync_push,     corral__lua_sync_share};
 
 /* registry[key] = package.loaded[module][field] */
 static void hook(lua_State *L, const char *module, const char *field, const char *key) {

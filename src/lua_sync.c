@@ -10,6 +10,8 @@
  * each record. */
 #include <string.h>
 
+#include <msgpack.h>
+
 #include "internal.h"
 
 /* Metatables by kind: ours, then (from 8 on) a parent's, in a process worker. */
@@ -170,6 +172,110 @@ static int push_item(lua_State *L, sync_item *it) {
 }
 
 /* ======================================================================== */
+/* A channel on its context's Lua side                                       */
+/* ======================================================================== */
+
+/* While a channel is its context's alone (lua_local), its values stay on
+ * the Lua side: numbers, booleans and strings as they are, other values
+ * encoded (a copy, checked as a call's arguments are) in an item box. When
+ * the channel is first encoded, corral.sync's share function (registry)
+ * moves them into the C object, in order: no encode happens then. */
+#define ITEM_MT "corral.sync_item"
+
+/* (no lock, no Lua: the codec's discard is lock-free) */
+static int item_gc(lua_State *L) {
+  sync_item *it = lua_touserdata(L, 1);
+  item_drop(it);
+  return 0;
+}
+
+/* sync_box(v): v encoded into an item box, or nil, why. */
+static int l_sync_box(lua_State *L) {
+  lua_settop(L, 1);
+  sync_item *it = lua_newuserdata(L, sizeof *it);
+  memset(it, 0, sizeof *it);
+  luaL_getmetatable(L, ITEM_MT);
+  lua_setmetatable(L, -2);
+  codec_opts o;
+  memset(&o, 0, sizeof o);
+  o.what = "value";
+  it->p = corral__codec_encode(L, 1, 1, &it->len, &o);
+  if (it->p == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, o.err);
+    return 2;
+  }
+  it->discard = o.has_refs ? corral__codec_discard : NULL;
+  return 1;
+}
+
+/* sync_unbox(box): its value (the box is emptied), or nil, why. */
+static int l_sync_unbox(lua_State *L) {
+  sync_item *it = luaL_checkudata(L, 1, ITEM_MT);
+  if (it->p == NULL) return luaL_argerror(L, 1, "an item box taken already");
+  if (!push_item(L, it)) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+  }
+  return 1;
+}
+
+void corral__lua_sync_share(lua_State *L, int idx) {
+  if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
+  lua_getfield(L, LUA_REGISTRYINDEX, "corral.sync_share");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushvalue(L, idx);
+  lua_call(L, 1, 0);
+}
+
+/* sync_adopt(ch, x): the value x (a number, boolean or string, or an item
+ * box, emptied) goes to the channel's C ring, whatever its capacity; true,
+ * or false when there was no memory. */
+static int l_sync_adopt(lua_State *L) {
+  corral_sync *s = check(L, 1);
+  sync_item it;
+  memset(&it, 0, sizeof it);
+  sync_item *box = luaL_testudata(L, 2, ITEM_MT);
+  if (box != NULL) {
+    it = *box;
+    memset(box, 0, sizeof *box);
+  } else if (lua_type(L, 2) == LUA_TSTRING && lua_objlen(L, 2) > SYNC_SMALL) {
+    /* a long string, packed here: [string] */
+    size_t n;
+    const char *str = lua_tolstring(L, 2, &n);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    if (msgpack_pack_array(&pk, 1) != 0 || msgpack_pack_str(&pk, n) != 0 ||
+        msgpack_pack_str_body(&pk, str, n) != 0) {
+      msgpack_sbuffer_destroy(&sb);
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    it.p = sb.data;
+    it.len = sb.size;
+  } else if (!encode_item(L, 2, &it)) { /* (a scalar: never fails) */
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  int rc = corral__sync_adopt(s, &it);
+  item_drop(&it);
+  lua_pushboolean(L, rc == 0);
+  return 1;
+}
+
+/* sync_set_local(ch, on): it is (no more) kept on the Lua side. */
+static int l_sync_set_local(lua_State *L) {
+  check(L, 1)->lua_local = lua_toboolean(L, 2);
+  return 0;
+}
+
+/* ======================================================================== */
 /* Objects                                                                   */
 /* ======================================================================== */
 
@@ -184,6 +290,8 @@ static int l_sync_new(lua_State *L) {
   }
   corral_sync *s = corral__sync_new(kind, (long)luaL_checknumber(L, 2));
   if (s == NULL) return luaL_error(L, "corral: not enough memory");
+  /* a channel lives on this context's Lua side until it is first shared */
+  s->lua_local = kind == SYNC_CHANNEL && lua_toboolean(L, 4);
   if (kind == SYNC_SEMAPHORE || kind == SYNC_LOCK) s->value = s->cap;
   if (lk != NULL) {
     corral__sync_retain(lk);
@@ -446,6 +554,8 @@ static int l_sync_open(lua_State *L) {
   }
   lua_pushvalue(L, 2);
   lua_setfield(L, LUA_REGISTRYINDEX, "corral.sync_woken");
+  lua_pushvalue(L, 3);
+  lua_setfield(L, LUA_REGISTRYINDEX, "corral.sync_share");
   return 0;
 }
 
@@ -479,6 +589,10 @@ static int lazy_len(lua_State *L) { return lazy_meta(L, "__len"); }
 static int lazy_tostring(lua_State *L) { return lazy_meta(L, "__tostring"); }
 
 void corral__lua_sync_open(lua_State *L) {
+  luaL_newmetatable(L, ITEM_MT);
+  lua_pushcfunction(L, item_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
   for (int k = 1; k < NKINDS; k++) {
     luaL_newmetatable(L, kind_mt[k]);
     lua_pushcfunction(L, sync_gc);
@@ -505,6 +619,10 @@ const luaL_Reg corral__lua_sync_funcs[] = {{"sync_new", l_sync_new},
                                            {"sync_select", l_sync_select},
                                            {"sync_finish", l_sync_finish},
                                            {"sync_remote", l_sync_remote},
+                                           {"sync_box", l_sync_box},
+                                           {"sync_unbox", l_sync_unbox},
+                                           {"sync_adopt", l_sync_adopt},
+                                           {"sync_set_local", l_sync_set_local},
                                            {"sync_claim", l_sync_claim},
                                            {"sync_won", l_sync_won},
                                            {"sync_close", l_sync_close},

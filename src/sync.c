@@ -597,6 +597,13 @@ corral_sync_waiter *corral__sync_remote_start(corral_sync *s, corral_context *ct
 
 void corral__sync_waiter_free(corral_sync_waiter *w) { waiter_free(w); }
 
+int corral__sync_adopt(corral_sync *s, sync_item *v) {
+  uv_mutex_lock(&s->lock);
+  int rc = ring_push(s, v, 0);
+  uv_mutex_unlock(&s->lock);
+  return rc;
+}
+
 void corral__sync_putback(corral_sync *s, sync_item *v) {
   uv_mutex_lock(&s->lock);
   corral_sync_waiter *g = first_claimed(&s->waiters);

@@ -121,6 +121,69 @@ end
 
 local Channel = {}
 
+-- A channel lives on the Lua side of the context that made it until it is
+-- first shared (encoded: passed to a worker, put in another channel): its
+-- values and waiters are here, and an operation costs no C call. Numbers,
+-- booleans and strings are kept as they are (immutable: a copy changes
+-- nothing), other values encoded into an item box (a copy, checked as a
+-- call's arguments are). When it is shared, `share` moves everything to its
+-- C object; its waiters then do their operation again there.
+local locals = setmetatable({}, { __mode = "k" })
+local c_box, c_unbox = core.sync_box, core.sync_unbox
+
+-- FIFO queues of waiting entries: { w = waiter, v = value, gone = bool }
+local function q_new() return { h = 1, t = 0 } end
+local function q_push(q, e)
+  local t = q.t + 1
+  q.t = t
+  q[t] = e
+end
+local function q_pop(q)
+  local h = q.h
+  while h <= q.t do
+    local e = q[h]
+    q[h] = nil
+    h = h + 1
+    if not e.gone then
+      q.h = h
+      return e
+    end
+  end
+  q.h, q.t = 1, 0
+  return nil
+end
+
+local function unbox(fname, x, level)
+  if type(x) ~= "userdata" then return x end
+  local v, why = c_unbox(x)
+  if v == nil and why ~= nil then unreadable(fname, why, level + 1) end
+  return v
+end
+
+-- The value as the channel keeps it (raises CodecError for one that
+-- cannot travel).
+local function keep(fname, v)
+  local t = type(v)
+  if t == "number" or t == "string" or t == "boolean" then return v end
+  local b, why = c_box(v)
+  if b == nil then error(errors.codec(fname .. ": " .. why, 3), 3) end
+  return b
+end
+
+-- ring of values: st[1..] as a FIFO (st.rh .. st.rt)
+local function r_push(st, x)
+  local t = st.rt + 1
+  st.rt = t
+  st[t] = x
+end
+local function r_pop(st)
+  local h = st.rh
+  local x = st[h]
+  st[h] = nil
+  if h == st.rt then st.rh, st.rt = 1, 0 else st.rh = h + 1 end
+  return x
+end
+
 --- A channel holding up to `capacity` values (0: unbuffered, a put waits
 -- for its get).
 -- @int[opt=0] capacity
@@ -128,62 +191,224 @@ function M.channel(capacity)
   capacity = capacity or 0
   errors.check(type(capacity) == "number" and capacity >= 0 and capacity == floor(capacity)
     and capacity < 2 ^ 31, "corral.channel", "capacity", "a whole number >= 0", capacity)
-  return c_new(CHANNEL, capacity)
+  local ch = c_new(CHANNEL, capacity, nil, true)
+  locals[ch] = { cap = capacity, rh = 1, rt = 0, closed = false, getters = q_new(),
+    putters = q_new() }
+  return ch
+end
+
+-- Move a channel of this context's Lua side to its C object (called by the
+-- encoder, through the registry, as the channel is first encoded).
+local function share(ch)
+  local st = locals[ch]
+  if st == nil then return end
+  locals[ch] = nil
+  core.sync_set_local(ch, false)
+  for i = st.rh, st.rt do
+    if not core.sync_adopt(ch, st[i]) then error("corral: not enough memory", 0) end
+    st[i] = nil
+  end
+  if st.closed then core.sync_close(ch) end
+  -- its waiters do their operation again, on the C object
+  local e = q_pop(st.putters)
+  while e do
+    e.retry = true
+    wake(e.w, WOKE)
+    e = q_pop(st.putters)
+  end
+  e = q_pop(st.getters)
+  while e do
+    e.retry = true
+    wake(e.w, WOKE)
+    e = q_pop(st.getters)
+  end
+end
+M.share = share
+
+local function time_left(deadline)
+  if deadline == nil then return nil end
+  local l = deadline - now()
+  return l > 0 and l or 0
 end
 
 --- Put `v` (any value that can travel, not nil): waits while the channel
 -- is full. Raises `ClosedError` on a closed channel, `TimeoutError` when
 -- `timeout` seconds pass first.
 function Channel:put(v, timeout)
-  self_check(self, CHANNEL, "channel:put")
+  local st = locals[self]
+  if st == nil then self_check(self, CHANNEL, "channel:put") end
   if v == nil then errors.usage("channel:put", "a channel carries values: nil cannot be put") end
-  check_timeout("channel:put", timeout)
+  if timeout ~= nil then check_timeout("channel:put", timeout) end
+  if st ~= nil then
+    if st.closed then error(closed_error("channel:put", 2), 2) end
+    local x = keep("channel:put", v)
+    -- (a value holding the channel itself shares it as it is encoded)
+    if locals[self] ~= st then return Channel.put(self, v, timeout) end
+    local g = q_pop(st.getters)
+    if g ~= nil then
+      g.v, g.ok = x, true
+      wake(g.w, WOKE)
+      return true
+    end
+    if st.rt - st.rh + 1 < st.cap then
+      r_push(st, x)
+      return true
+    end
+    local deadline = timeout and now() + timeout
+    local e = { w = waiter(), v = x }
+    q_push(st.putters, e)
+    local tok = block(e.w, deadline)
+    if e.ok then -- it was taken
+      if tok == CANCEL then e.w._cancel_req = true end
+      return true
+    end
+    e.gone = true
+    if e.closed then error(closed_error("channel:put", 2), 2) end
+    if e.retry then return Channel.put(self, v, time_left(deadline)) end
+    future.raise_token(tok, "channel:put")
+  end
   if wait_op("channel:put", self, PUT, v, timeout) == CLOSED then
     error(closed_error("channel:put", 2), 2)
   end
   return true
 end
 
+-- A value out of a local channel's ring, and a waiting putter's into it.
+local function take(st)
+  local x = r_pop(st)
+  local p = st.rt - st.rh + 1 < st.cap and q_pop(st.putters) or nil
+  if p ~= nil then
+    r_push(st, p.v)
+    p.ok = true
+    wake(p.w, WOKE)
+  end
+  return x
+end
+
 --- The next value: waits while the channel is empty. On a closed channel
 -- that is drained returns nil, "closed".
 function Channel:get(timeout)
-  self_check(self, CHANNEL, "channel:get")
-  check_timeout("channel:get", timeout)
-  local st, v = wait_op("channel:get", self, GET, nil, timeout)
-  if st == CLOSED then return nil, "closed" end
+  local st = locals[self]
+  if st == nil then self_check(self, CHANNEL, "channel:get") end
+  if timeout ~= nil then check_timeout("channel:get", timeout) end
+  if st ~= nil then
+    if st.rt >= st.rh then return unbox("channel:get", take(st), 1) end
+    local p = q_pop(st.putters)
+    if p ~= nil then
+      p.ok = true
+      wake(p.w, WOKE)
+      return unbox("channel:get", p.v, 1)
+    end
+    if st.closed then return nil, "closed" end
+    local deadline = timeout and now() + timeout
+    local e = { w = waiter() }
+    q_push(st.getters, e)
+    local tok = block(e.w, deadline)
+    if e.ok then
+      if tok ~= WOKE then
+        -- it came as the wait ended: back to the head, for the next getter
+        local g = q_pop(st.getters)
+        if g ~= nil then
+          g.v, g.ok = e.v, true
+          wake(g.w, WOKE)
+        else
+          local h = st.rh - 1
+          st.rh = h
+          st[h] = e.v
+          if st.rt < h then st.rt = h end
+        end
+        future.raise_token(tok, "channel:get")
+      end
+      return unbox("channel:get", e.v, 1)
+    end
+    e.gone = true
+    if e.closed then return nil, "closed" end
+    if e.retry then return Channel.get(self, time_left(deadline)) end
+    future.raise_token(tok, "channel:get")
+  end
+  local s, v = wait_op("channel:get", self, GET, nil, timeout)
+  if s == CLOSED then return nil, "closed" end
   return v
 end
 
 --- Put `v` only if that can happen now: true, or false (full).
 function Channel:try_put(v)
-  self_check(self, CHANNEL, "channel:try_put")
+  local st = locals[self]
+  if st == nil then self_check(self, CHANNEL, "channel:try_put") end
   if v == nil then errors.usage("channel:try_put", "a channel carries values: nil cannot be put") end
-  local st, why, _, nk = c_select(false, 1, self, PUT, v)
-  if st == nil then error(errors.codec("channel:try_put: " .. why, 2), 2) end
+  if st ~= nil then
+    if st.closed then error(closed_error("channel:try_put", 2), 2) end
+    local x = keep("channel:try_put", v)
+    if locals[self] ~= st then return Channel.try_put(self, v) end
+    local g = q_pop(st.getters)
+    if g ~= nil then
+      g.v, g.ok = x, true
+      wake(g.w, WOKE)
+      return true
+    end
+    if st.rt - st.rh + 1 < st.cap then
+      r_push(st, x)
+      return true
+    end
+    return false
+  end
+  local r, why, _, nk = c_select(false, 1, self, PUT, v)
+  if r == nil then error(errors.codec("channel:try_put: " .. why, 2), 2) end
   if nk > 0 then wake_woken(nk) end
-  if st == CLOSED then error(closed_error("channel:try_put", 2), 2) end
-  return st == GRANTED
+  if r == CLOSED then error(closed_error("channel:try_put", 2), 2) end
+  return r == GRANTED
 end
 
 --- The next value if there is one now; else nil, "empty" (or "closed").
 function Channel:try_get()
-  self_check(self, CHANNEL, "channel:try_get")
-  local st, _, v, nk = c_select(false, 1, self, GET)
+  local st = locals[self]
+  if st == nil then self_check(self, CHANNEL, "channel:try_get") end
+  if st ~= nil then
+    if st.rt >= st.rh then return unbox("channel:try_get", take(st), 1) end
+    local p = q_pop(st.putters)
+    if p ~= nil then
+      p.ok = true
+      wake(p.w, WOKE)
+      return unbox("channel:try_get", p.v, 1)
+    end
+    return nil, st.closed and "closed" or "empty"
+  end
+  local r, _, v, nk = c_select(false, 1, self, GET)
   if nk > 0 then wake_woken(nk) end
-  if st == UNREADABLE then unreadable("channel:try_get", v, 1) end
-  if st == GRANTED then return v end
-  return nil, st == CLOSED and "closed" or "empty"
+  if r == UNREADABLE then unreadable("channel:try_get", v, 1) end
+  if r == GRANTED then return v end
+  return nil, r == CLOSED and "closed" or "empty"
 end
 
 --- Close: puts raise `ClosedError` from now on, waiting getters get nil,
 -- "closed"; values in the channel can still be got. True when it was open.
 function Channel:close()
+  local st = locals[self]
+  if st ~= nil then
+    if st.closed then return false end
+    st.closed = true
+    local e = q_pop(st.getters)
+    while e do
+      e.closed = true
+      wake(e.w, WOKE)
+      e = q_pop(st.getters)
+    end
+    e = q_pop(st.putters)
+    while e do
+      e.closed = true
+      wake(e.w, WOKE)
+      e = q_pop(st.putters)
+    end
+    return true
+  end
   self_check(self, CHANNEL, "channel:close")
   return now_op(core.sync_close, self)
 end
 
 --- Whether it is closed.
 function Channel:closed()
+  local st = locals[self]
+  if st ~= nil then return st.closed end
   self_check(self, CHANNEL, "channel:closed")
   local _, closed = c_info(self)
   return closed
@@ -548,6 +773,7 @@ function M.select(cases, opts)
         errors.usage("corral.select", "cases[%d]: a channel of the parent process cannot be "
           .. "selected on in a process worker (use its get or put)", i)
       end
+      share(x) -- (a select waits on the C objects)
       errors.check(OPS[c[2]] ~= nil, "corral.select", "cases[" .. i .. "][2]", '"get" or "put"', c[2])
       if c[2] == "put" and c[3] == nil then
         errors.usage("corral.select", "cases[%d]: a channel carries values: nil cannot be put", i)
@@ -821,6 +1047,15 @@ function RBarrier:n_waiting() return (rinfo(self)) end
 local function tostr(x)
   local k = c_kind(x)
   local count, closed, _, waiting = c_info(x)
+  local st = locals[x]
+  if st ~= nil then
+    count, closed, waiting = st.rt - st.rh + 1, st.closed, 0
+    for _, q in ipairs({ st.getters, st.putters }) do
+      for i = q.h, q.t do
+        if q[i] and not q[i].gone then waiting = waiting + 1 end
+      end
+    end
+  end
   local s = ("<%s %s"):format(KIND_NAME[k], tostring(count))
   if k == CHANNEL or k == QUEUE then
     s = ("<%s: %d queued"):format(KIND_NAME[k], count)
@@ -845,10 +1080,15 @@ core.sync_open({
   condition = Condition, barrier = Barrier,
   rchannel = RChannel, rqueue = RQueue, rlock = RLock, rsemaphore = RSemaphore, revent = REvent,
   rcondition = RCondition, rbarrier = RBarrier,
-  __tostring = tostr, __len = function(x) return c_count(x) end,
+  __tostring = tostr,
+  __len = function(x)
+    local st = locals[x]
+    if st ~= nil then return st.rt - st.rh + 1 end
+    return c_count(x)
+  end,
   __rtostring = function(x) return ("<%s of the parent process>"):format(KIND_NAME[c_kind(x)]) end,
   __rlen = function(x) return (rinfo(x)) end,
-}, woken)
+}, woken, share)
 
 --- The kind of a sync object ("channel", "lock", ...), or nil.
 function M.kind(x)

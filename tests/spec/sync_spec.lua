@@ -590,6 +590,39 @@ describe("across thread workers", function()
     assert.is_false(ch:try_put("nobody"))
   end)
 
+  it("a channel first used in one context keeps its values, order and waiters when it is shared", function()
+    local ch = corral.channel(3)
+    ch:put(1); ch:put({ two = 2 }); ch:put(("3"):rep(100))
+    -- a putter waits (full), and a getter on another channel
+    local p = corral.spawn(function() ch:put("four"); return "put" end)
+    local other = corral.channel(0)
+    local g = corral.spawn(function() return other:get() end)
+    corral.spawn(function() end):result()
+    local W = corral.worker { drain = function(_, c, o, n)
+      local got = {}
+      for i = 1, n do got[i] = c:get() end
+      o:put("from the worker")
+      return got
+    end }
+    local w = W:init()
+    local got = w:drain(ch, other, 4):result(10) -- ch and other are shared now
+    assert.same({ 1, { two = 2 }, ("3"):rep(100), "four" }, got)
+    assert.equal("put", p:result(10))
+    assert.equal("from the worker", g:result(10))
+    w:stop()
+  end)
+
+  it("a value put in a channel is a copy, whether or not the channel was shared", function()
+    local ch = corral.channel(2)
+    local t = { n = 1 }
+    ch:put(t)
+    t.n = 2
+    local got = ch:get()
+    assert.equal(1, got.n)
+    assert.are_not.equal(t, got)
+    assert.equal("CodecError", kind_of(function() ch:put({ co = coroutine.create(print) }) end))
+  end)
+
   it("refuses to cross to a process worker with a clear CodecError", function()
     local W = corral.worker { f = function(_, ch) return ch end }
     local w = W:options { mode = "process" }:init()
