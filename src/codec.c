@@ -922,9 +922,9 @@ static int enc_sync(encoder *e, corral_sync *s, int idx) {
                        "process)");
   /* (for a process worker too: its proxy makes it an RSYNC, see
    * corral__codec_syncs_for_child; one of a parent's cannot go further) */
-  if (s->remote != 0)
+  if (s->remote != 0 && o->no_handles)
     return enc_fail(e, "a channel or sync primitive of the parent process cannot leave this "
-                       "process worker");
+                       "process worker (its thread workers may have it)");
   if (s->lua_local && iface->sync_share != NULL)
     iface->sync_share(e->L, idx); /* (its values move to the C object: no encode in it) */
   uint64_t h = corral__sync_handle(s);
@@ -2180,8 +2180,12 @@ static int repack_syncs(msgpack_packer *pk, const msgpack_object *o, rsync_ctx *
       uint64_t lh = 0;
       if (s->lock_of != NULL) {
         lh = corral__sync_handle(s->lock_of);
+        if (lh == 0) {
+          corral__sync_release(s);
+          return -1;
+        }
         corral__sync_retain(s->lock_of);
-        if (lh == 0 || r->keep(r->ud, s->lock_of) != 0) {
+        if (r->keep(r->ud, s->lock_of) != 0) { /* (keep let go of it) */
           corral__sync_release(s);
           return -1;
         }

@@ -313,15 +313,16 @@ typedef struct corral_sync_waiter {
   sync_item val; /* a putter's value; a granted getter's */
   /* a wait on a parent's object (s->remote): its request, carried by the
    * child's pump (process.c), under s->lock */
-  int rstate;    /* SYNC_R_* */
-  int abandoned; /* its task gave up: the pump frees it */
+  int rstate;       /* SYNC_R_* */
+  int abandoned;    /* its context dropped it: the pump frees it */
+  int cancel_asked; /* its task gave up before it was sent: the pump answers GONE */
   uint64_t wire_id;
   long info[6]; /* the reply's count, closed, unfinished, waiting, putting, cap */
 } corral_sync_waiter;
 
 /* Where a remote wait is: posted to the pump, sent, answered; or given up
- * once sent (a CANCEL to send), or answered but not taken (an UNDO). */
-enum { SYNC_R_NONE = 0, SYNC_R_TO_PUMP, SYNC_R_SENT, SYNC_R_DONE, SYNC_R_CANCEL, SYNC_R_UNDO };
+ * once sent (a CANCEL to send: the answer still comes). */
+enum { SYNC_R_NONE = 0, SYNC_R_TO_PUMP, SYNC_R_SENT, SYNC_R_DONE, SYNC_R_CANCEL };
 /* Operations of a child on a parent's object, beside the waiting ones. */
 enum {
   SYNC_OP_TRY_PUT = 16,
@@ -332,9 +333,7 @@ enum {
   SYNC_OP_NOTIFY_N,
   SYNC_OP_TASK_DONE,
   SYNC_OP_RESET,
-  SYNC_OP_INFO,
-  SYNC_OP_UNDO_GET,
-  SYNC_OP_UNDO_ACQUIRE
+  SYNC_OP_INFO
 };
 
 /* One case of a wait: the object, the operation, its value (a put's:
@@ -383,7 +382,11 @@ int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long
  * taken): a record posted to the pump (ctx's runtime's home), or NULL. */
 corral_sync_waiter *corral__sync_remote_start(corral_sync *s, corral_context *ctx, int op, long n,
                                               sync_item *v);
-/* Free a record the pump owns (given up, or an UNDO sent). */
+/* Its task gives up a remote wait (a timeout, a cancel): the pump asks the
+ * parent to withdraw it; the answer (GONE, or a grant that came first)
+ * still comes and wakes it. 1 when it is answered already. */
+int corral__sync_remote_cancel(corral_sync_waiter *w);
+/* Free a record the pump owns (its context dropped it). */
 void corral__sync_waiter_free(corral_sync_waiter *w);
 /* Put a value back at the head of a channel (a get that could not be
  * delivered): to its first waiting getter, or into the ring. */

@@ -457,6 +457,15 @@ static int l_sync_remote(lua_State *L) {
   return 1;
 }
 
+/* sync_rcancel(rec): give up a wait on a parent's object: true when it is
+ * answered already, else its answer is on its way (wait for it). */
+static int l_sync_rcancel(lua_State *L) {
+  corral_sync_waiter *w = lua_touserdata(L, 1);
+  if (w == NULL || w->s->remote == 0) return luaL_argerror(L, 1, "a remote waiter record");
+  lua_pushboolean(L, corral__sync_remote_cancel(w));
+  return 1;
+}
+
 /* sync_claim(rec, idx): win rec's select for case idx (a future): bool. */
 static int l_sync_claim(lua_State *L) {
   corral_sync_waiter *w = lua_touserdata(L, 1);
@@ -619,6 +628,7 @@ const luaL_Reg corral__lua_sync_funcs[] = {{"sync_new", l_sync_new},
                                            {"sync_select", l_sync_select},
                                            {"sync_finish", l_sync_finish},
                                            {"sync_remote", l_sync_remote},
+                                           {"sync_rcancel", l_sync_rcancel},
                                            {"sync_box", l_sync_box},
                                            {"sync_unbox", l_sync_unbox},
                                            {"sync_adopt", l_sync_adopt},

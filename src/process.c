@@ -37,8 +37,9 @@
  *          state, value (frame.h): a SYNC done (or given up)
  * The parent waits on the child's behalf (its proxy's context holds the
  * waiter records), so a child's task waits on a parent's channel as a
- * thread worker's does; a value granted to a request the child gave up on
- * comes back as an UNDO (a SYNC of op UNDO_GET or UNDO_ACQUIRE, id 0).
+ * thread worker's does. A task that gives up (a timeout, a cancel) sends
+ * SYNC_CANCEL and waits for the one answer every request gets: GONE, or
+ * the grant that came first (then the operation happened, as in process).
  * Which calls a child started, the parent reads after its death in a ring
  * in shared memory (a memfd, its descriptor sent before BOOT): the child
  * writes a call's id at id & mask as the call starts, before its method
@@ -457,14 +458,12 @@ static int op_fits(int kind, int op) {
   case SYNC_OP_PUT:
   case SYNC_OP_GET:
   case SYNC_OP_TRY_PUT:
-  case SYNC_OP_TRY_GET:
-  case SYNC_OP_UNDO_GET: return kind == SYNC_CHANNEL || kind == SYNC_QUEUE;
+  case SYNC_OP_TRY_GET: return kind == SYNC_CHANNEL || kind == SYNC_QUEUE;
   case SYNC_OP_CLOSE: return kind == SYNC_CHANNEL || kind == SYNC_BARRIER;
   case SYNC_OP_JOIN:
   case SYNC_OP_TASK_DONE: return kind == SYNC_QUEUE;
   case SYNC_OP_ACQUIRE:
-  case SYNC_OP_RELEASE:
-  case SYNC_OP_UNDO_ACQUIRE: return kind == SYNC_LOCK || kind == SYNC_SEMAPHORE;
+  case SYNC_OP_RELEASE: return kind == SYNC_LOCK || kind == SYNC_SEMAPHORE;
   case SYNC_OP_EVENT:
   case SYNC_OP_SET: return kind == SYNC_EVENT;
   case SYNC_OP_NOTIFY:
@@ -573,12 +572,17 @@ static const char *on_sync(proxy *p, rcur *c) {
   corral_sync *s = cap_of(p, fs.handle);
   if (s == NULL) return "a SYNC frame for an object it was not given";
   if (!op_fits(s->kind, fs.op)) return "a SYNC frame with an operation its object does not have";
-  if (fs.n < 0 || fs.n > (int64_t)1 << 40) return "a SYNC frame with a bad count";
+  if (fs.n < 0 || fs.n > (int64_t)1 << 31) return "a SYNC frame with a bad count";
   long n = (long)fs.n;
+  /* (an acquire takes one permit; a lock gives back one) */
+  if ((fs.op == SYNC_OP_ACQUIRE || (fs.op == SYNC_OP_RELEASE && s->kind == SYNC_LOCK)) && n != 1)
+    return "a SYNC frame with a bad count";
+  if ((fs.op == SYNC_OP_RELEASE && n < 1) || (fs.op == SYNC_OP_SET && n > 1))
+    return "a SYNC frame with a bad count";
   sync_case cs;
   memset(&cs, 0, sizeof cs);
   if (item_of(&fs.v, &cs.val) != 0) return "a SYNC frame with a malformed value";
-  int put = fs.op == SYNC_OP_PUT || fs.op == SYNC_OP_TRY_PUT || fs.op == SYNC_OP_UNDO_GET;
+  int put = fs.op == SYNC_OP_PUT || fs.op == SYNC_OP_TRY_PUT;
   if (put != (cs.val.p != NULL || cs.val.tag != SYNC_ITEM_NONE)) {
     free_item(&cs.val);
     return "a SYNC frame whose value does not fit its operation";
@@ -640,8 +644,6 @@ static const char *on_sync(proxy *p, rcur *c) {
     break;
   case SYNC_OP_RESET: corral__sync_reset(s, NULL); break;
   case SYNC_OP_INFO: break;
-  case SYNC_OP_UNDO_GET: corral__sync_putback(s, &cs.val); return NULL;
-  case SYNC_OP_UNDO_ACQUIRE: corral__sync_release_permits(s, n < 1 ? 1 : n, NULL); return NULL;
   }
   sync_reply(p, fs.id, rc, ival, NULL, s);
   return NULL;
@@ -679,8 +681,13 @@ static const char *on_sync_cancel(proxy *p, rcur *c) {
     p->psync[i] = p->psync[--p->npsync];
     corral_sync *s = rec->s;
     corral__sync_retain(s);
-    corral__sync_finish(rec, 1, NULL, NULL, NULL, NULL);
-    sync_reply(p, id, SYNC_GONE, 0, NULL, s);
+    /* a grant not posted here yet stands, unless it can be given back (a
+     * value to the channel's head, a permit): the answer says which */
+    int undoable = rec->op == SYNC_OP_GET || rec->op == SYNC_OP_ACQUIRE;
+    long ival = 0;
+    int st = corral__sync_finish(rec, undoable, NULL, &ival, NULL, NULL);
+    if (undoable && st == SYNC_GRANTED) st = SYNC_GONE;
+    sync_reply(p, id, st, ival, NULL, s);
     corral__sync_release(s);
     break;
   }
@@ -1614,17 +1621,25 @@ static void on_sync_out(void *ud, corral_post *post) {
   corral_sync_waiter *rec = (corral_sync_waiter *)post;
   corral_sync *s = rec->s;
   uv_mutex_lock(&s->lock);
-  int st = rec->rstate, gone = rec->abandoned;
-  if (st == SYNC_R_TO_PUMP && !gone) {
+  int st = rec->rstate;
+  if (st == SYNC_R_TO_PUMP) {
+    if (rec->abandoned) { /* its context dropped it before it went */
+      uv_mutex_unlock(&s->lock);
+      corral__sync_waiter_free(rec);
+      return;
+    }
+    if (rec->cancel_asked) { /* its task gave up before it went */
+      rec->state = SYNC_GONE;
+      rec->rstate = SYNC_R_DONE;
+      corral__ctx_post_item(rec->ctx, &rec->post);
+      uv_mutex_unlock(&s->lock);
+      return;
+    }
     rec->rstate = SYNC_R_SENT;
     rec->wire_id = ++c->next_req;
   }
   uv_mutex_unlock(&s->lock);
   if (st == SYNC_R_TO_PUMP) {
-    if (gone) { /* given up before it went */
-      corral__sync_waiter_free(rec);
-      return;
-    }
     if (c->nreqs == c->capreqs) {
       int cap = c->capreqs ? c->capreqs * 2 : 16;
       corral_sync_waiter **r = realloc(c->reqs, sizeof *r * (size_t)cap);
@@ -1634,15 +1649,12 @@ static void on_sync_out(void *ud, corral_post *post) {
     }
     c->reqs[c->nreqs++] = rec;
     send_sync(c, rec->wire_id, rec, rec->op);
-    free_item(&rec->val);
+    free_item(&rec->val); /* (the pump's: nobody else reads it while it is SENT) */
   } else if (st == SYNC_R_CANCEL) {
     wbuf b = {0};
     corral__frame_begin(&b, F_SYNC_CANCEL);
     corral__w_uint(&b, rec->wire_id, 8);
     if (send_frame((uv_stream_t *)&c->sock, &b) != 0) child_fail("out of memory");
-  } else if (st == SYNC_R_UNDO) { /* a grant its task did not take: back */
-    send_sync(c, 0, rec, rec->op == SYNC_OP_GET ? SYNC_OP_UNDO_GET : SYNC_OP_UNDO_ACQUIRE);
-    corral__sync_waiter_free(rec);
   }
 }
 
@@ -1660,19 +1672,13 @@ static const char *on_sync_reply(pump *c, rcur *r) {
   if (rec == NULL) return "a SYNC_REPLY for no request";
   sync_item it;
   if (item_of(&fr.v, &it) != 0) return "a SYNC_REPLY with a malformed value";
+  /* (a cancel of it not sent yet is not sent: this is the answer) */
+  corral__ctx_unpost(&c->rt->home, &rec->post);
   corral_sync *s = rec->s;
   uv_mutex_lock(&s->lock);
-  if (rec->abandoned) {
+  if (rec->abandoned) { /* its context is gone: so is what it was granted */
     uv_mutex_unlock(&s->lock);
-    /* its task gave up: a value or permits granted meanwhile go back */
-    int op = rec->op;
-    if (fr.state == SYNC_GRANTED && (op == SYNC_OP_GET || op == SYNC_OP_ACQUIRE)) {
-      free_item(&rec->val);
-      rec->val = it;
-      send_sync(c, 0, rec, op == SYNC_OP_GET ? SYNC_OP_UNDO_GET : SYNC_OP_UNDO_ACQUIRE);
-    } else {
-      free_item(&it);
-    }
+    free_item(&it);
     corral__sync_waiter_free(rec);
     return NULL;
   }

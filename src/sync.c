@@ -516,41 +516,51 @@ static void undo(corral_sync_waiter *w, sync_woken *k) {
   }
 }
 
-/* The end of a wait on a parent's object (see corral__sync_remote_start). */
+/* The end of a wait on a parent's object (see corral__sync_remote_start).
+ * Its task waits for the pump's final answer (a cancel too: see
+ * corral__sync_remote_cancel), so a record is freed here once answered;
+ * one its context drops before that (abandoned: the context closes) the
+ * pump frees when the answer comes, and what it was granted is lost with
+ * it, as in a crash. */
 static int finish_remote(corral_sync_waiter *w, int abandon, sync_item *out, long *ival,
                          long *info) {
   corral_sync *s = w->s;
-  int keep = 0, st;
   uv_mutex_lock(&s->lock);
-  if (w->rstate == SYNC_R_DONE) {
-    corral__ctx_unpost(w->ctx, &w->post); /* (the reply's wake-up, if not drained) */
-    st = w->state;
-    if (abandon && st == SYNC_GRANTED && (w->op == SYNC_OP_GET || w->op == SYNC_OP_ACQUIRE)) {
-      w->rstate = SYNC_R_UNDO; /* the pump gives it back */
-      keep = 1;
-      st = SYNC_GONE;
-      corral__ctx_post_item(&w->ctx->rt->home, &w->post);
-    }
-  } else {
-    st = SYNC_GONE;
-    keep = 1;
-    w->abandoned = 1;
-    if (w->rstate == SYNC_R_SENT) { /* (not sent yet: the pump drops it) */
+  queue_remove(&w->post.live); /* (the context's own list: it runs this) */
+  if (ival != NULL) *ival = w->ival;
+  if (info != NULL) memcpy(info, w->info, sizeof w->info);
+  if (w->rstate != SYNC_R_DONE) {
+    w->abandoned = 1; /* (from here on, the pump's) */
+    if (w->rstate == SYNC_R_SENT) {
       w->rstate = SYNC_R_CANCEL;
       corral__ctx_post_item(&w->ctx->rt->home, &w->post);
     }
+    uv_mutex_unlock(&s->lock);
+    return SYNC_GONE;
   }
+  corral__ctx_unpost(w->ctx, &w->post); /* (the answer's wake-up, if not drained) */
+  int st = w->state;
   uv_mutex_unlock(&s->lock);
-  queue_remove(&w->post.live);
-  if (ival != NULL) *ival = w->ival;
-  if (info != NULL) memcpy(info, w->info, sizeof w->info);
-  if (keep) return st;
-  if (st == SYNC_GRANTED && out != NULL) {
+  if (st == SYNC_GRANTED && !abandon && out != NULL) {
     *out = w->val;
     memset(&w->val, 0, sizeof w->val);
   }
   waiter_free(w);
   return st;
+}
+
+int corral__sync_remote_cancel(corral_sync_waiter *w) {
+  corral_sync *s = w->s;
+  uv_mutex_lock(&s->lock);
+  int done = w->rstate == SYNC_R_DONE;
+  if (w->rstate == SYNC_R_TO_PUMP) {
+    w->cancel_asked = 1; /* (the pump answers it GONE instead of sending it) */
+  } else if (w->rstate == SYNC_R_SENT) {
+    w->rstate = SYNC_R_CANCEL;
+    corral__ctx_post_item(&w->ctx->rt->home, &w->post);
+  }
+  uv_mutex_unlock(&s->lock);
+  return done;
 }
 
 int corral__sync_finish(corral_sync_waiter *w, int abandon, sync_item *out, long *ival, long *info,

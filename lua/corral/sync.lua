@@ -31,6 +31,7 @@ local c_select, c_finish, c_claim = core.sync_select, core.sync_finish, core.syn
 local c_new, c_kind, c_count, c_info = core.sync_new, core.sync_kind, core.sync_count, core.sync_info
 
 local M = {}
+local rwait -- (a wait on a parent's object: defined with them, below)
 
 -- Kinds and operations, as sync.c numbers them.
 local CHANNEL, QUEUE, SEMAPHORE, LOCK, EVENT, CONDITION, BARRIER = 1, 2, 3, 4, 5, 6, 7
@@ -645,8 +646,15 @@ function Condition:wait(timeout)
   local w = waiter()
   expect(rec, w)
   lock:release()
-  local tok = block(w, timeout and now() + timeout)
-  unexpect(rec)
+  local tok
+  if remote then
+    local cancelled
+    tok, cancelled = rwait(rec, w, timeout and now() + timeout)
+    if cancelled then tok = CANCEL end
+  else
+    tok = block(w, timeout and now() + timeout)
+    unexpect(rec)
+  end
   local st2, _, _, nk = c_finish(rec, false)
   if nk > 0 then wake_woken(nk) end
   -- the lock again, whatever happened (a cancel meanwhile is kept for later)
@@ -885,25 +893,48 @@ end
 -- channels inside them.
 local TRY_PUT, TRY_GET, CLOSE, RELEASE, SET, NOTIFY_N, TASK_DONE, RESET, INFO =
   16, 17, 18, 19, 20, 21, 22, 23, 24
-local c_remote = core.sync_remote
+local c_remote, c_rcancel = core.sync_remote, core.sync_rcancel
+
+-- Wait for the parent's answer to the request `rec` until `deadline`. A
+-- task that gives up (the timeout, a cancel) asks the parent to withdraw
+-- it and still waits for the answer, which is GONE or the grant that came
+-- first: a request is never both done and given up. Returns the first
+-- token, and whether a cancel came meanwhile.
+function rwait(rec, w, deadline)
+  local tok = block(w, deadline)
+  local cancelled = tok == CANCEL
+  if tok ~= WOKE and not c_rcancel(rec) then
+    while true do
+      local t2 = block(w)
+      if t2 == WOKE then break end
+      if t2 == CANCEL then cancelled = true end
+      if t2 == sched.FOREVER then break end
+    end
+  end
+  unexpect(rec)
+  return tok, cancelled
+end
 
 local function rop(fname, s, op, n, v, timeout, soft)
   local rec, why = c_remote(s, op, n, v)
   if rec == nil then error(errors.codec(fname .. ": " .. tostring(why), 3), 3) end
   local w = waiter()
   expect(rec, w)
-  local tok = block(w, timeout and now() + timeout)
-  unexpect(rec)
-  local st, v2, _, _, count, closed, unfinished, waiting, putting, cap = c_finish(rec, tok ~= WOKE)
+  local tok, cancelled = rwait(rec, w, timeout and now() + timeout)
+  local st, v2, _, _, count, closed, unfinished, waiting, putting, cap = c_finish(rec, false)
   if st == UNREADABLE then
+    if cancelled then w._cancel_req = true end
     error(errors.codec(fname .. ": the value cannot come to this process worker (it holds a "
       .. "future, a buffer or a channel, or cannot be decoded here); it stays in the channel", 3), 3)
   end
-  if tok ~= WOKE then
-    if st == GRANTED and not UNDOABLE[op] then
-      if tok == CANCEL then w._cancel_req = true end
+  if tok ~= WOKE or cancelled then
+    if st == GRANTED or st == CLOSED or st == BROKEN or st == QUEUED then
+      -- it was answered before it could be withdrawn: it happened; a cancel
+      -- comes at the task's next wait
+      if cancelled then w._cancel_req = true end
       return st, v2, count, closed, unfinished, waiting, putting, cap
     end
+    if cancelled then future.raise_token(CANCEL, fname) end
     if tok == TIMEOUT and soft then return false end
     future.raise_token(tok, fname)
   end
