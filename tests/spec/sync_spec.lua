@@ -578,6 +578,55 @@ describe("across thread workers", function()
     pool:stop()
   end)
 
+  it("queue, semaphore and condition between thread workers and the script", function()
+    local W = corral.worker {
+      consume = function(_, q)
+        local n = 0
+        while true do
+          local v = q:get()
+          q:task_done()
+          if v == "stop" then return n end
+          n = n + v
+        end
+      end,
+      limited = function(_, sem, box)
+        return sem:with(function()
+          local inside = box:get() + 1
+          box:put(inside)
+          require("corral").sleep(0.002)
+          box:put(box:get() - 1)
+          return inside
+        end)
+      end,
+      waiter = function(_, c, box)
+        return c:with(function()
+          return c:wait_for(function() return box:try_get() == "go" end, 10)
+        end)
+      end,
+    }
+    local pool = W:options { workers = 3 }:init()
+    local q = corral.queue(2)
+    local f = pool:consume(q)
+    for i = 1, 20 do q:put(i) end
+    q:put("stop")
+    q:join(10)
+    assert.equal(210, f:result(10))
+    local sem, box = corral.semaphore(1), corral.channel(1)
+    box:put(0)
+    local fs = {}
+    for i = 1, 6 do fs[i] = pool:limited(sem, box) end
+    for i = 1, 6 do assert.equal(1, fs[i]:result(10)) end -- never two inside at once
+    local c, gate = corral.condition(), corral.channel(1)
+    local wf = pool:waiter(c, gate)
+    h.wait_until(function() return select(4, require("corral.core").sync_info(c)) > 0 end)
+    c:with(function()
+      gate:put("go")
+      c:notify_all()
+    end)
+    assert.is_true(wf:result(10))
+    pool:stop()
+  end)
+
   it("a worker that stops while it waits on a channel gives its place back", function()
     local W = corral.worker { take = function(_, ch) return ch:get() end }
     local w = W:init()
