@@ -1672,10 +1672,11 @@ static const char *on_sync_reply(pump *c, rcur *r) {
   if (rec == NULL) return "a SYNC_REPLY for no request";
   sync_item it;
   if (item_of(&fr.v, &it) != 0) return "a SYNC_REPLY with a malformed value";
-  /* (a cancel of it not sent yet is not sent: this is the answer) */
-  corral__ctx_unpost(&c->rt->home, &rec->post);
   corral_sync *s = rec->s;
   uv_mutex_lock(&s->lock);
+  /* (a cancel of it not sent yet is not sent: this is the answer; under
+   * the lock, as its task posts that cancel under it) */
+  corral__ctx_unpost(&c->rt->home, &rec->post);
   if (rec->abandoned) { /* its context is gone: so is what it was granted */
     uv_mutex_unlock(&s->lock);
     free_item(&it);
