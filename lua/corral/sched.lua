@@ -398,6 +398,7 @@ local wind_since = nil
 
 local turn_body
 local busy_turns = 0 -- turns in a row that had work ready (they poll every 16th)
+local EXTEND = 64 -- items a turn runs beyond those ready at its start
 
 --- One turn of the loop: poll for events (blocking, when `block` and there is
 -- nothing ready, until the next timer or `until_deadline`), deliver
@@ -497,12 +498,21 @@ function turn_body(block, until_deadline)
   end
   local last = rq_tail
   turn_last = last
+  -- what was ready at this point runs; so does what it makes ready, up to
+  -- EXTEND items more (tasks that hand work to each other, a channel's
+  -- ping-pong, go on without a turn each), then the loop is looked at again
+  local extend = EXTEND
   while rq_head <= last do
     local i = rq_head
     local item, tok, val = rq_item[i], rq_tok[i], rq_val[i]
     rq_item[i], rq_tok[i], rq_val[i] = nil, nil, nil
     rq_head = i + 1
     run_item(item, tok, val)
+    if rq_head > last and rq_tail > last and extend > 0 then
+      extend = extend - (rq_tail - last)
+      last = rq_tail
+      turn_last = last
+    end
   end
   if rq_head > rq_tail then rq_head, rq_tail = 1, 0 end
   return pending()
