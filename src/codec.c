@@ -2030,78 +2030,51 @@ static int shm_walk(const msgpack_object *o, int (*fn)(void *, unsigned char *, 
   }
 }
 
-/* A repack's buffers in shared memory, retained for the copy (released if
- * it fails). */
-typedef struct {
-  corral_buffer **held;
-  int n, cap;
-} repacked;
+/* ---- copies of a payload for another process ------------------------- */
 
-static int repack(msgpack_packer *pk, const msgpack_object *o, repacked *r) {
+/* Whether o holds an extension of `type`. */
+static int has_ext(const msgpack_object *o, int type) {
   switch (o->type) {
-  case MSGPACK_OBJECT_ARRAY:
-    if (msgpack_pack_array(pk, o->via.array.size) != 0) return -1;
-    for (uint32_t i = 0; i < o->via.array.size; i++)
-      if (repack(pk, &o->via.array.ptr[i], r) != 0) return -1;
-    return 0;
-  case MSGPACK_OBJECT_MAP:
-    if (msgpack_pack_map(pk, o->via.map.size) != 0) return -1;
-    for (uint32_t i = 0; i < o->via.map.size; i++)
-      if (repack(pk, &o->via.map.ptr[i].key, r) != 0 || repack(pk, &o->via.map.ptr[i].val, r) != 0)
-        return -1;
-    return 0;
-  case MSGPACK_OBJECT_EXT:
-    if (o->via.ext.type == EXT_BUFFER && o->via.ext.size == 8) {
-      uint64_t h = get_be(o->via.ext.ptr, 8);
-      corral_buffer *b = corral__handle_get(h, HANDLE_BUFFER);
-      if (b == NULL) return -1;
-      int rc;
-      if (corral__buffer_seal(b) == 0) {
-        if (r->n == r->cap) {
-          int cap = r->cap ? r->cap * 2 : 8;
-          corral_buffer **held = realloc(r->held, sizeof(corral_buffer *) * (size_t)cap);
-          if (held == NULL) {
-            corral__buffer_release(b);
-            return -1;
-          }
-          r->held = held;
-          r->cap = cap;
-        }
-        r->held[r->n++] = b; /* the lookup's reference is the copy's */
-        unsigned char body[16];
-        for (int i = 0; i < 8; i++) {
-          body[i] = (unsigned char)(h >> (56 - 8 * i));
-          body[8 + i] = (unsigned char)((uint64_t)b->len >> (56 - 8 * i));
-        }
-        return msgpack_pack_ext(pk, 16, EXT_SHM) || msgpack_pack_ext_body(pk, body, 16) ? -1 : 0;
-      } else {
-        rc = b->len > 0xffffffffu || msgpack_pack_ext(pk, b->len, EXT_BYTES) ||
-             msgpack_pack_ext_body(pk, b->data, b->len);
-      }
-      corral__buffer_release(b);
-      return rc ? -1 : 0;
-    }
-    return msgpack_pack_object(pk, *o);
-  default: return msgpack_pack_object(pk, *o);
-  }
-}
-
-static int has_buffer(const msgpack_object *o) {
-  switch (o->type) {
-  case MSGPACK_OBJECT_EXT: return o->via.ext.type == EXT_BUFFER;
+  case MSGPACK_OBJECT_EXT: return o->via.ext.type == type;
   case MSGPACK_OBJECT_ARRAY:
     for (uint32_t i = 0; i < o->via.array.size; i++)
-      if (has_buffer(&o->via.array.ptr[i])) return 1;
+      if (has_ext(&o->via.array.ptr[i], type)) return 1;
     return 0;
   case MSGPACK_OBJECT_MAP:
     for (uint32_t i = 0; i < o->via.map.size; i++)
-      if (has_buffer(&o->via.map.ptr[i].key) || has_buffer(&o->via.map.ptr[i].val)) return 1;
+      if (has_ext(&o->via.map.ptr[i].key, type) || has_ext(&o->via.map.ptr[i].val, type))
+        return 1;
     return 0;
   default: return 0;
   }
 }
 
-char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *failed) {
+/* Pack o again, each extension through ext (which packs it, changed or
+ * not): 0, or -1. */
+typedef int (*repack_ext)(msgpack_packer *pk, const msgpack_object *o, void *ud);
+static int repack(msgpack_packer *pk, const msgpack_object *o, repack_ext ext, void *ud) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_ARRAY:
+    if (msgpack_pack_array(pk, o->via.array.size) != 0) return -1;
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      if (repack(pk, &o->via.array.ptr[i], ext, ud) != 0) return -1;
+    return 0;
+  case MSGPACK_OBJECT_MAP:
+    if (msgpack_pack_map(pk, o->via.map.size) != 0) return -1;
+    for (uint32_t i = 0; i < o->via.map.size; i++)
+      if (repack(pk, &o->via.map.ptr[i].key, ext, ud) != 0 ||
+          repack(pk, &o->via.map.ptr[i].val, ext, ud) != 0)
+        return -1;
+    return 0;
+  case MSGPACK_OBJECT_EXT: return ext(pk, o, ud);
+  default: return msgpack_pack_object(pk, *o);
+  }
+}
+
+/* A copy of the payload p with its extensions of `type` repacked by ext;
+ * NULL when it holds none, or on failure (*failed). */
+static char *repack_payload(const char *p, size_t n, size_t *out, int *failed, int type,
+                            repack_ext ext, void *ud) {
   *failed = 0;
   *out = 0;
   if (p == NULL || n == 0) return NULL;
@@ -2114,125 +2087,108 @@ char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *faile
   char *copy = NULL;
   if (unpack_one(z, p, n, &o, 0) != NULL) {
     *failed = 1;
-  } else if (has_buffer(&o)) {
+  } else if (has_ext(&o, type)) {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    repacked r = {NULL, 0, 0};
-    if (repack(&pk, &o, &r) != 0) {
-      for (int i = 0; i < r.n; i++)
-        corral__buffer_release(r.held[i]);
+    if (repack(&pk, &o, ext, ud) != 0) {
       msgpack_sbuffer_destroy(&sb);
       *failed = 1;
     } else {
       copy = sb.data;
       *out = sb.size;
     }
-    free(r.held);
   }
   msgpack_zone_free(z);
   return copy;
 }
 
-/* ---- sync objects for a child process ---------------------------------- */
+/* A repack's buffers in shared memory, retained for the copy (released if
+ * it fails). */
+typedef struct {
+  corral_buffer **held;
+  int n, cap;
+} repacked;
 
+static int repack_buffer(msgpack_packer *pk, const msgpack_object *o, void *ud) {
+  repacked *r = ud;
+  if (o->via.ext.type != EXT_BUFFER || o->via.ext.size != 8) return msgpack_pack_object(pk, *o);
+  uint64_t h = get_be(o->via.ext.ptr, 8);
+  corral_buffer *b = corral__handle_get(h, HANDLE_BUFFER);
+  if (b == NULL) return -1;
+  int rc;
+  if (corral__buffer_seal(b) == 0) {
+    if (r->n == r->cap) {
+      int cap = r->cap ? r->cap * 2 : 8;
+      corral_buffer **held = realloc(r->held, sizeof(corral_buffer *) * (size_t)cap);
+      if (held == NULL) {
+        corral__buffer_release(b);
+        return -1;
+      }
+      r->held = held;
+      r->cap = cap;
+    }
+    r->held[r->n++] = b; /* the lookup's reference is the copy's */
+    unsigned char body[16];
+    put_be(body, h, 8);
+    put_be(body + 8, (uint64_t)b->len, 8);
+    return msgpack_pack_ext(pk, 16, EXT_SHM) || msgpack_pack_ext_body(pk, body, 16) ? -1 : 0;
+  }
+  rc = b->len > 0xffffffffu || msgpack_pack_ext(pk, b->len, EXT_BYTES) ||
+       msgpack_pack_ext_body(pk, b->data, b->len);
+  corral__buffer_release(b);
+  return rc ? -1 : 0;
+}
+
+char *corral__codec_for_process(const char *p, size_t n, size_t *out, int *failed) {
+  repacked r = {NULL, 0, 0};
+  char *copy = repack_payload(p, n, out, failed, EXT_BUFFER, repack_buffer, &r);
+  if (*failed)
+    for (int i = 0; i < r.n; i++)
+      corral__buffer_release(r.held[i]);
+  free(r.held);
+  return copy;
+}
+
+/* Sync objects for a child process: SYNC -> RSYNC, each kept by the caller. */
 typedef struct {
   int (*keep)(void *ud, corral_sync *s);
   void *ud;
-  int found;
 } rsync_ctx;
 
-static int has_sync(const msgpack_object *o) {
-  switch (o->type) {
-  case MSGPACK_OBJECT_EXT: return o->via.ext.type == EXT_SYNC;
-  case MSGPACK_OBJECT_ARRAY:
-    for (uint32_t i = 0; i < o->via.array.size; i++)
-      if (has_sync(&o->via.array.ptr[i])) return 1;
-    return 0;
-  case MSGPACK_OBJECT_MAP:
-    for (uint32_t i = 0; i < o->via.map.size; i++)
-      if (has_sync(&o->via.map.ptr[i].key) || has_sync(&o->via.map.ptr[i].val)) return 1;
-    return 0;
-  default: return 0;
-  }
-}
-
-static int repack_syncs(msgpack_packer *pk, const msgpack_object *o, rsync_ctx *r) {
-  switch (o->type) {
-  case MSGPACK_OBJECT_ARRAY:
-    if (msgpack_pack_array(pk, o->via.array.size) != 0) return -1;
-    for (uint32_t i = 0; i < o->via.array.size; i++)
-      if (repack_syncs(pk, &o->via.array.ptr[i], r) != 0) return -1;
-    return 0;
-  case MSGPACK_OBJECT_MAP:
-    if (msgpack_pack_map(pk, o->via.map.size) != 0) return -1;
-    for (uint32_t i = 0; i < o->via.map.size; i++)
-      if (repack_syncs(pk, &o->via.map.ptr[i].key, r) != 0 ||
-          repack_syncs(pk, &o->via.map.ptr[i].val, r) != 0)
-        return -1;
-    return 0;
-  case MSGPACK_OBJECT_EXT:
-    if (o->via.ext.type == EXT_SYNC && o->via.ext.size == 8) {
-      uint64_t h = get_be(o->via.ext.ptr, 8);
-      corral_sync *s = corral__handle_get(h, HANDLE_SYNC);
-      if (s == NULL) return -1;
-      uint64_t lh = 0;
-      if (s->lock_of != NULL) {
-        lh = corral__sync_handle(s->lock_of);
-        if (lh == 0) {
-          corral__sync_release(s);
-          return -1;
-        }
-        corral__sync_retain(s->lock_of);
-        if (r->keep(r->ud, s->lock_of) != 0) { /* (keep let go of it) */
-          corral__sync_release(s);
-          return -1;
-        }
-      }
-      int kind = s->kind;
-      if (r->keep(r->ud, s) != 0) return -1; /* (it takes the lookup's reference) */
-      unsigned char body[17];
-      put_be(body, h, 8);
-      body[8] = (unsigned char)kind;
-      put_be(body + 9, lh, 8);
-      r->found++;
-      return msgpack_pack_ext(pk, 17, EXT_RSYNC) || msgpack_pack_ext_body(pk, body, 17) ? -1 : 0;
+static int repack_sync(msgpack_packer *pk, const msgpack_object *o, void *ud) {
+  rsync_ctx *r = ud;
+  if (o->via.ext.type != EXT_SYNC || o->via.ext.size != 8) return msgpack_pack_object(pk, *o);
+  uint64_t h = get_be(o->via.ext.ptr, 8);
+  corral_sync *s = corral__handle_get(h, HANDLE_SYNC);
+  if (s == NULL) return -1;
+  uint64_t lh = 0;
+  if (s->lock_of != NULL) {
+    lh = corral__sync_handle(s->lock_of);
+    if (lh == 0) {
+      corral__sync_release(s);
+      return -1;
     }
-    return msgpack_pack_object(pk, *o);
-  default: return msgpack_pack_object(pk, *o);
+    corral__sync_retain(s->lock_of);
+    if (r->keep(r->ud, s->lock_of) != 0) { /* (keep let go of it) */
+      corral__sync_release(s);
+      return -1;
+    }
   }
+  int kind = s->kind;
+  if (r->keep(r->ud, s) != 0) return -1; /* (it takes the lookup's reference) */
+  unsigned char body[17];
+  put_be(body, h, 8);
+  body[8] = (unsigned char)kind;
+  put_be(body + 9, lh, 8);
+  return msgpack_pack_ext(pk, 17, EXT_RSYNC) || msgpack_pack_ext_body(pk, body, 17) ? -1 : 0;
 }
 
 char *corral__codec_syncs_for_child(const char *p, size_t n, size_t *out,
                                     int (*keep)(void *ud, corral_sync *s), void *ud, int *failed) {
-  *failed = 0;
-  if (p == NULL || n == 0) return NULL;
-  msgpack_zone *z = msgpack_zone_new(2048);
-  if (z == NULL) {
-    *failed = 1;
-    return NULL;
-  }
-  msgpack_object o;
-  char *copy = NULL;
-  if (unpack_one(z, p, n, &o, 0) != NULL) {
-    *failed = 1;
-  } else if (has_sync(&o)) {
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    rsync_ctx r = {keep, ud, 0};
-    if (repack_syncs(&pk, &o, &r) != 0) {
-      msgpack_sbuffer_destroy(&sb);
-      *failed = 1;
-    } else {
-      copy = sb.data;
-      *out = sb.size;
-    }
-  }
-  msgpack_zone_free(z);
-  return copy;
+  rsync_ctx r = {keep, ud};
+  return repack_payload(p, n, out, failed, EXT_SYNC, repack_sync, &r);
 }
 
 int corral__codec_shm_each(char *data, size_t len,

@@ -907,19 +907,21 @@ static int send_call(proxy *p, corral_call *c) {
       free(fit);
     }
   }
-  if (shm == -2) {
-    /* the socket failed: the child is dying (or stuck): it ends, and the
-     * call, not started there, goes to the next one (a restart) or fails
-     * with the crash, as the calls queued behind it */
-    free(b.p);
+  int too_big = shm >= 0 && (b.failed || b.len - 4 > FRAME_MAX);
+  if (shm == -2 || (shm >= 0 && !too_big && send_frame((uv_stream_t *)&p->sock, &b) != 0)) {
+    /* the socket failed (its descriptors', or the frames' one: a write to
+     * a process that has just died): the child is dying (or stuck): it
+     * ends, and the call, not started there, goes to the next one (a
+     * restart) or fails with the crash, as the calls queued behind it */
+    if (shm == -2) free(b.p); /* (send_frame frees what it could not send) */
     kill_child(p);
     p->dying = 1;
     if (c->tries == 0 && !c->unsent) corral__future_watch(c->result, &p->w->ctx, corral__ctx_post);
     c->unsent = 1; /* (RUNNING already: sent again as new) */
     return 1;
   }
-  if (shm < 0 || send_frame((uv_stream_t *)&p->sock, &b) != 0) {
-    if (shm < 0) free(b.p);
+  if (shm < 0 || too_big) {
+    free(b.p);
     /* descriptors it will not take are in its socket: the two are out of
      * step, and the child ends (its calls go as in a crash) */
     if (sent > 0 || (shm < 0 && shm != -3)) kill_child(p);

@@ -154,6 +154,16 @@ local function q_pop(q)
   return nil
 end
 
+-- Wake every entry of q, marked with `why` (true).
+local function wake_all(q, why)
+  local e = q_pop(q)
+  while e do
+    e[why] = true
+    wake(e.w, WOKE)
+    e = q_pop(q)
+  end
+end
+
 local function unbox(fname, x, level)
   if type(x) ~= "userdata" then return x end
   local v, why = c_unbox(x)
@@ -185,6 +195,22 @@ local function r_pop(st)
   return x
 end
 
+-- A put that can happen now on a local channel: to the first waiting
+-- getter, or into the ring; false when it would wait.
+local function offer(st, x)
+  local g = q_pop(st.getters)
+  if g ~= nil then
+    g.v, g.ok = x, true
+    wake(g.w, WOKE)
+    return true
+  end
+  if st.rt - st.rh + 1 < st.cap then
+    r_push(st, x)
+    return true
+  end
+  return false
+end
+
 --- A channel holding up to `capacity` values (0: unbuffered, a put waits
 -- for its get).
 -- @int[opt=0] capacity
@@ -211,18 +237,8 @@ local function share(ch)
   end
   if st.closed then core.sync_close(ch) end
   -- its waiters do their operation again, on the C object
-  local e = q_pop(st.putters)
-  while e do
-    e.retry = true
-    wake(e.w, WOKE)
-    e = q_pop(st.putters)
-  end
-  e = q_pop(st.getters)
-  while e do
-    e.retry = true
-    wake(e.w, WOKE)
-    e = q_pop(st.getters)
-  end
+  wake_all(st.putters, "retry")
+  wake_all(st.getters, "retry")
 end
 M.share = share
 
@@ -245,16 +261,7 @@ function Channel:put(v, timeout)
     local x = keep("channel:put", v)
     -- (a value holding the channel itself shares it as it is encoded)
     if locals[self] ~= st then return Channel.put(self, v, timeout) end
-    local g = q_pop(st.getters)
-    if g ~= nil then
-      g.v, g.ok = x, true
-      wake(g.w, WOKE)
-      return true
-    end
-    if st.rt - st.rh + 1 < st.cap then
-      r_push(st, x)
-      return true
-    end
+    if offer(st, x) then return true end
     local deadline = timeout and now() + timeout
     local e = { w = waiter(), v = x }
     q_push(st.putters, e)
@@ -341,17 +348,7 @@ function Channel:try_put(v)
     if st.closed then error(closed_error("channel:try_put", 2), 2) end
     local x = keep("channel:try_put", v)
     if locals[self] ~= st then return Channel.try_put(self, v) end
-    local g = q_pop(st.getters)
-    if g ~= nil then
-      g.v, g.ok = x, true
-      wake(g.w, WOKE)
-      return true
-    end
-    if st.rt - st.rh + 1 < st.cap then
-      r_push(st, x)
-      return true
-    end
-    return false
+    return offer(st, x)
   end
   local r, why, _, nk = c_select(false, 1, self, PUT, v)
   if r == nil then error(errors.codec("channel:try_put: " .. why, 2), 2) end
@@ -388,18 +385,8 @@ function Channel:close()
   if st ~= nil then
     if st.closed then return false end
     st.closed = true
-    local e = q_pop(st.getters)
-    while e do
-      e.closed = true
-      wake(e.w, WOKE)
-      e = q_pop(st.getters)
-    end
-    e = q_pop(st.putters)
-    while e do
-      e.closed = true
-      wake(e.w, WOKE)
-      e = q_pop(st.putters)
-    end
+    wake_all(st.getters, "closed")
+    wake_all(st.putters, "closed")
     return true
   end
   self_check(self, CHANNEL, "channel:close")
