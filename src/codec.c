@@ -2042,8 +2042,7 @@ static int has_ext(const msgpack_object *o, int type) {
     return 0;
   case MSGPACK_OBJECT_MAP:
     for (uint32_t i = 0; i < o->via.map.size; i++)
-      if (has_ext(&o->via.map.ptr[i].key, type) || has_ext(&o->via.map.ptr[i].val, type))
-        return 1;
+      if (has_ext(&o->via.map.ptr[i].key, type) || has_ext(&o->via.map.ptr[i].val, type)) return 1;
     return 0;
   default: return 0;
   }
