@@ -434,7 +434,7 @@ static int keep_sync(void *ud, corral_sync *s) {
     }
   if (p->ncaps == p->capcaps) {
     int cap = p->capcaps ? p->capcaps * 2 : 8;
-    corral_sync **c = realloc(p->caps, sizeof *c * (size_t)cap);
+    corral_sync **c = realloc(p->caps, sizeof(corral_sync *) * (size_t)cap);
     if (c == NULL) {
       corral__sync_release(s);
       return -1;
@@ -1644,7 +1644,7 @@ static void on_sync_out(void *ud, corral_post *post) {
   if (st == SYNC_R_TO_PUMP) {
     if (c->nreqs == c->capreqs) {
       int cap = c->capreqs ? c->capreqs * 2 : 16;
-      corral_sync_waiter **r = realloc(c->reqs, sizeof *r * (size_t)cap);
+      corral_sync_waiter **r = realloc(c->reqs, sizeof(corral_sync_waiter *) * (size_t)cap);
       if (r == NULL) child_fail("out of memory");
       c->reqs = r;
       c->capreqs = cap;

@@ -174,7 +174,7 @@ static int ring_grow(corral_sync *s) {
   long cap = s->rcap ? s->rcap * 2 : 8;
   sync_item *r = malloc(sizeof *r * (size_t)cap);
   if (r == NULL) return -1;
-  for (long i = 0; i < s->rcount; i++)
+  for (long i = 0; i < s->rcount && s->rcap > 0; i++)
     r[i] = s->ring[(s->rhead + i) % s->rcap];
   free(s->ring);
   s->ring = r;
@@ -334,7 +334,7 @@ int corral__sync_select(sync_case *cases, int n, int wait, corral_context *ctx, 
   if (n < 1 || n > SYNC_SELECT_MAX) return SYNC_NOMEM;
   for (int i = 0; i < n; i++)
     locks[nl++] = cases[i].s;
-  if (nl > 1) qsort(locks, (size_t)nl, sizeof locks[0], addr_cmp);
+  if (nl > 1) qsort(locks, (size_t)nl, sizeof(corral_sync *), addr_cmp);
   int u = 0;
   for (int i = 0; i < nl; i++)
     if (u == 0 || locks[u - 1] != locks[i]) locks[u++] = locks[i];
