@@ -81,6 +81,29 @@ corral.timeout = scope.timeout
 -- @function shield
 corral.shield = scope.shield
 
+local patterns = require "corral.patterns"
+--- Call `fn(...)` once, `seconds` from now; see `corral.patterns`.
+-- @function after
+corral.after = patterns.after
+--- Call `fn(...)` every `seconds`; see `corral.patterns`.
+-- @function every
+corral.every = patterns.every
+--- Call `fn` until it succeeds, with waits between attempts; see `corral.patterns`.
+-- @function retry
+corral.retry = patterns.retry
+--- A debounced `fn`; see `corral.patterns`.
+-- @function debounce
+corral.debounce = patterns.debounce
+--- A throttled `fn`; see `corral.patterns`.
+-- @function throttle
+corral.throttle = patterns.throttle
+--- `fn` called once, its results kept; see `corral.patterns`.
+-- @function once
+corral.once = patterns.once
+--- A group of background tasks; see `corral.patterns`.
+-- @function group
+corral.group = patterns.group
+
 --- Monotonic time in seconds.
 -- @function now
 corral.now = core.now
