@@ -66,43 +66,49 @@ function corral.barrier(n) return syncs().barrier(n) end
 --- Wait on several channel operations and futures, do one; see `corral.sync`.
 function corral.select(cases, opts) return syncs().select(cases, opts) end
 
-local scope = require "corral.scope"
+-- Structured concurrency, timers, retries, limits: loaded on first use (a
+-- worker that loads corral starts without them).
+local function lazy(module, name)
+  return function(...) return require(module)[name](...) end
+end
+
 --- Run `body(s)`, whose tasks (`s:spawn`) all end before it returns; see
 -- `corral.scope`.
 -- @function scope
-corral.scope = scope.scope
+corral.scope = lazy("corral.scope", "scope")
 --- Start `n` copies of `fn`; returns a waiter; see `corral.scope`.
 -- @function concurrently
-corral.concurrently = scope.concurrently
+corral.concurrently = lazy("corral.scope", "concurrently")
 --- Run `fn(...)` with a time limit; see `corral.scope`.
 -- @function timeout
-corral.timeout = scope.timeout
+corral.timeout = lazy("corral.scope", "timeout")
 --- Run `fn(...)` so that cancelling the caller does not cancel it.
 -- @function shield
-corral.shield = scope.shield
-
-local patterns = require "corral.patterns"
+corral.shield = lazy("corral.scope", "shield")
 --- Call `fn(...)` once, `seconds` from now; see `corral.patterns`.
 -- @function after
-corral.after = patterns.after
+corral.after = lazy("corral.patterns", "after")
 --- Call `fn(...)` every `seconds`; see `corral.patterns`.
 -- @function every
-corral.every = patterns.every
+corral.every = lazy("corral.patterns", "every")
 --- Call `fn` until it succeeds, with waits between attempts; see `corral.patterns`.
 -- @function retry
-corral.retry = patterns.retry
+corral.retry = lazy("corral.patterns", "retry")
 --- A debounced `fn`; see `corral.patterns`.
 -- @function debounce
-corral.debounce = patterns.debounce
+corral.debounce = lazy("corral.patterns", "debounce")
 --- A throttled `fn`; see `corral.patterns`.
 -- @function throttle
-corral.throttle = patterns.throttle
+corral.throttle = lazy("corral.patterns", "throttle")
 --- `fn` called once, its results kept; see `corral.patterns`.
 -- @function once
-corral.once = patterns.once
+corral.once = lazy("corral.patterns", "once")
+--- A rate or concurrency limit, shared with workers; see `corral.limiter`.
+-- @function limiter
+corral.limiter = lazy("corral.limiter", "new")
 --- A group of background tasks; see `corral.patterns`.
 -- @function group
-corral.group = patterns.group
+corral.group = lazy("corral.patterns", "group")
 
 --- Monotonic time in seconds.
 -- @function now
