@@ -267,6 +267,6 @@ describe("sync primitives with a process worker", function()
     h.wait_until(function()
       local objects, waiters = live()
       return objects <= objects0 and waiters <= waiters0
-    end)
+    end, 30) -- (slow under ThreadSanitizer with the whole suite around it)
   end)
 end)
