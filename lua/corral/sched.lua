@@ -278,8 +278,8 @@ local function unexpect(key)
 end
 M.unexpect = unexpect
 
---- A record was granted in this very context: wake its waiter now.
-function M.wake_key(key)
+--- A record was granted (in this very context, or posted): wake its waiter.
+local function wake_key(key)
   local w = posts[key]
   if w ~= nil then
     posts[key] = nil
@@ -287,6 +287,7 @@ function M.wake_key(key)
     wake(w, WOKE, key)
   end
 end
+M.wake_key = wake_key
 
 M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
 M.exiting = false -- a worker's code called os.exit: the worker is ending
@@ -475,12 +476,7 @@ function turn_body(block, until_deadline)
       ext_pending = ext_pending - 1
       f:_sync()
     else
-      local w = posts[key]
-      if w ~= nil then
-        posts[key] = nil
-        ext_pending = ext_pending - 1
-        wake(w, WOKE, key)
-      end
+      wake_key(key)
     end
   end
   if sig ~= 0 and M.on_signal then M.on_signal(sig) end

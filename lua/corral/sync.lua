@@ -293,6 +293,17 @@ local function take(st)
   return x
 end
 
+-- A get that can happen now on a local channel: true and the value (from
+-- the ring, or from a waiting putter), or false.
+local function take_now(st)
+  if st.rt >= st.rh then return true, take(st) end
+  local p = q_pop(st.putters)
+  if p == nil then return false end
+  p.ok = true
+  wake(p.w, WOKE)
+  return true, p.v
+end
+
 --- The next value: waits while the channel is empty. On a closed channel
 -- that is drained returns nil, "closed".
 function Channel:get(timeout)
@@ -300,13 +311,8 @@ function Channel:get(timeout)
   if st == nil then self_check(self, CHANNEL, "channel:get") end
   if timeout ~= nil then check_timeout("channel:get", timeout) end
   if st ~= nil then
-    if st.rt >= st.rh then return unbox("channel:get", take(st), 1) end
-    local p = q_pop(st.putters)
-    if p ~= nil then
-      p.ok = true
-      wake(p.w, WOKE)
-      return unbox("channel:get", p.v, 1)
-    end
+    local got, x = take_now(st)
+    if got then return unbox("channel:get", x, 1) end
     if st.closed then return nil, "closed" end
     local deadline = timeout and now() + timeout
     local e = { w = waiter() }
@@ -362,13 +368,8 @@ function Channel:try_get()
   local st = locals[self]
   if st == nil then self_check(self, CHANNEL, "channel:try_get") end
   if st ~= nil then
-    if st.rt >= st.rh then return unbox("channel:try_get", take(st), 1) end
-    local p = q_pop(st.putters)
-    if p ~= nil then
-      p.ok = true
-      wake(p.w, WOKE)
-      return unbox("channel:try_get", p.v, 1)
-    end
+    local got, x = take_now(st)
+    if got then return unbox("channel:try_get", x, 1) end
     return nil, st.closed and "closed" or "empty"
   end
   local r, _, v, nk = c_select(false, 1, self, GET)
