@@ -137,6 +137,24 @@ void corral__ctx_unpost(corral_context *c, corral_post *p) {
   uv_mutex_unlock(&c->qlock);
 }
 
+void corral__ctx_io_begin(corral_context *c, corral_post *p) {
+  queue_insert_tail(&c->live, &p->live);
+  c->io++;
+}
+
+void corral__ctx_io_wake(corral_context *c, corral_post *p) {
+  uv_mutex_lock(&c->qlock);
+  int posted = p->posted;
+  uv_mutex_unlock(&c->qlock);
+  if (!posted) corral__ctx_post_item(c, p);
+}
+
+void corral__ctx_io_end(corral_context *c, corral_post *p) {
+  corral__ctx_unpost(c, p);
+  queue_remove(&p->live);
+  c->io--;
+}
+
 int corral__ctx_drain_posts(corral_context *c, void (*fn)(void *ud, corral_post *p), void *ud) {
   queue done;
   uv_mutex_lock(&c->qlock);
@@ -234,7 +252,7 @@ void corral__ctx_poll(corral_context *c, int timeout_ms) {
     uv_update_time(&c->loop); /* the cached time may be long stale */
     uv_timer_start(&c->timer, on_timer, (uint64_t)timeout_ms, 0);
   }
-  int idle = timeout_ms < 0 && c->worker != NULL;
+  int idle = timeout_ms < 0 && c->worker != NULL && c->io == 0;
   if (idle && !park_idle(c)) {
     uv_run(&c->loop, UV_RUN_NOWAIT);
     return;
@@ -267,7 +285,7 @@ int corral__ctx_quiescent(corral_context *c) {
   uv_mutex_lock(&c->qlock);
   int empty = queue_empty(&c->completed) && queue_empty(&c->posted);
   uv_mutex_unlock(&c->qlock);
-  if (!empty || c->deferred != NULL) return 0;
+  if (!empty || c->deferred != NULL || c->io > 0) return 0;
   if (atomic_load(&rt->nbusy) == 0) return 1;
   return busy_running_worker(rt) ? 0 : 2;
 }

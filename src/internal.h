@@ -186,6 +186,7 @@ struct corral_context {
   queue reporters;           /* unretrieved errors, loop thread only */
   int closed;                /* the loop is closed: no more wake-ups (under qlock) */
   int idle;                  /* a worker parked with nothing to do (under qlock; see context.c) */
+  int io;                    /* I/O operations in flight on its loop (corral.fs, corral.exec) */
   corral_deferred *deferred; /* loop thread only */
   atomic_int signal;         /* work was posted since the last drain */
   atomic_int spinning;       /* the loop spins before parking: no need to wake it */
@@ -214,6 +215,13 @@ void corral__ctx_post_item(corral_context *c, corral_post *p);
 void corral__ctx_unpost(corral_context *c, corral_post *p);
 /* Take every posted item: fn(ud, p) for each (c's own thread). */
 int corral__ctx_drain_posts(corral_context *c, void (*fn)(void *ud, corral_post *p), void *ud);
+/* An I/O operation on c's own loop (corral.fs, corral.exec), loop thread
+ * only: `begin` links p in c->live and counts it in c->io (the context is not
+ * idle while it runs); `wake` posts p unless it is posted already; `end`
+ * takes it out of both and unposts it. */
+void corral__ctx_io_begin(corral_context *c, corral_post *p);
+void corral__ctx_io_wake(corral_context *c, corral_post *p);
+void corral__ctx_io_end(corral_context *c, corral_post *p);
 /* Wake the home loop (a worker may have been the last one awake). */
 void corral__ctx_wake_home(corral_runtime *rt);
 /* 1 when nothing in the process can make progress (every worker parked
@@ -838,6 +846,8 @@ extern const luaL_Reg corral__lua_future_funcs[];
 extern const luaL_Reg corral__lua_buffer_funcs[];
 void corral__lua_buffer_open(lua_State *L);
 extern const luaL_Reg corral__lua_sync_funcs[];
+extern const luaL_Reg corral__lua_fs_funcs[];
+extern const luaL_Reg corral__lua_exec_funcs[];
 void corral__lua_sync_open(lua_State *L);
 corral_sync *corral__lua_sync_of(lua_State *L, int idx);
 void corral__lua_sync_push(lua_State *L, corral_sync *s);

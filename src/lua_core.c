@@ -104,6 +104,8 @@ static int open_core(lua_State *L) {
   luaL_register(L, NULL, corral__lua_future_funcs);
   luaL_register(L, NULL, corral__lua_buffer_funcs);
   luaL_register(L, NULL, corral__lua_sync_funcs);
+  luaL_register(L, NULL, corral__lua_fs_funcs);
+  luaL_register(L, NULL, corral__lua_exec_funcs);
   luaL_register(L, NULL, corral__lua_codec_funcs);
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);

@@ -93,6 +93,15 @@ function M.signal_script(script, sig, signals)
   return (out:gsub("%d+\n$", "")), err, code, ms
 end
 
+--- Call f, which must raise: the kind of the corral error it raised (or
+-- the raised value as a string), and the error itself.
+function M.kind_of(f)
+  local ok, e = pcall(f)
+  assert(not ok, "expected an error, but it returned")
+  local corral = require "corral"
+  return corral.is_error(e) and e.kind or tostring(e), e
+end
+
 --- Wait (bounded, driving corral's loop) until cond() holds.
 function M.wait_until(cond, limit)
   local corral = require "corral"

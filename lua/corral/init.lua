@@ -106,6 +106,20 @@ corral.once = lazy("corral.patterns", "once")
 --- A rate or concurrency limit, shared with workers; see `corral.limiter`.
 -- @function limiter
 corral.limiter = lazy("corral.limiter", "new")
+--- Stages joined by bounded channels; see `corral.pipeline`.
+-- @function pipeline
+corral.pipeline = lazy("corral.pipeline", "pipeline")
+--- Run a command in its own process group; a future of its result; see
+-- `corral.exec`.
+-- @function exec
+corral.exec = lazy("corral.exec", "exec")
+--- Files on libuv's asynchronous operations (`read`, `write`, `list`,
+-- `stat`, `exists`, `mkdir`); see `corral.fs`.
+-- @table fs
+corral.fs = {}
+for _, name in ipairs({ "read", "write", "list", "stat", "exists", "mkdir" }) do
+  corral.fs[name] = lazy("corral.fs", name)
+end
 --- A group of background tasks; see `corral.patterns`.
 -- @function group
 corral.group = lazy("corral.patterns", "group")

@@ -168,6 +168,8 @@ end
 
 local function pack(...) return { n = select("#", ...), ... } end
 
+M.check_retry, M.RETRY_OPTIONS = check_retry, RETRY_OPTIONS
+
 --- Call `fn(...)` until it succeeds, waiting between attempts (the task
 -- only: other tasks run meanwhile). `opts`: `max_retries` (3), `delay` (1
 -- s), `backoff` ("exponential", "linear", "fibonacci" or "fixed"),

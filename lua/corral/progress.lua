@@ -19,7 +19,7 @@ end
 
 --- Make a progress display, or nil when `opt` is false or nil.
 -- @param opt true, {desc=...}, or function(done, total, elapsed)
--- @int total how many items
+-- @int total how many items (nil: not known yet)
 -- @param[opt] out the stream to draw on (default io.stderr)
 function M.new(opt, total, out)
   if not opt then return nil end
@@ -38,9 +38,15 @@ end
 function Progress:line()
   local elapsed = core.now() - self.start
   local rate = elapsed > 0 and self.done / elapsed or 0
-  local left = rate > 0 and (self.total - self.done) / rate or math.huge
   local parts = {}
   if self.desc then parts[#parts + 1] = self.desc end
+  if self.total == nil then -- (an input of unknown length: a pipeline's iterator)
+    parts[#parts + 1] = ("%d done"):format(self.done)
+    if self.failed > 0 then parts[#parts + 1] = ("(%d failed)"):format(self.failed) end
+    parts[#parts + 1] = ("%.1f/s"):format(rate)
+    return table.concat(parts, "  ")
+  end
+  local left = rate > 0 and (self.total - self.done) / rate or math.huge
   if self.tty then
     local width = 24
     local fill = self.total > 0 and math.floor(width * self.done / self.total) or width

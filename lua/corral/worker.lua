@@ -107,6 +107,9 @@ function Class:init(...)
     _blocking = opt(o, "blocking"), _max_queued = opt(o, "max_queued"),
     _max_concurrency = opt(o, "max_concurrency"), _timeout = opt(o, "timeout") or false,
     _class = self._methods, _insts = {}, _rr = 0, _stopped = false }, Handle)
+  if o.retry ~= nil or o.limits ~= nil then
+    h._policy = require("corral.worker_policy").normalize("Class:init", o.retry, o.limits)
+  end
   for i = 1, n do
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name

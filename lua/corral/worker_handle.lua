@@ -73,7 +73,7 @@ end
 local push = { thread = thread_push, process = thread_push, async = loc.async_call,
   sync = loc.sync_call }
 
-local function call(h, method, ...)
+local function plain(h, method, ...)
   local f
   if h._stopped then
     f = closed_future(h, method)
@@ -98,6 +98,16 @@ local function call(h, method, ...)
         error(e, 0)
       end
     end
+  end
+  return f
+end
+
+local function call(h, method, ...)
+  local f
+  if h._policy and not h._stopped then
+    f = require("corral.worker_policy").call(h, plain, method, ...)
+  else
+    f = plain(h, method, ...)
   end
   if h._blocking then return f:result() end
   return f

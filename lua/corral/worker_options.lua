@@ -62,6 +62,13 @@ local function check_options(fname, o)
     elseif k == "restart_backoff" then
       errors.check(type(v) == "number" and v >= 0 and v <= 10, fname, k,
         "a number of seconds from 0 to 10 (the longest wait)", v)
+    elseif k == "retry" or k == "limits" then
+      errors.check(fname ~= "corral.config", fname, k, "set per class (Class:options), not here", v)
+      if k == "retry" then
+        require("corral.worker_policy").normalize(fname, v, nil)
+      else
+        require("corral.worker_policy").normalize(fname, nil, v)
+      end
     elseif k == "name" then
       errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
     else

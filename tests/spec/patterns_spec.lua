@@ -1,12 +1,9 @@
 -- Timers, retry, debounce, throttle, once and group (lua/corral/patterns.lua).
 local corral = require "corral"
+local h = require "helper"
 local patterns = require "corral.patterns"
 
-local function kind_of(f)
-  local ok, e = pcall(f)
-  assert.is_false(ok)
-  return corral.is_error(e) and e.kind or tostring(e)
-end
+local kind_of = h.kind_of
 
 describe("timers", function()
   it("after calls fn once, as a task, not before its time; cancel stops it", function()
