@@ -172,13 +172,16 @@ describe("when a process worker dies", function()
       local corral = require "corral"
       local W = corral.worker {
         pid = function() local f = require "ffi"; pcall(f.cdef, "int getpid(void);"); return f.C.getpid() end,
-        nap = function(_, s) require("corral").sleep(s) end,
+        -- (`started` tells the parent the method runs: a call only handed
+        -- over may not have started, and is sent again to the next process)
+        nap = function(_, s, started) started:put(true) require("corral").sleep(s) end,
         segv = function() return require("ffi").cast("int *", 0)[0] end,
       }
       local k = W:options { mode = "process", name = "victim" }:init()
       local pid = k:pid():result(10)
-      local f = k:nap(60)
-      while not f:running() do corral.sleep(0.001) end
+      local started = corral.channel(1)
+      local f = k:nap(60, started)
+      assert(started:get(10))
       ffi.C.kill(pid, 9)
       local ok, e = pcall(f.result, f, 10)
       print(ok, e.kind, e.message)
@@ -260,13 +263,16 @@ describe("a process worker's restarts", function()
       local corral = require "corral"
       local W = corral.worker {
         pid = function() local f = require "ffi"; pcall(f.cdef, "int getpid(void);"); return f.C.getpid() end,
-        nap = function(_, s) require("corral").sleep(s) return "slept" end,
+        -- (`started` tells the parent the method runs: a call only handed
+        -- over may not have started, and is sent again to the next process)
+        nap = function(_, s, started) started:put(true) require("corral").sleep(s) return "slept" end,
         sq = function(_, x) return x * x end,
       }
       local w = W:options { mode = "process", restart = true, retries = 1, name = "phoenix" }:init()
       local pid = w:pid():result(10)
-      local f = w:nap(0.3)
-      while not f:running() do corral.sleep(0.001) end
+      local started = corral.channel(1)
+      local f = w:nap(0.3, started)
+      assert(started:get(10))
       ffi.C.kill(pid, 9)
       print("retried", f:result(10))
       local pid2 = w:pid():result(10)
@@ -275,8 +281,9 @@ describe("a process worker's restarts", function()
       -- without retries the running call fails, and the instance serves on
       local v = W:options { mode = "process", restart = true, name = "phoenix2" }:init()
       pid = v:pid():result(10)
-      local g = v:nap(30)
-      while not g:running() do corral.sleep(0.001) end
+      started = corral.channel(1) -- (the retried nap put into the first one again)
+      local g = v:nap(30, started)
+      assert(started:get(10))
       ffi.C.kill(pid, 9)
       local ok, e = pcall(g.result, g, 10)
       print("failed", ok, e.kind, e.message)

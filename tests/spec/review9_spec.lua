@@ -314,13 +314,14 @@ describe("review9: a grandchild of a process worker", function()
       local G = corral.worker {
         bg = function() os.execute("sleep 30 </dev/null >/dev/null 2>&1 &") end,
         pid = function() local f = require "ffi"; pcall(f.cdef, "int getpid(void);"); return f.C.getpid() end,
-        nap = function() require("corral").sleep(60) end,
+        nap = function(_, started) started:put(true) require("corral").sleep(60) end,
       }
       local w = G:options { mode = "process", name = "parent_of_bg" }:init()
       w:bg():result(10)
       local pid = w:pid():result(10)
-      local f = w:nap()
-      while not f:running() do corral.sleep(0.001) end
+      local started = corral.channel(1)
+      local f = w:nap(started)
+      assert(started:get(10)) -- (a call only handed over may not have started yet)
       local t0 = corral.now()
       ffi.C.kill(pid, 9)
       local ok, e = pcall(f.result, f, 25)
