@@ -396,6 +396,8 @@ M.stuck = false
 -- get this many seconds to end while nothing else can progress.
 M.wind_down = nil
 local wind_since = nil
+local suspect = false -- nothing could progress at the last look
+local SUSPECT_MS = 20
 
 local turn_body
 local busy_turns = 0 -- turns in a row that had work ready (they poll every 16th)
@@ -433,9 +435,14 @@ function turn_body(block, until_deadline)
         timeout = -1
       elseif ext_pending > 0 then
         local q = quiescent()
-        if q == 1 then
+        if q == 1 and suspect then
           M.stuck = true
           return false
+        elseif q == 1 then
+          -- (seen twice, a short poll apart, with nothing settled between:
+          -- a count that is between two threads is not taken for a deadlock)
+          suspect = true
+          timeout = SUSPECT_MS
         elseif q == 2 and M.wind_down then
           wind_since = wind_since or now()
           local left = wind_since + M.wind_down - now()
@@ -445,7 +452,7 @@ function turn_body(block, until_deadline)
           end
           timeout = ceil(left * 1000)
         else
-          wind_since = nil
+          wind_since, suspect = nil, false
           timeout = -1
         end
       end
@@ -461,6 +468,7 @@ function turn_body(block, until_deadline)
     end
   end
   local n, sig, stopping = drain(dbuf)
+  if n > 0 or stopping then suspect = false end
   if stopping then
     -- workers whose last handle went: pending work until they have ended
     for i = 1, #stopping do
