@@ -75,9 +75,14 @@ CORRAL_API int corral_step(corral_runtime *rt);
 /* Drive the loop until nothing is pending, or nothing can progress any more
  * (every worker idle, no timer, no future that host code may settle). */
 CORRAL_API int corral_run(corral_runtime *rt);
-/* The loop's backend file descriptor, for hosts with their own event loop:
- * it becomes readable when corral_step has work. */
+/* The loop contract, as libuv states its own: a host with an event loop of
+ * its own polls corral_backend_fd (readable when another thread settled
+ * something for this loop) with corral_backend_timeout as its timeout, then
+ * calls corral_step; it never waits longer than it must. The timeout is in
+ * milliseconds: 0 when work is ready now, the time to the next due timer,
+ * or -1 when nothing is due (only the fd can bring work). */
 CORRAL_API int corral_backend_fd(corral_runtime *rt);
+CORRAL_API int corral_backend_timeout(corral_runtime *rt);
 /* Close the runtime: the workers finish what they were given (while they
  * can progress), are stopped and joined; unretrieved errors are reported.
  * A runtime from corral_open is freed with its lua_State. One opened by

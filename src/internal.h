@@ -804,9 +804,10 @@ void corral__worker_reap(corral_runtime *rt);
 #define FLUSH_KEY   "corral.flush_crefs"
 #define HANDLE_MT   "corral.handle"
 
-#define WRAP_KEY  "corral.wrap"
-#define DRIVE_KEY "corral.drive"
-#define CALL_MT   "corral.call"
+#define WRAP_KEY    "corral.wrap"
+#define DRIVE_KEY   "corral.drive"
+#define TIMEOUT_KEY "corral.backend_timeout"
+#define CALL_MT     "corral.call"
 
 /* lua_util.c: the runtime and context a lua_State runs in; a codec error as
  * Lua results (nil, why). (The CPU count is corral__cpu_count, in rt.c.) */

@@ -150,6 +150,7 @@ static int open_core(lua_State *L) {
    * public corral table carries none of it). */
   hook(L, "corral.future", "wrap", WRAP_KEY);
   hook(L, "corral.sched", "drive", DRIVE_KEY);
+  hook(L, "corral.sched", "backend_timeout", TIMEOUT_KEY);
   hook(L, "corral.future", "cref", CREF_KEY);
   hook(L, "corral.future", "flush_crefs", FLUSH_KEY);
   return 0;

@@ -91,6 +91,25 @@ static int l_poll(lua_State *L) {
   return 0;
 }
 
+/* backend_timeout(): 0 when completions are posted to this loop, else -1
+ * (the Lua scheduler adds its ready tasks and timers). */
+static int l_backend_timeout(lua_State *L) {
+  corral_context *c = corral__ctx_of(L);
+  uv_mutex_lock(&c->qlock);
+  int posted = !queue_empty(&c->completed) || !queue_empty(&c->posted);
+  uv_mutex_unlock(&c->qlock);
+  /* (this loop runs no libuv timer of its own but the poll's, stopped
+   * after each poll: the Lua scheduler's timers are the ones due) */
+  lua_pushinteger(L, posted || atomic_load(&c->signal) ? 0 : -1);
+  return 1;
+}
+
+/* backend_fd(): the loop's epoll descriptor: readable when it has events. */
+static int l_backend_fd(lua_State *L) {
+  lua_pushinteger(L, uv_backend_fd(&corral__ctx_of(L)->loop));
+  return 1;
+}
+
 static int l_now(lua_State *L) {
   lua_pushnumber(L, (lua_Number)uv_hrtime() * 1e-9);
   return 1;
@@ -235,6 +254,8 @@ int corral__lcore_drive(lua_State *L, int block) {
 
 const luaL_Reg corral__lua_loop_funcs[] = {{"drain", l_drain},
                                            {"poll", l_poll},
+                                           {"backend_timeout", l_backend_timeout},
+                                           {"backend_fd", l_backend_fd},
                                            {"now", l_now},
                                            {"catch_signals", l_catch_signals},
                                            {"exit_fast", l_exit_fast},

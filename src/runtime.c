@@ -50,6 +50,16 @@ lua_State *corral_lua(corral_runtime *rt) { return rt->home.L; }
 
 int corral_backend_fd(corral_runtime *rt) { return uv_backend_fd(&rt->home.loop); }
 
+int corral_backend_timeout(corral_runtime *rt) {
+  lua_State *L = rt->home.L;
+  int top = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, TIMEOUT_KEY);
+  int ms = 0; /* (an error: the host steps at once, and sees it there) */
+  if (lua_pcall(L, 0, 1, 0) == 0) ms = (int)lua_tointeger(L, -1);
+  lua_settop(L, top);
+  return ms;
+}
+
 /* ======================================================================== */
 /* Running code                                                              */
 /* ======================================================================== */

@@ -11,7 +11,8 @@ local M = {}
 
 local USAGE = [==[
 usage: corral [options] [script [args...]]
-  -e code   run the string `code`
+  -e code   run the string `code` (before the script, if one is given;
+            -e may be given more than once)
   -v        print versions (corral, LuaJIT, libuv, msgpack-c) and exit
   -h        show this help
 With no script, runs standard input.]==]
@@ -96,7 +97,7 @@ end
 
 --- Entry point: `argv` as the C main gives it (argv[0] is the program).
 function M.main(argv)
-  local i, code, script = 1, nil, nil
+  local i, codes = 1, {}
   while argv[i] do
     local a = argv[i]
     if a == "-v" or a == "--version" then
@@ -108,8 +109,8 @@ function M.main(argv)
       print(USAGE)
       return 0
     elseif a == "-e" then
-      code = argv[i + 1]
-      if not code then errf(USAGE, "\n"); return 1 end
+      codes[#codes + 1] = argv[i + 1]
+      if not argv[i + 1] then errf(USAGE, "\n"); return 1 end
       i = i + 2
     elseif a == "--" then
       i = i + 1
@@ -121,20 +122,29 @@ function M.main(argv)
       break
     end
   end
-  if not code then
-    script = argv[i]
-    i = i + 1
-  end
+  local script = argv[i]
+  if script then i = i + 1 end
   -- `arg` as luajit sets it: arg[0] the script, arg[1..] its arguments,
   -- negative indices the interpreter and its options.
   local arg, script_at = {}, i - 1
   for j = 0, #argv do arg[j - script_at] = argv[j] end
-  if code then arg[0] = "-e" end
+  if #codes > 0 and not script then arg[0] = "-e" end
   rawset(_G, "arg", arg)
 
+  -- the -e strings first, each its own chunk (as luajit runs them), then
+  -- the script
+  local chunks = {}
+  for k = 1, #codes do
+    local c, e = loadstring(codes[k], "=(command line)")
+    if not c then
+      errf("corral: ", e, "\n")
+      return 1
+    end
+    chunks[k] = c
+  end
   local chunk, err
-  if code then
-    chunk, err = loadstring(code, "=(command line)")
+  if #codes > 0 and not script then
+    chunk = function() end
   elseif script and script ~= "-" then
     chunk, err = loadfile(script)
   else
@@ -148,7 +158,14 @@ function M.main(argv)
     return 1
   end
   core.catch_signals()
-  local main = task.spawn(chunk, unpack(arg, 1, #arg))
+  local body = chunk
+  if #chunks > 0 then
+    body = function(...)
+      for k = 1, #chunks do chunks[k]() end
+      return chunk(...)
+    end
+  end
+  local main = task.spawn(body, unpack(arg, 1, #arg))
   main._kind = "main"
   return M.run_main(main)
 end

@@ -210,6 +210,27 @@ function corral.run()
   sched.drive(true)
 end
 
+--- For a host with a loop of its own (Neovim, LÖVE, a game engine): one
+-- turn of corral's loop that never blocks: completions, due timers and the
+-- tasks ready then. Returns whether anything is still pending. Call it from
+-- the host's loop, never from inside a task (a `UsageError`).
+function corral.step()
+  if sched.current() ~= nil and sched.current()[CO] == coroutine.running() then
+    errors.usage("corral.step", "called from inside a task: the host's loop steps corral")
+  end
+  return sched.drive(false)
+end
+
+--- The loop's backend file descriptor: it becomes readable when another
+-- thread has settled something for this loop. Poll it with the timeout of
+-- `corral.backend_timeout()`, then call `corral.step()`.
+function corral.backend_fd() return core.backend_fd() end
+
+--- Milliseconds until `corral.step()` has work: 0 when work is ready, the
+-- time to the next timer, -1 when nothing is due (only the backend fd can
+-- bring work).
+function corral.backend_timeout() return sched.backend_timeout() end
+
 --- End the process at once with `code` (0 to 255; true is 0, false is 1),
 -- after reporting unretrieved errors. In a thread worker it ends that
 -- worker, as `os.exit` does there: its calls fail with `WorkerCrashed`.

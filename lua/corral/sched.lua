@@ -522,6 +522,23 @@ function turn_body(block, until_deadline)
   return pending()
 end
 
+--- The loop contract for a host with a loop of its own: milliseconds until
+-- the loop next has work to do (0: work is ready now; the time to the next
+-- timer; -1: none is due, only an event on the backend fd can bring some).
+-- A host polls `core.backend_fd()` with this timeout, then steps.
+function M.backend_timeout()
+  if rq_head <= rq_tail then return 0 end
+  local t = core.backend_timeout()
+  if t ~= 0 then
+    local d = next_deadline()
+    if d then
+      local ms = min(max(0, ceil((d - now()) * 1000)), 1e9)
+      if t < 0 or ms < t then t = ms end
+    end
+  end
+  return t
+end
+
 --- Drive the loop until nothing is pending (block) or for one turn that
 -- does not block. Returns whether anything is still pending.
 function M.drive(block)

@@ -2,6 +2,7 @@
  * futures while the loop waits on them; foreign threads wait on futures the
  * loop settles; stepping from a host; closing with futures still out. */
 #include <msgpack.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -194,6 +195,52 @@ static void test_step(void) {
   corral_close(rt);
 }
 
+/* ---- the loop contract: poll the fd with the timeout, then step --------- */
+
+static double mono_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void test_loop_contract(void) {
+  corral_runtime *rt = corral_open();
+  lua_State *L = corral_lua(rt);
+  CHECK(corral_backend_timeout(rt) == -1, "an idle runtime's backend timeout is -1");
+  /* a timer, then a result from a thread worker (it comes through the fd) */
+  CHECK(corral_dostring(rt, "local c = require 'corral'; c.sleep(0.3); "
+                            "local w = c.worker { sq = function(_, x) return x * x end }"
+                            ":options { mode = 'thread' }:init(); "
+                            "done = w:sq(7):result(); w:stop()") == 0,
+        "corral_dostring starts a task");
+  CHECK(corral_backend_timeout(rt) == 0, "a ready task makes the timeout 0");
+  corral_step(rt);
+  int t = corral_backend_timeout(rt);
+  printf("# timeout with a 0.3 s sleep pending: %d ms\n", t);
+  CHECK(t > 100 && t <= 300, "with a 0.3 s sleep pending the timeout is that sleep's");
+  double t0 = mono_s();
+  int polls = 0;
+  struct pollfd pfd = {corral_backend_fd(rt), POLLIN, 0};
+  for (;;) {
+    int ms = corral_backend_timeout(rt);
+    if (ms != 0) {
+      polls++;
+      poll(&pfd, 1, ms < 0 ? 5000 : ms); /* (-1: only the fd; bounded here) */
+    }
+    if (corral_step(rt) != 1) break;
+    if (mono_s() - t0 > 10) break;
+  }
+  double took = mono_s() - t0;
+  lua_getglobal(L, "done");
+  CHECK(lua_tointeger(L, -1) == 49, "the host loop drove the script to its end");
+  lua_pop(L, 1);
+  printf("# the host loop took %.3f s and %d polls\n", took, polls);
+  CHECK(took >= 0.2 && took < 3.0, "it took about the sleep, not a poll's full bound");
+  CHECK(polls < 200, "it polled a bounded number of times, not spinning");
+  CHECK(corral_backend_timeout(rt) == -1, "idle again: -1");
+  corral_close(rt);
+}
+
 /* ---- closing with futures still held by other threads ------------------- */
 
 static int late_rc = -99;
@@ -227,6 +274,7 @@ int main(void) {
   test_error_from_c();
   test_host_settles_lua_future();
   test_step();
+  test_loop_contract();
   test_close_with_watches();
   printf("1..%d\n", count);
   return failures != 0;

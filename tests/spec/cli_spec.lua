@@ -22,6 +22,23 @@ describe("the corral command", function()
     assert.matches("libuv 1%.", out)
   end)
 
+  it("-e code script.lua runs the strings, in order, then the script with its arguments", function()
+    local path = os.tmpname() .. ".lua"
+    local f = assert(io.open(path, "w"))
+    f:write("print('script', x, y, ...)\n")
+    f:close()
+    local out, err, code = h.sh(h.quote(h.bin) .. " -e 'x = 1' -e 'y = x + 1; print(\"e\", y)' "
+      .. h.quote(path) .. " a b")
+    os.remove(path)
+    assert.are.equal(0, code, err)
+    assert.are.equal("e\t2\nscript\t1\t2\ta\tb\n", out)
+    -- a bad string is reported and nothing runs
+    out, err, code = h.sh(h.quote(h.bin) .. " -e 'print(' -e 'print(2)'")
+    assert.are.equal(1, code)
+    assert.are.equal("", out)
+    assert.matches("command line", err, 1, true)
+  end)
+
   it("waits for pending tasks and timers after the main chunk returns", function()
     local out, _, code = h.corral([[
       local corral = require "corral"

@@ -1,0 +1,61 @@
+-- The loop contract for Lua hosts with a loop of their own (Neovim, LÖVE):
+-- corral.step, corral.backend_fd and corral.backend_timeout.
+local corral = require "corral"
+local ffi = require "ffi"
+local h = require "helper"
+
+pcall(ffi.cdef, [[
+  struct corral_pollfd { int fd; short events; short revents; };
+  int poll(struct corral_pollfd *fds, unsigned long n, int timeout);
+]])
+
+describe("a Lua host steps corral", function()
+  it("backend_timeout is -1 idle, 0 with a task ready, the next timer's delay otherwise", function()
+    assert.are.equal(-1, corral.backend_timeout())
+    local t = corral.spawn(function() corral.sleep(0.3) return "woke" end)
+    assert.are.equal(0, corral.backend_timeout())
+    assert.is_true(corral.step())
+    local ms = corral.backend_timeout()
+    assert.is_true(ms > 100 and ms <= 300, ms)
+    assert.are.equal("woke", t:result(5))
+    assert.are.equal(-1, corral.backend_timeout())
+  end)
+
+  it("a host that polls the fd with the timeout, then steps, waits no longer than it must", function()
+    local w = corral.worker { sq = function(_, x) require("corral").sleep(0.2) return x * x end }
+      :options { mode = "thread" }:init()
+    local f = w:sq(9)
+    local pfd = ffi.new("struct corral_pollfd[1]")
+    pfd[0].fd, pfd[0].events = corral.backend_fd(), 1 -- POLLIN
+    local t0, polls = corral.now(), 0
+    while not f:done() and corral.now() - t0 < 10 do
+      local ms = corral.backend_timeout()
+      if ms ~= 0 then
+        polls = polls + 1
+        ffi.C.poll(pfd, 1, ms < 0 and 5000 or ms) -- (-1: only the fd can bring work)
+      end
+      corral.step()
+    end
+    local took = corral.now() - t0
+    assert.is_true(f:done())
+    assert.are.equal(81, f:result())
+    -- the result came through the fd: not the 5 s bound of a poll
+    assert.is_true(took >= 0.15 and took < 3, took)
+    assert.is_true(polls < 200, polls)
+    w:stop()
+  end)
+
+  it("step from inside a task is a UsageError", function()
+    local t = corral.spawn(function() return corral.step() end)
+    assert.are.equal("UsageError", h.kind_of(function() return t:result(5) end))
+  end)
+
+  it("step never blocks: with only a long timer pending it returns at once", function()
+    local t = corral.spawn(function() corral.sleep(30) end)
+    local t0 = corral.now()
+    for _ = 1, 5 do assert.is_true(corral.step()) end
+    assert.is_true(corral.now() - t0 < 1)
+    t:cancel()
+    corral.run()
+  end)
+end)
