@@ -114,8 +114,10 @@ function Class:init(...)
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name
     if mode == "thread" or mode == "process" then
+      -- (the worker's state finds modules where this one does, then runs
+      -- `setup` before init)
       local boot = { max_concurrency = h._max_concurrency, max_queued = h._max_queued,
-        settings = settings }
+        settings = settings, path = package.path, cpath = package.cpath, setup = o.setup }
       local process = mode == "process" and h._max_concurrency or 0
       local ud, why = core.worker_start(name, h._max_queued, process, self._methods, boot, ...)
       if not ud then
@@ -136,6 +138,7 @@ function Class:init(...)
           opt(o, "restart_backoff") or 0.1, opt(o, "retries") or 0, opt(o, "cancel_grace") or 1)
       end
     else
+      if i == 1 and o.setup then o.setup() end -- (one state: it runs once)
       inst = loc.new(h, name, mode == "async", ...)
     end
     h._insts[i] = inst

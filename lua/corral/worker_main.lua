@@ -150,6 +150,11 @@ local serve -- the worker's loop, below
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
   if opts.settings then require("corral.worker_options").adopt(opts.settings) end
+  if opts.path then package.path = opts.path end
+  if opts.cpath then package.cpath = opts.cpath end
+  -- (a failure here fails the worker's calls with WorkerCrashed, its text
+  -- the cause: "module 'x' not found ...")
+  if opts.setup then opts.setup() end
   local self = {}
   -- init runs first, as a task of its own; no call starts before it ends.
   -- (A tail call: this frame, which holds the init arguments, goes.)

@@ -69,6 +69,9 @@ local function check_options(fname, o)
       else
         require("corral.worker_policy").normalize(fname, nil, v)
       end
+    elseif k == "setup" then
+      errors.check(fname ~= "corral.config", fname, k, "set per class (Class:options), not here", v)
+      errors.check(type(v) == "function", fname, k, "a function", v)
     elseif k == "name" then
       errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
     else
