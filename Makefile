@@ -1,6 +1,6 @@
 # corral: build, test, bench, sanitizers, install.
 #
-#   make            bin/corral, lib/libcorral.a, lib/corral.so
+#   make            bin/corral, lib/libcorral.a, lib/libcorral.so (C hosts), lib/corral.so (Lua)
 #   make test       C tests and the busted suite (ends with "N passed, N failed")
 #   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make test-tsan  the same under ThreadSanitizer
@@ -11,7 +11,7 @@
 #                   FUZZ_TIME seconds each (600), corpus in tests/fuzz/<target>/
 #   make lint       luacheck, clang-tidy, clang-format check
 #   make docs       the API reference (LDoc) in build/docs
-#   make install    PREFIX=/usr/local DESTDIR= : binary, library, header, module, corral.pc
+#   make install    PREFIX=/usr/local DESTDIR= : binary, libraries, header, module, corral.pc
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -56,10 +56,12 @@ CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
 BIN  := $(BUILD)/bin/corral
 LIBA := $(BUILD)/lib/libcorral.a
 LIBSO := $(BUILD)/lib/corral.so
+SONAME := libcorral.so.0
+LIBSH := $(BUILD)/lib/$(SONAME)
 
 .PHONY: all test soak test-asan test-tsan check-layers fuzz fuzz-build fuzz-targets bench demo lint format install clean docs
 
-all: $(BIN) $(LIBA) $(LIBSO)
+all: $(BIN) $(LIBA) $(LIBSO) $(LIBSH)
 
 $(BUILD)/obj/lua_modules.h: $(LUA) scripts/embed-lua
 	@mkdir -p $(dir $@)
@@ -80,6 +82,14 @@ $(LIBA): $(OBJS)
 $(LIBSO): $(OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(ALL_LDFLAGS) -o $@ $^ $(filter-out -lluajit-5.1,$(ALL_LDLIBS))
+
+# The shared library for C hosts: it links LuaJIT itself (a host calls the
+# Lua API on corral_lua's state); only corral_* and luaopen_corral are
+# exported (-fvisibility=hidden).
+$(LIBSH): $(OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(ALL_LDFLAGS) -Wl,-soname,$(SONAME) -o $@ $^ $(ALL_LDLIBS)
+	ln -sf $(SONAME) $(BUILD)/lib/libcorral.so
 
 $(BUILD)/obj/main.o: src/main.c include/corral.h
 	@mkdir -p $(dir $@)
@@ -181,6 +191,8 @@ install: all
 	  $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/lua/5.1
 	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/corral
 	install -m 644 $(LIBA) $(DESTDIR)$(PREFIX)/lib/libcorral.a
+	install -m 755 $(LIBSH) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libcorral.so
 	install -m 644 include/corral.h $(DESTDIR)$(PREFIX)/include/corral.h
 	install -m 755 $(LIBSO) $(DESTDIR)$(PREFIX)/lib/lua/5.1/corral.so
 	sed -e 's|@PREFIX@|$(PREFIX)|' corral.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/corral.pc
