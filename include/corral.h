@@ -68,6 +68,12 @@ CORRAL_API corral_runtime *corral_from_lua(lua_State *L);
  * runs fails its task and is reported on stderr when nobody retrieves it. */
 CORRAL_API int corral_dofile(corral_runtime *rt, const char *path);
 CORRAL_API int corral_dostring(corral_runtime *rt, const char *code);
+/* The same, giving the host the chunk's future (a reference of its own, to
+ * release): it settles with the chunk's results, or fails with its run-time
+ * error (read with corral_future_error_message). NULL when the chunk does not
+ * load (the error is printed). */
+CORRAL_API corral_future *corral_dofile_future(corral_runtime *rt, const char *path);
+CORRAL_API corral_future *corral_dostring_future(corral_runtime *rt, const char *code);
 /* One turn of the loop that never blocks: runs ready tasks, due timers and
  * completions. Returns 1 while anything is pending, 0 when idle, or a
  * negative code. A host calls it once a frame. */
@@ -115,6 +121,9 @@ CORRAL_API int corral_future_wait(corral_future *f, double timeout);
 /* The encoded payload of a settled future: the MessagePack result array, or
  * the error for a failed one. Valid while the caller holds a reference. */
 CORRAL_API int corral_future_payload(corral_future *f, const void **mp, size_t *len);
+/* The message of a failed future's error, into buf (cut to size): 0,
+ * CORRAL_ESTATE when it has not failed, CORRAL_EINVAL for bad arguments. */
+CORRAL_API int corral_future_error_message(corral_future *f, char *buf, size_t size);
 
 /* Push a future onto a Lua stack of the runtime as a corral future object
  * (the object takes its own reference). Lua sees it settle, from any thread. */

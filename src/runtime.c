@@ -64,40 +64,71 @@ int corral_backend_timeout(corral_runtime *rt) {
 /* Running code                                                              */
 /* ======================================================================== */
 
-/* Spawn the function on top of the stack as a task. */
-static int spawn_top(lua_State *L) {
+/* Spawn the function on top of the stack as a task; with `out`, its
+ * future's C half (a reference of the caller's). */
+static int spawn_top(lua_State *L, corral_future **out) {
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral");
   lua_call(L, 1, 1);
   lua_getfield(L, -1, "spawn");
   lua_remove(L, -2);
   lua_insert(L, -2);
-  if (lua_pcall(L, 1, 0, 0) != 0) {
+  if (lua_pcall(L, 1, 1, 0) != 0) {
     fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
     lua_pop(L, 1);
     return CORRAL_ELUA;
   }
-  return 0;
+  if (out != NULL) {
+    *out = corral__lcore_to_future(L, -1);
+    if (*out != NULL) corral_future_retain(*out);
+    /* the host holds it: its failure is the host's to read, not reported */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "_quiet");
+  }
+  lua_pop(L, 1);
+  return out != NULL && *out == NULL ? CORRAL_ENOMEM : 0;
+}
+
+/* Load a file (code NULL) or a string as a chunk and spawn it. */
+static int load_and_spawn(corral_runtime *rt, const char *path, const char *code,
+                          corral_future **out) {
+  lua_State *L = rt->home.L;
+  if (out != NULL) *out = NULL;
+  if ((code != NULL ? luaL_loadstring(L, code) : luaL_loadfile(L, path)) != 0) {
+    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return CORRAL_ELUA;
+  }
+  return spawn_top(L, out);
 }
 
 int corral_dofile(corral_runtime *rt, const char *path) {
-  lua_State *L = rt->home.L;
-  if (luaL_loadfile(L, path) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return CORRAL_ELUA;
-  }
-  return spawn_top(L);
+  return load_and_spawn(rt, path, NULL, NULL);
 }
 
 int corral_dostring(corral_runtime *rt, const char *code) {
-  lua_State *L = rt->home.L;
-  if (luaL_loadstring(L, code) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return CORRAL_ELUA;
-  }
-  return spawn_top(L);
+  return load_and_spawn(rt, NULL, code, NULL);
+}
+
+corral_future *corral_dofile_future(corral_runtime *rt, const char *path) {
+  corral_future *f;
+  return load_and_spawn(rt, path, NULL, &f) == 0 ? f : NULL;
+}
+
+corral_future *corral_dostring_future(corral_runtime *rt, const char *code) {
+  corral_future *f;
+  return load_and_spawn(rt, NULL, code, &f) == 0 ? f : NULL;
+}
+
+int corral_future_error_message(corral_future *f, char *buf, size_t size) {
+  const void *mp;
+  size_t len;
+  if (f == NULL || buf == NULL || size == 0) return CORRAL_EINVAL;
+  buf[0] = '\0';
+  if (corral_future_state(f) != CORRAL_FAILED) return CORRAL_ESTATE;
+  if (corral_future_payload(f, &mp, &len) != 0 || !corral__codec_error_message(mp, len, buf, size))
+    snprintf(buf, size, "(an error without a message)");
+  return 0;
 }
 
 int corral_step(corral_runtime *rt) { return corral__lcore_drive(rt->home.L, 0); }

@@ -241,6 +241,36 @@ static void test_loop_contract(void) {
   corral_close(rt);
 }
 
+/* ---- the host gets the chunk's future ----------------------------------- */
+
+static void test_chunk_future(void) {
+  corral_runtime *rt = corral_open();
+  corral_future *ok = corral_dostring_future(rt, "require 'corral'.sleep(0.01); return 42");
+  corral_future *bad =
+      corral_dostring_future(rt, "require 'corral'.sleep(0.01); error('boom here')");
+  CHECK(ok != NULL && bad != NULL, "corral_dostring_future gives the chunks' futures");
+  CHECK(corral_dostring_future(rt, "this is not lua") == NULL, "a chunk that does not load: NULL");
+  CHECK(corral_dofile_future(rt, "/nonexistent/x.lua") == NULL, "a file that does not load: NULL");
+  char msg[200];
+  CHECK(corral_future_error_message(bad, msg, sizeof msg) == CORRAL_ESTATE,
+        "no error message while it runs");
+  corral_run(rt);
+  CHECK(corral_future_state(ok) == CORRAL_DONE, "the chunk that returned is DONE");
+  const void *mp;
+  size_t len;
+  corral_future_payload(ok, &mp, &len);
+  CHECK(len == 2 && memcmp(mp, "\x91\x2a", 2) == 0, "its payload is the results: [42]");
+  CHECK(corral_future_state(bad) == CORRAL_FAILED, "the chunk that raised FAILED");
+  CHECK(corral_future_error_message(bad, msg, sizeof msg) == 0 && strstr(msg, "boom here") != NULL,
+        "the host reads the run-time error's message");
+  printf("# %s\n", msg);
+  CHECK(corral_future_error_message(ok, msg, sizeof msg) == CORRAL_ESTATE,
+        "a DONE future has no error message");
+  corral_future_release(ok);
+  corral_future_release(bad);
+  corral_close(rt);
+}
+
 /* ---- closing with futures still held by other threads ------------------- */
 
 static int late_rc = -99;
@@ -275,6 +305,7 @@ int main(void) {
   test_host_settles_lua_future();
   test_step();
   test_loop_contract();
+  test_chunk_future();
   test_close_with_watches();
   printf("1..%d\n", count);
   return failures != 0;
