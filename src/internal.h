@@ -433,6 +433,11 @@ void corral__reporter_disarm(corral_reporter *r);
 void corral__reporter_collected(corral_reporter *r);
 /* Write every armed reporter of c (the process is ending). */
 void corral__reporter_all(corral_context *c);
+/* Report c's armed reporters when the process exits (an atexit hook, set
+ * once per process), until removed: for a host that may never close its
+ * Lua state. Lock-free; -1 when it cannot (c is then reported at close only). */
+int corral__reporter_at_exit(corral_context *c);
+void corral__reporter_at_exit_remove(corral_context *c);
 
 /* ---- signal.c ---------------------------------------------------------- */
 

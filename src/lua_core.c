@@ -23,7 +23,10 @@ static int runtime_gc(lua_State *L) {
   /* The runtime's finalizer runs as the state closes, after every other
    * corral object's. It is the one __gc that takes locks: withdrawing the
    * loop's watches from futures that other threads may still settle. */
-  if (*p != NULL) corral__rt_destroy(*p);
+  if (*p != NULL) {
+    corral__reporter_at_exit_remove(&(*p)->home);
+    corral__rt_destroy(*p);
+  }
   *p = NULL;
   return 0;
 }
@@ -84,6 +87,9 @@ static int open_core(lua_State *L) {
     *(corral_runtime **)lua_touserdata(L, -1) = rt;
     lua_pop(L, 1);
     corral__lua_set_home(L, rt, &rt->home);
+    /* a host that never closes its state (Neovim) still hears of an
+     * error nobody retrieved, at exit */
+    (void)corral__reporter_at_exit(&rt->home);
   }
 
   corral__lua_future_open(L);

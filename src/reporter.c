@@ -3,6 +3,8 @@
  * process exits, unless disarmed first. Nothing here runs Lua or takes a
  * lock (reporters fire from a __gc): it writes with write(2).
  */
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -47,4 +49,37 @@ void corral__reporter_collected(corral_reporter *r) {
 void corral__reporter_all(corral_context *c) {
   for (queue *q = queue_head(&c->reporters); q != &c->reporters; q = q->next)
     fire(queue_data(q, corral_reporter, node));
+}
+
+/* The home contexts of runtimes that a Lua host made (`require "corral"`),
+ * reported by an atexit hook: a host may end without closing its Lua state
+ * (Neovim does), and then no __gc ever fires. Slots, not a list: adding and
+ * removing (the runtime's __gc) take no lock. The hook runs in the thread
+ * that calls exit(), the host's Lua thread in practice; it runs no Lua and
+ * only writes what reporter_all writes. */
+#define EXIT_SLOTS 64
+static _Atomic(corral_context *) exit_slots[EXIT_SLOTS];
+static atomic_flag exit_hooked = ATOMIC_FLAG_INIT;
+
+static void report_at_exit(void) {
+  for (int i = 0; i < EXIT_SLOTS; i++) {
+    corral_context *c = atomic_exchange(&exit_slots[i], NULL);
+    if (c != NULL) corral__reporter_all(c);
+  }
+}
+
+int corral__reporter_at_exit(corral_context *c) {
+  if (!atomic_flag_test_and_set(&exit_hooked) && atexit(report_at_exit) != 0) return -1;
+  for (int i = 0; i < EXIT_SLOTS; i++) {
+    corral_context *none = NULL;
+    if (atomic_compare_exchange_strong(&exit_slots[i], &none, c)) return 0;
+  }
+  return -1; /* (more live runtimes than slots: reported at close only) */
+}
+
+void corral__reporter_at_exit_remove(corral_context *c) {
+  for (int i = 0; i < EXIT_SLOTS; i++) {
+    corral_context *mine = c;
+    if (atomic_compare_exchange_strong(&exit_slots[i], &mine, NULL)) return;
+  }
 }
