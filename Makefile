@@ -48,7 +48,7 @@ ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
 ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
 ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
-SRCS := src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/sync.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_future.c src/lua_buffer.c src/lua_sync.c src/lua_fs.c src/lua_exec.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
+SRCS := src/trace.c src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/sync.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_trace.c src/lua_future.c src/lua_buffer.c src/lua_sync.c src/lua_fs.c src/lua_exec.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))

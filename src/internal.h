@@ -882,6 +882,29 @@ extern atomic_int corral__inject_state, corral__inject_alloc;
  * and load it. */
 int corral__lcore_load(lua_State *L);
 
+/* ---- trace.c (the lowest layer: calls no other file) and lua_trace.c -- */
+
+/* The trace timeline (docs/trace.md): events of every context, written at
+ * stop as a Chrome trace-event file. Timestamps in microseconds since the
+ * start; tracks (tid) named by corral__trace_thread. */
+int corral__trace_start(const char *path, char *err, size_t errlen);
+/* 0: written (*count events); 1: no trace ran; -1: the file could not be
+ * written (err says why). */
+int corral__trace_stop(char *err, size_t errlen, long *count);
+int corral__trace_on(void);
+double corral__trace_now(void);
+uint64_t corral__trace_newid(void);
+int corral__trace_thread(const char *name);
+/* A complete slice; id 0 and bytes < 0 are left out of its args. */
+void corral__trace_slice(int tid, const char *name, size_t nlen, const char *cat, double ts,
+                         double dur, uint64_t id, long bytes);
+void corral__trace_flow(int tid, char ph, double ts, uint64_t id, const char *name);
+/* The future `id` settled on track tid at ts; a later unwrap of it into a
+ * call (on tid at ts) draws a flow from there (0 when it is not known). */
+void corral__trace_settled(uint64_t id, int tid, double ts);
+int corral__trace_unwrap(uint64_t from, int tid, double ts);
+extern const luaL_Reg corral__lua_trace_funcs[];
+
 /* Private error codes, beside those of corral.h. */
 #define CORRAL_EAGAIN   (-10)
 #define CORRAL_ECLOSED  (-11)

@@ -115,6 +115,7 @@ static int open_core(lua_State *L) {
   luaL_register(L, NULL, corral__lua_codec_funcs);
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);
+  luaL_register(L, NULL, corral__lua_trace_funcs);
   luaL_register(L, NULL, core_funcs);
   /* the constants the Lua half shares with C, from their one source */
   static const struct {

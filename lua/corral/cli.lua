@@ -13,6 +13,8 @@ local USAGE = [==[
 usage: corral [options] [script [args...]]
   -e code   run the string `code` (before the script, if one is given;
             -e may be given more than once)
+  --trace FILE  write a trace of the run to FILE (Chrome trace-event JSON:
+            open it in ui.perfetto.dev; see docs/trace.md)
   -v        print versions (corral, LuaJIT, libuv, msgpack-c) and exit
   -h        show this help
 With no script, runs standard input.]==]
@@ -111,6 +113,14 @@ function M.main(argv)
     elseif a == "-e" then
       codes[#codes + 1] = argv[i + 1]
       if not argv[i + 1] then errf(USAGE, "\n"); return 1 end
+      i = i + 2
+    elseif a == "--trace" then -- the trace timeline (corral.trace, docs/trace.md)
+      if not argv[i + 1] then errf(USAGE, "\n"); return 1 end
+      local ok, e = pcall(corral.trace.start, argv[i + 1])
+      if not ok then
+        errf("corral: --trace: ", (tostring(e):gsub("^corral%.trace%.start: ", "")), "\n")
+        return 1
+      end
       i = i + 2
     elseif a == "--" then
       i = i + 1

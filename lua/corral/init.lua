@@ -42,6 +42,9 @@ corral.buffer = require("corral.buffer").new
 -- @function is_buffer
 corral.is_buffer = require("corral.buffer").is
 
+--- The trace timeline: `corral.trace.start(path)`, `stop()`, `active()`; see `corral.trace`.
+corral.trace = require("corral.trace").public
+
 -- Channels and sync primitives are loaded on first use.
 local sync
 local function syncs()

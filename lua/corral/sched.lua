@@ -18,6 +18,7 @@ local ceil, max, min = math.ceil, math.max, math.min
 local type, xpcall = type, xpcall
 local traceback = debug.traceback
 local S, CO = F.S, F.CO
+local T = require "corral.trace" -- (T.on: the one check each trace hook pays when off)
 
 -- Wake tokens: why a blocked waiter resumed.
 local WOKE, TIMEOUT, CANCEL, FOREVER = 1, 2, 3, 4
@@ -218,7 +219,9 @@ function M.block(w, deadline)
   end
   w._blocked, w._in_block = true, true
   local tm = deadline and timer_add(deadline, w)
+  if T.on then T.task_end(w, false) end
   local tok, val = co_yield(BLOCKED)
+  if T.on then T.task_begin(w) end
   w._in_block = false
   if tm then timer_cancel(tm) end
   if call and not ib.resume(call) then
@@ -290,7 +293,8 @@ end
 M.wake_key = wake_key
 
 M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
-M.exiting = false -- a worker's code called os.exit: the worker is ending
+M.exiting = false -- os.exit in a worker, or corral.exit in an embedded runtime: tasks that
+                  -- unwind with its error are not bugs
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
 M.keepalive = false -- a worker's loop waits for calls even with nothing pending
 M.before_park = nil -- called when a worker's loop is about to wait with nothing to do
@@ -375,7 +379,7 @@ local function run_item(item, tok, val)
     run_task(item, tok, val)
   else
     local ok, e = xpcall(item, on_error, tok)
-    if not ok then M.report("error in a callback", e, last_tb) end
+    if not ok and not M.exiting then M.report("error in a callback", e, last_tb) end
   end
 end
 
@@ -399,6 +403,20 @@ local wind_since = nil
 local suspect = false -- nothing could progress at the last look
 local SUSPECT_MS = 20
 
+-- corral.exit in an embedded runtime: the loop runs nothing more, ever.
+local halted = false
+
+--- Stop the loop for good (corral.exit in an embedded runtime): the turn
+-- running now runs nothing more, and every later turn returns at once
+-- (nothing pending).
+function M.halt()
+  halted = true
+  M.exiting = true
+end
+function M.halted() return halted end
+--- Whether a turn is running (the caller runs inside the loop).
+function M.in_turn() return in_turn end
+
 local turn_body
 local busy_turns = 0 -- turns in a row that had work ready (they poll every 16th)
 local EXTEND = 64 -- items a turn runs beyond those ready at its start
@@ -409,6 +427,7 @@ local EXTEND = 64 -- items a turn runs beyond those ready at its start
 -- Returns whether anything is still pending. Not re-entrant: driving the
 -- loop from inside a turn is a `UsageError`.
 function turn(block, until_deadline)
+  if halted then return false end
   if in_turn then
     errors.usage("corral", "cannot drive the loop from inside itself (corral.run or a wait in a "
       .. "coroutine of your own inside a task, or in a callback): wait from the task itself")
@@ -417,7 +436,7 @@ function turn(block, until_deadline)
   local ok, r = pcall(turn_body, block, until_deadline)
   in_turn = false
   if not ok then error(r, 0) end
-  return r
+  return r and not halted
 end
 M.turn = turn
 
@@ -506,7 +525,7 @@ function turn_body(block, until_deadline)
   -- EXTEND items more (tasks that hand work to each other, a channel's
   -- ping-pong, go on without a turn each), then the loop is looked at again
   local extend = EXTEND
-  while rq_head <= last do
+  while rq_head <= last and not halted do
     local i = rq_head
     local item, tok, val = rq_item[i], rq_tok[i], rq_val[i]
     rq_item[i], rq_tok[i], rq_val[i] = nil, nil, nil
@@ -527,6 +546,7 @@ end
 -- timer; -1: none is due, only an event on the backend fd can bring some).
 -- A host polls `core.backend_fd()` with this timeout, then steps.
 function M.backend_timeout()
+  if halted then return -1 end
   if rq_head <= rq_tail then return 0 end
   local t = core.backend_timeout()
   if t ~= 0 then

@@ -15,6 +15,7 @@ local fstart = core.fstart
 local xpcall, select, unpack, setmetatable = xpcall, select, unpack, setmetatable
 local is_error = errors.is_error
 local S, FN, NA, A = F.S, F.FN, F.NA, F.A
+local T = require "corral.trace"
 
 local Task = {}
 for k, v in pairs(Future) do Task[k] = v end
@@ -37,6 +38,7 @@ M.outside = nil
 function M.live() return live end
 
 local function finish(t, ok, ...)
+  if T.on then T.task_end(t, true) end
   live = live - 1
   t[FN], t[A] = false, false
   if ok then
@@ -57,6 +59,7 @@ end
 local function run_one(t)
   t[S] = RUNNING
   if t._c then fstart(t._c) end
+  if T.on then T.task_begin(t) end
   local na = t[NA]
   if na == 0 then
     finish(t, xpcall(t[FN], on_error))

@@ -8,6 +8,7 @@ local errors = require "corral.errors"
 local future = require "corral.future"
 local calls = require "corral.worker_call"
 local loc = require "corral.worker_local"
+local T = require "corral.trace"
 
 local wrap = future.wrap
 local now, S, DONE = core.now, require("corral.fields").S, future.DONE
@@ -79,7 +80,9 @@ local function plain(h, method, ...)
     f = closed_future(h, method)
   else
     local room
+    local ts = T.on and T.now()
     f, room = push[h._mode](h, pick(h), method, ...)
+    if ts then T.sent(method, f, ts, h._mode) end
     local limit = h._timeout
     local t0 = limit and room and now()
     if limit and h._mode ~= "sync" then calls.arm(f, limit, h._name, method) end

@@ -14,6 +14,7 @@ local sched = require "corral.sched"
 local future = require "corral.future"
 local task = require "corral.task"
 local serving = require "corral.worker_serve"
+local trace = require "corral.trace"
 
 local DONE = future.DONE
 local DRAIN, CANCEL = core.STOP_DRAIN, core.STOP_CANCEL -- how the worker is asked to stop
@@ -149,6 +150,7 @@ local serve -- the worker's loop, below
 --- Run the worker: `name`, its class (a table of methods), its options and
 -- the arguments of `init`.
 function M.run(name, class, opts, ...)
+  trace.name = "worker " .. name
   if opts.settings then require("corral.worker_options").adopt(opts.settings) end
   if opts.path then package.path = opts.path end
   if opts.cpath then package.cpath = opts.cpath end
@@ -178,6 +180,7 @@ function serve(name, class, opts, self, init)
 
   -- On each turn, once init has succeeded: start runners for new calls.
   sched.on_wake = function()
+    trace.refresh() -- (a trace may have started or stopped meanwhile)
     srv:wake()
     core.set_tasks(task.live())
   end

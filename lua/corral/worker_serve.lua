@@ -32,6 +32,7 @@ local errors = require "corral.errors"
 local sched = require "corral.sched"
 local future = require "corral.future"
 local task = require "corral.task"
+local T = require "corral.trace"
 
 local DONE, FAILED, CANCELLED = future.DONE, future.FAILED, future.CANCELLED
 local xpcall, pcall, type, setmetatable = xpcall, pcall, type, setmetatable
@@ -94,7 +95,8 @@ local function fail(ib, call, err)
   end
 end
 
-local function finish(srv, ib, call, method, ok, ...)
+local function finish(srv, ib, call, method, tc, ok, ...)
+  if tc then T.call_end(tc) end -- (tc: the call's trace record, when a trace runs)
   local exited = srv.exited
   if exited and exited(method) then return end
   if ok then
@@ -135,10 +137,12 @@ local function run_call(srv, call, me)
       fail(ib, call, errors.worker_error(srv.name, method, "no method '" .. method .. "'"))
     elseif me then
       me._call, me._ib, me._method = call, ib, method
-      finish(srv, ib, call, method, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
+      local tc = T.on and T.call_begin(me, method, call, ib, ninputs)
+      finish(srv, ib, call, method, tc, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
       me._call, me._ib, me._method = nil, nil, nil
     else
-      finish(srv, ib, call, method, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
+      local tc = T.on and T.call_begin(sched.current(), method, call, ib, ninputs)
+      finish(srv, ib, call, method, tc, xpcall(apply, sched.on_error, fn, srv.self, ib, call))
     end
     if srv.after_call then srv.after_call() end
   end
@@ -152,7 +156,7 @@ end
 local function execute(srv, call, me)
   local ok, e = pcall(run_call, srv, call, me)
   if not ok then
-    if me then me._call, me._ib, me._method = nil, nil, nil end
+    if me then me._call, me._ib, me._method, me._tcall = nil, nil, nil, nil end
     fail(srv.ib, call, errors.worker_error(srv.name, srv.ib.method_of(call), e))
   end
 end
@@ -180,6 +184,8 @@ local function runner(srv)
   srv.live[me] = nil
   srv.runners = srv.runners - 1
 end
+
+T.name_fn(runner, "runner")
 
 --- Start runners for new calls, up to the limit (once `started`).
 function Server:wake()
