@@ -61,6 +61,10 @@ int corral__ctx_init(corral_context *c, corral_runtime *rt, lua_State *L) {
   if ((rc = uv_async_init(&c->loop, &c->async, on_async)) != 0) goto fail_lock;
   uv_timer_init(&c->loop, &c->timer);
   uv_unref((uv_handle_t *)&c->timer);
+  /* libuv adds a watcher to the epoll set on the loop's next poll: one poll
+   * now, so the backend fd becomes readable for a post from the start (a
+   * host polls it before its first step) */
+  uv_run(&c->loop, UV_RUN_NOWAIT);
   return 0;
 fail_lock:
   uv_mutex_destroy(&c->qlock);

@@ -45,6 +45,34 @@ describe("a Lua host steps corral", function()
     w:stop()
   end)
 
+  it("the backend fd is readable for a result before the host's first step", function()
+    -- a fresh process: the fd is polled before corral's loop ever ran
+    local path = h.tmpname() .. ".lua"
+    local f = assert(io.open(path, "w"))
+    f:write([[
+      local corral = require "corral"
+      local ffi = require "ffi"
+      ffi.cdef("struct pfd { int fd; short events; short revents; };" ..
+        "int poll(struct pfd *fds, unsigned long n, int timeout);")
+      local w = corral.worker { sq = function(_, x) return x * x end }:init()
+      local fut = w:sq(7)
+      local pfd = ffi.new("struct pfd[1]")
+      pfd[0].fd, pfd[0].events = corral.backend_fd(), 1
+      local t0 = corral.now()
+      local n = ffi.C.poll(pfd, 1, 5000)
+      print("poll", n, corral.now() - t0 < 4)
+      while not fut:done() do corral.step() end
+      print("result", fut:result())
+      w:stop()
+    ]])
+    f:close()
+    local out, err, code = h.sh(h.luajit() .. " " .. path)
+    os.remove(path)
+    assert.are.equal(0, code, err)
+    assert.matches("poll\t1\ttrue", out)
+    assert.matches("result\t49", out)
+  end)
+
   it("step from inside a task is a UsageError", function()
     local t = corral.spawn(function() return corral.step() end)
     assert.are.equal("UsageError", h.kind_of(function() return t:result(5) end))
