@@ -20,7 +20,7 @@ local core = require "corral.core"
 local now, slice, flow = core.trace_now, core.trace_slice, core.trace_flow
 local trace_on, fid, newid = core.trace_on, core.trace_fid, core.trace_newid
 local settled, unwrap = core.trace_settled, core.trace_unwrap
-local type, rawget, getinfo = type, rawget, debug.getinfo
+local type, rawget, getinfo, min = type, rawget, debug.getinfo, math.min
 
 local M = {}
 
@@ -133,7 +133,8 @@ function M.sent(method, f, t0, mode)
   local e = now()
   local id = idof(f)
   slice(me, "call " .. method, "send", t0, e - t0, id, nil)
-  if mode ~= "process" then flow(me, "s", t0 + (e - t0) / 2, id) end
+  -- (at its start: the worker may start the call before the send returns)
+  if mode ~= "process" then flow(me, "s", t0 + min(0.001, (e - t0) / 2), id) end
 end
 
 --- The method of a call starts on task `t` (the runner, or the caller's
