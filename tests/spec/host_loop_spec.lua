@@ -73,6 +73,24 @@ describe("a Lua host steps corral", function()
     assert.matches("result\t49", out)
   end)
 
+  it("a stock luajit host hears of an unretrieved task error at exit, once, closed or not", function()
+    for _, ending in ipairs { "", "os.exit(0)" } do
+      local out, err, code = h.sh(h.luajit() .. " -e " .. h.quote([[
+        local c = require "corral"
+        c.spawn(function() error("boom nobody read") end)
+        local seen = c.spawn(function() error("boom that was read") end)
+        c.step()
+        assert(not pcall(seen.result, seen))
+        print("stepped")
+      ]] .. ending))
+      assert.are.equal(0, code, err)
+      assert.matches("stepped", out, 1, true)
+      assert.are.equal(1, select(2, err:gsub("unretrieved error", "")), ending .. ": " .. err)
+      assert.matches("boom nobody read", err, 1, true)
+      assert.is_nil(err:find("boom that was read", 1, true), err)
+    end
+  end)
+
   it("step from inside a task is a UsageError", function()
     local t = corral.spawn(function() return corral.step() end)
     assert.are.equal("UsageError", h.kind_of(function() return t:result(5) end))
