@@ -903,6 +903,17 @@ void corral__trace_flow(int tid, char ph, double ts, uint64_t id, const char *na
  * call (on tid at ts) draws a flow from there (0 when it is not known). */
 void corral__trace_settled(uint64_t id, int tid, double ts);
 int corral__trace_unwrap(uint64_t from, int tid, double ts);
+/* Process workers: the environment entry a child started now gets while a
+ * trace runs (1: written into buf; 0: none), and, in the child, its trace
+ * started from that entry's value (0) and written by corral__trace_stop. */
+int corral__trace_child_env(char *buf, size_t n);
+int corral__trace_start_child(const char *spec);
+/* A process worker's call: sent (in the caller: its future's id, where),
+ * handed to the child (by the proxy: its future, the child's pid, its
+ * number on the wire), and the id of the flow into it (in the child). */
+void corral__trace_sent(uint64_t id, int tid, double ts);
+void corral__trace_wire(const void *result, long child, uint64_t wire);
+uint64_t corral__trace_wire_id(long child, uint64_t wire);
 extern const luaL_Reg corral__lua_trace_funcs[];
 
 /* Private error codes, beside those of corral.h. */

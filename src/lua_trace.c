@@ -3,6 +3,7 @@
  * clock, tracks, slices and flows, and the ids of futures and calls (the
  * address of a future's C half, the same in every context that holds it). */
 #include <stdint.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -74,6 +75,13 @@ static int l_trace_flow(lua_State *L) {
   return 0;
 }
 
+/* trace_sent(id, tid, ts): a process worker's call was sent there (its
+ * flow starts there once its proxy hands it to a child). */
+static int l_trace_sent(lua_State *L) {
+  corral__trace_sent(opt_id(L, 1), (int)luaL_checkinteger(L, 2), luaL_checknumber(L, 3));
+  return 0;
+}
+
 /* trace_settled(id, tid, ts): the future `id` settled there (an unwrap flow
  * into a call that takes it starts there). */
 static int l_trace_settled(lua_State *L) {
@@ -97,6 +105,13 @@ static int l_trace_claim_env(lua_State *L) {
   return 1;
 }
 
+/* trace_start_child(spec): in a process worker's child, the trace its
+ * parent asked for (CORRAL_TRACE_CHILD); false when that has ended. */
+static int l_trace_start_child(lua_State *L) {
+  lua_pushboolean(L, corral__trace_start_child(luaL_checkstring(L, 1)) == 0);
+  return 1;
+}
+
 static int l_trace_newid(lua_State *L) {
   lua_pushnumber(L, (lua_Number)corral__trace_newid());
   return 1;
@@ -117,7 +132,9 @@ static int l_trace_call(lua_State *L) {
   corral__box *b = luaL_testudata(L, 1, CALL_MT);
   corral_call *c = b ? b->p : NULL;
   if (c == NULL) return 0;
-  lua_pushnumber(L, (lua_Number)(uintptr_t)c->result);
+  /* (in a process worker's child: the id its parent's flow has) */
+  lua_pushnumber(L, c->wire_id != 0 ? (lua_Number)corral__trace_wire_id((long)getpid(), c->wire_id)
+                                    : (lua_Number)(uintptr_t)c->result);
   lua_pushnumber(L, (lua_Number)c->len);
   if (c->ndeps == 0) return 2;
   lua_createtable(L, c->ndeps, 0);
@@ -136,9 +153,11 @@ const luaL_Reg corral__lua_trace_funcs[] = {{"trace_start", l_trace_start},
                                             {"trace_slice", l_trace_slice},
                                             {"trace_flow", l_trace_flow},
                                             {"trace_settled", l_trace_settled},
+                                            {"trace_sent", l_trace_sent},
                                             {"trace_unwrap", l_trace_unwrap},
                                             {"trace_newid", l_trace_newid},
                                             {"trace_claim_env", l_trace_claim_env},
+                                            {"trace_start_child", l_trace_start_child},
                                             {"trace_fid", l_trace_fid},
                                             {"trace_call", l_trace_call},
                                             {NULL, NULL}};

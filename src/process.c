@@ -852,6 +852,7 @@ static int inputs_ready(proxy *p, corral_call *c) {
 /* Hand c to the child: 0, -1 when it failed (its future says why), or 1
  * when the child is going (the call waits for the next one, unstarted). */
 static int send_call(proxy *p, corral_call *c) {
+  corral__trace_wire(c->result, (long)p->proc.pid, c->wire_id); /* (a trace's arrow to the child) */
   wbuf b = {0};
   /* the descriptors of its buffers in shared memory go first */
   int shm = c->payload_refs ? send_shms(p->fdch, c->payload, c->len) : 0;
@@ -1119,7 +1120,7 @@ static int spawn_child(proxy *p) {
   int nenv = 0;
   while (environ[nenv] != NULL)
     nenv++;
-  char **env = malloc(sizeof(char *) * (size_t)(nenv + 3));
+  char **env = malloc(sizeof(char *) * (size_t)(nenv + 4));
   if (env == NULL) {
     close(sv[0]);
     close(sv[1]);
@@ -1130,10 +1131,14 @@ static int spawn_child(proxy *p) {
   int k = 0, preload = 0;
   for (int i = 0; i < nenv; i++) {
     if (strncmp(environ[i], "CORRAL_PARENT_PID=", 18) == 0) continue;
+    if (strncmp(environ[i], "CORRAL_TRACE_CHILD=", 19) == 0) continue;
     preload |= strncmp(environ[i], "LD_PRELOAD=", 11) == 0;
     env[k++] = environ[i];
   }
   env[k++] = env_pid;
+  /* while a trace runs: where the child writes its events (trace.c) */
+  char env_trace[4200];
+  if (corral__trace_child_env(env_trace, sizeof env_trace)) env[k++] = env_trace;
   /* CORRAL_PRELOAD (the test suite's sanitizer runtime, which its own
    * process took out of LD_PRELOAD for the shells it starts): the child
    * preloads it */
@@ -1840,6 +1845,9 @@ int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker
   }
   uv_close((uv_handle_t *)&c.sock, NULL);
   uv_run(loop, UV_RUN_NOWAIT);
+  char terr[256];
+  long tn;
+  corral__trace_stop(terr, sizeof terr, &tn); /* its events, for the parent's trace */
   fflush(NULL);
   _exit(code);
 }

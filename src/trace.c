@@ -26,7 +26,14 @@ typedef struct {
   uint64_t id; /* 0: empty */
   int tid;
   double ts;
+  uint64_t flow; /* a WIRE entry's: the id of the flow into the child */
 } settle_point;
+
+/* Keys of the points map beside the settle points (keyed by the future's
+ * id): where a process worker's call was sent, and the flow its proxy
+ * handed it to the child with. */
+#define SENT ((uint64_t)1 << 62)
+#define WIRE ((uint64_t)1 << 61)
 
 typedef struct {
   char *name;
@@ -51,6 +58,12 @@ static int ntracks;
 static settle_point *points;
 static size_t npoints, pcap;
 static int exit_hooked;
+/* Process workers: a child started while a trace runs records its own
+ * events (child_mode) and writes them, at its end, to a fragment file its
+ * parent named; the parent appends the fragments to its file at stop. */
+static int child_mode;
+static char **frags;
+static int nfrags;
 
 static void trace_init(void) {
   if (uv_mutex_init(&lock) != 0) abort();
@@ -169,14 +182,13 @@ static settle_point *point_slot(uint64_t id) {
   return &points[i];
 }
 
-void corral__trace_settled(uint64_t id, int tid, double ts) {
-  if (!corral__trace_on() || id == 0) return;
-  uv_mutex_lock(&lock);
+/* The entry of id, made if need be (NULL: no memory); under lock. */
+static settle_point *point_put(uint64_t id) {
   if ((npoints + 1) * 2 > pcap) {
     size_t ncap = pcap ? pcap * 2 : 1024;
     settle_point *np = calloc(ncap, sizeof *np), *old = points;
     size_t ocap = pcap;
-    if (np == NULL) goto done;
+    if (np == NULL) return NULL;
     points = np;
     pcap = ncap;
     for (size_t i = 0; i < ocap; i++)
@@ -186,9 +198,23 @@ void corral__trace_settled(uint64_t id, int tid, double ts) {
   settle_point *p = point_slot(id);
   if (p->id == 0) npoints++;
   p->id = id;
-  p->tid = tid;
-  p->ts = ts;
-done:
+  return p;
+}
+
+/* The entry of id, or NULL; under lock. */
+static settle_point *point_get(uint64_t id) {
+  settle_point *p = pcap ? point_slot(id) : NULL;
+  return p != NULL && p->id == id ? p : NULL;
+}
+
+void corral__trace_settled(uint64_t id, int tid, double ts) {
+  if (!corral__trace_on() || id == 0) return;
+  uv_mutex_lock(&lock);
+  settle_point *p = point_put(id);
+  if (p != NULL) {
+    p->tid = tid;
+    p->ts = ts;
+  }
   uv_mutex_unlock(&lock);
 }
 
@@ -196,8 +222,8 @@ int corral__trace_unwrap(uint64_t from, int tid, double ts) {
   if (!corral__trace_on() || from == 0) return 0;
   int found = 0;
   uv_mutex_lock(&lock);
-  settle_point *p = pcap ? point_slot(from) : NULL;
-  if (p != NULL && p->id == from && p->ts <= ts) {
+  settle_point *p = point_get(from);
+  if (p != NULL && p->ts <= ts) {
     char ev[256];
     uint64_t id = corral__trace_newid();
     int n = flow_event(ev, sizeof ev, p->tid, 's', p->ts, id, "unwrap");
@@ -230,6 +256,122 @@ int corral__trace_thread(const char *name) {
   }
   uv_mutex_unlock(&lock);
   return tid;
+}
+
+/* ======================================================================== */
+/* Process workers                                                           */
+/* ======================================================================== */
+
+int corral__trace_child_env(char *buf, size_t n) {
+  if (!corral__trace_on()) return 0;
+  int rc = 0;
+  uv_mutex_lock(&lock);
+  if (!atomic_load(&active) || child_mode) goto done;
+  char path[4096];
+  if (snprintf(path, sizeof path, "%s.%ld.%d.part", out_path, pid, nfrags + 1) >= (int)sizeof path)
+    goto done;
+  char **nf = realloc(frags, (size_t)(nfrags + 1) * sizeof *nf);
+  if (nf == NULL) goto done;
+  frags = nf;
+  FILE *f = fopen(path, "w"); /* (the child writes into it: it must exist) */
+  if (f == NULL) goto done;
+  fclose(f);
+  if ((frags[nfrags] = strdup(path)) == NULL) {
+    remove(path);
+    goto done;
+  }
+  nfrags++;
+  rc = snprintf(buf, n, "CORRAL_TRACE_CHILD=%" PRIu64 ":%s", atomic_load(&t0), path) < (int)n;
+done:
+  uv_mutex_unlock(&lock);
+  return rc;
+}
+
+uint64_t corral__trace_wire_id(long child, uint64_t wire) {
+  return ((uint64_t)1 << 51) + (((uint64_t)child & 0x3fffff) << 28) + (wire & 0xfffffff);
+}
+
+/* A process worker's call: the flow from where it was sent (sent: the
+ * caller's track and time) to the child that runs it (the child's pid, the
+ * call's number on the wire), drawn once both are known, whichever first. */
+static void wire_flow(const settle_point *sent, uint64_t flow) {
+  char ev[256];
+  int n = flow_event(ev, sizeof ev, sent->tid, 's', sent->ts, flow, "call");
+  if (n > 0) add_locked(sent->tid, ev, (size_t)n);
+}
+
+void corral__trace_sent(uint64_t id, int tid, double ts) {
+  if (!corral__trace_on() || id == 0) return;
+  uv_mutex_lock(&lock);
+  settle_point *p = point_put(id ^ SENT);
+  if (p != NULL) {
+    p->tid = tid;
+    p->ts = ts;
+    settle_point *w = point_get(id ^ WIRE);
+    if (w != NULL) wire_flow(p, w->flow);
+  }
+  uv_mutex_unlock(&lock);
+}
+
+void corral__trace_wire(const void *result, long child, uint64_t wire) {
+  if (!corral__trace_on()) return;
+  uint64_t id = (uint64_t)(uintptr_t)result, flow = corral__trace_wire_id(child, wire);
+  uv_mutex_lock(&lock);
+  settle_point *s = point_get(id ^ SENT);
+  if (s != NULL) {
+    wire_flow(s, flow);
+  } else {
+    settle_point *w = point_put(id ^ WIRE);
+    if (w != NULL) w->flow = flow;
+  }
+  uv_mutex_unlock(&lock);
+}
+
+int corral__trace_start_child(const char *spec) {
+  uv_once(&once, trace_init);
+  char *colon = strchr(spec, ':');
+  if (colon == NULL) return -1;
+  uint64_t start = strtoull(spec, NULL, 10);
+  FILE *f = fopen(colon + 1, "r+"); /* (gone: the parent's trace has ended) */
+  if (f == NULL) return -1;
+  uv_mutex_lock(&lock);
+  int rc = -1;
+  if (atomic_load(&active)) {
+    fclose(f);
+    goto done;
+  }
+  out = f;
+  out_path = strdup(colon + 1);
+  child_mode = 1;
+  pid = (long)getpid();
+  len = 0;
+  nevents = dropped = 0;
+  atomic_store(&t0, start);
+  atomic_store(&active, 1);
+  rc = 0;
+done:
+  uv_mutex_unlock(&lock);
+  return rc;
+}
+
+/* The fragments of the children: appended to the parent's file, then
+ * removed. */
+static void merge_fragments(FILE *f) {
+  for (int i = 0; i < nfrags; i++) {
+    FILE *in = fopen(frags[i], "r");
+    if (in != NULL) {
+      char chunk[65536];
+      size_t n;
+      while ((n = fread(chunk, 1, sizeof chunk, in)) > 0)
+        fwrite(chunk, 1, n, f);
+      fclose(in);
+    }
+    remove(frags[i]);
+    free(frags[i]);
+  }
+  free(frags);
+  frags = NULL;
+  nfrags = 0;
 }
 
 /* ======================================================================== */
@@ -296,8 +438,18 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
   if (!atomic_load(&active)) goto done; /* none running: nothing to do */
   atomic_store(&active, 0);
   FILE *f = out;
-  fprintf(f, "{\"traceEvents\":[\n");
-  meta(f, "process_name", 0, "corral");
+  if (child_mode) {
+    /* a process worker's fragment: its events, each line starting with a
+     * comma (the parent's file goes on after its own) */
+    char name[600];
+    snprintf(name, sizeof name, "corral %s (process %ld)",
+             ntracks > 0 ? tracks[ntracks - 1].name : "worker", pid);
+    fputs(",\n", f);
+    meta(f, "process_name", 0, name);
+  } else {
+    fprintf(f, "{\"traceEvents\":[\n");
+    meta(f, "process_name", 0, "corral");
+  }
   for (int i = 0; i < ntracks; i++) {
     if (!tracks[i].used) continue;
     meta(f, "thread_name", i + 1, tracks[i].name);
@@ -310,8 +462,11 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
     fputs(",\n", f);
     fwrite(buf, 1, len, f);
   }
-  fprintf(f, "\n],\"displayTimeUnit\":\"ms\",\"otherData\":{\"events\":%ld,\"dropped\":%ld}}\n",
-          nevents, dropped);
+  if (!child_mode) {
+    merge_fragments(f);
+    fprintf(f, "\n],\"displayTimeUnit\":\"ms\",\"otherData\":{\"events\":%ld,\"dropped\":%ld}}\n",
+            nevents, dropped);
+  }
   int bad = ferror(f);
   if (fclose(f) != 0) bad = 1;
   if (bad) {

@@ -1,6 +1,7 @@
 --- The trace timeline: a Chrome trace-event file (JSON) of what every
--- context ran: a track per context (the home loop, each thread worker), a
--- slice per piece of a task (from a start or a resume to its next wait or
+-- context ran: a track per context (the home loop, each thread worker, each
+-- process worker's child, which writes its events for its parent to merge:
+-- see docs/trace.md), a slice per piece of a task (from a start or a resume to its next wait or
 -- its end) and per call (named by its method, with the size of its encoded
 -- arguments), and flow arrows from a call to where it ran and from a future
 -- to the calls it was unwrapped into. Open the file in Perfetto
@@ -124,8 +125,7 @@ end
 
 --- A call is sent (by the caller's task): `t0` is when the send began,
 -- `f` the call's future, `mode` the worker's. Its slice on the caller's
--- track, and the start of the arrow to where it runs (not for a process
--- worker: its child records nothing, see docs/trace.md; nothing for a sync
+-- track, and the start of the arrow to where it runs (nothing for a sync
 -- call, which runs inline).
 function M.sent(method, f, t0, mode)
   if mode == "sync" then return end -- (it ran inline: its slice is on this track already)
@@ -133,8 +133,10 @@ function M.sent(method, f, t0, mode)
   local e = now()
   local id = idof(f)
   slice(me, "call " .. method, "send", t0, e - t0, id, nil)
-  -- (at its start: the worker may start the call before the send returns)
-  if mode ~= "process" then flow(me, "s", t0 + min(0.001, (e - t0) / 2), id) end
+  -- (at its start: the worker may start the call before the send returns;
+  -- a process worker's flow is drawn once its proxy has sent it to a child)
+  local ts = t0 + min(0.001, (e - t0) / 2)
+  if mode == "process" then core.trace_sent(id, me, ts) else flow(me, "s", ts, id) end
 end
 
 --- The method of a call starts on task `t` (the runner, or the caller's
@@ -227,8 +229,13 @@ M.public = { start = M.start, stop = M.stop, active = M.active }
 
 -- CORRAL_TRACE=file: trace from the start (not in a process worker's
 -- child, which inherits the variable: the file is its parent's).
-local env = os.getenv("CORRAL_TRACE")
-if env and env ~= "" and not os.getenv("CORRAL_PARENT_PID") and core.trace_claim_env() then
+local env, child = os.getenv("CORRAL_TRACE"), os.getenv("CORRAL_PARENT_PID")
+if child then
+  -- a process worker's child started while its parent traces: it records
+  -- its own events, written where the parent will read them at its end
+  local spec = os.getenv("CORRAL_TRACE_CHILD")
+  if spec and not M.on and core.trace_claim_env() then M.on = core.trace_start_child(spec) end
+elseif env and env ~= "" and core.trace_claim_env() then
   if not M.on then
     local ok, err = core.trace_start(env)
     if ok then

@@ -80,13 +80,18 @@ end
 
 local function ns(x) return math.floor(x * 1000 + 0.5) end
 
+-- A track: a thread (tid) of a process (pid; a process worker's events are
+-- under its own pid).
+local function track(ev) return ev.pid .. ":" .. ev.tid end
+
 -- Per track: X slices nest (each inside the one it starts in, or after it
 -- ends), and every B has its E.
 local function check_nesting(by)
   local tracks = {}
   for _, ev in ipairs(by.X or {}) do
-    tracks[ev.tid] = tracks[ev.tid] or {}
-    table.insert(tracks[ev.tid], { s = ns(ev.ts), e = ns(ev.ts) + ns(ev.dur), name = ev.name })
+    local k = track(ev)
+    tracks[k] = tracks[k] or {}
+    table.insert(tracks[k], { s = ns(ev.ts), e = ns(ev.ts) + ns(ev.dur), name = ev.name })
   end
   for tid, list in pairs(tracks) do
     table.sort(list, function(a, b)
@@ -98,7 +103,7 @@ local function check_nesting(by)
       while #stack > 0 and stack[#stack].e <= sl.s do table.remove(stack) end
       local top = stack[#stack]
       if top and sl.e > top.e then
-        error(("track %d: %s [%d, %d] overlaps %s [%d, %d]"):format(tid, sl.name, sl.s, sl.e, top.name,
+        error(("track %s: %s [%d, %d] overlaps %s [%d, %d]"):format(tid, sl.name, sl.s, sl.e, top.name,
           top.s, top.e))
       end
       table.insert(stack, sl)
@@ -110,18 +115,19 @@ local function check_nesting(by)
   for _, ev in ipairs(by.E or {}) do table.insert(be, ev) end
   table.sort(be, function(a, b) return a.ts < b.ts end)
   for _, ev in ipairs(be) do
-    open[ev.tid] = (open[ev.tid] or 0) + (ev.ph == "B" and 1 or -1)
-    assert(open[ev.tid] >= 0, "an E without its B")
+    local k = track(ev)
+    open[k] = (open[k] or 0) + (ev.ph == "B" and 1 or -1)
+    assert(open[k] >= 0, "an E without its B")
   end
   for _, n in pairs(open) do assert.are.equal(0, n, "a B without its E") end
   return tracks
 end
 
--- The slice of track tid enclosing time ts (the innermost).
-local function enclosing(by, tid, ts)
+-- The slice of track tr (pid:tid) enclosing time ts (the innermost).
+local function enclosing(by, tr, ts)
   local best
   for _, ev in ipairs(by.X or {}) do
-    if ev.tid == tid and ns(ev.ts) <= ns(ts) and ns(ts) <= ns(ev.ts) + ns(ev.dur) then
+    if track(ev) == tr and ns(ev.ts) <= ns(ts) and ns(ts) <= ns(ev.ts) + ns(ev.dur) then
       if not best or ev.ts > best.ts or (ev.ts == best.ts and ev.dur < best.dur) then best = ev end
     end
   end
@@ -147,9 +153,9 @@ local function thread_names(by)
   local names, seen = {}, {}
   for _, ev in ipairs(by.M or {}) do
     if ev.name == "thread_name" then
-      assert.is_nil(seen[ev.tid], "two thread_name for tid " .. ev.tid)
-      seen[ev.tid] = true
-      names[ev.args.name] = ev.tid
+      assert.is_nil(seen[track(ev)], "two thread_name for track " .. track(ev))
+      seen[track(ev)] = true
+      names[ev.args.name] = track(ev)
     end
   end
   return names, seen
@@ -171,22 +177,22 @@ describe("the trace timeline", function()
 
     -- one named track per context, and every event on a named track
     local names, named = thread_names(by)
-    assert.is_number(names.main)
-    assert.is_number(names["worker calc"])
+    assert.is_string(names.main)
+    assert.is_string(names["worker calc"])
     for _, ev in ipairs(doc.traceEvents) do
-      if ev.ph ~= "M" then assert(named[ev.tid], "an event on an unnamed track " .. ev.tid) end
+      if ev.ph ~= "M" then assert(named[track(ev)], "an event on an unnamed track " .. track(ev)) end
     end
     local main, wk = names.main, names["worker calc"]
 
     -- task slices; call slices with the method's name and argument bytes
     local sends, runs, main_task = {}, {}, false
     for _, ev in ipairs(by.X) do
-      if ev.tid == main and ev.name == "main chunk" then main_task = true end
+      if track(ev) == main and ev.name == "main chunk" then main_task = true end
       if ev.cat == "send" then
-        assert.are.equal(main, ev.tid)
+        assert.are.equal(main, track(ev))
         table.insert(sends, ev)
       elseif ev.cat == "call" then
-        assert.are.equal(wk, ev.tid)
+        assert.are.equal(wk, track(ev))
         assert.is_number(ev.args.bytes)
         assert(ev.args.bytes > 0, "argument bytes")
         assert.is_string(ev.args.id)
@@ -221,7 +227,7 @@ describe("the trace timeline", function()
     for _, fl in pairs(unwraps) do
       assert(fl.s and fl.f, "an unwrap flow has both ends")
       assert(fl.s.ts < fl.f.ts, "s before f")
-      local from, into = enclosing(by, fl.s.tid, fl.s.ts), enclosing(by, fl.f.tid, fl.f.ts)
+      local from, into = enclosing(by, track(fl.s), fl.s.ts), enclosing(by, track(fl.f), fl.f.ts)
       assert.are.equal("call", from.cat)
       assert.are.equal("call", into.cat)
       chain[#chain + 1] = from.name .. "->" .. into.name .. ":" .. into.args.id
@@ -247,7 +253,7 @@ describe("the trace timeline", function()
     local by = check_format(load_trace(out_path))
     check_nesting(by)
     local names = thread_names(by)
-    assert.is_number(names["worker calc"])
+    assert.is_string(names["worker calc"])
     assert.is_true(#(by.f or {}) >= 3)
   end)
 
@@ -275,7 +281,7 @@ describe("the trace timeline", function()
     local by = check_format(load_trace(out_path))
     check_nesting(by)
     local names = thread_names(by)
-    assert.is_number(names["worker sq"], "the worker's track")
+    assert.is_string(names["worker sq"], "the worker's track")
     local ran = 0
     for _, ev in ipairs(by.X) do
       if ev.cat == "call" and ev.name == "sq" then ran = ran + 1 end
@@ -333,7 +339,7 @@ describe("the trace timeline", function()
     local runs = 0
     for _, ev in ipairs(by.X) do
       if ev.cat == "call" then
-        assert.are.equal(names.main, ev.tid)
+        assert.are.equal(names.main, track(ev))
         runs = runs + 1
       end
     end
@@ -344,5 +350,47 @@ describe("the trace timeline", function()
       n = n + 1
     end
     assert.are.equal(4, n, "two unwraps per mode")
+  end)
+  it("a process worker: its own process and track in the parent's file, flows into it", function()
+    local out, err, code = run([[
+      local corral = require "corral"
+      local Calc = corral.worker {
+        add = function(_, a, b) return a + b end,
+        mul = function(_, a, b) corral.sleep(0.002) return a * b end,
+      }
+      local w = Calc:options { name = "pcalc", mode = "process" }:init()
+      local a = w:add(1, 2)
+      print(w:add(w:mul(a, 10), 5):result())
+      w:stop()
+    ]], "--trace " .. h.quote(out_path))
+    assert.are.equal(0, code, err)
+    assert.are.equal("35\n", out)
+    local by = check_format(load_trace(out_path))
+    check_nesting(by)
+    local names = thread_names(by)
+    local main, wk = names.main, names["worker pcalc"]
+    assert.is_string(wk, "the process worker's track")
+    assert.are_not.equal(main:match("^%d+"), wk:match("^%d+"), "under the child's pid")
+    local pname
+    for _, ev in ipairs(by.M) do
+      local same = track(ev):match("^%d+") == wk:match("^%d+")
+      if ev.name == "process_name" and same then pname = ev.args.name end
+    end
+    assert.matches("worker pcalc", pname)
+    local calls = flows(by, "call")
+    local n = 0
+    for _, fl in pairs(calls) do
+      assert(fl.s and fl.f, "a flow with both ends")
+      assert(fl.s.ts < fl.f.ts, "s before f")
+      assert.are.equal("send", enclosing(by, main, fl.s.ts).cat)
+      local ran = enclosing(by, wk, fl.f.ts)
+      assert.are.equal("call", ran.cat)
+      assert(ran.args.bytes > 0)
+      n = n + 1
+    end
+    assert.are.equal(3, n, "a flow into the child for each call")
+    -- the child's fragment is merged and gone
+    local left = h.sh("ls " .. h.quote(out_path) .. ".*.part 2>/dev/null")
+    assert.are.equal("", left)
   end)
 end)
