@@ -3,6 +3,7 @@
  * process exits, unless disarmed first. Nothing here runs Lua or takes a
  * lock (reporters fire from a __gc): it writes with write(2).
  */
+#include <dlfcn.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,8 +69,20 @@ static void report_at_exit(void) {
   }
 }
 
+/* The hook must outlive a dlclose of the module that set it (closing a Lua
+ * state unloads corral.so; glibc then runs the hook at once, but a
+ * sanitizer's atexit keeps it for the exit): the module stays loaded. */
+static void pin_module(void) {
+  Dl_info info;
+  if (dladdr((void *)report_at_exit, &info) != 0 && info.dli_fname != NULL)
+    (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
 int corral__reporter_at_exit(corral_context *c) {
-  if (!atomic_flag_test_and_set(&exit_hooked) && atexit(report_at_exit) != 0) return -1;
+  if (!atomic_flag_test_and_set(&exit_hooked)) {
+    pin_module();
+    if (atexit(report_at_exit) != 0) return -1;
+  }
   for (int i = 0; i < EXIT_SLOTS; i++) {
     corral_context *none = NULL;
     if (atomic_compare_exchange_strong(&exit_slots[i], &none, c)) return 0;
