@@ -9,7 +9,7 @@
 --
 -- A `vim.loop` timer ticks every 10 ms all along: the tick count shows that
 -- Neovim's loop kept running while the workers computed. With CORRAL_NVIM_OUT
--- set, the report also goes to that file.
+-- set, the report also goes to that file; CORRAL_NVIM_N sets the bound (6e6).
 -- luacheck: read globals vim
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
 -- corral.so from LUA_CPATH if it is there, else from this tree's lib/
@@ -78,6 +78,7 @@ cn.spawn(function()
   report(("from the buffer (vim.api, fast event: %s): %s"):format(
     tostring(vim.in_fast_event()), vim.api.nvim_buf_get_lines(buf, 0, 1, false)[1]))
   report(("corral steps: %d"):format(cn.steps))
+  if not headless then vim.api.nvim_win_set_buf(0, buf) end -- (shows the buffer)
   ticker:stop()
   ticker:close()
   pool:stop()
