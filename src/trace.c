@@ -332,16 +332,13 @@ int corral__trace_start_child(const char *spec) {
   char *colon = strchr(spec, ':');
   if (colon == NULL) return -1;
   uint64_t start = strtoull(spec, NULL, 10);
-  FILE *f = fopen(colon + 1, "r+"); /* (gone: the parent's trace has ended) */
+  FILE *f = fopen(colon + 1, "r"); /* (gone: the parent's trace has ended) */
   if (f == NULL) return -1;
+  fclose(f);
   uv_mutex_lock(&lock);
   int rc = -1;
-  if (atomic_load(&active)) {
-    fclose(f);
-    goto done;
-  }
-  out = f;
-  out_path = strdup(colon + 1);
+  if (atomic_load(&active) || (out_path = strdup(colon + 1)) == NULL) goto done;
+  out = NULL; /* (written at stop, beside the fragment, then renamed over it) */
   child_mode = 1;
   pid = (long)getpid();
   len = 0;
@@ -438,6 +435,16 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
   if (!atomic_load(&active)) goto done; /* none running: nothing to do */
   atomic_store(&active, 0);
   FILE *f = out;
+  char tmp[4200];
+  if (child_mode) {
+    /* whole or not at all: the parent may read the fragment at any time */
+    snprintf(tmp, sizeof tmp, "%s.w", out_path);
+    if ((f = fopen(tmp, "w")) == NULL) {
+      snprintf(err, errlen, "cannot open %s: %s", tmp, strerror(errno));
+      rc = -1;
+      goto end;
+    }
+  }
   if (child_mode) {
     /* a process worker's fragment: its events, each line starting with a
      * comma (the parent's file goes on after its own) */
@@ -475,6 +482,10 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
   } else {
     rc = 0;
   }
+  /* a fragment its parent removed already (its trace has ended) is not
+   * made again */
+  if (child_mode && (bad || access(out_path, F_OK) != 0 || rename(tmp, out_path) != 0)) remove(tmp);
+end:
   *count = nevents;
   out = NULL;
   free(out_path);
