@@ -21,6 +21,8 @@
 
 #define MAX_BYTES ((size_t)512 << 20) /* events kept at most; the rest are counted, dropped */
 #define ID_BASE   ((uint64_t)1 << 50) /* ids not made of an address (above any user address) */
+/* settle points kept at most (64 MiB of map): later unwraps have no arrow */
+#define MAX_POINTS ((size_t)1 << 20)
 
 typedef struct {
   uint64_t id; /* 0: empty */
@@ -182,8 +184,15 @@ static settle_point *point_slot(uint64_t id) {
   return &points[i];
 }
 
-/* The entry of id, made if need be (NULL: no memory); under lock. */
+/* The entry of id, or NULL; under lock. */
+static settle_point *point_get(uint64_t id) {
+  settle_point *p = pcap ? point_slot(id) : NULL;
+  return p != NULL && p->id == id ? p : NULL;
+}
+
+/* The entry of id, made if need be (NULL: no memory, or too many); under lock. */
 static settle_point *point_put(uint64_t id) {
+  if (npoints >= MAX_POINTS) return point_get(id);
   if ((npoints + 1) * 2 > pcap) {
     size_t ncap = pcap ? pcap * 2 : 1024;
     settle_point *np = calloc(ncap, sizeof *np), *old = points;
@@ -199,12 +208,6 @@ static settle_point *point_put(uint64_t id) {
   if (p->id == 0) npoints++;
   p->id = id;
   return p;
-}
-
-/* The entry of id, or NULL; under lock. */
-static settle_point *point_get(uint64_t id) {
-  settle_point *p = pcap ? point_slot(id) : NULL;
-  return p != NULL && p->id == id ? p : NULL;
 }
 
 void corral__trace_settled(uint64_t id, int tid, double ts) {
