@@ -257,6 +257,27 @@ describe("the trace timeline", function()
     assert.is_true(#(by.f or {}) >= 3)
   end)
 
+  it("CORRAL_TRACE works in a stock luajit host that loads corral.so", function()
+    local path = write([[
+      local corral = require "corral"
+      local w = corral.worker { sq = function(_, x) return x * x end }:options { name = "hostsq" }:init()
+      print(w:sq(7):result())
+      w:stop()
+    ]])
+    local out, err, code = h.sh("CORRAL_TRACE=" .. h.quote(out_path) .. " " .. h.luajit() .. " "
+      .. h.quote(path))
+    os.remove(path)
+    assert.are.equal(0, code, err)
+    assert.are.equal("49\n", out)
+    local by = check_format(load_trace(out_path))
+    check_nesting(by)
+    local names = thread_names(by)
+    assert.is_string(names.main)
+    assert.is_string(names["worker hostsq"])
+    assert.are.equal(1, #by.s)
+    assert.are.equal(by.s[1].id, by.f[1].id)
+  end)
+
   it("corral.trace.start/stop from a script write a file, workers started before included", function()
     local path = write([[
       local corral = require "corral"
