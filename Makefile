@@ -27,8 +27,8 @@ ifneq ($(filter demo test test-asan test-tsan bench fuzz fuzz-build,$(MAKECMDGOA
 DEPS := $(shell scripts/install-deps >&2 && echo ok)
 endif
 ifeq ($(filter clean format,$(MAKECMDGOALS)),)
-ifneq ($(shell pkg-config --exists $(PKGS) 2>/dev/null && echo ok),ok)
-$(error the development files of luajit, libuv or msgpack-c are missing: run scripts/install-deps (or make test, which runs it))
+ifneq ($(shell pkg-config --exists $(PKGS) libedit 2>/dev/null && echo ok),ok)
+$(error the development files of luajit, libuv, msgpack-c or libedit are missing: run scripts/install-deps (or make test, which runs it))
 endif
 endif
 
@@ -93,12 +93,13 @@ $(LIBSH): $(OBJS)
 
 $(BUILD)/obj/main.o: src/main.c include/corral.h
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -c $< -o $@
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags libedit) -c $< -o $@
 
 # -rdynamic: C modules that scripts require find the Lua API in the binary.
+# Only the binary links libedit (the REPL's line editor).
 $(BIN): $(BUILD)/obj/main.o $(LIBA)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(ALL_LDLIBS)
+	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(ALL_LDLIBS) $(shell pkg-config --libs libedit)
 
 $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 	@mkdir -p $(dir $@)

@@ -446,6 +446,7 @@ void corral__reporter_at_exit_remove(corral_context *c);
 void corral__signal_catch_stop(corral_context *c);
 /* The signal number received since the last call, or 0. */
 int corral__signal_take_stop(void);
+void corral__signal_rearm(void);
 void corral__signal_release(corral_context *c);
 /* A worker thread starts / ends: fatal signals name it (returns the
  * alternate signal stack to give back). */

@@ -120,6 +120,12 @@ static int l_catch_signals(lua_State *L) {
   return 0;
 }
 
+static int l_signal_rearm(lua_State *L) {
+  (void)L;
+  corral__signal_rearm();
+  return 0;
+}
+
 /* exit_fast(): the runner ends after an error or a signal: closing cancels
  * the workers' calls instead of draining them. */
 static int l_exit_fast(lua_State *L) {
@@ -259,6 +265,7 @@ const luaL_Reg corral__lua_loop_funcs[] = {{"drain", l_drain},
                                            {"now", l_now},
                                            {"catch_signals", l_catch_signals},
                                            {"exit_fast", l_exit_fast},
+                                           {"signal_rearm", l_signal_rearm},
                                            {"quiescent", l_quiescent},
                                            {"reap", l_reap},
                                            {"print", l_print},

@@ -44,6 +44,10 @@ void corral__signal_catch_stop(corral_context *c) {
 
 int corral__signal_take_stop(void) { return atomic_exchange(&stop_pending, 0); }
 
+/* The signal was handled without ending the process (the REPL cancelled a
+ * line): the next one is handled too, rather than ending the process. */
+void corral__signal_rearm(void) { atomic_store(&stop_count, 0); }
+
 void corral__signal_release(corral_context *c) {
   if (atomic_load(&stop_async) != &c->async) return;
   signal(SIGINT, SIG_DFL);

@@ -15,9 +15,11 @@ usage: corral [options] [script [args...]]
             -e may be given more than once)
   --trace FILE  write a trace of the run to FILE (Chrome trace-event JSON:
             open it in ui.perfetto.dev; see docs/trace.md)
+  -i        enter the interactive REPL after running the script
   -v        print versions (corral, LuaJIT, libuv, msgpack-c) and exit
   -h        show this help
-With no script, runs standard input.]==]
+With no script: the interactive REPL on a terminal, else standard input
+is run as a script.]==]
 
 local function errf(...)
   io.stderr:write(...)
@@ -39,8 +41,9 @@ end
 local SIGNAMES = { [2] = "interrupted", [15] = "terminated" }
 
 --- Run the main task until it ends, then until nothing is pending.
--- Returns the process's exit status.
-function M.run_main(main)
+-- Returns the process's exit status. With `interactive`, returns as soon
+-- as the main task has ended (the REPL follows, with everything running).
+function M.run_main(main, interactive)
   local signalled = nil
   sched.on_signal = function(sig)
     signalled = signalled or sig
@@ -57,7 +60,7 @@ function M.run_main(main)
   end
   local s = main[S]
   if s == future.FAILED then
-    core.exit_fast()
+    if not interactive then core.exit_fast() end
     future.retrieve(main)
     local e = main._e
     local text = sched.safe_tostring(e)
@@ -76,6 +79,7 @@ function M.run_main(main)
     errf("corral: the main task was cancelled\n")
     return 1
   end
+  if interactive then return 0 end
   sched.wind_down = 1 -- workers asked to stop get a second once nothing else can go on
   while not signalled and sched.turn(true) do end
   if signalled then
@@ -98,8 +102,9 @@ function M.run_main(main)
 end
 
 --- Entry point: `argv` as the C main gives it (argv[0] is the program).
+-- Returns the exit status, and "repl" when the C half is to start the REPL.
 function M.main(argv)
-  local i, codes = 1, {}
+  local i, codes, interactive = 1, {}, false
   while argv[i] do
     local a = argv[i]
     if a == "-v" or a == "--version" then
@@ -114,6 +119,9 @@ function M.main(argv)
       codes[#codes + 1] = argv[i + 1]
       if not argv[i + 1] then errf(USAGE, "\n"); return 1 end
       i = i + 2
+    elseif a == "-i" then
+      interactive = true
+      i = i + 1
     elseif a == "--trace" then -- the trace timeline (corral.trace, docs/trace.md)
       if not argv[i + 1] then errf(USAGE, "\n"); return 1 end
       local ok, e = pcall(corral.trace.start, argv[i + 1])
@@ -134,6 +142,7 @@ function M.main(argv)
   end
   local script = argv[i]
   if script then i = i + 1 end
+  if not script and #codes == 0 and core.isatty(0) then interactive = true end
   -- `arg` as luajit sets it: arg[0] the script, arg[1..] its arguments,
   -- negative indices the interpreter and its options.
   local arg, script_at = {}, i - 1
@@ -153,14 +162,13 @@ function M.main(argv)
     chunks[k] = c
   end
   local chunk, err
-  if #codes > 0 and not script then
+  if interactive and not script and #codes == 0 then
+    return 0, "repl"
+  elseif #codes > 0 and not script then
     chunk = function() end
   elseif script and script ~= "-" then
     chunk, err = loadfile(script)
   else
-    if core.isatty(0) then
-      errf("corral: no script given; reading one from standard input (end it with Ctrl-D)\n")
-    end
     chunk, err = loadstring(io.read("*a"), "=stdin")
   end
   if not chunk then
@@ -177,6 +185,7 @@ function M.main(argv)
   end
   local main = task.spawn(body, unpack(arg, 1, #arg))
   main._kind = "main"
+  if interactive then return M.run_main(main, true), "repl" end
   return M.run_main(main)
 end
 
