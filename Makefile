@@ -48,7 +48,7 @@ ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
 ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
 ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
-SRCS := src/trace.c src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/sync.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_trace.c src/lua_future.c src/lua_buffer.c src/lua_sync.c src/lua_fs.c src/lua_exec.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_core.c src/runtime.c
+SRCS := src/trace.c src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/sync.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_trace.c src/lua_future.c src/lua_buffer.c src/lua_sync.c src/lua_fs.c src/lua_exec.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_host.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))
@@ -59,7 +59,7 @@ LIBSO := $(BUILD)/lib/corral.so
 SONAME := libcorral.so.0
 LIBSH := $(BUILD)/lib/$(SONAME)
 
-.PHONY: all test soak test-asan test-tsan check-layers fuzz fuzz-build fuzz-targets bench demo lint format install clean docs
+.PHONY: example-host all test soak test-asan test-tsan check-layers fuzz fuzz-build fuzz-targets bench demo lint format install clean docs
 
 all: $(BIN) $(LIBA) $(LIBSO) $(LIBSH)
 
@@ -101,6 +101,13 @@ $(BIN): $(BUILD)/obj/main.o $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(ALL_LDLIBS) $(shell pkg-config --libs libedit)
 
+# The example C host (examples/host/): a 60 Hz frame loop stepping corral.
+HOSTEX := $(BUILD)/obj/examples/host
+example-host: $(HOSTEX)
+$(HOSTEX): examples/host/host.c $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(ALL_LDFLAGS) -o $@ $< $(LIBA) $(ALL_LDLIBS)
+
 $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(ALL_LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(ALL_LDLIBS)
@@ -108,7 +115,7 @@ $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 # ---- tests ---------------------------------------------------------------
 
 BUSTED := luajit /usr/bin/busted
-test: all $(CTESTS)
+test: all $(CTESTS) $(HOSTEX)
 	CORRAL_BUILD=$(BUILD) $(TEST_ENV) scripts/run-tests $(BUILD)
 
 # The long runs, not in CI: the process chaos test with 50,000 calls (the
@@ -171,7 +178,7 @@ $(BUILD)/bin/fuzz-%: tests/fuzz/%.c tests/fuzz/fuzz.h $(LIBA)
 demo: all
 	$(BIN) examples/commands.lua
 
-bench: all
+bench: all $(HOSTEX)
 	CORRAL_BENCH_DEPS=1 scripts/install-deps
 	scripts/run-bench $(BUILD)
 

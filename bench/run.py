@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run each corral benchmark beside its peer, several times, and print the
 medians with the ratio to the peer. Usage: bench/run.py BUILD [RUNS]"""
-import os, shutil, statistics, subprocess, sys
+import os, re, shutil, statistics, subprocess, sys
 
 build = sys.argv[1] if len(sys.argv) > 1 else "."
 runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -108,3 +108,18 @@ row("3-stage pipeline, 200k items", ours, peer, "asyncio.Queue(64) stages", "ite
 ours = measure([corral, B("orchestration.lua"), "fs", "20000"])
 peer = measure([sys.executable, B("orchestration_python.py"), "fs", "20000"])
 row("4 KiB file reads from 64 tasks", ours, peer, "run_in_executor(open)", "reads/s", True)
+
+# A C host's frame loop (examples/host): 60 Hz, corral_step once a frame,
+# two CPU-bound thread workers busy all along. No peer: the target is a p99
+# under 0.2 ms and no frame made late by corral. BENCH_HOST_SECONDS shortens
+# the run (10 s).
+host = os.path.join(build, "obj", "examples", "host")
+secs = os.environ.get("BENCH_HOST_SECONDS", "10")
+out = subprocess.run([host, os.path.join(here, "..", "examples", "host", "frame.lua"), secs],
+                     capture_output=True, text=True, check=True).stdout
+m = re.search(r"p50 ([\d.]+) us, p99 ([\d.]+) us, max ([\d.]+) us", out)
+missed = re.search(r"budget: (\d+)", out)
+frames = re.search(r"^(\d+) frames", out)
+print(f"{'C host, 60 Hz, 2 busy workers':<34} corral_step per frame over {secs} s "
+      f"({frames.group(1)} frames): p50 {m.group(1)} us, p99 {m.group(2)} us, "
+      f"max {m.group(3)} us; frames made late by corral: {missed.group(1)}")

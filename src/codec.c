@@ -2239,3 +2239,176 @@ void corral__codec_free(char *data, size_t len, int refs) {
   if (refs) corral__codec_discard(data, len);
   free(data);
 }
+
+/* ======================================================================== */
+/* Values for a C host                                                       */
+/* ======================================================================== */
+
+/* What the decoder takes from outside (CODEC_FOREIGN), checked without a
+ * Lua state: the structure was checked by unpack_one; this walks the values
+ * as dec_value would, numbering the tables as it does (for REF ids). */
+typedef struct {
+  uint32_t tables; /* numbered so far */
+  const char *why;
+} fcheck;
+
+static int fc_module_name(fcheck *c, const char *p, size_t n) {
+  if (n == 0 || memchr(p, '\0', n) != NULL) {
+    c->why = "a module name that is not one";
+    return -1;
+  }
+  return 0;
+}
+
+static int fc_value(fcheck *c, const msgpack_object *o) {
+  switch (o->type) {
+  case MSGPACK_OBJECT_NIL:
+  case MSGPACK_OBJECT_BOOLEAN:
+  case MSGPACK_OBJECT_POSITIVE_INTEGER:
+  case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+  case MSGPACK_OBJECT_FLOAT32:
+  case MSGPACK_OBJECT_FLOAT64:
+  case MSGPACK_OBJECT_STR:
+  case MSGPACK_OBJECT_BIN: return 0;
+  case MSGPACK_OBJECT_ARRAY: {
+    const msgpack_object *a = o->via.array.ptr;
+    if (o->via.array.size > 0 && a[0].type == MSGPACK_OBJECT_EXT &&
+        (a[0].via.ext.type == EXT_FUNC || a[0].via.ext.type == EXT_WORKER)) {
+      c->why = "a function or a worker handle cannot come from outside the process";
+      return -1;
+    }
+    c->tables++;
+    for (uint32_t i = 0; i < o->via.array.size; i++)
+      if (fc_value(c, &a[i]) != 0) return -1;
+    return 0;
+  }
+  case MSGPACK_OBJECT_MAP:
+    c->tables++;
+    for (uint32_t i = 0; i < o->via.map.size; i++) {
+      const msgpack_object *k = &o->via.map.ptr[i].key;
+      if (k->type == MSGPACK_OBJECT_NIL ||
+          ((k->type == MSGPACK_OBJECT_FLOAT32 || k->type == MSGPACK_OBJECT_FLOAT64) &&
+           k->via.f64 != k->via.f64)) {
+        c->why = "a map key is nil or NaN";
+        return -1;
+      }
+      if (fc_value(c, k) != 0 || fc_value(c, &o->via.map.ptr[i].val) != 0) return -1;
+    }
+    return 0;
+  case MSGPACK_OBJECT_EXT: {
+    const char *p = o->via.ext.ptr;
+    uint32_t n = o->via.ext.size;
+    switch (o->via.ext.type) {
+    case EXT_TIMESTAMP:
+      if ((n == 4) || (n == 8 && (get_be(p, 8) >> 34) <= 999999999) ||
+          (n == 12 && get_be(p, 4) <= 999999999))
+        return 0;
+      c->why = "a malformed timestamp";
+      return -1;
+    case EXT_REF:
+      if (n == 4 && get_be(p, 4) < c->tables) return 0;
+      c->why = "a REF extension to no table decoded before it";
+      return -1;
+    case EXT_MODULE: return fc_module_name(c, p, n);
+    case EXT_CFUNC: {
+      const char *dot = NULL;
+      for (uint32_t i = 0; i < n; i++)
+        if (p[i] == '.') dot = p + i;
+      if (dot == NULL || dot == p + n - 1) {
+        c->why = "a CFUNC extension without a module and a name";
+        return -1;
+      }
+      return fc_module_name(c, p, (size_t)(dot - p));
+    }
+    case EXT_BYTES: return 0;
+    default: c->why = "an extension type corral does not take from outside the process"; return -1;
+    }
+  }
+  default: c->why = "an unknown MessagePack type"; return -1;
+  }
+}
+
+const char *corral__codec_check_foreign(const char *data, size_t len) {
+  if (data == NULL || len == 0) return "no bytes (an empty array is 0x90)";
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) return "out of memory";
+  msgpack_object o;
+  const char *why = unpack_one(z, data, len, &o, 0);
+  if (why == NULL && o.type != MSGPACK_OBJECT_ARRAY) why = "not a MessagePack array of values";
+  if (why == NULL && o.via.array.size > 1000000) why = "more than 1000000 values";
+  if (why == NULL) {
+    fcheck c = {0, NULL}; /* (the array around the values is not a table) */
+    for (uint32_t i = 0; i < o.via.array.size && why == NULL; i++)
+      if (fc_value(&c, &o.via.array.ptr[i]) != 0) why = c.why;
+  }
+  msgpack_zone_free(z);
+  return why;
+}
+
+char *corral__codec_pack_one(int type, const char *s, size_t slen, double num, size_t *len) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  int rc = msgpack_pack_array(&pk, 1);
+  int64_t i;
+  switch (type) {
+  case CODEC_VALUE_STRING:
+    if (slen > 0xffffffffu) {
+      rc = -1;
+      break;
+    }
+    rc = rc || msgpack_pack_str_with_body(&pk, s, slen);
+    break;
+  case CODEC_VALUE_NUMBER: /* as a Lua number is encoded */
+    rc = rc || (exact_int(num, &i) ? msgpack_pack_int64(&pk, i) : msgpack_pack_double(&pk, num));
+    break;
+  case CODEC_VALUE_BOOLEAN:
+    rc = rc || (num != 0 ? msgpack_pack_true(&pk) : msgpack_pack_false(&pk));
+    break;
+  default: rc = rc || msgpack_pack_nil(&pk); break;
+  }
+  if (rc != 0) {
+    msgpack_sbuffer_destroy(&sb);
+    return NULL;
+  }
+  *len = sb.size;
+  return sb.data;
+}
+
+int corral__codec_first(const char *data, size_t len, int type, const char **s, size_t *slen,
+                        double *num) {
+  if (data == NULL || len == 0) return 0;
+  msgpack_zone *z = msgpack_zone_new(2048);
+  if (z == NULL) return -1;
+  msgpack_object o;
+  int found = 0;
+  if (unpack_one(z, data, len, &o, 0) == NULL) {
+    /* (a payload that is not an array is one value) */
+    if (o.type == MSGPACK_OBJECT_ARRAY) {
+      if (o.via.array.size == 0)
+        o.type = MSGPACK_OBJECT_NIL;
+      else
+        o = o.via.array.ptr[0];
+    }
+    if (type == CODEC_VALUE_STRING &&
+        (o.type == MSGPACK_OBJECT_STR || o.type == MSGPACK_OBJECT_BIN)) {
+      /* (the object points into data) */
+      *s = o.type == MSGPACK_OBJECT_STR ? o.via.str.ptr : o.via.bin.ptr;
+      *slen = o.type == MSGPACK_OBJECT_STR ? o.via.str.size : o.via.bin.size;
+      found = 1;
+    } else if (type == CODEC_VALUE_NUMBER) {
+      found = 1;
+      if (o.type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+        *num = (double)o.via.u64;
+      else if (o.type == MSGPACK_OBJECT_NEGATIVE_INTEGER)
+        *num = (double)o.via.i64;
+      else if (o.type == MSGPACK_OBJECT_FLOAT32 || o.type == MSGPACK_OBJECT_FLOAT64)
+        *num = o.via.f64;
+      else
+        found = 0;
+    }
+  }
+  msgpack_zone_free(z);
+  return found;
+}

@@ -212,16 +212,9 @@ int corral__future_settle_refs(corral_future *f, corral_state state, char *paylo
   return settle(f, (int)state, payload, len, discard, 0, 0);
 }
 
-int corral_future_set_result(corral_future *f, const void *mp, size_t len) {
-  if (f == NULL || (mp == NULL && len > 0)) return CORRAL_EINVAL;
-  char *copy = NULL;
-  if (len > 0) {
-    copy = malloc(len);
-    if (copy == NULL) return CORRAL_ENOMEM;
-    memcpy(copy, mp, len);
-  }
+int corral__future_settle_foreign(corral_future *f, char *payload, size_t len) {
   /* the host's own MessagePack: decoded as foreign bytes */
-  return settle(f, CORRAL_DONE, copy, len, NULL, 0, CODEC_FOREIGN);
+  return settle(f, CORRAL_DONE, payload, len, NULL, 0, CODEC_FOREIGN);
 }
 
 /* An error travels as a MessagePack map {kind=..., message=...}. */

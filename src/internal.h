@@ -66,6 +66,9 @@ int corral__future_settle(corral_future *f, corral_state state, char *payload, s
 /* The same, for a payload from corral__codec_encode that holds references. */
 int corral__future_settle_refs(corral_future *f, corral_state state, char *payload, size_t len,
                                void (*discard)(const char *payload, size_t len));
+/* Settle f as DONE with a host's payload (taken; checked by the caller:
+ * corral_future_set_result), decoded as CODEC_FOREIGN. */
+int corral__future_settle_foreign(corral_future *f, char *payload, size_t len);
 /* The trust to decode f's payload with (CODEC_TRUSTED, _FOREIGN or _PEER). */
 int corral__future_trust(corral_future *f);
 /* Settle f with a payload a process worker sent (decoded as CODEC_PEER). */
@@ -486,9 +489,32 @@ struct corral_runtime {
   _Atomic(uint64_t) *start_ring;
   uint64_t ring_mask;
   int closing; /* no more spares: the runtime closes */
+  /* Host functions (corral_register), for every Lua state of the runtime:
+   * kept in rt.c, under hostlock; nhost is read without it (0: none, no
+   * lock taken). A NULL function is a name a process worker's child knows
+   * it cannot call (the parent's host function). */
+  uv_mutex_t hostlock;
+  struct corral__hostfn *hostfns;
+  int caphost;
+  atomic_int nhost;
+  atomic_int exit_status; /* corral.exit(n) in the home state of an embedded runtime: n, or -1 */
+  int exit_ends_process;  /* the `corral` command runs a script: corral.exit ends the process */
 };
 
 corral_runtime *corral__rt_create(lua_State *L, int owns_L);
+/* Host functions: add name -> fn (0; CORRAL_EINVAL when the name has
+ * another function already; CORRAL_ENOMEM); find one (1 found, its function
+ * in *fn, NULL for a name known to be out of reach; 0 not found); each
+ * name in turn, fn(ud, name, f). Any thread. */
+int corral__rt_host_add(corral_runtime *rt, const char *name, lua_CFunction fn);
+int corral__rt_host_find(corral_runtime *rt, const char *name, lua_CFunction *fn);
+void corral__rt_host_each(corral_runtime *rt,
+                          void (*fn)(void *ud, const char *name, lua_CFunction f), void *ud);
+/* corral.exit(status) in an embedded runtime (the home's thread): the
+ * status is kept (the first one), the workers are asked to stop (their
+ * calls cancelled, as closing after an error does) and no spare is made;
+ * nothing is freed or joined (corral_close does that). */
+void corral__rt_halt(corral_runtime *rt, int status);
 /* The CPUs this process may use: its affinity, capped by its cgroup's
  * quota (cpu.max); read once. */
 int corral__cpu_count(void);
@@ -622,6 +648,20 @@ void corral__codec_free(char *data, size_t len, int refs);
 /* The `message` of an encoded error (a map), as text: 1 when found. Reads
  * untrusted bytes: nothing else of them is used. */
 int corral__codec_error_message(const char *data, size_t len, char *out, size_t size);
+/* Bytes a C host settles a future with (corral_future_set_result): NULL when
+ * they are one MessagePack array of values that the decoder takes from
+ * outside the process (CODEC_FOREIGN: no functions, handles or
+ * dependencies; timestamps, REFs to tables before them, modules and C
+ * functions by name, bytes), or why not. No Lua: any thread. */
+const char *corral__codec_check_foreign(const char *data, size_t len);
+/* The one value of corral_future_set_string and the others, as a payload
+ * ([v], malloc'd), or NULL; and the first value of a payload, of that
+ * type: 1 found (a string points into data), 0 none or another type, -1
+ * no memory. */
+enum { CODEC_VALUE_NIL = 0, CODEC_VALUE_BOOLEAN, CODEC_VALUE_NUMBER, CODEC_VALUE_STRING };
+char *corral__codec_pack_one(int type, const char *s, size_t slen, double num, size_t *len);
+int corral__codec_first(const char *data, size_t len, int type, const char **s, size_t *slen,
+                        double *num);
 /* Test hooks: make the nth C allocation of the codec from now fail (0: none);
  * count the codec's live C allocations. */
 void corral__codec_fail_alloc(int nth);
@@ -870,6 +910,12 @@ int corral__lua_handle_of(lua_State *L, int idx, const corral__handle **h);
 int corral__lua_push_import(lua_State *L);
 extern const luaL_Reg corral__lua_worker_funcs[];
 extern const luaL_Reg corral__lua_loop_funcs[];
+/* lua_host.c: host functions and corral.exit for embedded runtimes: their
+ * corral.core functions, and _G's __index of a worker's state, through
+ * which it finds the host functions (registered before or after it
+ * started). */
+extern const luaL_Reg corral__lua_host_funcs[];
+void corral__lua_host_open(lua_State *L);
 /* Run the Lua scheduler for one turn (block=0) or until idle (block=1). */
 int corral__lcore_drive(lua_State *L, int block);
 

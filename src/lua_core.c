@@ -116,6 +116,7 @@ static int open_core(lua_State *L) {
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);
   luaL_register(L, NULL, corral__lua_trace_funcs);
+  luaL_register(L, NULL, corral__lua_host_funcs);
   luaL_register(L, NULL, core_funcs);
   /* the constants the Lua half shares with C, from their one source */
   static const struct {
@@ -200,7 +201,8 @@ static int worker_prepare(lua_State *L) {
   luaL_openlibs(L);
   corral__lua_set_home(L, w->rt, &w->ctx);
   preload_corral(L);
-  open_core(L); /* not the public table: loaded if its code asks */
+  open_core(L);             /* not the public table: loaded if its code asks */
+  corral__lua_host_open(L); /* the host's functions, as globals */
   lua_settop(L, 0);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "corral.worker_main");

@@ -118,7 +118,9 @@ static char *relay_take(size_t *len) {
 /* Point fds 1 and 2 at a pipe that the relay thread reads. */
 static int relay_start(void) {
   int p[2];
-  if (pipe2(p, O_CLOEXEC) != 0 || fcntl(p[0], F_SETFL, O_NONBLOCK) != 0 || pipe2(out.notify, O_CLOEXEC | O_NONBLOCK) != 0) return -1;
+  if (pipe2(p, O_CLOEXEC) != 0 || fcntl(p[0], F_SETFL, O_NONBLOCK) != 0 ||
+      pipe2(out.notify, O_CLOEXEC | O_NONBLOCK) != 0)
+    return -1;
   fflush(stdout);
   fflush(stderr);
   out.tty = fcntl(1, F_DUPFD_CLOEXEC, 3);
@@ -319,6 +321,10 @@ static int repl(corral_runtime *rt) {
       hide_prompt();
     }
     if (repl_call("stop_requested", NULL, NULL, 0)) break;
+    if (corral_exit_status(rt) >= 0) { /* corral.exit(n) in a line */
+      status = corral_exit_status(rt);
+      break;
+    }
     if (!busy && !prompt_shown) {
       fflush(stdout);
       print_output(); /* the line's values before the next prompt */

@@ -175,6 +175,7 @@ function M.main(argv)
     errf("corral: ", err, "\n")
     return 1
   end
+  core.exit_ends_process(true) -- corral.exit in the script ends the process
   core.catch_signals()
   local body = chunk
   if #chunks > 0 then

@@ -309,6 +309,10 @@ function M.raise_token(tok, what)
   elseif tok == CANCEL then
     error(errors.cancelled(), 3)
   elseif tok == FOREVER then
+    if sched.halted() then
+      error(errors.new("UsageError", what .. " would wait forever: corral.exit stopped the runtime",
+        nil, 3), 3)
+    end
     error(errors.new("UsageError", what .. " would wait forever: nothing pending can settle it", nil, 3), 3)
   end
 end

@@ -234,16 +234,49 @@ function corral.backend_fd() return core.backend_fd() end
 -- bring work).
 function corral.backend_timeout() return sched.backend_timeout() end
 
---- End the process at once with `code` (0 to 255; true is 0, false is 1),
--- after reporting unretrieved errors. In a thread worker it ends that
--- worker, as `os.exit` does there: its calls fail with `WorkerCrashed`.
+-- What corral.exit raises where it cannot suspend the calling task for good.
+local EXIT = setmetatable({}, { __tostring = function() return "corral.exit" end })
+
+--- Stop with `code` (0 to 255; true is 0, false is 1).
+--
+-- Run by the `corral` command, it ends the process at once with that
+-- status, after reporting unretrieved errors. In a thread or process
+-- worker it ends that worker, as `os.exit` does there: its calls fail with
+-- `WorkerCrashed`.
+--
+-- In an embedded runtime (a C host's `corral_open`, or `require "corral"`
+-- in a host's own Lua state) it never ends the host's process: it stops
+-- the runtime. The workers are asked to stop (their calls are cancelled),
+-- the loop runs nothing more (`corral.step()` returns false, `corral.run()`
+-- returns, a wait outside a task raises), `code` is kept for the host
+-- (`corral.exit_status()`, or `corral_exit_status` and `CORRAL_EEXIT` from
+-- `corral_step` in C), and the host closes the state when it likes. The task
+-- that called it goes no further: it is suspended for good, even inside a
+-- `pcall`. Where it cannot be suspended it raises an error instead: inside
+-- a coroutine of the task's own, every further instruction of that
+-- coroutine and of the task raises it too (no `pcall` there goes on); in a
+-- callback that corral runs (`corral.after`, a future's callback) a `pcall`
+-- around `corral.exit` catches it, and the callback's code after it runs.
+-- Called outside any task (a Lua host's own code), it returns once the
+-- runtime has stopped.
 function corral.exit(code)
   if code == true or code == nil then code = 0 elseif code == false then code = 1 end
   errors.check(type(code) == "number" and code >= 0 and code <= 255 and code == math.floor(code),
     "corral.exit", "code", "a whole number from 0 to 255, or a boolean", code)
   if core.is_worker() then os.exit(code) end
-  core.exit(code)
+  if core.exit_ends_process() then core.exit(code) end
+  core.halt(code)
+  sched.halt()
+  if not sched.in_turn() then return end -- a host's own code: it goes on
+  local t, co = sched.current(), coroutine.running()
+  if t and t[CO] == co then pcall(coroutine.yield, sched.BLOCKED) end -- (never resumed)
+  if t and t[CO] then sched.exit_hook(EXIT, co, t[CO]) end
+  error(EXIT, 0)
 end
+
+--- The status `corral.exit` stopped this embedded runtime with, or nil
+-- while it runs.
+function corral.exit_status() return core.exit_status() end
 
 -- The worker module is loaded on first use (a worker thread that makes no
 -- worker of its own starts without it).

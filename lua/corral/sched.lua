@@ -164,6 +164,8 @@ M.wake = wake
 
 local turn -- defined below
 local in_turn = false -- a turn is running: an outside waiter cannot drive another
+local halted = false -- corral.exit in an embedded runtime: the loop runs nothing more, ever
+local unhook -- takes off the hook corral.exit set (see exit_hook)
 
 
 --- Block until woken or until `deadline` (a `now()` time, optional).
@@ -184,6 +186,10 @@ function M.block(w, deadline)
       -- one turn at least: an outside wait (even for 0 s) lets the loop run
       local more = turn(true, deadline)
       if not w._blocked then break end
+      if halted then -- (corral.exit stopped the loop: nothing will wake it)
+        w._blocked = false
+        return FOREVER
+      end
       if deadline and now() >= deadline then
         w._blocked = false
         return TIMEOUT
@@ -293,7 +299,8 @@ end
 M.wake_key = wake_key
 
 M.on_signal = nil -- set by the runner: on_signal(signum) for SIGINT/SIGTERM
-M.exiting = false -- a worker's code called os.exit: the worker is ending
+M.exiting = false -- os.exit in a worker, or corral.exit in an embedded runtime: tasks that
+                  -- unwind with its error are not bugs
 M.on_wake = nil   -- set in a worker context: takes calls from the inbox
 M.keepalive = false -- a worker's loop waits for calls even with nothing pending
 M.before_park = nil -- called when a worker's loop is about to wait with nothing to do
@@ -358,6 +365,10 @@ local function run_task(t, tok, val)
   end
   local last = current -- the task that yielded, when it was a later one
   current = prev
+  if unhook then
+    unhook()
+    unhook = nil
+  end
   if r == BLOCKED then return end
   if r == FINISHED then
     if pool_n < POOL_MAX then
@@ -378,7 +389,7 @@ local function run_item(item, tok, val)
     run_task(item, tok, val)
   else
     local ok, e = xpcall(item, on_error, tok)
-    if not ok then M.report("error in a callback", e, last_tb) end
+    if not ok and not M.exiting then M.report("error in a callback", e, last_tb) end
   end
 end
 
@@ -402,6 +413,33 @@ local wind_since = nil
 local suspect = false -- nothing could progress at the last look
 local SUSPECT_MS = 20
 
+--- Stop the loop for good (corral.exit in an embedded runtime): the turn
+-- running now runs nothing more, and every later turn returns at once
+-- (nothing pending).
+function M.halt()
+  halted = true
+  M.exiting = true
+end
+function M.halted() return halted end
+
+-- corral.exit in a coroutine of a task's own: until that task's coroutine
+-- has returned to the scheduler, every instruction of either coroutine
+-- raises `err`, so no pcall there goes on. (LuaJIT's hooks are global: the
+-- hook checks the coroutine, and the scheduler takes it off, giving back a
+-- hook that was there before.)
+function M.exit_hook(err, a, b)
+  local old_fn, old_mask, old_count = debug.gethook()
+  debug.sethook(function()
+    local c = co_running()
+    if c == a or c == b then error(err, 0) end
+  end, "", 1)
+  unhook = function()
+    if old_fn then debug.sethook(old_fn, old_mask, old_count) else debug.sethook() end
+  end
+end
+--- Whether a turn is running (the caller runs inside the loop).
+function M.in_turn() return in_turn end
+
 local turn_body
 local busy_turns = 0 -- turns in a row that had work ready (they poll every 16th)
 local EXTEND = 64 -- items a turn runs beyond those ready at its start
@@ -412,6 +450,7 @@ local EXTEND = 64 -- items a turn runs beyond those ready at its start
 -- Returns whether anything is still pending. Not re-entrant: driving the
 -- loop from inside a turn is a `UsageError`.
 function turn(block, until_deadline)
+  if halted then return false end
   if in_turn then
     errors.usage("corral", "cannot drive the loop from inside itself (corral.run or a wait in a "
       .. "coroutine of your own inside a task, or in a callback): wait from the task itself")
@@ -420,7 +459,7 @@ function turn(block, until_deadline)
   local ok, r = pcall(turn_body, block, until_deadline)
   in_turn = false
   if not ok then error(r, 0) end
-  return r
+  return r and not halted
 end
 M.turn = turn
 
@@ -509,7 +548,7 @@ function turn_body(block, until_deadline)
   -- EXTEND items more (tasks that hand work to each other, a channel's
   -- ping-pong, go on without a turn each), then the loop is looked at again
   local extend = EXTEND
-  while rq_head <= last do
+  while rq_head <= last and not halted do
     local i = rq_head
     local item, tok, val = rq_item[i], rq_tok[i], rq_val[i]
     rq_item[i], rq_tok[i], rq_val[i] = nil, nil, nil
@@ -530,6 +569,7 @@ end
 -- timer; -1: none is due, only an event on the backend fd can bring some).
 -- A host polls `core.backend_fd()` with this timeout, then steps.
 function M.backend_timeout()
+  if halted then return -1 end
   if rq_head <= rq_tail then return 0 end
   local t = core.backend_timeout()
   if t ~= 0 then

@@ -117,7 +117,9 @@ function Class:init(...)
       -- (the worker's state finds modules where this one does, then runs
       -- `setup` before init)
       local boot = { max_concurrency = h._max_concurrency, max_queued = h._max_queued,
-        settings = settings, path = package.path, cpath = package.cpath, setup = o.setup }
+        settings = settings, path = package.path, cpath = package.cpath, setup = o.setup,
+        -- (a child process cannot call the host's C functions: it says so)
+        host_fns = mode == "process" and core.host_names() or nil }
       local process = mode == "process" and h._max_concurrency or 0
       local ud, why = core.worker_start(name, h._max_queued, process, self._methods, boot, ...)
       if not ud then
