@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,6 +178,8 @@ static int repl_ref = LUA_NOREF;
 static int prompt_shown; /* libedit has the prompt and the line on screen */
 static int got_line;
 static char *line_in;
+static int at_line_start = 1; /* the last output printed ended with a newline */
+static int tty_in;            /* standard input is a terminal (else: lines, no editing) */
 
 /* Call corral.repl[name] with the string argument (when not NULL); returns
  * its first result as a string or boolean (copied to `s`, if any). */
@@ -242,8 +245,14 @@ static char **complete(const char *text, int start, int end) {
 }
 
 static void show_prompt(void) {
+  if (!tty_in) { /* lines from a file or a pipe: no prompt, no libedit */
+    prompt_shown = 1;
+    return;
+  }
   char prompt[16] = "> ";
   repl_call("prompt", NULL, prompt, sizeof prompt);
+  if (!at_line_start) write_all(out.tty, "\n", 1); /* output without a newline */
+  at_line_start = 1;
   rl_callback_handler_install(prompt, on_line);
   prompt_shown = 1;
 }
@@ -257,9 +266,10 @@ static void print_output(void) {
     return;
   }
   fflush(rl_outstream);
-  if (prompt_shown) write_all(out.tty, "\r\033[K", 4);
+  if (prompt_shown && tty_in) write_all(out.tty, "\r\033[K", 4);
   write_all(out.tty, b, len);
-  if (prompt_shown) {
+  at_line_start = b[len - 1] == '\n';
+  if (prompt_shown && tty_in) {
     if (b[len - 1] != '\n') write_all(out.tty, "\n", 1);
     rl_forced_update_display();
   }
@@ -269,10 +279,63 @@ static void print_output(void) {
 /* Leave the prompt: libedit gives the terminal back (cooked, so Ctrl-C is
  * a signal), and the prompt it drew again after the line is erased. */
 static void hide_prompt(void) {
+  if (!tty_in) {
+    prompt_shown = 0;
+    return;
+  }
   rl_callback_handler_remove();
   fflush(rl_outstream);
   write_all(out.tty, "\r\033[K", 4);
   prompt_shown = 0;
+}
+
+/* Standard input, reported readable by poll, is at its end (a terminal that
+ * hung up, a pipe or file that ended, /dev/null): nothing left to read.
+ * libedit's callback interface ignores an end of input (it would be polled
+ * and read again forever), and while a line runs the terminal is cooked, so
+ * a Ctrl-D on an empty line is such an end too. */
+static int stdin_ended(short revents) {
+  if ((revents & (POLLHUP | POLLERR | POLLNVAL)) && !(revents & POLLIN)) return 1;
+  int n = 0;
+  if (ioctl(0, FIONREAD, &n) != 0) return !isatty(0); /* (/dev/null and the like) */
+  return n == 0;
+}
+
+/* The next line of a standard input that is not a terminal (libedit's
+ * callback interface would hand it over a character at a time, as empty
+ * lines): read what is there, and take one line, or the end. */
+static char *acc;
+static size_t alen;
+
+static int plain_line_ready(void) { return acc != NULL && memchr(acc, '\n', alen) != NULL; }
+
+static void read_plain_line(int do_read) {
+  char chunk[4096];
+  ssize_t n = do_read ? read(0, chunk, sizeof chunk) : 1;
+  if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+  if (n > 0 && do_read) {
+    char *a = realloc(acc, alen + (size_t)n + 1);
+    if (a == NULL) return;
+    acc = a;
+    memcpy(acc + alen, chunk, (size_t)n);
+    alen += (size_t)n;
+  }
+  char *nl = acc != NULL ? memchr(acc, '\n', alen) : NULL;
+  if (nl == NULL && n > 0) return;
+  got_line = 1;
+  if (nl == NULL && alen == 0) {
+    line_in = NULL; /* the end */
+    return;
+  }
+  size_t l = nl != NULL ? (size_t)(nl - acc) : alen;
+  line_in = malloc(l + 1);
+  if (line_in != NULL) {
+    memcpy(line_in, acc, l);
+    line_in[l] = '\0';
+  }
+  size_t used = nl != NULL ? l + 1 : alen;
+  memmove(acc, acc + used, alen - used);
+  alen -= used;
 }
 
 static void history_path(char *path, size_t size) {
@@ -311,7 +374,8 @@ static int repl(corral_runtime *rt) {
   using_history();
   read_history(hist);
 
-  int status = 0;
+  int status = 0, typed_ahead = 0;
+  tty_in = isatty(0);
   for (;;) {
     int busy = repl_call("poll", NULL, NULL, 0);
     if (repl_call("take_interrupt", NULL, NULL, 0) && prompt_shown) {
@@ -334,10 +398,27 @@ static int repl(corral_runtime *rt) {
                             {.fd = out.notify[0], .events = POLLIN},
                             {.fd = 0, .events = POLLIN}};
     int timeout = corral_backend_timeout(rt);
-    if (poll(fds, prompt_shown ? 3 : 2, timeout) > 0) {
+    if (prompt_shown && !tty_in && plain_line_ready()) timeout = 0;
+    /* while a line runs, a terminal's input is watched for Ctrl-D only: a
+     * line typed ahead waits for the prompt */
+    int watch_in = prompt_shown || (tty_in && !typed_ahead);
+    if (prompt_shown) typed_ahead = 0;
+    if (poll(fds, watch_in ? 3 : 2, timeout) > 0) {
       if (fds[1].revents) print_output();
-      if (prompt_shown && fds[2].revents) rl_callback_read_char();
+      if (watch_in && fds[2].revents && !tty_in) {
+        read_plain_line(1);
+      } else if (watch_in && fds[2].revents) {
+        if (stdin_ended(fds[2].revents)) {
+          got_line = 1; /* leave, as for Ctrl-D: a line still running is cancelled */
+          line_in = NULL;
+        } else if (prompt_shown) {
+          rl_callback_read_char();
+        } else {
+          typed_ahead = 1;
+        }
+      }
     }
+    if (prompt_shown && !tty_in && !got_line && plain_line_ready()) read_plain_line(0);
     if (got_line) {
       got_line = 0;
       hide_prompt();
@@ -345,7 +426,7 @@ static int repl(corral_runtime *rt) {
         write_all(out.tty, "\n", 1);
         break;
       }
-      if (line_in[strspn(line_in, " \t")] != '\0') {
+      if (tty_in && line_in[strspn(line_in, " \t")] != '\0') {
         add_history(line_in);
         write_history(hist);
       }

@@ -85,14 +85,33 @@ uint64_t corral__trace_newid(void) {
 /* Events                                                                    */
 /* ======================================================================== */
 
+/* The length of the well-formed UTF-8 sequence at s (n bytes left) that
+ * encodes a character past ASCII, or 0. */
+static size_t utf8_len(const unsigned char *s, size_t n) {
+  size_t len = s[0] >= 0xf0 ? 4 : s[0] >= 0xe0 ? 3 : 2;
+  if (s[0] < 0xc2 || s[0] > 0xf4 || len > n) return 0;
+  for (size_t i = 1; i < len; i++)
+    if ((s[i] & 0xc0) != 0x80) return 0;
+  if ((s[0] == 0xe0 && s[1] < 0xa0) || (s[0] == 0xed && s[1] > 0x9f) || /* overlong, surrogate */
+      (s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] > 0x8f))
+    return 0;
+  return len;
+}
+
 /* s as the body of a JSON string, at most max bytes of it read: quotes,
- * backslashes, control characters and bytes past ASCII escaped (a name may
- * hold any byte: the file stays valid JSON, and valid UTF-8). */
+ * backslashes and control characters escaped, UTF-8 kept as it is, and a
+ * byte that is not part of well-formed UTF-8 escaped as \u00XX (a name
+ * may hold any byte: the file stays valid JSON, and valid UTF-8). */
 static size_t escape(char *dst, size_t room, const char *s, size_t n) {
   size_t o = 0;
   for (size_t i = 0; i < n && o + 7 < room; i++) {
     unsigned char c = (unsigned char)s[i];
-    if (c == '"' || c == '\\') {
+    size_t u = c >= 0x80 ? utf8_len((const unsigned char *)s + i, n - i) : 0;
+    if (u > 0) {
+      memcpy(dst + o, s + i, u);
+      o += u;
+      i += u - 1;
+    } else if (c == '"' || c == '\\') {
       dst[o++] = '\\';
       dst[o++] = (char)c;
     } else if (c < 0x20 || c >= 0x7f) {

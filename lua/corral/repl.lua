@@ -20,6 +20,14 @@ local stop_requested = false
 local MAX_DEPTH, MAX_ITEMS = 3, 40
 local fmt
 
+-- tostring that returns a string whatever the value's __tostring does
+-- (raises, returns nil, a number or a table)
+local function str(v)
+  local s = sched.safe_tostring(v)
+  if type(s) == "string" then return s end
+  return ("(%s whose __tostring returned a %s)"):format(type(v), type(s))
+end
+
 local function is_ident(k)
   return type(k) == "string" and k:match("^[%a_][%w_]*$") ~= nil
 end
@@ -35,11 +43,11 @@ local function fmt_future(f, depth)
     or (f:running() and "running" or "pending")
   if s == "done" then
     local ok, vals = pcall(function() return { n = select("#", f:result()), f:result() } end)
-    if not ok then return "<future done: (" .. sched.safe_tostring(vals) .. ")>" end
+    if not ok then return "<future done: (" .. str(vals) .. ")>" end
     if vals.n == 0 then return "<future done>" end
     return "<future done: " .. fmt_values(vals, vals.n, depth + 1) .. ">"
   elseif s == "failed" then
-    local text = sched.safe_tostring(f:exception())
+    local text = str(f:exception())
     return "<future failed: " .. (text:match("^[^\n]*")) .. ">"
   end
   return "<future " .. s .. ">"
@@ -57,11 +65,11 @@ local function fmt_table(t, depth, seen)
       keys[#keys + 1] = k
     end
   end
-  table.sort(keys, function(a, b)
+  pcall(table.sort, keys, function(a, b) -- (unsorted if a __tostring is not consistent)
     local ta, tb = type(a), type(b)
     if ta ~= tb then return ta < tb end
     if ta == "string" or ta == "number" then return a < b end
-    return tostring(a) < tostring(b)
+    return str(a) < str(b)
   end)
   for _, k in ipairs(keys) do
     if #parts >= MAX_ITEMS then break end
@@ -84,11 +92,11 @@ function fmt(v, depth, seen)
   elseif future.is_future(v) then
     return fmt_future(v, depth)
   elseif t == "table" then
-    local mt = getmetatable(v)
-    if mt ~= nil and mt.__tostring ~= nil then return sched.safe_tostring(v) end
+    local mt = getmetatable(v) -- (a __metatable field may make it anything)
+    if mt ~= nil and (type(mt) ~= "table" or rawget(mt, "__tostring") ~= nil) then return str(v) end
     return fmt_table(v, depth, seen or {})
   end
-  return sched.safe_tostring(v)
+  return str(v)
 end
 M.format = fmt
 
@@ -125,7 +133,7 @@ local function useful_frames(tb)
 end
 
 local function show_error(e, tb)
-  local text = sched.safe_tostring(e)
+  local text = str(e)
   tb = tb and not text:find("stack traceback:", 1, true) and useful_frames(tb)
   if tb then text = text .. "\n" .. tb end
   io.stderr:write("error: ", text, "\n")

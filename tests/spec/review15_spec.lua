@@ -1,0 +1,136 @@
+-- Review of the REPL and the trace timeline (issue 12): what an adversary
+-- tried that broke, each fixed, each spec failing before its fix.
+local h = require "helper"
+local pty = require "pty"
+local json = require "dkjson"
+
+local BIN = h.bin
+
+local function write(code)
+  local path = h.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(code)
+  f:close()
+  return path
+end
+
+describe("review15: the REPL", function()
+  local home, p
+
+  before_each(function()
+    home = h.tmpname()
+    os.remove(home)
+    assert(os.execute("mkdir -p " .. home) == 0)
+  end)
+
+  after_each(function()
+    if p then p:close() end
+    p = nil
+    os.execute("rm -rf " .. home)
+  end)
+
+  local function start()
+    p = pty.spawn({ BIN }, { HOME = home })
+    p:expect("Ctrl-D to leave", 20, true)
+    p:expect("> ", 20, true)
+  end
+
+  local function line(s)
+    p:send(s .. "\r")
+    p:expect(s, 20, true)
+    local m = p.mark
+    p:expect("\n> ", 30, true)
+    return p:screen(true):sub(m, p.mark - 4) .. "\n"
+  end
+
+  it("corral -i with standard input not a terminal runs its lines and leaves at their end", function()
+    -- (libedit's callback interface handed such lines over as empty ones,
+    -- and spun at 100% CPU at the end of the input, forever)
+    local script = write("greeting = 'hi from the script'\n")
+    local lines = write("print(greeting)\nx = corral.sleep(0.05)\nprint('after', 6 * 7)\n")
+    local o, _, c = h.sh("timeout -s KILL 20 " .. h.quote(BIN) .. " -i " .. h.quote(script) .. " < "
+      .. h.quote(lines))
+    assert.equal(0, c)
+    assert.matches("hi from the script\n", o, 1, true)
+    assert.matches("after\t42\n", o, 1, true)
+    _, _, c = h.sh("timeout -s KILL 20 " .. h.quote(BIN) .. " -i " .. h.quote(script) .. " < /dev/null")
+    assert.equal(0, c)
+    o, _, c = h.sh("printf 'print(1 + 1)' | timeout -s KILL 20 " .. h.quote(BIN) .. " -i")
+    assert.equal(0, c)
+    assert.matches("\n2\n", o, 1, true) -- (a last line without a newline runs too)
+    os.remove(script)
+    os.remove(lines)
+  end)
+
+  it("Ctrl-D while a line runs (and workers are busy) leaves promptly with status 0", function()
+    start()
+    line("w = corral.worker{ spin = function(_, s) local t = os.time() + s "
+      .. "while os.time() < t do end end }:init()")
+    p:send("f = w:spin(60); print('wait' .. 'ing'); corral.future():result()\r")
+    p:expect("waiting", 20, true) -- the line runs: the prompt is gone
+    local t0 = os.time()
+    p:send("\4")
+    p:expect("[exit 0]", 20, true)
+    assert.is_true(os.time() - t0 < 15)
+  end)
+
+  it("output without a newline is not followed by the prompt on the same line", function()
+    start()
+    line("do io.write('no' .. 'eol') end")
+    assert.matches("noeol\n> ", p:screen(true), 1, true)
+    line("pw = corral.worker({ hi = function() io.write('child' .. 'noeol') io.stdout:flush() end }, "
+      .. "{ kind = 'process' }):init()")
+    line("do pw:hi():result() end")
+    assert.matches("childnoeol\n> ", p:screen(true), 1, true)
+  end)
+
+  it("prints values whose __tostring raises, returns a table or nil, as keys too", function()
+    start()
+    line("k1 = setmetatable({}, { __tostring = function() error('k') end }); "
+      .. "k2 = setmetatable({}, getmetatable(k1))")
+    local out = line("({ [k1] = 1, [k2] = 2 })")
+    assert.matches("^%s*{ %[%(error object whose __tostring failed: stdin:1: k%)%] = %d, %[", out)
+    assert.not_matches("corral:", out, 1, true)
+    out = line("setmetatable({}, { __tostring = function() return {} end })")
+    assert.matches("(table whose __tostring returned a table)", out, 1, true)
+    line("n = setmetatable({}, { __tostring = function() return nil end })")
+    out = line("({ [n] = 1, [{}] = 2 })")
+    assert.matches("= 1, [{...}] = 2 }", out, 1, true)
+    out = line("setmetatable({}, { __metatable = 5 })")
+    assert.matches("^%s*table: 0x%x+%s*$", out)
+    line("r = { __tostring = function() return tostring(math.random()) end }; t = {}; "
+      .. "for i = 1, 200 do t[setmetatable({}, r)] = i end")
+    out = line("t")
+    assert.matches("^%s*{ %[", out)
+    assert.matches("1+1", line("'1+1'"), 1, true) -- and the REPL goes on
+  end)
+end)
+
+describe("review15: the trace", function()
+  it("keeps UTF-8 names as they are, and escapes the bytes that are not UTF-8", function()
+    local out = h.tmpname() .. ".json"
+    local script = write([[
+local corral = require "corral"
+local w = corral.worker({ ["calc_é✓"] = function(_, a) return a end,
+  ["bad\255\254\192\128\237\160\128x"] = function(_, a) return a end }):init()
+assert(w["calc_é✓"](w, 1):result() == 1)
+assert(w["bad\255\254\192\128\237\160\128x"](w, 2):result() == 2)
+w:stop()
+]])
+    local _, e, c = h.sh("timeout -s KILL 60 " .. h.quote(BIN) .. " --trace " .. h.quote(out) .. " "
+      .. h.quote(script))
+    assert.equal(0, c, e)
+    local text = h.slurp(out)
+    local _, _, py = h.sh("python3 -c 'import json,sys; json.load(open(sys.argv[1], encoding=\"utf-8\"))' "
+      .. h.quote(out))
+    assert.equal(0, py)
+    local doc = json.decode(text)
+    local names = {}
+    for _, ev in ipairs(doc.traceEvents) do names[ev.name] = true end
+    assert.is_true(names["calc_é✓"] and names["call calc_é✓"])
+    -- each byte of the invalid sequences (overlong, surrogate) stands for itself
+    assert.matches('"bad\\u00ff\\u00fe\\u00c0\\u0080\\u00ed\\u00a0\\u0080x"', text, 1, true)
+    os.remove(out)
+    os.remove(script)
+  end)
+end)
