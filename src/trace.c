@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -377,7 +378,7 @@ done:
  * removed. */
 static void merge_fragments(FILE *f) {
   for (int i = 0; i < nfrags; i++) {
-    FILE *in = fopen(frags[i], "r");
+    FILE *in = f != NULL ? fopen(frags[i], "r") : NULL;
     if (in != NULL) {
       char chunk[65536];
       size_t n;
@@ -476,6 +477,14 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
     fputs(",\n", f);
     meta(f, "process_name", 0, name);
   } else {
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && st.st_nlink == 0) { /* its directory went, or it */
+      fclose(f);
+      snprintf(err, errlen, "cannot write %s: it was removed while the trace ran", out_path);
+      rc = -1;
+      merge_fragments(NULL);
+      goto end;
+    }
     fprintf(f, "{\"traceEvents\":[\n");
     meta(f, "process_name", 0, "corral");
   }
@@ -509,6 +518,9 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
   if (child_mode && (bad || access(out_path, F_OK) != 0 || rename(tmp, out_path) != 0)) remove(tmp);
 end:
   *count = nevents;
+  free(points); /* (the map of settle points is for a running trace only) */
+  points = NULL;
+  npoints = pcap = 0;
   out = NULL;
   free(out_path);
   out_path = NULL;
