@@ -52,7 +52,7 @@ static atomic_ullong next_id;
 /* under lock */
 static FILE *out;
 static char *out_path;
-static long pid;
+static atomic_long pid; /* (read without the lock when an event is formatted) */
 static char *buf;
 static size_t len, cap;
 static long nevents, dropped;
@@ -169,7 +169,8 @@ void corral__trace_slice(int tid, const char *name, size_t nlen, const char *cat
   int n = snprintf(ev, sizeof ev,
                    "{\"ph\":\"X\",\"name\":\"%s\",\"cat\":\"%s\",\"pid\":%ld,\"tid\":%d,"
                    "\"ts\":%lld.%03lld,\"dur\":%lld.%03lld,\"args\":{",
-                   esc, cat, pid, tid, t / 1000, t % 1000, d / 1000, d % 1000);
+                   esc, cat, atomic_load_explicit(&pid, memory_order_relaxed), tid, t / 1000,
+                   t % 1000, d / 1000, d % 1000);
   if (n < 0 || (size_t)n >= sizeof ev - 64) return;
   const char *sep = "";
   if (id != 0) {
@@ -186,7 +187,7 @@ static int flow_event(char *ev, size_t room, int tid, char ph, double ts, uint64
   return snprintf(ev, room,
                   "{\"ph\":\"%c\",\"name\":\"%s\",\"cat\":\"flow\",\"id\":\"0x%" PRIx64
                   "\",\"pid\":%ld,\"tid\":%d,\"ts\":%.3f,\"bp\":\"e\"}",
-                  ph, name, id, pid, tid, ts);
+                  ph, name, id, atomic_load_explicit(&pid, memory_order_relaxed), tid, ts);
 }
 
 void corral__trace_flow(int tid, char ph, double ts, uint64_t id, const char *name) {

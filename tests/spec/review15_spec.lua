@@ -151,4 +151,37 @@ print(ok, e)
     assert.matches("false\t.*cannot write " .. dir:gsub("%p", "%%%0") .. "/t.json: it was removed", o)
     os.remove(script)
   end)
+
+  it("start and stop again and again while thread workers make calls (a race under TSan before)", function()
+    -- (the process id, written by start, was read without the lock by every
+    -- worker thread formatting an event; make test-tsan runs this one)
+    local out = h.tmpname() .. ".json"
+    local script = write(([[
+local corral = require "corral"
+local W = corral.worker { f = function(_, x) return x + 1 end }
+local ws, loops, stop = {}, {}, false
+for i = 1, 3 do ws[i] = W:options { name = "w" .. i }:init() end
+for i = 1, 3 do
+  loops[i] = corral.spawn(function() local n = 0 while not stop do n = ws[i]:f(n):result() end end)
+end
+local total = 0
+for _ = 1, 20 do
+  corral.trace.start("%s")
+  corral.sleep(0.002)
+  total = total + corral.trace.stop()
+  corral.sleep(0.001)
+end
+stop = true
+for i = 1, 3 do loops[i]:result() ws[i]:stop() end
+print("events", total)
+]]):format(out))
+    local o, e, c = h.sh("timeout -s KILL 120 " .. h.quote(BIN) .. " " .. h.quote(script))
+    assert.equal(0, c, e)
+    assert.not_matches("ThreadSanitizer", e, 1, true)
+    assert.is_true(tonumber(o:match("events\t(%d+)")) > 0)
+    local _, _, py = h.sh("python3 -c 'import json,sys; json.load(open(sys.argv[1]))' " .. h.quote(out))
+    assert.equal(0, py)
+    os.remove(out)
+    os.remove(script)
+  end)
 end)
