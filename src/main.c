@@ -180,6 +180,8 @@ static int got_line;
 static char *line_in;
 static int at_line_start = 1; /* the last output printed ended with a newline */
 static int tty_in;            /* standard input is a terminal (else: lines, no editing) */
+static int edited;            /* a key was read since the prompt (rl_point is this line's) */
+static size_t prompt_len;
 
 /* Call corral.repl[name] with the string argument (when not NULL); returns
  * its first result as a string or boolean (copied to `s`, if any). */
@@ -255,6 +257,33 @@ static void show_prompt(void) {
   at_line_start = 1;
   rl_callback_handler_install(prompt, on_line);
   prompt_shown = 1;
+  edited = 0;
+  prompt_len = strlen(prompt);
+}
+
+/* The terminal's width now. libedit is not told of a resize (its signal
+ * handlers are off: the loop owns the signals), so it is checked here. */
+static int term_cols(void) {
+  struct winsize ws;
+  int rows = 0, cols = 0;
+  rl_get_screen_size(&rows, &cols);
+  if (ioctl(out.tty, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && ws.ws_col != cols) {
+    rl_resize_terminal();
+    cols = ws.ws_col;
+  }
+  return cols;
+}
+
+/* Erase the prompt and the line being typed, all the rows it takes on a
+ * narrow terminal (from the cursor's row down), and go to where it began. */
+static void erase_line(void) {
+  int cols = term_cols();
+  size_t at = prompt_len + (edited && rl_point > 0 ? (size_t)rl_point : 0);
+  char up[32] = "";
+  if (cols > 0 && at / (size_t)cols > 0) snprintf(up, sizeof up, "\033[%zuA", at / (size_t)cols);
+  write_all(out.tty, "\r", 1);
+  write_all(out.tty, up, strlen(up));
+  write_all(out.tty, "\033[J", 3);
 }
 
 /* Print what the relay holds: above the prompt, when one is shown. */
@@ -266,7 +295,7 @@ static void print_output(void) {
     return;
   }
   fflush(rl_outstream);
-  if (prompt_shown && tty_in) write_all(out.tty, "\r\033[K", 4);
+  if (prompt_shown && tty_in) erase_line();
   write_all(out.tty, b, len);
   at_line_start = b[len - 1] == '\n';
   if (prompt_shown && tty_in) {
@@ -412,7 +441,9 @@ static int repl(corral_runtime *rt) {
           got_line = 1; /* leave, as for Ctrl-D: a line still running is cancelled */
           line_in = NULL;
         } else if (prompt_shown) {
+          term_cols(); /* (a resize, before the key redraws the line) */
           rl_callback_read_char();
+          edited = 1;
         } else {
           typed_ahead = 1;
         }

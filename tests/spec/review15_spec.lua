@@ -84,6 +84,31 @@ describe("review15: the REPL", function()
     assert.matches("childnoeol\n> ", p:screen(true), 1, true)
   end)
 
+  it("output above a typed line that wraps on a narrow terminal erases all its rows", function()
+    -- (only the cursor's row was erased: on a terminal of 20 columns the
+    -- first rows of the line stayed above the output; and libedit was not
+    -- told of a resize)
+    local ffi = require "ffi"
+    local flag = h.tmpname()
+    os.remove(flag)
+    start()
+    line(("corral.spawn(function() while not io.open(%q) do corral.sleep(0.02) end print('ti' .. 'ck') end)")
+      :format(flag))
+    assert(ffi.C.ioctl(p.fd, 0x5414, ffi.new("struct corral_winsize", 10, 20, 0, 0)) == 0) -- TIOCSWINSZ
+    local typed = ("abcdefghij"):rep(4) .. "k" -- 2 + 41 columns: 3 rows of 20
+    p:send(typed)
+    p:expect("ijk", 20, true) -- (where it wraps, libedit writes " \r": the screen shows a space)
+    local from = #p.raw
+    assert(io.open(flag, "w")):close()
+    p:expect("tick", 20, true)
+    local raw = p.raw:sub(from + 1)
+    local before = raw:sub(1, raw:find("tick", 1, true) - 1)
+    assert.matches("\27%[2A\27%[J", before) -- up to the prompt's row, erase below
+    os.remove(flag)
+    p:send("\21\4")
+    p:expect("[exit 0]", 20, true)
+  end)
+
   it("prints values whose __tostring raises, returns a table or nil, as keys too", function()
     start()
     line("k1 = setmetatable({}, { __tostring = function() error('k') end }); "
