@@ -193,8 +193,10 @@ void corral__rt_host_each(corral_runtime *rt,
 void corral__rt_halt(corral_runtime *rt, int status) {
   int none = -1;
   if (!atomic_compare_exchange_strong(&rt->exit_status, &none, status)) return;
-  rt->exit_fast = 1; /* closing cancels the workers' calls: it does not drain them */
+  /* the spare is joined (before exit_fast, which would let it go: the host
+   * goes on, and corral_close joins every thread the runtime started) */
   corral__worker_drop_spare(rt, 1);
+  rt->exit_fast = 1; /* closing cancels the workers' calls: it does not drain them */
   uv_mutex_lock(&rt->wlock);
   for (queue *q = queue_head(&rt->workers); q != &rt->workers; q = q->next)
     corral__worker_stop(queue_data(q, corral_worker, rt_node), WORKER_CANCEL);
