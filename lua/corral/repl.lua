@@ -18,6 +18,10 @@ local stop_requested = false
 -- ---- printing values -----------------------------------------------------
 
 local MAX_DEPTH, MAX_ITEMS = 3, 40
+-- keys sorted at most: a table with more shows some of them, unsorted (the
+-- values are printed between two steps of the loop, which sorting a
+-- million keys held for seconds, Ctrl-C unheard)
+local SORT_MAX = 1000
 local fmt
 
 -- tostring that returns a string whatever the value's __tostring does
@@ -53,30 +57,36 @@ local function fmt_future(f, depth)
   return "<future " .. s .. ">"
 end
 
+local function key_before(a, b)
+  local ta, tb = type(a), type(b)
+  if ta ~= tb then return ta < tb end
+  if ta == "string" or ta == "number" then return a < b end
+  return str(a) < str(b)
+end
+
 local function fmt_table(t, depth, seen)
   if seen[t] then return "<cycle>" end
   if depth >= MAX_DEPTH then return "{...}" end
   seen[t] = true
   local parts, n = {}, #t
   for i = 1, math.min(n, MAX_ITEMS) do parts[#parts + 1] = fmt(t[i], depth + 1, seen) end
-  local keys = {}
+  local keys, more = {}, false
   for k in pairs(t) do
     if not (type(k) == "number" and k >= 1 and k <= n and k == math.floor(k)) then
+      if #keys >= SORT_MAX then
+        more = true
+        break
+      end
       keys[#keys + 1] = k
     end
   end
-  pcall(table.sort, keys, function(a, b) -- (unsorted if a __tostring is not consistent)
-    local ta, tb = type(a), type(b)
-    if ta ~= tb then return ta < tb end
-    if ta == "string" or ta == "number" then return a < b end
-    return str(a) < str(b)
-  end)
+  if not more then pcall(table.sort, keys, key_before) end -- (unsorted if a __tostring is not consistent)
   for _, k in ipairs(keys) do
     if #parts >= MAX_ITEMS then break end
     local ks = is_ident(k) and k or ("[" .. fmt(k, MAX_DEPTH, seen) .. "]")
     parts[#parts + 1] = ks .. " = " .. fmt(t[k], depth + 1, seen)
   end
-  if n + #keys > MAX_ITEMS then parts[#parts + 1] = "..." end
+  if more or n + #keys > MAX_ITEMS then parts[#parts + 1] = "..." end
   seen[t] = nil
   if #parts == 0 then return "{}" end
   return "{ " .. table.concat(parts, ", ") .. " }"
