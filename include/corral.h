@@ -63,8 +63,11 @@ CORRAL_API lua_State *corral_lua(corral_runtime *rt);
 /* The runtime that a lua_State belongs to (NULL when corral is not loaded). */
 CORRAL_API corral_runtime *corral_from_lua(lua_State *L);
 /* Make the C function `fn` a global named `name` in the runtime's state and
- * in every thread worker's state, those started before this call and after
- * (a worker finds it when its code first uses the name). It runs on the
+ * in every thread worker's state, those started before this call and after:
+ * a worker started after has it from its start (a standard global of that
+ * name, such as print, replaced, as in the runtime's state); one started
+ * before finds it when its code first uses the name (so a name its state
+ * already has, such as print, stays its own there). It runs on the
  * thread of the state that calls it, so a function that workers call must be
  * thread-safe. (A worker finds it through its _G's __index: a script that
  * replaces that metatable there finds it no more.) A process worker cannot
@@ -147,12 +150,13 @@ CORRAL_API void corral_future_release(corral_future *f);
 CORRAL_API corral_state corral_future_state(corral_future *f);
 /* Settle with results: `mp` is a MessagePack array of the result values
  * (copied; NULL and 0: no values). The bytes are checked as untrusted:
- * exactly one complete array with nothing after it, nested at most 100
- * deep, of values the decoder takes from outside the process (nil,
- * booleans, numbers, strings, binary, arrays, maps without nil or NaN keys,
- * timestamps, and corral's REF, MODULE, CFUNC and BYTES extensions when
- * well formed): anything else is CORRAL_EINVAL and leaves the future as it
- * was. Returns CORRAL_ESTATE when already settled. */
+ * exactly one complete array with nothing after it, arrays and maps
+ * nested at most 102 deep (the outer array included), of values the
+ * decoder takes from outside the process (nil, booleans, numbers, strings,
+ * binary, arrays, maps without nil or NaN keys, timestamps, and corral's
+ * REF, MODULE, CFUNC and BYTES extensions when well formed): anything
+ * else is CORRAL_EINVAL and leaves the future as it was. Returns
+ * CORRAL_ESTATE when already settled. */
 CORRAL_API int corral_future_set_result(corral_future *f, const void *mp, size_t len);
 /* Settle with one value, encoded by corral (no MessagePack to write): a
  * string of len bytes (copied; any bytes), a number, nil, or a boolean

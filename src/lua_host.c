@@ -64,6 +64,23 @@ static int l_host_names(lua_State *L) {
   return 1;
 }
 
+static void set_global(void *ud, const char *name, lua_CFunction f) {
+  lua_State *L = ud;
+  if (f == NULL) return; /* (not this process's) */
+  lua_pushcfunction(L, f);
+  lua_setfield(L, LUA_GLOBALSINDEX, name);
+}
+
+/* host_install(): a thread worker starting: the host functions registered
+ * so far become its globals now, a name its state already has (a standard
+ * one, such as print) included, as in the home state. (Names registered
+ * later are found through _G's __index.) */
+static int l_host_install(lua_State *L) {
+  corral_runtime *rt = corral__lua_rt(L);
+  if (rt != NULL && atomic_load(&rt->nhost) > 0) corral__rt_host_each(rt, set_global, L);
+  return 0;
+}
+
 /* host_unreachable(names): in a process worker's child, the parent's host
  * functions: using one raises, naming corral_register. */
 static int l_host_unreachable(lua_State *L) {
@@ -105,13 +122,16 @@ static int l_halt(lua_State *L) {
 /* exit_status(): the status corral.exit gave the runtime, or nil. */
 static int l_exit_status(lua_State *L) {
   int n = atomic_load(&corral__lua_rt(L)->exit_status);
-  if (n < 0) return 0;
-  lua_pushinteger(L, n);
+  if (n < 0)
+    lua_pushnil(L); /* (one value: tostring(corral.exit_status()) works) */
+  else
+    lua_pushinteger(L, n);
   return 1;
 }
 
 const luaL_Reg corral__lua_host_funcs[] = {{"host_names", l_host_names},
                                            {"host_unreachable", l_host_unreachable},
+                                           {"host_install", l_host_install},
                                            {"exit_ends_process", l_exit_ends_process},
                                            {"halt", l_halt},
                                            {"exit_status", l_exit_status},

@@ -154,7 +154,7 @@ function M.run(name, class, opts, ...)
   if opts.settings then require("corral.worker_options").adopt(opts.settings) end
   if opts.path then package.path = opts.path end
   if opts.cpath then package.cpath = opts.cpath end
-  if opts.host_fns then core.host_unreachable(opts.host_fns) end
+  if opts.host_fns then core.host_unreachable(opts.host_fns) else core.host_install() end
   -- (a failure here fails the worker's calls with WorkerCrashed, its text
   -- the cause: "module 'x' not found ...")
   if opts.setup then opts.setup() end
