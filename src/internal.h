@@ -862,6 +862,9 @@ corral_context *corral__ctx_of(lua_State *L);
 /* Note the runtime and the context the state L belongs to (its registry). */
 void corral__lua_set_home(lua_State *L, corral_runtime *rt, corral_context *c);
 int corral__lua_codec_error(lua_State *L, const char *err);
+/* The error on top of the stack as text, for C to print (replaced there by
+ * its text: an error object's __tostring, run protected; never NULL). */
+const char *corral__lua_errtext(lua_State *L);
 /* A C object boxed in a Lua userdata with metatable `mt`: the pointer
  * first (a box is also a `T **`), and a second word for its kind's use.
  * Every corral userdata that holds a C object is one (futures, workers,

@@ -249,7 +249,7 @@ int corral__lcore_drive(lua_State *L, int block) {
   lua_getfield(L, LUA_REGISTRYINDEX, DRIVE_KEY);
   lua_pushboolean(L, block);
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
+    fprintf(stderr, "corral: %s\n", corral__lua_errtext(L));
     lua_pop(L, 1);
     return CORRAL_ELUA;
   }

@@ -19,6 +19,22 @@
  * these are read on every call). */
 static const char rt_key, ctx_key;
 
+static int errtext(lua_State *L) {
+  if (!luaL_callmeta(L, 1, "__tostring")) lua_pushfstring(L, "(a %s error)", luaL_typename(L, 1));
+  return 1;
+}
+
+const char *corral__lua_errtext(lua_State *L) {
+  if (lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER) return lua_tostring(L, -1);
+  lua_pushcfunction(L, errtext);
+  lua_insert(L, -2);
+  if (lua_pcall(L, 1, 1, 0) != 0 || !lua_isstring(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "(an error that cannot be shown)");
+  }
+  return lua_tostring(L, -1);
+}
+
 void corral__lua_set_home(lua_State *L, corral_runtime *rt, corral_context *c) {
   lua_pushlightuserdata(L, (void *)&rt_key);
   lua_pushlightuserdata(L, rt);

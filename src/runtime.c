@@ -29,7 +29,7 @@ corral_runtime *corral_open(void) {
   if (L == NULL) return NULL;
   luaL_openlibs(L);
   if (lua_cpcall(L, corral__lcore_load, NULL) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
+    fprintf(stderr, "corral: %s\n", corral__lua_errtext(L));
     lua_close(L);
     return NULL;
   }
@@ -48,7 +48,7 @@ void corral_close(corral_runtime *rt) {
   }
 }
 
-lua_State *corral_lua(corral_runtime *rt) { return rt->home.L; }
+lua_State *corral_lua(corral_runtime *rt) { return rt == NULL ? NULL : rt->home.L; }
 
 /* corral.exit was called in the home state: the runtime has stopped. */
 static int exited(corral_runtime *rt) { return atomic_load(&rt->exit_status) >= 0; }
@@ -72,9 +72,12 @@ int corral_register(corral_runtime *rt, const char *name, int (*fn)(lua_State *L
   return 0;
 }
 
-int corral_backend_fd(corral_runtime *rt) { return uv_backend_fd(&rt->home.loop); }
+int corral_backend_fd(corral_runtime *rt) {
+  return rt == NULL ? CORRAL_EINVAL : uv_backend_fd(&rt->home.loop);
+}
 
 int corral_backend_timeout(corral_runtime *rt) {
+  if (rt == NULL) return CORRAL_EINVAL;
   lua_State *L = rt->home.L;
   int top = lua_gettop(L);
   lua_getfield(L, LUA_REGISTRYINDEX, TIMEOUT_KEY);
@@ -95,7 +98,7 @@ static int spawn_n(lua_State *L, int nargs, corral_future **out) {
   lua_getfield(L, LUA_REGISTRYINDEX, REQUIRE_KEY);
   lua_pushliteral(L, "corral");
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
+    fprintf(stderr, "corral: %s\n", corral__lua_errtext(L));
     lua_pop(L, nargs + 2);
     return CORRAL_ELUA;
   }
@@ -103,7 +106,7 @@ static int spawn_n(lua_State *L, int nargs, corral_future **out) {
   lua_remove(L, -2);
   lua_insert(L, -(nargs + 2));
   if (lua_pcall(L, nargs + 1, 1, 0) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
+    fprintf(stderr, "corral: %s\n", corral__lua_errtext(L));
     lua_pop(L, 1);
     return CORRAL_ELUA;
   }
@@ -125,11 +128,12 @@ static int spawn_n(lua_State *L, int nargs, corral_future **out) {
 /* Load a file (code NULL) or a string as a chunk and spawn it. */
 static int load_and_spawn(corral_runtime *rt, const char *path, const char *code,
                           corral_future **out) {
-  lua_State *L = rt->home.L;
   if (out != NULL) *out = NULL;
+  if (rt == NULL || (path == NULL && code == NULL)) return CORRAL_EINVAL;
+  lua_State *L = rt->home.L;
   if (exited(rt)) return CORRAL_EEXIT;
   if ((code != NULL ? luaL_loadstring(L, code) : luaL_loadfile(L, path)) != 0) {
-    fprintf(stderr, "corral: %s\n", lua_tostring(L, -1));
+    fprintf(stderr, "corral: %s\n", corral__lua_errtext(L));
     lua_pop(L, 1);
     return CORRAL_ELUA;
   }
@@ -255,7 +259,7 @@ corral_future *corral_spawn(corral_runtime *rt, const char *fn, int nargs) {
   lua_pushcfunction(L, resolve);
   lua_pushstring(L, fn);
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    fprintf(stderr, "corral: corral_spawn: %s\n", lua_tostring(L, -1));
+    fprintf(stderr, "corral: corral_spawn: %s\n", corral__lua_errtext(L));
     lua_settop(L, base);
     return NULL;
   }
@@ -334,12 +338,14 @@ int corral_future_get_number(corral_future *f, double *out) {
 /* ======================================================================== */
 
 int corral_step(corral_runtime *rt) {
+  if (rt == NULL) return CORRAL_EINVAL;
   if (exited(rt)) return CORRAL_EEXIT;
   int rc = corral__lcore_drive(rt->home.L, 0);
   return exited(rt) ? CORRAL_EEXIT : rc;
 }
 
 int corral_run(corral_runtime *rt) {
+  if (rt == NULL) return CORRAL_EINVAL;
   if (exited(rt)) return CORRAL_EEXIT;
   int rc = corral__lcore_drive(rt->home.L, 1);
   if (exited(rt)) return CORRAL_EEXIT;

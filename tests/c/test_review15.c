@@ -420,6 +420,60 @@ static void test_exit(void) {
   corral_future_release(host);
 }
 
+/* ---- the API inside a task, and without a runtime ------------------------- */
+
+/* What fn(rt) writes on stderr, into text. */
+static void stderr_of(void (*fn)(corral_runtime *), corral_runtime *rt, char *text, size_t size) {
+  char path[] = "/tmp/corral-review15-XXXXXX";
+  int fd = mkstemp(path);
+  fflush(stderr);
+  int saved = dup(2);
+  dup2(fd, 2);
+  fn(rt);
+  fflush(stderr);
+  dup2(saved, 2);
+  close(saved);
+  lseek(fd, 0, SEEK_SET);
+  ssize_t n = read(fd, text, size - 1);
+  text[n > 0 ? n : 0] = '\0';
+  close(fd);
+  unlink(path);
+}
+
+static int host_step(lua_State *L) {
+  lua_pushinteger(L, corral_step(corral_from_lua(L)));
+  return 1;
+}
+
+static void step_inside(corral_runtime *rt) {
+  corral_future *f = run_chunk(rt, "return host_step()");
+  double d = 0;
+  CHECK(corral_future_get_number(f, &d) == 0 && d == CORRAL_ELUA,
+        "corral_step from inside a task: CORRAL_ELUA");
+  corral_future_release(f);
+}
+
+static void test_inside(void) {
+  corral_runtime *rt = corral_open();
+  corral_register(rt, "host_step", host_step);
+  char text[2000];
+  stderr_of(step_inside, rt, text, sizeof text);
+  printf("# stderr: %s", text);
+  CHECK(strstr(text, "(null)") == NULL && strstr(text, "cannot drive the loop") != NULL,
+        "and the error it prints is the UsageError's text, not (null)");
+  corral_close(rt);
+  CHECK(corral_step(NULL) == CORRAL_EINVAL && corral_run(NULL) == CORRAL_EINVAL &&
+            corral_backend_fd(NULL) == CORRAL_EINVAL &&
+            corral_backend_timeout(NULL) == CORRAL_EINVAL && corral_lua(NULL) == NULL &&
+            corral_dostring(NULL, "x = 1") == CORRAL_EINVAL,
+        "a NULL runtime: CORRAL_EINVAL (NULL), no crash");
+  rt = corral_open();
+  CHECK(corral_dostring(rt, NULL) == CORRAL_EINVAL && corral_dofile(rt, NULL) == CORRAL_EINVAL &&
+            corral_dostring_future(rt, NULL) == NULL,
+        "NULL code or path: CORRAL_EINVAL (corral_dofile does not read stdin)");
+  corral_close(rt);
+}
+
 /* ---- the loop contract ------------------------------------------------------ */
 
 /* Poll the fd with the timeout, then step, until `done` is set in Lua or
@@ -503,6 +557,7 @@ int main(void) {
   test_spawn();
   test_register();
   test_exit();
+  test_inside();
   test_loop_contract();
   printf("1..%d\n", count);
   return failures != 0;
