@@ -131,7 +131,7 @@ static int l_process_child(lua_State *L) {
  * loaded by LuaJIT, luajit (this one, or the one on PATH) told where the
  * module is. */
 static void find_program(void) {
-  static char exe[4096], code[4600];
+  static char exe[4096], code[8800];
   ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
   exe[n > 0 ? n : 0] = '\0';
   Dl_info info;
@@ -147,10 +147,12 @@ static void find_program(void) {
       snprintf(dir, sizeof dir, ".");
     const char *base = strrchr(exe, '/');
     if (base == NULL || strstr(base, "luajit") == NULL) argv[0] = "luajit";
+    /* (the module beside the library: corral.so in the build tree, or
+     * lib/lua/5.1/corral.so beside an installed lib/libcorral.so.0) */
     snprintf(code, sizeof code,
-             "package.cpath = [==[%s/?.so;]==] .. package.cpath; require 'corral'; "
-             "require('corral.core').process_child(3)",
-             dir);
+             "package.cpath = [==[%s/?.so;%s/lua/5.1/?.so;]==] .. package.cpath; "
+             "require 'corral'; require('corral.core').process_child(3)",
+             dir, dir);
   } else {
     snprintf(code, sizeof code, "require('corral.core').process_child(3)");
   }

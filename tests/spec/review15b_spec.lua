@@ -32,4 +32,46 @@ print(pcall(function() return f:result(1) end))
     assert.truthy(o:find("^3\tfalse\t%-1\ttrue\n"), o)
     assert.truthy(select(2, o:gsub("would wait forever: corral.exit", "")) == 2, o)
   end)
+
+  -- (a sanitizer build's objects need its runtime in the host too)
+  local it_plain = h.preload and pending or it
+  it_plain("a C host linked with an installed libcorral.so (PREFIX not /usr/local) starts a "
+    .. "process worker", function()
+    local dest = os.tmpname()
+    os.remove(dest)
+    local _, err, code = h.sh("make -s install BUILD=" .. h.quote(h.build) .. " DESTDIR="
+      .. h.quote(dest) .. " PREFIX=/opt/corral >/dev/null")
+    assert.are.equal(0, code, err)
+    local lib = dest .. "/opt/corral/lib"
+    local f = assert(io.open(dest .. "/host.c", "w"))
+    f:write([[
+#include <stdio.h>
+#include <string.h>
+#include <corral.h>
+int main(int argc, char **argv) {
+  if (argc >= 2 && strcmp(argv[1], "-e") == 0) return 3; /* (not the child: luajit is) */
+  corral_runtime *rt = corral_open();
+  corral_future *f = corral_dostring_future(rt, "local c = require 'corral'\n"
+    "local w = c.worker { sq = function(_, x) return x * x end }"
+    ":options { mode = 'process' }:init()\n"
+    "local r = w:sq(7):result(20); w:stop(); return tostring(r)");
+  corral_run(rt);
+  const char *s; size_t n; char msg[300] = "";
+  if (corral_future_get_string(f, &s, &n) == 0) printf("result %.*s\n", (int)n, s);
+  else { corral_future_error_message(f, msg, sizeof msg); printf("failed: %s\n", msg); }
+  corral_future_release(f);
+  corral_close(rt);
+  return 0;
+}
+]])
+    f:close()
+    local pc = "PKG_CONFIG_PATH=" .. h.quote(lib .. "/pkgconfig") .. " pkg-config "
+    local out
+    out, err, code = h.sh("cd " .. h.quote(dest) .. " && cc host.c -o host $(" .. pc
+      .. "--cflags --libs corral) && cd / && LD_LIBRARY_PATH=" .. h.quote(lib) .. " timeout 60 "
+      .. h.quote(dest .. "/host"))
+    os.execute("rm -rf " .. h.quote(dest))
+    assert.are.equal(0, code, err)
+    assert.are.equal("result 49\n", out, err)
+  end)
 end)
