@@ -2,6 +2,7 @@
  * (corral_register) in every Lua state of the runtime, and corral.exit in
  * an embedded runtime (it stops the runtime and is returned to the host). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <lauxlib.h>
@@ -47,11 +48,62 @@ void corral__lua_host_open(lua_State *L) {
   lua_setmetatable(L, LUA_GLOBALSINDEX);
 }
 
-static void push_name(void *ud, const char *name, lua_CFunction f) {
-  lua_State *L = ud;
-  if (f == NULL) return; /* (not this process's) */
-  lua_pushstring(L, name);
-  lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+/* The host functions registered so far, copied under the registry's lock
+ * (Lua, which may raise, runs only once it is let go). */
+typedef struct {
+  char **names;
+  lua_CFunction *fns;
+  int n, cap, failed;
+} host_snap;
+
+static void snap_add(void *ud, const char *name, lua_CFunction f) {
+  host_snap *sn = ud;
+  if (sn->failed) return;
+  if (sn->n == sn->cap) {
+    int cap = sn->cap ? 2 * sn->cap : 8;
+    char **names = realloc(sn->names, sizeof *names * (size_t)cap);
+    if (names != NULL) sn->names = names;
+    lua_CFunction *fns = realloc(sn->fns, sizeof *fns * (size_t)cap);
+    if (fns != NULL) sn->fns = fns;
+    if (names == NULL || fns == NULL) {
+      sn->failed = 1;
+      return;
+    }
+    sn->cap = cap;
+  }
+  if ((sn->names[sn->n] = strdup(name)) == NULL) {
+    sn->failed = 1;
+    return;
+  }
+  sn->fns[sn->n++] = f;
+}
+
+static void snap_free(host_snap *sn) {
+  for (int i = 0; i < sn->n; i++)
+    free(sn->names[i]);
+  free(sn->names);
+  free(sn->fns);
+}
+
+/* snap(L): the snapshot, in a userdata whose __gc frees it (a Lua error
+ * while it is used leaks nothing); or a raised error. */
+static int snap_gc(lua_State *L) {
+  host_snap *sn = lua_touserdata(L, 1);
+  snap_free(sn);
+  memset(sn, 0, sizeof *sn);
+  return 0;
+}
+
+static host_snap *snap(lua_State *L, corral_runtime *rt) {
+  host_snap *sn = lua_newuserdata(L, sizeof *sn);
+  memset(sn, 0, sizeof *sn);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, snap_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  corral__rt_host_each(rt, snap_add, sn);
+  if (sn->failed) luaL_error(L, "corral: out of memory copying the host functions");
+  return sn;
 }
 
 /* host_names(): the names of the host functions registered so far (for a
@@ -59,16 +111,14 @@ static void push_name(void *ud, const char *name, lua_CFunction f) {
 static int l_host_names(lua_State *L) {
   corral_runtime *rt = corral__lua_rt(L);
   if (atomic_load(&rt->nhost) == 0) return 0;
+  host_snap *sn = snap(L, rt);
   lua_newtable(L);
-  corral__rt_host_each(rt, push_name, L);
+  for (int i = 0, k = 0; i < sn->n; i++) {
+    if (sn->fns[i] == NULL) continue; /* (not this process's) */
+    lua_pushstring(L, sn->names[i]);
+    lua_rawseti(L, -2, ++k);
+  }
   return 1;
-}
-
-static void set_global(void *ud, const char *name, lua_CFunction f) {
-  lua_State *L = ud;
-  if (f == NULL) return; /* (not this process's) */
-  lua_pushcfunction(L, f);
-  lua_setfield(L, LUA_GLOBALSINDEX, name);
 }
 
 /* host_install(): a thread worker starting: the host functions registered
@@ -77,7 +127,13 @@ static void set_global(void *ud, const char *name, lua_CFunction f) {
  * later are found through _G's __index.) */
 static int l_host_install(lua_State *L) {
   corral_runtime *rt = corral__lua_rt(L);
-  if (rt != NULL && atomic_load(&rt->nhost) > 0) corral__rt_host_each(rt, set_global, L);
+  if (rt == NULL || atomic_load(&rt->nhost) == 0) return 0;
+  host_snap *sn = snap(L, rt);
+  for (int i = 0; i < sn->n; i++) {
+    if (sn->fns[i] == NULL) continue;
+    lua_pushcfunction(L, sn->fns[i]);
+    lua_setfield(L, LUA_GLOBALSINDEX, sn->names[i]);
+  }
   return 0;
 }
 
