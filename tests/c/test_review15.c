@@ -6,6 +6,7 @@
  * contract (corral_backend_timeout never busy-loops nor oversleeps). */
 #include <dirent.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -499,6 +500,12 @@ static int poll_loop(corral_runtime *rt, double limit, int *zero_timeouts) {
   return steps;
 }
 
+static void *settle_later(void *arg) {
+  usleep(200000);
+  corral_future_set_string(arg, "late", 4);
+  return NULL;
+}
+
 static void test_loop_contract(void) {
   corral_runtime *rt = corral_open();
   lua_State *L = corral_lua(rt);
@@ -542,6 +549,40 @@ static void test_loop_contract(void) {
   CHECK(z == 0, "stepping an idle runtime never makes the timeout 0");
   run_lua(L, "w:stop()");
   corral_run(rt);
+  /* a task waiting on a host future another thread settles */
+  corral_future *hf = corral_future_new(rt);
+  corral_push_future(L, hf);
+  lua_setglobal(L, "hf");
+  lua_pushnil(L);
+  lua_setglobal(L, "done");
+  corral_dostring(rt, "done = hf:result() == 'late'");
+  pthread_t th;
+  pthread_create(&th, NULL, settle_later, hf);
+  t0 = mono_s();
+  steps = poll_loop(rt, 5, &zeros);
+  took = mono_s() - t0;
+  pthread_join(th, NULL);
+  lua_getglobal(L, "done");
+  done = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  printf("# a host future settled by a thread after 0.2 s: %d steps, %d zero timeouts, %.3f s\n",
+         steps, zeros, took);
+  CHECK(done && took < 2 && steps < 40, "a host future settled from a thread wakes the poll");
+  corral_future_release(hf);
+  /* an idle process worker */
+  lua_pushnil(L);
+  lua_setglobal(L, "done");
+  corral_dostring(rt, "local c = require 'corral'\n"
+                      "pw = c.worker { hi = function() return 'hi' end }"
+                      ":options { mode = 'process' }:init()\n"
+                      "pw:hi():result(20); c.sleep(1); done = true");
+  t0 = mono_s();
+  steps = poll_loop(rt, 20, &zeros);
+  took = mono_s() - t0;
+  printf("# an idle process worker, 1 s: %d steps, %d zero timeouts, %.3f s\n", steps, zeros, took);
+  CHECK(took < 15 && steps < 60, "an idle process worker does not make the host spin");
+  run_lua(L, "pw:stop()");
+  corral_run(rt);
   /* a timer already due: 0 */
   corral_dostring(rt, "local c = require 'corral'\n c.sleep(0.01); done2 = true");
   corral_step(rt);
@@ -551,7 +592,16 @@ static void test_loop_contract(void) {
   corral_close(rt);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  if (argc >= 3 && strcmp(argv[1], "-e") == 0) {
+    /* a process worker's child: corral starts this program with -e code */
+    corral_runtime *rt = corral_open();
+    if (rt == NULL) return 1;
+    int rc = luaL_dostring(corral_lua(rt), argv[2]);
+    if (rc != 0) fprintf(stderr, "%s\n", lua_tostring(corral_lua(rt), -1));
+    corral_close(rt);
+    return rc != 0;
+  }
   test_payloads();
   test_reads();
   test_spawn();
