@@ -137,7 +137,9 @@ CORRAL_API int corral_backend_timeout(corral_runtime *rt);
  * what is still pending fails as abandoned. A runtime from corral_open is
  * freed with its lua_State. One opened by `require "corral"` in a host's own
  * lua_State is driven until idle here (not after corral.exit) and freed when
- * the host closes that state (corral_close does not close it). */
+ * the host closes that state (corral_close does not close it). Call it
+ * from the host's own code: called while the runtime runs Lua code (from a
+ * host function a script called) it does nothing but say so on stderr. */
 CORRAL_API void corral_close(corral_runtime *rt);
 
 /* ---- Futures (thread-safe) -------------------------------------------- */

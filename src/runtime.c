@@ -40,6 +40,14 @@ corral_runtime *corral_open(void) {
 
 void corral_close(corral_runtime *rt) {
   if (rt == NULL) return;
+  lua_Debug ar;
+  if (rt->owns_L && lua_getstack(rt->home.L, 0, &ar)) {
+    /* Lua code of the runtime is running (a host function that a script
+     * called): closing its state under it would crash */
+    fprintf(stderr, "corral: corral_close called while the runtime runs Lua code (from a host "
+                    "function?): ignored; close it from the host's own code\n");
+    return;
+  }
   if (rt->owns_L) {
     lua_close(rt->home.L); /* its finalizers report errors, then free rt */
   } else {

@@ -454,6 +454,17 @@ static void step_inside(corral_runtime *rt) {
   corral_future_release(f);
 }
 
+static int host_close(lua_State *L) {
+  corral_close(corral_from_lua(L));
+  return 0;
+}
+
+static void close_inside(corral_runtime *rt) {
+  corral_future *f = run_chunk(rt, "host_close(); return 'went on'");
+  CHECK(gives(f, "went on"), "corral_close from a host function inside a task: no crash, ignored");
+  corral_future_release(f);
+}
+
 static void test_inside(void) {
   corral_runtime *rt = corral_open();
   corral_register(rt, "host_step", host_step);
@@ -462,6 +473,10 @@ static void test_inside(void) {
   printf("# stderr: %s", text);
   CHECK(strstr(text, "(null)") == NULL && strstr(text, "cannot drive the loop") != NULL,
         "and the error it prints is the UsageError's text, not (null)");
+  corral_register(rt, "host_close", host_close);
+  stderr_of(close_inside, rt, text, sizeof text);
+  CHECK(strstr(text, "corral_close called while the runtime runs Lua code") != NULL,
+        "and it says so on stderr");
   corral_close(rt);
   CHECK(corral_step(NULL) == CORRAL_EINVAL && corral_run(NULL) == CORRAL_EINVAL &&
             corral_backend_fd(NULL) == CORRAL_EINVAL &&
