@@ -429,13 +429,14 @@ function M.halted() return halted end
 -- hook that was there before.)
 function M.exit_hook(err, a, b)
   local old_fn, old_mask, old_count = debug.gethook()
+  -- (set first: the hook raises at the next instruction here, in `a`)
+  unhook = function()
+    if old_fn then debug.sethook(old_fn, old_mask, old_count) else debug.sethook() end
+  end
   debug.sethook(function()
     local c = co_running()
     if c == a or c == b then error(err, 0) end
   end, "", 1)
-  unhook = function()
-    if old_fn then debug.sethook(old_fn, old_mask, old_count) else debug.sethook() end
-  end
 end
 --- Whether a turn is running (the caller runs inside the loop).
 function M.in_turn() return in_turn end

@@ -33,6 +33,36 @@ print(pcall(function() return f:result(1) end))
     assert.truthy(select(2, o:gsub("would wait forever: corral.exit", "")) == 2, o)
   end)
 
+  it("corral.exit in a coroutine of a task's own takes its debug hook off: the host's own is back",
+    function()
+    local path = h.tmpname() .. ".lua"
+    local fh = assert(io.open(path, "w"))
+    fh:write([[
+local c = require "corral"
+local function mine() end
+debug.sethook(mine, "", 1000)
+c.spawn(function()
+  local co = coroutine.wrap(function() pcall(c.exit, 3) end)
+  co()
+  print("AFTER")
+end)
+for _ = 1, 3 do c.step() end
+local fn, mask, count = debug.gethook()
+print(c.exit_status(), fn == mine, mask, count)
+debug.sethook()
+jit.off()
+local t = os.clock()
+local x = 0
+for i = 1, 2e6 do x = x + i end
+print(os.clock() - t < 1)
+]])
+    fh:close()
+    local o, e, code = h.sh(h.luajit() .. " " .. path)
+    os.remove(path)
+    assert.are.equal(0, code, e)
+    assert.are.equal("3\ttrue\t\t1000\ntrue\n", o)
+  end)
+
   -- (a sanitizer build's objects need its runtime in the host too)
   local it_plain = h.preload and pending or it
   it_plain("a C host linked with an installed libcorral.so (PREFIX not /usr/local) starts a "
