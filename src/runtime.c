@@ -347,7 +347,12 @@ int corral_future_get_number(corral_future *f, double *out) {
 
 int corral_step(corral_runtime *rt) {
   if (rt == NULL) return CORRAL_EINVAL;
-  if (exited(rt)) return CORRAL_EEXIT;
+  if (exited(rt)) {
+    /* (runs nothing: takes the loop's events, so that the backend fd does
+     * not stay readable for a host that polls it) */
+    corral__lcore_drive(rt->home.L, 0);
+    return CORRAL_EEXIT;
+  }
   int rc = corral__lcore_drive(rt->home.L, 0);
   return exited(rt) ? CORRAL_EEXIT : rc;
 }

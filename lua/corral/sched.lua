@@ -451,7 +451,13 @@ local EXTEND = 64 -- items a turn runs beyond those ready at its start
 -- Returns whether anything is still pending. Not re-entrant: driving the
 -- loop from inside a turn is a `UsageError`.
 function turn(block, until_deadline)
-  if halted then return false end
+  if halted then
+    -- nothing runs, but the loop's events are taken (C callbacks only): else
+    -- what other threads post after corral.exit would leave the backend fd
+    -- readable for good, and a host that polls it would spin
+    if not in_turn then poll(0) end
+    return false
+  end
   if in_turn then
     errors.usage("corral", "cannot drive the loop from inside itself (corral.run or a wait in a "
       .. "coroutine of your own inside a task, or in a callback): wait from the task itself")

@@ -393,6 +393,18 @@ static void test_exit(void) {
   double t0 = mono_s();
   rc = corral_run(rt);
   CHECK(rc == CORRAL_EEXIT && mono_s() - t0 < 10, "exit with a worker mid-call: run returns");
+  /* a host that polls the fd after exit (the cancelled calls post their
+   * ends to this loop) and steps does not spin */
+  struct pollfd pfd = {corral_backend_fd(rt), POLLIN, 0};
+  int wakes = 0;
+  t0 = mono_s();
+  while (mono_s() - t0 < 1.0) {
+    int ms = corral_backend_timeout(rt);
+    if (poll(&pfd, 1, ms < 0 ? 100 : ms) > 0) wakes++;
+    corral_step(rt);
+  }
+  printf("# after exit, 1 s of 100 ms polls: %d woken by the fd\n", wakes);
+  CHECK(wakes < 5, "after exit the backend fd does not stay readable");
   t0 = mono_s();
   corral_close(rt);
   printf("# close took %.3f s\n", mono_s() - t0);

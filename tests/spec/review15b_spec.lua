@@ -63,6 +63,40 @@ print(os.clock() - t < 1)
     assert.are.equal("3\ttrue\t\t1000\ntrue\n", o)
   end)
 
+  it("after corral.exit the backend fd does not stay readable: a host that polls it does not spin",
+    function()
+    local path = h.tmpname() .. ".lua"
+    local fh = assert(io.open(path, "w"))
+    fh:write([[
+local c = require "corral"
+local ffi = require "ffi"
+ffi.cdef "struct r15pfd { int fd; short events; short revents; };"
+ffi.cdef "int poll(struct r15pfd *fds, unsigned long n, int timeout);"
+local w = c.worker { nap = function(_, s) require("corral").sleep(s) return 1 end }
+  :options { mode = "thread", workers = 2 }:init()
+local calls = { w:nap(0.2), w:nap(0.3) }
+c.spawn(function() c.sleep(0.05); c.exit(2) end)
+local p = ffi.new("struct r15pfd[1]")
+p[0].fd, p[0].events = c.backend_fd(), 1
+local t0, steps = c.now(), 0
+while c.now() - t0 < 1.5 do
+  local ms = c.backend_timeout()
+  ffi.C.poll(p, 1, ms < 0 and 200 or ms)
+  c.step()
+  steps = steps + 1
+end
+print(c.exit_status(), steps, #calls)
+]])
+    fh:close()
+    local o, e, code = h.sh(h.luajit() .. " " .. path)
+    os.remove(path)
+    assert.are.equal(0, code, e)
+    local status, steps = o:match("^(%d+)\t(%d+)")
+    assert.are.equal("2", status, o)
+    -- (200 ms polls for 1.5 s: about 8; it was about a million)
+    assert.is_true(tonumber(steps) < 100, o)
+  end)
+
   -- (a sanitizer build's objects need its runtime in the host too)
   local it_plain = h.preload and pending or it
   it_plain("a C host linked with an installed libcorral.so (PREFIX not /usr/local) starts a "
