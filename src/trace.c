@@ -425,6 +425,12 @@ int corral__trace_start(const char *path, char *err, size_t errlen) {
     snprintf(err, errlen, "out of memory");
     goto done;
   }
+  /* until stop writes it: a valid trace that says so (a process ended at
+   * once, by a second Ctrl-C or SIGKILL, leaves this) */
+  fputs("{\"traceEvents\":[],\"otherData\":{\"incomplete\":\"the process ended before the trace "
+        "was written\"}}\n",
+        f);
+  fflush(f);
   out = f;
   out_path = p;
   pid = (long)getpid();
@@ -486,6 +492,8 @@ int corral__trace_stop(char *err, size_t errlen, long *count) {
       merge_fragments(NULL);
       goto end;
     }
+    rewind(f); /* (over what start wrote) */
+    if (ftruncate(fileno(f), 0) != 0) clearerr(f);
     fprintf(f, "{\"traceEvents\":[\n");
     meta(f, "process_name", 0, "corral");
   }

@@ -221,4 +221,29 @@ print("events", total)
     os.remove(out)
     os.remove(script)
   end)
+
+  it("a process ended at once (a second Ctrl-C in code that never waits) leaves a valid trace", function()
+    -- (the file made at start stayed empty: not JSON)
+    local out, ready = h.tmpname() .. ".json", h.tmpname()
+    os.remove(ready)
+    local script = write(([[
+local corral = require "corral"
+corral.spawn(function() corral.sleep(0.001) end):result()
+assert(io.open("%s", "w")):close()
+while true do end
+]]):format(ready))
+    -- (signals sent at once merge into one: Ctrl-C again until it is gone)
+    local _, _, c = h.sh(("%s --trace %s %s & P=$!; "
+      .. "for i in $(seq 600); do [ -e %s ] && break; sleep 0.05; done; "
+      .. "for i in $(seq 600); do kill -INT $P 2>/dev/null || break; sleep 0.1; done; wait $P")
+      :format(h.quote(BIN), h.quote(out), h.quote(script), h.quote(ready)))
+    assert.equal(130, c)
+    local doc = json.decode(h.slurp(out))
+    assert.is_table(doc)
+    assert.same({}, doc.traceEvents)
+    assert.matches("ended before the trace was written", doc.otherData.incomplete, 1, true)
+    os.remove(out)
+    os.remove(ready)
+    os.remove(script)
+  end)
 end)
