@@ -285,7 +285,7 @@ static int busy_running_worker(corral_runtime *rt) {
 
 int corral__ctx_quiescent(corral_context *c) {
   corral_runtime *rt = c->rt;
-  if (corral__future_host_pending() != 0) return 0;
+  if (rt->hc != NULL && atomic_load(&rt->hc->pending) != 0) return 0;
   uv_mutex_lock(&c->qlock);
   int empty = queue_empty(&c->completed) && queue_empty(&c->posted);
   uv_mutex_unlock(&c->qlock);

@@ -13,8 +13,9 @@
  *
  * Host futures: a future that C code outside corral may settle (made by
  * corral_future_new, or handed to C through corral_to_future /
- * corral_push_future) counts in `host_pending` while it is pending, so that
- * the runtime never concludes that nothing can settle what it waits on.
+ * corral_push_future) counts in its runtime's host count while it is pending,
+ * so that that runtime never concludes that nothing can settle what it waits
+ * on.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -30,9 +31,8 @@ static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cond;
 static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
 static atomic_int wait_count;
-static int sleepers;             /* threads inside pthread_cond_wait (under wait_lock) */
-static atomic_long host_pending; /* pending futures that host C code may settle */
-static atomic_int live;          /* futures alive, for leak specs */
+static int sleepers;    /* threads inside pthread_cond_wait (under wait_lock) */
+static atomic_int live; /* futures alive, for leak specs */
 
 static void wait_init(void) {
   pthread_condattr_t a;
@@ -61,23 +61,37 @@ corral_future *corral__future_new(void) {
 }
 
 corral_future *corral_future_new(corral_runtime *rt) {
-  (void)rt; /* futures are independent of their runtime's life */
+  /* (futures are independent of their runtime's life: the count is not) */
   corral_future *f = corral__future_new();
-  if (f != NULL) corral__future_mark_host(f);
+  if (f != NULL) corral__future_mark_host(f, rt != NULL ? rt->hc : NULL);
   return f;
 }
 
-void corral__future_mark_host(corral_future *f) {
+corral__host_count *corral__host_count_new(void) {
+  corral__host_count *hc = malloc(sizeof *hc);
+  if (hc == NULL) return NULL;
+  atomic_init(&hc->pending, 0);
+  atomic_init(&hc->refs, 1);
+  return hc;
+}
+
+void corral__host_count_release(corral__host_count *hc) {
+  if (hc != NULL && atomic_fetch_sub_explicit(&hc->refs, 1, memory_order_acq_rel) == 1) free(hc);
+}
+
+void corral__future_mark_host(corral_future *f, corral__host_count *hc) {
   uv_mutex_lock(&f->lock);
   if (!(atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)) {
     atomic_fetch_or(&f->flags, FUTURE_HOST);
-    if (atomic_load_explicit(&f->state, memory_order_relaxed) < CORRAL_DONE)
-      atomic_fetch_add(&host_pending, 1);
+    if (hc != NULL) {
+      atomic_fetch_add(&hc->refs, 1);
+      f->hc = hc;
+    }
+    if (f->hc != NULL && atomic_load_explicit(&f->state, memory_order_relaxed) < CORRAL_DONE)
+      atomic_fetch_add(&f->hc->pending, 1);
   }
   uv_mutex_unlock(&f->lock);
 }
-
-long corral__future_host_pending(void) { return atomic_load(&host_pending); }
 
 void corral_future_retain(corral_future *f) {
   atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
@@ -103,8 +117,10 @@ int corral__future_reported_elsewhere(corral_future *f) {
 void corral_future_release(corral_future *f) {
   if (f == NULL || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
   /* a host future dropped unsettled: no one can settle it any more */
-  if ((atomic_load(&f->flags) & FUTURE_HOST) && atomic_load(&f->state) < CORRAL_DONE)
-    atomic_fetch_sub(&host_pending, 1);
+  if ((atomic_load(&f->flags) & FUTURE_HOST) && f->hc != NULL &&
+      atomic_load(&f->state) < CORRAL_DONE)
+    atomic_fetch_sub(&f->hc->pending, 1);
+  corral__host_count_release(f->hc);
   uint64_t h = atomic_load_explicit(&f->handle, memory_order_acquire);
   if (h != 0) corral__handle_free(h); /* lock-free: a __gc may get here */
   atomic_fetch_sub_explicit(&live, 1, memory_order_relaxed);
@@ -177,8 +193,8 @@ static int settle(corral_future *f, int state, char *payload, size_t len,
   f->payload = payload;
   f->len = len;
   f->discard = discard;
-  if (atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST)
-    atomic_fetch_sub(&host_pending, 1);
+  if ((atomic_load_explicit(&f->flags, memory_order_relaxed) & FUTURE_HOST) && f->hc != NULL)
+    atomic_fetch_sub(&f->hc->pending, 1);
   f->payload_trust = foreign;
   corral_watch *w = f->watches;
   f->watches = NULL;

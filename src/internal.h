@@ -34,6 +34,7 @@ enum {
                        * a cancel takes effect while RUNNING too (see future.c) */
 };
 
+typedef struct corral__host_count corral__host_count;
 struct corral_future {
   atomic_int refs;
   atomic_int state; /* corral_state; written under lock, read anywhere */
@@ -50,13 +51,25 @@ struct corral_future {
   _Atomic(uint64_t) handle; /* its handle once it crossed contexts (handle.c), or 0 */
   int first_used;           /* `first` was given to a watch (under lock; once) */
   corral_watch first;       /* the first watch's memory: most futures have one */
+  corral__host_count *hc;   /* FUTURE_HOST: the count it is in (set once, under lock) */
 };
 
 /* A new pending future that only corral settles. */
 corral_future *corral__future_new(void);
-/* Host C code may settle f: count it in corral__future_host_pending() while pending. */
-void corral__future_mark_host(corral_future *f);
-long corral__future_host_pending(void);
+/* A runtime's count of pending futures that host C code may settle (made by
+ * corral_future_new, or handed to C by corral_push_future/corral_to_future):
+ * while it is not 0 the runtime never concludes that nothing can progress.
+ * Shared by the runtime and every future counted in it (futures outlive
+ * their runtime): freed with the last of them. */
+struct corral__host_count {
+  atomic_long pending;
+  atomic_int refs;
+};
+corral__host_count *corral__host_count_new(void);
+void corral__host_count_release(corral__host_count *hc);
+/* Host C code may settle f: count it in hc (the first runtime's that marks
+ * it; NULL: in none) while pending. */
+void corral__future_mark_host(corral_future *f, corral__host_count *hc);
 /* Threads blocked in corral_future_wait now (for tests). */
 int corral__future_sleepers(void);
 /* A MessagePack map {kind=, message=}: the payload of a failed future. */
@@ -476,6 +489,8 @@ struct corral_runtime {
   atomic_int orphans;   /* a worker lost its last handle: the home stops it */
   corral_worker **pool; /* the default pool, shared by every context (under wlock) */
   int npool;
+  /* its pending host futures (future.c) */
+  corral__host_count *hc;
   int exit_fast;        /* closing after an error or a signal: cancel, do not drain */
   uv_mutex_t wlock;     /* guards workers, spare, no_spare, closing */
   queue workers;        /* every worker instance started, until joined */

@@ -243,13 +243,15 @@ void corral__lcore_push_future(lua_State *L, corral_future *f) {
 
 /* The public bridges hand a future to host code, which may settle it. */
 void corral_push_future(lua_State *L, corral_future *f) {
-  corral__future_mark_host(f);
+  corral_runtime *rt = corral__lua_rt(L);
+  corral__future_mark_host(f, rt != NULL ? rt->hc : NULL);
   corral__lcore_push_future(L, f);
 }
 
 corral_future *corral_to_future(lua_State *L, int idx) {
   corral_future *f = corral__lcore_to_future(L, idx);
-  if (f != NULL) corral__future_mark_host(f);
+  corral_runtime *rt = corral__lua_rt(L);
+  if (f != NULL) corral__future_mark_host(f, rt != NULL ? rt->hc : NULL);
   return f;
 }
 

@@ -67,18 +67,25 @@ corral_runtime *corral__rt_create(lua_State *L, int owns_L) {
   rt->spin_max = corral__cpu_count(); /* (workers: see context.c) */
   atomic_init(&rt->nhost, 0);
   atomic_init(&rt->exit_status, -1);
+  if ((rt->hc = corral__host_count_new()) == NULL) {
+    free(rt);
+    return NULL;
+  }
   if (uv_mutex_init(&rt->wlock) != 0) {
+    corral__host_count_release(rt->hc);
     free(rt);
     return NULL;
   }
   if (uv_mutex_init(&rt->hostlock) != 0) {
     uv_mutex_destroy(&rt->wlock);
+    corral__host_count_release(rt->hc);
     free(rt);
     return NULL;
   }
   if (corral__ctx_init(&rt->home, rt, L) != 0) {
     uv_mutex_destroy(&rt->hostlock);
     uv_mutex_destroy(&rt->wlock);
+    corral__host_count_release(rt->hc);
     free(rt);
     return NULL;
   }
@@ -122,6 +129,7 @@ void corral__rt_destroy(corral_runtime *rt) {
   free(rt->hostfns);
   uv_mutex_destroy(&rt->hostlock);
   uv_mutex_destroy(&rt->wlock);
+  corral__host_count_release(rt->hc);
   free(rt);
 }
 

@@ -502,6 +502,38 @@ static void test_inside(void) {
   corral_close(rt);
 }
 
+/* ---- two runtimes: one's host futures are not the other's ----------------- */
+
+static void test_two_runtimes(void) {
+  corral_runtime *a = corral_open(), *b = corral_open();
+  corral_future *held = corral_future_new(b); /* b's host may settle it some day */
+  corral_future *f = corral_dostring_future(
+      a, "local c = require 'corral'\n"
+         "local w = c.worker { m = function() return require('corral').future():result() end }"
+         ":options { mode = 'thread' }:init()\n"
+         "return w:m():result()");
+  double t0 = mono_s();
+  int rc = corral_run(a); /* (a hang: this test is killed by its time limit) */
+  printf("# a's run: %d after %.3f s\n", rc, mono_s() - t0);
+  CHECK(rc == 0 && corral_future_state(f) < CORRAL_DONE,
+        "a runtime blocked on what nothing can settle returns from corral_run, though another "
+        "runtime's host holds a pending future");
+  corral_future_release(f);
+  corral_close(a);
+  /* b's own count still holds b */
+  corral_push_future(corral_lua(b), held);
+  lua_setglobal(corral_lua(b), "held");
+  f = corral_dostring_future(b, "return held:result()");
+  corral_step(b);
+  CHECK(corral_step(b) == 1, "b still waits for its host's future");
+  corral_future_set_string(held, "ok", 2);
+  corral_run(b);
+  CHECK(gives(f, "ok"), "and gets it");
+  corral_future_release(f);
+  corral_future_release(held);
+  corral_close(b);
+}
+
 /* ---- the loop contract ------------------------------------------------------ */
 
 /* Poll the fd with the timeout, then step, until `done` is set in Lua or
@@ -635,6 +667,7 @@ int main(int argc, char **argv) {
   test_register();
   test_exit();
   test_inside();
+  test_two_runtimes();
   test_loop_contract();
   printf("1..%d\n", count);
   return failures != 0;
