@@ -162,7 +162,10 @@ CORRAL_API corral_state corral_future_state(corral_future *f);
 CORRAL_API int corral_future_set_result(corral_future *f, const void *mp, size_t len);
 /* Settle with one value, encoded by corral (no MessagePack to write): a
  * string of len bytes (copied; any bytes), a number, nil, or a boolean
- * (nonzero is true). CORRAL_ESTATE when already settled. */
+ * (nonzero is true). CORRAL_ESTATE when already settled. (These, and
+ * corral_future_set_result and _set_error, refuse a task's future that
+ * corral_spawn or corral_do*_future gave: CORRAL_ESTATE; its task settles
+ * it.) */
 CORRAL_API int corral_future_set_string(corral_future *f, const char *s, size_t len);
 CORRAL_API int corral_future_set_number(corral_future *f, double value);
 CORRAL_API int corral_future_set_nil(corral_future *f);

@@ -313,7 +313,7 @@ void corral__ctx_run_deferred(corral_context *c, const char *kind, const char *m
   while (c->deferred != NULL) {
     corral_deferred *d = c->deferred;
     c->deferred = d->next;
-    if (corral_future_state(d->f) < CORRAL_DONE) corral_future_set_error(d->f, kind, message);
+    if (corral_future_state(d->f) < CORRAL_DONE) corral__future_set_error(d->f, kind, message);
     corral_future_release(d->f);
     free(d);
   }

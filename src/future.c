@@ -228,7 +228,15 @@ int corral__future_settle_refs(corral_future *f, corral_state state, char *paylo
   return settle(f, (int)state, payload, len, discard, 0, 0);
 }
 
+/* A task's future the host holds is settled by its task (and by corral
+ * when the runtime closes), not by the host. */
+static int owned(corral_future *f) { return (atomic_load(&f->flags) & FUTURE_OWNED) != 0; }
+
 int corral__future_settle_foreign(corral_future *f, char *payload, size_t len) {
+  if (owned(f)) {
+    free(payload);
+    return CORRAL_ESTATE;
+  }
   /* the host's own MessagePack: decoded as foreign bytes */
   return settle(f, CORRAL_DONE, payload, len, NULL, 0, CODEC_FOREIGN);
 }
@@ -266,6 +274,11 @@ char *corral__future_error_payload(const char *kind, const char *message, size_t
 }
 
 int corral_future_set_error(corral_future *f, const char *kind, const char *message) {
+  if (f != NULL && owned(f)) return CORRAL_ESTATE;
+  return corral__future_set_error(f, kind, message);
+}
+
+int corral__future_set_error(corral_future *f, const char *kind, const char *message) {
   if (f == NULL || kind == NULL || message == NULL) return CORRAL_EINVAL;
   size_t n;
   char *buf = corral__future_error_payload(kind, message, &n);

@@ -30,8 +30,10 @@ enum {
   FUTURE_HOST = 1,    /* host C code may settle it (see future.c) */
   FUTURE_CARRIED = 2, /* an input whose failure a call carried (a DependencyError) */
   FUTURE_SEEN = 4,    /* settled from Lua: that side reports an unretrieved failure */
-  FUTURE_HARD = 8     /* its work can be stopped while it runs (a process worker's call):
+  FUTURE_HARD = 8,    /* its work can be stopped while it runs (a process worker's call):
                        * a cancel takes effect while RUNNING too (see future.c) */
+  FUTURE_OWNED = 16   /* a task's that the host holds (corral_spawn...): corral settles
+                       * it; the host's corral_future_set_* refuse (CORRAL_ESTATE) */
 };
 
 typedef struct corral__host_count corral__host_count;
@@ -56,6 +58,8 @@ struct corral_future {
 
 /* A new pending future that only corral settles. */
 corral_future *corral__future_new(void);
+/* corral_future_set_error for corral's own code (FUTURE_OWNED too). */
+int corral__future_set_error(corral_future *f, const char *kind, const char *message);
 /* A runtime's count of pending futures that host C code may settle (made by
  * corral_future_new, or handed to C by corral_push_future/corral_to_future):
  * while it is not 0 the runtime never concludes that nothing can progress.

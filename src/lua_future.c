@@ -226,7 +226,7 @@ static int l_fset_error(lua_State *L) {
   corral_future *f = *corral__lua_cf_check(L, 1);
   atomic_fetch_or(&f->flags, FUTURE_SEEN);
   lua_pushboolean(L,
-                  corral_future_set_error(f, luaL_checkstring(L, 2), luaL_checkstring(L, 3)) == 0);
+                  corral__future_set_error(f, luaL_checkstring(L, 2), luaL_checkstring(L, 3)) == 0);
   return 1;
 }
 

@@ -124,7 +124,7 @@ static int spawn_n(lua_State *L, int nargs, corral_future **out) {
      * (by its Lua side, nor at close: abandoned when the runtime closes) */
     if (*out != NULL) {
       corral_future_retain(*out);
-      atomic_fetch_or(&(*out)->flags, FUTURE_SEEN);
+      atomic_fetch_or(&(*out)->flags, FUTURE_SEEN | FUTURE_OWNED);
     }
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "_quiet");

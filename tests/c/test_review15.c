@@ -502,6 +502,45 @@ static void test_inside(void) {
   corral_close(rt);
 }
 
+/* ---- a task's future is not the host's to settle ------------------------- */
+
+static void test_owned(void) {
+  corral_runtime *rt = corral_open();
+  corral_future *f = corral_dostring_future(rt, "local c = require 'corral'\n"
+                                                "c.sleep(0.05); ran = true; return 'task'");
+  corral_step(rt);
+  corral_state st = corral_future_state(f);
+  CHECK(corral_future_set_string(f, "host", 4) == CORRAL_ESTATE &&
+            corral_future_set_number(f, 1) == CORRAL_ESTATE &&
+            corral_future_set_result(f, "\x91\x01", 2) == CORRAL_ESTATE &&
+            corral_future_set_error(f, "E", "host") == CORRAL_ESTATE &&
+            corral_future_state(f) == st,
+        "the host cannot settle a running task's future (corral_dostring_future)");
+  corral_run(rt);
+  CHECK(gives(f, "task"), "the task settles it with its own result");
+  corral_future_release(f);
+  lua_State *L = corral_lua(rt);
+  run_lua(L, "function slow() require('corral').sleep(0.05) return 'slow' end");
+  f = corral_spawn(rt, "slow", 0);
+  CHECK(f != NULL && corral_future_set_nil(f) == CORRAL_ESTATE, "nor one that corral_spawn gave");
+  corral_run(rt);
+  CHECK(gives(f, "slow"), "its task's result");
+  corral_future_release(f);
+  /* still abandoned at close */
+  corral_future *h = corral_future_new(rt);
+  corral_push_future(L, h);
+  lua_setglobal(L, "h");
+  f = corral_dostring_future(rt, "return h:result()");
+  corral_step(rt);
+  corral_close(rt);
+  char msg[200] = "";
+  corral_future_error_message(f, msg, sizeof msg);
+  CHECK(corral_future_state(f) == CORRAL_FAILED && strstr(msg, "abandoned") != NULL,
+        "corral still fails it as abandoned at close");
+  corral_future_release(f);
+  corral_future_release(h);
+}
+
 /* ---- two runtimes: one's host futures are not the other's ----------------- */
 
 static void test_two_runtimes(void) {
@@ -668,6 +707,7 @@ int main(int argc, char **argv) {
   test_exit();
   test_inside();
   test_two_runtimes();
+  test_owned();
   test_loop_contract();
   printf("1..%d\n", count);
   return failures != 0;
