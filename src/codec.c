@@ -56,6 +56,7 @@
  * encode or decode holds belong to a userdata whose __gc gives them back.
  */
 #include <assert.h>
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1576,6 +1577,9 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     uint64_t fd = get_be(p, 8), blen = get_be(p + 8, 8);
     corral_buffer **slot = iface->push_buffer_slot(L);
     int dfd = fd <= INT32_MAX ? fcntl((int)fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (fd <= INT32_MAX && dfd < 0 && (errno == EMFILE || errno == ENFILE))
+      return dec_fail(d, "extension 12 (SHMFD): this process is at its limit of open descriptors"
+                         " (ulimit -n)");
     if (dfd < 0 || blen > SIZE_MAX) {
       if (dfd >= 0) close(dfd);
       return dec_fail(d, "extension 12 (SHMFD): no such descriptor");

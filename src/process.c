@@ -66,6 +66,7 @@
 #include <errno.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -127,9 +128,44 @@ typedef struct {
   int head, n, cap;
 } fdq;
 
+#define FD_LOST (-2) /* a descriptor sent that this process could not take */
+
+/* Queue fd (or FD_LOST) at the end of q: 0, or -1 with *bad set (fd is
+ * closed: once the queue could not grow, every descriptor that follows in
+ * the message is closed too). */
+static int fdq_push(fdq *q, int fd, int *bad) {
+  if (!*bad && q->head + q->n == q->cap) {
+    if (q->head > 0) {
+      memmove(q->fds, q->fds + q->head, sizeof(int) * (size_t)q->n);
+      q->head = 0;
+    } else {
+      int cap = q->cap ? q->cap * 2 : 16;
+      int *fds = realloc(q->fds, sizeof(int) * (size_t)cap);
+      if (fds == NULL)
+        *bad = 1;
+      else {
+        q->fds = fds;
+        q->cap = cap;
+      }
+    }
+  }
+  if (*bad) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  q->fds[q->head + q->n++] = fd;
+  return 0;
+}
+
 /* Receive the next message of descriptors into q (they were sent before
- * the frame that names them: there, or the peer lied): how many, or -1. */
-static int fdq_fill(int ch, fdq *q) {
+ * the frame that names them: there, or the peer lied): how many, or -1.
+ * `expect`: how many the message should carry (send_fds' packing). The
+ * kernel truncates the control data (MSG_CTRUNC) only when this process
+ * cannot take the descriptors (at its limit of open descriptors: the
+ * buffer holds the most one message can carry, SCM_MAX_FD), so those
+ * missing are queued as FD_LOST: the message is consumed, and the reader
+ * stays in step with the sender. */
+static int fdq_fill(int ch, fdq *q, int expect) {
   char byte;
   struct iovec iov = {&byte, 1};
   union {
@@ -147,41 +183,25 @@ static int fdq_fill(int ch, fdq *q) {
     k = recvmsg(ch, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
   while (k < 0 && errno == EINTR);
   if (k != 1) return -1;
-  int got = 0, bad = (m.msg_flags & MSG_CTRUNC) != 0;
+  int got = 0, bad = 0, trunc = (m.msg_flags & MSG_CTRUNC) != 0;
   for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm != NULL; cm = CMSG_NXTHDR(&m, cm)) {
     if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
     int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
     for (int i = 0; i < n; i++) {
       int fd;
       memcpy(&fd, CMSG_DATA(cm) + sizeof(int) * (size_t)i, sizeof fd);
-      if (!bad && q->head + q->n == q->cap) {
-        if (q->head > 0) {
-          memmove(q->fds, q->fds + q->head, sizeof(int) * (size_t)q->n);
-          q->head = 0;
-        } else {
-          int cap = q->cap ? q->cap * 2 : 16;
-          int *fds = realloc(q->fds, sizeof(int) * (size_t)cap);
-          if (fds == NULL)
-            bad = 1;
-          else {
-            q->fds = fds;
-            q->cap = cap;
-          }
-        }
-      }
-      if (bad) {
-        close(fd);
-        continue;
-      }
-      q->fds[q->head + q->n++] = fd;
-      got++;
+      if (fdq_push(q, fd, &bad) == 0) got++;
     }
   }
+  /* (those the kernel could not give this process are gone: as many as
+   * the message should have carried are marked lost) */
+  for (int i = got; trunc && !bad && i < expect; i++)
+    if (fdq_push(q, FD_LOST, &bad) == 0) got++;
   return bad ? -1 : got;
 }
 
-static int fdq_take(int ch, fdq *q) {
-  if (q->n == 0 && fdq_fill(ch, q) <= 0) return -1;
+static int fdq_take(int ch, fdq *q, int expect) {
+  if (q->n == 0 && fdq_fill(ch, q, expect) <= 0) return -1;
   q->n--;
   return q->fds[q->head++];
 }
@@ -189,7 +209,7 @@ static int fdq_take(int ch, fdq *q) {
 /* What is left goes (the child went, or the stream is out of step). */
 static void fdq_clear(fdq *q) {
   for (int i = 0; i < q->n; i++)
-    close(q->fds[q->head + i]);
+    if (q->fds[q->head + i] >= 0) close(q->fds[q->head + i]);
   q->head = q->n = 0;
 }
 
@@ -244,12 +264,21 @@ static int send_shms(int ch, const char *p, size_t n) {
 
 /* Receiving: each SHM extension gets the next descriptor (kept in fds, to
  * close on failure) and becomes an SHMFD. `from_peer`: an SHMFD is refused
- * (only this process writes them). */
+ * (only this process writes them). `total`: how many the payload names (the
+ * sender packed them FDS_PER_MESSAGE a message); `lost`: how many this
+ * process could not take (FD_LOST). */
 typedef struct {
-  int ch, from_peer, n, cap;
+  int ch, from_peer, n, cap, total, lost;
   int *fds;
   fdq *q;
 } shm_in;
+
+static int count_shm(void *ud, unsigned char *body, int type) {
+  (void)body;
+  (void)type;
+  ((shm_in *)ud)->total++;
+  return 0;
+}
 
 static int take_shm(void *ud, unsigned char *body, int type) {
   shm_in *s = ud;
@@ -261,7 +290,13 @@ static int take_shm(void *ud, unsigned char *body, int type) {
     s->fds = fds;
     s->cap = cap;
   }
-  int fd = fdq_take(s->ch, s->q);
+  int left = s->total - s->n;
+  int fd = fdq_take(s->ch, s->q, left < FDS_PER_MESSAGE ? left : FDS_PER_MESSAGE);
+  if (fd == FD_LOST) { /* (the walk goes on: every descriptor sent is taken) */
+    s->fds[s->n++] = fd;
+    s->lost++;
+    return 0;
+  }
   if (fd < 0) return 3;
   s->fds[s->n++] = fd;
   for (int i = 0; i < 8; i++)
@@ -271,15 +306,35 @@ static int take_shm(void *ud, unsigned char *body, int type) {
 }
 
 /* Rewrite the SHM extensions of p (a copy this process owns) with the
- * descriptors that came on ch. 0, or -1 (the descriptors taken are closed). */
-static int take_shms(int ch, fdq *q, char *p, size_t n, int from_peer) {
-  shm_in s = {ch, from_peer, 0, 0, NULL, q};
-  int rc = corral__codec_shm_each(p, n, take_shm, &s);
-  if (rc != 0)
+ * descriptors that came on ch. 0; or -1 (they did not come, or the payload
+ * is bad); or, when they came but this process could not take them all (its
+ * limit of open descriptors), how many it could not take, *total of them:
+ * the stream of descriptors is still in step. On failure the descriptors
+ * taken are closed. */
+static int take_shms(int ch, fdq *q, char *p, size_t n, int from_peer, int *total) {
+  shm_in s = {ch, from_peer, 0, 0, 0, 0, NULL, q};
+  int rc = corral__codec_shm_each(p, n, count_shm, &s);
+  if (rc == 0) rc = corral__codec_shm_each(p, n, take_shm, &s);
+  if (rc != 0 || s.lost > 0)
     for (int i = 0; i < s.n; i++)
-      close(s.fds[i]);
+      if (s.fds[i] >= 0) close(s.fds[i]);
   free(s.fds);
-  return rc == 0 ? 0 : -1;
+  if (total != NULL) *total = s.total;
+  return rc != 0 ? -1 : s.lost;
+}
+
+/* Why a payload's buffers could not be received: `lost` of the `total`
+ * descriptors its buffers in shared memory need could not be taken here. */
+static void limit_message(char *msg, size_t cap, const char *what, int total, int lost) {
+  struct rlimit rl;
+  char lim[32] = "unlimited";
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+    snprintf(lim, sizeof lim, "%llu", (unsigned long long)rl.rlim_cur);
+  snprintf(msg, cap,
+           "%s %d buffers in shared memory, and %d of their descriptors could not be"
+           " received: the %s is at its limit of open descriptors (ulimit -n: %s)",
+           what, total, lost, strcmp(what, "its result holds") == 0 ? "caller" : "worker's process",
+           lim);
 }
 
 /* ======================================================================== */
@@ -731,11 +786,19 @@ static const char *on_result(void *ud, rcur *c) {
   if (n > 0 && payload == NULL) {
     corral_future_set_error(call->result, "WorkerCrashed", "out of memory for a result");
   } else if (shm) {
-    if (take_shms(p->fdch, &p->fds, payload, n, 1) != 0) {
+    int total = 0, lost = take_shms(p->fdch, &p->fds, payload, n, 1, &total);
+    if (lost < 0) {
       free(payload);
       return "a RESULT frame whose shared buffers did not come (or were forged)";
     }
-    corral__future_settle_peer_shm(call->result, state, payload, n, corral__codec_discard);
+    if (lost > 0) { /* a limit of this process, not the child's fault: it serves on */
+      free(payload);
+      char msg[256];
+      limit_message(msg, sizeof msg, "its result holds", total, lost);
+      corral_future_set_error(call->result, "CodecError", msg);
+    } else {
+      corral__future_settle_peer_shm(call->result, state, payload, n, corral__codec_discard);
+    }
   } else {
     corral__future_settle_peer(call->result, state, payload, n);
   }
@@ -1484,7 +1547,7 @@ static const char *on_boot(pump *c, rcur *r) {
   size_t nlen = fb.nlen, blen = fb.blen;
   const char *name = fb.name, *boot = fb.boot;
   if (ring_n > 0) {
-    int fd = fdq_take(c->fdch, &c->fds);
+    int fd = fdq_take(c->fdch, &c->fds, 1);
     void *m = fd >= 0
                   ? mmap(NULL, ring_n * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
                   : MAP_FAILED;
@@ -1517,9 +1580,14 @@ static const char *on_call(pump *c, rcur *r) {
   /* the arguments' descriptors came first (send_call's order), then the
    * inputs', each in its order */
   char *args = dup_bytes(payload, plen);
-  if ((flags & 1) && (args == NULL || take_shms(c->fdch, &c->fds, args, plen, 0) != 0)) {
-    free(args);
-    return "a CALL frame whose shared buffers did not come";
+  int total = 0, lost = 0; /* (descriptors this process could not take: the call fails) */
+  if (flags & 1) {
+    int k = args == NULL ? -1 : take_shms(c->fdch, &c->fds, args, plen, 0, &total);
+    if (k < 0) {
+      free(args);
+      return "a CALL frame whose shared buffers did not come";
+    }
+    lost += k;
   }
   const char *why = NULL; /* (a failure ends this process: see child_fail) */
   corral_future **deps = ndeps ? calloc(ndeps, sizeof(corral_future *)) : NULL;
@@ -1542,17 +1610,41 @@ static const char *on_call(pump *c, rcur *r) {
     atomic_fetch_add(&deps[i]->deps, 1);
     if (r->bad) continue;
     char *bytes = n ? dup_bytes(s, n) : NULL;
-    if (shm && (bytes == NULL || take_shms(c->fdch, &c->fds, bytes, n, 0) != 0)) {
+    int tot = 0, k = !shm ? 0 : bytes == NULL ? -1 : take_shms(c->fdch, &c->fds, bytes, n, 0, &tot);
+    if (k < 0) {
       free(bytes);
       why = "a CALL frame whose shared buffers did not come";
       goto fail;
     }
+    if (k > 0) { /* (its descriptors are closed; the rest are still taken) */
+      free(bytes);
+      lost += k;
+      total += tot;
+      continue;
+    }
+    total += tot;
     if (shm)
       corral__future_settle_peer_shm(deps[i], st, bytes, n, corral__codec_discard);
     else
       corral__future_settle_peer(deps[i], st, bytes, n);
   }
   why = corral__frame_done(r, "a malformed CALL frame");
+  if (why == NULL && lost > 0) {
+    /* every descriptor sent was taken (the sockets are in step): the call
+     * fails, and this process serves on */
+    char msg[256];
+    size_t elen = 0;
+    limit_message(msg, sizeof msg, "its arguments and inputs hold", total, lost);
+    char *e = corral__future_error_payload("CodecError", msg, &elen);
+    wbuf b = {0};
+    corral__frame_begin(&b, F_RESULT);
+    corral__w_uint(&b, id, 8);
+    corral__w_uint(&b, CORRAL_FAILED, 1);
+    corral__w_bytes(&b, e, e ? elen : 0);
+    free(e);
+    if (send_frame((uv_stream_t *)&c->sock, &b) != 0) why = "out of memory";
+    goto fail; /* (what it holds is released: not a failure unless why says so) */
+  }
   corral_future *result = why == NULL ? corral__future_new() : NULL;
   /* (its descriptors close with its arguments: see corral__call_drop_payload) */
   corral_call *call = result && args ? corral__call_new(method, mlen, result, args, plen, flags & 1,
