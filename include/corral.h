@@ -156,8 +156,9 @@ CORRAL_API corral_state corral_future_state(corral_future *f);
  * nested at most 102 deep (the outer array included), of values the
  * decoder takes from outside the process (nil, booleans, numbers, strings,
  * binary, arrays, maps without nil or NaN keys, timestamps, and corral's
- * REF, MODULE, CFUNC and BYTES extensions when well formed): anything
- * else is CORRAL_EINVAL and leaves the future as it was. Returns
+ * REF and BYTES extensions when well formed; never a MODULE or CFUNC
+ * reference, whose decoding would load code): anything else is
+ * CORRAL_EINVAL and leaves the future as it was. Returns
  * CORRAL_ESTATE when already settled. */
 CORRAL_API int corral_future_set_result(corral_future *f, const void *mp, size_t len);
 /* Settle with one value, encoded by corral (no MessagePack to write): a

@@ -2256,14 +2256,6 @@ typedef struct {
   const char *why;
 } fcheck;
 
-static int fc_module_name(fcheck *c, const char *p, size_t n) {
-  if (n == 0 || memchr(p, '\0', n) != NULL) {
-    c->why = "a module name that is not one";
-    return -1;
-  }
-  return 0;
-}
-
 static int fc_value(fcheck *c, const msgpack_object *o) {
   switch (o->type) {
   case MSGPACK_OBJECT_NIL:
@@ -2313,17 +2305,12 @@ static int fc_value(fcheck *c, const msgpack_object *o) {
       if (n == 4 && get_be(p, 4) < c->tables) return 0;
       c->why = "a REF extension to no table decoded before it";
       return -1;
-    case EXT_MODULE: return fc_module_name(c, p, n);
-    case EXT_CFUNC: {
-      const char *dot = NULL;
-      for (uint32_t i = 0; i < n; i++)
-        if (p[i] == '.') dot = p + i;
-      if (dot == NULL || dot == p + n - 1) {
-        c->why = "a CFUNC extension without a module and a name";
-        return -1;
-      }
-      return fc_module_name(c, p, (size_t)(dot - p));
-    }
+    case EXT_MODULE:
+    case EXT_CFUNC:
+      /* decoding one would `require` a module: code, never from outside */
+      c->why = "a module or C function reference (decoding it would load code) cannot come "
+               "from outside the process";
+      return -1;
     case EXT_BYTES: return 0;
     default: c->why = "an extension type corral does not take from outside the process"; return -1;
     }

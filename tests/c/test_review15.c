@@ -131,6 +131,11 @@ static void test_payloads(void) {
   CHECK(SET("\x91\xc7\x00\x0a") == 0, "an empty BYTES is taken");
   CHECK(SET("\x91\xc7\x01\x0c\x00") == CORRAL_EINVAL || SET("\x91\xc7\x01\x0c\x00") == 0,
         "a MODULE named NUL: answered, no crash");
+  /* decoding a MODULE or CFUNC would require a module: code from a payload */
+  CHECK(SET("\x91\xc7\x02\x04os") == CORRAL_EINVAL, "a MODULE (os): CORRAL_EINVAL");
+  CHECK(SET("\x91\xc7\x09\x05os.getenv") == CORRAL_EINVAL, "a CFUNC (os.getenv): CORRAL_EINVAL");
+  CHECK(SET("\x91\xc7\x09\x04evil_name") == CORRAL_EINVAL,
+        "a MODULE not loaded yet (which require would run): CORRAL_EINVAL");
   CHECK(corral_future_set_result(NULL, "\x90", 1) == CORRAL_EINVAL, "a NULL future: EINVAL");
   corral_future *f = corral_future_new(rt);
   CHECK(corral_future_set_result(f, NULL, 5) == CORRAL_EINVAL, "NULL bytes with a length: EINVAL");
