@@ -795,7 +795,7 @@ static const char *on_result(void *ud, rcur *c) {
       free(payload);
       char msg[256];
       limit_message(msg, sizeof msg, "its result holds", total, lost);
-      corral_future_set_error(call->result, "CodecError", msg);
+      corral__future_set_error(call->result, "CodecError", msg);
     } else {
       corral__future_settle_peer_shm(call->result, state, payload, n, corral__codec_discard);
     }
