@@ -112,6 +112,23 @@ function M.wait_until(cond, limit)
   end
 end
 
+--- Source of a function that counts the descriptors this process holds
+-- open on `path` (a FIFO that corral.fs reads is opened at once, without
+-- waiting for a writer, and read through the loop): specs wait for it to
+-- know that a read has really started, in this process or in a child.
+M.fifo_opens_src = [==[
+return function(path)
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int getpid(void);")
+  local n, ls = 0, io.popen("ls -l /proc/" .. ffi.C.getpid() .. "/fd 2>/dev/null")
+  for l in ls:lines() do
+    if l:sub(-#path - 4) == " -> " .. path then n = n + 1 end
+  end
+  ls:close()
+  return n
+end]==]
+M.fifo_opens = assert(loadstring(M.fifo_opens_src))()
+
 --- How many handles the worker named `name` has (corral.stats), or nil.
 function M.handles(name)
   for _, r in ipairs(require("corral").stats()) do

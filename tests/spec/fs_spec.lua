@@ -122,11 +122,10 @@ describe("corral.fs", function()
     assert(os.execute("mkfifo " .. fifo) == 0)
     -- opening a FIFO for reading waits for a writer (in libuv's threadpool)
     local t = corral.spawn(corral.fs.read, fifo)
-    corral.sleep(0) -- (one turn: the task starts its open)
+    h.wait_until(function() return h.fifo_opens(fifo) >= 1 end, 10) -- its open has started
     assert.is_true(t:cancel())
     assert.equal("CancelledError", kind_of(function() return t:result(5) end))
-    -- the abandoned open (unless the cancel came before it started) ends
-    -- once a writer comes; the writer gives up after 2 s when none was left
+    -- the abandoned open ends once a writer comes; the writer gives up after 2 s when none was left
     pcall(function()
       return corral.exec({ "sh", "-c", "printf late > " .. fifo }, { timeout = 2 }):result()
     end)

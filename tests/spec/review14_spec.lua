@@ -112,7 +112,9 @@ describe("review14: corral.fs", function()
       local fifo = ]] .. ("%q"):format(fifo) .. [[
       local fs = {}
       for i = 1, 4 do fs[i] = corral.spawn(corral.fs.read, fifo) end
-      corral.sleep(0.2)
+      local fifo_opens, t0 = (loadstring(]] .. ("%q"):format(h.fifo_opens_src) .. [[))(), corral.now()
+      while fifo_opens(fifo) < 4 and corral.now() - t0 < 10 do corral.sleep(0.005) end
+      print("reads open: " .. fifo_opens(fifo))
       for i = 1, 4 do fs[i]:cancel() end
       local f = corral.spawn(corral.fs.stat, "/")
       local ok, r = pcall(f.result, f, 3)
@@ -122,6 +124,7 @@ describe("review14: corral.fs", function()
       for i = 1, 4 do local w = io.open(fifo, "w"); w:close() end
     ]], 30)
     os.remove(fifo)
+    assert.matches("reads open: 4", out, 1, true)
     assert.matches("stat ok", out)
   end)
 
@@ -138,7 +141,9 @@ describe("review14: corral.fs", function()
       local W = corral.worker { rd = function(self, p) return corral.fs.read(p) end }
       local w = W:init()
       local f = w:rd(fifo)
-      corral.sleep(0.2)
+      local fifo_opens, t0 = (loadstring(]] .. ("%q"):format(h.fifo_opens_src) .. [[))(), corral.now()
+      while fifo_opens(fifo) < 1 and corral.now() - t0 < 10 do corral.sleep(0.005) end
+      print("reads open: " .. fifo_opens(fifo))
       -- a writer, 4 s from now, so that the script ends either way
       local writer = corral.exec({ "sh", "-c", "sleep 4; echo hi > " .. fifo }, { capture = false })
       local t0 = corral.now()
@@ -150,6 +155,7 @@ describe("review14: corral.fs", function()
       pcall(writer.result, writer)
     ]], 30)
     os.remove(fifo)
+    assert.matches("reads open: 1", out, 1, true)
     local took = tonumber(out:match("stop took ([%d.]+)"))
     assert.is_not_nil(took, out)
     assert.is_true(took < 1.5, ("w:stop{drain=false} blocked %.2f s"):format(took))
