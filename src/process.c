@@ -1457,7 +1457,9 @@ void corral__process_main(corral_worker *w) {
       pump_calls(p);
       corral__ctx_drain(&w->ctx, NULL, NULL); /* inputs that settled: looked at next turn */
       corral__ctx_drain_posts(&w->ctx, on_sync_post, p); /* the child's waits, granted */
-      if (p->inflight > 0 || p->shut || p->killed)
+      /* (dying: the process is ending, and a stop or a caller waits for its
+       * exit event: busy, or the runtime could count every context idle) */
+      if (p->inflight > 0 || p->shut || p->killed || p->dying)
         uv_run(p->loop, UV_RUN_ONCE); /* the child works, or is ending: busy */
       else
         corral__ctx_poll(&w->ctx, -1); /* nothing handed over: counted idle while it waits */
