@@ -102,6 +102,15 @@ function M.kind_of(f)
   return corral.is_error(e) and e.kind or tostring(e), e
 end
 
+--- Write `code` to a new temporary .lua file; returns its path.
+function M.write_script(code)
+  local path = M.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(code)
+  f:close()
+  return path
+end
+
 --- Wait (bounded, driving corral's loop) until cond() holds.
 function M.wait_until(cond, limit)
   local corral = require "corral"

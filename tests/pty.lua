@@ -118,11 +118,50 @@ function Pty:send(s)
   assert(C.write(self.fd, s, #s) == #s, "write to the pty failed")
 end
 
+--- Type a line at a REPL and wait for its next prompt (`prompt`, "> " by
+-- default); returns what the line printed, with a newline at its end.
+function Pty:line(s, prompt)
+  self:send(s .. "\r")
+  self:expect(s, 20, true) -- the echo
+  local m = self.mark
+  local pr = "\n" .. (prompt or "> ")
+  self:expect(pr, 30, true)
+  return self:screen(true):sub(m, self.mark - 1 - #pr) .. "\n"
+end
+
 --- Kill what is still running and close the pty.
 function Pty:close()
   if self.pgid then C.kill(-self.pgid, 9) end
   if self.fd then C.close(self.fd) end
   self.fd = nil
+end
+
+--- A REPL fixture for a describe block: `before_each(r.setup)` makes a
+-- fresh HOME (its history file), `after_each(r.teardown)` closes the pty
+-- and removes it; `r.start(args)` runs `bin args` on a pty with that HOME
+-- and returns it past its banner and first prompt.
+function M.repl(bin)
+  local r = {}
+  function r.setup()
+    r.home = os.tmpname()
+    os.remove(r.home)
+    assert(os.execute("mkdir -p " .. r.home) == 0)
+  end
+  function r.teardown()
+    if r.p then r.p:close() end
+    r.p = nil
+    os.execute("rm -rf " .. r.home)
+  end
+  function r.start(args)
+    if r.p then r.p:close() end
+    local argv = { bin }
+    for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+    r.p = M.spawn(argv, { HOME = r.home })
+    r.p:expect("Ctrl-D to leave", 20, true)
+    r.p:expect("> ", 20, true)
+    return r.p
+  end
+  return r
 end
 
 return M

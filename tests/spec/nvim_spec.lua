@@ -14,13 +14,7 @@ local function nvim(script, env)
     .. h.quote("luafile " .. script))
 end
 
-local function script(code)
-  local path = h.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(code)
-  f:close()
-  return path
-end
+local script = h.write_script
 
 describe("Neovim drives corral", function()
   if not has_nvim then

@@ -5,38 +5,14 @@ local pty = require "pty"
 local BIN = (os.getenv("CORRAL_BUILD") or ".") .. "/bin/corral"
 
 describe("the REPL", function()
-  local home, p
-
-  before_each(function()
-    home = os.tmpname()
-    os.remove(home)
-    assert(os.execute("mkdir -p " .. home) == 0)
-  end)
-
-  after_each(function()
-    if p then p:close() end
-    p = nil
-    os.execute("rm -rf " .. home)
-  end)
-
+  local repl, p = pty.repl(BIN), nil
+  before_each(repl.setup)
+  after_each(function() repl.teardown(); p = nil end)
   local function start(args)
-    local argv = { BIN }
-    for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-    p = pty.spawn(argv, { HOME = home })
-    p:expect("Ctrl-D to leave", 20, true)
-    p:expect("> ", 20, true)
+    p = repl.start(args)
     return p
   end
-
-  -- Type a line and wait for the next prompt; returns what came between.
-  local function line(s, prompt)
-    p:send(s .. "\r")
-    p:expect(s, 20, true) -- the echo
-    local m = p.mark
-    local pr = "\n" .. (prompt or "> ")
-    p:expect(pr, 30, true)
-    return p:screen(true):sub(m, p.mark - 1 - #pr) .. "\n"
-  end
+  local function line(s, prompt) return p:line(s, prompt) end
 
   it("prints the value of an expression, =expr, and tables, strings and futures as values", function()
     start()
@@ -138,17 +114,20 @@ describe("the REPL", function()
     p:send("\r")
     p:expect("\n> ", 20, true)
     assert.matches("2", line("n"), 1, true)
+    line("recalled = 40 + 2")
     p:send("\4")
     p:expect("[exit 0]", 20, true)
-    local f = assert(io.open(home .. "/.corral_history"))
+    local f = assert(io.open(repl.home .. "/.corral_history"))
     local text = f:read("*a"):gsub("\\040", " ") -- (libedit's encoding of a space)
     f:close()
     assert.matches("n = (n or 0) + 1", text, 1, true)
-    -- a new REPL has it
-    p:close()
+    -- a new REPL has it: the last line, recalled and run there
     start()
     p:send("\16")
-    p:expect("n", 20, true)
+    p:expect("recalled = 40 + 2", 20, true)
+    p:send("\r")
+    p:expect("\n> ", 20, true)
+    assert.matches("42", line("recalled"), 1, true)
   end)
 
   it("completes globals, fields and methods with Tab", function()
@@ -197,7 +176,7 @@ describe("the REPL", function()
   end)
 
   it("corral -i script runs the script, then the REPL with its globals", function()
-    local script = home .. "/s.lua"
+    local script = repl.home .. "/s.lua"
     local f = assert(io.open(script, "w"))
     f:write("answer = 6 * 7\nprint('script ran')\n")
     f:close()

@@ -6,42 +6,14 @@ local json = require "dkjson"
 
 local BIN = h.bin
 
-local function write(code)
-  local path = h.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(code)
-  f:close()
-  return path
-end
+local write = h.write_script
 
 describe("review15: the REPL", function()
-  local home, p
-
-  before_each(function()
-    home = h.tmpname()
-    os.remove(home)
-    assert(os.execute("mkdir -p " .. home) == 0)
-  end)
-
-  after_each(function()
-    if p then p:close() end
-    p = nil
-    os.execute("rm -rf " .. home)
-  end)
-
-  local function start()
-    p = pty.spawn({ BIN }, { HOME = home })
-    p:expect("Ctrl-D to leave", 20, true)
-    p:expect("> ", 20, true)
-  end
-
-  local function line(s)
-    p:send(s .. "\r")
-    p:expect(s, 20, true)
-    local m = p.mark
-    p:expect("\n> ", 30, true)
-    return p:screen(true):sub(m, p.mark - 4) .. "\n"
-  end
+  local repl, p = pty.repl(BIN), nil
+  before_each(repl.setup)
+  after_each(function() repl.teardown(); p = nil end)
+  local function start() p = repl.start() end
+  local function line(s) return p:line(s) end
 
   it("corral -i with standard input not a terminal runs its lines and leaves at their end", function()
     -- (libedit's callback interface handed such lines over as empty ones,

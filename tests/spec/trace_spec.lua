@@ -20,13 +20,7 @@ print(c:result())
 w:stop()
 ]]
 
-local function write(code)
-  local path = h.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(code)
-  f:close()
-  return path
-end
+local write = h.write_script
 
 -- Run `code` with the corral binary: `opts` before the script, `env` before
 -- the command. Returns stdout, stderr, status.
