@@ -91,17 +91,24 @@ static void fail(fs_op *o, int err, const char *call) {
 /* Steps                                                                     */
 /* ======================================================================== */
 
-static void read_more(fs_op *o) {
+/* The room after what was read so far, at least 64 KiB (the buffer
+ * doubles), at most 1 GiB a read; a buffer of no bytes when out of memory. */
+static uv_buf_t read_room(fs_op *o) {
   if (o->cap - o->len < 65536) {
     size_t cap = o->cap < 65536 ? 65536 : o->cap * 2;
     char *d = realloc(o->data, cap);
-    if (d == NULL) return fail(o, UV_ENOMEM, "read");
+    if (d == NULL) return uv_buf_init(NULL, 0);
     o->data = d;
     o->cap = cap;
   }
   size_t room = o->cap - o->len;
   if (room > (1u << 30)) room = 1u << 30;
-  uv_buf_t b = uv_buf_init(o->data + o->len, (unsigned)room);
+  return uv_buf_init(o->data + o->len, (unsigned)room);
+}
+
+static void read_more(fs_op *o) {
+  uv_buf_t b = read_room(o);
+  if (b.base == NULL) return fail(o, UV_ENOMEM, "read");
   int rc = uv_fs_read(&o->ctx->loop, &o->req, o->fd, &b, 1, -1, step);
   if (rc < 0) fail(o, rc, "read");
 }
@@ -144,20 +151,7 @@ static void on_pipe_closed(uv_handle_t *h) {
 
 static void pipe_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
   (void)hint;
-  fs_op *o = h->data;
-  if (o->cap - o->len < 65536) {
-    size_t cap = o->cap < 65536 ? 65536 : o->cap * 2;
-    char *d = realloc(o->data, cap);
-    if (d == NULL) {
-      *b = uv_buf_init(NULL, 0); /* (libuv then reports UV_ENOBUFS) */
-      return;
-    }
-    o->data = d;
-    o->cap = cap;
-  }
-  size_t room = o->cap - o->len;
-  if (room > (1u << 30)) room = 1u << 30;
-  *b = uv_buf_init(o->data + o->len, (unsigned)room);
+  *b = read_room(h->data); /* (no bytes: libuv then reports UV_ENOBUFS) */
 }
 
 static void pipe_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
