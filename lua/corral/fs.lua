@@ -39,6 +39,16 @@ local function check_mode(fname, mode)
     and mode == math.floor(mode)), fname, "mode", "a whole number from 0 to 0o7777", mode)
 end
 
+-- opts: nil, or a table of these options with a valid `mode`.
+local function check_opts(fname, opts, allowed)
+  if opts == nil then return end
+  errors.check(type(opts) == "table", fname, "opts", "a table", opts)
+  errors.check_options(fname, opts, allowed)
+  check_mode(fname, opts.mode)
+end
+
+local WRITE_OPTIONS, MKDIR_OPTIONS = { append = true, mode = true }, { parents = true, mode = true }
+
 local function check_path(fname, path)
   errors.check(type(path) == "string" and path ~= "" and not path:find("\0", 1, true), fname,
     "path", "a non-empty string without NUL bytes", path)
@@ -83,11 +93,7 @@ function M.write(path, data, opts)
   local fname = "corral.fs.write"
   check_path(fname, path)
   errors.check(type(data) == "string", fname, "data", "a string", data)
-  if opts ~= nil then
-    errors.check(type(opts) == "table", fname, "opts", "a table", opts)
-    errors.check_options(fname, opts, { append = true, mode = true })
-    check_mode(fname, opts.mode)
-  end
+  check_opts(fname, opts, WRITE_OPTIONS)
   local append = opts and opts.append
   return (run(fname, append and "append" or "write", path, data, opts and opts.mode))
 end
@@ -126,11 +132,7 @@ end
 function M.mkdir(path, opts)
   local fname = "corral.fs.mkdir"
   check_path(fname, path)
-  if opts ~= nil then
-    errors.check(type(opts) == "table", fname, "opts", "a table", opts)
-    errors.check_options(fname, opts, { parents = true, mode = true })
-    check_mode(fname, opts.mode)
-  end
+  check_opts(fname, opts, MKDIR_OPTIONS)
   if not (opts and opts.parents) then return run(fname, "mkdir", path, nil, opts and opts.mode) end
   local at = path:sub(1, 1) == "/" and "/" or ""
   for part in path:gmatch("[^/]+") do
