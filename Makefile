@@ -108,6 +108,16 @@ $(HOSTEX): examples/host/host.c $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(ALL_LDFLAGS) -o $@ $< $(LIBA) $(ALL_LDLIBS)
 
+# The raw figures of a NATS server through libnats (bench/nats_raw.c): the
+# baseline of remote workers (issue 13) in `make bench`, and the client the
+# nats harness spec checks credentials and TLS with. Never sanitized (libnats
+# and its threads are not instrumented).
+NATSRAW := $(BUILD)/obj/bench/nats_raw
+$(NATSRAW): bench/nats_raw.c
+	@mkdir -p $(dir $@)
+	$(CC) $(OPT) -std=c11 -Wall -Wextra $(WERROR) -D_GNU_SOURCE $(shell pkg-config --cflags libnats) \
+	  $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell pkg-config --libs libnats 2>/dev/null || echo -lnats) -lpthread
+
 $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(ALL_LDFLAGS) -rdynamic -o $@ $< $(LIBA) $(ALL_LDLIBS)
@@ -115,7 +125,7 @@ $(BUILD)/obj/tests/%: tests/c/%.c tests/c/tap.h $(LIBA)
 # ---- tests ---------------------------------------------------------------
 
 BUSTED := luajit /usr/bin/busted
-test: all $(CTESTS) $(HOSTEX)
+test: all $(CTESTS) $(HOSTEX) $(NATSRAW)
 	CORRAL_BUILD=$(BUILD) $(TEST_ENV) scripts/run-tests $(BUILD)
 
 # The long runs, not in CI: the process chaos test with 50,000 calls (the
@@ -178,7 +188,7 @@ $(BUILD)/bin/fuzz-%: tests/fuzz/%.c tests/fuzz/fuzz.h $(LIBA)
 demo: all
 	$(BIN) examples/commands.lua
 
-bench: all $(HOSTEX)
+bench: all $(HOSTEX) $(NATSRAW)
 	CORRAL_BENCH_DEPS=1 scripts/install-deps
 	scripts/run-bench $(BUILD)
 
