@@ -109,6 +109,54 @@ ours = measure([corral, B("orchestration.lua"), "fs", "20000"])
 peer = measure([sys.executable, B("orchestration_python.py"), "fs", "20000"])
 row("4 KiB file reads from 64 tasks", ours, peer, "run_in_executor(open)", "reads/s", True)
 
+# Raw NATS figures (issue 13, remote workers): the same loopback nats-server
+# measured with libnats directly (bench/nats_raw.c), what corral's remote
+# calls will be compared against. The server is started here as
+# tests/nats.lua starts it: -js on a random port in a temporary directory.
+def nats_server():
+    import json, tempfile, time
+    d = tempfile.mkdtemp(prefix="corral-nats-bench-")
+    p = subprocess.Popen(["nats-server", "-js", "-a", "127.0.0.1", "-p", "-1",
+                          "--ports_file_dir", d, "-sd", os.path.join(d, "js")],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ports = os.path.join(d, f"nats-server_{p.pid}.ports")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            with open(ports) as f:
+                return p, d, json.load(f)["nats"][0]
+        except (OSError, ValueError, KeyError, IndexError):
+            time.sleep(0.01)
+    p.kill(); p.wait(); shutil.rmtree(d, ignore_errors=True)
+    return None, None, None
+
+def raw_row(name, value, unit, what):
+    print(f"{name:<34} {value:>14,.2f} {unit:<10} {what}")
+
+raw = os.path.join(build, "obj", "bench", "nats_raw")
+srv, sdir, url = nats_server() if shutil.which("nats-server") and os.path.exists(raw) else (None, None, None)
+if srv:
+    try:
+        buffered = dict(os.environ, NATS_BUFFERED="1")
+        raw_row("raw NATS request/reply (median)", measure([raw, "rtt", url, "5000"]), "us",
+                "libnats, 1 in flight, no corral yet (issue 13)")
+        raw_row("  same, libnats' default flusher", measure([raw, "rtt", url, "5000"], buffered), "us",
+                "publishes held up to ~1 ms")
+        raw_row("  256 in flight", measure([raw, "throughput", url, "100000"]), "req/s", "libnats")
+        raw_row("  256 in flight, default flusher", measure([raw, "throughput", url, "100000"], buffered),
+                "req/s", "libnats (batched writes)")
+        raw_row("raw JetStream pub+fetch+ack", measure([raw, "js", url, "2000"]), "us",
+                "work queue, durable pull consumer, AckSync")
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            srv.kill(); srv.wait()
+        shutil.rmtree(sdir, ignore_errors=True)
+else:
+    print("  (nats-server or obj/bench/nats_raw missing: no raw NATS figures)")
+
 # A C host's frame loop (examples/host): 60 Hz, corral_step once a frame,
 # two CPU-bound thread workers busy all along. No peer: the target is a p99
 # under 0.2 ms and no frame made late by corral. BENCH_HOST_SECONDS shortens
