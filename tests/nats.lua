@@ -29,24 +29,23 @@ local ffi = require "ffi"
 local M = {}
 
 local function cdef(s) pcall(ffi.cdef, s) end
-cdef [[
-typedef struct { int allocated, used; void *actions; int pad[16]; } corral_nats_fa;
-int posix_spawnp(int *pid, const char *file, const corral_nats_fa *fa,
-                 const void *attr, char *const argv[], char *const envp[]);
-int posix_spawn_file_actions_init(corral_nats_fa *fa);
-int posix_spawn_file_actions_destroy(corral_nats_fa *fa);
-int posix_spawn_file_actions_addopen(corral_nats_fa *fa, int fd, const char *path,
-                                     int oflag, unsigned mode);
-extern char **environ;
-int kill(int pid, int sig);
-int waitpid(int pid, int *status, int options);
-char *mkdtemp(char *template);
-int poll(void *fds, unsigned long nfds, int timeout);
-int socket(int domain, int type, int protocol);
-int connect(int fd, const void *addr, unsigned len);
-int close(int fd);
-struct corral_nats_sin { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; };
-]]
+-- one declaration a call: a spec may have declared one already (another way)
+cdef "typedef struct { int allocated, used; void *actions; int pad[16]; } corral_nats_fa;"
+cdef [[int posix_spawnp(int *pid, const char *file, const corral_nats_fa *fa, const void *attr,
+                       char *const argv[], char *const envp[]);]]
+cdef "int posix_spawn_file_actions_init(corral_nats_fa *fa);"
+cdef "int posix_spawn_file_actions_destroy(corral_nats_fa *fa);"
+cdef [[int posix_spawn_file_actions_addopen(corral_nats_fa *fa, int fd, const char *path,
+                                           int oflag, unsigned mode);]]
+cdef "extern char **environ;"
+cdef "int kill(int pid, int sig);"
+cdef "int waitpid(int pid, int *status, int options);"
+cdef "char *mkdtemp(char *template);"
+cdef "int poll(void *fds, unsigned long nfds, int timeout);"
+cdef "int socket(int domain, int type, int protocol);"
+cdef "int connect(int fd, const void *addr, unsigned len);"
+cdef "int close(int fd);"
+cdef "struct corral_nats_sin { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; };"
 local C = ffi.C
 
 local SIGKILL, SIGTERM, WNOHANG = 9, 15, 1
@@ -85,7 +84,7 @@ function M.can_connect(port)
   sa.family = 2
   sa.port = bit.rshift(bit.bswap(port), 16)
   sa.addr = bit.bswap(0x7f000001)
-  local ok = C.connect(fd, sa, ffi.sizeof(sa)) == 0
+  local ok = C.connect(fd, ffi.cast("void *", sa), ffi.sizeof(sa)) == 0
   C.close(fd)
   return ok
 end
@@ -118,8 +117,21 @@ local function spawn(argv, log)
     cargv[i - 1] = keep[i]
   end
   cargv[#argv] = nil
+  -- the environment, less LD_PRELOAD (a sanitizer runtime under make test-asan)
+  local envs, i = {}, 0
+  while C.environ[i] ~= nil do
+    local e = ffi.string(C.environ[i])
+    if not e:match("^LD_PRELOAD=") then envs[#envs + 1] = e end
+    i = i + 1
+  end
+  local cenv = ffi.new("char *[?]", #envs + 1)
+  for j, e in ipairs(envs) do
+    keep[#keep + 1] = ffi.new("char[?]", #e + 1, e)
+    cenv[j - 1] = keep[#keep]
+  end
+  cenv[#envs] = nil
   local pid = ffi.new("int[1]")
-  local rc = C.posix_spawnp(pid, argv[1], fa, nil, cargv, C.environ)
+  local rc = C.posix_spawnp(pid, argv[1], fa, nil, cargv, cenv)
   C.posix_spawn_file_actions_destroy(fa)
   if rc ~= 0 then return nil, "posix_spawnp " .. argv[1] .. ": error " .. rc end
   return pid[0]

@@ -8,15 +8,13 @@ local h = require "helper" -- (first: it takes LD_PRELOAD out of the children's 
 local nats = require "nats"
 local ffi = require "ffi"
 
-pcall(ffi.cdef, [[
-int socket(int domain, int type, int protocol);
-int connect(int fd, const void *addr, unsigned len);
-int close(int fd);
-long read(int fd, void *buf, unsigned long n);
-long write(int fd, const void *buf, unsigned long n);
-struct corral_nats_timeval { long sec, usec; };
-int setsockopt(int fd, int level, int name, const void *val, unsigned len);
-]])
+pcall(ffi.cdef, "int socket(int domain, int type, int protocol);")
+pcall(ffi.cdef, "int connect(int fd, const void *addr, unsigned len);")
+pcall(ffi.cdef, "int close(int fd);")
+pcall(ffi.cdef, "long read(int fd, void *buf, unsigned long n);")
+pcall(ffi.cdef, "long write(int fd, const void *buf, unsigned long n);")
+pcall(ffi.cdef, "struct corral_nats_timeval { long sec, usec; };")
+pcall(ffi.cdef, "int setsockopt(int fd, int level, int name, const void *val, unsigned len);")
 local C = ffi.C
 
 -- A raw NATS exchange: read the server's INFO line, send `send`, read what
@@ -26,12 +24,12 @@ local function exchange(port, send, until_pat)
   local fd = C.socket(2, 1, 0)
   assert(fd >= 0, "socket")
   local tv = ffi.new("struct corral_nats_timeval", 5, 0)
-  C.setsockopt(fd, 1, 20, tv, ffi.sizeof(tv)) -- SOL_SOCKET, SO_RCVTIMEO
+  C.setsockopt(fd, 1, 20, ffi.cast("void *", tv), ffi.sizeof(tv)) -- SOL_SOCKET, SO_RCVTIMEO
   local sa = ffi.new("struct corral_nats_sin")
   sa.family = 2
   sa.port = bit.rshift(bit.bswap(port), 16)
   sa.addr = bit.bswap(0x7f000001)
-  assert(C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect")
+  assert(C.connect(fd, ffi.cast("void *", sa), ffi.sizeof(sa)) == 0, "connect")
   local buf, got = ffi.new("char[4096]"), ""
   local function read_until(pat)
     while not got:find(pat) do
