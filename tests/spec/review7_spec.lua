@@ -45,12 +45,16 @@ describe("review7: errors are never lost", function()
     -- is an input, and the input's taker is cancelled, so nobody reports it)
     local out, err, code = run([[
       local corral = require "corral"
-      local W = corral.worker { boom = function() error("input-boom", 0) end,
+      -- (boom fails only once b is cancelled: had it failed first, b would
+      -- have failed with it, and cancel would rightly say false)
+      local W = corral.worker { boom = function(_, go) go:wait(); error("input-boom", 0) end,
         use = function(_, x) return x end }
       local w = W:options { mode = "thread" }:init()
-      local a = w:boom()
+      local go = corral.event()
+      local a = w:boom(go)
       local b = w:use(a)
       print("cancelled", b:cancel())
+      go:set()
       print("stopped", w:stop { timeout = 5 })
       a, b = nil, nil
       collectgarbage(); collectgarbage()
