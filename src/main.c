@@ -461,8 +461,7 @@ static int repl(corral_runtime *rt) {
         add_history(line_in);
         write_history(hist);
       }
-      char r[16] = "";
-      repl_call("feed", line_in, r, sizeof r);
+      repl_call("feed", line_in, NULL, 0);
       free(line_in);
       line_in = NULL;
     }

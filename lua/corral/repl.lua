@@ -36,6 +36,8 @@ local function is_ident(k)
   return type(k) == "string" and k:match("^[%a_][%w_]*$") ~= nil
 end
 
+local function pack(...) return { n = select("#", ...), ... } end
+
 local function fmt_values(t, n, depth)
   local parts = {}
   for i = 1, n do parts[i] = fmt(t[i], depth) end
@@ -46,7 +48,7 @@ local function fmt_future(f, depth)
   local s = f:done() and (f:cancelled() and "cancelled" or (f:exception() and "failed" or "done"))
     or (f:running() and "running" or "pending")
   if s == "done" then
-    local ok, vals = pcall(function() return { n = select("#", f:result()), f:result() } end)
+    local ok, vals = pcall(function() return pack(f:result()) end)
     if not ok then return "<future done: (" .. str(vals) .. ")>" end
     if vals.n == 0 then return "<future done>" end
     return "<future done: " .. fmt_values(vals, vals.n, depth + 1) .. ">"
@@ -185,11 +187,10 @@ end
 
 local COMMANDS = { help = function() print(HELP) end, stats = cmd_stats, workers = cmd_workers }
 
---- Feed one line typed at the prompt (nil at end of input). Returns "exit"
--- at end of input, "more" when the chunk is unfinished, else nothing (the
--- line runs as a task; `M.poll` says when it is done).
+--- Feed one line typed at the prompt: a colon command runs at once, an
+-- unfinished chunk waits for more (`M.prompt` says so), a complete one runs
+-- as a task (`M.poll` says when it is done).
 function M.feed(line)
-  if line == nil then return "exit" end
   if pending == nil then
     local cmd = line:match("^%s*:(%a+)%s*$")
     if cmd then
@@ -209,7 +210,7 @@ function M.feed(line)
   local is_expr = err == true
   if not fn and err == "more" then
     pending = src
-    return "more"
+    return
   end
   pending = nil
   if not fn then
@@ -236,7 +237,7 @@ function M.poll()
     show_error(e, rawget(f, "_tb"))
     return false
   end
-  local vals = { n = select("#", f:result()), f:result() }
+  local vals = pack(f:result())
   if vals.n > 0 then
     local parts = {}
     for i = 1, vals.n do parts[i] = fmt(vals[i]) end
@@ -322,11 +323,11 @@ function M.start()
       stop_requested = true
       return
     end
-    if running ~= nil and not running:done() then
-      running:cancel()
-    else
+    if running == nil then
       interrupted = true
-    end
+    elseif not running:done() then
+      running:cancel()
+    end -- (a line that has just ended: M.poll shows how, and the prompt is kept)
   end
   local v = corral.versions
   return ("corral %s (LuaJIT %s): each line runs as a task; :help for help, Ctrl-D to leave")

@@ -88,6 +88,18 @@ function M.task_begin(t)
   t._tts = now()
 end
 
+-- A piece of call `c`, from `s` to `e`, on track `me`; its first piece is
+-- where the arrows into the call end (from the send, and from its inputs).
+local function call_piece(me, c, s, e)
+  slice(me, c.name, "call", s, e - s, c.id, c.bytes)
+  if not c.first then return end
+  c.first = false
+  local mid = s + (e - s) / 2
+  flow(me, "f", mid, c.id)
+  local deps = c.deps
+  if deps then for i = 1, #deps do unwrap(deps[i], me, mid) end end
+end
+
 -- End the pieces of the calls that run on task t (the innermost first),
 -- then t's own: at a wait (`done` false) or at its end.
 local function pieces_end(t, done)
@@ -98,16 +110,7 @@ local function pieces_end(t, done)
   while c do
     local s = c.start
     if s < t0 then s = t0 end
-    local e = now()
-    slice(me, c.name, "call", s, e - s, c.id, c.bytes)
-    if c.first then
-      -- the call's first piece: the arrows into it end here
-      c.first = false
-      local mid = s + (e - s) / 2
-      flow(me, "f", mid, c.id)
-      local deps = c.deps
-      if deps then for i = 1, #deps do unwrap(deps[i], me, mid) end end
-    end
+    call_piece(me, c, s, now())
     c = c.up
   end
   local e = now()
@@ -172,14 +175,7 @@ function M.call_end(c)
   local t = c.t
   local s = c.start
   if t and t._tts and s < t._tts then s = t._tts end
-  local e = now()
-  slice(me, c.name, "call", s, e - s, c.id, c.bytes)
-  if c.first then
-    local mid = s + (e - s) / 2
-    flow(me, "f", mid, c.id)
-    local deps = c.deps
-    if deps then for i = 1, #deps do unwrap(deps[i], me, mid) end end
-  end
+  call_piece(me, c, s, now())
   if t then t._tcall = c.up end
 end
 

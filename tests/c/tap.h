@@ -1,8 +1,11 @@
-/* tap.h: what the C tests share: TAP output (CHECK) and running Lua code. */
+/* tap.h: what the C tests share: TAP output (CHECK), running Lua code, a
+ * monotonic clock and the count of this process's threads. */
 #ifndef CORRAL_TEST_TAP_H
 #define CORRAL_TEST_TAP_H
 
+#include <dirent.h>
 #include <stdio.h>
+#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -31,6 +34,24 @@ static inline int run_lua(lua_State *L, const char *code) {
     return -1;
   }
   return 0;
+}
+
+/* A monotonic clock, in seconds. */
+static inline double mono_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The threads of this process now. */
+static inline int thread_count(void) {
+  DIR *d = opendir("/proc/self/task");
+  int n = 0;
+  if (d == NULL) return -1;
+  for (struct dirent *e; (e = readdir(d)) != NULL;)
+    if (e->d_name[0] != '.') n++;
+  closedir(d);
+  return n;
 }
 
 #endif

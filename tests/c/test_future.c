@@ -197,12 +197,6 @@ static void test_step(void) {
 
 /* ---- the loop contract: poll the fd with the timeout, then step --------- */
 
-static double mono_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static void test_loop_contract(void) {
   corral_runtime *rt = corral_open();
   lua_State *L = corral_lua(rt);

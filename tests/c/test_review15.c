@@ -19,22 +19,6 @@
 #include "corral.h"
 #include "tap.h"
 
-static double mono_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int thread_count(void) {
-  DIR *d = opendir("/proc/self/task");
-  int n = 0;
-  if (d == NULL) return -1;
-  for (struct dirent *e; (e = readdir(d)) != NULL;)
-    if (e->d_name[0] != '.') n++;
-  closedir(d);
-  return n;
-}
-
 /* The first result of a settled future as a string equals `want`. */
 static int gives(corral_future *f, const char *want) {
   const char *s = NULL;
