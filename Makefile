@@ -19,7 +19,7 @@ BUILD   ?= .
 SAN     ?=
 CC      ?= cc
 
-PKGS   := luajit libuv msgpack
+PKGS   := luajit libuv msgpack libnats
 # The README's commands (demo, test and the sanitizer runs), bench and fuzz
 # install what is missing first; plain `make` never installs anything, and
 # says which command does when a header is missing.
@@ -28,7 +28,7 @@ DEPS := $(shell scripts/install-deps >&2 && echo ok)
 endif
 ifeq ($(filter clean format,$(MAKECMDGOALS)),)
 ifneq ($(shell pkg-config --exists $(PKGS) libedit 2>/dev/null && echo ok),ok)
-$(error the development files of luajit, libuv, msgpack-c or libedit are missing: run scripts/install-deps (or make test, which runs it))
+$(error the development files of luajit, libuv, msgpack-c, libnats or libedit are missing: run scripts/install-deps (or make test, which runs it))
 endif
 endif
 
@@ -48,7 +48,7 @@ ALL_CFLAGS  = $(C_FLAGS) $(CFLAGS)
 ALL_LDFLAGS = $(L_FLAGS) $(LDFLAGS)
 ALL_LDLIBS  = $(L_LIBS) $(LDLIBS)
 
-SRCS := src/trace.c src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/sync.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/lua_util.c src/lua_trace.c src/lua_future.c src/lua_buffer.c src/lua_sync.c src/lua_fs.c src/lua_exec.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_host.c src/lua_core.c src/runtime.c
+SRCS := src/trace.c src/handle.c src/future.c src/buffer.c src/signal.c src/context.c src/sync.c src/reporter.c src/codec.c src/frame.c src/transport_thread.c src/worker.c src/rt.c src/process.c src/nats.c src/lua_util.c src/lua_trace.c src/lua_future.c src/lua_buffer.c src/lua_sync.c src/lua_fs.c src/lua_exec.c src/lua_nats.c src/lua_codec.c src/lua_worker.c src/lua_loop.c src/lua_host.c src/lua_core.c src/runtime.c
 OBJS := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 LUA  := $(sort $(wildcard lua/corral/*.lua))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/obj/tests/%,$(wildcard tests/c/*.c))

@@ -241,6 +241,11 @@ int corral__future_settle_foreign(corral_future *f, char *payload, size_t len) {
   return settle(f, CORRAL_DONE, payload, len, NULL, 0, CODEC_FOREIGN);
 }
 
+int corral__future_settle_trust(corral_future *f, corral_state state, char *payload, size_t len,
+                                int trust) {
+  return settle(f, (int)state, payload, len, NULL, 0, trust);
+}
+
 /* An error travels as a MessagePack map {kind=..., message=...}. */
 static size_t put_str(char *p, const char *s, size_t n) {
   size_t h;

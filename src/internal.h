@@ -86,6 +86,9 @@ int corral__future_settle_refs(corral_future *f, corral_state state, char *paylo
 /* Settle f as DONE with a host's payload (taken; checked by the caller:
  * corral_future_set_result), decoded as CODEC_FOREIGN. */
 int corral__future_settle_foreign(corral_future *f, char *payload, size_t len);
+/* Settle f with a payload decoded with `trust` (CODEC_*): corral's own, any state. */
+int corral__future_settle_trust(corral_future *f, corral_state state, char *payload, size_t len,
+                                int trust);
 /* The trust to decode f's payload with (CODEC_TRUSTED, _FOREIGN or _PEER). */
 int corral__future_trust(corral_future *f);
 /* Settle f with a payload a process worker sent (decoded as CODEC_PEER). */
@@ -721,6 +724,80 @@ void corral__process_program(const char *const *argv);
  * running as a thread worker (`body`) of rt. Never returns. */
 int corral__process_child(corral_runtime *rt, int fd, void (*body)(corral_worker *w));
 
+/* ---- nats.c ----------------------------------------------------------- */
+
+/* A connection to a NATS server (remote workers) and a mailbox of the
+ * messages one of its subscriptions received. Both are counted; a Lua
+ * userdata holds a reference; closing is explicit (and at the end:
+ * corral__nats_close_all). */
+typedef struct corral_nats corral_nats;
+typedef struct corral_mbox corral_mbox;
+typedef struct {
+  const char *url, *user, *password, *token, *ca, *cert, *key, *name;
+  double timeout; /* seconds to connect */
+  int send_asap;  /* publish at once, not through libnats' flusher */
+} corral_nats_opts;
+/* A call: published on `subject` (through JetStream when js) with the
+ * payload and Corral-* headers; `what` names it in errors. */
+typedef struct {
+  const char *subject, *method, *kind, *refs, *what;
+  const char *payload;
+  size_t len;
+  int js, tries;
+} corral_nats_call;
+/* A received message, copied (headers: Corral-Method, -Call, -Reply,
+ * -Tries, -Kind, -Refs, -Status; "" when absent). */
+enum { CORRAL_NATS_NHDR = 7 };
+typedef struct corral__nats_msg {
+  struct corral__nats_msg *next;
+  const char *subject, *reply, *data;
+  size_t len;
+  uint64_t delivered; /* JetStream: the times it was delivered (1 the first) */
+  char hdr[CORRAL_NATS_NHDR][128];
+  char buf[];
+} corral__nats_msg;
+corral_nats *corral__nats_new(void *owner); /* owner: its runtime */
+void corral__nats_retain(corral_nats *c);
+void corral__nats_release(corral_nats *c);
+/* Connect on the connection's thread: the future (a new reference) says
+ * how it went. NULL: a bad option (err says which) or no memory. */
+corral_future *corral__nats_connect(corral_nats *c, const corral_nats_opts *o, char *err,
+                                    size_t errsz);
+int corral__nats_close(corral_nats *c);
+void corral__nats_close_all(void *owner);
+/* 0 connecting, 1 connected, 2 reconnecting, 3 closed; its id; reconnects. */
+int corral__nats_state(corral_nats *c, char *id, size_t idsz, int *reconnects);
+/* in msgs, out msgs, in bytes, out bytes: 0, or -1 (not connected). */
+int corral__nats_stats(corral_nats *c, uint64_t out[4]);
+/* Send a call: 0 with its future (a new reference) and number, or -1 and why. */
+int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future **out,
+                      uint64_t *num, char *err, size_t errsz);
+/* The call n's reply is no longer awaited (it settled otherwise). */
+void corral__nats_forget(corral_nats *c, uint64_t n);
+int corral__nats_pending(corral_nats *c);
+/* Publish a reply (a Corral-Status header when status): 0, or -1 and why. */
+int corral__nats_publish(corral_nats *c, const char *subject, const char *status,
+                         const char *data, size_t len, char *err, size_t errsz);
+int corral__nats_ack(corral_nats *c, const char *reply, const char *what);
+/* The pool's stream, made when missing (on the connection's thread). */
+corral_future *corral__nats_ensure_pool(corral_nats *c, const char *pool);
+/* A mailbox of a subscription (a queue group when `group`). */
+corral_mbox *corral__nats_subscribe(corral_nats *c, const char *subject, const char *group,
+                                    char *err, size_t errsz);
+/* A mailbox of the pool's durable pull consumer (made when missing); its
+ * thread fetches as many as corral__mbox_want says; *ready settles once
+ * attached. */
+corral_mbox *corral__nats_pull(corral_nats *c, const char *pool, int64_t ack_wait_ms,
+                               int64_t max_ack_pending, corral_future **ready, char *err,
+                               size_t errsz);
+/* A future (new reference) settled when the mailbox holds a message or closes. */
+corral_future *corral__mbox_wait(corral_mbox *mb);
+/* Take up to max messages (the caller frees them); *closed: closed and empty. */
+int corral__mbox_take(corral_mbox *mb, corral__nats_msg **out, int max, int *closed);
+void corral__mbox_want(corral_mbox *mb, int n);
+void corral__mbox_close(corral_mbox *mb);
+void corral__mbox_release(corral_mbox *mb);
+
 /* ---- worker.c ---------------------------------------------------------- */
 
 /* A call on its way to a worker instance. */
@@ -917,6 +994,9 @@ void corral__lua_buffer_open(lua_State *L);
 extern const luaL_Reg corral__lua_sync_funcs[];
 extern const luaL_Reg corral__lua_fs_funcs[];
 extern const luaL_Reg corral__lua_exec_funcs[];
+/* lua_nats.c: remote workers' NATS bridge (nats.c) in Lua. */
+extern const luaL_Reg corral__lua_nats_funcs[];
+void corral__lua_nats_open(lua_State *L);
 void corral__lua_sync_open(lua_State *L);
 corral_sync *corral__lua_sync_of(lua_State *L, int idx);
 void corral__lua_sync_push(lua_State *L, corral_sync *s);

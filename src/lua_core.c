@@ -95,6 +95,7 @@ static int open_core(lua_State *L) {
   corral__lua_future_open(L);
   corral__lua_buffer_open(L);
   corral__lua_sync_open(L);
+  corral__lua_nats_open(L);
   corral__lua_worker_open(L, corral__lcore_worker_main);
 
   /* package.preload[name] for each embedded Lua module */
@@ -112,6 +113,7 @@ static int open_core(lua_State *L) {
   luaL_register(L, NULL, corral__lua_sync_funcs);
   luaL_register(L, NULL, corral__lua_fs_funcs);
   luaL_register(L, NULL, corral__lua_exec_funcs);
+  luaL_register(L, NULL, corral__lua_nats_funcs);
   luaL_register(L, NULL, corral__lua_codec_funcs);
   luaL_register(L, NULL, corral__lua_worker_funcs);
   luaL_register(L, NULL, corral__lua_loop_funcs);

@@ -101,6 +101,8 @@ void corral__rt_destroy(corral_runtime *rt) {
   if (!halted)
     corral__ctx_run_deferred(&rt->home, "CancelledError",
                              "abandoned: the runtime closed before it settled");
+  /* its NATS connections close: what waits on them fails */
+  corral__nats_close_all(rt);
   /* no thread outlives the runtime, unless it runs code that never waits */
   corral__worker_drop_spare(rt, 1);
   uv_mutex_lock(&rt->wlock);

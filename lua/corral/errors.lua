@@ -20,7 +20,7 @@ M.KINDS = {
   WorkerError = true, TimeoutError = true, CancelledError = true,
   DependencyError = true, WorkerCrashed = true, CodecError = true,
   ClosedError = true, UsageError = true, TaskError = true, BrokenBarrierError = true,
-  UnhandledExceptions = true, RetryError = true, OSError = true,
+  UnhandledExceptions = true, RetryError = true, OSError = true, ConnectionError = true,
 }
 
 -- tostring that survives a raising __tostring.

@@ -116,6 +116,12 @@ corral.pipeline = lazy("corral.pipeline", "pipeline")
 -- `corral.exec`.
 -- @function exec
 corral.exec = lazy("corral.exec", "exec")
+--- Connect to a NATS server for remote workers; see `corral.remote`.
+-- @function connect
+corral.connect = lazy("corral.remote", "connect")
+--- Serve pools of worker classes to remote callers; see `corral.remote`.
+-- @function serve
+corral.serve = lazy("corral.remote", "serve")
 --- Files on libuv's asynchronous operations (`read`, `write`, `list`,
 -- `stat`, `exists`, `mkdir`); see `corral.fs`.
 -- @table fs

@@ -110,6 +110,11 @@ function Class:init(...)
   if o.retry ~= nil or o.limits ~= nil then
     h._policy = require("corral.worker_policy").normalize("Class:init", o.retry, o.limits)
   end
+  if mode == "remote" then
+    -- (its instances are on other machines: corral.remote)
+    h._max_concurrency = 1
+    return require("corral.remote").init(h, o, ...)
+  end
   for i = 1, n do
     local inst
     local name = n > 1 and ("%s#%d"):format(o.name, i) or o.name

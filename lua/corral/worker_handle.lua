@@ -72,7 +72,7 @@ end
 
 -- (a process instance has the same C inbox: its proxy takes from it)
 local push = { thread = thread_push, process = thread_push, async = loc.async_call,
-  sync = loc.sync_call }
+  sync = loc.sync_call, remote = function(...) return require("corral.remote").push(...) end }
 
 local function plain(h, method, ...)
   local f
@@ -170,6 +170,8 @@ function Handle:stop(opts)
     local f, inside
     if inst.ud then
       f, inside = wrap(core.wstop(inst.ud, drain)), core.wis_self(inst.ud)
+    elseif inst.remote then
+      f = require("corral.remote").stop(self, inst, drain)
     else
       f, inside = loc.stop(self, inst, drain)
     end

@@ -8,7 +8,7 @@ local type, pairs = type, pairs
 
 local M = {}
 
-local MODES = { thread = true, process = true, async = true, sync = true }
+local MODES = { thread = true, process = true, async = true, sync = true, remote = true }
 local BALANCE = { round_robin = true, least_active = true, random = true }
 -- Bounds: every thread costs a Lua state and two file descriptors; an inbox
 -- bound is a C int.
@@ -43,7 +43,7 @@ local function check_options(fname, o)
   errors.check(type(o) == "table", fname, "options", "a table", o)
   for k, v in pairs(o) do
     if k == "mode" then
-      errors.check(MODES[v], fname, "mode", '"thread", "process", "async" or "sync"', v)
+      errors.check(MODES[v], fname, "mode", '"thread", "process", "async", "sync" or "remote"', v)
     elseif k == "balance" then
       errors.check(BALANCE[v], fname, "balance", '"round_robin", "least_active" or "random"', v)
     elseif RANGE[k] then
@@ -72,6 +72,15 @@ local function check_options(fname, o)
     elseif k == "setup" then
       errors.check(fname ~= "corral.config", fname, k, "set per class (Class:options), not here", v)
       errors.check(type(v) == "function", fname, k, "a function", v)
+    elseif k == "connection" then
+      errors.check(fname ~= "corral.config", fname, k, "set per class (Class:options), not here", v)
+      errors.check(require("corral.remote").is_connection(v), fname, k,
+        "a connection (corral.connect)", v)
+    elseif k == "pool" then
+      errors.check(type(v) == "string" and v:find("^[%w_-]+$") ~= nil, fname, k,
+        "a name of letters, digits, '_' and '-'", v)
+    elseif k == "stateful" then
+      errors.check(type(v) == "boolean", fname, k, "a boolean", v)
     elseif k == "name" then
       errors.check(type(v) == "string" and not v:find("%z"), fname, k, "a string (without NUL)", v)
     else
