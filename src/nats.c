@@ -367,11 +367,48 @@ static void on_disconnected(natsConnection *nc, void *closure) {
   atomic_store(&((corral_nats *)closure)->disconnected, 1);
 }
 
+static corral_future *lane_push(corral_nats *c, job *j);
+static job *job_new(int (*run)(corral_nats *, job *, char *, size_t));
+
+/* Calls JetStream had not acknowledged when the connection was lost are
+ * published again (their Nats-Msg-Id makes the server drop one it stored
+ * already): a call is never lost to a reconnect. */
+static int republish_job(corral_nats *c, job *j, char *err, size_t errsz) {
+  (void)j;
+  natsMsgList list = {0};
+  uv_mutex_lock(&c->lock);
+  jsCtx *js = c->closed ? NULL : c->js;
+  uv_mutex_unlock(&c->lock);
+  if (js == NULL) return 0;
+  natsStatus s = js_PublishAsyncGetPendingList(&list, js);
+  if (s == NATS_NOT_FOUND) return 0;
+  if (s != NATS_OK) {
+    nats_text(s, "cannot list the calls to publish again", err, errsz);
+    return 1;
+  }
+  for (int i = 0; i < list.Count; i++) {
+    if (js_PublishMsgAsync(js, &list.Msgs[i], NULL) != NATS_OK) {
+      /* (not taken: its call fails, as when JetStream refuses it) */
+      jsPubAckErr pae = {0};
+      pae.Msg = list.Msgs[i];
+      pae.Err = NATS_CONNECTION_CLOSED;
+      pae.ErrText = "cannot publish it again after a reconnect";
+      on_pub_error(js, &pae, c);
+    }
+  }
+  natsMsgList_Destroy(&list);
+  return 0;
+}
+
 static void on_reconnected(natsConnection *nc, void *closure) {
   (void)nc;
   corral_nats *c = closure;
   atomic_store(&c->disconnected, 0);
   atomic_fetch_add(&c->reconnects, 1);
+  job *j = job_new(republish_job);
+  if (j == NULL) return;
+  corral_future *f = lane_push(c, j);
+  if (f != NULL) corral_future_release(f);
 }
 
 corral_nats *corral__nats_new(void *owner) {

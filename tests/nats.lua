@@ -104,7 +104,7 @@ function M.process_exists(pid)
   return not s:match("^%d+ %b() Z")
 end
 
-local function spawn(argv, log)
+local function spawn(argv, log, extra_env)
   local fa = ffi.new("corral_nats_fa")
   C.posix_spawn_file_actions_init(fa)
   C.posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0)
@@ -121,9 +121,11 @@ local function spawn(argv, log)
   local envs, i = {}, 0
   while C.environ[i] ~= nil do
     local e = ffi.string(C.environ[i])
-    if not e:match("^LD_PRELOAD=") then envs[#envs + 1] = e end
+    local k = e:match("^([^=]*)=")
+    if k ~= "LD_PRELOAD" and not (extra_env and extra_env[k]) then envs[#envs + 1] = e end
     i = i + 1
   end
+  for k, v in pairs(extra_env or {}) do envs[#envs + 1] = k .. "=" .. v end
   local cenv = ffi.new("char *[?]", #envs + 1)
   for j, e in ipairs(envs) do
     keep[#keep + 1] = ffi.new("char[?]", #e + 1, e)
@@ -192,44 +194,89 @@ function M.start(opts)
   if not pid then return fail(why) end
   srv.pid = pid
   local done = false
+  -- end the server process (SIGTERM, then SIGKILL after 5 s)
+  local function halt()
+    if reap(srv.pid) == "running" then
+      C.kill(srv.pid, SIGTERM)
+      for _ = 1, 500 do -- 5 s
+        if reap(srv.pid) ~= "running" then break end
+        sleep_ms(10)
+      end
+      if reap(srv.pid) == "running" then
+        C.kill(srv.pid, SIGKILL)
+        C.waitpid(srv.pid, nil, 0)
+      end
+    end
+  end
   function srv.stop()
     if done then return end
     done = true
     running[srv] = nil
-    if reap(pid) == "running" then
-      C.kill(pid, SIGTERM)
-      for _ = 1, 500 do -- 5 s
-        if reap(pid) ~= "running" then break end
-        sleep_ms(10)
-      end
-      if reap(pid) == "running" then
-        C.kill(pid, SIGKILL)
-        C.waitpid(pid, nil, 0)
-      end
-    end
+    halt()
     os.execute("rm -rf " .. shq(dir))
   end
   running[srv] = true
-  local portsfile = dir .. "/nats-server_" .. pid .. ".ports"
-  local steps = math.floor((opts.timeout or 10) * 100)
-  for _ = 1, steps do
-    if reap(pid) ~= "running" then
-      local log = slurp(srv.log) or ""
-      srv.stop()
-      return nil, "nats-server exited at start: " .. log:sub(-400)
+  -- wait for the server's port (and for it to take connections)
+  local function await(p, want)
+    local portsfile = dir .. "/nats-server_" .. p .. ".ports"
+    local steps = math.floor((opts.timeout or 10) * 100)
+    for _ = 1, steps do
+      if reap(p) ~= "running" then
+        return nil, "nats-server exited at start: " .. (slurp(srv.log) or ""):sub(-400)
+      end
+      local ports = slurp(portsfile)
+      local port = ports and tonumber(ports:match('"nats":%s*%[%s*"[%w]+://[^:"]+:(%d+)"'))
+      if port and (want == nil or port == want) and M.can_connect(port) then return port end
+      sleep_ms(10)
     end
-    local ports = slurp(portsfile)
-    local port = ports and tonumber(ports:match('"nats":%s*%[%s*"[%w]+://[^:"]+:(%d+)"'))
-    if port and M.can_connect(port) then
-      srv.port = port
-      srv.url = (opts.tls and "tls" or "nats") .. "://127.0.0.1:" .. port
-      return srv
-    end
+    return nil, "nats-server gave no port within " .. (opts.timeout or 10) .. " s"
+  end
+  local port, werr = await(pid)
+  if not port then
+    srv.stop()
+    return nil, werr
+  end
+  srv.port = port
+  srv.url = (opts.tls and "tls" or "nats") .. "://127.0.0.1:" .. port
+  --- Stop the server (SIGTERM: what JetStream stored stays on disk) and
+  -- start it again on the same port and store. True, or nil and why.
+  function srv.restart()
+    halt()
+    argv[6] = tostring(srv.port) -- (-p)
+    local p2, err = spawn(argv, srv.log)
+    if not p2 then return nil, err end
+    srv.pid = p2
+    local got, e2 = await(p2, srv.port)
+    if not got then return nil, e2 end
+    return true
+  end
+  return srv
+end
+
+--- Start a program (argv[1] found on PATH) with stdin /dev/null and stdout
+-- and stderr to `log`, the environment plus `env` (a table). Returns its
+-- pid, or nil and why. Reap it with M.finish.
+function M.spawn(argv, log, env)
+  return spawn(argv, log, env)
+end
+
+--- Send `sig` (default SIGKILL) to pid and reap it (waiting up to 5 s
+-- after a SIGTERM before a SIGKILL).
+function M.finish(pid, sig)
+  if reap(pid) ~= "running" then return end
+  C.kill(pid, sig or SIGKILL)
+  for _ = 1, 500 do
+    if reap(pid) ~= "running" then return end
     sleep_ms(10)
   end
-  srv.stop()
-  return nil, "nats-server gave no port within " .. (opts.timeout or 10) .. " s"
+  C.kill(pid, SIGKILL)
+  C.waitpid(pid, nil, 0)
 end
+
+--- Whether pid runs still (reaping it once it has ended).
+function M.running(pid) return reap(pid) == "running" end
+
+M.slurp = slurp
 
 --- Stop every server started here and not stopped yet.
 function M.stop_all()

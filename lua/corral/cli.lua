@@ -19,7 +19,20 @@ usage: corral [options] [script [args...]]
   -v        print versions (corral, LuaJIT, libuv, msgpack-c) and exit
   -h        show this help
 With no script: the interactive REPL on a terminal, else standard input
-is run as a script.]==]
+is run as a script.
+
+usage: corral serve --nats URL [serve options] classes.lua
+  Serve the pools of classes.lua (it returns {pool = Class, ...}) to remote
+  callers (docs/remote.md), until SIGINT or SIGTERM.
+  --nats URL       the NATS server (else CORRAL_NATS_URL)
+  --workers N      local workers per pool (default: one per CPU)
+  --mode M         thread (default) or process
+  --trust          run functions shipped with calls (CORRAL_TRUST_KEY)
+  --ack-wait S     seconds before a silent host's calls go to another (30)
+  --max-pending N  calls of a pool out at once, over all its hosts (1000)
+  --user U --password P | --token T   credentials
+  --ca FILE --cert FILE --key FILE    TLS
+  --name NAME      the host's name, in errors and the server's list]==]
 
 local function errf(...)
   io.stderr:write(...)
@@ -101,9 +114,74 @@ function M.run_main(main, interactive)
   return 0
 end
 
+-- `corral serve ...`: the options, then the classes file. Returns the
+-- main function, or nil and the usage error.
+local SERVE_FLAGS = { ["--nats"] = "url", ["--workers"] = "workers", ["--mode"] = "mode",
+  ["--ack-wait"] = "ack_wait", ["--max-pending"] = "max_pending", ["--user"] = "user",
+  ["--password"] = "password", ["--token"] = "token", ["--ca"] = "ca", ["--cert"] = "cert",
+  ["--key"] = "key", ["--name"] = "name" }
+local NUMERIC = { workers = true, ack_wait = true, max_pending = true }
+
+local function serve_main(argv)
+  local o, i = {}, 2
+  while argv[i] and argv[i]:sub(1, 2) == "--" do
+    local a = argv[i]
+    if a == "--trust" then
+      o.trust = true
+      i = i + 1
+    elseif SERVE_FLAGS[a] and argv[i + 1] then
+      local k, v = SERVE_FLAGS[a], argv[i + 1]
+      if NUMERIC[k] then
+        v = tonumber(v)
+        if not v then return nil, ("%s wants a number (got %q)"):format(a, argv[i + 1]) end
+      end
+      o[k] = v
+      i = i + 2
+    else
+      return nil, ("unknown or incomplete option %s"):format(a)
+    end
+  end
+  local file = argv[i]
+  if not file or argv[i + 1] then return nil, "one classes file is wanted" end
+  if o.ca or o.cert then o.tls = { ca = o.ca, cert = o.cert, key = o.key } end
+  o.ca, o.cert, o.key = nil, nil, nil
+  return function()
+    local chunk, err = loadfile(file)
+    if not chunk then error(err, 0) end
+    o.classes = chunk()
+    if type(o.classes) ~= "table" then
+      error(("corral serve: %s must return a table of pool name -> worker class (got %s)"):format(
+        file, type(o.classes)), 0)
+    end
+    local srv = corral.serve(o)
+    io.stderr:write(("corral serve: %s serving %s\n"):format(srv.name, table.concat((function()
+      local t = {}
+      for name in pairs(srv.pools) do t[#t + 1] = name end
+      table.sort(t)
+      return t
+    end)(), ", ")))
+    io.stderr:flush()
+    local ok, e = pcall(srv.wait, srv)
+    srv:stop { drain = true }
+    if not ok then error(e, 0) end
+  end
+end
+
 --- Entry point: `argv` as the C main gives it (argv[0] is the program).
 -- Returns the exit status, and "repl" when the C half is to start the REPL.
 function M.main(argv)
+  if argv[1] == "serve" then
+    local main, why = serve_main(argv)
+    if not main then
+      errf("corral serve: ", why, "\n", USAGE, "\n")
+      return 1
+    end
+    core.exit_ends_process(true)
+    core.catch_signals()
+    local t = task.spawn(main)
+    t._kind = "main"
+    return M.run_main(t)
+  end
   local i, codes, interactive = 1, {}, false
   while argv[i] do
     local a = argv[i]
