@@ -781,6 +781,11 @@ int corral__nats_publish(corral_nats *c, const char *subject, const char *status
 int corral__nats_ack(corral_nats *c, const char *reply, const char *what);
 /* The pool's stream, made when missing (on the connection's thread). */
 corral_future *corral__nats_ensure_pool(corral_nats *c, const char *pool);
+/* The result bucket (JetStream key-value "corral_results", made when
+ * missing): keep a result under key; read one (the future settles with it,
+ * decoded as foreign bytes). On the connection's thread; NULL: no memory. */
+corral_future *corral__nats_kv_put(corral_nats *c, const char *key, const char *data, size_t len);
+corral_future *corral__nats_kv_get(corral_nats *c, const char *key);
 /* A mailbox of a subscription (a queue group when `group`). */
 corral_mbox *corral__nats_subscribe(corral_nats *c, const char *subject, const char *group,
                                     char *err, size_t errsz);

@@ -196,6 +196,26 @@ static int l_nats_ensure_pool(lua_State *L) {
   return 1;
 }
 
+/* nats_kv_put(c, key, bytes) / nats_kv_get(c, key): the future of keeping
+ * a result in the result bucket / of reading one (its values). */
+static int l_nats_kv_put(lua_State *L) {
+  size_t len;
+  corral_nats *c = check_conn(L, 1);
+  const char *key = luaL_checkstring(L, 2);
+  const char *data = luaL_checklstring(L, 3, &len);
+  corral_future *f = corral__nats_kv_put(c, key, data, len);
+  if (f == NULL) return luaL_error(L, "corral: out of memory");
+  push_ext_future(L, f);
+  return 1;
+}
+
+static int l_nats_kv_get(lua_State *L) {
+  corral_future *f = corral__nats_kv_get(check_conn(L, 1), luaL_checkstring(L, 2));
+  if (f == NULL) return luaL_error(L, "corral: out of memory");
+  push_ext_future(L, f);
+  return 1;
+}
+
 /* ======================================================================== */
 /* Mailboxes                                                                 */
 /* ======================================================================== */
@@ -303,6 +323,8 @@ const luaL_Reg corral__lua_nats_funcs[] = {{"nats_connect", l_nats_connect},
                                            {"nats_publish", l_nats_publish},
                                            {"nats_ack", l_nats_ack},
                                            {"nats_ensure_pool", l_nats_ensure_pool},
+                                           {"nats_kv_put", l_nats_kv_put},
+                                           {"nats_kv_get", l_nats_kv_get},
                                            {"nats_subscribe", l_nats_subscribe},
                                            {"nats_pull", l_nats_pull},
                                            {"mbox_wait", l_mbox_wait},

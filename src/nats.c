@@ -55,6 +55,7 @@ struct corral_nats {
   uv_mutex_t lock; /* all below but the lane's */
   natsConnection *nc;
   jsCtx *js;
+  kvStore *kv;            /* the result bucket, bound on first use (the lane's only) */
   natsSubscription *rsub; /* replies: <inbox>.* */
   char inbox[64];
   char id[32]; /* the inbox's unique part: names call ids */
@@ -191,6 +192,27 @@ static void settle_reply(pending *p, natsMsg *m) {
                                 CODEC_FOREIGN);
     return;
   }
+  if (strcmp(status, "ref") == 0) {
+    /* a result too big to come back inline: it waits in the result bucket
+     * under the key the payload names (corral.remote fetches it, or hands
+     * the key on to the next call) */
+    char key[128];
+    int ok = len > 0 && len < (int)sizeof key;
+    for (int i = 0; ok && i < len; i++) {
+      char ch = data[i];
+      ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           ch == '-' || ch == '_';
+    }
+    if (!ok) {
+      snprintf(msg, sizeof msg, "%s: the host's reply names no valid result key", p->what);
+      fail(p->f, "CodecError", msg);
+      return;
+    }
+    memcpy(key, data, (size_t)len);
+    key[len] = '\0';
+    fail(p->f, "RemoteRef", key);
+    return;
+  }
   /* crashed, or anything else: the text says why */
   const char *kind = strcmp(status, "crashed") == 0 ? "WorkerCrashed" : "WorkerError";
   int n = len < 200 ? len : 200;
@@ -295,9 +317,9 @@ static void lane_main(void *arg) {
     char err[512] = "";
     int rc = j->run(c, j, err, sizeof err);
     if (rc == 0)
-      corral__future_settle(j->f, CORRAL_DONE, NULL, 0);
+      corral__future_settle(j->f, CORRAL_DONE, NULL, 0); /* (unless the job settled it) */
     else
-      fail(j->f, rc == 2 ? "ValueError" : "WorkerError", err);
+      fail(j->f, rc == 2 ? "UsageError" : rc == 3 ? "CodecError" : "WorkerError", err);
     job_free(j);
     uv_mutex_lock(&c->lane_lock);
   }
@@ -599,6 +621,8 @@ int corral__nats_close(corral_nats *c) {
   if (c->nc) natsConnection_FlushTimeout(c->nc, 1000);
   if (c->nc) natsConnection_Close(c->nc);
   if (c->rsub) natsSubscription_Destroy(c->rsub);
+  if (c->kv) kvStore_Destroy(c->kv);
+  c->kv = NULL;
   if (c->js) jsCtx_Destroy(c->js);
   if (c->nc) natsConnection_Destroy(c->nc);
   c->rsub = NULL;
@@ -816,6 +840,97 @@ corral_future *corral__nats_ensure_pool(corral_nats *c, const char *pool) {
   if (!ready) {
     /* (lane jobs run after the connect job: a connection not connected yet
      * would have it queued first; a closed one fails the job) */
+  }
+  return lane_push(c, j);
+}
+
+/* ======================================================================== */
+/* The result bucket (on the lane)                                           */
+/* ======================================================================== */
+
+#define RESULT_BUCKET "corral_results"
+
+/* Bind the bucket, made when missing: results are kept an hour. */
+static int bind_bucket(corral_nats *c, char *err, size_t errsz) {
+  if (c->kv != NULL) return 0;
+  natsStatus s = js_KeyValue(&c->kv, c->js, RESULT_BUCKET);
+  if (s != NATS_OK) {
+    kvConfig kc;
+    kvConfig_Init(&kc);
+    kc.Bucket = RESULT_BUCKET;
+    kc.History = 1;
+    kc.TTL = (int64_t)3600 * 1000000000;
+    kc.StorageType = js_FileStorage;
+    s = js_CreateKeyValue(&c->kv, c->js, &kc);
+    if (s != NATS_OK) s = js_KeyValue(&c->kv, c->js, RESULT_BUCKET); /* (made meanwhile) */
+  }
+  if (s != NATS_OK) {
+    c->kv = NULL;
+    nats_text(s, "cannot open the result bucket", err, errsz);
+    return 1;
+  }
+  return 0;
+}
+
+/* a = key, b = the bytes (y of them). */
+static int kv_put_job(corral_nats *c, job *j, char *err, size_t errsz) {
+  if (bind_bucket(c, err, errsz) != 0) return 1;
+  uint64_t rev = 0;
+  natsStatus s = kvStore_Put(&rev, c->kv, j->a, j->b, (int)j->y);
+  if (s != NATS_OK) {
+    nats_text(s, "cannot keep the result in the result bucket", err, errsz);
+    return 1;
+  }
+  return 0;
+}
+
+/* a = key: the job's future is settled with the value (untrusted bytes:
+ * checked, decoded as foreign) here, not by the lane. */
+static int kv_get_job(corral_nats *c, job *j, char *err, size_t errsz) {
+  if (bind_bucket(c, err, errsz) != 0) return 1;
+  kvEntry *e = NULL;
+  natsStatus s = kvStore_Get(&e, c->kv, j->a);
+  if (s != NATS_OK) {
+    if (s == NATS_NOT_FOUND)
+      snprintf(err, errsz, "result %s is not in the result bucket (it is kept an hour)", j->a);
+    else
+      nats_text(s, "cannot read the result bucket", err, errsz);
+    return 1;
+  }
+  const char *v = kvEntry_Value(e);
+  int len = kvEntry_ValueLen(e);
+  const char *why = corral__codec_check_foreign(v, len > 0 ? (size_t)len : 0);
+  char *copy = why == NULL ? malloc(len > 0 ? (size_t)len : 1) : NULL;
+  if (copy != NULL) memcpy(copy, v, (size_t)len);
+  kvEntry_Destroy(e);
+  if (why != NULL) {
+    snprintf(err, errsz, "result %s cannot be decoded: %s", j->a, why);
+    return 3;
+  }
+  if (copy == NULL) {
+    snprintf(err, errsz, "out of memory");
+    return 1;
+  }
+  corral__future_settle_trust(j->f, CORRAL_DONE, copy, (size_t)len, CODEC_FOREIGN);
+  return 0;
+}
+
+corral_future *corral__nats_kv_put(corral_nats *c, const char *key, const char *data, size_t len) {
+  job *j = job_new(kv_put_job);
+  if (j == NULL || (j->a = strdup(key)) == NULL || (j->b = malloc(len ? len : 1)) == NULL) {
+    if (j) job_free(j);
+    return NULL;
+  }
+  memcpy(j->b, data, len);
+  j->y = (int64_t)len;
+  return lane_push(c, j);
+}
+
+corral_future *corral__nats_kv_get(corral_nats *c, const char *key) {
+  job *j = job_new(kv_get_job);
+  if (j == NULL || (j->a = strdup(key)) == NULL) {
+    if (j) job_free(j);
+    return NULL;
   }
   return lane_push(c, j);
 }

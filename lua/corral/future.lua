@@ -279,6 +279,9 @@ end
 -- that cannot be decoded here fail the future (in this context) with a
 -- CodecError: a decode failure is never a value.
 local function values(f)
+  -- (a remote call's result left on the server: fetched now, see corral.remote)
+  local lazy = f._lazy
+  if lazy then return lazy(f) end
   local n, v = core.fvalues(f._c)
   if not n then
     f[S], f[N], f[V] = FAILED, 0, false

@@ -161,9 +161,54 @@ function RemoteFuture.set_exception()
   errors.usage("future:set_exception", "a call's error is set by its worker")
 end
 
--- g (the reply's future) settled: f takes its outcome.
-local function take_outcome(f, g)
+-- A result left in the server's result bucket (too big to come back
+-- inline) is read when its value is first wanted: f:result(), or an input
+-- of a call that is not remote. Two readers at once share one read.
+local function fetch_now(f)
+  local g = f._fetching
+  if not g then
+    g = future.wrap(core.nats_kv_get(f._conn._ud, f._ref), nil, nil, true)
+    f._fetching = g
+  end
+  pcall(g.result, g)
+  if f._lazy == nil then -- (another reader got it)
+    if f[S] == FAILED then return nil end
+    return f[N]
+  end
+  f._lazy = nil
+  if g[S] == DONE then
+    local n = future.values(g)
+    if n then
+      f[N], f[V] = g[N], g[V]
+      return n
+    end
+  end
+  future.retrieve(g)
+  f[S], f[N], f[V] = FAILED, 0, false
+  f._e = errors.new("WorkerError", ("the result of %s cannot be read: %s"):format(tostring(f._what),
+    errors.text_of(g._e)), g._e, false)
+  return nil
+end
+
+-- g (the reply's future) settled: f takes its outcome. A result left in
+-- the result bucket (under key) stays there when f was handed on to
+-- another remote call (that call's host reads it); else it is read now.
+local function take_outcome(f, g, conn)
   local s = g[S]
+  local e = g._e
+  if s == FAILED and type(e) == "table" and e.kind == "RemoteRef" and conn then
+    future.retrieve(g)
+    f._ref, f._conn = e.message, conn
+    if f._forwarded then
+      f._lazy = fetch_now
+      settle(f, DONE, -1, false)
+    else
+      local k = future.wrap(core.nats_kv_get(conn._ud, f._ref), nil, nil, true)
+      local function took() take_outcome(f, k) end
+      if k[S] >= DONE then took() else add_waiter(k, took) end
+    end
+    return
+  end
   if s == DONE then
     local n = g[N]
     if n < 0 then n = future.values(g) end
@@ -208,6 +253,7 @@ local function send(r, call)
   end
   if f[S] >= DONE then return end -- (its time ran out meanwhile)
   local args, n = call.args, call.args.n
+  local refs
   if call.deps then
     for i, d in ipairs(call.deps) do
       if d[S] ~= DONE then
@@ -217,7 +263,21 @@ local function send(r, call)
         return
       end
     end
-    local ok, vals = pcall(function() return { n = n, unwrap.values(args, n) } end)
+    -- an argument whose value waits in the result bucket travels as its
+    -- key: the host reads it there, not through this process
+    local plain = args
+    for i = 1, n do
+      local d = args[i]
+      if type(d) == "table" and d._lazy and d._conn == r.conn then
+        if plain == args then
+          plain = { n = n }
+          for j = 1, n do plain[j] = args[j] end
+        end
+        plain[i] = { __corral_ref = d._ref }
+        refs = (refs and refs .. "," or "") .. i
+      end
+    end
+    local ok, vals = pcall(function() return { n = n, unwrap.values(plain, n) } end)
     if not ok then return settle(f, FAILED, 0, false, vals) end
     args = vals
   end
@@ -226,8 +286,10 @@ local function send(r, call)
     settle(f, FAILED, 0, false, errors.is_error(payload) and payload or errors.codec(tostring(payload)))
     return
   end
+  local what = ("call %s:%s"):format(r.name, call.method)
+  f._what = what
   local cf, num = core.nats_call(r.conn._ud, r.subject, call.method, payload, r.js, r.tries,
-    r.kind, nil, ("call %s:%s"):format(r.name, call.method))
+    r.kind, refs, what)
   if not cf then
     settle(f, FAILED, 0, false, errors.new("ClosedError", ("call %s:%s: %s"):format(r.name,
       call.method, tostring(num)), nil, false))
@@ -237,12 +299,12 @@ local function send(r, call)
   local g = future.wrap(cf, nil, nil, true)
   local ud = r.conn._ud
   if g[S] >= DONE then
-    take_outcome(f, g)
+    take_outcome(f, g, r.conn)
     sent_done(r)
     return
   end
   add_waiter(g, function()
-    take_outcome(f, g)
+    take_outcome(f, g, r.conn)
     sent_done(r)
   end)
   -- settled otherwise (its time limit): its reply is no longer awaited
@@ -289,6 +351,12 @@ function M.push(h, inst, method, ...)
     call.deps = deps
     for _, d in ipairs(deps) do
       if d[S] < DONE then waiting = true end
+    end
+    -- a remote call's future handed on as an argument: a big result of it
+    -- is left in the result bucket for this call's host
+    for i = 1, n do
+      local d = args[i]
+      if getmetatable(d) == RemoteFuture then d._forwarded = true end
     end
   end
   if waiting then
@@ -480,8 +548,14 @@ local function run_call(srv, lh, methods, m, args, done)
   add_waiter(f, done)
 end
 
--- The outcome of a finished call, sent to its caller.
-local function answer(srv, subject, f)
+-- Results bigger than this wait in the result bucket: the reply names
+-- them (the caller reads them when it wants them; a call they are handed
+-- on to reads them on its host).
+local INLINE_MAX = 64 * 1024
+
+-- A finished call's outcome as it travels: "ok" and the results, or
+-- "error" and the error.
+local function outcome(f)
   local s = f[S]
   if s == DONE then
     local n = f[N]
@@ -496,11 +570,55 @@ local function answer(srv, subject, f)
     else
       ok, payload = pcall(core.encode, unpack(f[V], 1, f[V].n))
     end
-    if ok then return reply(srv, subject, "ok", payload) end
-    return reply_error(srv, subject, payload)
+    if ok then return "ok", payload end
+    return "error", core.encode(plain_error(payload))
   end
   future.retrieve(f)
-  reply_error(srv, subject, s == FAILED and f._e or errors.cancelled())
+  return "error", core.encode(plain_error(s == FAILED and f._e or errors.cancelled()))
+end
+
+-- Answer the call of message m with the outcome of f; then after().
+local function respond(srv, m, f, after)
+  local status, payload = outcome(f)
+  if status == "ok" and #payload > INLINE_MAX and m.call:find("^[%w_-]+$") then
+    local k = future.wrap(core.nats_kv_put(srv.ud, m.call, payload), nil, nil, true)
+    local function stored()
+      if k[S] == DONE then
+        reply(srv, m.reply_to, "ref", m.call)
+      else
+        future.retrieve(k)
+        reply_error(srv, m.reply_to, k._e)
+      end
+      after()
+    end
+    if k[S] >= DONE then stored() else add_waiter(k, stored) end
+    return
+  end
+  reply(srv, m.reply_to, status, payload)
+  after()
+end
+
+-- The arguments that are references to results in the result bucket
+-- (Corral-Refs names their places) are read; then go(args), or go(nil, e).
+local function resolve_refs(srv, m, args, go)
+  if m.refs == "" then return go(args) end
+  task.spawn(function()
+    for pos in m.refs:gmatch("[^,]+") do
+      local i = tonumber(pos)
+      local v = i and args[i]
+      if not i or i < 1 or i > args.n or type(v) ~= "table" or type(v.__corral_ref) ~= "string" then
+        return go(nil, errors.codec(("argument %s is not a result reference"):format(pos)))
+      end
+      local g = future.wrap(core.nats_kv_get(srv.ud, v.__corral_ref), nil, nil, true)
+      local ok, first = pcall(g.result, g)
+      if not ok then
+        return go(nil, errors.new("DependencyError", ("%s: input %d (result %s) cannot be read: %s")
+          :format(m.method, i, v.__corral_ref, errors.text_of(first)), first, false))
+      end
+      args[i] = first
+    end
+    go(args)
+  end)
 end
 
 -- A pool's messages: each a call, run on the host's local pool.
@@ -521,9 +639,8 @@ local function serve_pool_msg(srv, p, m)
   end
   p.running = p.running + 1
   srv.held[m] = true
-  run_call(srv, p.handle, p.methods, m, args, function(f)
+  local function after()
     srv.held[m] = nil
-    answer(srv, m.reply_to, f)
     core.nats_ack(srv.ud, m.reply, "+ACK")
     p.running = p.running - 1
     srv.calls = srv.calls + 1
@@ -532,6 +649,14 @@ local function serve_pool_msg(srv, p, m)
       p.slot = nil
       settle_values(slot)
     end
+  end
+  resolve_refs(srv, m, args, function(a, err)
+    if not a then
+      local f = future.new()
+      settle(f, FAILED, 0, false, err)
+      return respond(srv, m, f, after)
+    end
+    run_call(srv, p.handle, p.methods, m, a, function(f) respond(srv, m, f, after) end)
   end)
 end
 
@@ -555,9 +680,14 @@ local function serve_inst_msg(srv, m)
   end
   local args, e = decode_args(srv, m.data)
   if not args then return reply_error(srv, m.reply_to, e) end
-  run_call(srv, inst.handle, inst.methods, m, args, function(f)
-    answer(srv, m.reply_to, f)
-    srv.calls = srv.calls + 1
+  local function after() srv.calls = srv.calls + 1 end
+  resolve_refs(srv, m, args, function(a, err)
+    if not a then
+      local f = future.new()
+      settle(f, FAILED, 0, false, err)
+      return respond(srv, m, f, after)
+    end
+    run_call(srv, inst.handle, inst.methods, m, a, function(f) respond(srv, m, f, after) end)
   end)
 end
 

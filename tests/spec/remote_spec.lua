@@ -137,6 +137,39 @@ describe("remote workers", function()
     sq:stop()
   end)
 
+  it("a chain of big results across hosts: the caller moves none of their bytes", function()
+    if not srv then return pending(skip) end
+    host(srv, "A")
+    host(srv, "B")
+    local sq = pool(conn)
+    assert.equal(3, sq:len(sq:echo("abc")):result(20))
+    local before = conn:stats()
+    local f = sq:len(sq:echo(sq:grow(300000)))
+    assert.equal(300000, f:result(20))
+    local after = conn:stats()
+    local moved = after.in_bytes - before.in_bytes + after.out_bytes - before.out_bytes
+    assert.is_true(moved < 20000, ("the caller moved %d bytes"):format(moved))
+    -- a big result wanted here is read from the result bucket
+    assert.equal(200000, #sq:grow(200000):result(20))
+    -- handed on, and then wanted here too; two readers at once
+    local a = sq:grow(100000)
+    local b = sq:len(a)
+    assert.equal(100000, b:result(20))
+    local t1 = corral.spawn(function() return #a:result() end)
+    local t2 = corral.spawn(function() return #a:result() end)
+    assert.equal(100000, t1:result(20))
+    assert.equal(100000, t2:result(20))
+    -- a reference that names nothing: the call fails with a DependencyError
+    local core = require "corral.core"
+    local _, id = core.nats_state(conn._ud)
+    assert(id)
+    local bad = sq:echo(1)
+    bad:result(20)
+    bad._lazy, bad._ref, bad._conn = function() return 0 end, "no-such-result", conn
+    local kind = h.kind_of(function() return sq:len(bad):result(20) end)
+    assert.equal("DependencyError", kind)
+  end)
+
   it("a host killed mid-call: the call runs again on the other host; with retries = 0 it fails "
     .. "with WorkerCrashed", function()
     if not srv then return pending(skip) end
