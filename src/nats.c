@@ -540,7 +540,20 @@ corral_future *corral__nats_connect(corral_nats *c, const corral_nats_opts *o, c
   }
 #define OPT(what, call)                                                                            \
   if (rc == 0 && (s = (call)) != NATS_OK) rc = opt_fail(s, what, err, errsz)
-  OPT("url", natsOptions_SetServers(no, (const char **)&o->url, 1));
+  /* a list of servers, "nats://a:4222,nats://b:4222": any one of them */
+  const char *servers[16];
+  char urls[1024];
+  int nservers = 0;
+  snprintf(urls, sizeof urls, "%s", o->url);
+  for (char *save = NULL, *u = strtok_r(urls, ", ", &save); u != NULL && nservers < 16;
+       u = strtok_r(NULL, ", ", &save))
+    servers[nservers++] = u;
+  if (nservers == 0) {
+    snprintf(err, errsz, "url: no server named");
+    natsOptions_Destroy(no);
+    return NULL;
+  }
+  OPT("url", natsOptions_SetServers(no, servers, nservers));
   if (o->user) OPT("user", natsOptions_SetUserInfo(no, o->user, o->password ? o->password : ""));
   if (o->token) OPT("token", natsOptions_SetToken(no, o->token));
   if (o->name) OPT("name", natsOptions_SetName(no, o->name));
@@ -768,6 +781,8 @@ void corral__nats_forget(corral_nats *c, uint64_t n) {
   pending *p = take_pending(c, n);
   uv_mutex_unlock(&c->lock);
   if (p != NULL) {
+    /* (settled: a runtime counts it among what may still settle) */
+    corral__future_settle(p->f, CORRAL_CANCELLED, NULL, 0);
     corral_future_release(p->f);
     free(p);
   }
@@ -1100,22 +1115,40 @@ corral_mbox *corral__nats_subscribe(corral_nats *c, const char *subject, const c
 static int pull_job(corral_nats *c, job *j, char *err, size_t errsz) {
   int rc = stream_job(c, j, err, errsz);
   if (rc != 0) return rc;
-  char subject[96], durable[96];
+  char subject[96], durable[96], stream[96];
   snprintf(subject, sizeof subject, "corral.pool.%s", j->a);
   snprintf(durable, sizeof durable, "corral_%s", j->a);
+  snprintf(stream, sizeof stream, "CORRAL_%s", j->a);
+  /* The durable consumer is made here, apart from the subscription: one
+   * that a subscription made is deleted when it unsubscribes (libnats),
+   * and the pool's other hosts share it. The first host's settings hold;
+   * a later host with others attaches to it as it is. */
+  jsConsumerConfig cc;
+  jsConsumerConfig_Init(&cc);
+  cc.Durable = durable;
+  cc.FilterSubject = subject;
+  cc.AckPolicy = js_AckExplicit;
+  cc.AckWait = j->x * 1000000;
+  cc.MaxDeliver = -1;
+  cc.MaxAckPending = j->y;
+  cc.MaxWaiting = 4096;
+  jsConsumerInfo *ci = NULL;
+  jsErrCode je = 0;
+  natsStatus s = js_AddConsumer(&ci, c->js, stream, &cc, NULL, &je);
+  if (ci) jsConsumerInfo_Destroy(ci);
+  /* (it fails when the consumer is there already, with other settings
+   * too: the bind below says whether there is one to use) */
+  char made[256] = "";
+  if (s != NATS_OK) nats_text(s, "", made, sizeof made);
   jsSubOptions so;
   jsSubOptions_Init(&so);
-  so.Stream = NULL;
-  so.Config.AckPolicy = js_AckExplicit;
-  so.Config.AckWait = j->x * 1000000;
-  so.Config.MaxDeliver = -1;
-  so.Config.MaxAckPending = j->y;
-  so.Config.MaxWaiting = 4096;
-  jsErrCode je = 0;
+  so.Stream = stream;
+  so.Consumer = durable;
   natsSubscription *sub = NULL;
-  natsStatus s = js_PullSubscribe(&sub, c->js, subject, durable, NULL, &so, &je);
+  s = js_PullSubscribe(&sub, c->js, subject, durable, NULL, &so, &je);
   if (s != NATS_OK) {
     nats_text(s, "cannot attach to the pool's consumer", err, errsz);
+    if (*made) snprintf(err + strlen(err), errsz - strlen(err), " (making it%s)", made);
     return 1;
   }
   corral_mbox *mb = j->mb;

@@ -143,7 +143,7 @@ local function serve_main(argv)
   end
   local file = argv[i]
   if not file or argv[i + 1] then return nil, "one classes file is wanted" end
-  if o.ca or o.cert then o.tls = { ca = o.ca, cert = o.cert, key = o.key } end
+  if o.ca or o.cert or o.key then o.tls = { ca = o.ca, cert = o.cert, key = o.key } end
   o.ca, o.cert, o.key = nil, nil, nil
   return function()
     local chunk, err = loadfile(file)

@@ -231,15 +231,20 @@ end
 
 local pump
 
--- The call's reply came (or it failed to be sent): room for the next.
-local function sent_done(r)
-  r.inflight = r.inflight - 1
-  if r.queue_head <= r.queue_tail then pump(r) end
-  if r.inflight == 0 and r.queue_head > r.queue_tail and r.idle then
+-- Nothing in flight, queued or waiting for inputs: a draining stop ends.
+local function check_idle(r)
+  if r.idle and r.inflight == 0 and r.waiting == 0 and r.queue_head > r.queue_tail then
     local idle = r.idle
     r.idle = nil
     settle_values(idle)
   end
+end
+
+-- The call's reply came (or it failed to be sent): room for the next.
+local function sent_done(r)
+  r.inflight = r.inflight - 1
+  if r.queue_head <= r.queue_tail then pump(r) end
+  check_idle(r)
 end
 
 -- Send a call whose inputs are done: encode, publish, follow its reply.
@@ -291,8 +296,14 @@ local function send(r, call)
   local cf, num = core.nats_call(r.conn._ud, r.subject, call.method, payload, r.js, r.tries,
     r.kind, refs, what)
   if not cf then
-    settle(f, FAILED, 0, false, errors.new("ClosedError", ("call %s:%s: %s"):format(r.name,
-      call.method, tostring(num)), nil, false))
+    local why = tostring(num)
+    local kind = why:find("closed", 1, true) and "ClosedError"
+      or why:lower():find("payload", 1, true) and "CodecError" or "ConnectionError"
+    if kind == "CodecError" then
+      why = ("%s (the call is %d bytes: more than the server takes in one message, its "
+        .. "max_payload)"):format(why, #payload)
+    end
+    settle(f, FAILED, 0, false, errors.new(kind, ("%s: %s"):format(what, why), nil, false))
     return
   end
   r.inflight = r.inflight + 1
@@ -327,6 +338,10 @@ end
 -- calls that wait for room.
 local function ready(r, call)
   if call.cancelled then return end
+  if r.cancelling then -- (stopped without draining while it waited for its inputs)
+    call.f:cancel()
+    return
+  end
   if r.inflight < r.cap and r.queue_head > r.queue_tail then
     send(r, call)
   else
@@ -367,11 +382,7 @@ function M.push(h, inst, method, ...)
       pcall(wait, deps)
       r.waiting = r.waiting - 1
       ready(r, call)
-      if r.waiting == 0 and r.inflight == 0 and r.queue_head > r.queue_tail and r.idle then
-        local idle = r.idle
-        r.idle = nil
-        settle_values(idle)
-      end
+      check_idle(r)
     end)
     return f
   end
@@ -443,17 +454,15 @@ end
 function M.stop(h, inst, drain)
   local r = inst.remote
   if not drain then
+    r.cancelling = true
     for i = r.queue_head, r.queue_tail do
       local call = r.queue[i]
       if call and not call.cancelled then call.f:cancel() end
     end
   end
   local idle = future.new()
-  if r.inflight == 0 and r.waiting == 0 and r.queue_head > r.queue_tail then
-    settle_values(idle)
-  else
-    r.idle = idle
-  end
+  r.idle = idle
+  check_idle(r)
   if not r.stateful then
     if drain then return idle end
     local done = future.new()
@@ -641,6 +650,7 @@ local function serve_pool_msg(srv, p, m)
   srv.held[m] = true
   local function after()
     srv.held[m] = nil
+    if srv.emptied and next(srv.held) == nil then settle_values(srv.emptied) end
     core.nats_ack(srv.ud, m.reply, "+ACK")
     p.running = p.running - 1
     srv.calls = srv.calls + 1
@@ -835,7 +845,7 @@ function M.serve(opts)
   -- calls that run long keep their delivery: "in progress" every third of
   -- ack_wait
   local function keep()
-    if srv.stopping then return end
+    if srv.closed then return end
     for m in pairs(srv.held) do core.nats_ack(srv.ud, m.reply, "+WPI") end
     srv.timer = sched.at(sched.now() + ack_wait / 3, keep)
   end
@@ -851,17 +861,29 @@ function Server:stop(opts)
   opts = opts or {}
   if self.stopping then return true end
   self.stopping = true
-  if self.timer then sched.cancel_timer(self.timer) end
+  local drain = opts.drain ~= false
   for _, mb in ipairs(self.mboxes) do core.mbox_close(mb) end
+  -- fetched and not started: back to the server now, not after ack_wait
   for _, p in pairs(self.pools) do
+    repeat
+      local left = core.mbox_take(p.mb, 1024)
+      for _, m in ipairs(left) do core.nats_ack(self.ud, m.reply, "+NAK") end
+    until #left == 0
     if p.slot then settle_values(p.slot) end
-    p.handle:stop { drain = opts.drain ~= false }
-    -- what was answered has been acknowledged; what was held and not
-    -- answered goes back
-    for m in pairs(self.held) do core.nats_ack(self.ud, m.reply, "+NAK") end
   end
-  for _, inst in pairs(self.insts) do inst.handle:stop { drain = opts.drain ~= false } end
+  for _, p in pairs(self.pools) do p.handle:stop { drain = drain } end
+  for _, inst in pairs(self.insts) do inst.handle:stop { drain = drain } end
   self.insts = {}
+  -- the answers of the calls that ran (a big result is kept first), then
+  -- what is held still (not answered: cancelled) goes back
+  if drain and next(self.held) then
+    self.emptied = future.new()
+    pcall(self.emptied.result, self.emptied, 10)
+  end
+  for m in pairs(self.held) do core.nats_ack(self.ud, m.reply, "+NAK") end
+  self.held = {}
+  self.closed = true
+  if self.timer then sched.cancel_timer(self.timer) end
   if self.own then self.conn:close() end
   if self.done then settle_values(self.done) end
   return true
