@@ -9,6 +9,13 @@
  *   nats_raw js URL N           JetStream: js_Publish (waits for the PubAck),
  *                               Fetch 1 from a durable pull consumer of a
  *                               work-queue stream, AckSync: median us
+ *   nats_raw js-throughput URL N  JetStream, 256 in flight: js_PublishAsync
+ *                               (at most 256 PubAcks pending, and at most 256
+ *                               messages published and not yet acked), a
+ *                               second connection's pull consumer fetching
+ *                               in batches (what is published and not yet
+ *                               taken) and acking each (Ack, no wait for the
+ *                               server): messages/s
  *
  * The responder of the core modes is a second connection of this process
  * (libnats' delivery thread answers). Publishes are sent at once
@@ -193,9 +200,119 @@ static int jetstream(const char *url, int n) {
   return 0;
 }
 
+/* js-throughput: the consumer's side, a thread of its own on its own
+ * connection; `consumed` counts what it has acked (mu, cv). */
+static int published, consumed, consume_target;
+
+static void *consume(void *arg) {
+  natsSubscription *sub = arg;
+  for (;;) {
+    /* a batch of what has been published and not yet taken (a Fetch
+     * waits until its whole batch has come) */
+    pthread_mutex_lock(&mu);
+    while (consumed < consume_target && published == consumed)
+      pthread_cond_wait(&cv, &mu);
+    int batch = published - consumed;
+    pthread_mutex_unlock(&mu);
+    if (batch == 0) break;
+    natsMsgList list = {0};
+    jsErrCode jerr = 0;
+    TRY("fetch", natsSubscription_Fetch(&list, sub, batch, 5000, &jerr));
+    int got = list.Count;
+    for (int i = 0; i < got; i++)
+      TRY("ack", natsMsg_Ack(list.Msgs[i], NULL));
+    natsMsgList_Destroy(&list); /* (zeroes Count) */
+    pthread_mutex_lock(&mu);
+    consumed += got;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+  }
+  return NULL;
+}
+
+/* Publish n messages, at most WINDOW of them not yet acked by the consumer;
+ * the seconds until the consumer has acked them all. */
+static double js_window(jsCtx *js, natsSubscription *sub, int n) {
+  const char payload[16] = "0123456789abcdef";
+  pthread_mutex_lock(&mu);
+  published = consumed = 0;
+  consume_target = n;
+  pthread_mutex_unlock(&mu);
+  pthread_t th;
+  int64_t t = nats_NowInNanoSeconds();
+  if (pthread_create(&th, NULL, consume, sub) != 0) die("thread", NATS_ERR);
+  for (int i = 0; i < n; i++) {
+    pthread_mutex_lock(&mu);
+    while (i - consumed >= WINDOW)
+      pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    TRY("js publish async", js_PublishAsync(js, "bench.tput", payload, 16, NULL));
+    pthread_mutex_lock(&mu);
+    published++;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+  }
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = 10000;
+  TRY("publish complete", js_PublishAsyncComplete(js, &po));
+  pthread_join(th, NULL);
+  return (double)(nats_NowInNanoSeconds() - t) / 1e9;
+}
+
+static int js_throughput(const char *url, int n) {
+  natsStatus st;
+  natsConnection *nc = connect_to(url, NULL, NULL, NULL, &st);
+  if (st != NATS_OK) die("connect", st);
+  natsConnection *cc = connect_to(url, NULL, NULL, NULL, &st);
+  if (st != NATS_OK) die("connect", st);
+  jsCtx *js = NULL, *cjs = NULL;
+  jsErrCode jerr = 0;
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jo.PublishAsync.MaxPending = WINDOW;
+  TRY("jetstream", natsConnection_JetStream(&js, nc, &jo));
+  TRY("jetstream", natsConnection_JetStream(&cjs, cc, NULL));
+  /* (left over by a run that was killed: its consumer's unacked messages
+   * would hold up this one's) */
+  js_DeleteStream(js, "BENCHT", NULL, &jerr);
+  jsStreamConfig sc;
+  jsStreamConfig_Init(&sc);
+  const char *subjects[] = {"bench.tput"};
+  sc.Name = "BENCHT";
+  sc.Subjects = subjects;
+  sc.SubjectsLen = 1;
+  sc.Retention = js_WorkQueuePolicy;
+  sc.Storage = js_FileStorage;
+  jsStreamInfo *si = NULL;
+  TRY("add stream", js_AddStream(&si, js, &sc, NULL, &jerr));
+  jsStreamInfo_Destroy(si);
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Config.AckPolicy = js_AckExplicit;
+  so.Config.AckWait = (int64_t)30 * 1000000000;
+  so.Config.MaxDeliver = 3;
+  so.Config.MaxAckPending = 1000; /* as a pool's consumer (corral serve's default) */
+  natsSubscription *sub = NULL;
+  TRY("pull subscribe", js_PullSubscribe(&sub, cjs, "bench.tput", "tput", NULL, &so, &jerr));
+  js_window(js, sub, n / 10 > 1000 ? 1000 : n / 10 + 1); /* warm-up */
+  double secs = js_window(js, sub, n);
+  printf("JetStream publish+fetch+ack, %d in flight, %d messages: %.0f\n", WINDOW, n, n / secs);
+  natsSubscription_Unsubscribe(sub);
+  natsSubscription_Destroy(sub);
+  js_DeleteStream(js, "BENCHT", NULL, &jerr);
+  jsCtx_Destroy(cjs);
+  jsCtx_Destroy(js);
+  natsConnection_Destroy(cc);
+  natsConnection_Destroy(nc);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: nats_raw check|rtt|throughput|js URL [N | USER PASSWORD] [CAFILE]\n");
+    fprintf(
+        stderr,
+        "usage: nats_raw check|rtt|throughput|js|js-throughput URL [N | USER PASSWORD] [CAFILE]\n");
     return 2;
   }
   const char *mode = argv[1], *url = argv[2];
@@ -221,6 +338,8 @@ int main(int argc, char **argv) {
     rc = core(url, n, WINDOW);
   } else if (strcmp(mode, "js") == 0) {
     rc = jetstream(url, n);
+  } else if (strcmp(mode, "js-throughput") == 0) {
+    rc = js_throughput(url, n);
   } else {
     fprintf(stderr, "nats_raw: unknown mode %s\n", mode);
     rc = 2;

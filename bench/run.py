@@ -110,9 +110,10 @@ peer = measure([sys.executable, B("orchestration_python.py"), "fs", "20000"])
 row("4 KiB file reads from 64 tasks", ours, peer, "run_in_executor(open)", "reads/s", True)
 
 # Raw NATS figures (issue 13, remote workers): the same loopback nats-server
-# measured with libnats directly (bench/nats_raw.c), what corral's remote
-# calls will be compared against. The server is started here as
-# tests/nats.lua starts it: -js on a random port in a temporary directory.
+# measured with libnats directly (bench/nats_raw.c), and corral's remote
+# calls (bench/remote.lua) beside the JetStream figures. The server is
+# started here as tests/nats.lua starts it: -js on a random port in a
+# temporary directory.
 def nats_server():
     import json, tempfile, time
     d = tempfile.mkdtemp(prefix="corral-nats-bench-")
@@ -139,14 +140,26 @@ if srv:
     try:
         buffered = dict(os.environ, NATS_BUFFERED="1")
         raw_row("raw NATS request/reply (median)", measure([raw, "rtt", url, "5000"]), "us",
-                "libnats, 1 in flight, no corral yet (issue 13)")
+                "libnats, 1 in flight (core NATS)")
         raw_row("  same, libnats' default flusher", measure([raw, "rtt", url, "5000"], buffered), "us",
                 "publishes held up to ~1 ms")
         raw_row("  256 in flight", measure([raw, "throughput", url, "100000"]), "req/s", "libnats")
         raw_row("  256 in flight, default flusher", measure([raw, "throughput", url, "100000"], buffered),
                 "req/s", "libnats (batched writes)")
-        raw_row("raw JetStream pub+fetch+ack", measure([raw, "js", url, "2000"]), "us",
-                "work queue, durable pull consumer, AckSync")
+        js_rtt = measure([raw, "js", url, "2000"])
+        raw_row("raw JetStream pub+fetch+ack", js_rtt, "us", "work queue, durable pull consumer, AckSync")
+        js_tput = measure([raw, "js-throughput", url, "100000"])
+        raw_row("  256 in flight", js_tput, "msgs/s", "js_PublishAsync, batched Fetch, Ack")
+        # corral's remote calls (bench/remote.lua) on the same server: a
+        # `corral serve --workers 2` host in its own process, a 16-byte echo
+        ours = measure([corral, B("remote.lua"), url, "rtt", "2000"])
+        row("remote call round trip, 1 in flight", ours, js_rtt, "raw JetStream pub+fetch+ack", "us", False)
+        print(f"{'':<34} target: within 1.5x of raw JetStream (ratio >= x0.67): "
+              f"{'met' if ours <= 1.5 * js_rtt else 'MISSED'}")
+        ours = measure([corral, B("remote.lua"), url, "throughput", "20000"])
+        row("remote calls, 256 in flight", ours, js_tput, "raw JetStream, 256 in flight", "calls/s", True)
+        print(f"{'':<34} target: at least 70% of raw JetStream (ratio >= x0.7): "
+              f"{'met' if ours >= 0.7 * js_tput else 'MISSED'}")
     finally:
         srv.terminate()
         try:
