@@ -70,6 +70,7 @@ struct corral_nats {
   uv_mutex_t lane_lock;
   uv_cond_t lane_cond;
   job *jobs, **jobs_tail;
+  job *later; /* jobs with a `due` time, in no order */
   int lane_quit, lane_started;
   uv_thread_t thread;
   atomic_int reconnects, disconnected;
@@ -100,6 +101,8 @@ struct job {
   char *a, *b;      /* strings the job owns */
   int64_t x, y;
   natsOptions *opts;
+  natsMsg *msg;    /* a call to publish again (owned) */
+  uint64_t due;    /* not before (uv_hrtime), or 0 */
 };
 
 static uv_mutex_t list_lock;
@@ -244,8 +247,12 @@ static void on_reply(natsConnection *nc, natsSubscription *sub, natsMsg *m, void
   natsMsg_Destroy(m);
 }
 
-/* JetStream did not take a call (no stream, a timeout, the server's
- * error): its future fails. */
+static void republish_later(corral_nats *c, natsMsg *m);
+
+/* JetStream did not take a call. When the server said why (its API error)
+ * the call's future fails; when nothing answered (JetStream not up yet
+ * after a restart, a timeout, a lost connection) it is published again a
+ * little later, for as long as its call waits (its time limit ends that). */
 static void on_pub_error(jsCtx *js, jsPubAckErr *pae, void *closure) {
   (void)js;
   corral_nats *c = closure;
@@ -253,6 +260,20 @@ static void on_pub_error(jsCtx *js, jsPubAckErr *pae, void *closure) {
   natsMsgHeader_Get(pae->Msg, "Corral-Reply", &reply);
   uint64_t n = reply_number(c, reply);
   pending *p = NULL;
+  if (n != 0 && pae->ErrCode == 0) {
+    uv_mutex_lock(&c->lock);
+    int waits = !c->closed;
+    if (waits) {
+      waits = 0;
+      for (pending *q = c->buckets[n % NBUCKETS]; q != NULL && !waits; q = q->next)
+        waits = q->n == n;
+    }
+    uv_mutex_unlock(&c->lock);
+    if (waits) {
+      republish_later(c, pae->Msg);
+      return;
+    }
+  }
   if (n != 0) {
     uv_mutex_lock(&c->lock);
     p = take_pending(c, n);
@@ -295,6 +316,7 @@ static void fail_pending(corral_nats *c, const char *why) {
 /* ======================================================================== */
 
 static void job_free(job *j) {
+  if (j->msg) natsMsg_Destroy(j->msg);
   if (j->f) corral_future_release(j->f);
   if (j->mb) corral__mbox_release(j->mb);
   free(j->a);
@@ -303,12 +325,37 @@ static void job_free(job *j) {
   free(j);
 }
 
+/* Move the delayed jobs that are due to the queue; the time until the next
+ * (ns), or 0 when none waits. Under lane_lock. */
+static uint64_t lane_due(corral_nats *c) {
+  uint64_t now = uv_hrtime(), next = 0;
+  for (job **pp = &c->later; *pp != NULL;) {
+    job *j = *pp;
+    if (j->due <= now) {
+      *pp = j->next;
+      j->next = NULL;
+      *c->jobs_tail = j;
+      c->jobs_tail = &j->next;
+    } else {
+      if (next == 0 || j->due - now < next) next = j->due - now;
+      pp = &j->next;
+    }
+  }
+  return next;
+}
+
 static void lane_main(void *arg) {
   corral_nats *c = arg;
   uv_mutex_lock(&c->lane_lock);
   for (;;) {
-    while (c->jobs == NULL && !c->lane_quit)
-      uv_cond_wait(&c->lane_cond, &c->lane_lock);
+    for (;;) {
+      uint64_t wait = lane_due(c);
+      if (c->jobs != NULL || c->lane_quit) break;
+      if (wait == 0)
+        uv_cond_wait(&c->lane_cond, &c->lane_lock);
+      else
+        uv_cond_timedwait(&c->lane_cond, &c->lane_lock, wait);
+    }
     job *j = c->jobs;
     if (j == NULL) break;
     c->jobs = j->next;
@@ -324,6 +371,12 @@ static void lane_main(void *arg) {
     uv_mutex_lock(&c->lane_lock);
   }
   /* left over at close: failed */
+  while (c->later != NULL) {
+    job *j = c->later;
+    c->later = j->next;
+    fail(j->f, "ClosedError", "the NATS connection was closed");
+    job_free(j);
+  }
   while (c->jobs != NULL) {
     job *j = c->jobs;
     c->jobs = j->next;
@@ -365,9 +418,14 @@ static corral_future *lane_push(corral_nats *c, job *j) {
   }
   corral_future *f = j->f;
   corral_future_retain(f);
-  j->next = NULL;
-  *c->jobs_tail = j;
-  c->jobs_tail = &j->next;
+  if (j->due != 0) {
+    j->next = c->later;
+    c->later = j;
+  } else {
+    j->next = NULL;
+    *c->jobs_tail = j;
+    c->jobs_tail = &j->next;
+  }
   uv_cond_signal(&c->lane_cond);
   uv_mutex_unlock(&c->lane_lock);
   corral_future_release(f); /* (the one lane_push took: the job holds its own) */
@@ -420,6 +478,56 @@ static int republish_job(corral_nats *c, job *j, char *err, size_t errsz) {
   }
   natsMsgList_Destroy(&list);
   return 0;
+}
+
+/* a copy of m (its subject, data and headers) published again in 250 ms */
+static int repub_job(corral_nats *c, job *j, char *err, size_t errsz) {
+  uv_mutex_lock(&c->lock);
+  jsCtx *js = c->closed ? NULL : c->js;
+  uv_mutex_unlock(&c->lock);
+  if (js == NULL) return 0;
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  const char *id = NULL;
+  natsMsgHeader_Get(j->msg, "Corral-Call", &id);
+  po.MsgId = id;
+  natsStatus s = js_PublishMsgAsync(js, &j->msg, &po);
+  if (s != NATS_OK) {
+    jsPubAckErr pae = {0};
+    pae.Msg = j->msg;
+    pae.Err = s;
+    pae.ErrText = "cannot publish it again";
+    pae.ErrCode = 1; /* (fails it: no endless loop here) */
+    on_pub_error(js, &pae, c);
+    nats_text(s, "publish again", err, errsz);
+    return 1;
+  }
+  return 0;
+}
+
+static void republish_later(corral_nats *c, natsMsg *m) {
+  natsMsg *copy = NULL;
+  const char **keys = NULL;
+  int nkeys = 0;
+  natsStatus s = natsMsg_Create(&copy, natsMsg_GetSubject(m), NULL, natsMsg_GetData(m),
+                                natsMsg_GetDataLength(m));
+  if (s == NATS_OK && natsMsgHeader_Keys(m, &keys, &nkeys) == NATS_OK) {
+    for (int i = 0; i < nkeys && s == NATS_OK; i++) {
+      const char *v = NULL;
+      if (strcmp(keys[i], "Nats-Msg-Id") != 0 && natsMsgHeader_Get(m, keys[i], &v) == NATS_OK)
+        s = natsMsgHeader_Set(copy, keys[i], v);
+    }
+    free((void *)keys);
+  }
+  job *j = s == NATS_OK ? job_new(repub_job) : NULL;
+  if (j == NULL) {
+    natsMsg_Destroy(copy);
+    return; /* (no memory: the call waits for its time limit) */
+  }
+  j->msg = copy;
+  j->due = uv_hrtime() + 250 * 1000000ULL;
+  corral_future *f = lane_push(c, j);
+  if (f != NULL) corral_future_release(f);
 }
 
 static void on_reconnected(natsConnection *nc, void *closure) {

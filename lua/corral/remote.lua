@@ -29,6 +29,13 @@ local type, select, pairs, ipairs, unpack, pcall, tostring, setmetatable, getmet
 
 local M = {}
 
+-- The values as a payload; raises a CodecError naming what cannot travel.
+local function encode(...)
+  local s, why = core.encode(...)
+  if s == nil then error(errors.codec(why), 0) end
+  return s
+end
+
 -- Pool names are NATS subject tokens and stream names.
 local NAME = "^[%w_-]+$"
 
@@ -286,7 +293,7 @@ local function send(r, call)
     if not ok then return settle(f, FAILED, 0, false, vals) end
     args = vals
   end
-  local ok, payload = pcall(core.encode, unpack(args, 1, n))
+  local ok, payload = pcall(encode, unpack(args, 1, n))
   if not ok then
     settle(f, FAILED, 0, false, errors.is_error(payload) and payload or errors.codec(tostring(payload)))
     return
@@ -419,7 +426,7 @@ function M.init(h, o, ...)
   local r = remote_state(h, conn, name, o)
   h._insts[1] = { remote = r }
   if o.stateful then
-    local payload = core.encode(...)
+    local payload = encode(...)
     local cf, why = core.nats_call(conn._ud, "corral.spawn." .. name, "init", payload, false, 1,
       "spawn", nil, ("start a %s instance"):format(name))
     if not cf then error(errors.new("ClosedError", fname .. ": " .. tostring(why), nil, false), 2) end
@@ -573,11 +580,11 @@ local function outcome(f)
     if n == nil then
       ok, payload = false, f._e
     elseif n == 0 then
-      ok, payload = pcall(core.encode)
+      ok, payload = pcall(encode)
     elseif n == 1 then
-      ok, payload = pcall(core.encode, f[V])
+      ok, payload = pcall(encode, f[V])
     else
-      ok, payload = pcall(core.encode, unpack(f[V], 1, f[V].n))
+      ok, payload = pcall(encode, unpack(f[V], 1, f[V].n))
     end
     if ok then return "ok", payload end
     return "error", core.encode(plain_error(payload))
@@ -721,22 +728,34 @@ local function mbox_future(mb)
   return future.wrap(core.mbox_wait(mb), nil, nil, true)
 end
 
--- A pool's loop: fetch as many calls as the local workers can run.
+-- A pool's loop: keep the local workers busy, with calls fetched ahead
+-- (`p.ahead` of them: fewer pull requests, no wait for one between two
+-- calls). Those wait in `p.queue`, held: "in progress" acks keep them
+-- this host's; a stop hands them back.
 local function pool_loop(srv, p)
   local wait = require("corral.wait").wait
+  local q = p.queue
   while not srv.stopping do
-    local free = p.cap - p.running
-    if free > 0 then
-      core.mbox_want(p.mb, free)
-      p.slot = p.slot or future.new()
+    while p.running < p.cap and q.head <= q.tail do
+      local m = q[q.head]
+      q[q.head] = nil
+      q.head = q.head + 1
+      serve_pool_msg(srv, p, m)
+    end
+    local want = p.cap + p.ahead - p.running - (q.tail - q.head + 1)
+    core.mbox_want(p.mb, want > 0 and want or 0)
+    p.slot = p.slot or future.new()
+    if want > 0 then
       wait({ mbox_future(p.mb), p.slot }, { return_when = "FIRST_COMPLETED" })
     else
-      p.slot = p.slot or future.new()
       wait({ p.slot })
     end
     if srv.stopping then break end
-    local msgs = core.mbox_take(p.mb, math.max(1, p.cap - p.running))
-    for _, m in ipairs(msgs) do serve_pool_msg(srv, p, m) end
+    for _, m in ipairs(core.mbox_take(p.mb, 1024)) do
+      q.tail = q.tail + 1
+      q[q.tail] = m
+      srv.held[m] = true
+    end
   end
 end
 
@@ -824,7 +843,8 @@ function M.serve(opts)
       error(conn_error("%s: pool %s: %s", fname, name, errors.text_of(e)), 2)
     end
     local p = { name = name, class = cls, methods = cls._methods, handle = handle, mb = mb,
-      cap = workers * mc, running = 0 }
+      cap = workers * mc, running = 0, queue = { head = 1, tail = 0 } }
+    p.ahead = math.min(math.max(p.cap, 32), max_pending)
     srv.pools[name] = p
     local smb, why = core.nats_subscribe(srv.ud, "corral.spawn." .. name, "corral")
     if not smb then
@@ -865,6 +885,14 @@ function Server:stop(opts)
   for _, mb in ipairs(self.mboxes) do core.mbox_close(mb) end
   -- fetched and not started: back to the server now, not after ack_wait
   for _, p in pairs(self.pools) do
+    local q = p.queue
+    for i = q.head, q.tail do
+      local m = q[i]
+      q[i] = nil
+      self.held[m] = nil
+      core.nats_ack(self.ud, m.reply, "+NAK")
+    end
+    q.head, q.tail = 1, 0
     repeat
       local left = core.mbox_take(p.mb, 1024)
       for _, m in ipairs(left) do core.nats_ack(self.ud, m.reply, "+NAK") end

@@ -276,6 +276,18 @@ describe("remote workers", function()
     assert.equal(0, conn:stats().pending, "the call is no longer awaited")
     -- nor counted as something that may still settle (corral.run would wait for it)
     h.wait_until(function() return sched.ext_pending() == base end, 5)
+    -- what cannot travel (a channel, a worker handle): CodecError, nothing sent
+    assert.equal("CodecError", h.kind_of(function() return sq:echo(corral.channel(1)):result() end))
+    assert.equal("CodecError", h.kind_of(function() return sq:echo(sq):result() end))
+    assert.equal("CodecError", h.kind_of(function()
+      return classes.counter:options { mode = "remote", connection = conn, pool = "counter",
+        stateful = true }:init(corral.channel(1))
+    end))
+    -- nil arguments and results keep their places
+    local plain = pool(conn) -- (no time limit: the host's one worker naps for 3 s first)
+    local r = { plain:echo(nil, 1, nil):result(10) }
+    assert.same({ nil, 1 }, r)
+    assert.equal(3, select("#", plain:echo(nil, 1, nil):result(10)))
     -- arguments bigger than the server takes in one message: CodecError
     local e
     kind, e = h.kind_of(function() return sq:len(string.rep("y", 2 * 1024 * 1024)):result() end)
