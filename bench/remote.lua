@@ -7,7 +7,7 @@
 --   throughput: 256 calls in flight (256 tasks, each one call at a time),
 --     a 16-byte argument, calls/s
 -- The last word printed is the figure. BENCH_REMOTE_WORKERS sets the host's
--- workers (2).
+-- workers (2), BENCH_REMOTE_MODE their mode (thread).
 -- Usage: remote.lua URL rtt|throughput [N] [inproc]
 local corral = require "corral"
 local url = assert(arg[1], "usage: remote.lua URL rtt|throughput [N] [inproc]")
@@ -28,7 +28,7 @@ else
   -- (SIGTERM, then SIGKILL) when its future is cancelled
   local exe = arg[-1] or "corral"
   host = corral.exec({ exe, "serve", "--nats", url, "--workers", tostring(WORKERS),
-    classes_file },
+    "--mode", os.getenv("BENCH_REMOTE_MODE") or "thread", classes_file },
     { capture = false, kill_grace = 2 })
 end
 

@@ -26,7 +26,8 @@ usage: corral serve --nats URL [serve options] classes.lua
   callers (docs/remote.md), until SIGINT or SIGTERM.
   --nats URL       the NATS server (else CORRAL_NATS_URL)
   --workers N      local workers per pool (default: one per CPU)
-  --mode M         thread (default) or process
+  --mode M         thread (default), process, or async (the calls run as
+                   tasks of the host's own loop: for I/O-bound methods)
   --trust          run functions shipped with calls (CORRAL_TRUST_KEY)
   --ack-wait S     seconds before a silent host's calls go to another (30)
   --max-pending N  calls of a pool out at once, over all its hosts (1000)

@@ -746,8 +746,16 @@ local function pool_loop(srv, p)
     core.mbox_want(p.mb, want > 0 and want or 0)
     p.slot = p.slot or future.new()
     if want > 0 then
-      wait({ mbox_future(p.mb), p.slot }, { return_when = "FIRST_COMPLETED" })
-    else
+      -- (the mailbox's future is kept while it waits: one per delivery, not per turn)
+      local mf = p.mfut
+      if not mf or mf[S] >= DONE then
+        mf = mbox_future(p.mb)
+        p.mfut = mf
+      end
+      if mf[S] < DONE and p.slot[S] < DONE then
+        wait({ mf, p.slot }, { return_when = "FIRST_COMPLETED" })
+      end
+    elseif p.slot[S] < DONE then
       wait({ p.slot })
     end
     if srv.stopping then break end
@@ -790,7 +798,8 @@ function M.serve(opts)
   errors.check(type(opts.classes) == "table", fname, "classes", "a table of pool name -> class",
     opts.classes)
   local mode = opts.mode or "thread"
-  errors.check(mode == "thread" or mode == "process", fname, "mode", '"thread" or "process"', mode)
+  errors.check(mode == "thread" or mode == "process" or mode == "async", fname, "mode",
+    '"thread", "process" or "async"', mode)
   local workers = opts.workers or core.ncpu()
   errors.check(type(workers) == "number" and workers >= 1 and workers <= 1024 and
     workers == math.floor(workers), fname, "workers", "a whole number from 1 to 1024", workers)
