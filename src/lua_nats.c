@@ -224,8 +224,8 @@ static int l_nats_kv_get(lua_State *L) {
 static int l_nats_subscribe(lua_State *L) {
   corral_nats *c = check_conn(L, 1);
   char err[512];
-  corral_mbox *mb =
-      corral__nats_subscribe(c, luaL_checkstring(L, 2), luaL_optstring(L, 3, NULL), err, sizeof err);
+  corral_mbox *mb = corral__nats_subscribe(c, luaL_checkstring(L, 2), luaL_optstring(L, 3, NULL),
+                                           err, sizeof err);
   if (mb == NULL) {
     lua_pushnil(L);
     lua_pushstring(L, err);
@@ -264,8 +264,8 @@ static int l_mbox_wait(lua_State *L) {
   return 1;
 }
 
-static const char *const hdr_names[CORRAL_NATS_NHDR] = {"method", "call",  "reply_to", "tries",
-                                                        "kind",   "refs",  "status"};
+static const char *const hdr_names[CORRAL_NATS_NHDR] = {"method", "call", "reply_to", "tries",
+                                                        "kind",   "refs", "status"};
 
 /* mbox_take(mb, max): an array of messages (tables: subject, reply, data,
  * delivered, and the Corral-* headers by their short names), and whether

@@ -101,8 +101,8 @@ struct job {
   char *a, *b;      /* strings the job owns */
   int64_t x, y;
   natsOptions *opts;
-  natsMsg *msg;    /* a call to publish again (owned) */
-  uint64_t due;    /* not before (uv_hrtime), or 0 */
+  natsMsg *msg; /* a call to publish again (owned) */
+  uint64_t due; /* not before (uv_hrtime), or 0 */
 };
 
 static uv_mutex_t list_lock;
@@ -177,8 +177,9 @@ static void settle_reply(pending *p, natsMsg *m) {
   if (strcmp(status, "ok") == 0 || strcmp(status, "error") == 0) {
     int ok = status[0] == 'o';
     const char *why = corral__codec_check_foreign(data, (size_t)len);
-    if (why == NULL && !ok && (len < 2 || ((unsigned char)data[0] & 0xf0) != 0x90 ||
-                               ((unsigned char)data[1] & 0xf0) != 0x80))
+    if (why == NULL && !ok &&
+        (len < 2 || ((unsigned char)data[0] & 0xf0) != 0x90 ||
+         ((unsigned char)data[1] & 0xf0) != 0x80))
       why = "an error must be one map";
     if (why != NULL) {
       snprintf(msg, sizeof msg, "%s: the host's reply cannot be decoded: %s", p->what, why);
@@ -804,8 +805,8 @@ int corral__nats_stats(corral_nats *c, uint64_t out[4]) {
 /* Calls and replies                                                         */
 /* ======================================================================== */
 
-int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future **out,
-                      uint64_t *num, char *err, size_t errsz) {
+int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future **out, uint64_t *num,
+                      char *err, size_t errsz) {
   *out = NULL;
   pending *p = calloc(1, sizeof *p);
   if (p == NULL) {
@@ -903,8 +904,8 @@ int corral__nats_pending(corral_nats *c) {
   return n;
 }
 
-int corral__nats_publish(corral_nats *c, const char *subject, const char *status,
-                         const char *data, size_t len, char *err, size_t errsz) {
+int corral__nats_publish(corral_nats *c, const char *subject, const char *status, const char *data,
+                         size_t len, char *err, size_t errsz) {
   uv_mutex_lock(&c->lock);
   natsConnection *nc = live_nc(c, err, errsz);
   uv_mutex_unlock(&c->lock);
@@ -1139,7 +1140,8 @@ static void fetch_main(void *arg) {
     uv_mutex_unlock(&mb->lock);
     natsMsgList list = {0};
     jsErrCode je = 0;
-    natsStatus s = natsSubscription_Fetch(&list, mb->sub, want > 256 ? 256 : want, mb->fetch_ms, &je);
+    natsStatus s =
+        natsSubscription_Fetch(&list, mb->sub, want > 256 ? 256 : want, mb->fetch_ms, &je);
     if (s == NATS_OK) {
       for (int i = 0; i < list.Count; i++) {
         mbox_put(mb, list.Msgs[i]);

@@ -360,7 +360,7 @@ end
 --- A call to a remote worker (the handle's `push` for mode "remote"):
 -- returns its future, and a future to wait on when `max_queued` calls are
 -- in flight already (backpressure, as a thread worker's full inbox).
-function M.push(h, inst, method, ...)
+function M.push(_, inst, method, ...)
   local r = inst.remote
   local n = select("#", ...)
   local args = { n = n, ... }
@@ -458,7 +458,7 @@ end
 -- the future settles when the calls sent have their replies; without,
 -- the calls not sent yet are cancelled and it settles at once. A stateful
 -- instance is stopped on its host. Returns the future.
-function M.stop(h, inst, drain)
+function M.stop(_, inst, drain)
   local r = inst.remote
   if not drain then
     r.cancelling = true
@@ -545,7 +545,7 @@ local function decode_args(srv, data)
 end
 
 -- Run a call on the local handle `lh`; `done(f)` when it has ended.
-local function run_call(srv, lh, methods, m, args, done)
+local function run_call(lh, methods, m, args, done)
   local method = m.method
   if type(methods[method]) ~= "function" then
     local f = future.new()
@@ -673,7 +673,7 @@ local function serve_pool_msg(srv, p, m)
       settle(f, FAILED, 0, false, err)
       return respond(srv, m, f, after)
     end
-    run_call(srv, p.handle, p.methods, m, a, function(f) respond(srv, m, f, after) end)
+    run_call(p.handle, p.methods, m, a, function(f) respond(srv, m, f, after) end)
   end)
 end
 
@@ -704,7 +704,7 @@ local function serve_inst_msg(srv, m)
       settle(f, FAILED, 0, false, err)
       return respond(srv, m, f, after)
     end
-    run_call(srv, inst.handle, inst.methods, m, a, function(f) respond(srv, m, f, after) end)
+    run_call(inst.handle, inst.methods, m, a, function(f) respond(srv, m, f, after) end)
   end)
 end
 
@@ -838,13 +838,13 @@ function M.serve(opts)
       "classes." .. name, "a worker class (corral.worker)", cls)
     local mc = cls._options.max_concurrency or 1
     local handle = cls:options { mode = mode, workers = workers, name = name }:init()
-    local mb, ready = core.nats_pull(srv.ud, name, ack_wait * 1000, max_pending)
+    local mb, attached = core.nats_pull(srv.ud, name, ack_wait * 1000, max_pending)
     if not mb then
       handle:stop { drain = false }
-      error(conn_error("%s: pool %s: %s", fname, name, tostring(ready)), 2)
+      error(conn_error("%s: pool %s: %s", fname, name, tostring(attached)), 2)
     end
     srv.mboxes[#srv.mboxes + 1] = mb
-    local g = future.wrap(ready, nil, nil, true)
+    local g = future.wrap(attached, nil, nil, true)
     local ok, e = pcall(g.result, g)
     if not ok then
       srv:stop { drain = false }
