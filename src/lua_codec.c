@@ -54,6 +54,18 @@ static int l_decode(lua_State *L) {
   return n;
 }
 
+/* codec_check(s): nil when s is one MessagePack array of plain values (no
+ * functions, C functions or modules by name, handles: what a C host may
+ * settle a future with, corral__codec_check_foreign), else why not. */
+static int l_codec_check(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *why = corral__codec_check_foreign(s, len);
+  if (why == NULL) return 0;
+  lua_pushstring(L, why);
+  return 1;
+}
+
 /* encode_value(v): plain MessagePack of one value (corral.encode), or nil
  * and why (its path named "value"). */
 static int l_encode_value(lua_State *L) {
@@ -109,6 +121,7 @@ static int l_codec_fail_alloc(lua_State *L) {
 
 const luaL_Reg corral__lua_codec_funcs[] = {{"encode", l_encode},
                                             {"decode", l_decode},
+                                            {"codec_check", l_codec_check},
                                             {"encode_value", l_encode_value},
                                             {"decode_value", l_decode_value},
                                             {"debug_counts", l_debug_counts},

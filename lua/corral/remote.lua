@@ -533,7 +533,15 @@ local function pack(...) return { n = select("#", ...), ... } end
 
 -- The arguments of a message: a table {n=...}, or nil and the error.
 local function decode_args(srv, data)
-  local ok, vals = pcall(function() return pack(core.decode(data, srv.trust)) end)
+  local ok, vals
+  -- (untrusted, nothing that names code passes: no function, and no C
+  -- function or module by name either)
+  local why = not srv.trust and core.codec_check(data)
+  if why then
+    ok, vals = false, "a function cannot come from outside the process: " .. why
+  else
+    ok, vals = pcall(function() return pack(core.decode(data, srv.trust)) end)
+  end
   if ok then return vals end
   local msg = errors.is_error(vals) and vals.message or tostring(vals)
   if msg:find("a function cannot come from outside", 1, true) then

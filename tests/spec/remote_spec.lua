@@ -368,6 +368,18 @@ describe("remote workers", function()
     ]]):format(srv.url, classes_path))
     local out = h.sh("CORRAL_TRUST_KEY=" .. key .. " " .. h.quote(h.bin) .. " " .. client .. " 1")
     assert.truthy(out:find("^false\tCodecError\t[^\n]*refuses functions"), out)
+    -- nor a C function by name (os.execute would run on the host)
+    local marker = h.tmpname()
+    os.remove(marker)
+    local conn2 = corral.connect { url = srv.url }
+    local sq = pool(conn2)
+    local kind, e = h.kind_of(function()
+      return sq:call(os.execute, "touch " .. marker):result(10)
+    end)
+    assert.equal("CodecError", kind)
+    assert.truthy(e.message:find("refuses functions", 1, true), e.message)
+    assert.is_false(h.exists(marker))
+    conn2:close()
     for _, x in ipairs(hosts) do kill(x) end
     hosts = {}
     host(srv, "trusting", { "--trust" }, { CORRAL_TRUST_KEY = key })
