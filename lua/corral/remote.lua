@@ -767,11 +767,13 @@ local function pool_loop(srv, p)
       wait({ p.slot })
     end
     if srv.stopping then break end
-    for _, m in ipairs(core.mbox_take(p.mb, 1024)) do
+    local msgs, closed = core.mbox_take(p.mb, 1024)
+    for _, m in ipairs(msgs) do
       q.tail = q.tail + 1
       q[q.tail] = m
       srv.held[m] = true
     end
+    if closed then break end -- (its connection was closed under it: nothing more comes)
   end
 end
 
@@ -817,6 +819,17 @@ function M.serve(opts)
   local max_pending = opts.max_pending or 1000
   errors.check(type(max_pending) == "number" and max_pending >= 1, fname, "max_pending",
     "a whole number >= 1", max_pending)
+  local names = {}
+  for name in pairs(opts.classes) do names[#names + 1] = name end
+  table.sort(names, function(a, b) return tostring(a) < tostring(b) end)
+  -- (every name and class checked before connecting or serving)
+  for _, name in ipairs(names) do
+    local cls = opts.classes[name]
+    errors.check(type(name) == "string" and name:find(NAME) ~= nil, fname, "classes",
+      "pool names of letters, digits, '_' and '-'", name)
+    errors.check(type(cls) == "table" and type(rawget(cls, "_methods")) == "table", fname,
+      "classes." .. name, "a worker class (corral.worker)", cls)
+  end
   local conn, own = opts.connection, false
   if conn == nil then
     conn = M.connect { url = opts.url, user = opts.user, password = opts.password,
@@ -835,19 +848,13 @@ function M.serve(opts)
         .. "same as the callers': only their functions are run")
     end
   end
-  local names = {}
-  for name in pairs(opts.classes) do names[#names + 1] = name end
-  table.sort(names, function(a, b) return tostring(a) < tostring(b) end)
   for _, name in ipairs(names) do
     local cls = opts.classes[name]
-    errors.check(type(name) == "string" and name:find(NAME) ~= nil, fname, "classes",
-      "pool names of letters, digits, '_' and '-'", name)
-    errors.check(type(cls) == "table" and type(rawget(cls, "_methods")) == "table", fname,
-      "classes." .. name, "a worker class (corral.worker)", cls)
     local mc = cls._options.max_concurrency or 1
     local handle = cls:options { mode = mode, workers = workers, name = name }:init()
     local mb, attached = core.nats_pull(srv.ud, name, ack_wait * 1000, max_pending)
     if not mb then
+      srv:stop { drain = false }
       handle:stop { drain = false }
       error(conn_error("%s: pool %s: %s", fname, name, tostring(attached)), 2)
     end

@@ -1,0 +1,350 @@
+-- Review 16: remote workers (issue 13) attacked as an adversary would:
+-- forged and malformed messages to a host, forged headers, what a host
+-- without --trust runs, a serve() that fails half-way, and leaks.
+local h = require "helper" -- (first: it takes LD_PRELOAD out of the children's environment)
+local nats = require "nats"
+local corral = require "corral"
+local core = require "corral.core"
+local future = require "corral.future"
+local ffi = require "ffi"
+
+local CLASSES = [[
+local corral = require "corral"
+local function tag() return os.getenv("HOSTTAG") or "?" end
+local Sq = corral.worker {
+  square = function(_, x) return x * x end,
+  who = function() return tag() end,
+  echo = function(_, ...) return ... end,
+  -- a higher-order method: applies what it is given (a map, a callback)
+  apply = function(_, fn, ...) return (fn(...)) end,
+  nap = function(_, s) corral.sleep(s); return s end,
+}
+local Counter = corral.worker {
+  init = function(self, n) self.n = n or 0 end,
+  add = function(self, k) self.n = self.n + k; return self.n end,
+}
+return { sq = Sq, counter = Counter }
+]]
+
+local classes_path = h.write_script(CLASSES)
+local classes = dofile(classes_path)
+
+-- A raw libnats client: messages with any headers and reply subject, as
+-- anyone who can reach the server could send them.
+pcall(ffi.cdef, [[
+typedef struct __natsConnection natsConnection;
+typedef struct __natsMsg natsMsg;
+int natsConnection_ConnectTo(natsConnection **nc, const char *urls);
+int natsMsg_Create(natsMsg **m, const char *subj, const char *reply, const char *data, int len);
+int natsMsgHeader_Set(natsMsg *m, const char *key, const char *value);
+int natsConnection_PublishMsg(natsConnection *nc, natsMsg *m);
+int natsConnection_Flush(natsConnection *nc);
+void natsMsg_Destroy(natsMsg *m);
+void natsConnection_Close(natsConnection *nc);
+void natsConnection_Destroy(natsConnection *nc);
+]])
+local libnats = ffi.load("nats")
+
+local function raw_client(url)
+  local pp = ffi.new("natsConnection*[1]")
+  assert(libnats.natsConnection_ConnectTo(pp, url) == 0, "raw connect")
+  local nc = pp[0]
+  local self = {}
+  -- publish data on subject with headers (a table) and an optional reply
+  function self.publish(subject, data, headers, reply)
+    local mp = ffi.new("natsMsg*[1]")
+    assert(libnats.natsMsg_Create(mp, subject, reply, data, #data) == 0, "msg create")
+    for k, v in pairs(headers or {}) do
+      assert(libnats.natsMsgHeader_Set(mp[0], k, v) == 0, "header " .. k)
+    end
+    local rc = libnats.natsConnection_PublishMsg(nc, mp[0])
+    libnats.natsMsg_Destroy(mp[0])
+    assert(rc == 0, "publish " .. rc)
+    assert(libnats.natsConnection_Flush(nc) == 0, "flush")
+  end
+  function self.close()
+    libnats.natsConnection_Close(nc)
+    libnats.natsConnection_Destroy(nc)
+  end
+  return self
+end
+
+-- A mailbox on `subject` of conn: its next message (waited for, bounded).
+local function listener(conn, subject)
+  local mb = assert(core.nats_subscribe(conn._ud, subject))
+  local got = {}
+  local self = {}
+  function self.next(limit)
+    local t0 = corral.now()
+    while #got == 0 do
+      local w = future.wrap(core.mbox_wait(mb), nil, nil, true)
+      local left = (limit or 10) - (corral.now() - t0)
+      if left <= 0 then return nil end
+      pcall(w.result, w, left)
+      for _, m in ipairs((core.mbox_take(mb, 64))) do got[#got + 1] = m end
+    end
+    return table.remove(got, 1)
+  end
+  function self.close() core.mbox_close(mb) end
+  return self
+end
+
+local hosts = {}
+local function host(srv, tag, extra, env)
+  local log = h.tmpname()
+  local argv = { h.bin, "serve", "--nats", srv.url, "--workers", "1", "--ack-wait", "1" }
+  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
+  argv[#argv + 1] = classes_path
+  local e = { HOSTTAG = tag }
+  for k, v in pairs(env or {}) do e[k] = v end
+  local pid = assert(nats.spawn(argv, log, e))
+  local x = { pid = pid, log = log, tag = tag }
+  hosts[#hosts + 1] = x
+  h.wait_until(function()
+    assert(nats.running(pid), "the host ended: " .. h.slurp(log))
+    return h.slurp(log):find("serving", 1, true) ~= nil
+  end, 20)
+  return x
+end
+
+local srv, skip
+local function server(opts)
+  local s, why = nats.start(opts)
+  if not s then
+    skip = why
+    print("review16_spec: skipped: " .. tostring(why))
+  end
+  return s
+end
+
+local function pool(conn, o)
+  local opts = { mode = "remote", connection = conn, pool = "sq" }
+  for k, v in pairs(o or {}) do opts[k] = v end
+  return classes.sq:options(opts):init()
+end
+
+describe("review 16: remote workers under attack", function()
+  local conn
+  before_each(function()
+    srv = server()
+    if srv then conn = corral.connect { url = srv.url } end
+  end)
+  after_each(function()
+    for _, x in ipairs(hosts) do nats.finish(x.pid) end
+    hosts = {}
+    if conn then conn:close() end
+    conn = nil
+    if srv then srv.stop() end
+  end)
+
+  it("a host without --trust runs no function a caller ships, a loaded module's included", function()
+    if not srv then return pending(skip) end
+    host(srv, "A")
+    local sq = pool(conn)
+    assert.equal(9, sq:square(3):result(10))
+    local path = h.tmpname()
+    os.remove(path)
+    -- io.open and os.execute are C functions of loaded modules: they travel
+    -- by name, and the host's own would run
+    local ok, got = pcall(function() return sq:apply(io.open, path, "w"):result(10) end)
+    assert.is_false(h.exists(path), ("the host ran io.open for the caller (%s, %s)"):format(
+      tostring(ok), tostring(got)))
+    assert.is_false(ok)
+    assert.is_true(corral.is_error(got, "CodecError"), tostring(got))
+    local kind2 = h.kind_of(function()
+      return sq:apply(os.execute, "touch " .. path):result(10)
+    end)
+    assert.equal("CodecError", kind2)
+    assert.is_false(h.exists(path), "the host ran the caller's choice of function")
+    os.remove(path)
+  end)
+
+  it("a host with --trust runs no C function named by a caller without its key", function()
+    if not srv then return pending(skip) end
+    -- (this process has no CORRAL_TRUST_KEY: its marks are made with a key of its own)
+    host(srv, "T", { "--trust" }, { CORRAL_TRUST_KEY = "a-shared-secret-of-32-characters" })
+    local sq = pool(conn)
+    assert.equal(9, sq:square(3):result(10))
+    local path = h.tmpname()
+    os.remove(path)
+    -- a shipped Lua function is refused: its mark does not authenticate
+    assert.equal("CodecError", h.kind_of(function()
+      return sq:apply(function(x) return x end, 1):result(10)
+    end))
+    -- a C function named by module carries no mark at all
+    local ok, got = pcall(function() return sq:apply(io.open, path, "w"):result(10) end)
+    assert.is_false(h.exists(path), ("a keyless caller had io.open run (%s, %s)"):format(
+      tostring(ok), tostring(got)))
+    os.remove(path)
+  end)
+
+  -- (these run as scripts of their own: what they find stuck would stop this process)
+  local function script(body)
+    return ("io.stdout:setvbuf('line')\nlocal corral = require 'corral'\n"
+      .. "local URL, CLASSES = %q, %q\n"):format(srv.url, classes_path) .. body
+  end
+
+  it("a serve() that fails half-way (a bad class after a good one) leaves nothing serving", function()
+    if not srv then return pending(skip) end
+    local out, err, code = h.run(script [[
+      local conn = corral.connect { url = URL }
+      local classes = dofile(CLASSES)
+      local ok, e = pcall(corral.serve, { connection = conn, classes = { a = classes.sq, b = 42 },
+        workers = 1 })
+      print("serve", ok, corral.is_error(e) and e.kind or tostring(e))
+      local a = classes.sq:options { mode = "remote", connection = conn, pool = "a", timeout = 2 }:init()
+      local ok2, r = pcall(function() return a:square(5):result() end)
+      print("call", ok2, corral.is_error(r) and r.kind or tostring(r))
+      conn:close()
+      print("closed")
+    ]], 30)
+    assert.truthy(out:find("serve\tfalse\tUsageError", 1, true), out .. err)
+    assert.truthy(out:find("call\tfalse\tTimeoutError", 1, true),
+      "pool a is served by the serve() that raised: " .. out .. err)
+    assert.truthy(out:find("closed", 1, true), out .. err)
+    assert.equal(0, code, out .. err)
+  end)
+
+  it("a host whose connection is closed under it (no srv:stop) does not spin its loop", function()
+    if not srv then return pending(skip) end
+    local out, err, code = h.run(script [[
+      local conn = corral.connect { url = URL }
+      local classes = dofile(CLASSES)
+      local srv = corral.serve { connection = conn, classes = { sq = classes.sq }, workers = 1 }
+      conn:close()
+      local t0 = corral.now()
+      corral.sleep(0.2)
+      print("slept", corral.now() - t0 < 5)
+      srv:stop()
+      print("stopped")
+    ]], 20)
+    assert.truthy(out:find("slept\ttrue", 1, true), ("stuck (status %s): %s %s"):format(
+      tostring(code), out, err))
+    assert.truthy(out:find("stopped", 1, true), out .. err)
+    assert.equal(0, code, out .. err)
+  end)
+
+  it("a script that never closes its connection still ends", function()
+    if not srv then return pending(skip) end
+    local out, err, code = h.run(script [[
+      local conn = corral.connect { url = URL }
+      local sq = dofile(CLASSES).sq:options { mode = "remote", connection = conn, pool = "sq",
+        timeout = 0.2 }:init()
+      local f = sq:square(3) -- (no host: it waits in the stream, until its timeout)
+      print("leaving", pcall(f.result, f))
+    ]], 20)
+    assert.truthy(out:find("leaving\tfalse", 1, true), out .. err)
+    assert.is_true(code ~= 137, "killed: it did not end by itself: " .. out .. err)
+  end)
+
+  it("forged calls to a host: bad bytes, headers and references get a clear error; the host lives",
+    function()
+      if not srv then return pending(skip) end
+      local x = host(srv, "A")
+      local sq = pool(conn)
+      assert.equal(4, sq:square(2):result(10))
+      local raw = raw_client(srv.url)
+      local inbox = listener(conn, "forged.>")
+      local n = 0
+      -- a forged call on the pool; its reply (status, decoded values or text)
+      local function forge(data, headers)
+        n = n + 1
+        local hd = { ["Corral-Method"] = "square", ["Corral-Call"] = "forged-" .. n,
+          ["Corral-Reply"] = "forged." .. n, ["Corral-Tries"] = "1" }
+        for k, v in pairs(headers or {}) do hd[k] = v or nil end
+        raw.publish("corral.pool.sq", data, hd)
+        local m = inbox.next(10)
+        assert(m, "no reply to forged call " .. n)
+        assert.equal("forged." .. n, m.subject)
+        local vals = { pcall(core.decode, m.data) }
+        return m.status, vals[2], vals[3]
+      end
+      local st, v = forge(core.encode(3))
+      assert.equal("ok", st)
+      assert.equal(9, v)
+      -- not MessagePack; not an array; a function; nested too deep
+      for _, bad in ipairs { "\193\193", "\1", "\145\199\1\6\0", string.rep("\145", 5000) .. "\1", "" } do
+        st, v = forge(bad)
+        assert.equal("error", st)
+        assert.equal("CodecError", v.kind)
+      end
+      -- Corral-Tries not a number, huge: as 1; negative: past its tries
+      for _, t in ipairs { "abc", "99999999999999999999", "0x10" } do
+        st, v = forge(core.encode(4), { ["Corral-Tries"] = t })
+        assert.equal("ok", st, "tries " .. t .. ": " .. tostring(type(v) == "table" and v.message or v))
+        assert.equal(16, v)
+      end
+      st = forge(core.encode(4), { ["Corral-Tries"] = "-5" })
+      assert.equal("crashed", st)
+      -- a method the class does not have; odd bytes; a name of the handle's own
+      for _, meth in ipairs { "nosuch", "sq\1are", string.rep("m", 4000), "stop", "init", "__index",
+        "_name", "" } do
+        st, v = forge(core.encode(4), { ["Corral-Method"] = meth })
+        assert.equal("error", st, "method " .. meth:sub(1, 20))
+        assert.truthy(v.kind == "WorkerError" or v.kind == "UsageError", v.kind)
+      end
+      -- Corral-Refs naming no argument, not a number, an argument that is
+      -- no reference, a key not in the bucket, a key whose value is garbage
+      local g = future.wrap(core.nats_kv_put(conn._ud, "garbage-r16", "\193\1\2"), nil, nil, true)
+      g:result(10)
+      local cases = {
+        { core.encode(1), "0" }, { core.encode(1), "2" }, { core.encode(1), "x" },
+        { core.encode(1), "1" }, { core.encode(1), "1e400" }, { core.encode(1), "1,x" },
+        { core.encode { __corral_ref = "no-such-key" }, "1" },
+        { core.encode { __corral_ref = "garbage-r16" }, "1" },
+        { core.encode { __corral_ref = "../../x y" }, "1" },
+        { core.encode { __corral_ref = 5 }, "1" },
+      }
+      for i, c in ipairs(cases) do
+        st, v = forge(c[1], { ["Corral-Refs"] = c[2] })
+        assert.equal("error", st, "refs case " .. i)
+        assert.truthy(v.kind == "CodecError" or v.kind == "DependencyError", "refs case " .. i
+          .. ": " .. tostring(v.kind))
+      end
+      -- no reply subject, an empty one, one with a space: dropped, the host lives
+      for _, r in ipairs { "", "a b" } do
+        raw.publish("corral.pool.sq", core.encode(5), { ["Corral-Method"] = "square",
+          ["Corral-Reply"] = r })
+      end
+      raw.publish("corral.pool.sq", core.encode(5), { ["Corral-Method"] = "square" })
+      assert.equal(36, sq:square(6):result(10))
+      assert.is_true(nats.running(x.pid), h.slurp(x.log))
+      -- forged spawn and instance messages
+      raw.publish("corral.spawn.sq", "\193", { ["Corral-Reply"] = "forged.sp", ["Corral-Kind"] = "spawn" })
+      local m = inbox.next(10)
+      assert(m, "no reply to a forged spawn")
+      assert.equal("forged.sp", m.subject)
+      assert.equal("error", m.status)
+      inbox.close()
+      raw.close()
+      assert.equal(49, sq:square(7):result(10))
+      assert.is_true(nats.running(x.pid), h.slurp(x.log))
+    end)
+
+  it("a forged call's reply subject: the host publishes on no wildcard subject, deletes no stream",
+    function()
+      if not srv then return pending(skip) end
+      local x = host(srv, "A")
+      local sq = pool(conn, { timeout = 5 })
+      assert.equal(4, sq:square(2):result(10))
+      local raw = raw_client(srv.url)
+      -- the host answers to whatever Corral-Reply names: here the JetStream
+      -- API's "delete this stream" (a client allowed only corral.pool.sq
+      -- would have the host do it for it)
+      raw.publish("corral.pool.sq", core.encode(3), { ["Corral-Method"] = "square",
+        ["Corral-Call"] = "forged-del", ["Corral-Reply"] = "$JS.API.STREAM.DELETE.CORRAL_sq" })
+      -- the pool still works: its stream is there
+      local ok, e = pcall(function() return sq:square(7):result(10) end)
+      assert.is_true(ok, "the pool's stream is gone: " .. tostring(e))
+      assert.equal(49, e)
+      -- and a wildcard: its reply reaches every subscriber of the subjects
+      local inbox = listener(conn, "victim.>")
+      raw.publish("corral.pool.sq", core.encode(3), { ["Corral-Method"] = "square",
+        ["Corral-Call"] = "forged-wild", ["Corral-Reply"] = "victim.*" })
+      raw.close()
+      local m = inbox.next(3)
+      inbox.close()
+      assert.is_nil(m and m.subject, "a host published its reply on a wildcard subject")
+      assert.is_true(nats.running(x.pid), h.slurp(x.log))
+    end)
+end)
