@@ -401,8 +401,7 @@ static corral_future *lane_push(corral_nats *c, job *j) {
   if (c->lane_quit) {
     uv_mutex_unlock(&c->lane_lock);
     fail(j->f, "ClosedError", "the NATS connection was closed");
-    corral_future *f = j->f;
-    corral_future_retain(f);
+    corral_future *f = j->f; /* (the caller's reference, taken above) */
     job_free(j);
     return f;
   }
@@ -411,7 +410,6 @@ static corral_future *lane_push(corral_nats *c, job *j) {
       uv_mutex_unlock(&c->lane_lock);
       fail(j->f, "WorkerError", "cannot start the NATS connection's thread");
       corral_future *f = j->f;
-      corral_future_retain(f);
       job_free(j);
       return f;
     }

@@ -157,6 +157,11 @@ function RemoteFuture:cancel()
   if self[S] >= DONE or call == nil or call.sent then return false end
   call.cancelled = true
   settle(self, CANCELLED, 0, false, errors.cancelled())
+  if call.room then -- (its caller waits for room: it has its answer)
+    local room = call.room
+    call.room = nil
+    settle_values(room)
+  end
   return true
 end
 
@@ -497,8 +502,12 @@ local Server = {}
 Server.__index = Server
 
 -- A host's reply to `subject`: the results (ok), or an error.
+-- The reply subject came with the call (bytes from outside): a literal
+-- subject only, never a wildcard nor one of the server's own ($JS, $SYS).
 local function reply(srv, subject, status, payload)
-  if subject == nil or subject == "" then return end
+  if subject == nil or subject == "" or subject:find("[%s%*>]") or subject:find("^%$") then
+    return
+  end
   local ok, why = core.nats_publish(srv.ud, subject, status, payload)
   if not ok and status ~= "crashed" then
     -- (too big for the server's max_payload, most likely: say so instead)

@@ -347,4 +347,91 @@ describe("review 16: remote workers under attack", function()
       assert.is_nil(m and m.subject, "a host published its reply on a wildcard subject")
       assert.is_true(nats.running(x.pid), h.slurp(x.log))
     end)
+
+  it("a closed connection: closing twice, stats, state, calls after; jobs after close leak no future",
+    function()
+      if not srv then return pending(skip) end
+      local c2 = corral.connect { url = srv.url }
+      local sq = pool(c2)
+      c2:close()
+      c2:close()
+      assert.equal("closed", (c2:state()))
+      assert.is_nil(c2:stats())
+      assert.equal("ClosedError", h.kind_of(function() return sq:square(2):result(5) end))
+      local kind = h.kind_of(function() return pool(c2) end)
+      assert.truthy(kind == "ClosedError" or kind == "ConnectionError", kind)
+      -- the lane's jobs on a closed connection fail at once, and their futures go
+      collectgarbage()
+      collectgarbage()
+      local before = core.debug_counts().futures
+      for _ = 1, 200 do
+        local g = future.wrap(core.nats_kv_get(c2._ud, "k"), nil, nil, true)
+        assert.equal("ClosedError", h.kind_of(function() return g:result(5) end))
+      end
+      collectgarbage()
+      collectgarbage()
+      local after = core.debug_counts().futures
+      assert.is_true(after - before < 20, ("%d futures live after 200 reads on a closed connection")
+        :format(after - before))
+    end)
+
+  it("1000 calls in flight through max_queued = 8, with timeouts racing replies: all settle, "
+    .. "nothing left pending", function()
+    if not srv then return pending(skip) end
+    host(srv, "A")
+    local sched = require "corral.sched"
+    local base = sched.ext_pending()
+    local sq = pool(conn, { max_queued = 8 })
+    local fs = {}
+    for i = 1, 1000 do fs[i] = sq:square(i) end
+    for i = 1, 1000 do assert.equal(i * i, fs[i]:result(30)) end
+    assert.equal(0, conn:stats().pending)
+    -- calls whose timeouts end about when their replies come
+    local sqt = pool(conn, { timeout = 0.05, max_queued = 50 })
+    local ts = {}
+    for i = 1, 300 do ts[i] = sqt:nap(0.001 * (i % 7)) end
+    local done, timed = 0, 0
+    for i = 1, 300 do
+      local ok, e = pcall(ts[i].result, ts[i])
+      if ok then done = done + 1 else
+        assert.is_true(corral.is_error(e, "TimeoutError"), tostring(e))
+        timed = timed + 1
+      end
+    end
+    assert.equal(300, done + timed)
+    h.wait_until(function() return conn:stats().pending == 0 end, 10)
+    h.wait_until(function() return sched.ext_pending() == base end, 10)
+    -- and the host still answers
+    assert.equal(4, sq:square(2):result(10))
+  end)
+
+  it("stop{drain = false} with calls held back by max_queued: those are cancelled, the sent ones "
+    .. "settle", function()
+    if not srv then return pending(skip) end
+    host(srv, "A")
+    local sq = pool(conn, { max_queued = 2 })
+    local fs = {}
+    local t = corral.spawn(function()
+      for i = 1, 6 do fs[i] = sq:nap(0.2 + i * 0.001) end
+    end)
+    h.wait_until(function() return #fs >= 3 end, 5)
+    sq:stop { drain = false }
+    -- the task held in its call by max_queued is let go: its call is
+    -- cancelled, and the later ones fail (ClosedError)
+    local tok, te = pcall(t.result, t, 10)
+    assert.is_true(tok or corral.is_error(te, "ClosedError"), "the caller is still held: "
+      .. tostring(te))
+    local got = {}
+    for i = 1, #fs do
+      local ok, e = pcall(fs[i].result, fs[i], 10)
+      got[i] = ok and "ok" or (corral.is_error(e) and e.kind or tostring(e))
+    end
+    assert.equal("ok", got[1])
+    assert.equal("ok", got[2])
+    assert.equal("ok", got[3])
+    for i = 4, #fs do
+      assert.truthy(got[i] == "CancelledError" or got[i] == "ClosedError", i .. ": " .. got[i])
+    end
+    assert.equal(0, conn:stats().pending)
+  end)
 end)
