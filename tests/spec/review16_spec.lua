@@ -23,7 +23,11 @@ local Counter = corral.worker {
   init = function(self, n) self.n = n or 0 end,
   add = function(self, k) self.n = self.n + k; return self.n end,
 }
-return { sq = Sq, counter = Counter }
+local Bad = corral.worker {
+  init = function() error("this init fails") end,
+  x = function() return 1 end,
+}
+return { sq = Sq, counter = Counter, bad = Bad }
 ]]
 
 local classes_path = h.write_script(CLASSES)
@@ -434,4 +438,56 @@ describe("review 16: remote workers under attack", function()
     end
     assert.equal(0, conn:stats().pending)
   end)
+
+  it("a stateful instance whose init fails on its host: init raises that failure, as the docs say",
+    function()
+      if not srv then return pending(skip) end
+      host(srv, "A")
+      local t0 = corral.now()
+      local ok, b = pcall(function()
+        return classes.bad:options { mode = "remote", connection = conn, pool = "bad",
+          stateful = true, timeout = 10 }:init()
+      end)
+      local kind, e
+      if ok then -- (what its calls say, for the message)
+        local ok2, got = pcall(function() return b:x():result(10) end)
+        kind, e = "returned", { message = ("init returned; a call then gave %s, %s"):format(
+          tostring(ok2), tostring(got)) }
+      else
+        kind, e = corral.is_error(b) and b.kind or tostring(b), b
+      end
+      assert.is_true(corral.now() - t0 < 8, "at once, not after the timeout")
+      -- docs/remote.md's table of errors: "a stateful instance's init failed there" is a
+      -- WorkerCrashed; the text of the failure comes with it
+      assert.equal("WorkerCrashed", kind, tostring(e and e.message))
+      assert.truthy(tostring(e.message):find("this init fails", 1, true), tostring(e.message))
+    end)
+
+  it("a server that takes the connection and never speaks: ConnectionError within the timeout",
+    function()
+      if not srv then return pending(skip) end
+      local portfile = h.tmpname()
+      os.remove(portfile)
+      local log = h.tmpname()
+      local pid = assert(nats.spawn({ "python3", "-c", ([[
+import socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+open(%q + ".tmp", "w").write(str(s.getsockname()[1]))
+import os; os.rename(%q + ".tmp", %q)
+conns = []
+while True:
+    c, _ = s.accept(); conns.append(c)
+]]):format(portfile, portfile, portfile) }, log))
+      h.wait_until(function() return h.exists(portfile) end, 10)
+      local port = tonumber(h.slurp(portfile))
+      local t0 = corral.now()
+      local kind = h.kind_of(function()
+        return corral.connect { url = "nats://127.0.0.1:" .. port, timeout = 1 }
+      end)
+      local took = corral.now() - t0
+      nats.finish(pid)
+      os.remove(portfile)
+      assert.equal("ConnectionError", kind)
+      assert.is_true(took < 6, ("it took %.1f s"):format(took))
+    end)
 end)
