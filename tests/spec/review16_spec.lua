@@ -18,6 +18,16 @@ local Sq = corral.worker {
   -- a higher-order method: applies what it is given (a map, a callback)
   apply = function(_, fn, ...) return (fn(...)) end,
   nap = function(_, s) corral.sleep(s); return s end,
+  grow = function(_, n) return string.rep("x", n) end,
+  -- the length of each string argument, the type of any other
+  lens = function(_, ...)
+    local t = {}
+    for i = 1, select("#", ...) do
+      local v = select(i, ...)
+      t[i] = type(v) == "string" and #v or type(v)
+    end
+    return t
+  end,
 }
 local Counter = corral.worker {
   init = function(self, n) self.n = n or 0 end,
@@ -490,4 +500,16 @@ while True:
       assert.equal("ConnectionError", kind)
       assert.is_true(took < 6, ("it took %.1f s"):format(took))
     end)
+
+  it("many big results handed on to one call: each argument arrives as its value", function()
+    if not srv then return pending(skip) end
+    host(srv, "A")
+    local sq = pool(conn, { timeout = 60 })
+    -- 50 results over 64 KB, passed on before they settle: each travels as
+    -- its key, and their places are listed in a header of the call
+    local big = {}
+    for i = 1, 50 do big[i] = sq:grow(70000 + i) end
+    local got = sq:lens(unpack(big)):result(60)
+    for i = 1, 50 do assert.equal(70000 + i, got[i], "argument " .. i) end
+  end)
 end)
