@@ -1327,6 +1327,8 @@ typedef struct decoder {
   int trust;
   int shm; /* SHMFD extensions may be read (CODEC_SHM) */
   int failed;
+  int marked;         /* CODEC_MARKED: code named (MODULE, CFUNC) only inside a marked function */
+  int in_func;        /* how deep in such a function's environment and upvalues */
   struct dpath *path; /* where the decoder is, made into text on failure */
   char *err;          /* the message, when failed */
   size_t errsz;
@@ -1534,7 +1536,11 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     corral_future_release(f);
     return 0;
   }
-  case EXT_MODULE: return push_module(d, p, n, "extension 4 (MODULE)");
+  case EXT_MODULE:
+    if (d->marked && d->in_func == 0)
+      return dec_fail(d, "extension 4 (MODULE): a module named outside a function the key "
+                         "vouches for");
+    return push_module(d, p, n, "extension 4 (MODULE)");
   case EXT_BUFFER: {
     if (!trusted)
       return dec_fail(d, "extension 9 (BUFFER): a buffer reference cannot come from %s",
@@ -1618,6 +1624,9 @@ static int dec_ext(decoder *d, const msgpack_object *o) {
     return 0;
   }
   case EXT_CFUNC: {
+    if (d->marked && d->in_func == 0)
+      return dec_fail(d, "extension 5 (CFUNC): a C function named outside a function the key "
+                         "vouches for");
     const char *dot = NULL;
     for (uint32_t i = 0; i < n; i++)
       if (p[i] == '.') dot = p + i;
@@ -1651,6 +1660,9 @@ static int lbuf_write(void *ud, const char *buf, size_t len) {
   luaL_addlstring(ud, buf, len);
   return 0;
 }
+
+static int dec_function_rest(decoder *d, const msgpack_object *a, uint32_t n, int envkind,
+                             uint32_t up0, int fn);
 
 /* [FUNC mac, bytecode, upvalues...]: authenticate the bytecode, load it (once
  * per context for the same bytecode and plain upvalues), set its upvalues. */
@@ -1719,6 +1731,25 @@ static int dec_function(decoder *d, const msgpack_object *o) {
   }
   int fn = lua_gettop(L);
   dec_ref(d); /* before its upvalues, which may refer to it */
+  d->in_func++;
+  int rc = dec_function_rest(d, a, n, envkind, up0, fn);
+  d->in_func--;
+  if (rc != 0) return rc;
+  if (key != 0) {
+    reg_get(L, &FCACHE_KEY);
+    lua_pushvalue(L, key);
+    lua_pushvalue(L, fn);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    lua_replace(L, key); /* the function where the key was */
+  }
+  return 0;
+}
+
+/* A loaded function's environment and upvalues. */
+static int dec_function_rest(decoder *d, const msgpack_object *a, uint32_t n, int envkind,
+                             uint32_t up0, int fn) {
+  lua_State *L = d->L;
   if (envkind != ENV_GLOBALS) {
     at_dec(d, (dframe){.kind = DF_UPVALUE, .name = "_ENV"});
     if (dec_value(d, &a[2]) != 0) return -1;
@@ -1744,14 +1775,6 @@ static int dec_function(decoder *d, const msgpack_object *o) {
   if (lua_getupvalue(L, fn, (int)(n - up0) + 1) != NULL) {
     lua_pop(L, 1);
     return dec_fail(d, "a function with fewer upvalues than its bytecode has");
-  }
-  if (key != 0) {
-    reg_get(L, &FCACHE_KEY);
-    lua_pushvalue(L, key);
-    lua_pushvalue(L, fn);
-    lua_rawset(L, -3);
-    lua_pop(L, 1);
-    lua_replace(L, key); /* the function where the key was */
   }
   return 0;
 }
@@ -1894,6 +1917,7 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
   const char *what = names[(trust >> 4) & 3];
   int one = (trust & CODEC_ONE) != 0;
   int shm = (trust & CODEC_SHM) != 0;
+  int marked = (trust & CODEC_MARKED) != 0;
   trust &= 15;
   int base = lua_gettop(L);
   lua_checkstack(L, 8);
@@ -1941,7 +1965,15 @@ int corral__codec_decode(lua_State *L, const char *data, size_t len, codec_deps 
     }
   }
   if (why == NULL) {
-    decoder d = {L, box, 0, 0, deps, trust, shm, 0, &path, err, sizeof err};
+    decoder d = {.L = L,
+                 .box = box,
+                 .deps = deps,
+                 .trust = trust,
+                 .shm = shm,
+                 .path = &path,
+                 .err = err,
+                 .errsz = sizeof err,
+                 .marked = marked};
     lua_pushnil(L); /* the refs table, made with the first table */
     d.refs = lua_gettop(L);
     int several = root.type == MSGPACK_OBJECT_ARRAY && !one;

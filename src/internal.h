@@ -580,8 +580,10 @@ enum {
   CODEC_AS_RESULT = 2 << 4,
   CODEC_AS_INIT = 3 << 4,
   CODEC_ONE = 1 << 6, /* the payload is one value, an array too (corral.decode) */
-  CODEC_SHM = 1 << 7  /* it may hold SHMFD extensions: descriptors that came over a process
+  CODEC_SHM = 1 << 7, /* it may hold SHMFD extensions: descriptors that came over a process
                        * worker's socket, put there by this process (see process.c) */
+  CODEC_MARKED = 1 << 8 /* modules and C functions by name only inside a function whose
+                         * mark authenticated it (a remote host with --trust) */
 };
 /* The SHM extensions of a payload (buffers in shared memory, to or from a
  * process worker), in order: fn(ud, body, type) for each, `body` the 16
@@ -753,7 +755,7 @@ typedef struct corral__nats_msg {
   const char *subject, *reply, *data;
   size_t len;
   uint64_t delivered; /* JetStream: the times it was delivered (1 the first) */
-  char hdr[CORRAL_NATS_NHDR][128];
+  const char *hdr[CORRAL_NATS_NHDR]; /* (in buf) */
   char buf[];
 } corral__nats_msg;
 corral_nats *corral__nats_new(void *owner); /* owner: its runtime */

@@ -43,13 +43,15 @@ static int raise_codec_error(lua_State *L) {
 
 /* decode(s[, code]): the values of a MessagePack array from outside the
  * process (foreign bytes; with `code`, functions marked with this process's
- * key too: CODEC_PEER); raises a CodecError when they cannot be decoded. */
+ * key too, and modules and C functions by name only inside those:
+ * CODEC_PEER | CODEC_MARKED); raises a CodecError when they cannot be
+ * decoded. */
 static int l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   int code = lua_toboolean(L, 2);
   lua_settop(L, 1);
-  int n = corral__codec_decode(L, s, len, NULL, code ? CODEC_PEER : CODEC_FOREIGN);
+  int n = corral__codec_decode(L, s, len, NULL, code ? CODEC_PEER | CODEC_MARKED : CODEC_FOREIGN);
   if (n < 0) return raise_codec_error(L);
   return n;
 }

@@ -1063,11 +1063,22 @@ corral_future *corral__nats_kv_get(corral_nats *c, const char *key) {
 
 /* A message taken from a mailbox: copies (the natsMsg is destroyed). */
 static corral__nats_msg *msg_copy(natsMsg *m) {
+  static const char *const names[CORRAL_NATS_NHDR] = {
+      "Corral-Method", "Corral-Call", "Corral-Reply", "Corral-Tries",
+      "Corral-Kind",   "Corral-Refs", "Corral-Status"};
   const char *subj = natsMsg_GetSubject(m), *reply = natsMsg_GetReply(m);
   const char *data = natsMsg_GetData(m);
   int len = natsMsg_GetDataLength(m);
+  const char *hv[CORRAL_NATS_NHDR];
+  size_t hl[CORRAL_NATS_NHDR], hsum = 0;
+  for (int i = 0; i < CORRAL_NATS_NHDR; i++) {
+    hv[i] = NULL;
+    if (natsMsgHeader_Get(m, names[i], &hv[i]) != NATS_OK || hv[i] == NULL) hv[i] = "";
+    hl[i] = strlen(hv[i]); /* (whole: a list of references may be long) */
+    hsum += hl[i] + 1;
+  }
   size_t sl = strlen(subj), rl = reply ? strlen(reply) : 0;
-  corral__nats_msg *x = calloc(1, sizeof *x + sl + rl + (size_t)len + 3);
+  corral__nats_msg *x = calloc(1, sizeof *x + sl + rl + (size_t)len + 3 + hsum);
   if (x == NULL) return NULL;
   char *p = x->buf;
   x->subject = p;
@@ -1077,17 +1088,14 @@ static corral__nats_msg *msg_copy(natsMsg *m) {
   if (reply) memcpy(p, reply, rl);
   p[rl] = '\0';
   p += rl + 1;
+  for (int i = 0; i < CORRAL_NATS_NHDR; i++) {
+    x->hdr[i] = p;
+    memcpy(p, hv[i], hl[i] + 1);
+    p += hl[i] + 1;
+  }
   x->data = p;
   if (len > 0) memcpy(p, data, (size_t)len);
   x->len = (size_t)len;
-  static const char *const names[CORRAL_NATS_NHDR] = {
-      "Corral-Method", "Corral-Call", "Corral-Reply", "Corral-Tries",
-      "Corral-Kind",   "Corral-Refs", "Corral-Status"};
-  for (int i = 0; i < CORRAL_NATS_NHDR; i++) {
-    const char *v = NULL;
-    if (natsMsgHeader_Get(m, names[i], &v) == NATS_OK && v != NULL)
-      snprintf(x->hdr[i], sizeof x->hdr[i], "%s", v);
-  }
   jsMsgMetaData *md = NULL;
   if (reply && strncmp(reply, "$JS.ACK.", 8) == 0 && natsMsg_GetMetaData(&md, m) == NATS_OK) {
     x->delivered = md->NumDelivered;

@@ -734,6 +734,20 @@ local function serve_spawn_msg(srv, p, m)
         args.n))
     end)
     if not ok then return reply_error(srv, m.reply_to, h) end
+    -- its init has run when a call to a method no class has fails with "no
+    -- method"; a WorkerCrashed says that init failed
+    local probe_ok, crash = pcall(function()
+      local f = h["\0ready"](h)
+      if type(f) == "table" and f.result then return f:result() end
+    end)
+    if not probe_ok and errors.is_error(crash, "WorkerCrashed") then
+      pcall(h.stop, h, { drain = false })
+      return reply_error(srv, m.reply_to, crash)
+    end
+    if srv.stopping then -- (stopped meanwhile: it is not served)
+      pcall(h.stop, h, { drain = false })
+      return reply(srv, m.reply_to, "crashed", "the host stopped")
+    end
     srv.next_inst = srv.next_inst + 1
     srv.insts[srv.next_inst] = { handle = h, methods = p.methods }
     reply(srv, m.reply_to, "ok", core.encode(("corral.inst.%s.%d"):format(srv.id, srv.next_inst)))
@@ -839,6 +853,13 @@ function M.serve(opts)
     errors.check(type(cls) == "table" and type(rawget(cls, "_methods")) == "table", fname,
       "classes." .. name, "a worker class (corral.worker)", cls)
   end
+  if opts.trust then
+    local key = os.getenv("CORRAL_TRUST_KEY")
+    if not key or #key < 16 then
+      errors.usage(fname, "trust = true needs CORRAL_TRUST_KEY (at least 16 characters), the "
+        .. "same as the callers': only their functions are run")
+    end
+  end
   local conn, own = opts.connection, false
   if conn == nil then
     conn = M.connect { url = opts.url, user = opts.user, password = opts.password,
@@ -850,13 +871,6 @@ function M.serve(opts)
   local srv = setmetatable({ conn = conn, ud = conn._ud, own = own, id = id, trust = opts.trust == true,
     name = opts.name or ("host " .. id), mode = mode, pools = {}, insts = {}, next_inst = 0,
     held = {}, calls = 0, stopping = false, tasks = {}, mboxes = {} }, Server)
-  if srv.trust then
-    local key = os.getenv("CORRAL_TRUST_KEY")
-    if not key or #key < 16 then
-      errors.usage(fname, "trust = true needs CORRAL_TRUST_KEY (at least 16 characters), the "
-        .. "same as the callers': only their functions are run")
-    end
-  end
   for _, name in ipairs(names) do
     local cls = opts.classes[name]
     local mc = cls._options.max_concurrency or 1
