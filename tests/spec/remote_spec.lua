@@ -91,10 +91,11 @@ describe("remote workers", function()
   after_each(function()
     for _, x in ipairs(hosts) do kill(x) end
     hosts = {}
-    if conn then conn:close() end
+    if conn then pcall(conn.close, conn) end
     conn = nil
     if srv then srv.stop() end
   end)
+  teardown(function() nats.stop_all() end) -- (whatever a failure left)
 
   it("a pool served by two hosts: results, errors, work on both, unwrapping, a chain", function()
     if not srv then return pending(skip) end
