@@ -579,9 +579,9 @@ enum {
   CODEC_AS_ARGS = 1 << 4,
   CODEC_AS_RESULT = 2 << 4,
   CODEC_AS_INIT = 3 << 4,
-  CODEC_ONE = 1 << 6, /* the payload is one value, an array too (corral.decode) */
-  CODEC_SHM = 1 << 7, /* it may hold SHMFD extensions: descriptors that came over a process
-                       * worker's socket, put there by this process (see process.c) */
+  CODEC_ONE = 1 << 6,   /* the payload is one value, an array too (corral.decode) */
+  CODEC_SHM = 1 << 7,   /* it may hold SHMFD extensions: descriptors that came over a process
+                         * worker's socket, put there by this process (see process.c) */
   CODEC_MARKED = 1 << 8 /* modules and C functions by name only inside a function whose
                          * mark authenticated it (a remote host with --trust) */
 };
@@ -754,7 +754,7 @@ typedef struct corral__nats_msg {
   struct corral__nats_msg *next;
   const char *subject, *reply, *data;
   size_t len;
-  uint64_t delivered; /* JetStream: the times it was delivered (1 the first) */
+  uint64_t delivered;                /* JetStream: the times it was delivered (1 the first) */
   const char *hdr[CORRAL_NATS_NHDR]; /* (in buf) */
   char buf[];
 } corral__nats_msg;
@@ -772,14 +772,14 @@ int corral__nats_state(corral_nats *c, char *id, size_t idsz, int *reconnects);
 /* in msgs, out msgs, in bytes, out bytes: 0, or -1 (not connected). */
 int corral__nats_stats(corral_nats *c, uint64_t out[4]);
 /* Send a call: 0 with its future (a new reference) and number, or -1 and why. */
-int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future **out,
-                      uint64_t *num, char *err, size_t errsz);
+int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future **out, uint64_t *num,
+                      char *err, size_t errsz);
 /* The call n's reply is no longer awaited (it settled otherwise). */
 void corral__nats_forget(corral_nats *c, uint64_t n);
 int corral__nats_pending(corral_nats *c);
 /* Publish a reply (a Corral-Status header when status): 0, or -1 and why. */
-int corral__nats_publish(corral_nats *c, const char *subject, const char *status,
-                         const char *data, size_t len, char *err, size_t errsz);
+int corral__nats_publish(corral_nats *c, const char *subject, const char *status, const char *data,
+                         size_t len, char *err, size_t errsz);
 int corral__nats_ack(corral_nats *c, const char *reply, const char *what);
 /* The pool's stream, made when missing (on the connection's thread). */
 corral_future *corral__nats_ensure_pool(corral_nats *c, const char *pool);
