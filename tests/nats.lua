@@ -278,6 +278,50 @@ function M.running(pid) return reap(pid) == "running" end
 
 M.slurp = slurp
 
+--- What the remote specs share, for the classes file at `path` (whose
+-- table is `classes`): `server(opts)` (nil when none can start: `skip`
+-- says why, printed once), `host(srv, tag, extra, env)` (a `corral serve`
+-- process of that file, 1 worker, --ack-wait 1, HOSTTAG=tag, waited for
+-- until it serves), `kill_hosts()`, and `pool(conn, o)` (the pool "sq").
+function M.fixture(spec, path, classes)
+  local h = require "helper"
+  local fx = { hosts = {} }
+  function fx.server(opts)
+    local s, why = M.start(opts)
+    if not s then
+      fx.skip = why
+      print(spec .. ": skipped: " .. tostring(why))
+    end
+    return s
+  end
+  function fx.host(srv, tag, extra, env)
+    local log = h.tmpname()
+    local argv = { h.bin, "serve", "--nats", srv.url, "--workers", "1", "--ack-wait", "1" }
+    for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
+    argv[#argv + 1] = path
+    local e = { HOSTTAG = tag }
+    for k, v in pairs(env or {}) do e[k] = v end
+    local pid = assert(M.spawn(argv, log, e))
+    local x = { pid = pid, log = log, tag = tag }
+    fx.hosts[#fx.hosts + 1] = x
+    h.wait_until(function()
+      assert(M.running(pid), "the host ended: " .. slurp(log))
+      return (slurp(log) or ""):find("serving", 1, true) ~= nil
+    end, 20)
+    return x
+  end
+  function fx.kill_hosts()
+    for _, x in ipairs(fx.hosts) do M.finish(x.pid) end
+    fx.hosts = {}
+  end
+  function fx.pool(conn, o)
+    local opts = { mode = "remote", connection = conn, pool = "sq" }
+    for k, v in pairs(o or {}) do opts[k] = v end
+    return classes.sq:options(opts):init()
+  end
+  return fx
+end
+
 --- Stop every server started here and not stopped yet.
 function M.stop_all()
   for srv in pairs(running) do srv.stop() end

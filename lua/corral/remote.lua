@@ -165,13 +165,9 @@ function RemoteFuture:cancel()
   return true
 end
 
-function RemoteFuture.set_result()
-  errors.usage("future:set_result", "a call's result is set by its worker")
-end
-
-function RemoteFuture.set_exception()
-  errors.usage("future:set_exception", "a call's error is set by its worker")
-end
+-- (a call's result and error are its worker's, as in every mode)
+local CallFuture = require("corral.worker_call").CallFuture
+RemoteFuture.set_result, RemoteFuture.set_exception = CallFuture.set_result, CallFuture.set_exception
 
 -- A result left in the server's result bucket (too big to come back
 -- inline) is read when its value is first wanted: f:result(), or an input
@@ -654,6 +650,19 @@ local function resolve_refs(srv, m, args, go)
   end)
 end
 
+-- Run the call of message m on the local handle lh, its references read
+-- first; answer it, then after().
+local function serve_call(srv, lh, methods, m, args, after)
+  resolve_refs(srv, m, args, function(a, err)
+    if not a then
+      local f = future.new()
+      settle(f, FAILED, 0, false, err)
+      return respond(srv, m, f, after)
+    end
+    run_call(lh, methods, m, a, function(f) respond(srv, m, f, after) end)
+  end)
+end
+
 -- A pool's messages: each a call, run on the host's local pool.
 local function serve_pool_msg(srv, p, m)
   local tries = tonumber(m.tries) or 1
@@ -684,14 +693,7 @@ local function serve_pool_msg(srv, p, m)
       settle_values(slot)
     end
   end
-  resolve_refs(srv, m, args, function(a, err)
-    if not a then
-      local f = future.new()
-      settle(f, FAILED, 0, false, err)
-      return respond(srv, m, f, after)
-    end
-    run_call(p.handle, p.methods, m, a, function(f) respond(srv, m, f, after) end)
-  end)
+  serve_call(srv, p.handle, p.methods, m, args, after)
 end
 
 -- A message to one of this host's instances (a call or a stop), or a
@@ -715,14 +717,7 @@ local function serve_inst_msg(srv, m)
   local args, e = decode_args(srv, m.data)
   if not args then return reply_error(srv, m.reply_to, e) end
   local function after() srv.calls = srv.calls + 1 end
-  resolve_refs(srv, m, args, function(a, err)
-    if not a then
-      local f = future.new()
-      settle(f, FAILED, 0, false, err)
-      return respond(srv, m, f, after)
-    end
-    run_call(inst.handle, inst.methods, m, a, function(f) respond(srv, m, f, after) end)
-  end)
+  serve_call(srv, inst.handle, inst.methods, m, args, after)
 end
 
 local function serve_spawn_msg(srv, p, m)

@@ -42,45 +42,10 @@ return { sq = Sq, counter = Counter }
 local classes_path = h.write_script(CLASSES)
 local classes = dofile(classes_path)
 
--- A `corral serve` host, as its own process: started, and waited for (its
--- log says when it serves). Returns {pid, log, tag}.
-local hosts = {}
-local function host(srv, tag, extra, env)
-  local log = h.tmpname()
-  local argv = { h.bin, "serve", "--nats", srv.url, "--workers", "1", "--ack-wait", "1" }
-  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
-  argv[#argv + 1] = classes_path
-  local e = { HOSTTAG = tag }
-  for k, v in pairs(env or {}) do e[k] = v end
-  local pid = assert(nats.spawn(argv, log, e))
-  local x = { pid = pid, log = log, tag = tag }
-  hosts[#hosts + 1] = x
-  h.wait_until(function()
-    assert(nats.running(pid), "the host ended: " .. h.slurp(log))
-    return h.slurp(log):find("serving", 1, true) ~= nil
-  end, 20)
-  return x
-end
-
-local function kill(x, sig)
-  nats.finish(x.pid, sig)
-end
-
-local srv, skip
-local function server(opts)
-  local s, why = nats.start(opts)
-  if not s then
-    skip = why
-    print("remote_spec: skipped: " .. tostring(why))
-  end
-  return s
-end
-
-local function pool(conn, o)
-  local opts = { mode = "remote", connection = conn, pool = "sq" }
-  for k, v in pairs(o or {}) do opts[k] = v end
-  return classes.sq:options(opts):init()
-end
+local fx = nats.fixture("remote_spec", classes_path, classes)
+local host, pool, server = fx.host, fx.pool, fx.server
+local srv
+local function kill(x, sig) nats.finish(x.pid, sig) end
 
 describe("remote workers", function()
   local conn
@@ -89,8 +54,7 @@ describe("remote workers", function()
     if srv then conn = corral.connect { url = srv.url } end
   end)
   after_each(function()
-    for _, x in ipairs(hosts) do kill(x) end
-    hosts = {}
+    fx.kill_hosts()
     if conn then pcall(conn.close, conn) end
     conn = nil
     if srv then srv.stop() end
@@ -98,7 +62,7 @@ describe("remote workers", function()
   teardown(function() nats.stop_all() end) -- (whatever a failure left)
 
   it("a pool served by two hosts: results, errors, work on both, unwrapping, a chain", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     host(srv, "B")
     local sq = pool(conn)
@@ -139,7 +103,7 @@ describe("remote workers", function()
   end)
 
   it("a chain of big results across hosts: the caller moves none of their bytes", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     host(srv, "B")
     local sq = pool(conn)
@@ -173,7 +137,7 @@ describe("remote workers", function()
 
   it("a host that stops (SIGTERM) leaves the pool to the others: its calls not started go back",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local a = host(srv, "A") -- (the first: it made the pool's consumer)
       local b = host(srv, "B")
       local sq = pool(conn)
@@ -194,7 +158,7 @@ describe("remote workers", function()
 
   it("a host killed mid-call: the call runs again on the other host; with retries = 0 it fails "
     .. "with WorkerCrashed", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local a, b = host(srv, "A"), host(srv, "B")
     local by = { A = a, B = b }
     -- retries = 1: delivered again to the other host after ack_wait (1 s)
@@ -229,7 +193,7 @@ describe("remote workers", function()
   end)
 
   it("a server restart with calls queued: none is lost", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local sq = pool(conn)
     local fs = {}
     for i = 1, 30 do fs[i] = sq:square(i) end
@@ -245,7 +209,7 @@ describe("remote workers", function()
 
   it("a stateful instance keeps its state; a dead one fails calls at once with WorkerCrashed",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local a = host(srv, "A")
       local c = classes.counter:options { mode = "remote", connection = conn, pool = "counter",
         stateful = true }:init(10)
@@ -266,7 +230,7 @@ describe("remote workers", function()
     end)
 
   it("timeouts, cancel, max_queued, stop and close", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     local sq = pool(conn, { timeout = 0.3 })
     local sched = require "corral.sched"
@@ -318,7 +282,7 @@ describe("remote workers", function()
 
   it("replies are untrusted bytes: forged, broken and duplicate ones settle a call once or fail it "
     .. "with a clear error", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local core = require "corral.core"
     local _, id = core.nats_state(conn._ud)
     local inbox = "_INBOX." .. id
@@ -354,7 +318,7 @@ describe("remote workers", function()
   end)
 
   it("trust: a host runs shipped functions only with --trust and the caller's key", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local key = "a-shared-secret-of-32-characters"
     host(srv, "plain")
     local client = h.write_script(([[
@@ -381,8 +345,7 @@ describe("remote workers", function()
     assert.truthy(e.message:find("refuses functions", 1, true), e.message)
     assert.is_false(h.exists(marker))
     conn2:close()
-    for _, x in ipairs(hosts) do kill(x) end
-    hosts = {}
+    fx.kill_hosts()
     host(srv, "trusting", { "--trust" }, { CORRAL_TRUST_KEY = key })
     out = h.sh("CORRAL_TRUST_KEY=" .. key .. " " .. h.quote(h.bin) .. " " .. client .. " 1")
     assert.equal("true\t42\t", out:match("^[^\n]*"))
@@ -396,8 +359,7 @@ end)
 
 describe("connecting", function()
   after_each(function()
-    for _, x in ipairs(hosts) do kill(x) end
-    hosts = {}
+    fx.kill_hosts()
     if srv then srv.stop() end
     srv = nil
   end)
@@ -405,7 +367,7 @@ describe("connecting", function()
   it("nothing listening, wrong credentials, a missing or untrusted CA: ConnectionError, no hang",
     function()
       srv = server { user = "alice", password = "s3cret", tls = true }
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local t0 = corral.now()
       local ok, e = pcall(corral.connect, { url = "nats://127.0.0.1:1", timeout = 2 })
       assert.is_false(ok)
@@ -435,7 +397,7 @@ describe("connecting", function()
 
   it("TLS with user and password: a host and a caller", function()
     srv = server { user = "alice", password = "s3cret", tls = true }
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "T", { "--user", "alice", "--password", "s3cret", "--ca", srv.ca })
     local conn = corral.connect { url = srv.url, user = "alice", password = "s3cret",
       tls = { ca = srv.ca } }

@@ -103,39 +103,9 @@ local function listener(conn, subject)
   return self
 end
 
-local hosts = {}
-local function host(srv, tag, extra, env)
-  local log = h.tmpname()
-  local argv = { h.bin, "serve", "--nats", srv.url, "--workers", "1", "--ack-wait", "1" }
-  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
-  argv[#argv + 1] = classes_path
-  local e = { HOSTTAG = tag }
-  for k, v in pairs(env or {}) do e[k] = v end
-  local pid = assert(nats.spawn(argv, log, e))
-  local x = { pid = pid, log = log, tag = tag }
-  hosts[#hosts + 1] = x
-  h.wait_until(function()
-    assert(nats.running(pid), "the host ended: " .. h.slurp(log))
-    return h.slurp(log):find("serving", 1, true) ~= nil
-  end, 20)
-  return x
-end
-
-local srv, skip
-local function server(opts)
-  local s, why = nats.start(opts)
-  if not s then
-    skip = why
-    print("review16_spec: skipped: " .. tostring(why))
-  end
-  return s
-end
-
-local function pool(conn, o)
-  local opts = { mode = "remote", connection = conn, pool = "sq" }
-  for k, v in pairs(o or {}) do opts[k] = v end
-  return classes.sq:options(opts):init()
-end
+local fx = nats.fixture("review16_spec", classes_path, classes)
+local host, pool, server = fx.host, fx.pool, fx.server
+local srv
 
 describe("review 16: remote workers under attack", function()
   local conn
@@ -144,8 +114,7 @@ describe("review 16: remote workers under attack", function()
     if srv then conn = corral.connect { url = srv.url } end
   end)
   after_each(function()
-    for _, x in ipairs(hosts) do nats.finish(x.pid) end
-    hosts = {}
+    fx.kill_hosts()
     if conn then pcall(conn.close, conn) end
     conn = nil
     if srv then srv.stop() end
@@ -153,7 +122,7 @@ describe("review 16: remote workers under attack", function()
   teardown(function() nats.stop_all() end) -- (whatever a failure left)
 
   it("a host without --trust runs no function a caller ships, a loaded module's included", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     local sq = pool(conn)
     assert.equal(9, sq:square(3):result(10))
@@ -175,7 +144,7 @@ describe("review 16: remote workers under attack", function()
   end)
 
   it("a host with --trust runs no C function named by a caller without its key", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     -- (this process has no CORRAL_TRUST_KEY: its marks are made with a key of its own)
     host(srv, "T", { "--trust" }, { CORRAL_TRUST_KEY = "a-shared-secret-of-32-characters" })
     local sq = pool(conn)
@@ -200,7 +169,7 @@ describe("review 16: remote workers under attack", function()
   end
 
   it("a serve() that fails half-way (a bad class after a good one) leaves nothing serving", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local out, err, code = h.run(script [[
       local conn = corral.connect { url = URL }
       local classes = dofile(CLASSES)
@@ -221,7 +190,7 @@ describe("review 16: remote workers under attack", function()
   end)
 
   it("a host whose connection is closed under it (no srv:stop) does not spin its loop", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local out, err, code = h.run(script [[
       local conn = corral.connect { url = URL }
       local classes = dofile(CLASSES)
@@ -240,7 +209,7 @@ describe("review 16: remote workers under attack", function()
   end)
 
   it("a script that never closes its connection still ends", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     local out, err, code = h.run(script [[
       local conn = corral.connect { url = URL }
       local sq = dofile(CLASSES).sq:options { mode = "remote", connection = conn, pool = "sq",
@@ -254,7 +223,7 @@ describe("review 16: remote workers under attack", function()
 
   it("forged calls to a host: bad bytes, headers and references get a clear error; the host lives",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local x = host(srv, "A")
       local sq = pool(conn)
       assert.equal(4, sq:square(2):result(10))
@@ -338,7 +307,7 @@ describe("review 16: remote workers under attack", function()
 
   it("a forged call's reply subject: the host publishes on no wildcard subject, deletes no stream",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local x = host(srv, "A")
       local sq = pool(conn, { timeout = 5 })
       assert.equal(4, sq:square(2):result(10))
@@ -365,7 +334,7 @@ describe("review 16: remote workers under attack", function()
 
   it("a closed connection: closing twice, stats, state, calls after; jobs after close leak no future",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local c2 = corral.connect { url = srv.url }
       local sq = pool(c2)
       c2:close()
@@ -392,7 +361,7 @@ describe("review 16: remote workers under attack", function()
 
   it("1000 calls in flight through max_queued = 8, with timeouts racing replies: all settle, "
     .. "nothing left pending", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     local sched = require "corral.sched"
     local base = sched.ext_pending()
@@ -422,7 +391,7 @@ describe("review 16: remote workers under attack", function()
 
   it("stop{drain = false} with calls held back by max_queued: those are cancelled, the sent ones "
     .. "settle", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     local sq = pool(conn, { max_queued = 2 })
     local fs = {}
@@ -452,7 +421,7 @@ describe("review 16: remote workers under attack", function()
 
   it("a stateful instance whose init fails on its host: init raises that failure, as the docs say",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       host(srv, "A")
       local t0 = corral.now()
       local ok, b = pcall(function()
@@ -476,7 +445,7 @@ describe("review 16: remote workers under attack", function()
 
   it("a server that takes the connection and never speaks: ConnectionError within the timeout",
     function()
-      if not srv then return pending(skip) end
+      if not srv then return pending(fx.skip) end
       local portfile = h.tmpname()
       os.remove(portfile)
       local log = h.tmpname()
@@ -503,7 +472,7 @@ while True:
     end)
 
   it("many big results handed on to one call: each argument arrives as its value", function()
-    if not srv then return pending(skip) end
+    if not srv then return pending(fx.skip) end
     host(srv, "A")
     local sq = pool(conn, { timeout = 60 })
     -- 50 results over 64 KB, passed on before they settle: each travels as
