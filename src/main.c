@@ -352,8 +352,8 @@ static void read_plain_line(int do_read) {
   char *nl = acc != NULL ? memchr(acc, '\n', alen) : NULL;
   if (nl == NULL && n > 0) return;
   got_line = 1;
-  if (nl == NULL && alen == 0) {
-    line_in = NULL; /* the end */
+  if (acc == NULL || (nl == NULL && alen == 0)) { /* (no acc: nothing was read) */
+    line_in = NULL;                               /* the end */
     return;
   }
   size_t l = nl != NULL ? (size_t)(nl - acc) : alen;
