@@ -771,7 +771,10 @@ void corral__nats_close_all(void *owner);
 int corral__nats_state(corral_nats *c, char *id, size_t idsz, int *reconnects);
 /* in msgs, out msgs, in bytes, out bytes: 0, or -1 (not connected). */
 int corral__nats_stats(corral_nats *c, uint64_t out[4]);
-/* Send a call: 0 with its future (a new reference) and number, or -1 and why. */
+/* Send a call: 0 with its future (a new reference) and number, or why
+ * not: CORRAL_NATS_CLOSED (the connection is closed), CORRAL_NATS_TOO_BIG
+ * (over the server's max_payload), -1 (anything else). */
+enum { CORRAL_NATS_CLOSED = -2, CORRAL_NATS_TOO_BIG = -3 };
 int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future **out, uint64_t *num,
                       char *err, size_t errsz);
 /* The call n's reply is no longer awaited (it settled otherwise). */

@@ -41,31 +41,31 @@ static int raise_codec_error(lua_State *L) {
   return lua_error(L);
 }
 
-/* decode(s[, code]): the values of a MessagePack array from outside the
- * process (foreign bytes; with `code`, functions marked with this process's
- * key too, and modules and C functions by name only inside those:
- * CODEC_PEER | CODEC_MARKED); raises a CodecError when they cannot be
- * decoded. */
+/* decode(s[, how]): the values of a MessagePack array from outside the
+ * process (foreign bytes: plain values, loaded modules and C functions by
+ * name). how = "plain": no module or C function either (CODEC_MARKED: a
+ * remote host's arguments); how = true: also functions marked with this
+ * process's key, and modules and C functions by name only inside those
+ * (CODEC_PEER | CODEC_MARKED: a host with --trust). Raises a CodecError
+ * when they cannot be decoded. */
 static int l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  int code = lua_toboolean(L, 2);
+  int trust = CODEC_FOREIGN;
+  if (lua_isstring(L, 2) && strcmp(lua_tostring(L, 2), "plain") == 0)
+    trust = CODEC_FOREIGN | CODEC_MARKED;
+  else if (lua_toboolean(L, 2))
+    trust = CODEC_PEER | CODEC_MARKED;
   lua_settop(L, 1);
-  int n = corral__codec_decode(L, s, len, NULL, code ? CODEC_PEER | CODEC_MARKED : CODEC_FOREIGN);
+  /* (a host's arguments are an array, as every payload the encoder makes) */
+  unsigned char b0 = len > 0 ? (unsigned char)s[0] : 0;
+  if ((trust & CODEC_MARKED) && !((b0 & 0xf0) == 0x90 || b0 == 0xdc || b0 == 0xdd)) {
+    lua_pushliteral(L, "not a MessagePack array of values");
+    return raise_codec_error(L);
+  }
+  int n = corral__codec_decode(L, s, len, NULL, trust);
   if (n < 0) return raise_codec_error(L);
   return n;
-}
-
-/* codec_check(s): nil when s is one MessagePack array of plain values (no
- * functions, C functions or modules by name, handles: what a C host may
- * settle a future with, corral__codec_check_foreign), else why not. */
-static int l_codec_check(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  const char *why = corral__codec_check_foreign(s, len);
-  if (why == NULL) return 0;
-  lua_pushstring(L, why);
-  return 1;
 }
 
 /* encode_value(v): plain MessagePack of one value (corral.encode), or nil
@@ -123,7 +123,6 @@ static int l_codec_fail_alloc(lua_State *L) {
 
 const luaL_Reg corral__lua_codec_funcs[] = {{"encode", l_encode},
                                             {"decode", l_decode},
-                                            {"codec_check", l_codec_check},
                                             {"encode_value", l_encode_value},
                                             {"decode_value", l_decode_value},
                                             {"debug_counts", l_debug_counts},

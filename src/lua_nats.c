@@ -135,7 +135,7 @@ static int l_nats_stats(lua_State *L) {
 }
 
 /* nats_call(c, subject, method, payload, js, tries, kind, refs, what): the
- * call's C future and number, or nil and why. */
+ * call's C future and number, or nil, why and the error kind it makes. */
 static int l_nats_call(lua_State *L) {
   corral_nats *c = check_conn(L, 1);
   corral_nats_call k = {0};
@@ -150,10 +150,14 @@ static int l_nats_call(lua_State *L) {
   corral_future *f;
   uint64_t n = 0;
   char err[512];
-  if (corral__nats_call(c, &k, &f, &n, err, sizeof err) != 0) {
+  int rc = corral__nats_call(c, &k, &f, &n, err, sizeof err);
+  if (rc != 0) {
     lua_pushnil(L);
     lua_pushstring(L, err);
-    return 2;
+    lua_pushstring(L, rc == CORRAL_NATS_CLOSED    ? "ClosedError"
+                      : rc == CORRAL_NATS_TOO_BIG ? "CodecError"
+                                                  : "ConnectionError");
+    return 3;
   }
   push_ext_future(L, f);
   lua_pushnumber(L, (lua_Number)n);

@@ -831,7 +831,7 @@ int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future *
     uv_mutex_unlock(&c->lock);
     corral_future_release(p->f);
     free(p);
-    return -1;
+    return CORRAL_NATS_CLOSED;
   }
   p->n = ++c->next;
   char reply[96], callid[64], tries[24];
@@ -885,7 +885,9 @@ int corral__nats_call(corral_nats *c, const corral_nats_call *k, corral_future *
     corral_future_release(*out);
     *out = NULL;
     nats_text(s, "cannot send the call", err, errsz);
-    return -1;
+    return s == NATS_MAX_PAYLOAD         ? CORRAL_NATS_TOO_BIG
+           : s == NATS_CONNECTION_CLOSED ? CORRAL_NATS_CLOSED
+                                         : -1;
   }
   return 0;
 }

@@ -301,12 +301,10 @@ local function send(r, call)
   end
   local what = ("call %s:%s"):format(r.name, call.method)
   f._what = what
-  local cf, num = core.nats_call(r.conn._ud, r.subject, call.method, payload, r.js, r.tries,
+  local cf, num, kind = core.nats_call(r.conn._ud, r.subject, call.method, payload, r.js, r.tries,
     r.kind, refs, what)
   if not cf then
     local why = tostring(num)
-    local kind = why:find("closed", 1, true) and "ClosedError"
-      or why:lower():find("payload", 1, true) and "CodecError" or "ConnectionError"
     if kind == "CodecError" then
       why = ("%s (the call is %d bytes: more than the server takes in one message, its "
         .. "max_payload)"):format(why, #payload)
@@ -428,9 +426,9 @@ function M.init(h, o, ...)
   h._insts[1] = { remote = r }
   if o.stateful then
     local payload = encode(...)
-    local cf, why = core.nats_call(conn._ud, "corral.spawn." .. name, "init", payload, false, 1,
-      "spawn", nil, ("start a %s instance"):format(name))
-    if not cf then error(errors.new("ClosedError", fname .. ": " .. tostring(why), nil, false), 2) end
+    local cf, why, kind = core.nats_call(conn._ud, "corral.spawn." .. name, "init", payload, false,
+      1, "spawn", nil, ("start a %s instance"):format(name))
+    if not cf then error(errors.new(kind, fname .. ": " .. tostring(why), nil, false), 2) end
     local g = future.wrap(cf, nil, nil, true)
     local ok, subject = pcall(g.result, g)
     if not ok then
@@ -538,18 +536,14 @@ local function pack(...) return { n = select("#", ...), ... } end
 
 -- The arguments of a message: a table {n=...}, or nil and the error.
 local function decode_args(srv, data)
-  local ok, vals
   -- (untrusted, nothing that names code passes: no function, and no C
-  -- function or module by name either)
-  local why = not srv.trust and core.codec_check(data)
-  if why then
-    ok, vals = false, "a function cannot come from outside the process: " .. why
-  else
-    ok, vals = pcall(function() return pack(core.decode(data, srv.trust)) end)
-  end
+  -- function or module by name either; trusted, those only inside a
+  -- function the key vouches for)
+  local ok, vals = pcall(function() return pack(core.decode(data, srv.trust or "plain")) end)
   if ok then return vals end
   local msg = errors.is_error(vals) and vals.message or tostring(vals)
-  if msg:find("a function cannot come from outside", 1, true) then
+  if not srv.trust and (msg:find("a function cannot come from outside", 1, true)
+      or msg:find("outside a function the key vouches for", 1, true)) then
     msg = "this host runs only the methods of its own classes: it refuses functions shipped "
       .. "with a call (start it with --trust, and give it and the caller the same "
       .. "CORRAL_TRUST_KEY): " .. msg
